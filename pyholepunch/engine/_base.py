@@ -1,0 +1,214 @@
+"""The engine contract: what both backends (native C and pure Python) promise.
+
+Times are absolute CLOCK_REALTIME seconds (``time.time()``), so two processes — or two
+hosts with synced clocks — can agree on one ``start_at``. Every ``timeout`` counts from
+``start_at``: the punch window is ``[start_at, start_at + timeout]``.
+
+Calling from asyncio: every method blocks, so run it in a worker thread,
+``await asyncio.to_thread(engine.simultaneous_open, ...)``. The native engine releases the
+GIL for the whole call and the pure engine blocks only in ``select``/``sleep``, so the event
+loop keeps running.
+"""
+from __future__ import annotations
+
+import ipaddress
+import math
+import resource
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+Address = tuple[str, int]
+"""An IPv4 ``(host, port)``; port 0 means "any" where a local port is allowed."""
+
+SweepPair = tuple[int, Address]
+"""One sweep socket: ``(local_port, (remote_ip, remote_port))``; local port 0 = ephemeral."""
+
+LATE_TOLERANCE = 0.5
+"""A ``start_at`` up to this many seconds in the past starts at once; older is an error."""
+
+MAX_TIMEOUT = 3600.0
+
+
+@dataclass(slots=True)
+class PunchStats:
+    """What one engine call saw. Filled in by both engines, field for field."""
+
+    attempts: int = 0                   # connect() calls (re-arms included)
+    syns_sent: int = 0                  # SYNs put on the wire (connects + raw SYNs)
+    rsts_seen: int = 0                  # attempts ended by RST / ECONNREFUSED
+    icmp_errors: int = 0                # attempts ended by EHOSTUNREACH / ENETUNREACH / ICMP
+    sockets_opened: int = 0             # sockets created in total
+    first_syn_delay_ns: int | None = None   # first SYN leaving, minus start_at
+    time_to_established_ns: int | None = None  # established, minus start_at
+    local_port: int | None = None       # winning local port
+    remote: Address | None = None       # winning remote address
+    accepted: bool = False              # won through listen+accept rather than connect
+    first_syn_at: float | None = None   # absolute time of the first SYN (for cross-peer checks)
+
+    def as_dict(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True)
+class PunchResult:
+    """A connected TCP socket (blocking mode) and how it was won."""
+
+    sock: socket.socket
+    stats: PunchStats
+
+
+@dataclass(slots=True)
+class RawSynStats:
+    sent: int = 0
+    first_send_delay_ns: int | None = None
+    send_times: list[float] = field(default_factory=list)   # absolute, one per SYN
+
+
+@dataclass(slots=True)
+class RelayStats:
+    bytes_a_to_b: int = 0
+    bytes_b_to_a: int = 0
+    reason: str = ""        # "eof", "idle", "limit", "error: ..."
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One interface, two backends. See the module docstring for time and asyncio rules."""
+
+    name: str
+
+    def simultaneous_open(
+        self,
+        local: Address,
+        remote: Address,
+        start_at: float | None,
+        timeout: float,
+        *,
+        interval: float = 0.01,
+        syn_ttl: int | None = None,
+        ttl_syns: int = 1,
+        listen: bool = True,
+    ) -> PunchResult:
+        """Connect ``local`` → ``remote`` while the peer does the same towards us.
+
+        Binds ``local`` (SO_REUSEADDR + SO_REUSEPORT) for every attempt, waits for
+        ``start_at`` on an absolute clock, connects non-blocking, re-arms every ``interval``
+        after RST / ECONNREFUSED / EHOSTUNREACH until established or the deadline. With
+        ``listen`` it also accepts on ``local``. With ``syn_ttl`` the first ``ttl_syns``
+        attempts leave with that IP TTL (opening our NAT, dying before the peer's), then the
+        default TTL is restored. Raises PunchTimeout (with stats) at the deadline.
+        """
+        ...
+
+    def sweep(
+        self,
+        pairs: Sequence[SweepPair],
+        start_at: float | None,
+        timeout: float,
+        *,
+        local_ip: str = "0.0.0.0",
+        max_inflight: int = 1024,
+        rate: float = 0.0,
+        interval: float = 0.0,
+        syn_ttl: int | None = None,
+    ) -> PunchResult:
+        """Many concurrent non-blocking connects, first established wins, the rest closed.
+
+        ``rate`` paces SYNs per second (0 = as fast as possible); at most ``max_inflight``
+        sockets are open at once. ``interval`` > 0 re-arms a pair after RST/unreachable.
+        ``syn_ttl`` sends each pair's first SYN with that TTL. Raises PunchTimeout.
+        """
+        ...
+
+    def raw_syn(
+        self,
+        src: Address,
+        dst: Address,
+        *,
+        ttl: int = 64,
+        count: int = 1,
+        spacing: float = 0.0,
+        start_at: float | None = None,
+    ) -> RawSynStats:
+        """Send ``count`` hand-built IPv4/TCP SYNs ``src`` → ``dst`` through a raw socket.
+
+        Needs CAP_NET_RAW: PermissionError naming it otherwise.
+        """
+        ...
+
+    def relay_pump(
+        self, fd_a: int, fd_b: int, *, idle_timeout: float = 300.0, max_bytes: int = 0
+    ) -> RelayStats:
+        """Copy bytes both ways between two connected sockets until EOF, idle or the limit.
+
+        Half-closes are propagated. ``max_bytes`` = 0 means unlimited. The fds stay open.
+        """
+        ...
+
+
+def sweep_pairs(
+    local_ports: Sequence[int], remote_ip: str, remote_ports: Sequence[int]
+) -> list[SweepPair]:
+    """The (local ports × remote ports) form of a sweep, as explicit pairs."""
+    return [(lp, (remote_ip, rp)) for lp in local_ports for rp in remote_ports]
+
+
+# --- argument checks shared by both engines: one place, one message per mistake ----------
+
+def check_address(addr: object, what: str, *, allow_any_port: bool) -> Address:
+    if not (isinstance(addr, tuple) and len(addr) == 2):
+        raise ValueError(f"{what} must be a (host, port) tuple, got {addr!r}")
+    host, port = addr
+    try:
+        ip = ipaddress.IPv4Address(host)
+    except (ipaddress.AddressValueError, ValueError):
+        raise ValueError(f"{what} host {host!r} is not an IPv4 address") from None
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise ValueError(f"{what} port {port!r} is not an integer")
+    low = 0 if allow_any_port else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"{what} port {port} is out of range {low}..65535")
+    return (str(ip), port)
+
+
+def check_remote(addr: object, what: str = "remote") -> Address:
+    host, port = check_address(addr, what, allow_any_port=False)
+    if ipaddress.IPv4Address(host).is_unspecified:
+        raise ValueError(f"{what} host {host} is unspecified")
+    return (host, port)
+
+
+def check_timing(start_at: float | None, timeout: float, *, now: float | None = None) -> float:
+    """Validate a punch window; return the effective ``start_at`` (absolute seconds)."""
+    now = time.time() if now is None else now
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if timeout > MAX_TIMEOUT:
+        raise ValueError(f"timeout {timeout} s exceeds {MAX_TIMEOUT:.0f} s")
+    if start_at is None:
+        return now
+    if not isinstance(start_at, (int, float)) or not math.isfinite(start_at):
+        raise ValueError(f"start_at must be absolute seconds (time.time()), got {start_at!r}")
+    if start_at < now - LATE_TOLERANCE:
+        raise ValueError(f"start_at is {now - start_at:.3f} s in the past")
+    if start_at > now + MAX_TIMEOUT:
+        raise ValueError(f"start_at is {start_at - now:.0f} s in the future")
+    return float(start_at)
+
+
+def check_ttl(ttl: int | None, what: str = "syn_ttl") -> None:
+    if ttl is not None and (not isinstance(ttl, int) or not 1 <= ttl <= 255):
+        raise ValueError(f"{what} {ttl!r} is out of range 1..255")
+
+
+def check_fd_budget(needed: int) -> None:
+    """Refuse up front a call that would need more descriptors than RLIMIT_NOFILE allows."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and needed > soft - 16:
+        raise OSError(
+            24, f"needs {needed} sockets at once but RLIMIT_NOFILE is {soft}; "
+            f"raise the limit or lower max_inflight"
+        )

@@ -1,0 +1,103 @@
+"""Every exception pyholepunch raises, in one place.
+
+OS failures stay built-in (ConnectionRefusedError, TimeoutError, PermissionError, ...).
+Exceptions carry their data as attributes; messages are short and name the offending value.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine._base import PunchStats
+
+
+class HolePunchError(Exception):
+    """Base of every pyholepunch error."""
+
+
+class ProtocolError(HolePunchError, ValueError):
+    """Bad bytes on the wire. ``code`` hints the STUN/signaling error code to answer with."""
+
+    def __init__(self, message: str, *, code: int = 400, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field
+
+
+class LocalProtocolError(ProtocolError):
+    """We broke the protocol (an illegal state transition, an unencodable value)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol."""
+
+
+class TransactionError(HolePunchError):
+    """A request/response transaction did not succeed."""
+
+
+class TransactionTimeout(TransactionError, TimeoutError):
+    """No response after every retransmission."""
+
+
+class TransactionFailed(TransactionError):
+    """The server answered with an error response (kept in ``response``)."""
+
+    def __init__(self, message: str, response: Any = None, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.response = response
+        self.code = code
+
+
+class PunchError(HolePunchError):
+    """A punch attempt failed; ``stats`` holds what the engine saw."""
+
+    def __init__(self, message: str, stats: PunchStats | None = None) -> None:
+        super().__init__(message)
+        self.stats = stats
+
+
+class PunchTimeout(PunchError, TimeoutError):
+    """No connection was established before the deadline."""
+
+
+class NatNotTraversable(PunchError):
+    """No direct method can work for this pair of NATs (the relay is the way)."""
+
+
+class RelayError(HolePunchError):
+    """A relay (built-in or TURN) refused, expired or failed."""
+
+
+class SignalingError(HolePunchError):
+    """The rendezvous server refused a request; ``code`` is the wire error code."""
+
+    def __init__(self, message: str, *, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AuthenticationError(HolePunchError):
+    """A key, signature, token or certificate did not match what was expected."""
+
+
+class LabError(HolePunchError):
+    """The NAT lab cannot be built here (not root, no nft, no netns) or failed to build."""
+
+
+__all__ = [
+    "AuthenticationError",
+    "HolePunchError",
+    "LabError",
+    "LocalProtocolError",
+    "NatNotTraversable",
+    "ProtocolError",
+    "PunchError",
+    "PunchTimeout",
+    "RelayError",
+    "RemoteProtocolError",
+    "SignalingError",
+    "TransactionError",
+    "TransactionFailed",
+    "TransactionTimeout",
+]

@@ -1,0 +1,81 @@
+"""Shared fixtures: the `engine` parameter (native + pure) and the lab/root gate.
+
+Lab and root tests skip only where the machine truly cannot run them (not Linux, not root,
+no nft) and say why; under CI (CI=true) the same condition is a failure, never a skip.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pyholepunch import engine as engine_mod
+
+
+def _lab_blocker() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "the NAT lab needs Linux network namespaces"
+    if os.geteuid() != 0:
+        return "the NAT lab needs root (network namespaces, nftables)"
+    for tool in ("nft", "ip", "iptables"):
+        if shutil.which(tool) is None:
+            return f"the NAT lab needs `{tool}` (apt-get install nftables iproute2 iptables)"
+    return None
+
+
+def _root_blocker() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "needs Linux"
+    if os.geteuid() != 0:
+        return "needs root (CAP_NET_RAW / CAP_NET_ADMIN)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    blockers = {"lab": _lab_blocker(), "root": _root_blocker()}
+    for item in items:
+        for marker, reason in blockers.items():
+            if reason and item.get_closest_marker(marker):
+                if os.environ.get("CI"):
+                    item.add_marker(pytest.mark.usefixtures("_ci_cannot_run"))
+                else:
+                    item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def _ci_cannot_run() -> None:
+    pytest.fail(f"CI must be able to run this test: {_lab_blocker() or _root_blocker()}")
+
+
+ENGINE_NAMES = ["native", "pure"]
+
+
+@pytest.fixture(params=ENGINE_NAMES)
+def engine(request: pytest.FixtureRequest) -> engine_mod.Engine:
+    """Both engines, by name; native skips only when it is not built (fails under CI)."""
+    name = request.param
+    if name == "native" and not engine_mod.native_available():
+        if os.environ.get("CI"):
+            pytest.fail("the native engine is not built under CI")
+        pytest.skip("native engine not built")
+    return engine_mod.get(name)
+
+
+def netns_list() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_namespace_left_behind() -> object:
+    """The whole suite must leave no lab namespace behind, even when tests fail."""
+    if _lab_blocker():
+        yield
+        return
+    before = netns_list()
+    yield
+    leaked = {n for n in netns_list() - before if n.startswith("hp")}
+    assert not leaked, f"network namespaces left behind: {sorted(leaked)}"
