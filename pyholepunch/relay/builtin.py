@@ -1,0 +1,477 @@
+"""The built-in relay: two peers introduced by the server, spliced together by the engine.
+
+Wire protocol (on the server's one TCP port, recognised by its first four bytes):
+
+    client -> hub   b"HPR1" + 16-byte token           (the token came over signaling)
+    hub -> client   b"\\x00"                            both sides are here: bytes flow now
+               or   status byte (1..255) + 1-byte length + ASCII reason, then close
+
+A client must not send payload before it has read the OK byte. Tokens are issued in pairs
+per session (one per side), are single-use and expire after ``token_ttl``; the hub pairs a
+connection only with the other token of the same session, so nobody can splice themselves
+onto a connection the server did not introduce.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..engine import Engine, RelayStats
+from ..engine import get as get_engine
+from ..errors import RelayError
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+Tap = Callable[[str, bytes], None]
+"""Test/debug hook: called with ("a>b" | "b>a", chunk) for every relayed chunk."""
+
+MAGIC = b"HPR1"
+TOKEN_LEN = 16
+PREAMBLE_LEN = len(MAGIC) + TOKEN_LEN
+OK = 0
+
+# Status codes of a refusal; the reason text travels with it.
+ERR_BAD_PREAMBLE, ERR_UNKNOWN, ERR_EXPIRED, ERR_REUSED, ERR_NO_PEER, ERR_CLOSING = 1, 2, 3, 4, 5, 6
+_REASONS = {
+    ERR_BAD_PREAMBLE: "bad preamble",
+    ERR_UNKNOWN: "unknown token",
+    ERR_EXPIRED: "expired token",
+    ERR_REUSED: "token already used",
+    ERR_NO_PEER: "peer did not arrive",
+    ERR_CLOSING: "relay shutting down",
+}
+_TAP_CHUNK = 65536
+
+
+@dataclass(slots=True)
+class _Token:
+    session_id: str
+    side: int               # 0 or 1
+    expires_at: float
+    used: bool = False
+
+
+@dataclass(slots=True)
+class _Session:
+    waiting: asyncio.Future[tuple[socket.socket, asyncio.Future[RelayStats]]] | None = None
+    expires_at: float = 0.0
+
+
+@dataclass
+class RelayMetrics:
+    """Counters for the server's metrics endpoint."""
+
+    active_relays: int = 0
+    relays_total: int = 0
+    bytes_relayed: int = 0
+    refused: dict[str, int] = field(default_factory=dict)   # reason -> count
+    unpaired: int = 0                                       # first side waited in vain
+    ended: dict[str, int] = field(default_factory=dict)     # pump end reason -> count
+
+    def as_dict(self) -> dict[str, object]:
+        return {"active_relays": self.active_relays, "relays_total": self.relays_total,
+                "bytes_relayed": self.bytes_relayed, "refused": dict(self.refused),
+                "unpaired": self.unpaired, "ended": dict(self.ended)}
+
+
+class RelayHub:
+    """Pairs the two token holders of a session and pumps bytes between them.
+
+    ``pair_timeout`` bounds how long the first side waits for the second (never longer than
+    the token's remaining life plus ``pair_timeout``). ``tap`` copies every relayed chunk to a
+    callback through an in-process pump (slow; for tests proving the relay sees only
+    ciphertext); without it the engine's ``relay_pump`` runs in a worker thread.
+    """
+
+    def __init__(self, *, engine: Engine | None = None, token_ttl: float = 30.0,
+                 max_bytes: int = 0, idle_timeout: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic, pair_timeout: float = 30.0,
+                 tap: Tap | None = None) -> None:
+        if token_ttl <= 0 or idle_timeout <= 0 or pair_timeout <= 0 or max_bytes < 0:
+            raise ValueError("token_ttl, idle_timeout and pair_timeout must be > 0, max_bytes >= 0")
+        self._engine = engine
+        self.token_ttl = float(token_ttl)
+        self.max_bytes = int(max_bytes)
+        self.idle_timeout = float(idle_timeout)
+        self.pair_timeout = float(pair_timeout)
+        self._clock = clock
+        self._tap = tap
+        self._tokens: dict[bytes, _Token] = {}
+        self._sessions: dict[str, _Session] = {}
+        self._socks: set[socket.socket] = set()     # every socket we own right now
+        self._pumps: set[asyncio.Future[RelayStats]] = set()
+        self._closing = False
+        self.metrics = RelayMetrics()
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = get_engine()
+        return self._engine
+
+    # --- tokens ---------------------------------------------------------------------------
+
+    def issue(self, session_id: str) -> tuple[bytes, bytes]:
+        """Two fresh single-use tokens for ``session_id``: one per side, expiring together."""
+        if not session_id:
+            raise ValueError("session_id must be a non-empty string")
+        if session_id in self._sessions:
+            raise ValueError(f"relay session {session_id!r} already issued")
+        self._purge()
+        expires = self._clock() + self.token_ttl
+        pair = (secrets.token_bytes(TOKEN_LEN), secrets.token_bytes(TOKEN_LEN))
+        for side, tok in enumerate(pair):
+            self._tokens[tok] = _Token(session_id, side, expires)
+        self._sessions[session_id] = _Session(expires_at=expires)
+        return pair
+
+    def _purge(self) -> None:
+        # Keep spent/expired tokens for one extra TTL so a late client hears "expired" or
+        # "already used" rather than "unknown"; then forget them (memory stays bounded).
+        now = self._clock()
+        horizon = now - self.token_ttl
+        for tok in [t for t, e in self._tokens.items() if e.expires_at < horizon]:
+            del self._tokens[tok]
+        for sid in [s for s, e in self._sessions.items()
+                    if e.expires_at < horizon and e.waiting is None]:
+            del self._sessions[sid]
+
+    def _check(self, token: bytes) -> tuple[int, _Token | None]:
+        entry = self._tokens.get(token)
+        if entry is None:
+            return ERR_UNKNOWN, None
+        if entry.used:
+            return ERR_REUSED, None
+        if self._clock() > entry.expires_at:
+            return ERR_EXPIRED, None
+        entry.used = True
+        return OK, entry
+
+    # --- connections ----------------------------------------------------------------------
+
+    async def handle_connection(self, sock: socket.socket) -> None:
+        """Serve one accepted connection whose first bytes are ``HPR1``; closes ``sock``.
+
+        Returns when the relay it joined has ended (or it was refused).
+        """
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        self._socks.add(sock)
+        owned = True
+        try:
+            if self._closing:
+                await self._refuse(sock, ERR_CLOSING)
+                return
+            try:
+                preamble = await asyncio.wait_for(_recv_exactly(loop, sock, PREAMBLE_LEN),
+                                                  self.pair_timeout)
+            except (TimeoutError, ConnectionError, OSError):
+                preamble = b""
+            if len(preamble) != PREAMBLE_LEN or not preamble.startswith(MAGIC):
+                await self._refuse(sock, ERR_BAD_PREAMBLE)
+                return
+            status, entry = self._check(preamble[len(MAGIC):])
+            if entry is None:
+                await self._refuse(sock, status)
+                return
+            session = self._sessions.get(entry.session_id)
+            if session is None:             # purged under us: treat as expired
+                await self._refuse(sock, ERR_EXPIRED)
+                return
+            if session.waiting is None:
+                owned = False               # the second side's coroutine takes it over
+                await self._wait_for_peer(sock, session, entry)
+                return
+            # Second side: hand our socket to the waiter and start the pump.
+            waiter, session.waiting = session.waiting, None
+            done: asyncio.Future[RelayStats] = loop.create_future()
+            if waiter.done():               # the first side gave up a moment ago
+                owned = True
+                await self._refuse(sock, ERR_NO_PEER)
+                return
+            waiter.set_result((sock, done))
+            owned = False
+            with contextlib.suppress(Exception):
+                await asyncio.shield(done)
+        finally:
+            if owned:
+                self._release(sock)
+
+    async def _wait_for_peer(self, sock: socket.socket, session: _Session, entry: _Token) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        session.waiting = waiter
+        budget = max(0.0, entry.expires_at - self._clock()) + self.pair_timeout
+        try:
+            other, done = await asyncio.wait_for(asyncio.shield(waiter), budget)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if not waiter.done():
+                waiter.cancel()
+            if session.waiting is waiter:
+                session.waiting = None
+            if waiter.done() and not waiter.cancelled():
+                # Lost a race with the second side: it already handed its socket over.
+                other, done = waiter.result()
+                done.set_result(RelayStats(reason="cancelled"))
+                self._release(other)
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                self._release(sock)
+                raise
+            self.metrics.unpaired += 1
+            log.info("relay session %s: side %d waited %.1f s, no peer", entry.session_id,
+                     entry.side, budget)
+            try:
+                await self._refuse(sock, ERR_CLOSING if self._closing else ERR_NO_PEER)
+            finally:
+                self._release(sock)
+            return
+        a, b = (sock, other) if entry.side == 0 else (other, sock)
+        await self._run_relay(entry.session_id, a, b, done)
+
+    async def _run_relay(self, session_id: str, a: socket.socket, b: socket.socket,
+                         done: asyncio.Future[RelayStats]) -> None:
+        loop = asyncio.get_running_loop()
+        self.metrics.active_relays += 1
+        self.metrics.relays_total += 1
+        stats = RelayStats(reason="error: not started")
+        try:
+            ok = bytes([OK])
+            await asyncio.gather(loop.sock_sendall(a, ok), loop.sock_sendall(b, ok))
+            log.info("relay session %s: paired, pumping", session_id)
+            if self._tap is None:
+                for s in (a, b):
+                    s.setblocking(True)   # engines poll themselves; blocking fds are the contract
+                pump = asyncio.ensure_future(asyncio.to_thread(
+                    self.engine.relay_pump, a.fileno(), b.fileno(),
+                    idle_timeout=self.idle_timeout, max_bytes=self.max_bytes))
+            else:
+                pump = asyncio.ensure_future(self._tap_pump(a, b))
+            self._pumps.add(pump)
+            try:
+                stats = await asyncio.shield(pump)
+            except asyncio.CancelledError:
+                # Unblock the worker thread before the fds are closed: never close an fd a
+                # thread is still using (it could be reused by another socket).
+                _shutdown(a, b)
+                stats = await pump
+                raise
+            finally:
+                self._pumps.discard(pump)
+        except OSError as exc:
+            stats = RelayStats(reason=f"error: {exc}")
+        finally:
+            self.metrics.active_relays -= 1
+            self.metrics.bytes_relayed += stats.bytes_a_to_b + stats.bytes_b_to_a
+            key = stats.reason.split(":", 1)[0]
+            self.metrics.ended[key] = self.metrics.ended.get(key, 0) + 1
+            log.info("relay session %s ended (%s): %d bytes a>b, %d bytes b>a", session_id,
+                     stats.reason, stats.bytes_a_to_b, stats.bytes_b_to_a)
+            self._release(a)
+            self._release(b)
+            if not done.done():
+                done.set_result(stats)
+
+    async def _tap_pump(self, a: socket.socket, b: socket.socket) -> RelayStats:
+        """In-process pump that shows every chunk to the tap; same limits and half-close."""
+        loop = asyncio.get_running_loop()
+        stats = RelayStats()
+        last = [loop.time()]
+        tap = self._tap
+        assert tap is not None
+
+        async def one_way(src: socket.socket, dst: socket.socket, name: str) -> None:
+            while True:
+                chunk = await loop.sock_recv(src, _TAP_CHUNK)
+                if not chunk:
+                    with contextlib.suppress(OSError):
+                        dst.shutdown(socket.SHUT_WR)
+                    return
+                total = stats.bytes_a_to_b + stats.bytes_b_to_a
+                if self.max_bytes and total + len(chunk) > self.max_bytes:
+                    chunk = chunk[: self.max_bytes - total]
+                    stats.reason = "limit"
+                tap(name, chunk)
+                await loop.sock_sendall(dst, chunk)
+                if name == "a>b":
+                    stats.bytes_a_to_b += len(chunk)
+                else:
+                    stats.bytes_b_to_a += len(chunk)
+                last[0] = loop.time()
+                if stats.reason == "limit":
+                    return
+
+        tasks = [asyncio.ensure_future(one_way(a, b, "a>b")),
+                 asyncio.ensure_future(one_way(b, a, "b>a"))]
+        try:
+            pending = set(tasks)
+            while pending:
+                _, pending = await asyncio.wait(pending, timeout=0.1,
+                                                 return_when=asyncio.FIRST_EXCEPTION)
+                if any(t.done() and t.exception() for t in tasks) or stats.reason == "limit":
+                    break
+                if loop.time() - last[0] > self.idle_timeout:
+                    stats.reason = "idle"
+                    break
+            for t in tasks:
+                if t.done() and t.exception():
+                    stats.reason = f"error: {t.exception()}"
+            stats.reason = stats.reason or "eof"
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return stats
+
+    async def _refuse(self, sock: socket.socket, status: int) -> None:
+        reason = _REASONS[status]
+        self.metrics.refused[reason] = self.metrics.refused.get(reason, 0) + 1
+        log.info("relay connection refused: %s", reason)
+        msg = bytes([status, len(reason)]) + reason.encode("ascii")
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, msg), 2.0)
+
+    def _release(self, sock: socket.socket) -> None:
+        if sock in self._socks:
+            self._socks.discard(sock)
+            sock.close()
+
+    async def close(self) -> None:
+        """Refuse new connections, end every relay and close every socket the hub owns."""
+        self._closing = True
+        for session in self._sessions.values():
+            if session.waiting is not None and not session.waiting.done():
+                session.waiting.cancel()
+        for s in list(self._socks):
+            _shutdown(s)
+        pumps = list(self._pumps)
+        if pumps:
+            await asyncio.gather(*pumps, return_exceptions=True)
+        await asyncio.sleep(0)      # let handle_connection coroutines run their finally
+        for s in list(self._socks):
+            self._release(s)
+        self._tokens.clear()
+        self._sessions.clear()
+
+
+def _shutdown(*socks: socket.socket) -> None:
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+class RelayServer:
+    """A stand-alone listener feeding every accepted connection to a hub (``serve`` mounts
+    the hub on its shared port instead). ``async with RelayServer(hub, ("127.0.0.1", 0))``."""
+
+    def __init__(self, hub: RelayHub, address: Address = ("127.0.0.1", 0), *,
+                 backlog: int = 128) -> None:
+        self.hub = hub
+        self._bind = address
+        self._backlog = backlog
+        self._sock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> Address:
+        assert self._sock is not None, "RelayServer not started"
+        host, port = self._sock.getsockname()[:2]
+        return (host, port)
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(self._bind)
+            sock.listen(self._backlog)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._accept_task = asyncio.ensure_future(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            conn, _peer = await loop.sock_accept(self._sock)
+            task = asyncio.ensure_future(self.hub.handle_connection(conn))
+            self._conns.add(task)
+            task.add_done_callback(self._conns.discard)
+
+    async def close(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            await asyncio.gather(self._accept_task, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+        await self.hub.close()
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
+
+    async def __aenter__(self) -> RelayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+# --- client side ---------------------------------------------------------------------------
+
+async def open_builtin_relay(
+    server: Address, token: bytes, *, timeout: float = 30.0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Join a relay session at ``server`` with ``token``; return streams once paired.
+
+    ``timeout`` covers connecting and waiting for the peer. Raises RelayError naming the
+    hub's reason (unknown/expired/reused token, peer did not arrive, unreachable, timeout).
+    """
+    if not isinstance(token, bytes) or len(token) != TOKEN_LEN:
+        raise ValueError(f"relay token must be {TOKEN_LEN} bytes")
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                reader, writer = await asyncio.open_connection(server[0], server[1])
+            except OSError as exc:
+                raise RelayError(f"relay {server[0]}:{server[1]} unreachable: {exc}") from exc
+            writer.write(MAGIC + token)
+            await writer.drain()
+            status = await reader.read(1)
+            if not status:
+                raise RelayError(f"relay {server[0]}:{server[1]} closed the connection")
+            if status[0] != OK:
+                reason = _REASONS.get(status[0], f"status {status[0]}")
+                with contextlib.suppress(asyncio.IncompleteReadError, OSError):
+                    length = (await reader.readexactly(1))[0]
+                    reason = (await reader.readexactly(length)).decode("ascii", "replace")
+                raise RelayError(f"relay refused: {reason}")
+            return reader, writer
+    except TimeoutError:
+        if writer is not None:
+            writer.close()
+        raise RelayError(f"relay {server[0]}:{server[1]}: no pairing within {timeout} s") from None
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise

@@ -1,0 +1,255 @@
+"""The built-in relay end to end on loopback: tokens, pairing, bytes, limits, refusals, fds."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from pyholepunch import engine as engine_mod
+from pyholepunch.errors import RelayError
+from pyholepunch.relay.builtin import RelayHub, RelayServer, open_builtin_relay
+
+pytestmark = pytest.mark.timeout(20)
+
+
+def fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["native", "pure", "tap"])
+def pump(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """How the hub moves bytes: either engine's relay_pump, or the in-process tap pump."""
+    if request.param == "tap":
+        seen: list[tuple[str, bytes]] = []
+        return {"tap": lambda d, b: seen.append((d, b)), "seen": seen}
+    if request.param == "native" and not engine_mod.native_available():
+        if os.environ.get("CI"):
+            pytest.fail("the native engine is not built under CI")
+        pytest.skip("native engine not built")
+    return {"engine": engine_mod.get(request.param)}
+
+
+HubFactory = Callable[..., Any]
+
+
+@pytest_asyncio.fixture
+async def make_server() -> AsyncIterator[HubFactory]:
+    servers: list[RelayServer] = []
+
+    async def make(**kwargs: Any) -> RelayServer:
+        kwargs.setdefault("pair_timeout", 3.0)
+        srv = RelayServer(RelayHub(**kwargs))
+        await srv.start()
+        servers.append(srv)
+        return srv
+
+    try:
+        yield make
+    finally:
+        for srv in servers:
+            await srv.close()
+
+
+async def pair(srv: RelayServer, session: str = "s1", timeout: float = 5.0) -> tuple[Any, Any]:
+    ta, tb = srv.hub.issue(session)
+    a, b = await asyncio.gather(open_builtin_relay(srv.address, ta, timeout=timeout),
+                                open_builtin_relay(srv.address, tb, timeout=timeout))
+    return a, b
+
+
+async def close(*streams: Any) -> None:
+    for _r, w in streams:
+        w.close()
+        try:
+            await w.wait_closed()
+        except OSError:
+            pass
+
+
+@pytest.mark.asyncio
+async def test_bytes_both_ways_and_half_close(make_server: HubFactory, pump: dict[str, Any]) -> None:
+    before = fds()
+    srv = await make_server(engine=pump.get("engine"), tap=pump.get("tap"))
+    (ra, wa), (rb, wb) = await pair(srv)
+    payload = os.urandom(300_000)
+    wa.write(payload)
+    await wa.drain()
+    wa.write_eof()                                  # a half-closes: b sees EOF after the data
+    assert await asyncio.wait_for(rb.read(), 5) == payload
+    wb.write(b"reply after half-close")             # b can still talk to a
+    await wb.drain()
+    wb.write_eof()
+    assert await asyncio.wait_for(ra.read(), 5) == b"reply after half-close"
+    await close((ra, wa), (rb, wb))
+    for _ in range(100):
+        if srv.hub.metrics.active_relays == 0:
+            break
+        await asyncio.sleep(0.02)
+    m = srv.hub.metrics
+    assert m.active_relays == 0 and m.relays_total == 1
+    assert m.bytes_relayed == len(payload) + len(b"reply after half-close")
+    if "seen" in pump:
+        seen = pump["seen"]
+        assert b"".join(c for d, c in seen if d == "a>b") == payload
+        assert b"".join(c for d, c in seen if d == "b>a") == b"reply after half-close"
+    await srv.close()
+    assert fds() == before
+
+
+@pytest.mark.asyncio
+async def test_tokens_of_different_sessions_never_pair(make_server: HubFactory) -> None:
+    srv = await make_server(engine=engine_mod.get("pure"), pair_timeout=0.4, token_ttl=0.1)
+    s1 = srv.hub.issue("one")
+    s2 = srv.hub.issue("two")
+    results = await asyncio.gather(open_builtin_relay(srv.address, s1[0], timeout=5),
+                                   open_builtin_relay(srv.address, s2[1], timeout=5),
+                                   return_exceptions=True)
+    for res in results:
+        assert isinstance(res, RelayError) and "peer did not arrive" in str(res)
+    assert srv.hub.metrics.relays_total == 0 and srv.hub.metrics.unpaired == 2
+    # The same side of one session twice is no pair either: the second use is refused.
+    s3 = srv.hub.issue("three")
+    first = asyncio.ensure_future(open_builtin_relay(srv.address, s3[0], timeout=5))
+    await asyncio.sleep(0.1)
+    with pytest.raises(RelayError, match="token already used"):
+        await open_builtin_relay(srv.address, s3[0], timeout=5)
+    with pytest.raises(RelayError, match="peer did not arrive"):
+        await first
+
+
+@pytest.mark.asyncio
+async def test_token_used_twice_is_refused(make_server: HubFactory) -> None:
+    srv = await make_server(engine=engine_mod.get("pure"))
+    ta, tb = srv.hub.issue("s")
+    a, b = await asyncio.gather(open_builtin_relay(srv.address, ta, timeout=5),
+                                open_builtin_relay(srv.address, tb, timeout=5))
+    for tok in (ta, tb):
+        with pytest.raises(RelayError, match="token already used"):
+            await open_builtin_relay(srv.address, tok, timeout=5)
+    # The live relay is untouched by the refused attempts.
+    a[1].write(b"still here")
+    await a[1].drain()
+    assert await asyncio.wait_for(b[0].readexactly(10), 5) == b"still here"
+    await close(a, b)
+    assert srv.hub.metrics.refused == {"token already used": 2}
+
+
+@pytest.mark.asyncio
+async def test_unknown_expired_and_malformed(make_server: HubFactory) -> None:
+    clock = FakeClock()
+    srv = await make_server(engine=engine_mod.get("pure"), token_ttl=10, clock=clock)
+    with pytest.raises(RelayError, match="unknown token"):
+        await open_builtin_relay(srv.address, os.urandom(16), timeout=5)
+    ta, _tb = srv.hub.issue("late")
+    clock.now += 10.5
+    with pytest.raises(RelayError, match="expired token"):
+        await open_builtin_relay(srv.address, ta, timeout=5)
+    # Not our protocol at all: refused with a reason, connection closed, nothing hangs.
+    r, w = await asyncio.open_connection(*srv.address)
+    w.write(b"GET / HTTP/1.1\r\n\r\n")
+    await w.drain()
+    reply = await asyncio.wait_for(r.read(), 5)
+    assert reply[0] == 1 and reply[2:] == b"bad preamble"
+    await close((r, w))
+    with pytest.raises(ValueError, match="16 bytes"):
+        await open_builtin_relay(srv.address, b"short", timeout=5)
+    with pytest.raises(ValueError, match="already issued"):
+        srv.hub.issue("late")
+
+
+@pytest.mark.asyncio
+async def test_unpaired_side_times_out(make_server: HubFactory) -> None:
+    srv = await make_server(engine=engine_mod.get("pure"), pair_timeout=0.3, token_ttl=0.2)
+    ta, _ = srv.hub.issue("alone")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(RelayError, match="peer did not arrive"):
+        await open_builtin_relay(srv.address, ta, timeout=5)
+    assert loop.time() - t0 < 2.0
+    # The client's own timeout also bounds the wait, with its own message.
+    srv2 = await make_server(engine=engine_mod.get("pure"), pair_timeout=10)
+    tc, _ = srv2.hub.issue("alone")
+    with pytest.raises(RelayError, match="no pairing within 0.3 s"):
+        await open_builtin_relay(srv2.address, tc, timeout=0.3)
+
+
+@pytest.mark.asyncio
+async def test_unreachable_relay() -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                                   # nobody listens there now
+    with pytest.raises(RelayError, match="unreachable"):
+        await open_builtin_relay(("127.0.0.1", port), os.urandom(16), timeout=2)
+
+
+@pytest.mark.asyncio
+async def test_byte_limit(make_server: HubFactory, pump: dict[str, Any]) -> None:
+    srv = await make_server(engine=pump.get("engine"), tap=pump.get("tap"), max_bytes=10_000)
+    (ra, wa), (rb, wb) = await pair(srv)
+    wa.write(os.urandom(100_000))
+    try:
+        await asyncio.wait_for(wa.drain(), 5)
+    except (ConnectionError, TimeoutError):
+        pass
+    got = await asyncio.wait_for(rb.read(), 5)       # EOF comes: the relay ended
+    assert len(got) <= 10_000
+    await close((ra, wa), (rb, wb))
+    for _ in range(100):
+        if srv.hub.metrics.active_relays == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert srv.hub.metrics.ended == {"limit": 1}
+
+
+@pytest.mark.asyncio
+async def test_idle_limit(make_server: HubFactory, pump: dict[str, Any]) -> None:
+    srv = await make_server(engine=pump.get("engine"), tap=pump.get("tap"), idle_timeout=0.3)
+    (ra, wa), (rb, wb) = await pair(srv)
+    wa.write(b"x")
+    assert await asyncio.wait_for(rb.readexactly(1), 5) == b"x"
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert await asyncio.wait_for(rb.read(), 5) == b""     # closed for idleness
+    assert 0.2 < loop.time() - t0 < 3.0
+    await close((ra, wa), (rb, wb))
+    for _ in range(100):
+        if srv.hub.metrics.active_relays == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert srv.hub.metrics.ended == {"idle": 1}
+
+
+@pytest.mark.asyncio
+async def test_close_ends_live_relays_without_leaks(pump: dict[str, Any]) -> None:
+    before = fds()
+    srv = RelayServer(RelayHub(engine=pump.get("engine"), tap=pump.get("tap"), pair_timeout=5))
+    await srv.start()
+    try:
+        a, b = await pair(srv)
+        waiting_tok, _ = srv.hub.issue("waiting")
+        waiter = asyncio.ensure_future(open_builtin_relay(srv.address, waiting_tok, timeout=5))
+        await asyncio.sleep(0.1)
+    finally:
+        await asyncio.wait_for(srv.close(), 5)
+    assert await asyncio.wait_for(b[0].read(), 5) == b""
+    with pytest.raises(RelayError):
+        await waiter
+    await close(a, b)
+    assert fds() == before
+    # A closed hub refuses politely rather than hanging.
+    with pytest.raises(ValueError):
+        RelayHub(token_ttl=0)
