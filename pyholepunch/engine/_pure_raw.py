@@ -1,0 +1,108 @@
+"""Hand-built IPv4/TCP SYNs sent through an IP_HDRINCL raw socket (pure engine's raw_syn).
+
+The packet builder is plain bytes-in/bytes-out so it can be checked without a socket.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import math
+import random
+import socket
+import struct
+import time
+
+from . import _base
+from ._base import Address, RawSynStats
+from ._pure_clock import wait_until
+
+IP_HEADER = struct.Struct("!BBHHHBBH4s4s")
+TCP_HEADER = struct.Struct("!HHIIBBHHH")
+MSS_OPTION = struct.Struct("!BBH")
+TCP_SYN = 0x02
+IP_DF = 0x4000
+MAX_COUNT = 1_000_000
+
+
+def internet_checksum(data: bytes) -> int:
+    """RFC 1071 one's-complement sum of 16-bit words."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def build_syn(
+    src: Address, dst: Address, *, ttl: int, seq: int, ip_id: int,
+    window: int = 64240, mss: int = 1460,
+) -> bytes:
+    """One IPv4 + TCP SYN (with an MSS option, as a kernel SYN has), checksums filled in."""
+    saddr = ipaddress.IPv4Address(src[0]).packed
+    daddr = ipaddress.IPv4Address(dst[0]).packed
+    options = MSS_OPTION.pack(2, 4, mss)
+    tcp_len = TCP_HEADER.size + len(options)
+    offset = (tcp_len // 4) << 4
+    tcp = TCP_HEADER.pack(src[1], dst[1], seq, 0, offset, TCP_SYN, window, 0, 0) + options
+    pseudo = saddr + daddr + struct.pack("!BBH", 0, socket.IPPROTO_TCP, tcp_len)
+    tcp_sum = internet_checksum(pseudo + tcp)
+    tcp = tcp[:16] + struct.pack("!H", tcp_sum) + tcp[18:]
+    total = IP_HEADER.size + tcp_len
+    ip = IP_HEADER.pack(0x45, 0, total, ip_id, IP_DF, ttl, socket.IPPROTO_TCP, 0, saddr, daddr)
+    ip_sum = internet_checksum(ip)
+    ip = ip[:10] + struct.pack("!H", ip_sum) + ip[12:]
+    return ip + tcp
+
+
+def check_raw_args(
+    src: object, dst: object, ttl: object, count: object, spacing: object,
+    start_at: float | None,
+) -> tuple[Address, Address, float]:
+    """Validate raw_syn's arguments; return (src, dst, effective start)."""
+    src_a = _base.check_remote(src, "src")    # a concrete source: it is in the checksum
+    dst_a = _base.check_remote(dst, "dst")
+    if ttl is None:
+        raise ValueError("ttl None is out of range 1..255")
+    _base.check_ttl(ttl, "ttl")  # type: ignore[arg-type]
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_COUNT:
+        raise ValueError(f"count {count!r} is out of range 1..{MAX_COUNT}")
+    if (not isinstance(spacing, (int, float)) or isinstance(spacing, bool)
+            or not math.isfinite(spacing) or spacing < 0):
+        raise ValueError(f"spacing must be a non-negative number of seconds, got {spacing!r}")
+    duration = spacing * (count - 1)
+    start = _base.check_timing(start_at, max(duration, 1.0))
+    return src_a, dst_a, start
+
+
+def raw_syn(
+    src: Address, dst: Address, *, ttl: int = 64, count: int = 1, spacing: float = 0.0,
+    start_at: float | None = None,
+) -> RawSynStats:
+    src_a, dst_a, start = check_raw_args(src, dst, ttl, count, spacing, start_at)
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    except PermissionError as exc:
+        raise PermissionError(
+            errno.EPERM,
+            "raw_syn needs CAP_NET_RAW to open a raw IPv4 socket "
+            "(run as root or `setcap cap_net_raw+ep` the interpreter)",
+        ) from exc
+    stats = RawSynStats()
+    rng = random.SystemRandom()
+    seq = rng.getrandbits(32)          # one ISN: later SYNs look like retransmissions
+    ip_id = rng.getrandbits(16)
+    with sock:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+        packet = build_syn(src_a, dst_a, ttl=ttl, seq=seq, ip_id=ip_id)
+        for i in range(count):
+            wait_until(start + i * spacing)
+            sock.sendto(packet, (dst_a[0], 0))
+            sent_at = time.time()
+            if stats.first_send_delay_ns is None:
+                stats.first_send_delay_ns = max(0, int((sent_at - start) * 1e9))
+            stats.send_times.append(sent_at)
+            stats.sent += 1
+            # Build the next one while waiting, not on the schedule's critical path.
+            packet = build_syn(src_a, dst_a, ttl=ttl, seq=seq, ip_id=(ip_id + i + 1) & 0xFFFF)
+    return stats

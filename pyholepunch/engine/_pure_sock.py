@@ -1,0 +1,120 @@
+"""Socket plumbing shared by the pure engine's simultaneous open and sweep."""
+from __future__ import annotations
+
+import errno
+import math
+import socket
+import time
+
+from ._base import Address, PunchStats
+
+RST_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET})
+ICMP_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
+IN_PROGRESS = frozenset({0, errno.EINPROGRESS, errno.EALREADY})
+FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+def reuse_socket(ip: str, port: int, *, defer_port: bool = False) -> socket.socket:
+    """A non-blocking TCP socket with SO_REUSEADDR + SO_REUSEPORT, bound to ``(ip, port)``.
+
+    Port 0 on the wildcard address is left unbound (connect picks the port); with
+    ``defer_port`` a concrete ip with port 0 uses IP_BIND_ADDRESS_NO_PORT so that thousands
+    of sweep sockets share ephemeral ports by 4-tuple instead of exhausting them at bind().
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setblocking(False)
+        if port == 0 and defer_port:
+            if ip == "0.0.0.0":
+                return sock
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((ip, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def start_connect(sock: socket.socket, remote: Address, ttl: int | None) -> tuple[int, float]:
+    """Non-blocking connect; with ``ttl`` only the SYN sent now carries it.
+
+    The TTL is restored on the same socket right after connect() has put the SYN on the wire,
+    so kernel retransmissions and the SYN-ACK of a simultaneous open use the default TTL.
+    Returns (errno or 0, time the SYN left).
+    """
+    saved = None
+    if ttl is not None:
+        saved = sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+    rc = sock.connect_ex(remote)
+    sent_at = time.time()
+    if saved is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, saved)
+        except OSError:
+            pass
+    return rc, sent_at
+
+
+def connect_outcome(sock: socket.socket) -> int:
+    """0 if a writable connecting socket is established, else the errno that ended it."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        return err
+    try:
+        sock.getpeername()
+    except OSError as exc:      # writable but not connected: treat as a failed attempt
+        return exc.errno or errno.ENOTCONN
+    return 0
+
+
+def count_failure(stats: PunchStats, err: int) -> str:
+    """Account an attempt that ended with ``err``; return a short word for logs."""
+    if err in RST_ERRNOS:
+        stats.rsts_seen += 1
+        return "rst"
+    if err in ICMP_ERRNOS:
+        stats.icmp_errors += 1
+        return "icmp"
+    return errno.errorcode.get(err, str(err))
+
+
+def note_syn(stats: PunchStats, sent_at: float, start: float) -> None:
+    stats.attempts += 1
+    stats.syns_sent += 1
+    if stats.first_syn_at is None:
+        stats.first_syn_at = sent_at
+        stats.first_syn_delay_ns = int(round((sent_at - start) * 1e9))
+
+
+def note_won(stats: PunchStats, sock: socket.socket, remote: Address, start: float) -> None:
+    stats.time_to_established_ns = int(round((time.time() - start) * 1e9))
+    stats.local_port = sock.getsockname()[1]
+    stats.remote = remote
+    sock.setblocking(True)
+
+
+def check_seconds(value: object, what: str, *, allow_zero: bool) -> float:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and (value >= 0 if allow_zero else value > 0))
+    if not ok:
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{what} must be a {kind} number, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_count(value: object, what: str, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def close_all(socks: object) -> None:
+    for s in list(socks):  # type: ignore[call-overload]
+        try:
+            s.close()
+        except OSError:
+            pass

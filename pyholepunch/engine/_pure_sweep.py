@@ -1,0 +1,200 @@
+"""The pure engine's sweep: many concurrent non-blocking connects over one epoll, first wins."""
+from __future__ import annotations
+
+import errno
+import heapq
+import logging
+import selectors
+import socket
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from ..errors import PunchTimeout
+from . import _base
+from ._base import Address, PunchResult, PunchStats, SweepPair
+from ._pure_clock import wait_until
+from ._pure_sock import (
+    FD_ERRNOS,
+    IN_PROGRESS,
+    check_count,
+    check_seconds,
+    close_all,
+    connect_outcome,
+    count_failure,
+    note_syn,
+    note_won,
+    reuse_socket,
+    start_connect,
+)
+
+log = logging.getLogger(__name__)
+
+
+def check_pairs(pairs: object) -> list[SweepPair]:
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise ValueError(f"pairs must be a sequence of (local_port, (ip, port)), got {type(pairs).__name__}")
+    if not pairs:
+        raise ValueError("sweep needs at least one (local_port, (ip, port)) pair")
+    out: list[SweepPair] = []
+    hosts: dict[object, str] = {}      # validate each distinct remote host once
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise ValueError(f"pairs[{i}] must be (local_port, (ip, port)), got {pair!r}")
+        lport, remote = pair
+        if not isinstance(lport, int) or isinstance(lport, bool) or not 0 <= lport <= 65535:
+            raise ValueError(f"pairs[{i}] local port {lport!r} is out of range 0..65535")
+        if not (isinstance(remote, tuple) and len(remote) == 2):
+            raise ValueError(f"pairs[{i}] remote must be a (host, port) tuple, got {remote!r}")
+        host, port = remote
+        try:
+            canon = hosts[host]
+        except (KeyError, TypeError):
+            canon = _base.check_remote((host, 1), f"pairs[{i}] remote")[0]
+            try:
+                hosts[host] = canon
+            except TypeError:
+                pass
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise ValueError(f"pairs[{i}] remote port {port!r} is out of range 1..65535")
+        out.append((lport, (canon, port)))
+    return out
+
+
+def run_sweep(
+    pairs: Sequence[SweepPair], start_at: float | None, timeout: float, *, local_ip: str,
+    max_inflight: int, rate: float, interval: float, syn_ttl: int | None,
+) -> PunchResult:
+    lip = _base.check_address((local_ip, 0), "local_ip", allow_any_port=True)[0]
+    todo = check_pairs(pairs)
+    start = _base.check_timing(start_at, timeout)
+    check_count(max_inflight, "max_inflight", 1)
+    check_seconds(rate, "rate", allow_zero=True)
+    check_seconds(interval, "interval", allow_zero=True)
+    _base.check_ttl(syn_ttl)
+    _base.check_fd_budget(min(len(todo), max_inflight))
+    return _Sweep(todo, lip, start, start + timeout, max_inflight, rate, interval, syn_ttl).run()
+
+
+class _Sweep:
+    def __init__(self, pairs: list[SweepPair], lip: str, start: float, deadline: float,
+                 max_inflight: int, rate: float, interval: float, syn_ttl: int | None) -> None:
+        self.pairs, self.lip = pairs, lip
+        self.start, self.deadline = start, deadline
+        self.max_inflight, self.rate, self.interval, self.syn_ttl = max_inflight, rate, interval, syn_ttl
+        self.stats = PunchStats()
+        self.sel = selectors.DefaultSelector()
+        self.inflight: dict[int, tuple[socket.socket, int, float]] = {}   # fd -> (sock, pair, sent)
+        self.fresh: deque[int] = deque(range(len(pairs)))   # never tried yet (first SYN: syn_ttl)
+        self.rearm: list[tuple[float, int]] = []            # (due, pair) heap
+        self.launched = 0                                   # SYNs so far: the pacing clock
+        self.spare: tuple[socket.socket, int] | None = None  # pre-bound first socket
+
+    def run(self) -> PunchResult:
+        winner: socket.socket | None = None
+        try:
+            self.spare = (self._socket(0), 0)   # the first SYN needs only connect() at start_at
+            wait_until(self.start)
+            winner = self._loop()
+        finally:
+            self.sel.close()
+            rest = [s for s, _, _ in self.inflight.values() if s is not winner]
+            if self.spare is not None:
+                rest.append(self.spare[0])
+            close_all(rest)
+            self.inflight.clear()
+        s = self.stats
+        if winner is None:
+            why = "every attempt failed" if time.time() < self.deadline else "deadline passed"
+            raise PunchTimeout(
+                f"sweep over {len(self.pairs)} pairs: no connection ({why}; {s.attempts} "
+                f"attempts, {s.rsts_seen} RST, {s.icmp_errors} ICMP)", s)
+        return PunchResult(winner, s)
+
+    def _socket(self, idx: int) -> socket.socket:
+        sock = reuse_socket(self.lip, self.pairs[idx][0], defer_port=True)
+        self.stats.sockets_opened += 1
+        return sock
+
+    def _next_pair(self, now: float) -> tuple[int, bool] | None:
+        """The next pair due for a SYN and whether it is its first, or None."""
+        if self.fresh:
+            return self.fresh[0], True
+        if self.rearm and self.rearm[0][0] <= now:
+            return self.rearm[0][1], False
+        return None
+
+    def _launch(self, idx: int, first: bool) -> None:
+        if first:
+            self.fresh.popleft()
+        else:
+            heapq.heappop(self.rearm)
+        try:
+            if self.spare is not None and self.spare[1] == idx:
+                sock, self.spare = self.spare[0], None
+            else:
+                sock = self._socket(idx)
+        except OSError as exc:
+            if exc.errno in FD_ERRNOS:
+                raise OSError(exc.errno, f"sweep ran out of descriptors with {len(self.inflight)} "
+                              f"sockets open: {exc.strerror}") from exc
+            log.debug("sweep pair %d: local port %d unusable: %s", idx, self.pairs[idx][0], exc)
+            return
+        remote = self.pairs[idx][1]
+        rc, sent_at = start_connect(sock, remote, self.syn_ttl if first else None)
+        note_syn(self.stats, sent_at, self.start)
+        self.launched += 1
+        if rc in IN_PROGRESS:
+            self.inflight[sock.fileno()] = (sock, idx, sent_at)
+            self.sel.register(sock, selectors.EVENT_WRITE)
+        else:
+            self._failed(sock, idx, sent_at, rc, registered=False)
+
+    def _failed(self, sock: socket.socket, idx: int, sent_at: float, err: int, *,
+                registered: bool = True) -> None:
+        count_failure(self.stats, err)
+        if registered:
+            self.sel.unregister(sock)
+            del self.inflight[sock.fileno()]
+        sock.close()
+        if self.interval > 0:
+            heapq.heappush(self.rearm, (max(sent_at + self.interval, time.time()), idx))
+
+    def _loop(self) -> socket.socket | None:
+        pace = 1.0 / self.rate if self.rate > 0 else 0.0
+        while True:
+            now = time.time()
+            if now >= self.deadline:
+                return None
+            # Launch what is due, within the in-flight cap and the pacing schedule.
+            wake = self.deadline
+            while len(self.inflight) < self.max_inflight:
+                nxt = self._next_pair(now)
+                if nxt is None:
+                    break
+                if pace:
+                    due = self.start + self.launched * pace     # absolute: no drift
+                    if due > now:
+                        wake = min(wake, due)
+                        break
+                self._launch(*nxt)
+                if pace:
+                    now = time.time()
+            if self.rearm and len(self.inflight) < self.max_inflight:
+                wake = min(wake, max(self.rearm[0][0], now))
+            if not self.inflight and not self.fresh and not self.rearm:
+                return None                                     # nothing left to try
+            for key, _ev in self.sel.select(max(0.0, wake - time.time())):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                entry = self.inflight.get(sock.fileno())
+                if entry is None:
+                    continue
+                _, idx, sent_at = entry
+                err = connect_outcome(sock)
+                if err == 0:
+                    self.sel.unregister(sock)
+                    del self.inflight[sock.fileno()]
+                    note_won(self.stats, sock, self.pairs[idx][1], self.start)
+                    return sock
+                self._failed(sock, idx, sent_at, err if err else errno.ENOTCONN)

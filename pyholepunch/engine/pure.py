@@ -1,0 +1,212 @@
+"""The pure-Python engine: the native engine's twin, same contract (``_base.Engine``), same stats.
+
+Each call runs one selectors loop (epoll on Linux) over non-blocking sockets and blocks only
+in select()/sleep() (plus a <= 2 ms spin before ``start_at``), so it can run under
+``asyncio.to_thread`` without stalling the event loop. Split by concern:
+``_pure_sweep`` (sweep), ``_pure_raw`` (raw SYNs), ``_pure_relay`` (relay pump),
+``_pure_sock`` / ``_pure_clock`` (shared plumbing).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import selectors
+import socket
+import time
+from collections.abc import Sequence
+
+from ..errors import PunchTimeout
+from . import _base
+from ._base import Address, PunchResult, PunchStats, RawSynStats, RelayStats, SweepPair
+from ._pure_clock import wait_until
+from ._pure_raw import raw_syn as _raw_syn
+from ._pure_relay import relay_pump as _relay_pump
+from ._pure_sock import (
+    IN_PROGRESS,
+    check_count,
+    check_seconds,
+    close_all,
+    connect_outcome,
+    count_failure,
+    note_syn,
+    note_won,
+    reuse_socket,
+    start_connect,
+)
+from ._pure_sweep import run_sweep
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PureEngine"]
+
+LISTEN_BACKLOG = 16
+
+
+class PureEngine:
+    """Pure-Python implementation of :class:`pyholepunch.engine.Engine`."""
+
+    name = "pure"
+
+    def simultaneous_open(
+        self,
+        local: Address,
+        remote: Address,
+        start_at: float | None,
+        timeout: float,
+        *,
+        interval: float = 0.01,
+        syn_ttl: int | None = None,
+        ttl_syns: int = 1,
+        listen: bool = True,
+    ) -> PunchResult:
+        lip, lport = _base.check_address(local, "local", allow_any_port=True)
+        dst = _base.check_remote(remote)
+        start = _base.check_timing(start_at, timeout)
+        check_seconds(interval, "interval", allow_zero=False)
+        _base.check_ttl(syn_ttl)
+        check_count(ttl_syns, "ttl_syns", 0)
+        _base.check_fd_budget(3)
+        return _SimOpen(lip, lport, dst, start, start + timeout, interval, syn_ttl,
+                        ttl_syns, listen).run()
+
+    def sweep(
+        self,
+        pairs: Sequence[SweepPair],
+        start_at: float | None,
+        timeout: float,
+        *,
+        local_ip: str = "0.0.0.0",
+        max_inflight: int = 1024,
+        rate: float = 0.0,
+        interval: float = 0.0,
+        syn_ttl: int | None = None,
+    ) -> PunchResult:
+        return run_sweep(pairs, start_at, timeout, local_ip=local_ip, max_inflight=max_inflight,
+                         rate=rate, interval=interval, syn_ttl=syn_ttl)
+
+    def raw_syn(
+        self,
+        src: Address,
+        dst: Address,
+        *,
+        ttl: int = 64,
+        count: int = 1,
+        spacing: float = 0.0,
+        start_at: float | None = None,
+    ) -> RawSynStats:
+        return _raw_syn(src, dst, ttl=ttl, count=count, spacing=spacing, start_at=start_at)
+
+    def relay_pump(
+        self, fd_a: int, fd_b: int, *, idle_timeout: float = 300.0, max_bytes: int = 0
+    ) -> RelayStats:
+        return _relay_pump(fd_a, fd_b, idle_timeout=idle_timeout, max_bytes=max_bytes)
+
+
+class _SimOpen:
+    """One simultaneous_open call: a connecting socket re-armed on one port, plus a listener."""
+
+    def __init__(self, lip: str, lport: int, remote: Address, start: float, deadline: float,
+                 interval: float, syn_ttl: int | None, ttl_syns: int, listen: bool) -> None:
+        self.lip, self.lport, self.remote = lip, lport, remote
+        self.start, self.deadline, self.interval = start, deadline, interval
+        self.syn_ttl, self.ttl_syns, self.listen = syn_ttl, ttl_syns, listen
+        self.stats = PunchStats()
+        self.sel = selectors.DefaultSelector()
+        self.listener: socket.socket | None = None
+        self.conn: socket.socket | None = None     # bound, connecting or about to
+        self.connecting = False
+
+    def _new_conn(self) -> None:
+        self.conn = reuse_socket(self.lip, self.lport)
+        self.stats.sockets_opened += 1
+        self.lport = self.conn.getsockname()[1]    # port 0: every later attempt reuses it
+
+    def run(self) -> PunchResult:
+        winner: socket.socket | None = None
+        try:
+            if self.listen:
+                self.listener = reuse_socket(self.lip, self.lport)
+                self.stats.sockets_opened += 1
+                self.listener.listen(LISTEN_BACKLOG)
+                self.lport = self.listener.getsockname()[1]
+                self.sel.register(self.listener, selectors.EVENT_READ)
+            self._new_conn()                       # ready before start_at: only connect() is left
+            wait_until(self.start)
+            winner = self._loop()
+        finally:
+            self.sel.close()
+            close_all(s for s in (self.listener, self.conn) if s is not None and s is not winner)
+        if winner is None:
+            s = self.stats
+            raise PunchTimeout(
+                f"no connection {self.lip}:{self.lport} -> {self.remote[0]}:{self.remote[1]} "
+                f"by the deadline ({s.attempts} attempts, {s.rsts_seen} RST, "
+                f"{s.icmp_errors} ICMP)", s)
+        return PunchResult(winner, self.stats)
+
+    def _arm(self, now: float) -> None:
+        assert self.conn is not None
+        ttl = self.syn_ttl if self.stats.attempts < self.ttl_syns else None
+        rc, sent_at = start_connect(self.conn, self.remote, ttl)
+        note_syn(self.stats, sent_at, self.start)
+        self.next_at = sent_at + self.interval
+        if rc in IN_PROGRESS:
+            self.sel.register(self.conn, selectors.EVENT_WRITE)
+            self.connecting = True
+        else:
+            self._failed(rc)
+
+    def _failed(self, err: int) -> None:
+        assert self.conn is not None
+        why = count_failure(self.stats, err)
+        log.debug("simultaneous_open attempt %d to %s ended: %s", self.stats.attempts,
+                  self.remote, why)
+        if self.connecting:
+            self.sel.unregister(self.conn)
+            self.connecting = False
+        self.conn.close()
+        self.conn = None
+        self._new_conn()                           # bound now, connects at next_at
+
+    def _loop(self) -> socket.socket | None:
+        self.next_at = self.start
+        while True:
+            now = time.time()
+            if now >= self.deadline:
+                return None
+            if not self.connecting and now >= self.next_at:
+                self._arm(now)
+                continue
+            wake = self.deadline if self.connecting else min(self.deadline, self.next_at)
+            for key, _ev in self.sel.select(max(0.0, wake - time.time())):
+                if key.fileobj is self.listener:
+                    won = self._accept()
+                    if won is not None:
+                        return won
+                elif key.fileobj is self.conn and self.connecting:
+                    err = connect_outcome(self.conn)
+                    if err == 0:
+                        won, self.conn = self.conn, None
+                        self.sel.unregister(won)
+                        note_won(self.stats, won, self.remote, self.start)
+                        return won
+                    self._failed(err)
+
+    def _accept(self) -> socket.socket | None:
+        assert self.listener is not None
+        while True:
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as exc:              # ECONNABORTED etc.: that one is gone, go on
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise
+                return None
+            if peer == self.remote:
+                self.stats.accepted = True
+                self.stats.sockets_opened += 1
+                note_won(self.stats, sock, self.remote, self.start)
+                return sock
+            log.debug("simultaneous_open: dropped a connection from unexpected %s", peer)
+            sock.close()
