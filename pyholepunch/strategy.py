@@ -1,0 +1,574 @@
+"""Punch strategy: from two TCP NAT profiles to an ordered plan of steps (DESIGN.md §5).
+
+Pure and deterministic: no sockets, no clock, no randomness. The rendezvous server calls
+:func:`plan` once per CONNECT and sends ``plan.to_dict()`` to both peers inside PUNCH, so both
+sides execute the very same plan; :meth:`Plan.from_dict` validates what arrived.
+
+Vocabulary
+----------
+- *Roles*: ``initiator`` (sent CONNECT) and ``responder``. Every step tells each role what to do
+  (:class:`RoleInstruction`); all times are relative to the common ``start_at`` of that step.
+- *Announced port*: the external port the server observed for the local port a peer punches
+  from (the peer binds that same local port again, SO_REUSEPORT). For a port-preserving NAT it
+  equals the local port; for any endpoint-independent mapping it is the port the peer will
+  appear from. For a sequential symmetric NAT it is the *most recent* mapping the server saw,
+  the base of the prediction ``announced + delta * i`` (i = 1, 2, ...).
+- *Classes*: each profile folds into one :class:`Behaviour` (open, address-filtering cone,
+  port-filtering cone, sequential symmetric, random symmetric, unknown); one table
+  (``_RULES``) maps each unordered pair of classes to its ordered tactics.
+
+Steps in the same ``parallel`` group may run at the same time (each on its own local port);
+the first success wins and the others are abandoned. Running them one after another instead
+is always correct, only slower.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from typing import Any
+
+from .nat.profile import Allocation, Filtering, Mapping, NatProfile, SynResponse
+
+PLAN_VERSION = 1
+ROLES = ("initiator", "responder")
+PORT_RANGE = (1024, 65535)          # where NATs allocate ports; birthday targets are drawn here
+MAX_STEPS = 16
+MAX_BUDGET = 60.0
+MAX_COUNT = 4096
+_PORT_SPAN = PORT_RANGE[1] - PORT_RANGE[0] + 1
+
+
+class StepKind(StrEnum):
+    LAN = "lan"
+    DIRECT = "direct"
+    SIMOPEN = "simopen"
+    SIMOPEN_LOW_TTL = "simopen-low-ttl"
+    PREDICT_SWEEP = "predict-sweep"
+    BIRTHDAY = "birthday"
+    RELAY = "relay"
+
+
+class Action(StrEnum):
+    LISTEN = "listen"                          # bind the announced local port, accept only
+    CONNECT = "connect"                        # one connect from a fresh port to the peer's port
+    SIMOPEN = "simopen"                        # bind, listen and connect from one port (engine simultaneous_open)
+    SWEEP_LOCAL_PORTS = "sweep-local-ports"    # `count` fresh local ports -> the peer's one port
+    SWEEP_REMOTE_PORTS = "sweep-remote-ports"  # one local port -> `count` peer ports (predicted/random)
+    SWEEP_PAIRS = "sweep-pairs"                # `count` fresh local ports, the i-th -> predicted port i
+    RELAY = "relay"                            # join the relay session the server offers
+    NONE = "none"                              # sit this step out
+
+
+class Target(StrEnum):
+    PUBLIC = "public"                          # the peer's public (server-observed) address
+    LAN = "lan"                                # the peer's local addresses
+
+
+class PortChoice(StrEnum):
+    ANNOUNCED = "announced"                    # the peer's announced port
+    PREDICTED = "predicted"                    # announced + delta * i, i = 1..count
+    RANDOM = "random"                          # `count` distinct random ports in PORT_RANGE
+
+
+_DIALS = {Action.CONNECT, Action.SIMOPEN, Action.SWEEP_LOCAL_PORTS, Action.SWEEP_REMOTE_PORTS,
+          Action.SWEEP_PAIRS}
+
+
+@dataclass(frozen=True)
+class RoleInstruction:
+    """What one role does during one step. Times are seconds after the step's ``start_at``."""
+
+    action: Action
+    target: Target = Target.PUBLIC
+    ports: PortChoice = PortChoice.ANNOUNCED
+    count: int = 1                   # sockets (sweep-local-ports/sweep-pairs) or targets (sweep-remote-ports)
+    delta: int | None = None         # for PortChoice.PREDICTED
+    syn_ttl: int | None = None       # first SYN(s) leave with this TTL (opens our NAT only)
+    start_delay: float = 0.0         # so that one side's SYNs leave before the other's arrive
+    rate: float = 0.0                # SYNs per second for sweeps, 0 = as fast as possible
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"action": str(self.action), "target": str(self.target), "ports": str(self.ports),
+                "count": self.count, "delta": self.delta, "syn_ttl": self.syn_ttl,
+                "start_delay": self.start_delay, "rate": self.rate}
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "instruction") -> RoleInstruction:
+        d = _mapping(data, where, required={"action"},
+                     optional={"target", "ports", "count", "delta", "syn_ttl", "start_delay", "rate"})
+        action = _enum(Action, d["action"], f"{where}.action")
+        target = _enum(Target, d.get("target", "public"), f"{where}.target")
+        ports = _enum(PortChoice, d.get("ports", "announced"), f"{where}.ports")
+        count = _int(d.get("count", 1), f"{where}.count", 1, MAX_COUNT)
+        delta = d.get("delta")
+        if delta is not None:
+            delta = _int(delta, f"{where}.delta", -1000, 1000)
+            if delta == 0:
+                raise ValueError(f"{where}.delta must not be 0")
+        if ports is PortChoice.PREDICTED and delta is None:
+            raise ValueError(f"{where}: ports 'predicted' needs a delta")
+        ttl = d.get("syn_ttl")
+        if ttl is not None:
+            ttl = _int(ttl, f"{where}.syn_ttl", 1, 255)
+        start_delay = _float(d.get("start_delay", 0.0), f"{where}.start_delay", 0.0, MAX_BUDGET)
+        rate = _float(d.get("rate", 0.0), f"{where}.rate", 0.0, 1e7)
+        return cls(action, target, ports, count, delta, ttl, start_delay, rate)
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: StepKind
+    budget: float                    # seconds from the step's start_at to giving up
+    reason: str
+    initiator: RoleInstruction
+    responder: RoleInstruction
+    parallel: int | None = None      # steps sharing a group number may run concurrently
+
+    def for_role(self, role: str) -> RoleInstruction:
+        if role == "initiator":
+            return self.initiator
+        if role == "responder":
+            return self.responder
+        raise ValueError(f"role must be 'initiator' or 'responder', got {role!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": str(self.kind), "budget": self.budget, "reason": self.reason,
+                "parallel": self.parallel, "initiator": self.initiator.to_dict(),
+                "responder": self.responder.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "step") -> Step:
+        d = _mapping(data, where, required={"kind", "budget", "initiator", "responder"},
+                     optional={"reason", "parallel"})
+        kind = _enum(StepKind, d["kind"], f"{where}.kind")
+        budget = _float(d["budget"], f"{where}.budget", 0.0, MAX_BUDGET)
+        if budget <= 0:
+            raise ValueError(f"{where}.budget must be positive, got {budget}")
+        reason = d.get("reason", "")
+        if not isinstance(reason, str):
+            raise ValueError(f"{where}.reason must be text, got {type(reason).__name__}")
+        parallel = d.get("parallel")
+        if parallel is not None:
+            parallel = _int(parallel, f"{where}.parallel", 0, MAX_STEPS)
+        ini = RoleInstruction.from_dict(d["initiator"], f"{where}.initiator")
+        res = RoleInstruction.from_dict(d["responder"], f"{where}.responder")
+        for role, ins in (("initiator", ini), ("responder", res)):
+            if ins.start_delay >= budget:
+                raise ValueError(f"{where}.{role}.start_delay {ins.start_delay} is not below "
+                                 f"the budget {budget}")
+        if (kind is StepKind.RELAY) != (ini.action is Action.RELAY) or \
+                (kind is StepKind.RELAY) != (res.action is Action.RELAY):
+            raise ValueError(f"{where}: the action 'relay' belongs to relay steps, and only it")
+        if ini.action not in _DIALS and res.action not in _DIALS and kind is not StepKind.RELAY:
+            raise ValueError(f"{where}: neither role dials the other, the step cannot connect")
+        return cls(kind, budget, reason, ini, res, parallel)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Ordered steps, tried in order (same ``parallel`` group: together), and why."""
+
+    steps: tuple[Step, ...]
+    reason: str                       # summary; says why relay when no direct path exists
+    initiator_nat: str = ""           # profile labels, for reports
+    responder_nat: str = ""
+
+    @property
+    def relay_only(self) -> bool:
+        return bool(self.steps) and all(s.kind is StepKind.RELAY for s in self.steps)
+
+    @property
+    def has_relay(self) -> bool:
+        return any(s.kind is StepKind.RELAY for s in self.steps)
+
+    @property
+    def direct_steps(self) -> tuple[Step, ...]:
+        return tuple(s for s in self.steps if s.kind is not StepKind.RELAY)
+
+    @property
+    def total_budget(self) -> float:
+        """Upper bound on the plan's duration if run strictly in order."""
+        return round(sum(s.budget for s in self.steps), 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PLAN_VERSION, "reason": self.reason,
+                "initiator_nat": self.initiator_nat, "responder_nat": self.responder_nat,
+                "steps": [s.to_dict() for s in self.steps]}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Plan:
+        """Inverse of to_dict; raises ValueError naming the bad field."""
+        d = _mapping(data, "plan", required={"version", "steps"},
+                     optional={"reason", "initiator_nat", "responder_nat"})
+        if d["version"] != PLAN_VERSION:
+            raise ValueError(f"plan.version {d['version']!r} is not supported (want {PLAN_VERSION})")
+        raw_steps = d["steps"]
+        if not isinstance(raw_steps, (list, tuple)):
+            raise ValueError(f"plan.steps must be a list, got {type(raw_steps).__name__}")
+        if len(raw_steps) > MAX_STEPS:
+            raise ValueError(f"plan.steps has {len(raw_steps)} steps, at most {MAX_STEPS} allowed")
+        steps = tuple(Step.from_dict(s, f"plan.steps[{i}]") for i, s in enumerate(raw_steps))
+        for i, s in enumerate(steps[:-1]):
+            if s.kind is StepKind.RELAY:
+                raise ValueError(f"plan.steps[{i}]: relay must be the last step")
+        texts = {k: d.get(k, "") for k in ("reason", "initiator_nat", "responder_nat")}
+        for k, v in texts.items():
+            if not isinstance(v, str):
+                raise ValueError(f"plan.{k} must be text, got {type(v).__name__}")
+        return cls(steps, texts["reason"], texts["initiator_nat"], texts["responder_nat"])
+
+
+# --- planning -----------------------------------------------------------------------------
+
+class Behaviour(Enum):
+    """What matters about one NAT for punching, in planning order."""
+
+    OPEN = "open"                 # unsolicited inbound reaches the host (no NAT, full cone)
+    ADDR_CONE = "addr-cone"       # EIM, filters by address only (restricted cone)
+    PORT_CONE = "port-cone"       # EIM, filters by address and port (or filtering unknown)
+    SEQ_SYM = "seq-sym"           # per-destination mapping, sequential with a known delta
+    RANDOM_SYM = "random-sym"     # per-destination mapping, unpredictable port
+    UNKNOWN = "unknown"           # classification failed
+
+
+def behaviour(p: NatProfile) -> Behaviour:
+    if p.mapping is Mapping.NONE or (p.mapping is Mapping.ENDPOINT_INDEPENDENT and (
+            p.filtering in (Filtering.NONE, Filtering.ENDPOINT_INDEPENDENT)
+            or p.unsolicited_syn is SynResponse.ACCEPT)):
+        return Behaviour.OPEN
+    if p.mapping is Mapping.ENDPOINT_INDEPENDENT:
+        # Unknown filtering: assume the strictest cone, whose tactics also work for the others.
+        return Behaviour.ADDR_CONE if p.filtering is Filtering.ADDRESS_DEPENDENT else Behaviour.PORT_CONE
+    if p.mapping in (Mapping.ADDRESS_DEPENDENT, Mapping.ADDRESS_AND_PORT_DEPENDENT):
+        if p.allocation is Allocation.SEQUENTIAL and p.delta:
+            return Behaviour.SEQ_SYM
+        return Behaviour.RANDOM_SYM
+    return Behaviour.UNKNOWN
+
+
+def answers_unsolicited(p: NatProfile) -> bool:
+    """Does the NAT answer an unsolicited SYN (RST or ICMP), killing an early simopen SYN?"""
+    return p.unsolicited_syn in (SynResponse.RST, SynResponse.ICMP)
+
+
+@dataclass(frozen=True)
+class _Tactic:
+    kind: StepKind
+    side: str = ""                # "a" / "b": the listening (direct) or symmetric (sweeps) side
+
+
+_B = Behaviour
+_DIRECT_A, _DIRECT_B = _Tactic(StepKind.DIRECT, "a"), _Tactic(StepKind.DIRECT, "b")
+_SIMOPEN, _LOW_TTL = _Tactic(StepKind.SIMOPEN), _Tactic(StepKind.SIMOPEN_LOW_TTL)
+_PREDICT_A, _PREDICT_B = _Tactic(StepKind.PREDICT_SWEEP, "a"), _Tactic(StepKind.PREDICT_SWEEP, "b")
+_MUTUAL = _Tactic(StepKind.PREDICT_SWEEP, "both")
+_BIRTHDAY_A, _BIRTHDAY_B = _Tactic(StepKind.BIRTHDAY, "a"), _Tactic(StepKind.BIRTHDAY, "b")
+
+# One row per unordered pair of behaviours, key in Behaviour order (a <= b). When a == b, a is
+# the initiator. DIRECT's side listens; a sweep's side is the symmetric one. SIMOPEN_LOW_TTL is
+# dropped when neither NAT answers unsolicited SYNs. An empty row means relay only.
+_RULES: dict[tuple[Behaviour, Behaviour], tuple[_Tactic, ...]] = {
+    (_B.OPEN, _B.OPEN): (_DIRECT_B, _SIMOPEN),
+    (_B.OPEN, _B.ADDR_CONE): (_DIRECT_A, _SIMOPEN),
+    (_B.OPEN, _B.PORT_CONE): (_DIRECT_A, _SIMOPEN, _LOW_TTL),
+    (_B.OPEN, _B.SEQ_SYM): (_DIRECT_A,),
+    (_B.OPEN, _B.RANDOM_SYM): (_DIRECT_A,),
+    (_B.OPEN, _B.UNKNOWN): (_DIRECT_A, _SIMOPEN),
+    (_B.ADDR_CONE, _B.ADDR_CONE): (_SIMOPEN, _LOW_TTL),
+    (_B.ADDR_CONE, _B.PORT_CONE): (_SIMOPEN, _LOW_TTL),
+    # An address-filtering cone opens its filter to the whole peer address with one SYN, so
+    # the symmetric side may come from any port; the sweep is the fallback.
+    (_B.ADDR_CONE, _B.SEQ_SYM): (_DIRECT_A, _PREDICT_B),
+    (_B.ADDR_CONE, _B.RANDOM_SYM): (_DIRECT_A, _BIRTHDAY_B),
+    (_B.ADDR_CONE, _B.UNKNOWN): (_SIMOPEN, _LOW_TTL),
+    (_B.PORT_CONE, _B.PORT_CONE): (_SIMOPEN, _LOW_TTL),
+    (_B.PORT_CONE, _B.SEQ_SYM): (_PREDICT_B,),
+    (_B.PORT_CONE, _B.RANDOM_SYM): (_BIRTHDAY_B,),
+    (_B.PORT_CONE, _B.UNKNOWN): (_SIMOPEN, _LOW_TTL),
+    (_B.SEQ_SYM, _B.SEQ_SYM): (_MUTUAL,),
+    (_B.SEQ_SYM, _B.RANDOM_SYM): (),
+    (_B.SEQ_SYM, _B.UNKNOWN): (_DIRECT_B,),
+    (_B.RANDOM_SYM, _B.RANDOM_SYM): (),
+    (_B.RANDOM_SYM, _B.UNKNOWN): (_DIRECT_B,),
+    (_B.UNKNOWN, _B.UNKNOWN): (_SIMOPEN, _LOW_TTL),
+}
+_ORDER = list(Behaviour)
+
+_NO_DIRECT_REASON = {
+    frozenset({_B.RANDOM_SYM}): "both NATs map every destination to a new unpredictable port",
+    frozenset({_B.SEQ_SYM, _B.RANDOM_SYM}): (
+        "both NATs map every destination to a new port and one of them picks it at random"),
+}
+
+
+def birthday_probability(n_local: int, n_remote: int, port_range: int | None = None) -> float:
+    """Chance that a birthday sweep of ``n_local`` x ``n_remote`` sockets finds a common port."""
+    size = port_range or _PORT_SPAN
+    return -math.expm1(-n_local * n_remote / size)
+
+
+def plan(
+    initiator: NatProfile,
+    responder: NatProfile,
+    *,
+    same_public_ip: bool | None = None,
+    relay: bool = True,
+    rtt: float = 0.1,
+    clock_error: float = 0.02,
+    birthday_size: int = 1024,
+    predict_count: int = 32,
+    low_ttl: int = 3,
+) -> Plan:
+    """The ordered punch plan for ``initiator`` -> ``responder`` (both TCP profiles).
+
+    ``same_public_ip``: the server saw both peers from one address (None: compare the
+    profiles' public addresses). ``rtt``: peer-to-peer round trip estimate (s), scales budgets
+    and start delays. ``clock_error``: how far apart the two peers' clocks may be (s).
+    ``birthday_size``: sockets on each side of a birthday sweep (1024 x 1024 measured 20/20 in
+    the lab; 512 x 512 only 16-20/20). ``predict_count``: fresh sockets of a sequential prediction
+    sweep; the cone side aims at twice as many predicted ports, allowing that many other
+    connections through the NAT between the server's observation and the sweep (drift). ``low_ttl``: TTL that passes our own NAT(s) but dies before
+    the peer's. Raises ValueError on a bad argument.
+    """
+    for name, value, lo, hi in (("rtt", rtt, 0.0, 10.0), ("clock_error", clock_error, 0.0, 5.0)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not lo <= value <= hi:
+            raise ValueError(f"{name} must be {lo}..{hi} seconds, got {value!r}")
+    for name, ivalue, lo, hi in (("birthday_size", birthday_size, 1, MAX_COUNT),
+                                 ("predict_count", predict_count, 1, MAX_COUNT // 2),
+                                 ("low_ttl", low_ttl, 1, 255)):
+        if not isinstance(ivalue, int) or isinstance(ivalue, bool) or not lo <= ivalue <= hi:
+            raise ValueError(f"{name} must be an integer {lo}..{hi}, got {ivalue!r}")
+    for name, p in (("initiator", initiator), ("responder", responder)):
+        if not isinstance(p, NatProfile):
+            raise ValueError(f"{name} must be a NatProfile, got {type(p).__name__}")
+    ctx = _Context(initiator, responder, rtt, clock_error, birthday_size, predict_count, low_ttl)
+    bi, br = behaviour(initiator), behaviour(responder)
+    swapped = _ORDER.index(bi) > _ORDER.index(br)
+    tactics = _RULES[(br, bi) if swapped else (bi, br)]
+    # Map the table's sides to roles: "a" is the lower behaviour in the key.
+    side_role = {"a": "responder" if swapped else "initiator",
+                 "b": "initiator" if swapped else "responder"}
+
+    if same_public_ip is None:
+        same_public_ip = bool(set(initiator.public_ips) & set(responder.public_ips))
+    steps: list[Step] = []
+    if same_public_ip:
+        steps.append(ctx.lan_step())
+    for t in tactics:
+        step = ctx.build(t, side_role)
+        if step is not None:
+            steps.append(step)
+    if steps and steps[0].kind is StepKind.LAN and len(steps) > 1:
+        # LAN and the first public step use different addresses and ports: run them together.
+        steps[0] = _with_group(steps[0], 0)
+        steps[1] = _with_group(steps[1], 0)
+
+    labels = f"{initiator.label} -> {responder.label}"
+    no_direct = _NO_DIRECT_REASON.get(frozenset({bi, br}))
+    if no_direct and not tactics:
+        reason = (f"{labels}: no direct method short of brute force: {no_direct}; "
+                  + ("relay" if relay else "no relay allowed, the pair cannot connect"))
+    elif not steps:
+        reason = f"{labels}: no direct method applies and no relay allowed"
+    else:
+        kinds = ", ".join(str(s.kind) for s in steps)
+        reason = f"{labels}: {kinds}" + (", then relay if every direct step fails" if relay else "")
+        if bi is _B.UNKNOWN or br is _B.UNKNOWN:
+            reason += " (a NAT could not be classified: conservative plan)"
+    if relay:
+        steps.append(ctx.relay_step(no_direct if not tactics else None))
+    return Plan(tuple(steps), reason, initiator.label, responder.label)
+
+
+def _with_group(step: Step, group: int) -> Step:
+    return Step(step.kind, step.budget, step.reason, step.initiator, step.responder, group)
+
+
+@dataclass(frozen=True)
+class _Context:
+    ini: NatProfile
+    res: NatProfile
+    rtt: float
+    clock_error: float
+    birthday_size: int
+    predict_count: int
+    low_ttl: int
+
+    def profile(self, role: str) -> NatProfile:
+        return self.ini if role == "initiator" else self.res
+
+    def budget(self, base: float) -> float:
+        # Dropped first SYNs are retransmitted by the kernel after ~1 s: base covers that.
+        return round(base + 2 * self.rtt + self.clock_error, 3)
+
+    def first_delay(self, sends: int) -> float:
+        """Delay for the side whose SYNs must arrive after the other's ``sends`` SYNs left."""
+        # ~20k connects/s covers both engines; only a quarter of the RTT is credited, since
+        # the estimate may be high. Waiting too long costs only the wait.
+        send_time = sends * 50e-6
+        return round(max(0.0, send_time + self.clock_error - self.rtt / 4) + 0.005, 3)
+
+    def step(self, kind: StepKind, base: float, reason: str,
+             by_role: dict[str, RoleInstruction]) -> Step:
+        return Step(kind, self.budget(base), reason, by_role["initiator"], by_role["responder"])
+
+    def lan_step(self) -> Step:
+        ins = RoleInstruction(Action.SIMOPEN, target=Target.LAN)
+        return Step(StepKind.LAN, round(1.0 + self.clock_error, 3),
+                    "both peers appear from one public address: try their local addresses",
+                    ins, ins)
+
+    def relay_step(self, why: str | None) -> Step:
+        ins = RoleInstruction(Action.RELAY)
+        reason = f"no direct path: {why}" if why else "fallback when every direct step failed"
+        return Step(StepKind.RELAY, round(5.0 + 4 * self.rtt, 3), reason, ins, ins)
+
+    def build(self, t: _Tactic, side_role: dict[str, str]) -> Step | None:
+        if t.kind is StepKind.DIRECT:
+            return self._direct(side_role[t.side])
+        if t.kind is StepKind.SIMOPEN:
+            ins = RoleInstruction(Action.SIMOPEN)
+            return self.step(StepKind.SIMOPEN, 1.5, "simultaneous open on the announced ports "
+                             "(endpoint-independent mappings keep them)",
+                             {"initiator": ins, "responder": ins})
+        if t.kind is StepKind.SIMOPEN_LOW_TTL:
+            return self._low_ttl()
+        if t.kind is StepKind.PREDICT_SWEEP:
+            if t.side == "both":
+                return self._mutual()
+            return self._predict(side_role[t.side])
+        if t.kind is StepKind.BIRTHDAY:
+            return self._birthday(side_role[t.side])
+        raise AssertionError(t)  # pragma: no cover - the table holds only the kinds above
+
+    def _direct(self, listener: str) -> Step:
+        other = _other(listener)
+        lp = self.profile(listener)
+        if behaviour(lp) is Behaviour.OPEN:
+            how = RoleInstruction(Action.LISTEN)
+            reason = f"the {listener}'s NAT ({lp.label}) lets unsolicited SYNs in: the {other} connects"
+        else:
+            # Address-filtering (or unknown) cone: its own SYN towards the peer's address opens
+            # the filter for every port of that address; it also listens on the announced port.
+            how = RoleInstruction(Action.SIMOPEN)
+            reason = (f"the {listener} ({lp.label}) opens its filter to the {other}'s address "
+                      f"and listens; the {other} connects from any port")
+        dial = RoleInstruction(Action.CONNECT, start_delay=self.first_delay(1))
+        return self.step(StepKind.DIRECT, 1.0, reason, {listener: how, other: dial})
+
+    def _low_ttl(self) -> Step | None:
+        by_role: dict[str, RoleInstruction] = {}
+        for role in ROLES:
+            peer = self.profile(_other(role))
+            # Only the role whose *peer* answers unsolicited SYNs needs its first SYN to die early.
+            ttl = self.low_ttl if answers_unsolicited(peer) else None
+            by_role[role] = RoleInstruction(Action.SIMOPEN, syn_ttl=ttl)
+        if all(i.syn_ttl is None for i in by_role.values()):
+            return None
+        return self.step(StepKind.SIMOPEN_LOW_TTL, 1.5,
+                         f"a NAT answers unsolicited SYNs with {self._answer()}: first SYN with "
+                         f"TTL {self.low_ttl} opens our own NAT but dies before the peer's", by_role)
+
+    def _answer(self) -> str:
+        return "/".join(sorted({str(p.unsolicited_syn) for p in (self.ini, self.res)
+                                if answers_unsolicited(p)}))
+
+    def _predict(self, sym: str) -> Step:
+        cone = _other(sym)
+        sp = self.profile(sym)
+        n = self.predict_count
+        # The cone aims from its one port at the ports the symmetric NAT will hand out next;
+        # its SYNs leave first so the symmetric side's SYNs meet open conntrack entries.
+        # The cone targets 2n ports: up to n foreign mappings may land before the sweep (drift).
+        cone_ins = RoleInstruction(Action.SWEEP_REMOTE_PORTS, ports=PortChoice.PREDICTED,
+                                   count=2 * n, delta=sp.delta)
+        sym_ins = RoleInstruction(Action.SWEEP_LOCAL_PORTS, count=n,
+                                  start_delay=self.first_delay(n))
+        reason = (f"the {sym}'s NAT allocates sequentially (delta {sp.delta:+d}): it opens {n} "
+                  f"fresh ports towards the {cone}, which targets the predicted ports")
+        return self.step(StepKind.PREDICT_SWEEP, 2.5, reason, {cone: cone_ins, sym: sym_ins})
+
+    def _mutual(self) -> Step:
+        n = self.predict_count
+        by_role = {role: RoleInstruction(Action.SWEEP_PAIRS, ports=PortChoice.PREDICTED, count=n,
+                                         delta=self.profile(_other(role)).delta)
+                   for role in ROLES}
+        return self.step(StepKind.PREDICT_SWEEP, 3.0,
+                         f"both NATs allocate sequentially: each opens {n} fresh ports in order, "
+                         "the i-th aimed at the peer's i-th predicted port", by_role)
+
+    def _birthday(self, sym: str) -> Step:
+        cone = _other(sym)
+        n = self.birthday_size
+        cone_ins = RoleInstruction(Action.SWEEP_REMOTE_PORTS, ports=PortChoice.RANDOM, count=n)
+        sym_ins = RoleInstruction(Action.SWEEP_LOCAL_PORTS, count=n,
+                                  start_delay=self.first_delay(n))
+        reason = (f"the {sym}'s NAT picks random ports: birthday sweep {n} x {n} "
+                  f"(p = 1 - e^-{n * n / _PORT_SPAN:.1f} over {_PORT_SPAN} ports); the {cone}'s SYNs "
+                  "leave first")
+        return self.step(StepKind.BIRTHDAY, 3.0, reason, {cone: cone_ins, sym: sym_ins})
+
+
+def _other(role: str) -> str:
+    return "responder" if role == "initiator" else "initiator"
+
+
+def remote_ports(ins: RoleInstruction, announced: int, rng: random.Random | None = None) -> list[int]:
+    """The peer ports ``ins`` aims at, given the peer's announced port.
+
+    ANNOUNCED: ``[announced]``; PREDICTED: ``announced + delta * i`` for i = 1..count (wrapping
+    inside PORT_RANGE); RANDOM: ``count`` distinct ports from PORT_RANGE drawn with ``rng``.
+    """
+    if not isinstance(announced, int) or not 1 <= announced <= 65535:
+        raise ValueError(f"announced port {announced!r} is out of range 1..65535")
+    if ins.ports is PortChoice.ANNOUNCED:
+        return [announced]
+    lo, hi = PORT_RANGE
+    if ins.ports is PortChoice.PREDICTED:
+        if not ins.delta:
+            raise ValueError("predicted ports need a non-zero delta")
+        span = hi - lo + 1
+        return [lo + (announced - lo + ins.delta * i) % span for i in range(1, ins.count + 1)]
+    rng = rng or random.Random()
+    return rng.sample(range(lo, hi + 1), min(ins.count, hi - lo + 1))
+
+
+# --- validation helpers for from_dict -------------------------------------------------------
+
+def _mapping(data: object, where: str, *, required: set[str], optional: set[str]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    missing = sorted(required - data.keys())
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(missing)}")
+    unknown = sorted(str(k) for k in data.keys() - required - optional)
+    if unknown:
+        raise ValueError(f"{where} has unknown field(s) {', '.join(unknown)}")
+    return data
+
+
+def _enum(cls: type[Any], value: object, where: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(str(m) for m in cls)
+        raise ValueError(f"{where} {value!r} is not one of {allowed}") from None
+
+
+def _int(value: object, where: str, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{where} must be an integer {lo}..{hi}, got {value!r}")
+    return value
+
+
+def _float(value: object, where: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not lo <= value <= hi:
+        raise ValueError(f"{where} must be a number {lo}..{hi}, got {value!r}")
+    return float(value)
+
+
+__all__ = ["Action", "Behaviour", "PLAN_VERSION", "Plan", "PortChoice", "RoleInstruction", "Step",
+           "StepKind", "Target", "behaviour", "birthday_probability", "plan", "remote_ports"]
