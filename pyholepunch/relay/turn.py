@@ -1,0 +1,299 @@
+"""asyncio TURN client for TCP allocations (RFC 6062) — a thin driver of turn_proto.
+
+    async with TurnClient(("turn.example", 3478), TurnCredentials("u", "p")) as turn:
+        relayed = await turn.allocate()                 # our relayed transport address
+        await turn.create_permission("203.0.113.7")
+        reader, writer = await turn.connect(("203.0.113.7", 4000))   # outgoing via the relay
+        peer, reader, writer = await turn.accept()      # a peer connected to `relayed`
+
+Each data connection is a fresh TCP connection to the server, bound with ConnectionBind; it
+carries raw bytes afterwards and belongs to the caller. Failures: TransactionFailed (with the
+STUN ``code``: 401 wrong credentials, 437 allocation mismatch, 447 peer unreachable, ...),
+TransactionTimeout, RelayError (server unreachable, control connection lost, allocation
+expired).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from typing import Any
+
+from ..errors import (
+    ProtocolError,
+    RelayError,
+    TransactionFailed,
+    TransactionTimeout,
+)
+from ..stun.codec import ERROR_REASONS, HEADER_SIZE, MAX_MESSAGE_SIZE, StunMessage
+from .turn_proto import (
+    DEFAULT_LIFETIME,
+    Allocated,
+    AllocationExpired,
+    ConnectionAttempted,
+    PeerConnected,
+    PermissionCreated,
+    Refreshed,
+    RequestFailed,
+    State,
+    TurnClientProtocol,
+    TurnCredentials,
+)
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+__all__ = ["TurnClient", "TurnCredentials"]
+
+
+class TurnClient:
+    """One TCP allocation on a TURN server; see the module docstring."""
+
+    def __init__(self, server: Address, credentials: TurnCredentials, *,
+                 lifetime: int = DEFAULT_LIFETIME, timeout: float = 10.0,
+                 auto_refresh: bool = True, software: str | None = "pyholepunch") -> None:
+        self.server = server
+        self.timeout = timeout
+        self.proto = TurnClientProtocol(credentials, lifetime=lifetime,
+                                        transaction_timeout=timeout, auto_refresh=auto_refresh,
+                                        software=software)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._read_task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiters: dict[bytes, asyncio.Future[Any]] = {}
+        self._attempts: asyncio.Queue[ConnectionAttempted] = asyncio.Queue()
+        self._dead: RelayError | None = None
+        self._dead_event = asyncio.Event()
+
+    # --- public API ----------------------------------------------------------------------
+
+    @property
+    def relayed_address(self) -> Address:
+        if self.proto.relayed is None:
+            raise RelayError("no TURN allocation yet")
+        return self.proto.relayed
+
+    @property
+    def mapped_address(self) -> Address | None:
+        return self.proto.mapped
+
+    async def allocate(self) -> Address:
+        """Open the control connection and allocate a TCP relayed address."""
+        if self._writer is None:
+            try:
+                self._reader, self._writer = await asyncio.wait_for(
+                    asyncio.open_connection(*self.server), self.timeout)
+            except (OSError, TimeoutError) as exc:
+                raise RelayError(f"TURN server {self.server[0]}:{self.server[1]} "
+                                 f"unreachable: {exc or 'timeout'}") from exc
+            self._read_task = asyncio.ensure_future(self._read_loop())
+        event = await self._call(self.proto.allocate(self._now()), "Allocate")
+        assert isinstance(event, Allocated)
+        log.info("TURN allocation on %s:%d: relayed %s:%d, lifetime %d s", *self.server,
+                 *event.relayed, event.lifetime)
+        return event.relayed
+
+    async def create_permission(self, *peer_ips: str) -> None:
+        """Let these peer IPs reach us (incoming) and be reached (Connect); kept refreshed."""
+        event = await self._call(self._start(self.proto.create_permission, list(peer_ips)),
+                                 "CreatePermission")
+        assert isinstance(event, PermissionCreated)
+
+    async def refresh(self, lifetime: int | None = None) -> int:
+        event = await self._call(
+            self._start(self.proto.refresh, self.proto.lifetime if lifetime is None else lifetime),
+            "Refresh")
+        assert isinstance(event, Refreshed)
+        return event.lifetime
+
+    async def connect(self, peer: Address) -> Streams:
+        """Have the server connect to ``peer`` (needs a permission for its IP); return the
+        bound data connection's streams."""
+        event = await self._call(self._start(self.proto.connect, peer), "Connect")
+        assert isinstance(event, PeerConnected)
+        return await self._bind(event.connection_id)
+
+    async def accept(self, timeout: float | None = None) -> tuple[Address, Streams]:
+        """Wait for a peer to connect to the relayed address; bind and return its streams."""
+        self._check_alive()
+        get = asyncio.ensure_future(self._attempts.get())
+        dead = asyncio.ensure_future(self._dead_event.wait())
+        try:
+            done, _ = await asyncio.wait({get, dead}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in (get, dead):
+                f.cancel()
+        if get not in done or get.cancelled():
+            self._check_alive()
+            raise TimeoutError(f"no peer connected to the TURN relayed address within {timeout} s")
+        attempt = get.result()
+        return attempt.peer, await self._bind(attempt.connection_id)
+
+    async def close(self) -> None:
+        """Release the allocation (best effort, bounded) and close the control connection."""
+        if self._writer is not None and self._dead is None \
+                and self.proto.state is State.ALLOCATED:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._call(self._start(self.proto.refresh, 0), "Refresh"),
+                                       min(self.timeout, 2.0))
+        self._die(RelayError("TURN client closed"))
+        if self._read_task is not None:
+            self._read_task.cancel()
+            await asyncio.gather(self._read_task, return_exceptions=True)
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+
+    async def __aenter__(self) -> TurnClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- driver internals ----------------------------------------------------------------
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+    def _start(self, fn: Any, arg: Any) -> bytes:
+        self._check_alive()
+        try:
+            return bytes(fn(arg, self._now()))
+        except ProtocolError as exc:
+            raise RelayError(str(exc)) from exc
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise self._dead
+        if self._writer is None:
+            raise RelayError("no TURN allocation yet: call allocate() first")
+
+    async def _call(self, request_id: bytes, what: str) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters[request_id] = fut
+        self._flush()
+        try:
+            event = await fut
+        finally:
+            self._waiters.pop(request_id, None)
+        if isinstance(event, RequestFailed):
+            if event.code is None:
+                if "no response" in event.reason:
+                    raise TransactionTimeout(f"TURN {what}: {event.reason}")
+                raise RelayError(f"TURN {what} failed: {event.reason}")
+            hint = {401: " (wrong credentials?)", 437: " (allocation gone)"}.get(event.code, "")
+            raise TransactionFailed(
+                f"TURN {what} failed: {event.code} {event.reason or ERROR_REASONS.get(event.code, '')}"
+                f"{hint}", event.response, code=event.code)
+        return event
+
+    def _flush(self) -> None:
+        data = self.proto.data_to_send()
+        if data and self._writer is not None and not self._writer.is_closing():
+            self._writer.write(data)
+        self._dispatch()
+        self._arm_timer()
+
+    def _dispatch(self) -> None:
+        while (event := self.proto.next_event()) is not None:
+            if isinstance(event, ConnectionAttempted):
+                log.info("TURN: peer %s:%d connecting (connection id %d)", *event.peer,
+                         event.connection_id)
+                self._attempts.put_nowait(event)
+            elif isinstance(event, AllocationExpired):
+                log.warning("TURN allocation on %s:%d ended: %s", *self.server, event.reason)
+                self._die(RelayError(f"TURN allocation ended: {event.reason}"))
+            else:
+                fut = self._waiters.get(event.request_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(event)
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = self.proto.get_timer()
+        if when is not None and self._dead is None:
+            self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.proto.handle_timer(self._now())
+        self._flush()
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        reason = "TURN server closed the control connection"
+        try:
+            while True:
+                data = await self._reader.read(65536)
+                if not data:
+                    break
+                self.proto.receive_data(data, self._now())
+                self._flush()
+        except ProtocolError as exc:
+            reason = f"TURN server sent bad bytes: {exc}"
+        except OSError as exc:
+            reason = f"TURN control connection failed: {exc}"
+        self.proto.connection_lost(reason)
+        self._flush()
+        self._die(RelayError(reason))
+
+    def _die(self, exc: RelayError) -> None:
+        if self._dead is None:
+            self._dead = exc
+            self._dead_event.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(self._dead)
+
+    async def _bind(self, connection_id: int) -> Streams:
+        """Open a data connection and ConnectionBind it; one retry on a stale nonce."""
+        for attempt in range(2):
+            tid, request = self.proto.connection_bind(connection_id)
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(*self.server), self.timeout)
+            except (OSError, TimeoutError) as exc:
+                raise RelayError(f"TURN data connection to {self.server[0]}:{self.server[1]} "
+                                 f"failed: {exc or 'timeout'}") from exc
+            try:
+                writer.write(request)
+                response = await asyncio.wait_for(_read_message(reader), self.timeout)
+                failure = self.proto.connection_bind_result(tid, response)
+            except BaseException as exc:
+                writer.close()
+                if isinstance(exc, TimeoutError):
+                    raise TransactionTimeout(
+                        f"TURN ConnectionBind: no response within {self.timeout:g} s") from None
+                if isinstance(exc, (OSError, asyncio.IncompleteReadError, ProtocolError)):
+                    raise RelayError(f"TURN ConnectionBind failed: {exc}") from exc
+                raise
+            if failure is None:
+                return reader, writer
+            writer.close()
+            if failure.code == 438 and attempt == 0:
+                continue
+            raise TransactionFailed(f"TURN ConnectionBind failed: {failure.code} {failure.reason}",
+                                    failure.response, code=failure.code)
+        raise AssertionError("unreachable")
+
+
+async def _read_message(reader: asyncio.StreamReader) -> StunMessage:
+    """Exactly one STUN message off a stream; not a byte more (the rest is payload)."""
+    header = await reader.readexactly(HEADER_SIZE)
+    length = struct.unpack_from("!H", header, 2)[0]
+    if HEADER_SIZE + length > MAX_MESSAGE_SIZE or header[0] & 0xC0:
+        raise RelayError("TURN server answered ConnectionBind with a non-STUN message")
+    return StunMessage.parse(header + await reader.readexactly(length))
+
