@@ -1,0 +1,62 @@
+"""Access tokens and registration checks, sans-IO (time is an argument).
+
+A server started with ``--token SECRET`` accepts either the secret itself (no expiry) or a
+time-limited token ``hp1.<expiry-unix>.<hmac>`` made by ``make_token`` from the same secret,
+so an operator can hand out access that ends without restarting anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from .protocol import ErrorCode
+
+TOKEN_PREFIX = "hp1"
+
+
+def _mac(secret: str, expiry: int) -> str:
+    msg = f"{TOKEN_PREFIX}.{expiry}".encode()
+    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()[:32]
+
+
+def make_token(secret: str, expires_at: float) -> str:
+    """A token valid until ``expires_at`` (Unix seconds) for a server holding ``secret``."""
+    expiry = int(expires_at)
+    return f"{TOKEN_PREFIX}.{expiry}.{_mac(secret, expiry)}"
+
+
+def check_token(secret: str | None, token: str | None, now: float) -> ErrorCode | None:
+    """None if access is granted, else the specific refusal code."""
+    if secret is None:
+        return None
+    if not token:
+        return ErrorCode.TOKEN_REQUIRED
+    if hmac.compare_digest(token.encode(), secret.encode()):
+        return None
+    parts = token.split(".")
+    if len(parts) != 3 or parts[0] != TOKEN_PREFIX or not parts[1].isdigit():
+        return ErrorCode.TOKEN_INVALID
+    expiry = int(parts[1])
+    if not hmac.compare_digest(parts[2].encode(), _mac(secret, expiry).encode()):
+        return ErrorCode.TOKEN_INVALID
+    if now > expiry:
+        return ErrorCode.TOKEN_EXPIRED
+    return None
+
+
+class TokenBucket:
+    """Per-peer message rate limit: ``rate`` per second sustained, ``burst`` at once."""
+
+    __slots__ = ("rate", "burst", "_level", "_at")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._level, self._at = burst, now
+
+    def take(self, now: float, n: float = 1.0) -> bool:
+        self._level = min(self.burst, self._level + (now - self._at) * self.rate)
+        self._at = now
+        if self._level < n:
+            return False
+        self._level -= n
+        return True

@@ -1,0 +1,309 @@
+"""Where the rendezvous server keeps state: the name directory, online peers, sessions, routing.
+
+``MemoryStore`` serves one process (names persist to ``names.jsonl`` in the state directory
+when one is given). ``RedisStore`` lets several server nodes share one directory: names in a
+hash (HSETNX makes the first key win atomically), online peers and sessions as msgpack blobs
+with a TTL, and pushes routed to the node holding the target through pub/sub on
+``<prefix>:node:<node_id>``. Server nodes are assumed NTP-synced: a PUNCH's common start is
+chosen on one node and converted to the receiver's clock on another.
+"""
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from .protocol import PEER_ID_RE
+
+log = logging.getLogger(__name__)
+
+Push = dict[str, Any]
+PushHandler = Callable[[Push], Awaitable[None]]
+NAMES_FILE = "names.jsonl"
+
+
+@dataclass(slots=True)
+class PeerRecord:
+    """An online peer, as every node needs to see it to coordinate a punch with it."""
+
+    peer_id: str
+    name: str
+    public_key: bytes
+    node: str
+    cert: bytes | None = None
+    candidates: list[Any] = field(default_factory=list)
+    profiles: list[dict[str, Any]] = field(default_factory=list)
+    offset: float = 0.0     # peer clock minus server clock
+    rtt: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {s: getattr(self, s) for s in self.__slots__}  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> PeerRecord:
+        return cls(**d)
+
+    def peer_info(self) -> dict[str, Any]:
+        """The PUNCH ``peer`` map: what the other side needs to reach and authenticate us."""
+        return {"peer_id": self.peer_id, "name": self.name, "public_key": self.public_key,
+                "cert": self.cert, "candidates": [list(c) for c in self.candidates],
+                "profiles": self.profiles}
+
+
+class Store(abc.ABC):
+    """The seam between the signaling server and its shared state."""
+
+    node_id: str
+
+    @abc.abstractmethod
+    async def start(self, node_id: str, on_push: PushHandler) -> None:
+        """Begin delivering pushes addressed to ``node_id`` to ``on_push``."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def bind_name(self, name: str, public_key: bytes) -> bytes | None:
+        """Bind ``name`` to ``public_key`` if free; return the other key if it is taken."""
+
+    @abc.abstractmethod
+    async def put_online(self, record: PeerRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def drop_online(self, peer_id: str, node: str) -> None:
+        """Forget the peer, unless it has meanwhile registered on another node."""
+
+    @abc.abstractmethod
+    async def get_online(self, peer_id: str) -> PeerRecord | None: ...
+
+    @abc.abstractmethod
+    async def key_of(self, name: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    async def online_count(self) -> int: ...
+
+    @abc.abstractmethod
+    async def put_session(self, session: str, info: dict[str, Any]) -> bool:
+        """Store a new session; False if the id is already in use."""
+
+    @abc.abstractmethod
+    async def get_session(self, session: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def route(self, node: str, push: Push) -> None:
+        """Deliver ``push`` to the node holding its peer (maybe this one)."""
+
+    async def find(self, target: str) -> PeerRecord | None:
+        """An online peer by peer_id or by name."""
+        from ..identity import peer_id_of
+        if PEER_ID_RE.match(target):
+            return await self.get_online(target)
+        key = await self.key_of(target)
+        return None if key is None else await self.get_online(peer_id_of(key))
+
+
+class MemoryStore(Store):
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None, *,
+                 max_sessions: int = 100_000) -> None:
+        self.node_id = ""
+        self._names: dict[str, bytes] = {}
+        self._online: dict[str, PeerRecord] = {}
+        self._sessions: dict[str, dict[str, Any]] = {}
+        self._max_sessions = max_sessions
+        self._on_push: PushHandler | None = None
+        self._names_path = Path(state_dir) / NAMES_FILE if state_dir is not None else None
+        self._names_file: Any = None
+        if self._names_path is not None:
+            self._load_names(self._names_path)
+
+    def _load_names(self, path: Path) -> None:
+        if not path.exists():
+            return
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                entry = json.loads(line)
+                self._names.setdefault(entry["name"], bytes.fromhex(entry["key"]))
+            except (ValueError, KeyError, TypeError):
+                # A torn last line after a crash must not lose the other bindings.
+                log.warning("%s:%d: skipping unreadable name binding", path, lineno)
+
+    async def start(self, node_id: str, on_push: PushHandler) -> None:
+        self.node_id, self._on_push = node_id, on_push
+        if self._names_path is not None:
+            self._names_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._names_file = open(self._names_path, "a")  # noqa: SIM115 - kept open for appends
+
+    async def close(self) -> None:
+        if self._names_file is not None:
+            self._names_file.close()
+            self._names_file = None
+
+    async def bind_name(self, name: str, public_key: bytes) -> bytes | None:
+        known = self._names.get(name)
+        if known is not None:
+            return None if known == public_key else known
+        self._names[name] = public_key
+        if self._names_file is not None:
+            self._names_file.write(json.dumps({"name": name, "key": public_key.hex()}) + "\n")
+            self._names_file.flush()
+            os.fsync(self._names_file.fileno())
+        return None
+
+    async def put_online(self, record: PeerRecord) -> None:
+        self._online[record.peer_id] = record
+
+    async def drop_online(self, peer_id: str, node: str) -> None:
+        rec = self._online.get(peer_id)
+        if rec is not None and rec.node == node:
+            del self._online[peer_id]
+
+    async def get_online(self, peer_id: str) -> PeerRecord | None:
+        return self._online.get(peer_id)
+
+    async def key_of(self, name: str) -> bytes | None:
+        return self._names.get(name)
+
+    async def online_count(self) -> int:
+        return len(self._online)
+
+    async def put_session(self, session: str, info: dict[str, Any]) -> bool:
+        if session in self._sessions:
+            return False
+        if len(self._sessions) >= self._max_sessions:   # oldest first: dicts keep order
+            del self._sessions[next(iter(self._sessions))]
+        self._sessions[session] = info
+        return True
+
+    async def get_session(self, session: str) -> dict[str, Any] | None:
+        return self._sessions.get(session)
+
+    async def route(self, node: str, push: Push) -> None:
+        if node != self.node_id or self._on_push is None:
+            log.warning("push for unknown node %s dropped", node)
+            return
+        await self._on_push(push)
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, use_list=True)
+
+
+class RedisStore(Store):
+    """Shared state in Redis; pushes between nodes over pub/sub."""
+
+    def __init__(self, url: str, *, prefix: str = "hp", online_ttl: float = 120.0,
+                 session_ttl: float = 300.0) -> None:
+        import redis.asyncio as aioredis   # optional dependency: imported only when used
+
+        self.node_id = ""
+        self._redis = aioredis.from_url(url)
+        self._prefix = prefix
+        self._online_ttl = int(online_ttl * 1000)
+        self._session_ttl = int(session_ttl * 1000)
+        self._pubsub: Any = None
+        self._listener: Any = None
+        self.url = url
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self._prefix, *parts))
+
+    async def start(self, node_id: str, on_push: PushHandler) -> None:
+        import asyncio
+
+        self.node_id = node_id
+        await self._redis.ping()
+        self._pubsub = self._redis.pubsub()
+        await self._pubsub.subscribe(self._k("node", node_id))
+
+        async def listen() -> None:
+            async for msg in self._pubsub.listen():
+                if msg.get("type") != "message":
+                    continue
+                try:
+                    push = _unpack(msg["data"])
+                except Exception:   # a foreign publisher on our channel must not kill routing
+                    log.warning("unreadable push on %s dropped", msg.get("channel"))
+                    continue
+                try:
+                    await on_push(push)
+                except Exception:
+                    log.exception("push handler failed")
+
+        self._listener = asyncio.get_running_loop().create_task(listen())
+
+    async def close(self) -> None:
+        import asyncio
+        import contextlib
+
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+        await self._redis.aclose()
+
+    async def bind_name(self, name: str, public_key: bytes) -> bytes | None:
+        key = self._k("names")
+        if await self._redis.hsetnx(key, name, public_key):
+            return None
+        known = await self._redis.hget(key, name)
+        return None if known == public_key else known
+
+    async def put_online(self, record: PeerRecord) -> None:
+        await self._redis.set(self._k("peer", record.peer_id), _pack(record.to_wire()),
+                              px=self._online_ttl)
+
+    async def drop_online(self, peer_id: str, node: str) -> None:
+        rec = await self.get_online(peer_id)
+        if rec is not None and rec.node == node:
+            await self._redis.delete(self._k("peer", peer_id))
+
+    async def get_online(self, peer_id: str) -> PeerRecord | None:
+        data = await self._redis.get(self._k("peer", peer_id))
+        return None if data is None else PeerRecord.from_wire(_unpack(data))
+
+    async def key_of(self, name: str) -> bytes | None:
+        value = await self._redis.hget(self._k("names"), name)
+        return bytes(value) if value is not None else None
+
+    async def online_count(self) -> int:
+        count = 0
+        async for _ in self._redis.scan_iter(match=self._k("peer", "*"), count=1000):
+            count += 1
+        return count
+
+    async def put_session(self, session: str, info: dict[str, Any]) -> bool:
+        ok = await self._redis.set(self._k("session", session), _pack(info), nx=True,
+                                   px=self._session_ttl)
+        return bool(ok)
+
+    async def get_session(self, session: str) -> dict[str, Any] | None:
+        data = await self._redis.get(self._k("session", session))
+        return None if data is None else dict(_unpack(data))
+
+    async def route(self, node: str, push: Push) -> None:
+        receivers = await self._redis.publish(self._k("node", node), _pack(push))
+        if not receivers:
+            log.warning("push for node %s reached no subscriber", node)
+
+
+def open_store(spec: str | None, state_dir: str | os.PathLike[str] | None = None) -> Store:
+    """``None``/``memory`` -> MemoryStore; ``redis://host:port[/db]`` -> RedisStore."""
+    if spec in (None, "", "memory"):
+        return MemoryStore(state_dir)
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStore(spec)
+    raise ValueError(f"unknown store {spec!r}: use memory or redis://HOST:PORT")
