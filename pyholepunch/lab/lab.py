@@ -1,0 +1,276 @@
+"""`Lab`: a NAT lab as a (sync or async) context manager.
+
+    with Lab(a="port-restricted", b="symmetric-seq", rtt_ms=40) as lab:
+        lab.run("a", ["ping", "-c1", lab.server_ip])
+        lab.call("b", some_picklable_function, arg)
+
+Teardown (kill every process in the lab's namespaces, delete the namespaces) runs on exit, on
+an exception, on SIGINT (KeyboardInterrupt unwinds the with-block), on SIGTERM (a handler is
+installed while labs are live, if the process had none) and, as a fallback, at interpreter exit.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType, TracebackType
+from typing import Any
+
+from ..errors import LabError
+from . import _ns, state, topology
+from .topology import SERVER_ALT_IP, SERVER_IP
+
+log = logging.getLogger(__name__)
+
+_live: set[Lab] = set()
+_live_lock = threading.Lock()
+_prev_sigterm: Any = None
+
+
+def _teardown_all() -> None:
+    with _live_lock:
+        labs = list(_live)
+    for lab in labs:
+        lab.close()
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    _teardown_all()
+    raise SystemExit(128 + signum)
+
+
+def _install_sigterm() -> None:
+    global _prev_sigterm
+    if threading.current_thread() is not threading.main_thread() or _prev_sigterm is not None:
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        _prev_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+atexit.register(_teardown_all)
+
+_CONNTRACK_KEY = re.compile(r"^[a-z0-9_]+$")
+
+
+class Lab:
+    """Peers `a` and `b` behind NATs of the given types, a two-address server, one core router."""
+
+    def __init__(self, a: str = "port-restricted", b: str = "port-restricted", *, rtt_ms: float = 0,
+                 jitter_ms: float = 0, loss_pct: float = 0.0, same_nat: bool = False,
+                 hairpin: bool = False, conntrack: dict[str, int] | None = None) -> None:
+        for label, v in (("rtt_ms", rtt_ms), ("jitter_ms", jitter_ms)):
+            if not isinstance(v, (int, float)) or not 0 <= v <= 10_000:
+                raise ValueError(f"{label} must be a number in [0, 10000], got {v!r}")
+        if not isinstance(loss_pct, (int, float)) or not 0 <= loss_pct < 100:
+            raise ValueError(f"loss_pct must be in [0, 100), got {loss_pct!r}")
+        self.conntrack = dict(conntrack or {})
+        for key, value in self.conntrack.items():
+            if not _CONNTRACK_KEY.match(str(key)):
+                raise ValueError(f"bad conntrack setting name {key!r} (e.g. 'tcp_timeout_established')")
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"conntrack {key} must be a non-negative int, got {value!r}")
+        self.rtt_ms, self.jitter_ms, self.loss_pct = float(rtt_ms), float(jitter_ms), float(loss_pct)
+        self.same_nat, self.hairpin = same_nat, hairpin
+        seq_offset = secrets.randbelow(10_000)
+        self._plan = topology.plan(a, b, same_nat=same_nat, hairpin=hairpin, seq_offset=seq_offset)
+        self.a_type, self.b_type = self._plan.types["a"], self._plan.types["b"]
+        self.name = ""
+        self.server_ip, self.server_alt_ip = SERVER_IP, SERVER_ALT_IP
+        self.nodes: tuple[str, ...] = tuple(self._plan.nodes)
+        self.startup_s: float | None = None
+        self._procs: list[subprocess.Popen[Any] | asyncio.subprocess.Process] = []
+        self._owner = 0
+        self._closed = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> Lab:
+        if self.name:
+            raise LabError(f"lab {self.name} already started")
+        _ns.require_support()
+        t0 = time.monotonic()
+        self._owner = os.getpid()
+        self.name = self._new_name()
+        state.write(self.name, self.describe() | {"pid": self._owner,
+                                                   "pid_start": _ns.process_start_time(self._owner)})
+        with _live_lock:
+            _live.add(self)
+        _install_sigterm()
+        try:
+            delay = self.rtt_ms > 0 or self.jitter_ms > 0
+            topology.build(self.name, self._plan, conntrack=self.conntrack, loss_pct=self.loss_pct,
+                           delay=delay)
+            if delay:
+                self._start_delayer()
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, LabError):
+                raise
+            if isinstance(exc, Exception):
+                raise LabError(f"building lab failed: {exc}") from exc
+            raise
+        self.startup_s = time.monotonic() - t0
+        log.info("lab %s up in %.3f s: a=%s b=%s", self.name, self.startup_s, self.a_type, self.b_type)
+        return self
+
+    @staticmethod
+    def _new_name() -> str:
+        taken = set(state.lab_names())
+        while True:
+            name = state.PREFIX + secrets.token_hex(3)[:5]
+            if name not in taken:
+                return name
+
+    def _start_delayer(self) -> None:
+        argv = [sys.executable, "-m", "pyholepunch.lab.delay", "--queue", str(topology.DELAY_QUEUE),
+                "--delay-ms", repr(self.rtt_ms / 2), "--jitter-ms", repr(self.jitter_ms)]
+        proc = self.spawn("core", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the delayer flushes "ready" once bound to the queue
+        if line.strip() != "ready":
+            err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
+            raise LabError(f"the NFQUEUE delayer did not start: {line.strip()} {err.strip()}")
+
+    def close(self) -> None:
+        """Tear everything down; idempotent, and a no-op in forked children."""
+        if self._closed or not self.name or os.getpid() != self._owner:
+            return
+        self._closed = True
+        with _live_lock:
+            _live.discard(self)
+        for proc in self._procs:
+            try:
+                proc.kill()
+            except (ProcessLookupError, OSError):
+                pass
+        for proc in self._procs:
+            if isinstance(proc, subprocess.Popen):
+                try:
+                    proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    log.warning("lab %s: process %d did not die", self.name, proc.pid)
+                for stream in (proc.stdin, proc.stdout, proc.stderr):
+                    if stream is not None:
+                        stream.close()
+        removed = state.remove(self.name)
+        log.info("lab %s down (%d namespaces removed)", self.name, len(removed))
+
+    def __enter__(self) -> Lab:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Lab:
+        try:
+            return await asyncio.to_thread(self.start)
+        except asyncio.CancelledError:
+            self.close()
+            raise
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        # Reap asyncio children on the loop first, then tear down off the loop.
+        for proc in self._procs:
+            if isinstance(proc, asyncio.subprocess.Process) and proc.returncode is None:
+                try:
+                    proc.kill()
+                except ProcessLookupError:
+                    pass
+                try:
+                    await asyncio.wait_for(proc.wait(), 2)
+                except (asyncio.TimeoutError, ProcessLookupError):
+                    pass
+        await asyncio.to_thread(self.close)
+
+    # --- addresses -------------------------------------------------------------------------
+    def _node(self, node: str) -> str:
+        if node not in self._plan.nodes:
+            raise ValueError(f"no node {node!r} in this lab; nodes: {', '.join(self.nodes)}")
+        return node
+
+    def netns(self, node: str) -> str:
+        if not self.name:
+            raise LabError("the lab is not started")
+        return f"{self.name}-{self._node(node)}"
+
+    def private_ip(self, node: str) -> str:
+        if node == "server":
+            return self.server_ip
+        if node not in self._plan.private:
+            raise ValueError(f"private_ip is for the peers 'a' and 'b', not {node!r}")
+        return self._plan.private[node]
+
+    def public_ip(self, node: str) -> str:
+        if node == "server":
+            return self.server_ip
+        if node not in self._plan.public:
+            raise ValueError(f"public_ip is for the peers 'a' and 'b', not {node!r}")
+        return self._plan.public[node]
+
+    def nat_type(self, node: str) -> str:
+        return self._plan.types[node]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "a": self.a_type, "b": self.b_type, "nodes": list(self.nodes),
+                "server_ip": self.server_ip, "server_alt_ip": self.server_alt_ip,
+                "private": dict(self._plan.private), "public": dict(self._plan.public),
+                "rtt_ms": self.rtt_ms, "jitter_ms": self.jitter_ms, "loss_pct": self.loss_pct,
+                "same_nat": self.same_nat, "hairpin": self.hairpin}
+
+    # --- running things inside ------------------------------------------------------------
+    def _argv(self, node: str, argv: Sequence[str]) -> list[str]:
+        if isinstance(argv, str) or not argv:
+            raise ValueError("argv must be a non-empty list of strings, e.g. ['ip', 'addr']")
+        return ["ip", "netns", "exec", self.netns(node), *map(str, argv)]
+
+    def run(self, node: str, argv: Sequence[str], *, timeout: float = 30,
+            **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        return subprocess.run(self._argv(node, argv), timeout=timeout, check=False, **kwargs)
+
+    def spawn(self, node: str, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
+        proc: subprocess.Popen[Any] = subprocess.Popen(self._argv(node, argv), **popen_kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def call(self, node: str, fn: Callable[..., Any], *args: Any, timeout: float = 30,
+             **kwargs: Any) -> Any:
+        return _ns.call(self.netns(node), fn, args, kwargs, timeout)
+
+    async def arun(self, node: str, argv: Sequence[str], *, timeout: float = 30,
+                   input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        full = self._argv(node, argv)
+        proc = await asyncio.create_subprocess_exec(
+            *full, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise subprocess.TimeoutExpired(full, timeout) from None
+        return subprocess.CompletedProcess(full, proc.returncode or 0, out.decode(errors="replace"),
+                                           err.decode(errors="replace"))
+
+    async def aspawn(self, node: str, argv: Sequence[str], **kwargs: Any) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(*self._argv(node, argv), **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    async def acall(self, node: str, fn: Callable[..., Any], *args: Any, timeout: float = 30,
+                    **kwargs: Any) -> Any:
+        return await asyncio.to_thread(_ns.call, self.netns(node), fn, args, kwargs, timeout)
+
+    def __repr__(self) -> str:
+        return f"<Lab {self.name or '(not started)'} a={self.a_type} b={self.b_type}>"
