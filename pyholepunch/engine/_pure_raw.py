@@ -97,8 +97,8 @@ def raw_syn(
         packet = build_syn(src_a, dst_a, ttl=ttl, seq=seq, ip_id=ip_id)
         for i in range(count):
             wait_until(start + i * spacing)
+            sent_at = time.time()       # the schedule released it: the SYN leaves in sendto()
             sock.sendto(packet, (dst_a[0], 0))
-            sent_at = time.time()
             if stats.first_send_delay_ns is None:
                 stats.first_send_delay_ns = max(0, int((sent_at - start) * 1e9))
             stats.send_times.append(sent_at)

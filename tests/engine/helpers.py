@@ -1,0 +1,180 @@
+"""Helpers for the engine contract tests: fd snapshots, free ports, wire capture, peer sides."""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pyholepunch import engine as engine_mod
+from pyholepunch.errors import PunchError
+
+A_IP, B_IP, C_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+ETH_P_ALL = 0x0003
+PACKET_OUTGOING = 4
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def listening_ports() -> set[int]:
+    """Every TCP port something listens on (any address), from /proc/net/tcp{,6}."""
+    ports: set[int] = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "0A":
+                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        except OSError:
+            pass
+    return ports
+
+
+def free_port(ip: str) -> int:
+    """A port nothing is bound to on ``ip`` right now (bound then released)."""
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])
+
+
+def closed_ports(n: int, low: int = 20000) -> list[int]:
+    """``n`` ports below the ephemeral range that nothing listens on."""
+    busy = listening_ports()
+    out = [p for p in range(low, low + n + len(busy) + 1) if p not in busy][:n]
+    assert len(out) == n
+    return out
+
+
+@contextlib.contextmanager
+def silent_port(ip: str) -> Iterator[int]:
+    """A port whose SYNs vanish: a listener with a full accept queue drops them, no RST."""
+    lst = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        lst.bind((ip, 0))
+        lst.listen(0)
+        port = lst.getsockname()[1]
+        for _ in range(3):          # backlog 0 admits one; the rest fill it for sure
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex((ip, port))
+            fillers.append(c)
+        time.sleep(0.05)
+        yield int(port)
+    finally:
+        for c in fillers:
+            c.close()
+        lst.close()
+
+
+# --- on-the-wire capture (root: AF_PACKET) --------------------------------------------------
+
+@dataclass(frozen=True)
+class Seen:
+    ttl: int
+    src: tuple[str, int]
+    dst: tuple[str, int]
+    flags: int
+    ip_ok: bool
+    tcp_ok: bool
+    raw: bytes
+
+
+def checksum(data: bytes) -> int:
+    """RFC 1071 sum, written independently of the engine's: 0 over a valid header."""
+    if len(data) % 2:
+        data += b"\0"
+    s = 0
+    for i in range(0, len(data), 2):
+        s += (data[i] << 8) | data[i + 1]
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def parse_ipv4_tcp(pkt: bytes) -> Seen | None:
+    if len(pkt) < 40 or pkt[0] >> 4 != 4 or pkt[9] != socket.IPPROTO_TCP:
+        return None
+    ihl = (pkt[0] & 0x0F) * 4
+    total = struct.unpack("!H", pkt[2:4])[0]
+    ip_hdr, tcp = pkt[:ihl], pkt[ihl:total]
+    pseudo = pkt[12:20] + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+    sport, dport = struct.unpack("!HH", tcp[:4])
+    return Seen(
+        ttl=pkt[8], src=(socket.inet_ntoa(pkt[12:16]), sport),
+        dst=(socket.inet_ntoa(pkt[16:20]), dport), flags=tcp[13],
+        ip_ok=checksum(ip_hdr) == 0, tcp_ok=checksum(pseudo + tcp) == 0, raw=pkt[:total],
+    )
+
+
+class LoCapture:
+    """Outgoing IPv4/TCP packets on ``lo`` (each loopback packet is seen once, as outgoing)."""
+
+    def __init__(self, ifname: str = "lo") -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)   # SO_RCVBUFFORCE: busy shared lo
+        self.sock.bind((ifname, 0))
+        self.sock.setblocking(False)
+
+    def __enter__(self) -> LoCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def syns(self, match: Callable[[Seen], bool]) -> list[Seen]:
+        """Drain what was captured; return the SYNs (no ACK) ``match`` accepts, in order."""
+        out: list[Seen] = []
+        while True:
+            try:
+                frame, addr = self.sock.recvfrom(65535)
+            except BlockingIOError:
+                return out
+            if addr[2] != PACKET_OUTGOING or frame[12:14] != b"\x08\x00":
+                continue
+            seen = parse_ipv4_tcp(frame[14:])
+            if seen and seen.flags & 0x12 == 0x02 and match(seen):
+                out.append(seen)
+
+
+# --- the two sides of a punch, run in separate processes --------------------------------------
+
+def punch_side(engine_name: str, local: tuple[str, int], remote: tuple[str, int],
+               start_at: float, timeout: float, listen: bool, interval: float,
+               hello: bytes) -> dict[str, Any]:
+    """One peer: simultaneous_open, then swap a hello over the connection; picklable."""
+    eng = engine_mod.get(engine_name)
+    try:
+        res = eng.simultaneous_open(local, remote, start_at, timeout, listen=listen,
+                                    interval=interval)
+    except PunchError as exc:
+        return {"error": repr(exc), "stats": exc.stats.as_dict() if exc.stats else None}
+    with res.sock as s:
+        s.settimeout(5)
+        s.sendall(hello)
+        got = b""
+        while len(got) < len(hello):
+            chunk = s.recv(len(hello) - len(got))
+            if not chunk:
+                break
+            got += chunk
+        return {"stats": res.stats.as_dict(), "got": got, "blocking": s.getblocking(),
+                "sockname": s.getsockname(), "peername": s.getpeername()}
+
+
+def run_in_processes(*calls: tuple[Callable[..., Any], tuple[Any, ...]],
+                     timeout: float = 15) -> list[Any]:
+    """Run each (fn, args) in its own forked process at once; return their results."""
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(len(calls)) as pool:
+        handles = [pool.apply_async(fn, args) for fn, args in calls]
+        return [h.get(timeout) for h in handles]

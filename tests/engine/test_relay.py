@@ -1,0 +1,175 @@
+"""relay_pump: bytes both ways, half-close, idle timeout, max_bytes; the caller's fds stay open."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from pyholepunch.engine import Engine, RelayStats
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        c = socket.create_connection(lst.getsockname())
+        s, _ = lst.accept()
+    return c, s
+
+
+@contextlib.contextmanager
+def relayed(engine: Engine, **kw: Any) -> Iterator[tuple[socket.socket, socket.socket, Callable[[], RelayStats]]]:
+    """client_a <-> [a_side ==pump== b_side] <-> client_b; yields the two clients."""
+    client_a, a_side = tcp_pair()
+    client_b, b_side = tcp_pair()
+    out: dict[str, Any] = {}
+
+    def pump() -> None:
+        try:
+            out["stats"] = engine.relay_pump(a_side.fileno(), b_side.fileno(), **kw)
+        except BaseException as exc:  # surfaced by result()
+            out["error"] = exc
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+
+    def result() -> RelayStats:
+        t.join(10)
+        assert not t.is_alive(), "relay_pump did not return"
+        if "error" in out:
+            raise out["error"]
+        return out["stats"]
+
+    try:
+        yield client_a, client_b, result
+        result()
+        # The pump borrowed the fds: they are still open and still sockets.
+        assert os.fstat(a_side.fileno()) and os.fstat(b_side.fileno())
+        a_side.getsockname(), b_side.getsockname()
+    finally:
+        for s in (client_a, client_b):
+            s.close()
+        t.join(10)
+        a_side.close()
+        b_side.close()
+
+
+def recv_all(s: socket.socket) -> bytes:
+    chunks = []
+    while chunk := s.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_bytes_both_ways_and_eof(engine: Engine) -> None:
+    data_a, data_b = os.urandom(3 << 20), os.urandom(5 << 20) + b"end"
+    with relayed(engine, idle_timeout=10) as (ca, cb, result):
+        got: dict[str, bytes] = {}
+
+        def side(me: socket.socket, data: bytes, key: str) -> None:
+            sender = threading.Thread(target=lambda: (me.sendall(data), me.shutdown(socket.SHUT_WR)))
+            sender.start()
+            got[key] = recv_all(me)
+            sender.join()
+
+        ts = [threading.Thread(target=side, args=(ca, data_a, "a")),
+              threading.Thread(target=side, args=(cb, data_b, "b"))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(20)
+        stats = result()
+    assert hashlib.sha256(got["b"]).digest() == hashlib.sha256(data_a).digest()
+    assert hashlib.sha256(got["a"]).digest() == hashlib.sha256(data_b).digest()
+    assert stats.bytes_a_to_b == len(data_a) and stats.bytes_b_to_a == len(data_b)
+    assert stats.reason == "eof"
+
+
+def test_half_close_is_propagated(engine: Engine) -> None:
+    with relayed(engine, idle_timeout=10) as (ca, cb, result):
+        ca.sendall(b"request")
+        ca.shutdown(socket.SHUT_WR)                 # a is done talking, still listening
+        assert recv_all(cb) == b"request"           # b sees a's FIN after the data
+        cb.sendall(b"response after the half-close")
+        cb.shutdown(socket.SHUT_WR)
+        assert recv_all(ca) == b"response after the half-close"
+        stats = result()
+    assert stats.reason == "eof"
+    assert (stats.bytes_a_to_b, stats.bytes_b_to_a) == (7, 29)
+
+
+def test_idle_timeout(engine: Engine) -> None:
+    with relayed(engine, idle_timeout=0.3) as (ca, cb, result):
+        ca.sendall(b"ping")
+        assert cb.recv(4) == b"ping"
+        t0 = time.monotonic()
+        stats = result()
+        waited = time.monotonic() - t0
+    assert stats.reason == "idle"
+    assert stats.bytes_a_to_b == 4 and stats.bytes_b_to_a == 0
+    assert 0.2 <= waited < 5
+
+
+def test_max_bytes(engine: Engine) -> None:
+    with relayed(engine, idle_timeout=5, max_bytes=100_000) as (ca, cb, result):
+        sender = threading.Thread(target=ca.sendall, args=(os.urandom(300_000),), daemon=True)
+        sender.start()
+        stats = result()
+        cb.settimeout(2)
+        got = b""
+        with contextlib.suppress(TimeoutError):
+            while len(got) < 300_000 and (chunk := cb.recv(65536)):
+                got += chunk
+                if len(got) >= 100_000:
+                    cb.settimeout(0.2)
+    assert stats.reason == "limit"
+    assert stats.bytes_a_to_b + stats.bytes_b_to_a == 100_000 == len(got)
+
+
+def test_reset_ends_the_pump(engine: Engine) -> None:
+    with relayed(engine, idle_timeout=5) as (ca, cb, result):
+        ca.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        ca.close()                                  # RST towards the pump's a side
+        stats = result()
+    assert stats.reason in ("eof",) or stats.reason.startswith("error")
+
+
+@pytest.mark.parametrize("bad", [
+    dict(fd_a=-1), dict(fd_a="3"), dict(fd_a=True), dict(same=True),
+    dict(idle_timeout=0), dict(idle_timeout=-1.0), dict(idle_timeout=float("nan")),
+    dict(max_bytes=-1), dict(max_bytes=1.5),
+])
+def test_bad_relay_arguments(engine: Engine, bad: dict[str, Any], no_fd_leak: None) -> None:
+    a, b = tcp_pair()
+    with a, b:
+        fd_a = bad.get("fd_a", a.fileno())
+        fd_b = fd_a if bad.get("same") else b.fileno()
+        kw = {k: v for k, v in bad.items() if k in ("idle_timeout", "max_bytes")}
+        with pytest.raises(ValueError):
+            engine.relay_pump(fd_a, fd_b, **kw)
+        a.getsockname(), b.getsockname()        # still open
+
+
+def test_relay_not_a_socket(engine: Engine, no_fd_leak: None) -> None:
+    r, w = os.pipe()
+    a, b = tcp_pair()
+    try:
+        with pytest.raises((OSError, ValueError)):
+            engine.relay_pump(r, a.fileno(), idle_timeout=0.2)
+        os.fstat(r)                                 # the caller's fd was not closed
+        closed = os.dup(b.fileno())
+        os.close(closed)
+        with pytest.raises(OSError):
+            engine.relay_pump(closed, a.fileno(), idle_timeout=0.2)
+    finally:
+        os.close(r)
+        os.close(w)
+        a.close()
+        b.close()

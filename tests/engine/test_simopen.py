@@ -1,0 +1,192 @@
+"""simultaneous_open on loopback: two real processes, RST re-arm, deadlines, low TTL on the wire."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from pyholepunch.engine import Engine
+from pyholepunch.errors import PunchError, PunchTimeout
+
+from .helpers import (
+    A_IP,
+    B_IP,
+    LoCapture,
+    free_port,
+    punch_side,
+    run_in_processes,
+    silent_port,
+)
+
+
+@pytest.mark.parametrize("listen", [False, True], ids=["pure-simopen", "listen"])
+def test_two_processes_punch_each_other(engine: Engine, listen: bool, no_fd_leak: None) -> None:
+    """Both sides connect towards each other with one start_at; both end on ONE connection."""
+    pa, pb = free_port(A_IP), free_port(B_IP)
+    start_at = time.time() + 0.3
+    a, b = run_in_processes(
+        (punch_side, (engine.name, (A_IP, pa), (B_IP, pb), start_at, 8.0, listen, 0.005, b"hello from a")),
+        (punch_side, (engine.name, (B_IP, pb), (A_IP, pa), start_at, 8.0, listen, 0.005, b"hello from b")),
+    )
+    assert "error" not in a, a
+    assert "error" not in b, b
+    assert a["got"] == b"hello from b" and b["got"] == b"hello from a"
+    assert a["sockname"] == (A_IP, pa) and a["peername"] == (B_IP, pb)
+    assert b["sockname"] == (B_IP, pb) and b["peername"] == (A_IP, pa)
+    assert a["blocking"] and b["blocking"]
+    for side, port, peer in ((a, pa, (B_IP, pb)), (b, pb, (A_IP, pa))):
+        st = side["stats"]
+        assert st["local_port"] == port and tuple(st["remote"]) == peer
+        assert st["attempts"] >= 1 and st["syns_sent"] >= st["attempts"] - int(st["accepted"])
+        assert st["first_syn_delay_ns"] is not None and st["first_syn_delay_ns"] >= 0
+        assert st["time_to_established_ns"] >= st["first_syn_delay_ns"]
+        assert st["first_syn_at"] >= start_at
+    if not listen:
+        assert not a["stats"]["accepted"] and not b["stats"]["accepted"]
+    # One TCP connection: at most one side can have won it through accept().
+    assert not (a["stats"]["accepted"] and b["stats"]["accepted"])
+
+
+@pytest.mark.parametrize("listen", [False, True])
+def test_rst_rearm_until_peer_comes_up(engine: Engine, listen: bool, no_fd_leak: None) -> None:
+    """The peer's port answers RST for a while; re-arming every interval wins once it listens."""
+    pa, pb = free_port(A_IP), free_port(B_IP)
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def come_up_later() -> None:
+        time.sleep(0.3)
+        server.bind((B_IP, pb))
+        server.listen(1)
+
+    t = threading.Thread(target=come_up_later)
+    t.start()
+    try:
+        res = engine.simultaneous_open((A_IP, pa), (B_IP, pb), None, 5.0, interval=0.02,
+                                       listen=listen)
+        t.join()
+        with res.sock:
+            peer, _ = server.accept()
+            with peer:
+                res.sock.sendall(b"x")
+                assert peer.recv(1) == b"x"
+            assert res.sock.getsockname() == (A_IP, pa)
+        st = res.stats
+        assert st.rsts_seen > 0
+        assert st.attempts == st.rsts_seen + 1          # every refused attempt was re-armed
+        assert st.local_port == pa and st.remote == (B_IP, pb) and not st.accepted
+        assert st.time_to_established_ns is not None and st.time_to_established_ns >= 0.25e9
+    finally:
+        t.join()
+        server.close()
+
+
+def test_refused_peer_times_out_with_stats(engine: Engine, no_fd_leak: None) -> None:
+    pa, pb = free_port(A_IP), free_port(B_IP)
+    t0 = time.time()
+    with pytest.raises(PunchTimeout) as info:
+        engine.simultaneous_open((A_IP, pa), (B_IP, pb), None, 0.3, interval=0.02)
+    assert time.time() - t0 >= 0.29
+    st = info.value.stats
+    assert st is not None and st.attempts >= 3 and st.rsts_seen >= 2
+    assert st.time_to_established_ns is None and st.local_port in (None, pa)
+    assert isinstance(info.value, PunchError) and isinstance(info.value, TimeoutError)
+
+
+def test_silent_peer_times_out_with_one_syn(engine: Engine, no_fd_leak: None) -> None:
+    """A peer that drops SYNs: no RST, no re-arm (the kernel retransmits), PunchTimeout."""
+    pa = free_port(A_IP)
+    with silent_port(B_IP) as pb:
+        with pytest.raises(PunchTimeout) as info:
+            engine.simultaneous_open((A_IP, pa), (B_IP, pb), time.time() + 0.05, 0.4,
+                                     listen=False)
+    st = info.value.stats
+    assert st is not None and st.attempts == 1 and st.rsts_seen == 0 and st.icmp_errors == 0
+    assert st.first_syn_delay_ns is not None
+
+
+def test_start_at_is_honoured(engine: Engine, no_fd_leak: None) -> None:
+    pa, pb = free_port(A_IP), free_port(B_IP)
+    start_at = time.time() + 0.2
+    with pytest.raises(PunchTimeout) as info:
+        engine.simultaneous_open((A_IP, pa), (B_IP, pb), start_at, 0.1, interval=0.05)
+    st = info.value.stats
+    assert st is not None and st.first_syn_at is not None and st.first_syn_at >= start_at
+    assert st.first_syn_delay_ns is not None and st.first_syn_delay_ns >= 0
+
+
+def test_port_zero_picks_one_port_for_every_attempt(engine: Engine, no_fd_leak: None) -> None:
+    pb = free_port(B_IP)
+    with socket.socket() as server:
+        def later() -> None:
+            time.sleep(0.1)
+            server.bind((B_IP, pb))
+            server.listen(1)
+        t = threading.Thread(target=later)
+        t.start()
+        try:
+            res = engine.simultaneous_open((A_IP, 0), (B_IP, pb), None, 5.0, interval=0.01,
+                                           listen=False)
+        finally:
+            t.join()
+        with res.sock:
+            assert res.stats.attempts > 1 and res.stats.local_port == res.sock.getsockname()[1]
+            peer, addr = server.accept()
+            peer.close()
+            assert addr == (A_IP, res.stats.local_port)
+
+
+def test_usable_from_asyncio_without_blocking_the_loop(engine: Engine) -> None:
+    import asyncio
+
+    async def main() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        pa, pb = free_port(A_IP), free_port(B_IP)
+        with pytest.raises(PunchTimeout):
+            await asyncio.to_thread(engine.simultaneous_open, (A_IP, pa), (B_IP, pb), None, 0.4)
+        task.cancel()
+        return ticks
+
+    assert asyncio.run(main()) >= 10
+
+
+@pytest.mark.root
+def test_low_ttl_first_syn_on_the_wire(engine: Engine, no_fd_leak: None) -> None:
+    """syn_ttl=2: the first SYN leaves with TTL 2, every later one with the default TTL."""
+    with open("/proc/sys/net/ipv4/ip_default_ttl") as f:
+        default_ttl = int(f.read())
+    pa, pb = free_port(A_IP), free_port(B_IP)
+    with LoCapture() as cap:
+        with pytest.raises(PunchTimeout) as info:
+            engine.simultaneous_open((A_IP, pa), (B_IP, pb), None, 0.25, interval=0.03,
+                                     syn_ttl=2, listen=False)
+        time.sleep(0.02)
+        syns = cap.syns(lambda s: s.src == (A_IP, pa) and s.dst == (B_IP, pb))
+    assert info.value.stats is not None
+    assert len(syns) == info.value.stats.syns_sent >= 3
+    assert syns[0].ttl == 2
+    assert all(s.ttl == default_ttl for s in syns[1:]), [s.ttl for s in syns]
+    # Kernel-built SYNs: lo offloads the TCP checksum (CHECKSUM_PARTIAL), the IP one is final.
+    assert all(s.ip_ok for s in syns)
+
+
+@pytest.mark.root
+def test_low_ttl_for_the_first_n_attempts(engine: Engine, no_fd_leak: None) -> None:
+    pa, pb = free_port(A_IP), free_port(B_IP)
+    with LoCapture() as cap:
+        with pytest.raises(PunchTimeout):
+            engine.simultaneous_open((A_IP, pa), (B_IP, pb), None, 0.3, interval=0.03,
+                                     syn_ttl=5, ttl_syns=3, listen=False)
+        time.sleep(0.02)
+        ttls = [s.ttl for s in cap.syns(lambda s: s.src == (A_IP, pa))]
+    assert len(ttls) >= 5 and ttls[:3] == [5, 5, 5] and 5 not in ttls[3:]
