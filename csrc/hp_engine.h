@@ -1,0 +1,147 @@
+/* pyholepunch native engine: TCP hole-punching primitives in plain C99 (Linux).
+ *
+ * Conventions: every function returns 0 or a negative errno; results go to out-structs;
+ * nothing prints, exits or calls back. Times are absolute CLOCK_REALTIME nanoseconds
+ * (int64), durations are nanoseconds. Addresses: IPv4 in network byte order, ports in host
+ * byte order. Every call is blocking and thread-safe (no global state).
+ */
+#ifndef HP_ENGINE_H
+#define HP_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct hp_addr {
+    uint32_t ip;   /* network byte order */
+    uint16_t port; /* host byte order */
+} hp_addr_t;
+
+/* Parse dotted-quad text; -EINVAL if it is not an IPv4 address. */
+int hp_addr_parse(const char *text, uint16_t port, hp_addr_t *out);
+
+/* ---- clock ------------------------------------------------------------------------- */
+
+int64_t hp_clock_now_ns(void); /* CLOCK_REALTIME */
+int64_t hp_clock_mono_ns(void);
+
+/* Return at (or a few microseconds after) abs_ns: an absolute clock_nanosleep until shortly
+ * before, then a spin on clock_gettime, so the wake-up is not at the mercy of timer slack. */
+void hp_clock_wait_until(int64_t abs_ns);
+
+/* ---- statistics shared by simultaneous open and sweep -------------------------------- */
+
+typedef struct hp_punch_stats {
+    uint64_t attempts;       /* connect() calls, re-arms included */
+    uint64_t syns_sent;      /* connects that put a SYN on the wire */
+    uint64_t rsts_seen;      /* attempts ended by RST / ECONNREFUSED */
+    uint64_t icmp_errors;    /* attempts ended by EHOSTUNREACH / ENETUNREACH / EHOSTDOWN */
+    uint64_t sockets_opened; /* sockets created, listeners included */
+    int64_t first_syn_at_ns; /* absolute; 0 = no SYN sent */
+    int64_t first_syn_delay_ns;     /* first SYN minus start_at; valid if first_syn_at_ns */
+    int64_t time_to_established_ns; /* established minus start_at; -1 = not established */
+    int32_t local_port;      /* winner's local port, -1 = none */
+    int32_t have_remote;     /* 1 if remote is set */
+    hp_addr_t remote;        /* winner's peer address */
+    int32_t accepted;        /* 1 if won by listen + accept */
+} hp_punch_stats_t;
+
+void hp_punch_stats_init(hp_punch_stats_t *st);
+
+/* ---- simultaneous open ----------------------------------------------------------------- */
+
+typedef struct hp_simopen_args {
+    hp_addr_t local;      /* port 0: pick one on the first attempt, then keep it */
+    hp_addr_t remote;
+    int64_t start_at_ns;  /* absolute */
+    int64_t timeout_ns;   /* deadline = start_at + timeout */
+    int64_t interval_ns;  /* re-arm spacing after RST / unreachable, > 0 */
+    int syn_ttl;          /* 0 = default TTL; else 1..255 for the first ttl_syns attempts */
+    int ttl_syns;
+    int listen;           /* also listen + accept on the local port */
+} hp_simopen_args_t;
+
+/* 0 and *out_fd = a connected, blocking socket; -ETIMEDOUT at the deadline (stats filled);
+ * -EINVAL for bad arguments; -EADDRINUSE when the local port cannot be shared; other -errno. */
+int hp_simopen(const hp_simopen_args_t *args, int *out_fd, hp_punch_stats_t *st);
+
+/* ---- sweep ------------------------------------------------------------------------------ */
+
+typedef struct hp_sweep_pair {
+    uint16_t local_port;  /* 0 = ephemeral */
+    hp_addr_t remote;
+} hp_sweep_pair_t;
+
+typedef struct hp_sweep_args {
+    const hp_sweep_pair_t *pairs;
+    size_t npairs;
+    uint32_t local_ip;    /* network order; 0 = any */
+    int64_t start_at_ns;
+    int64_t timeout_ns;
+    int64_t interval_ns;  /* 0 = a failed pair is not retried */
+    uint32_t max_inflight;
+    double rate;          /* SYNs per second, 0 = as fast as possible */
+    int syn_ttl;          /* 0 = default; else TTL for each pair's first SYN */
+} hp_sweep_args_t;
+
+/* 0 and *out_fd = the first connection established (blocking); -ETIMEDOUT at the deadline;
+ * -ECONNREFUSED when every pair failed and none is left to retry; -EMFILE / -ENFILE when
+ * descriptors ran out; -EINVAL for bad arguments. No descriptor leaks on any path. */
+int hp_sweep(const hp_sweep_args_t *args, int *out_fd, hp_punch_stats_t *st);
+
+/* ---- raw SYN ------------------------------------------------------------------------------ */
+
+#define HP_SYN_LEN 44 /* 20 IPv4 + 20 TCP + 4 (MSS option) */
+
+/* RFC 1071 Internet checksum over len bytes, plus an initial 32-bit partial sum. */
+uint16_t hp_inet_checksum(const void *data, size_t len, uint32_t initial);
+
+/* Write one IPv4/TCP SYN (DF, MSS 1460) with both checksums into buf (>= HP_SYN_LEN). */
+int hp_build_syn(uint8_t *buf, size_t len, hp_addr_t src, hp_addr_t dst, int ttl,
+                 uint32_t seq, uint16_t ip_id);
+
+typedef struct hp_rawsyn_args {
+    hp_addr_t src;        /* ip 0 = the route's source address towards dst */
+    hp_addr_t dst;
+    int ttl;              /* 1..255 */
+    uint32_t count;       /* >= 1 */
+    int64_t spacing_ns;   /* between SYNs, >= 0 */
+    int64_t start_at_ns;  /* 0 = now */
+} hp_rawsyn_args_t;
+
+/* Send count SYNs through an IP_HDRINCL raw socket on an absolute schedule
+ * (start_at + i * spacing). send_times_ns (may be NULL) gets count entries. *sent counts the
+ * SYNs sent even on error. -EPERM / -EACCES without CAP_NET_RAW. */
+int hp_rawsyn(const hp_rawsyn_args_t *args, int64_t *send_times_ns, uint32_t *sent);
+
+/* ---- relay pump ----------------------------------------------------------------------------- */
+
+enum hp_relay_reason {
+    HP_RELAY_NONE = 0,
+    HP_RELAY_EOF = 1,   /* both sides closed their sending half */
+    HP_RELAY_IDLE = 2,  /* nothing moved for idle_timeout */
+    HP_RELAY_LIMIT = 3, /* max_bytes relayed in total */
+    HP_RELAY_ERROR = 4  /* see error */
+};
+
+typedef struct hp_relay_stats {
+    uint64_t bytes_a_to_b;
+    uint64_t bytes_b_to_a;
+    int reason;           /* enum hp_relay_reason */
+    int error;            /* errno for HP_RELAY_ERROR */
+} hp_relay_stats_t;
+
+/* Copy both ways between two connected stream sockets with splice(2), until both EOFs, idle,
+ * the byte limit (0 = none) or an error (reported in stats, return 0). Half-closes are
+ * propagated with shutdown(SHUT_WR). The caller's fds stay open with their flags restored.
+ * idle_timeout_ns 0 = none. Returns -EINVAL / -EBADF for bad fds, -errno on setup failure. */
+int hp_relay_pump(int fd_a, int fd_b, int64_t idle_timeout_ns, uint64_t max_bytes,
+                  hp_relay_stats_t *st);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* HP_ENGINE_H */

@@ -1,0 +1,31 @@
+/* Helpers shared by the engine's translation units; not part of the public API. */
+#ifndef HP_INTERNAL_H
+#define HP_INTERNAL_H
+
+#include <stdint.h>
+
+#include "hp_engine.h"
+
+#define HP_NS_PER_S 1000000000LL
+
+/* How a failed connect ended, for the stats. */
+typedef enum hp_fail_kind { HP_FAIL_OTHER = 0, HP_FAIL_RST = 1, HP_FAIL_ICMP = 2 } hp_fail_kind_t;
+
+hp_fail_kind_t hp_fail_kind(int err);
+
+/* A non-blocking, close-on-exec TCP socket with SO_REUSEADDR and, when reuseport,
+ * SO_REUSEPORT; bound to ip:port when do_bind. */
+int hp_sock_tcp_bound(uint32_t ip, uint16_t port, int reuseport, int do_bind, int *out_fd);
+
+/* IP_TTL; ttl -1 restores the route default. */
+int hp_sock_set_ttl(int fd, int ttl);
+
+int hp_sock_set_blocking(int fd);
+
+/* Close fd keeping errno intact; fd < 0 is ignored. */
+void hp_close(int fd);
+
+/* Local port of a bound socket, or -errno. */
+int hp_sock_local_port(int fd);
+
+#endif

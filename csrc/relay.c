@@ -1,0 +1,223 @@
+/* The relay data path: two sockets pumped both ways with splice(2) through a pipe per
+ * direction, so payload bytes never cross into user space. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "hp_internal.h"
+
+#define HP_PIPE_SIZE (1 << 20) /* the default pipe-max-size; smaller is fine */
+#define HP_ROUNDS 16           /* per direction per wake-up, so neither starves the other */
+
+typedef struct hp_dir {
+    int src, dst;
+    int pipe_r, pipe_w;
+    size_t in_pipe;       /* bytes read from src, not yet written to dst */
+    int eof;              /* src reached end of stream */
+    int shut;             /* dst shut down for writing */
+    int want_in, want_out, again;
+    uint64_t *bytes;
+} hp_dir_t;
+
+static int hp_dir_open(hp_dir_t *d, int src, int dst, uint64_t *bytes, size_t *cap)
+{
+    int p[2];
+    memset(d, 0, sizeof(*d));
+    d->src = src;
+    d->dst = dst;
+    d->bytes = bytes;
+    d->pipe_r = d->pipe_w = -1;
+    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0)
+        return -errno;
+    d->pipe_r = p[0];
+    d->pipe_w = p[1];
+    (void)fcntl(d->pipe_w, F_SETPIPE_SZ, HP_PIPE_SIZE); /* may be refused: keep the default */
+    {
+        int sz = fcntl(d->pipe_w, F_GETPIPE_SZ);
+        *cap = sz > 0 ? (size_t)sz : 65536;
+    }
+    return 0;
+}
+
+/* Move what can move without blocking. *budget: bytes that may still be read (total over
+ * both directions); UINT64_MAX for no limit. Returns -errno on a socket error. */
+static int hp_dir_step(hp_dir_t *d, size_t cap, uint64_t *budget, int *moved)
+{
+    int round;
+    d->want_in = d->want_out = d->again = 0;
+    for (round = 0; round < HP_ROUNDS; round++) {
+        ssize_t n;
+        size_t len;
+        while (d->in_pipe > 0) {
+            n = splice(d->pipe_r, NULL, d->dst, NULL, d->in_pipe,
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (n > 0) {
+                d->in_pipe -= (size_t)n;
+                *d->bytes += (uint64_t)n;
+                *moved = 1;
+            } else if (n < 0 && errno == EINTR) {
+                continue;
+            } else if (n < 0 && errno == EAGAIN) {
+                d->want_out = 1;
+                return 0;
+            } else {
+                return n < 0 ? -errno : -EPIPE;
+            }
+        }
+        if (d->eof) {
+            if (!d->shut) {
+                /* Half-close: the other side learns of the EOF, its direction goes on. */
+                if (shutdown(d->dst, SHUT_WR) < 0 && errno != ENOTCONN)
+                    return -errno;
+                d->shut = 1;
+            }
+            return 0;
+        }
+        if (*budget == 0)
+            return 0;
+        len = cap - d->in_pipe;
+        if ((uint64_t)len > *budget)
+            len = (size_t)*budget;
+        n = splice(d->src, NULL, d->pipe_w, NULL, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n > 0) {
+            d->in_pipe += (size_t)n;
+            if (*budget != UINT64_MAX)
+                *budget -= (uint64_t)n;
+            *moved = 1;
+        } else if (n == 0) {
+            d->eof = 1;
+        } else if (errno == EINTR) {
+            continue;
+        } else if (errno == EAGAIN) {
+            /* With bytes in the pipe this may mean "pipe full": draining comes first. */
+            if (d->in_pipe == 0)
+                d->want_in = 1;
+            else
+                d->again = 1;
+            return 0;
+        } else {
+            return -errno;
+        }
+    }
+    d->again = 1;
+    return 0;
+}
+
+static int hp_ep_set(int ep, int fd, uint32_t events, uint32_t *current)
+{
+    struct epoll_event ev;
+    if (events == *current)
+        return 0;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = events;
+    ev.data.fd = fd;
+    if (epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev) < 0)
+        return -errno;
+    *current = events;
+    return 0;
+}
+
+static int hp_relay_loop(int ep, hp_dir_t *ab, hp_dir_t *ba, size_t cap_ab, size_t cap_ba,
+                         int64_t idle_ns, uint64_t max_bytes, hp_relay_stats_t *st)
+{
+    uint64_t budget = max_bytes ? max_bytes : UINT64_MAX;
+    uint32_t ev_a = 0, ev_b = 0;
+    int64_t last = hp_clock_mono_ns();
+    struct epoll_event evs[4];
+
+    for (;;) {
+        int moved = 0, rc, timeout_ms = -1;
+        if ((rc = hp_dir_step(ab, cap_ab, &budget, &moved)) < 0
+            || (rc = hp_dir_step(ba, cap_ba, &budget, &moved)) < 0) {
+            st->reason = HP_RELAY_ERROR;
+            st->error = -rc;
+            return 0;
+        }
+        if (moved)
+            last = hp_clock_mono_ns();
+        if (ab->shut && ba->shut) {
+            st->reason = HP_RELAY_EOF;
+            return 0;
+        }
+        if (budget == 0 && ab->in_pipe == 0 && ba->in_pipe == 0) {
+            st->reason = HP_RELAY_LIMIT;
+            return 0;
+        }
+        if ((rc = hp_ep_set(ep, ab->src, (ab->want_in ? EPOLLIN : 0u)
+                                             | (ba->want_out ? EPOLLOUT : 0u), &ev_a)) < 0
+            || (rc = hp_ep_set(ep, ba->src, (ba->want_in ? EPOLLIN : 0u)
+                                                | (ab->want_out ? EPOLLOUT : 0u), &ev_b)) < 0)
+            return rc;
+        if (ab->again || ba->again) {
+            timeout_ms = 0;
+        } else if (idle_ns > 0) {
+            int64_t left = idle_ns - (hp_clock_mono_ns() - last);
+            if (left <= 0) {
+                st->reason = HP_RELAY_IDLE;
+                return 0;
+            }
+            timeout_ms = (int)((left + 999999) / 1000000);
+        }
+        if (epoll_wait(ep, evs, 4, timeout_ms) < 0 && errno != EINTR)
+            return -errno;
+    }
+}
+
+int hp_relay_pump(int fd_a, int fd_b, int64_t idle_timeout_ns, uint64_t max_bytes,
+                  hp_relay_stats_t *st)
+{
+    hp_dir_t ab, ba;
+    size_t cap_ab = 0, cap_ba = 0;
+    int fl_a, fl_b, ep = -1, rc;
+    struct epoll_event ev;
+
+    if (st == NULL || fd_a < 0 || fd_b < 0 || fd_a == fd_b || idle_timeout_ns < 0)
+        return -EINVAL;
+    memset(st, 0, sizeof(*st));
+    fl_a = fcntl(fd_a, F_GETFL);
+    fl_b = fcntl(fd_b, F_GETFL);
+    if (fl_a < 0 || fl_b < 0)
+        return -EBADF;
+    memset(&ab, 0, sizeof(ab));
+    memset(&ba, 0, sizeof(ba));
+    ab.pipe_r = ab.pipe_w = ba.pipe_r = ba.pipe_w = -1;
+    if ((rc = hp_dir_open(&ab, fd_a, fd_b, &st->bytes_a_to_b, &cap_ab)) < 0
+        || (rc = hp_dir_open(&ba, fd_b, fd_a, &st->bytes_b_to_a, &cap_ba)) < 0)
+        goto out;
+    ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0) {
+        rc = -errno;
+        goto out;
+    }
+    memset(&ev, 0, sizeof(ev));
+    ev.data.fd = fd_a;
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, fd_a, &ev) < 0) {
+        rc = -errno;
+        goto out;
+    }
+    ev.data.fd = fd_b;
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, fd_b, &ev) < 0) {
+        rc = -errno;
+        goto out;
+    }
+    /* splice() on a blocking socket would block despite SPLICE_F_NONBLOCK. */
+    if (fcntl(fd_a, F_SETFL, fl_a | O_NONBLOCK) < 0 || fcntl(fd_b, F_SETFL, fl_b | O_NONBLOCK) < 0) {
+        rc = -errno;
+        goto restore;
+    }
+    rc = hp_relay_loop(ep, &ab, &ba, cap_ab, cap_ba, idle_timeout_ns, max_bytes, st);
+restore:
+    (void)fcntl(fd_a, F_SETFL, fl_a);
+    (void)fcntl(fd_b, F_SETFL, fl_b);
+out:
+    hp_close(ep); /* also drops the caller's fds from the set; they stay open */
+    hp_close(ab.pipe_r);
+    hp_close(ab.pipe_w);
+    hp_close(ba.pipe_r);
+    hp_close(ba.pipe_w);
+    return rc;
+}

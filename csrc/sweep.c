@@ -1,0 +1,335 @@
+/* Sweep: thousands of concurrent non-blocking connects over explicit (local port, remote)
+ * pairs, epoll-driven, paced on absolute deadlines; the first established wins. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "hp_internal.h"
+
+#define HP_SWEEP_EVENTS 256
+
+typedef struct hp_sweep_slot {
+    int fd;          /* -1 = free */
+    uint32_t pair;   /* index into args->pairs */
+} hp_sweep_slot_t;
+
+typedef struct hp_sweep_state {
+    const hp_sweep_args_t *a;
+    hp_punch_stats_t *st;
+    int ep;
+    hp_sweep_slot_t *slots;   /* max_inflight entries */
+    uint32_t *free_slots;     /* stack of free slot indices */
+    uint32_t nfree;
+    uint32_t *retry;          /* FIFO of pair indices waiting for a re-arm */
+    int64_t *retry_at;        /* parallel to retry */
+    size_t rhead, rcount;     /* ring over npairs entries */
+    size_t next_pair;         /* next never-tried pair */
+    int64_t next_syn_at;      /* pacing: earliest time of the next SYN */
+    int64_t period_ns;        /* 0 = unpaced */
+} hp_sweep_state_t;
+
+static int hp_sweep_validate(const hp_sweep_args_t *a, const int *out_fd,
+                             const hp_punch_stats_t *st)
+{
+    size_t i;
+    if (a == NULL || out_fd == NULL || st == NULL || a->pairs == NULL || a->npairs == 0)
+        return -EINVAL;
+    if (a->npairs > UINT32_MAX || a->max_inflight == 0)
+        return -EINVAL;
+    if (a->timeout_ns <= 0 || a->interval_ns < 0 || a->start_at_ns <= 0)
+        return -EINVAL;
+    if (!(a->rate >= 0.0) || isinf(a->rate) || a->syn_ttl < 0 || a->syn_ttl > 255)
+        return -EINVAL;
+    for (i = 0; i < a->npairs; i++)
+        if (a->pairs[i].remote.ip == 0 || a->pairs[i].remote.port == 0)
+            return -EINVAL;
+    return 0;
+}
+
+static void hp_sweep_release(hp_sweep_state_t *s, uint32_t slot)
+{
+    hp_close(s->slots[slot].fd); /* close() also drops it from the epoll set */
+    s->slots[slot].fd = -1;
+    s->free_slots[s->nfree++] = slot;
+}
+
+static void hp_sweep_count_failure(hp_sweep_state_t *s, int err, uint32_t pair, int64_t now)
+{
+    switch (hp_fail_kind(err)) {
+    case HP_FAIL_RST:
+        s->st->rsts_seen++;
+        break;
+    case HP_FAIL_ICMP:
+        s->st->icmp_errors++;
+        break;
+    default:
+        break;
+    }
+    if (s->a->interval_ns > 0) {
+        size_t tail = (s->rhead + s->rcount) % s->a->npairs;
+        s->retry[tail] = pair;
+        s->retry_at[tail] = now + s->a->interval_ns;
+        s->rcount++;
+    }
+}
+
+/* Launch one connect for pair into a free slot. 1 = established at once (the fd is in
+ * *won), 0 = in flight or failed (counted), < 0 = fatal (-EMFILE, ...). */
+static int hp_sweep_launch(hp_sweep_state_t *s, uint32_t pair, int first, int *won)
+{
+    const hp_sweep_pair_t *p = &s->a->pairs[pair];
+    struct sockaddr_in sa;
+    struct epoll_event ev;
+    int fd, rc, err, low_ttl = first && s->a->syn_ttl > 0;
+    uint32_t slot;
+    int64_t t;
+
+    rc = hp_sock_tcp_bound(s->a->local_ip, p->local_port, 1,
+                           s->a->local_ip != 0 || p->local_port != 0, &fd);
+    if (rc < 0)
+        return rc;
+    s->st->sockets_opened++;
+    if (low_ttl && (rc = hp_sock_set_ttl(fd, s->a->syn_ttl)) < 0) {
+        hp_close(fd);
+        return rc;
+    }
+    memset(&sa, 0, sizeof(sa));
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = p->remote.ip;
+    sa.sin_port = htons(p->remote.port);
+    t = hp_clock_now_ns();
+    rc = connect(fd, (struct sockaddr *)&sa, sizeof(sa));
+    err = rc < 0 ? errno : 0;
+    s->st->attempts++;
+    if (rc < 0 && err != EINPROGRESS) {
+        hp_close(fd);
+        if (hp_fail_kind(err) == HP_FAIL_OTHER && err != EADDRINUSE && err != EADDRNOTAVAIL)
+            return -err;
+        hp_sweep_count_failure(s, err, pair, t);
+        return 0;
+    }
+    s->st->syns_sent++;
+    if (s->st->first_syn_at_ns == 0) {
+        s->st->first_syn_at_ns = t;
+        s->st->first_syn_delay_ns = t - s->a->start_at_ns;
+    }
+    if (low_ttl && (rc = hp_sock_set_ttl(fd, -1)) < 0) {
+        hp_close(fd);
+        return rc;
+    }
+    if (err == 0) {
+        *won = fd;
+        return 1;
+    }
+    slot = s->free_slots[--s->nfree];
+    s->slots[slot].fd = fd;
+    s->slots[slot].pair = pair;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLOUT;
+    ev.data.u32 = slot;
+    if (epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        rc = -errno;
+        hp_sweep_release(s, slot);
+        return rc;
+    }
+    return 0;
+}
+
+/* Launch whatever is due now: re-arms first, then new pairs, within pacing and slots. */
+static int hp_sweep_launch_due(hp_sweep_state_t *s, int64_t now, int *won)
+{
+    for (;;) {
+        uint32_t pair;
+        int first, rc;
+        if (s->nfree == 0)
+            return 0;
+        if (s->period_ns > 0 && now < s->next_syn_at)
+            return 0;
+        if (s->rcount > 0 && s->retry_at[s->rhead] <= now) {
+            pair = s->retry[s->rhead];
+            s->rhead = (s->rhead + 1) % s->a->npairs;
+            s->rcount--;
+            first = 0;
+        } else if (s->next_pair < s->a->npairs) {
+            pair = (uint32_t)s->next_pair++;
+            first = 1;
+        } else {
+            return 0;
+        }
+        if (s->period_ns > 0) {
+            /* Absolute schedule: late launches catch up instead of drifting. */
+            s->next_syn_at += s->period_ns;
+        }
+        rc = hp_sweep_launch(s, pair, first, won);
+        if (rc != 0)
+            return rc;
+        if (s->period_ns > 0)
+            now = hp_clock_now_ns();
+    }
+}
+
+/* When the loop should wake up next for launching (INT64_MAX = nothing to launch). */
+static int64_t hp_sweep_next_launch(const hp_sweep_state_t *s)
+{
+    int64_t t = INT64_MAX;
+    if (s->nfree == 0)
+        return INT64_MAX;
+    if (s->next_pair < s->a->npairs)
+        t = 0;
+    if (s->rcount > 0 && s->retry_at[s->rhead] < t)
+        t = s->retry_at[s->rhead];
+    if (t != INT64_MAX && s->period_ns > 0 && s->next_syn_at > t)
+        t = s->next_syn_at;
+    return t;
+}
+
+static int hp_sweep_wait(int ep, struct epoll_event *evs, int64_t wait_ns)
+{
+    struct timespec ts;
+    int n;
+    ts.tv_sec = (time_t)(wait_ns / HP_NS_PER_S);
+    ts.tv_nsec = (long)(wait_ns % HP_NS_PER_S);
+    n = epoll_pwait2(ep, evs, HP_SWEEP_EVENTS, &ts, NULL);
+    if (n < 0 && errno == ENOSYS) {
+        /* Kernels before 5.11: millisecond resolution, rounded up. */
+        n = epoll_wait(ep, evs, HP_SWEEP_EVENTS, (int)((wait_ns + 999999) / 1000000));
+    }
+    return n;
+}
+
+static void hp_sweep_win(hp_sweep_state_t *s, int fd)
+{
+    struct sockaddr_in peer;
+    socklen_t len = sizeof(peer);
+    s->st->time_to_established_ns = hp_clock_now_ns() - s->a->start_at_ns;
+    s->st->local_port = hp_sock_local_port(fd);
+    if (getpeername(fd, (struct sockaddr *)&peer, &len) == 0) {
+        s->st->have_remote = 1;
+        s->st->remote.ip = peer.sin_addr.s_addr;
+        s->st->remote.port = ntohs(peer.sin_port);
+    }
+}
+
+int hp_sweep(const hp_sweep_args_t *a, int *out_fd, hp_punch_stats_t *st)
+{
+    hp_sweep_state_t s;
+    struct epoll_event *evs = NULL;
+    uint32_t ninflight, i;
+    int64_t deadline;
+    int rc, winner = -1;
+
+    rc = hp_sweep_validate(a, out_fd, st);
+    if (rc < 0)
+        return rc;
+    *out_fd = -1;
+    hp_punch_stats_init(st);
+    memset(&s, 0, sizeof(s));
+    s.a = a;
+    s.st = st;
+    s.ep = -1;
+    ninflight = a->max_inflight;
+    if ((size_t)ninflight > a->npairs)
+        ninflight = (uint32_t)a->npairs;
+    s.slots = calloc(ninflight, sizeof(*s.slots));
+    s.free_slots = calloc(ninflight, sizeof(*s.free_slots));
+    s.retry = calloc(a->npairs, sizeof(*s.retry));
+    s.retry_at = calloc(a->npairs, sizeof(*s.retry_at));
+    evs = calloc(HP_SWEEP_EVENTS, sizeof(*evs));
+    if (!s.slots || !s.free_slots || !s.retry || !s.retry_at || !evs) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    for (i = 0; i < ninflight; i++) {
+        s.slots[i].fd = -1;
+        s.free_slots[s.nfree++] = ninflight - 1 - i;
+    }
+    s.ep = epoll_create1(EPOLL_CLOEXEC);
+    if (s.ep < 0) {
+        rc = -errno;
+        goto out;
+    }
+    if (a->rate > 0.0) {
+        double p = 1e9 / a->rate;
+        s.period_ns = p < 1.0 ? 1 : (int64_t)p;
+    }
+    s.next_syn_at = a->start_at_ns;
+    deadline = a->start_at_ns + a->timeout_ns;
+    hp_clock_wait_until(a->start_at_ns);
+
+    for (;;) {
+        int64_t now = hp_clock_now_ns(), until;
+        int n, k;
+
+        if (now >= deadline) {
+            rc = -ETIMEDOUT;
+            goto out;
+        }
+        rc = hp_sweep_launch_due(&s, now, &winner);
+        if (rc < 0)
+            goto out;
+        if (rc == 1)
+            break;
+        if (s.nfree == ninflight && s.rcount == 0 && s.next_pair >= a->npairs) {
+            rc = -ECONNREFUSED; /* every pair failed, nothing left to try */
+            goto out;
+        }
+        until = hp_sweep_next_launch(&s);
+        if (until > deadline)
+            until = deadline;
+        now = hp_clock_now_ns();
+        n = hp_sweep_wait(s.ep, evs, until > now ? until - now : 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = -errno;
+            goto out;
+        }
+        now = hp_clock_now_ns();
+        for (k = 0; k < n; k++) {
+            uint32_t slot = evs[k].data.u32;
+            int err = 0;
+            socklen_t len = sizeof(err);
+            if (s.slots[slot].fd < 0)
+                continue;
+            if (getsockopt(s.slots[slot].fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+                err = errno;
+            if (err == 0) {
+                /* Established: by our SYN being answered or by simultaneous open. */
+                winner = s.slots[slot].fd;
+                s.slots[slot].fd = -1;
+                break;
+            }
+            hp_sweep_count_failure(&s, err, s.slots[slot].pair, now);
+            hp_sweep_release(&s, slot);
+        }
+        if (winner >= 0)
+            break;
+    }
+    rc = hp_sock_set_blocking(winner);
+    if (rc < 0) {
+        hp_close(winner);
+        goto out;
+    }
+    hp_sweep_win(&s, winner);
+    *out_fd = winner;
+    rc = 0;
+out:
+    if (s.slots != NULL) {
+        for (i = 0; i < ninflight; i++)
+            hp_close(s.slots[i].fd);
+    }
+    hp_close(s.ep);
+    free(s.slots);
+    free(s.free_slots);
+    free(s.retry);
+    free(s.retry_at);
+    free(evs);
+    return rc;
+}
