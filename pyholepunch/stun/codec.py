@@ -119,6 +119,19 @@ class AttrType(IntEnum):
     ICE_CONTROLLING = 0x802A
     RESPONSE_ORIGIN = 0x802B         # RFC 5780
     OTHER_ADDRESS = 0x802C           # RFC 5780
+    # Private (comprehension-optional) range: how the server's TCP connect-back ended,
+    # sent on the original connection when it did not succeed. See stun/server.py.
+    CONNECT_BACK_RESULT = 0xC0CB
+
+
+class ConnectBack(IntEnum):
+    """Outcome of a TCP connect-back (the value of CONNECT-BACK-RESULT)."""
+
+    CONNECTED = 0
+    REFUSED = 1        # answered with RST
+    TIMEOUT = 2        # SYN dropped
+    UNREACHABLE = 3    # ICMP error
+    FAILED = 4         # anything else (local error on the server)
 
 
 def attr_name(code: int) -> str:
@@ -328,11 +341,19 @@ for _code, _name, (_enc, _dec) in [
      (lambda v, tid: struct.pack("!HH", v, 0), lambda b, tid: _dec_response_port(b))),
     (AttrType.PADDING, "PADDING", (lambda v, tid: bytes(v), _raw)),
     (AttrType.PRIORITY, "PRIORITY", _u32("PRIORITY")),
+    (AttrType.CONNECT_BACK_RESULT, "CONNECT-BACK-RESULT",
+     (lambda v, tid: struct.pack("!I", int(v)), lambda b, tid: _dec_connect_back(b))),
     (AttrType.USE_CANDIDATE, "USE-CANDIDATE", _fixed("USE-CANDIDATE", 0)),
     (AttrType.ICE_CONTROLLED, "ICE-CONTROLLED", _fixed("ICE-CONTROLLED", 8)),
     (AttrType.ICE_CONTROLLING, "ICE-CONTROLLING", _fixed("ICE-CONTROLLING", 8)),
 ]:
     register_attribute(_code, _name, _enc, _dec)
+
+
+def _dec_connect_back(b: bytes) -> ConnectBack | int:
+    if len(b) != 4:
+        raise _bad("CONNECT-BACK-RESULT", f"{len(b)} bytes, need 4")
+    return _enum_or_int(ConnectBack, struct.unpack("!I", b)[0])
 
 
 def _dec_response_port(b: bytes) -> int:

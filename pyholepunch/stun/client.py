@@ -1,0 +1,305 @@
+"""asyncio STUN clients: UDP with RFC 8489 retransmission, TCP with a single send.
+
+``StunUdpClient`` owns one UDP socket and runs any number of concurrent transactions on it
+(to different servers, with or without CHANGE-REQUEST); datagrams that are not answers to
+our transactions (e.g. our own request coming back through a hairpinning NAT) go to
+``incoming``. ``StunTcpConnection`` is one TCP connection from a chosen local port
+(SO_REUSEADDR + SO_REUSEPORT, so several probes and a listener can share that port).
+Timeouts and retry counts are arguments, never module globals.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ProtocolError, TransactionFailed, TransactionTimeout
+from .codec import (
+    Address,
+    AttrType,
+    ChangeRequest,
+    MessageClass,
+    StreamFramer,
+    StunMessage,
+    binding_request,
+)
+
+log = logging.getLogger(__name__)
+
+# RFC 8489 §6.2.1 / §6.2.2 defaults.
+DEFAULT_RTO = 0.5
+DEFAULT_RC = 7
+DEFAULT_RM = 16
+DEFAULT_TI = 39.5
+
+
+def retransmit_schedule(rto: float, rc: int, rm: int) -> tuple[list[float], float]:
+    """Send offsets and the give-up offset of one UDP transaction (RFC 8489 §6.2.1):
+    sends at 0, RTO, 3 RTO, 7 RTO, ... (Rc sends), give up Rm x RTO after the last."""
+    if rto <= 0 or rc < 1 or rm < 1:
+        raise ValueError(f"bad retransmission parameters rto={rto} rc={rc} rm={rm}")
+    sends = [rto * ((1 << i) - 1) for i in range(rc)]
+    return sends, sends[-1] + rm * rto
+
+
+@dataclass(frozen=True, slots=True)
+class BindingResult:
+    """What one Binding transaction taught us."""
+
+    mapped: Address                       # XOR-MAPPED-ADDRESS (or MAPPED-ADDRESS)
+    local: Address                        # the local address we sent from
+    source: Address                       # where the answer came from (IP/TCP source)
+    response_origin: Address | None       # RESPONSE-ORIGIN (RFC 5780)
+    other_address: Address | None         # OTHER-ADDRESS (RFC 5780)
+    software: str | None
+    rtt: float                            # first send to answer, seconds
+    response: StunMessage
+
+
+def _result(resp: StunMessage, local: Address, source: Address, rtt: float) -> BindingResult:
+    if resp.cls is MessageClass.ERROR:
+        err = resp.error
+        code = err.code if err else None
+        raise TransactionFailed(f"STUN error {code} {err.reason if err else ''}".strip(),
+                                response=resp, code=code)
+    if resp.unknown_required:
+        raise TransactionFailed(f"response has unknown attributes {list(resp.unknown_required)}",
+                                response=resp)
+    mapped = resp.mapped_address
+    if mapped is None:
+        raise TransactionFailed("response has no (XOR-)MAPPED-ADDRESS", response=resp)
+    return BindingResult(mapped, local, source, resp.get(AttrType.RESPONSE_ORIGIN),
+                         resp.get(AttrType.OTHER_ADDRESS), resp.get(AttrType.SOFTWARE), rtt, resp)
+
+
+def new_transaction_id() -> bytes:
+    return os.urandom(12)
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, owner: StunUdpClient) -> None:
+        self.owner = owner
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.owner._on_datagram(data, (addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("STUN/UDP client: %r", exc)   # ICMP: the retransmission timer decides
+
+
+class StunUdpClient:
+    """One UDP socket, many concurrent STUN transactions."""
+
+    def __init__(self, *, rto: float = DEFAULT_RTO, rc: int = DEFAULT_RC, rm: int = DEFAULT_RM,
+                 software: str | None = None) -> None:
+        retransmit_schedule(rto, rc, rm)   # validate early
+        self.rto, self.rc, self.rm, self.software = rto, rc, rm, software
+        self._transport: asyncio.DatagramTransport | None = None
+        self._pending: dict[bytes, asyncio.Future[tuple[StunMessage, Address, float]]] = {}
+        self.incoming: asyncio.Queue[tuple[bytes, Address]] = asyncio.Queue(maxsize=256)
+        self.local: Address = ("0.0.0.0", 0)
+        self.on_unmatched: Callable[[bytes, Address], None] | None = None
+
+    @classmethod
+    async def open(cls, local: Address = ("0.0.0.0", 0), **kwargs: Any) -> StunUdpClient:
+        self = cls(**kwargs)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), local_addr=local)
+        self._transport = transport  # type: ignore[assignment]
+        sockname = transport.get_extra_info("sockname")
+        self.local = (sockname[0], sockname[1])
+        return self
+
+    def _on_datagram(self, data: bytes, addr: Address) -> None:
+        try:
+            msg = StunMessage.parse(data)
+        except ProtocolError as exc:
+            log.debug("STUN/UDP client: ignoring %d bytes from %s: %s", len(data), addr, exc)
+            return
+        fut = self._pending.get(msg.transaction_id)
+        if fut is not None and msg.cls in (MessageClass.SUCCESS, MessageClass.ERROR):
+            if not fut.done():
+                fut.set_result((msg, addr, time.monotonic()))
+            return
+        if self.on_unmatched is not None:
+            self.on_unmatched(data, addr)
+        with contextlib.suppress(asyncio.QueueFull):
+            self.incoming.put_nowait((data, addr))
+
+    def send_raw(self, data: bytes, addr: Address) -> None:
+        if self._transport is None:
+            raise RuntimeError("client is closed")
+        self._transport.sendto(data, addr)
+
+    async def request(self, server: Address, msg: StunMessage, *, rto: float | None = None,
+                      rc: int | None = None, rm: int | None = None,
+                      timeout: float | None = None) -> BindingResult:
+        """Run one transaction; ``timeout`` caps the whole schedule (TransactionTimeout)."""
+        sends, give_up = retransmit_schedule(rto or self.rto, rc or self.rc, rm or self.rm)
+        if timeout is not None:
+            give_up = min(give_up, timeout)
+            sends = [s for s in sends if s < give_up]
+        data = msg.encode(fingerprint=True)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[StunMessage, Address, float]] = loop.create_future()
+        tid = msg.transaction_id
+        self._pending[tid] = fut
+        start = time.monotonic()
+        try:
+            for i, offset in enumerate(sends):
+                if i:
+                    await asyncio.wait([fut], timeout=max(0.0, start + offset - time.monotonic()))
+                    if fut.done():
+                        break
+                self.send_raw(data, server)
+            if not fut.done():
+                await asyncio.wait([fut], timeout=max(0.0, start + give_up - time.monotonic()))
+            if not fut.done():
+                raise TransactionTimeout(f"no STUN answer from {server[0]}:{server[1]} "
+                                         f"after {len(sends)} sends in {give_up:.2f} s")
+            resp, source, at = fut.result()
+        finally:
+            self._pending.pop(tid, None)
+            if not fut.done():
+                fut.cancel()
+        return _result(resp, self.local, source, at - start)
+
+    async def binding(self, server: Address, *, change: ChangeRequest | None = None,
+                      **kwargs: Any) -> BindingResult:
+        req = binding_request(new_transaction_id(), change=change, software=self.software)
+        return await self.request(server, req, **kwargs)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.cancel()
+
+    async def __aenter__(self) -> StunUdpClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+def reusable_socket(local: Address, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A non-blocking socket bound to ``local`` with SO_REUSEADDR + SO_REUSEPORT."""
+    family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setblocking(False)
+        sock.bind(local)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class StunTcpConnection:
+    """One STUN-over-TCP connection; requests are sent once and wait up to ``ti``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 *, ti: float = DEFAULT_TI, software: str | None = None) -> None:
+        self.reader, self.writer = reader, writer
+        self.ti, self.software = ti, software
+        self._framer = StreamFramer()
+        self._queue: list[StunMessage] = []
+        sock = writer.get_extra_info("sockname")
+        peer = writer.get_extra_info("peername")
+        self.local: Address = (sock[0], sock[1])
+        self.remote: Address = (peer[0], peer[1])
+        self.connect_time = 0.0
+
+    @classmethod
+    async def open(cls, server: Address, *, local: Address = ("0.0.0.0", 0),
+                   connect_timeout: float = 5.0, **kwargs: Any) -> StunTcpConnection:
+        sock = reusable_socket(local)
+        loop = asyncio.get_running_loop()
+        start = time.monotonic()
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, server), connect_timeout)
+        except TimeoutError:
+            sock.close()
+            raise TransactionTimeout(f"TCP connect to {server[0]}:{server[1]} timed out "
+                                     f"after {connect_timeout:.2f} s") from None
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock)
+        self = cls(reader, writer, **kwargs)
+        self.connect_time = time.monotonic() - start
+        return self
+
+    async def read_message(self, timeout: float) -> StunMessage:
+        """The next whole message (TimeoutError / ConnectionError / ProtocolError)."""
+        deadline = time.monotonic() + timeout
+        while not self._queue:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no STUN message")
+            data = await asyncio.wait_for(self.reader.read(4096), remaining)
+            if not data:
+                raise ConnectionResetError(f"{self.remote[0]}:{self.remote[1]} closed the connection")
+            self._queue += [StunMessage.parse(f) for f in self._framer.feed(data)]
+        return self._queue.pop(0)
+
+    def send(self, msg: StunMessage) -> None:
+        self.writer.write(msg.encode(fingerprint=True))
+
+    async def request(self, msg: StunMessage, *, timeout: float | None = None) -> BindingResult:
+        wait = self.ti if timeout is None else timeout
+        start = time.monotonic()
+        self.send(msg)
+        await self.writer.drain()
+        deadline = start + wait
+        while True:
+            try:
+                resp = await self.read_message(deadline - time.monotonic())
+            except TimeoutError:
+                raise TransactionTimeout(f"no STUN answer over TCP from {self.remote[0]}:"
+                                         f"{self.remote[1]} in {wait:.2f} s") from None
+            if resp.transaction_id == msg.transaction_id and resp.cls in (
+                    MessageClass.SUCCESS, MessageClass.ERROR):
+                return _result(resp, self.local, self.remote, time.monotonic() - start)
+
+    async def binding(self, *, change: ChangeRequest | None = None,
+                      timeout: float | None = None) -> BindingResult:
+        req = binding_request(new_transaction_id(), change=change, software=self.software)
+        return await self.request(req, timeout=timeout)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+
+    async def __aenter__(self) -> StunTcpConnection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def stun_binding(server: Address, *, transport: str = "udp", local: Address = ("0.0.0.0", 0),
+                       change: ChangeRequest | None = None, rto: float = DEFAULT_RTO,
+                       rc: int = DEFAULT_RC, rm: int = DEFAULT_RM, ti: float = DEFAULT_TI,
+                       software: str | None = None) -> BindingResult:
+    """One Binding transaction over ``transport`` (udp | tcp): the simple public entry."""
+    if transport == "udp":
+        async with await StunUdpClient.open(local, rto=rto, rc=rc, rm=rm, software=software) as c:
+            return await c.binding(server, change=change)
+    if transport == "tcp":
+        conn = await StunTcpConnection.open(server, local=local, connect_timeout=ti, ti=ti,
+                                            software=software)
+        async with conn:
+            return await conn.binding(change=change)
+    raise ValueError(f"transport must be 'udp' or 'tcp', got {transport!r}")

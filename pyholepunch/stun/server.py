@@ -1,0 +1,308 @@
+"""asyncio STUN server, UDP and TCP, on up to two IPs x two ports (RFC 5780).
+
+UDP CHANGE-REQUEST answers leave from the requested other address/port. Over TCP an answer
+cannot change its source, so a "change" answer is delivered by *connecting back* from the
+other address/port to the client's source address and port: whether that SYN gets through
+the client's NAT is exactly TCP filtering. When the connect-back fails, the server says how
+on the original connection: an error response 447 carrying CONNECT-BACK-RESULT (REFUSED =
+the NAT answered with RST, TIMEOUT = dropped, UNREACHABLE = ICMP), which is how the client
+learns the NAT's unsolicited-SYN behaviour without raw sockets. Listeners use SO_REUSEPORT
+so the connect-back socket can bind the listening address.
+
+Embedding (``pyholepunch serve``): construct, ``await start_udp()``, and hand accepted TCP
+connections whose first byte is STUN to ``serve_tcp_stream(reader, writer)``. Standalone:
+``async with StunServer(...)`` runs UDP and TCP listeners of its own.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+from typing import Any
+
+from ..errors import ProtocolError
+from .codec import (
+    AttrType,
+    ConnectBack,
+    ErrorCode,
+    StreamFramer,
+    error_response,
+)
+from .responder import Address, Layout, Reply, Responder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOFTWARE = "pyholepunch"
+_UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES, errno.EPERM}
+
+
+class _UdpEndpoint(asyncio.DatagramProtocol):
+    def __init__(self, server: StunServer, local: Address) -> None:
+        self.server, self.local = server, local
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.server._on_datagram(data, self.local, (addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP %s: %s", self.local, exc)   # ICMP errors from earlier sends: ignore
+
+
+class StunServer:
+    """STUN Binding server. ``alt_ip``/``alt_port`` enable RFC 5780 (OTHER-ADDRESS,
+    CHANGE-REQUEST); with ``alt_ip`` alone the alternate port is primary port + 1."""
+
+    def __init__(self, primary: Address, alt_ip: str | None = None, alt_port: int | None = None, *,
+                 software: str | None = DEFAULT_SOFTWARE, connect_back_timeout: float = 0.6,
+                 idle_timeout: float = 30.0, max_connect_backs: int = 64,
+                 max_tcp_connections: int = 1024) -> None:
+        host, port = primary
+        if alt_ip is not None and alt_port is None:
+            alt_port = port + 1 if port else 0
+        self._want = (host, alt_ip, port, alt_port)
+        self.layout: Layout | None = None
+        self.software = software
+        self.connect_back_timeout = connect_back_timeout
+        self.idle_timeout = idle_timeout
+        self._udp: dict[Address, _UdpEndpoint] = {}
+        self._tcp: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._connect_backs = asyncio.Semaphore(max_connect_backs)
+        self._max_tcp = max_tcp_connections
+        self._responder: Responder | None = None
+        self.stats = {"udp_in": 0, "udp_out": 0, "tcp_in": 0, "tcp_out": 0, "dropped": 0,
+                      "connect_backs": 0, "errors": 0}
+
+    # -- addresses ---------------------------------------------------------------------
+    @property
+    def primary(self) -> Address:
+        return self._layout().address(0, 0)  # type: ignore[return-value]
+
+    @property
+    def other_address(self) -> Address | None:
+        return self._layout().other(self.primary)
+
+    @property
+    def addresses(self) -> list[Address]:
+        return self._layout().all()
+
+    def _layout(self) -> Layout:
+        if self.layout is None:
+            raise RuntimeError("StunServer not started")
+        return self.layout
+
+    def _resolve(self, port: int, alt_port: int | None) -> None:
+        host, alt_ip, _, _ = self._want
+        self.layout = Layout((host, alt_ip), (port, alt_port))
+        self._responder = Responder(self.layout, software=self.software)
+
+    # -- UDP -----------------------------------------------------------------------------
+    async def start_udp(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.layout is None:
+            await self._bind_fresh(socket.SOCK_DGRAM)
+        for addr in self._layout().all():
+            if addr in self._udp:
+                continue
+            _, proto = await loop.create_datagram_endpoint(
+                lambda a=addr: _UdpEndpoint(self, a), local_addr=addr)  # type: ignore[misc]
+            self._udp[addr] = proto
+        log.info("STUN/UDP on %s", ", ".join(f"{h}:{p}" for h, p in self._udp))
+
+    def _on_datagram(self, data: bytes, local: Address, remote: Address) -> None:
+        self.stats["udp_in"] += 1
+        try:
+            reply = self._responder.answer(data, local, remote)  # type: ignore[union-attr]
+        except Exception:   # never let one datagram stop the server
+            self.stats["errors"] += 1
+            log.exception("STUN/UDP: failed to answer %d bytes from %s", len(data), remote)
+            return
+        if reply is None:
+            self.stats["dropped"] += 1
+            return
+        endpoint = self._udp.get(reply.source)
+        if endpoint is None or endpoint.transport is None:
+            self.stats["dropped"] += 1
+            return
+        endpoint.transport.sendto(reply.data, remote)
+        self.stats["udp_out"] += 1
+
+    async def _bind_fresh(self, kind: int) -> None:
+        """Pick port numbers: the same numbers must be free on both IPs (and for TCP and
+        UDP), so with port 0 try a few ephemeral candidates."""
+        host, alt_ip, port, alt_port = self._want
+        for _ in range(20):
+            socks: list[socket.socket] = []
+            try:
+                p = _probe_bind(socks, host, port, kind)
+                q = None
+                if alt_port is not None:
+                    q = _probe_bind(socks, host, alt_port, kind)
+                if alt_ip is not None:
+                    _probe_bind(socks, alt_ip, p, kind)
+                    if q is not None:
+                        _probe_bind(socks, alt_ip, q, kind)
+                self._resolve(p, q)
+                return
+            except OSError:
+                if port and alt_port != 0:
+                    raise   # fixed ports: retrying cannot help
+            finally:
+                for s in socks:
+                    s.close()
+        raise OSError(errno.EADDRINUSE, "no common free port pair for the STUN server")
+
+    # -- TCP -----------------------------------------------------------------------------
+    async def start_tcp(self) -> None:
+        if self.layout is None:
+            await self._bind_fresh(socket.SOCK_STREAM)
+        for host, port in self._layout().all():
+            srv = await asyncio.start_server(
+                self.serve_tcp_stream, host, port, reuse_address=True, reuse_port=True)
+            self._tcp.append(srv)
+        log.info("STUN/TCP on %s", ", ".join(f"{h}:{p}" for h, p in self._layout().all()))
+
+    async def serve_tcp_stream(self, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter, initial: bytes = b"") -> None:
+        """Serve one accepted TCP connection until EOF, idle timeout or a framing error.
+        ``initial``: bytes the caller already read (e.g. for demultiplexing)."""
+        if len(self._writers) >= self._max_tcp:
+            self.stats["dropped"] += 1
+            writer.close()
+            return
+        self._writers.add(writer)
+        try:
+            local = _addr(writer.get_extra_info("sockname"))
+            remote = _addr(writer.get_extra_info("peername"))
+            if self.layout is None or local is None or remote is None:
+                return
+            framer = StreamFramer()
+            data = initial
+            while True:
+                if data:
+                    for frame in framer.feed(data):
+                        self.stats["tcp_in"] += 1
+                        await self._answer_tcp(frame, local, remote, writer)
+                data = await asyncio.wait_for(reader.read(4096), self.idle_timeout)
+                if not data:
+                    break
+        except ProtocolError as exc:
+            log.debug("STUN/TCP %s: closing on %s", writer.get_extra_info("peername"), exc)
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            log.debug("STUN/TCP %s: %r", writer.get_extra_info("peername"), exc)
+        except Exception:
+            self.stats["errors"] += 1
+            log.exception("STUN/TCP: connection handler failed")
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _answer_tcp(self, frame: bytes, local: Address, remote: Address,
+                          writer: asyncio.StreamWriter) -> None:
+        reply = self._responder.answer(frame, local, remote)  # type: ignore[union-attr]
+        if reply is None:
+            self.stats["dropped"] += 1
+            return
+        if not reply.changed:
+            writer.write(reply.data)
+            await writer.drain()
+            self.stats["tcp_out"] += 1
+            return
+        task = asyncio.create_task(self._connect_back(reply, remote, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect_back(self, reply: Reply, remote: Address, writer: asyncio.StreamWriter) -> None:
+        """Deliver a change answer by connecting from ``reply.source`` to the client."""
+        self.stats["connect_backs"] += 1
+        result = ConnectBack.FAILED
+        async with self._connect_backs:
+            sock = socket.socket(socket.AF_INET6 if ":" in remote[0] else socket.AF_INET,
+                                 socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.setblocking(False)
+                sock.bind(reply.source)
+                loop = asyncio.get_running_loop()
+                await asyncio.wait_for(loop.sock_connect(sock, remote), self.connect_back_timeout)
+                await asyncio.wait_for(loop.sock_sendall(sock, reply.data), self.connect_back_timeout)
+                self.stats["tcp_out"] += 1
+                result = ConnectBack.CONNECTED
+                # let the client read before the FIN; it closes first normally
+                with contextlib.suppress(TimeoutError, OSError):
+                    await asyncio.wait_for(loop.sock_recv(sock, 1), 1.0)
+            except TimeoutError:
+                result = ConnectBack.TIMEOUT
+            except ConnectionRefusedError:
+                result = ConnectBack.REFUSED
+            except OSError as exc:
+                result = ConnectBack.UNREACHABLE if exc.errno in _UNREACHABLE else ConnectBack.FAILED
+                log.debug("connect-back %s -> %s: %r", reply.source, remote, exc)
+            finally:
+                sock.close()
+        log.debug("connect-back %s -> %s: %s", reply.source, remote, result.name)
+        if result is ConnectBack.CONNECTED or reply.request is None or writer.is_closing():
+            return
+        resp = error_response(reply.request, ErrorCode.CONNECTION_TIMEOUT_OR_FAILURE,
+                              f"connect-back {result.name.lower()}", software=self.software)
+        resp.add(AttrType.CONNECT_BACK_RESULT, result)
+        with contextlib.suppress(ConnectionError, OSError):
+            writer.write(resp.encode(fingerprint=True))
+            await writer.drain()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def close(self) -> None:
+        for ep in self._udp.values():
+            if ep.transport is not None:
+                ep.transport.close()
+        self._udp.clear()
+        for srv in self._tcp:
+            srv.close()
+        for w in list(self._writers):
+            w.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for srv in self._tcp:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 2.0)
+        self._tcp.clear()
+
+    async def __aenter__(self) -> StunServer:
+        try:
+            await self.start_udp()
+            await self.start_tcp()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _probe_bind(socks: list[socket.socket], host: str, port: int, kind: int) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, kind)
+    socks.append(s)
+    if kind == socket.SOCK_STREAM:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    return int(s.getsockname()[1])
+
+
+def _addr(value: Any) -> Address | None:
+    if isinstance(value, tuple) and len(value) >= 2:
+        return (str(value[0]), int(value[1]))
+    return None
+
