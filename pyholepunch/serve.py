@@ -1,0 +1,305 @@
+"""`pyholepunch serve`: rendezvous + STUN + built-in relay behind one address.
+
+One TCP port (and, with ``--alt-ip``, the RFC 5780 set ip:port, alt:port, ip:port+1,
+alt:port+1) accepts raw sockets and looks at the first bytes before deciding who gets them:
+
+* ``0x16`` (a TLS handshake record)        -> signaling over TLS (``SignalServer.accept``)
+* top two bits ``00`` (a STUN header)       -> ``StunServer.serve_tcp_stream(reader, writer)``
+* ``b"HPR1"``                               -> ``RelayHub.handle_connection(sock)``
+
+STUN over UDP listens on the same port numbers. Metrics (JSON) on
+``http://127.0.0.1:<--metrics-port>/metrics``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+from typing import Any
+
+from .signal.server import ServerConfig, SignalServer
+from .signal.store import open_store
+from .signal.tls import format_fingerprint, load_or_create_credentials
+
+log = logging.getLogger(__name__)
+Address = tuple[str, int]
+RELAY_MAGIC = b"HPR1"
+TLS_HANDSHAKE = 0x16
+
+
+def _parse_hostport(text: str) -> Address:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return (host.strip("[]") or "0.0.0.0", int(port))
+
+
+def _raise_fd_limit() -> None:
+    """Each peer holds a socket: lift the soft descriptor limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Rendezvous:
+    """The combined server application (usable in-process from tests and the lab)."""
+
+    def __init__(self, listen: Address, *, alt_ip: str | None = None, state_dir: str | None = None,
+                 token: str | None = None, store: str | None = None, metrics_port: int | None = None,
+                 config: ServerConfig | None = None, stun: bool = True, relay: bool = True,
+                 demux_timeout: float = 10.0, max_pending: int = 4096) -> None:
+        self.listen, self.alt_ip, self.state_dir = listen, alt_ip, state_dir
+        self.metrics_port = metrics_port
+        self.demux_timeout, self.max_pending = demux_timeout, max_pending
+        cfg = config or ServerConfig()
+        if token is not None:
+            cfg.token = token
+        self.relay_hub = self._make_relay() if relay else None
+        self.signal = SignalServer(load_or_create_credentials(state_dir), open_store(store, state_dir),
+                                   cfg, relay_hub=self.relay_hub)
+        self._want_stun = stun
+        self.stun: Any = None
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._metrics_server: asyncio.Server | None = None
+        self.demux = {"tls": 0, "stun": 0, "relay": 0, "unknown": 0}
+        self.address: Address = listen
+
+    @staticmethod
+    def _make_relay() -> Any:
+        try:
+            from .relay.builtin import RelayHub
+        except ImportError:
+            log.warning("built-in relay unavailable")
+            return None
+        return RelayHub()
+
+    @property
+    def fingerprint(self) -> str:
+        return format_fingerprint(self.signal.server_id)
+
+    def _bind(self, host: str, port: int) -> socket.socket:
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # The STUN server connects back *from* these addresses (RFC 5780 over TCP).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, port))
+        s.listen(4096)
+        s.setblocking(False)
+        return s
+
+    async def _open_port_set(self, port: int) -> None:
+        host = self.listen[0]
+        first = self._bind(host, port)
+        port = first.getsockname()[1]
+        socks = [first]
+        try:
+            if self.alt_ip:
+                socks += [self._bind(self.alt_ip, port), self._bind(host, port + 1),
+                          self._bind(self.alt_ip, port + 1)]
+            if self._want_stun:
+                self.stun = self._make_stun((host, port))
+                if self.stun is not None:
+                    await self.stun.start_udp()
+        except BaseException:
+            for s in socks:
+                s.close()
+            if self.stun is not None:
+                await self.stun.close()
+                self.stun = None
+            raise
+        self._listeners = socks
+        self.address = (host, port)
+
+    def _make_stun(self, primary: Address) -> Any:
+        try:
+            from .stun.server import StunServer
+        except ImportError:
+            log.warning("STUN server unavailable")
+            return None
+        return StunServer(primary, self.alt_ip, primary[1] + 1 if self.alt_ip else None)
+
+    async def start(self) -> None:
+        _raise_fd_limit()
+        port = self.listen[1]
+        for attempt in range(20):      # port 0: the same number must be free for TCP and UDP
+            try:
+                await self._open_port_set(port)
+                break
+            except OSError:
+                if port or attempt == 19:
+                    raise
+        await self.signal.start()
+        for lsock in self._listeners:
+            self._spawn(self._accept_loop(lsock))
+        if self.metrics_port is not None:
+            self._metrics_server = await asyncio.start_server(
+                self._serve_metrics, "127.0.0.1", self.metrics_port)
+            self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        for s in self._listeners:
+            s.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            await self._metrics_server.wait_closed()
+        await self.signal.close()
+        if self.stun is not None:
+            await self.stun.close()
+        if self.relay_hub is not None:
+            await self.relay_hub.close()
+
+    async def __aenter__(self) -> Rendezvous:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- demultiplexing ----------------------------------------------------------------------
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(lsock)
+            except OSError as exc:   # EMFILE and friends: back off instead of spinning
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if len(self._tasks) > self.max_pending + len(self._listeners):
+                sock.close()
+                continue
+            self._spawn(self._demux(sock))
+
+    async def _peek(self, sock: socket.socket, n: int) -> bytes:
+        """The first bytes, without consuming them; b"" on EOF. Bounded by the caller's timeout."""
+        loop = asyncio.get_running_loop()
+        while True:
+            fut = loop.create_future()
+            loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+            try:
+                await fut
+            finally:
+                loop.remove_reader(sock.fileno())
+            data = sock.recv(n, socket.MSG_PEEK)
+            if (not data or data[0] == TLS_HANDSHAKE or data[0] >> 6 == 0 or len(data) >= n
+                    or not RELAY_MAGIC.startswith(data)):
+                return data
+            await asyncio.sleep(0.01)   # part of a relay preamble: the socket stays readable
+
+    async def _demux(self, sock: socket.socket) -> None:
+        owned = True
+        try:
+            sock.setblocking(False)
+            try:
+                head = await asyncio.wait_for(self._peek(sock, len(RELAY_MAGIC)), self.demux_timeout)
+            except (TimeoutError, OSError):
+                return
+            if head and head[0] == TLS_HANDSHAKE:
+                self.demux["tls"] += 1
+                owned = False
+                with contextlib.suppress(OSError, TimeoutError, ConnectionError):
+                    await self.signal.accept(sock)
+            elif head and head[0] >> 6 == 0 and self.stun is not None:
+                self.demux["stun"] += 1
+                owned = False
+                reader, writer = await asyncio.open_connection(sock=sock)
+                await self.stun.serve_tcp_stream(reader, writer)
+            elif head == RELAY_MAGIC and self.relay_hub is not None:
+                self.demux["relay"] += 1
+                owned = False
+                await self.relay_hub.handle_connection(sock)
+            else:
+                self.demux["unknown"] += 1
+        except Exception:
+            log.exception("demux failed")
+        finally:
+            if owned:
+                sock.close()
+
+    # -- metrics ---------------------------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"signal": self.signal.snapshot(), "demux": dict(self.demux),
+                               "address": list(self.address), "fingerprint": self.fingerprint}
+        if self.relay_hub is not None:
+            out["relay"] = self.relay_hub.metrics.as_dict()
+        if self.stun is not None:
+            out["stun"] = dict(self.stun.stats)
+        return out
+
+    async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5.0)
+            path = request.split(b" ")[1] if request.count(b" ") >= 2 else b""
+            if path in (b"/", b"/metrics"):
+                body, status = json.dumps(self.metrics()).encode(), b"200 OK"
+            else:
+                body, status = b'{"error": "not found"}', b"404 Not Found"
+            writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+        except (OSError, TimeoutError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", type=_parse_hostport, default=("0.0.0.0", 3478),
+                        metavar="HOST:PORT", help="the one address users type (default 0.0.0.0:3478)")
+    parser.add_argument("--alt-ip", metavar="IP", help="second address for RFC 5780 STUN")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="server certificate and name bindings survive restarts here")
+    parser.add_argument("--token", metavar="SECRET", default=os.environ.get("PYHOLEPUNCH_TOKEN"),
+                        help="require this access token (or one made from it) to register")
+    parser.add_argument("--store", metavar="URL", help="memory (default) or redis://HOST:PORT")
+    parser.add_argument("--metrics-port", type=int, metavar="N",
+                        help="JSON metrics on http://127.0.0.1:N/metrics")
+    parser.add_argument("--punch-margin", type=float, default=0.02, metavar="SECONDS",
+                        help="added to the common punch start (default 0.02)")
+    parser.add_argument("--max-peers", type=int, default=100_000)
+    parser.add_argument("--no-stun", action="store_true", help="do not run the STUN server")
+    parser.add_argument("--no-relay", action="store_true", help="do not run the built-in relay")
+
+
+async def run(args: argparse.Namespace) -> int:
+    if getattr(args, "verbose", 0) == 0:
+        logging.getLogger("pyholepunch").setLevel(logging.INFO)   # one line per registration/punch
+    cfg = ServerConfig(margin=args.punch_margin, max_peers=args.max_peers)
+    app = Rendezvous(args.listen, alt_ip=args.alt_ip, state_dir=args.state_dir, token=args.token,
+                     store=args.store, metrics_port=args.metrics_port, config=cfg,
+                     stun=not args.no_stun, relay=not args.no_relay)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with app:
+        host, port = app.address
+        print(f"pyholepunch serve on {host}:{port} (TLS signaling, "
+              f"{'STUN ' if app.stun else ''}{'relay ' if app.relay_hub else ''}on one port)",
+              flush=True)
+        print(f"server fingerprint sha256 {app.fingerprint}", flush=True)
+        if app.metrics_port is not None:
+            print(f"metrics http://127.0.0.1:{app.metrics_port}/metrics", flush=True)
+        await stop.wait()
+    return 0
