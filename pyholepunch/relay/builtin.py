@@ -247,8 +247,6 @@ class RelayHub:
             await asyncio.gather(loop.sock_sendall(a, ok), loop.sock_sendall(b, ok))
             log.info("relay session %s: paired, pumping", session_id)
             if self._tap is None:
-                for s in (a, b):
-                    s.setblocking(True)   # engines poll themselves; blocking fds are the contract
                 pump = asyncio.ensure_future(asyncio.to_thread(
                     self.engine.relay_pump, a.fileno(), b.fileno(),
                     idle_timeout=self.idle_timeout, max_bytes=self.max_bytes))

@@ -120,6 +120,8 @@ class TurnClient:
     async def accept(self, timeout: float | None = None) -> tuple[Address, Streams]:
         """Wait for a peer to connect to the relayed address; bind and return its streams."""
         self._check_alive()
+        if self.proto.state is not State.ALLOCATED:
+            raise RelayError(f"accept needs an allocation (state {self.proto.state.value})")
         get = asyncio.ensure_future(self._attempts.get())
         dead = asyncio.ensure_future(self._dead_event.wait())
         try:

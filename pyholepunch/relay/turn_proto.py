@@ -299,8 +299,7 @@ class TurnClientProtocol:
         code = err.code if err else None
         if code in (401, 438):
             self._learn_nonce(response)
-        return RequestFailed(tid, Method.CONNECTION_BIND, code,
-                             err.reason if err else "error response without ERROR-CODE", response)
+        return RequestFailed(tid, Method.CONNECTION_BIND, code, _reason(response), response)
 
     # --- internals -----------------------------------------------------------------------
 
@@ -366,8 +365,7 @@ class TurnClientProtocol:
                 self._request(p.method, p.attrs, now, internal=p.internal,
                               request_id=p.request_id, retries=p.retries + 1)
                 return
-            reason = err.reason if err else "error response without ERROR-CODE"
-            self._fail(p, code, reason, msg)
+            self._fail(p, code, _reason(msg), msg)
             return
         if p.authed and self._auth.key is not None and msg.has_integrity \
                 and not msg.verify_integrity(self._auth.key):
@@ -434,6 +432,13 @@ class TurnClientProtocol:
 def _peer_attrs(peers: list[str]) -> list[tuple[int, Any]]:
     # The port is ignored for permissions (RFC 8656 §9.1); 0 keeps the intent visible.
     return [(AttrType.XOR_PEER_ADDRESS, (ip, 0)) for ip in peers]
+
+
+def _reason(msg: StunMessage) -> str:
+    err = msg.error
+    if err is None:
+        return "error response without ERROR-CODE"
+    return err.reason.rstrip("\x00 ")     # coturn pads the phrase with NULs
 
 
 def _method_name(method: int) -> str:
