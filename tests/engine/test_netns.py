@@ -1,0 +1,192 @@
+"""The punch tests again across a real routed namespace pair (veth, no NAT): Lab(a="none", b="none").
+
+Each side runs in its own namespace through lab.call (a forked child), both at once from two
+threads. The core router between them decrements TTLs and answers TTL-expired SYNs with ICMP.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from pyholepunch import engine as engine_mod
+from pyholepunch.engine import Engine
+from pyholepunch.errors import PunchTimeout
+
+from .helpers import PACKET_OUTGOING, parse_ipv4_tcp, punch_side
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Any]:
+    from pyholepunch.lab import Lab
+
+    with Lab(a="none", b="none") as lab:
+        yield lab
+
+
+def concurrently(*jobs: Callable[[], Any]) -> list[Any]:
+    """Run each job in a thread; return results in order, re-raising the first failure."""
+    out: list[Any] = [None] * len(jobs)
+    errs: list[BaseException] = []
+
+    def run(i: int, job: Callable[[], Any]) -> None:
+        try:
+            out[i] = job()
+        except BaseException as exc:  # re-raised below, in the test's thread
+            errs.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, j)) for i, j in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    if errs:
+        raise errs[0]
+    return out
+
+
+_port = iter(range(42000, 43000, 2))
+
+
+@pytest.mark.parametrize("listen", [False, True], ids=["pure-simopen", "listen"])
+def test_simultaneous_open_across_namespaces(lab: Any, engine: Engine, listen: bool) -> None:
+    ia, ib = lab.public_ip("a"), lab.public_ip("b")
+    pa = pb = next(_port)
+    start_at = time.time() + 0.5
+    a, b = concurrently(
+        lambda: lab.call("a", punch_side, engine.name, (ia, pa), (ib, pb), start_at, 8.0, listen,
+                         0.005, b"from a", timeout=20),
+        lambda: lab.call("b", punch_side, engine.name, (ib, pb), (ia, pa), start_at, 8.0, listen,
+                         0.005, b"from b", timeout=20),
+    )
+    assert "error" not in a, a
+    assert "error" not in b, b
+    assert a["got"] == b"from b" and b["got"] == b"from a"
+    assert a["peername"] == (ib, pb) and b["peername"] == (ia, pa)
+    if not listen:
+        assert not a["stats"]["accepted"] and not b["stats"]["accepted"]
+
+
+def _late_listener(ip: str, port: int, delay: float, wait: float) -> bytes:
+    time.sleep(delay)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((ip, port))
+        s.listen(1)
+        s.settimeout(wait)
+        conn, _ = s.accept()
+        with conn:
+            conn.settimeout(wait)
+            return conn.recv(16)
+
+
+def _connect_and_say(engine_name: str, local: tuple[str, int], remote: tuple[str, int],
+                     **kw: Any) -> dict[str, Any]:
+    res = engine_mod.get(engine_name).simultaneous_open(local, remote, None, 5.0, **kw)
+    with res.sock as s:
+        s.sendall(b"hi")
+    return res.stats.as_dict()
+
+
+def test_rst_rearm_across_namespaces(lab: Any, engine: Engine) -> None:
+    ia, ib = lab.public_ip("a"), lab.public_ip("b")
+    pa = pb = next(_port)
+    got, stats = concurrently(
+        lambda: lab.call("b", _late_listener, ib, pb, 0.4, 5.0, timeout=20),
+        lambda: lab.call("a", _connect_and_say, engine.name, (ia, pa), (ib, pb), interval=0.02,
+                         listen=False, timeout=20),
+    )
+    assert got == b"hi"
+    assert stats["rsts_seen"] > 0 and stats["attempts"] == stats["rsts_seen"] + 1
+
+
+def _sweep(engine_name: str, pairs: list[Any], local_ip: str) -> dict[str, Any]:
+    res = engine_mod.get(engine_name).sweep(pairs, time.time() + 0.3, 5.0, local_ip=local_ip)
+    with res.sock as s:
+        s.sendall(b"hi")
+    return res.stats.as_dict()
+
+
+def test_sweep_across_namespaces(lab: Any, engine: Engine) -> None:
+    ia, ib = lab.public_ip("a"), lab.public_ip("b")
+    ports = list(range(20000, 21024))
+    target = ports[700]
+    pairs = [(0, (ib, p)) for p in ports]
+    got, stats = concurrently(
+        lambda: lab.call("b", _late_listener, ib, target, 0.0, 5.0, timeout=20),
+        lambda: (time.sleep(0.2), lab.call("a", _sweep, engine.name, pairs, ia, timeout=20))[1],
+    )
+    assert got == b"hi"
+    assert tuple(stats["remote"]) == (ib, target) and stats["rsts_seen"] >= 700
+
+
+def _capture_syns(src_ip: str, dst_ip: str, seconds: float) -> list[dict[str, Any]]:
+    """Inside a namespace: every TCP SYN src_ip -> dst_ip arriving on any interface."""
+    out = []
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)) as cap:
+        cap.settimeout(0.05)
+        end = time.time() + seconds
+        while time.time() < end:
+            try:
+                frame, addr = cap.recvfrom(65535)
+            except TimeoutError:
+                continue
+            if addr[2] == PACKET_OUTGOING or frame[12:14] != b"\x08\x00":
+                continue
+            seen = parse_ipv4_tcp(frame[14:])
+            if seen and seen.src[0] == src_ip and seen.dst[0] == dst_ip and seen.flags & 0x12 == 2:
+                out.append({"ttl": seen.ttl, "sport": seen.src[1], "dport": seen.dst[1],
+                            "ip_ok": seen.ip_ok, "tcp_ok": seen.tcp_ok})
+    return out
+
+
+def _raw(engine_name: str, src: tuple[str, int], dst: tuple[str, int], ttl: int,
+         start_at: float) -> int:
+    return engine_mod.get(engine_name).raw_syn(src, dst, ttl=ttl, count=2, spacing=0.01,
+                                               start_at=start_at).sent
+
+
+def test_raw_syn_across_namespaces(lab: Any, engine: Engine) -> None:
+    """Hand-built SYNs cross the router: TTL decremented by one hop, checksums still valid."""
+    ia, ib = lab.public_ip("a"), lab.public_ip("b")
+    start_at = time.time() + 0.4
+    seen, sent = concurrently(
+        lambda: lab.call("b", _capture_syns, ia, ib, 1.2, timeout=20),
+        lambda: lab.call("a", _raw, engine.name, (ia, 43001), (ib, 43002), 9, start_at, timeout=20),
+    )
+    assert sent == 2
+    ours = [s for s in seen if (s["sport"], s["dport"]) == (43001, 43002)]
+    assert len(ours) == 2
+    assert all(s["ttl"] == 8 and s["ip_ok"] and s["tcp_ok"] for s in ours), ours
+
+
+def _simopen_ttl1(engine_name: str, local: tuple[str, int], remote: tuple[str, int],
+                  start_at: float) -> dict[str, Any]:
+    try:
+        engine_mod.get(engine_name).simultaneous_open(local, remote, start_at, 0.3, interval=0.05,
+                                                      syn_ttl=1, listen=False)
+    except PunchTimeout as exc:
+        assert exc.stats is not None
+        return exc.stats.as_dict()
+    raise AssertionError("a closed port was connected")
+
+
+def test_low_ttl_syn_dies_before_the_peer(lab: Any, engine: Engine) -> None:
+    """syn_ttl=1: the router drops the first SYN (ICMP time exceeded, a re-arm), later ones arrive."""
+    ia, ib = lab.public_ip("a"), lab.public_ip("b")
+    pa = pb = next(_port)
+    start_at = time.time() + 0.4
+    seen, stats = concurrently(
+        lambda: lab.call("b", _capture_syns, ia, ib, 1.0, timeout=20),
+        lambda: lab.call("a", _simopen_ttl1, engine.name, (ia, pa), (ib, pb), start_at, timeout=20),
+    )
+    ours = [s for s in seen if (s["sport"], s["dport"]) == (pa, pb)]
+    assert stats["attempts"] >= 2
+    assert len(ours) == stats["attempts"] - 1          # all but the TTL-1 SYN reached b
+    assert stats["icmp_errors"] >= 1 and stats["rsts_seen"] == len(ours)
