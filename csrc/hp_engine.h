@@ -89,7 +89,8 @@ typedef struct hp_sweep_args {
 
 /* 0 and *out_fd = the first connection established (blocking); -ETIMEDOUT at the deadline;
  * -ECONNREFUSED when every pair failed and none is left to retry; -EMFILE / -ENFILE when
- * descriptors ran out; -EINVAL for bad arguments. No descriptor leaks on any path. */
+ * descriptors ran out; -EINVAL for bad arguments. A pair whose local port cannot be bound
+ * is skipped. No descriptor leaks on any path. */
 int hp_sweep(const hp_sweep_args_t *args, int *out_fd, hp_punch_stats_t *st);
 
 /* ---- raw SYN ------------------------------------------------------------------------------ */
@@ -137,7 +138,8 @@ typedef struct hp_relay_stats {
 /* Copy both ways between two connected stream sockets with splice(2), until both EOFs, idle,
  * the byte limit (0 = none) or an error (reported in stats, return 0). Half-closes are
  * propagated with shutdown(SHUT_WR). The caller's fds stay open with their flags restored.
- * idle_timeout_ns 0 = none. Returns -EINVAL / -EBADF for bad fds, -errno on setup failure. */
+ * idle_timeout_ns 0 = none. Returns -EINVAL / -EBADF / -ENOTSOCK for bad fds, -EPROTOTYPE for
+ * a socket that is not a stream, -errno on setup failure. */
 int hp_relay_pump(int fd_a, int fd_b, int64_t idle_timeout_ns, uint64_t max_bytes,
                   hp_relay_stats_t *st);
 

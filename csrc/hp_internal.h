@@ -14,7 +14,9 @@ typedef enum hp_fail_kind { HP_FAIL_OTHER = 0, HP_FAIL_RST = 1, HP_FAIL_ICMP = 2
 hp_fail_kind_t hp_fail_kind(int err);
 
 /* A non-blocking, close-on-exec TCP socket with SO_REUSEADDR and, when reuseport,
- * SO_REUSEPORT; bound to ip:port when do_bind. */
+ * SO_REUSEPORT; bound to ip:port when do_bind. A concrete ip with port 0 is bound with
+ * IP_BIND_ADDRESS_NO_PORT when do_bind is 2, so thousands of sockets share ephemeral ports
+ * by 4-tuple instead of exhausting them at bind(). */
 int hp_sock_tcp_bound(uint32_t ip, uint16_t port, int reuseport, int do_bind, int *out_fd);
 
 /* IP_TTL; ttl -1 restores the route default. */

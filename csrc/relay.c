@@ -167,6 +167,16 @@ static int hp_relay_loop(int ep, hp_dir_t *ab, hp_dir_t *ba, size_t cap_ab, size
     }
 }
 
+/* -ENOTSOCK for a non-socket, -EPROTOTYPE for a socket that is not a stream. */
+static int hp_check_stream(int fd)
+{
+    int type = 0;
+    socklen_t len = sizeof(type);
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
+        return -errno;
+    return type == SOCK_STREAM ? 0 : -EPROTOTYPE;
+}
+
 int hp_relay_pump(int fd_a, int fd_b, int64_t idle_timeout_ns, uint64_t max_bytes,
                   hp_relay_stats_t *st)
 {
@@ -182,6 +192,8 @@ int hp_relay_pump(int fd_a, int fd_b, int64_t idle_timeout_ns, uint64_t max_byte
     fl_b = fcntl(fd_b, F_GETFL);
     if (fl_a < 0 || fl_b < 0)
         return -EBADF;
+    if ((rc = hp_check_stream(fd_a)) < 0 || (rc = hp_check_stream(fd_b)) < 0)
+        return rc;
     memset(&ab, 0, sizeof(ab));
     memset(&ba, 0, sizeof(ba));
     ab.pipe_r = ab.pipe_w = ba.pipe_r = ba.pipe_w = -1;

@@ -142,7 +142,7 @@ static int hp_simopen_finish(hp_simopen_state_t *s)
     return 0;
 }
 
-/* Accept pending connections; return an fd from the expected remote host or -1. */
+/* Accept pending connections; return an fd from the expected remote address or -1. */
 static int hp_simopen_accept(hp_simopen_state_t *s)
 {
     for (;;) {
@@ -152,8 +152,8 @@ static int hp_simopen_accept(hp_simopen_state_t *s)
         if (fd < 0)
             return -1; /* EAGAIN, or a connection reset before we took it */
         s->st->sockets_opened++;
-        /* The port may differ from the predicted one behind a NAT; the host may not. */
-        if (peer.sin_addr.s_addr == s->a->remote.ip)
+        /* Only the peer we punch towards wins; anything else is a stray. */
+        if (peer.sin_addr.s_addr == s->a->remote.ip && ntohs(peer.sin_port) == s->a->remote.port)
             return fd;
         hp_close(fd);
     }

@@ -61,6 +61,12 @@ int hp_sock_tcp_bound(uint32_t ip, uint16_t port, int reuseport, int do_bind, in
         goto fail;
     if (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0)
         goto fail;
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
+    if (do_bind == 2 && port == 0
+        && setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one)) < 0)
+        goto fail;
     if (do_bind) {
         struct sockaddr_in sa;
         memset(&sa, 0, sizeof(sa));

@@ -92,9 +92,11 @@ static int hp_sweep_launch(hp_sweep_state_t *s, uint32_t pair, int first, int *w
     int64_t t;
 
     rc = hp_sock_tcp_bound(s->a->local_ip, p->local_port, 1,
-                           s->a->local_ip != 0 || p->local_port != 0, &fd);
-    if (rc < 0)
+                           s->a->local_ip != 0 || p->local_port != 0 ? 2 : 0, &fd);
+    if (rc == -EMFILE || rc == -ENFILE || rc == -ENOBUFS || rc == -ENOMEM)
         return rc;
+    if (rc < 0)
+        return 0; /* this pair's local port is unusable (taken without SO_REUSEPORT): skip it */
     s->st->sockets_opened++;
     if (low_ttl && (rc = hp_sock_set_ttl(fd, s->a->syn_ttl)) < 0) {
         hp_close(fd);

@@ -176,6 +176,17 @@ static void test_relay_idle_and_errors(void)
     CHECK_EQ(hp_relay_pump(3, 3, 0, 0, &j.st), -EINVAL);
     CHECK_EQ(hp_relay_pump(900, 901, 0, 0, &j.st), -EBADF);
     CHECK_EQ(hp_relay_pump(0, 1, 0, 0, NULL), -EINVAL);
+    {
+        int p[2], u = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0), fds;
+        CHECK_EQ(pipe(p), 0);
+        fds = hp_t_count_fds();
+        CHECK_EQ(hp_relay_pump(p[0], p[1], 0, 0, &j.st), -ENOTSOCK);
+        CHECK_EQ(hp_relay_pump(u, p[1], 0, 0, &j.st), -EPROTOTYPE);
+        CHECK_EQ(hp_t_count_fds(), fds);
+        close(p[0]);
+        close(p[1]);
+        close(u);
+    }
 }
 
 static void test_checksum_vectors(void)
