@@ -1,0 +1,267 @@
+"""End-to-end TLS 1.3 between peers, mutually authenticated and pinned to peer ids (DESIGN §6).
+
+Each peer turns its Ed25519 :class:`~pyholepunch.identity.Identity` into a self-signed X.509
+certificate (:func:`certificate_for`) and registers it with the rendezvous server, which
+hands it to the other peer inside PUNCH. Python's ``ssl`` has no verification callback, so
+each side *pins*: the expected peer certificate is the only trust anchor, both sides require
+a certificate, TLS 1.3 only, no host names. Two checks make the server untrusted:
+
+1. before the handshake, the certificate the server delivered must carry a key that hashes
+   to the ``peer_id`` we meant to reach (a substituted certificate fails here);
+2. after it, the certificate the peer presented must be that very certificate (a peer
+   holding another key fails in the handshake already; this re-checks it).
+
+The initiator is the TLS client, the responder the TLS server. In TLS 1.3 the client finishes
+before the server has checked the client's certificate, so the responder confirms with one
+byte (``CONFIRM``) once it has; the initiator waits for it. Both sides thus learn a refusal
+inside :func:`secure_stream`, as an :class:`~pyholepunch.errors.AuthenticationError`, at the
+price of half a round trip for the initiator.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import logging
+import os
+import socket
+import ssl
+import tempfile
+import threading
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .errors import AuthenticationError
+from .identity import Identity, peer_id_of
+
+log = logging.getLogger(__name__)
+
+CONFIRM = b"\x01"
+"""The responder's one-byte "your certificate is accepted", first byte inside TLS."""
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# A fixed window makes the certificate a pure function of the key (Ed25519 signatures are
+# deterministic): the same identity always registers the same bytes. Validity is not the
+# security here: the pin is.
+_NOT_BEFORE = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+_NOT_AFTER = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)
+
+_NO_TIMEOUT = 3600.0     # asyncio's own handshake timeout; ours (asyncio.timeout) comes first
+_cert_cache: dict[bytes, bytes] = {}
+_cert_lock = threading.Lock()
+
+
+def certificate_for(identity: Identity) -> bytes:
+    """The identity's self-signed X.509 certificate (DER), stable and cached per key."""
+    public = identity.public_key
+    with _cert_lock:
+        cached = _cert_cache.get(public)
+    if cached is not None:
+        return cached
+    peer_id = identity.peer_id
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pyholepunch"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, peer_id)])
+    serial = int.from_bytes(hashlib.sha256(public).digest()[:16], "big") >> 1 or 1
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(identity.private_key.public_key()).serial_number(serial)
+            .not_valid_before(_NOT_BEFORE).not_valid_after(_NOT_AFTER)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(identity.private_key, None))
+    der = cert.public_bytes(serialization.Encoding.DER)
+    with _cert_lock:
+        _cert_cache[public] = der
+    return der
+
+
+def certificate_peer_id(cert_der: bytes) -> str:
+    """The peer_id a certificate's Ed25519 key hashes to; AuthenticationError if it has none."""
+    if not isinstance(cert_der, (bytes, bytearray)) or not cert_der:
+        raise AuthenticationError("peer certificate missing (expected DER bytes)")
+    try:
+        cert = x509.load_der_x509_certificate(bytes(cert_der))
+        key = cert.public_key()
+    except ValueError as exc:
+        raise AuthenticationError(f"peer certificate is not valid DER X.509: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise AuthenticationError(
+            f"peer certificate holds a {type(key).__name__.removeprefix('_')}, not an Ed25519 key")
+    return peer_id_of(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+
+def check_certificate(cert_der: bytes, peer_id: str) -> None:
+    """Raise AuthenticationError unless ``cert_der``'s key is ``peer_id``'s."""
+    actual = certificate_peer_id(cert_der)
+    if actual != peer_id:
+        raise AuthenticationError(
+            f"certificate for peer {peer_id} carries the key of {actual}: substituted certificate")
+
+
+def tls_context(identity: Identity, peer_cert: bytes, *, server_side: bool) -> ssl.SSLContext:
+    """A TLS 1.3-only context presenting ``identity`` and trusting ``peer_cert`` alone."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if server_side:
+        ctx.num_tickets = 0              # no resumption: every connection is fully authenticated
+    ctx.load_verify_locations(cadata=bytes(peer_cert))
+    key_pem = identity.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    cert_pem = x509.load_der_x509_certificate(certificate_for(identity)).public_bytes(
+        serialization.Encoding.PEM)
+    # load_cert_chain only reads files: a private temporary file, removed at once.
+    with tempfile.TemporaryDirectory(prefix="pyholepunch-") as tmp:
+        path = Path(tmp) / "chain.pem"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pem + cert_pem)
+        ctx.load_cert_chain(path)
+    return ctx
+
+
+async def secure_stream(
+    sock: socket.socket,
+    *,
+    identity: Identity,
+    peer_id: str,
+    peer_cert: bytes | None,
+    initiator: bool,
+    timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    insecure_plain: bool = False,
+    limit: int = 2 ** 16,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Run the pinned TLS 1.3 handshake on a connected TCP socket; return asyncio streams.
+
+    ``sock`` is what the engine or the relay handed over (blocking or not: it is switched to
+    non-blocking, and nothing past your own protocol may have been read from it). The
+    initiator is the TLS client. Raises AuthenticationError (wrong key, wrong peer_id, the
+    peer refused us, not TLS 1.3), TimeoutError after ``timeout`` seconds, OSError when the
+    connection breaks. On any failure the socket is closed.
+
+    ``insecure_plain`` skips TLS altogether — benchmarks only; it logs a WARNING each time.
+    """
+    if not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+        sock.close()
+        raise ValueError(f"timeout must be 0..3600 seconds, got {timeout!r}")
+    if insecure_plain:
+        log.warning("insecure_plain: the connection to peer %s is NOT encrypted or authenticated "
+                    "(benchmarks only)", peer_id)
+        try:
+            return await asyncio.open_connection(sock=sock, limit=limit)
+        except BaseException:
+            sock.close()
+            raise
+    try:
+        if peer_cert is None:
+            raise AuthenticationError(f"no certificate for peer {peer_id}: cannot authenticate it")
+        check_certificate(peer_cert, peer_id)
+        ctx = tls_context(identity, peer_cert, server_side=not initiator)
+    except BaseException:
+        sock.close()
+        raise
+
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await _handshake(sock, ctx, initiator=initiator, limit=limit,
+                                              peer_id=peer_id)
+            _check_peer(writer, peer_cert, peer_id)
+            if initiator:
+                await _await_confirmation(reader, peer_id)
+            else:
+                writer.write(CONFIRM)
+                await writer.drain()
+    except TimeoutError:
+        _abort(writer, sock)
+        raise TimeoutError(f"TLS handshake with peer {peer_id} took longer than {timeout} s") from None
+    except BaseException:
+        _abort(writer, sock)
+        raise
+    log.debug("TLS 1.3 with peer %s established (%s)", peer_id, "client" if initiator else "server")
+    return reader, writer
+
+
+async def _handshake(sock: socket.socket, ctx: ssl.SSLContext, *, initiator: bool, limit: int,
+                     peer_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    try:
+        if initiator:
+            # server_hostname "" = no SNI, no name check: the pin is the check.
+            transport, _ = await loop.create_connection(lambda: protocol, sock=sock, ssl=ctx,
+                                                        server_hostname="",
+                                                        ssl_handshake_timeout=_NO_TIMEOUT)
+        else:
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=ctx,
+                                                              ssl_handshake_timeout=_NO_TIMEOUT)
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
+        raise type(exc)(f"peer {peer_id} dropped the connection during the TLS handshake "
+                        "(it may have refused our certificate)") from None
+    except ssl.SSLCertVerificationError as exc:
+        raise AuthenticationError(
+            f"peer {peer_id} presented a certificate other than its pinned one "
+            f"({exc.verify_message})") from None
+    except ssl.SSLError as exc:
+        raise AuthenticationError(_describe_ssl_error(exc, peer_id)) from None
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+def _describe_ssl_error(exc: ssl.SSLError, peer_id: str) -> str:
+    reason = exc.reason or str(exc)
+    text = reason.lower()
+    if "version" in text or "unsupported_protocol" in text or "wrong_version" in text:
+        return f"peer {peer_id} does not speak TLS 1.3 ({reason})"
+    if "alert" in text:
+        return f"peer {peer_id} refused the TLS handshake ({reason}): it did not accept our certificate"
+    if "no_certificate" in text or "peer did not return a certificate" in text:
+        return f"peer {peer_id} presented no certificate ({reason})"
+    return f"TLS handshake with peer {peer_id} failed ({reason})"
+
+
+def _check_peer(writer: asyncio.StreamWriter, peer_cert: bytes, peer_id: str) -> None:
+    ssl_object = writer.get_extra_info("ssl_object")
+    presented = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if presented is None:
+        raise AuthenticationError(f"peer {peer_id} presented no certificate")
+    if ssl_object.version() != "TLSv1.3":
+        raise AuthenticationError(f"peer {peer_id} negotiated {ssl_object.version()}, not TLS 1.3")
+    if presented != bytes(peer_cert):
+        raise AuthenticationError(f"peer {peer_id} presented a certificate other than its pinned one")
+    check_certificate(presented, peer_id)
+
+
+async def _await_confirmation(reader: asyncio.StreamReader, peer_id: str) -> None:
+    try:
+        byte = await reader.read(1)
+    except ssl.SSLError as exc:
+        raise AuthenticationError(_describe_ssl_error(exc, peer_id)) from None
+    except ConnectionResetError:
+        raise AuthenticationError(
+            f"peer {peer_id} reset the connection after the handshake: it did not accept "
+            "our certificate") from None
+    if byte != CONFIRM:
+        raise AuthenticationError(
+            f"peer {peer_id} closed the connection after the handshake: it did not accept our "
+            "certificate" if not byte else f"peer {peer_id} sent {byte!r} instead of the confirmation")
+
+
+def _abort(writer: asyncio.StreamWriter | None, sock: socket.socket) -> None:
+    if writer is not None:
+        writer.transport.abort()
+    sock.close()
+
+
+__all__ = ["CONFIRM", "certificate_for", "certificate_peer_id", "check_certificate",
+           "secure_stream", "tls_context"]
