@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import struct
 from typing import Any
 
@@ -113,12 +114,22 @@ class TurnClient:
     async def connect(self, peer: Address) -> Streams:
         """Have the server connect to ``peer`` (needs a permission for its IP); return the
         bound data connection's streams."""
+        return await _streams(await self.connect_socket(peer))
+
+    async def connect_socket(self, peer: Address) -> socket.socket:
+        """As ``connect`` but return the bound data connection as a non-blocking socket
+        (for the engine's relay pump or a TLS layer of one's own)."""
         event = await self._call(self._start(self.proto.connect, peer), "Connect")
         assert isinstance(event, PeerConnected)
         return await self._bind(event.connection_id)
 
     async def accept(self, timeout: float | None = None) -> tuple[Address, Streams]:
         """Wait for a peer to connect to the relayed address; bind and return its streams."""
+        peer, sock = await self.accept_socket(timeout)
+        return peer, await _streams(sock)
+
+    async def accept_socket(self, timeout: float | None = None) -> tuple[Address, socket.socket]:
+        """As ``accept`` but return the bound data connection as a non-blocking socket."""
         self._check_alive()
         if self.proto.state is not State.ALLOCATED:
             raise RelayError(f"accept needs an allocation (state {self.proto.state.value})")
@@ -259,31 +270,34 @@ class TurnClient:
             if not fut.done():
                 fut.set_exception(self._dead)
 
-    async def _bind(self, connection_id: int) -> Streams:
+    async def _bind(self, connection_id: int) -> socket.socket:
         """Open a data connection and ConnectionBind it; one retry on a stale nonce."""
+        loop = asyncio.get_running_loop()
         for attempt in range(2):
             tid, request = self.proto.connection_bind(connection_id)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(*self.server), self.timeout)
-            except (OSError, TimeoutError) as exc:
-                raise RelayError(f"TURN data connection to {self.server[0]}:{self.server[1]} "
-                                 f"failed: {exc or 'timeout'}") from exc
-            try:
-                writer.write(request)
-                response = await asyncio.wait_for(_read_message(reader), self.timeout)
-                failure = self.proto.connection_bind_result(tid, response)
-            except BaseException as exc:
-                writer.close()
-                if isinstance(exc, TimeoutError):
+                try:
+                    await asyncio.wait_for(loop.sock_connect(sock, self.server), self.timeout)
+                except (OSError, TimeoutError) as exc:
+                    raise RelayError(f"TURN data connection to {self.server[0]}:{self.server[1]} "
+                                     f"failed: {exc or 'timeout'}") from exc
+                try:
+                    await loop.sock_sendall(sock, request)
+                    response = await asyncio.wait_for(_read_message(loop, sock), self.timeout)
+                except TimeoutError:
                     raise TransactionTimeout(
                         f"TURN ConnectionBind: no response within {self.timeout:g} s") from None
-                if isinstance(exc, (OSError, asyncio.IncompleteReadError, ProtocolError)):
+                except (OSError, ProtocolError) as exc:
                     raise RelayError(f"TURN ConnectionBind failed: {exc}") from exc
+                failure = self.proto.connection_bind_result(tid, response)
+            except BaseException:
+                sock.close()
                 raise
             if failure is None:
-                return reader, writer
-            writer.close()
+                return sock
+            sock.close()
             if failure.code == 438 and attempt == 0:
                 continue
             raise TransactionFailed(f"TURN ConnectionBind failed: {failure.code} {failure.reason}",
@@ -291,11 +305,28 @@ class TurnClient:
         raise AssertionError("unreachable")
 
 
-async def _read_message(reader: asyncio.StreamReader) -> StunMessage:
-    """Exactly one STUN message off a stream; not a byte more (the rest is payload)."""
-    header = await reader.readexactly(HEADER_SIZE)
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise RelayError("TURN server closed the data connection during ConnectionBind")
+        buf += chunk
+    return buf
+
+
+async def _read_message(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> StunMessage:
+    """Exactly one STUN message off the socket; not a byte more (the rest is payload)."""
+    header = await _recv_exactly(loop, sock, HEADER_SIZE)
     length = struct.unpack_from("!H", header, 2)[0]
     if HEADER_SIZE + length > MAX_MESSAGE_SIZE or header[0] & 0xC0:
         raise RelayError("TURN server answered ConnectionBind with a non-STUN message")
-    return StunMessage.parse(header + await reader.readexactly(length))
+    return StunMessage.parse(header + await _recv_exactly(loop, sock, length))
 
+
+async def _streams(sock: socket.socket) -> Streams:
+    try:
+        return await asyncio.open_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
