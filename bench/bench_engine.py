@@ -1,0 +1,218 @@
+"""Engine benchmarks, native vs pure in one run (`python -m pytest bench/bench_engine.py`).
+
+Groups in bench/results/report.json:
+  engine.sweep_launch        1024-socket sweep on loopback, call time (targets: native >= 10x pure)
+  engine.first_syn_delay     first SYN after start_at, median / p99 over 200 punches (native <= 200 us)
+  engine.simopen_latency     loopback simultaneous open of two peers (threads), start_at -> both up
+  engine.relay_throughput    256 MiB through relay_pump vs the same copy over one direct TCP hop
+  engine.ratios              pure / native for each of the above (when both engines are built)
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pyholepunch import engine as engine_mod
+from pyholepunch.engine import Engine
+
+A_IP, B_IP, C_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+SWEEP_SIZE = 1024
+FIRST_SYN_RUNS = 200
+SIMOPEN_RUNS = 40
+RELAY_BYTES = 256 << 20
+
+
+def _listening() -> set[int]:
+    ports = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            next(f)
+            ports |= {int(ln.split()[1].rsplit(":", 1)[1], 16) for ln in f if ln.split()[3] == "0A"}
+    return ports
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[socket.socket, int]]:
+    s = socket.socket()
+    s.bind((C_IP, 0))
+    s.listen(1024)
+    try:
+        yield s, s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def _drain(lst: socket.socket) -> None:
+    lst.setblocking(False)
+    try:
+        while True:
+            lst.accept()[0].close()
+    except BlockingIOError:
+        pass
+
+
+def test_sweep_launch(benchmark: Any, engine: Engine, bench_report: Any,
+                      listener: tuple[socket.socket, int]) -> None:
+    """1024 pairs, the last one listening: the call returns once every SYN has left."""
+    lst, port = listener
+    busy = _listening()
+    closed = [p for p in range(20000, 22000) if p not in busy][: SWEEP_SIZE - 1]
+    pairs = [(0, (C_IP, p)) for p in closed] + [(0, (C_IP, port))]
+
+    def run() -> None:
+        res = engine.sweep(pairs, None, 10.0, local_ip=A_IP)
+        res.sock.close()
+        assert res.stats.attempts == SWEEP_SIZE
+
+    benchmark.pedantic(run, setup=lambda: _drain(lst), rounds=15, iterations=1, warmup_rounds=2)
+    st = benchmark.stats.stats
+    bench_report.record("engine.sweep_launch", engine.name, sockets=SWEEP_SIZE,
+                        median_s=st.median, min_s=st.min, mean_s=st.mean)
+
+
+def test_first_syn_delay(benchmark: Any, engine: Engine, bench_report: Any,
+                         listener: tuple[socket.socket, int]) -> None:
+    """start_at 3 ms ahead, connect to a listener: how late after start_at did the SYN leave?"""
+    lst, port = listener
+    delays: list[float] = []
+
+    def run() -> None:
+        res = engine.simultaneous_open((A_IP, 0), (C_IP, port), time.time() + 0.003, 2.0,
+                                       listen=False)
+        res.sock.close()
+        assert res.stats.first_syn_delay_ns is not None
+        delays.append(res.stats.first_syn_delay_ns / 1e3)
+
+    benchmark.pedantic(run, setup=lambda: _drain(lst), rounds=FIRST_SYN_RUNS, iterations=1)
+    bench_report.record("engine.first_syn_delay", engine.name, runs=len(delays),
+                        median_us=statistics.median(delays), p99_us=_pct(delays, 0.99),
+                        max_us=max(delays), target_median_us=200)
+
+
+def test_simopen_latency(benchmark: Any, engine: Engine, bench_report: Any) -> None:
+    """Two peers (two threads) punch each other over loopback; start_at -> both established."""
+    lat: list[float] = []
+    ports = iter(range(44000, 44000 + 2 * (SIMOPEN_RUNS + 10), 2))
+
+    def run() -> None:
+        pa = next(ports)
+        start_at = time.time() + 0.005
+        out: dict[str, Any] = {}
+
+        def side(key: str, local: tuple[str, int], remote: tuple[str, int]) -> None:
+            out[key] = engine.simultaneous_open(local, remote, start_at, 5.0, interval=0.002)
+
+        ts = [threading.Thread(target=side, args=("a", (A_IP, pa), (B_IP, pa + 1))),
+              threading.Thread(target=side, args=("b", (B_IP, pa + 1), (A_IP, pa)))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert set(out) == {"a", "b"}
+        lat.append(max(r.stats.time_to_established_ns for r in out.values()) / 1e3)
+        for r in out.values():
+            r.sock.close()
+
+    benchmark.pedantic(run, rounds=SIMOPEN_RUNS, iterations=1)
+    bench_report.record("engine.simopen_latency", engine.name, runs=len(lat),
+                        median_us=statistics.median(lat), p99_us=_pct(lat, 0.99))
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        c = socket.create_connection(lst.getsockname())
+        s, _ = lst.accept()
+    return c, s
+
+
+def _produce(sock: socket.socket, total: int) -> None:
+    chunk = os.urandom(4 << 20)
+    left = total
+    while left:
+        n = sock.send(memoryview(chunk)[: min(left, len(chunk))])
+        left -= n
+    sock.shutdown(socket.SHUT_WR)
+
+
+def _consume(sock: socket.socket, total: int) -> None:
+    buf = bytearray(4 << 20)
+    got = 0
+    while True:
+        n = sock.recv_into(buf)
+        if not n:
+            break
+        got += n
+    os._exit(0 if got == total else 1)
+
+
+def _timed(ctx: Any, write_end: socket.socket, read_end: socket.socket, engine: Engine | None,
+           pump: tuple[socket.socket, socket.socket] | None = None) -> float:
+    t0 = time.perf_counter()
+    prod = ctx.Process(target=_produce, args=(write_end, RELAY_BYTES))
+    cons = ctx.Process(target=_consume, args=(read_end, RELAY_BYTES))
+    prod.start()
+    cons.start()
+    if engine is not None and pump is not None:
+        stats = engine.relay_pump(pump[0].fileno(), pump[1].fileno(), idle_timeout=30)
+        assert stats.bytes_a_to_b == RELAY_BYTES, stats
+    prod.join(120)
+    cons.join(120)
+    assert cons.exitcode == 0 and prod.exitcode == 0
+    return time.perf_counter() - t0
+
+
+def test_relay_throughput(benchmark: Any, engine: Engine, bench_report: Any) -> None:
+    ctx = multiprocessing.get_context("fork")
+    # Direct: producer -> one loopback TCP hop -> consumer.
+    direct: list[float] = []
+    for _ in range(2):
+        c, s = _tcp_pair()
+        with c, s:
+            direct.append(_timed(ctx, c, s, None))
+
+    relay: list[float] = []
+
+    def run() -> None:
+        ca, a_side = _tcp_pair()
+        cb, b_side = _tcp_pair()
+        with ca, a_side, cb, b_side:
+            # cb must half-close towards the pump or it would wait for b->a EOF forever.
+            cb.shutdown(socket.SHUT_WR)
+            relay.append(_timed(ctx, ca, cb, engine, pump=(a_side, b_side)))
+
+    benchmark.pedantic(run, rounds=2, iterations=1)
+    mib = RELAY_BYTES / (1 << 20)
+    d, r = min(direct), min(relay)
+    bench_report.record("engine.relay_throughput", engine.name, mib=mib,
+                        relay_mib_s=mib / r, direct_mib_s=mib / d, relay_vs_direct=d / r)
+
+
+def test_ratios(bench_report: Any) -> None:
+    """pure / native for each group measured above (run last in this file)."""
+    if not {"native", "pure"} <= set(engine_mod.available()):
+        pytest.skip("ratios need both engines built")
+    out = {
+        "sweep_launch_pure_over_native": bench_report.ratio("engine.sweep_launch", "median_s", "pure", "native"),
+        "first_syn_median_pure_over_native": bench_report.ratio("engine.first_syn_delay", "median_us", "pure", "native"),
+        "simopen_median_pure_over_native": bench_report.ratio("engine.simopen_latency", "median_us", "pure", "native"),
+        "relay_native_over_pure": bench_report.ratio("engine.relay_throughput", "relay_mib_s", "native", "pure"),
+    }
+    native_syn = bench_report.groups.get("engine.first_syn_delay", {}).get("native", {})
+    out["target_sweep_10x_met"] = (out["sweep_launch_pure_over_native"] or 0) >= 10
+    out["target_native_first_syn_200us_met"] = native_syn.get("median_us", 1e9) <= 200
+    bench_report.record("engine.ratios", "pure_vs_native", **out)
