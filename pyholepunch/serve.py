@@ -303,3 +303,21 @@ async def run(args: argparse.Namespace) -> int:
             print(f"metrics http://127.0.0.1:{app.metrics_port}/metrics", flush=True)
         await stop.wait()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pyholepunch.serve``: the same command without the other sub-commands."""
+    parser = argparse.ArgumentParser(prog="pyholepunch serve", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    configure(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
