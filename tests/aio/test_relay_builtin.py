@@ -35,11 +35,12 @@ def pump(request: pytest.FixtureRequest) -> dict[str, Any]:
     if request.param == "tap":
         seen: list[tuple[str, bytes]] = []
         return {"tap": lambda d, b: seen.append((d, b)), "seen": seen}
-    if request.param == "native" and not engine_mod.native_available():
+    try:
+        return {"engine": engine_mod.get(request.param)}
+    except ImportError as exc:
         if os.environ.get("CI"):
-            pytest.fail("the native engine is not built under CI")
-        pytest.skip("native engine not built")
-    return {"engine": engine_mod.get(request.param)}
+            pytest.fail(f"the {request.param} engine is not available under CI: {exc}")
+        pytest.skip(f"{request.param} engine unavailable: {exc}")
 
 
 HubFactory = Callable[..., Any]

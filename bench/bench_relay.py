@@ -1,0 +1,218 @@
+"""Relay data paths side by side: direct loopback TCP, the built-in relay with the native
+(splice) and the pure pump, and coturn's RFC 6062 TCP relay.
+
+Throughput: MB/s moving PYHOLEPUNCH_BENCH_RELAY_BYTES (default 1 GiB) one way.
+Latency: round trips of a 64-byte message (PYHOLEPUNCH_BENCH_RELAY_ROUNDS, default 2000);
+"added" latency is the median minus direct loopback's median.
+Everything runs on 127.0.0.1; coturn is started and stopped here.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from pyholepunch import engine as engine_mod
+from pyholepunch.relay.builtin import MAGIC, RelayHub, RelayServer
+from pyholepunch.relay.coturn import Coturn, CoturnConfig
+from pyholepunch.relay.turn import TurnClient, TurnCredentials
+
+SIZE = int(os.environ.get("PYHOLEPUNCH_BENCH_RELAY_BYTES", str(1 << 30)))
+ROUNDS = int(os.environ.get("PYHOLEPUNCH_BENCH_RELAY_ROUNDS", "2000"))
+CHUNK = 1 << 20
+MSG = 64
+PATHS = ["direct", "native", "pure", "coturn"]
+GROUP = "relay"
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread: the relay side runs there, the bench drives
+    plain blocking sockets from the main thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def _tcp_pair(connect_to: tuple[str, int] | None = None) -> tuple[socket.socket, socket.socket]:
+    lst = socket.create_server(("127.0.0.1", 0))
+    try:
+        a = socket.create_connection(connect_to or lst.getsockname()[:2], timeout=10)
+        b, _ = lst.accept()
+    finally:
+        lst.close()
+    return a, b
+
+
+@contextlib.contextmanager
+def path(name: str) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """Two blocking sockets whose bytes travel through the named path."""
+    if name == "direct":
+        a, b = _tcp_pair()
+        with a, b:
+            yield a, b
+        return
+    lt = LoopThread()
+    try:
+        if name in ("native", "pure"):
+            try:
+                eng = engine_mod.get(name)
+            except ImportError as exc:
+                pytest.skip(f"{name} engine unavailable: {exc}")
+            hub = RelayHub(engine=eng, idle_timeout=120, pair_timeout=10)
+            server = RelayServer(hub)
+            lt.run(server.start())
+            try:
+                ta, tb = lt.run(_issue(hub))
+                a = socket.create_connection(server.address, timeout=10)
+                b = socket.create_connection(server.address, timeout=10)
+                with a, b:
+                    a.sendall(MAGIC + ta)
+                    b.sendall(MAGIC + tb)
+                    assert a.recv(1) == b"\x00" and b.recv(1) == b"\x00", "relay refused"
+                    yield a, b
+            finally:
+                lt.run(server.close())
+        elif name == "coturn":
+            if shutil.which("turnserver") is None:
+                pytest.skip("coturn not installed")
+            with Coturn(CoturnConfig(secret="bench")) as turn:
+                creds = TurnCredentials.from_shared_secret("bench", "b", now=time.time())
+                client = TurnClient(turn.address, creds)
+                lst = socket.create_server(("127.0.0.1", 0))
+                try:
+                    lt.run(client.allocate())
+                    lt.run(client.create_permission("127.0.0.1"))
+                    a = lt.run(client.connect_socket(lst.getsockname()[:2]))
+                    b, _ = lst.accept()
+                    a.setblocking(True)
+                    with a, b:
+                        yield a, b
+                finally:
+                    lst.close()
+                    lt.run(client.close())
+        else:
+            raise ValueError(name)
+    finally:
+        lt.close()
+
+
+async def _issue(hub: RelayHub) -> tuple[bytes, bytes]:
+    return hub.issue(f"bench-{time.monotonic_ns()}")
+
+
+def throughput(a: socket.socket, b: socket.socket, size: int) -> float:
+    """Seconds to move ``size`` bytes a -> b (sender and receiver in two threads)."""
+    done = threading.Event()
+    got = [0]
+
+    def receive() -> None:
+        buf = bytearray(CHUNK)
+        while got[0] < size:
+            n = b.recv_into(buf)
+            if not n:
+                break
+            got[0] += n
+        done.set()
+
+    rx = threading.Thread(target=receive, daemon=True)
+    payload = os.urandom(CHUNK)
+    t0 = time.perf_counter()
+    rx.start()
+    sent = 0
+    while sent < size:
+        n = min(CHUNK, size - sent)
+        a.sendall(payload[:n] if n < CHUNK else payload)
+        sent += n
+    done.wait(300)
+    elapsed = time.perf_counter() - t0
+    rx.join(5)
+    assert got[0] == size, f"received {got[0]} of {size} bytes"
+    return elapsed
+
+
+def round_trips(a: socket.socket, b: socket.socket, rounds: int) -> list[float]:
+    for s in (a, b):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def echo() -> None:
+        for _ in range(rounds):
+            data = b""
+            while len(data) < MSG:
+                chunk = b.recv(MSG - len(data))
+                if not chunk:
+                    return
+                data += chunk
+            b.sendall(data)
+
+    th = threading.Thread(target=echo, daemon=True)
+    th.start()
+    msg = b"x" * MSG
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        a.sendall(msg)
+        data = b""
+        while len(data) < MSG:
+            chunk = a.recv(MSG - len(data))
+            assert chunk, "path closed during the latency run"
+            data += chunk
+        times.append(time.perf_counter() - t0)
+    th.join(5)
+    return times
+
+
+@pytest.mark.parametrize("name", PATHS)
+def test_relay_throughput(benchmark: Any, bench_report: Any, name: str) -> None:
+    with path(name) as (a, b):
+        elapsed = benchmark.pedantic(throughput, args=(a, b, SIZE), rounds=1, iterations=1)
+    mb_s = SIZE / 1e6 / elapsed
+    bench_report.record(GROUP, f"throughput_{name}", mb_s=round(mb_s, 1), bytes=SIZE,
+                        seconds=round(elapsed, 3))
+
+
+@pytest.mark.parametrize("name", PATHS)
+def test_relay_latency(benchmark: Any, bench_report: Any, name: str) -> None:
+    with path(name) as (a, b):
+        times = benchmark.pedantic(round_trips, args=(a, b, ROUNDS), rounds=1, iterations=1)
+    times.sort()
+    bench_report.record(GROUP, f"latency_{name}", rtt_median_us=round(statistics.median(times) * 1e6, 1),
+                        rtt_p99_us=round(times[int(len(times) * 0.99) - 1] * 1e6, 1), rounds=ROUNDS)
+
+
+def test_relay_ratios(bench_report: Any) -> None:
+    """The targets: native >= 80 % of direct loopback throughput and faster than coturn."""
+    g = bench_report.groups.get(GROUP, {})
+    out: dict[str, float | None] = {}
+    for name in ("native", "pure", "coturn"):
+        out[f"{name}_vs_direct"] = bench_report.ratio(GROUP, "mb_s", f"throughput_{name}",
+                                                      "throughput_direct")
+        lat, direct = g.get(f"latency_{name}"), g.get("latency_direct")
+        out[f"{name}_added_latency_us"] = (round(lat["rtt_median_us"] - direct["rtt_median_us"], 1)
+                                           if lat and direct else None)
+    out["native_vs_coturn"] = bench_report.ratio(GROUP, "mb_s", "throughput_native",
+                                                 "throughput_coturn")
+    out["pure_vs_coturn"] = bench_report.ratio(GROUP, "mb_s", "throughput_pure", "throughput_coturn")
+    rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
+    bench_report.record(GROUP, "ratios", **rounded,
+                        target_met=(out["native_vs_direct"] or 0) >= 0.8
+                        and (out["native_vs_coturn"] or 0) > 1.0)
