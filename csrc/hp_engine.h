@@ -2,7 +2,7 @@
  *
  * Conventions: every function returns 0 or a negative errno; results go to out-structs;
  * nothing prints, exits or calls back. Times are absolute CLOCK_REALTIME nanoseconds
- * (int64), durations are nanoseconds. Addresses: IPv4 in network byte order, ports in host
+ * (int64) below 2^62, durations are nanoseconds below 2^60. Addresses: IPv4 in network byte order, ports in host
  * byte order. Every call is blocking and thread-safe (no global state).
  */
 #ifndef HP_ENGINE_H

@@ -7,6 +7,9 @@
 #include "hp_engine.h"
 
 #define HP_NS_PER_S 1000000000LL
+/* Bounds that keep start + span + interval far from int64 overflow. */
+#define HP_MAX_TIME_NS (INT64_C(1) << 62)
+#define HP_MAX_SPAN_NS (INT64_C(1) << 60)
 
 /* How a failed connect ended, for the stats. */
 typedef enum hp_fail_kind { HP_FAIL_OTHER = 0, HP_FAIL_RST = 1, HP_FAIL_ICMP = 2 } hp_fail_kind_t;

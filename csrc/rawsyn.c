@@ -118,7 +118,8 @@ int hp_rawsyn(const hp_rawsyn_args_t *a, int64_t *send_times_ns, uint32_t *sent)
         return -EINVAL;
     *sent = 0;
     if (a->dst.ip == 0 || a->dst.port == 0 || a->src.port == 0 || a->ttl < 1 || a->ttl > 255
-        || a->count == 0 || a->spacing_ns < 0 || a->start_at_ns < 0)
+        || a->count == 0 || a->spacing_ns < 0 || a->start_at_ns < 0
+        || a->start_at_ns > HP_MAX_TIME_NS || a->spacing_ns > HP_MAX_SPAN_NS / a->count)
         return -EINVAL;
     src = a->src;
     if (src.ip == 0 && (rc = hp_route_source(a->dst.ip, &src.ip)) < 0)

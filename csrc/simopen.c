@@ -30,6 +30,9 @@ static int hp_simopen_validate(const hp_simopen_args_t *a, const int *out_fd,
         return -EINVAL;
     if (a->timeout_ns <= 0 || a->interval_ns <= 0 || a->start_at_ns <= 0)
         return -EINVAL;
+    if (a->start_at_ns > HP_MAX_TIME_NS || a->timeout_ns > HP_MAX_SPAN_NS
+        || a->interval_ns > HP_MAX_SPAN_NS)
+        return -EINVAL;
     if (a->syn_ttl < 0 || a->syn_ttl > 255 || a->ttl_syns < 0)
         return -EINVAL;
     return 0;

@@ -45,6 +45,9 @@ static int hp_sweep_validate(const hp_sweep_args_t *a, const int *out_fd,
         return -EINVAL;
     if (a->timeout_ns <= 0 || a->interval_ns < 0 || a->start_at_ns <= 0)
         return -EINVAL;
+    if (a->start_at_ns > HP_MAX_TIME_NS || a->timeout_ns > HP_MAX_SPAN_NS
+        || a->interval_ns > HP_MAX_SPAN_NS)
+        return -EINVAL;
     if (!(a->rate >= 0.0) || isinf(a->rate) || a->syn_ttl < 0 || a->syn_ttl > 255)
         return -EINVAL;
     for (i = 0; i < a->npairs; i++)
@@ -259,7 +262,8 @@ int hp_sweep(const hp_sweep_args_t *a, int *out_fd, hp_punch_stats_t *st)
     }
     if (a->rate > 0.0) {
         double p = 1e9 / a->rate;
-        s.period_ns = p < 1.0 ? 1 : (int64_t)p;
+        /* A rate so low that one period outlasts any deadline: one SYN, then nothing. */
+        s.period_ns = p < 1.0 ? 1 : p > 4e18 ? (int64_t)4e18 : (int64_t)p;
     }
     s.next_syn_at = a->start_at_ns;
     deadline = a->start_at_ns + a->timeout_ns;

@@ -1,0 +1,208 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The one binding to the C engine (csrc/): converts arguments, releases the GIL around every
+blocking call, and maps C error codes to exceptions in one place (``_raise``).
+
+Arguments arrive validated by :mod:`pyholepunch.engine.native`; nothing here is public API.
+"""
+import os
+import socket
+
+from libc.errno cimport (EACCES, ECONNREFUSED, EINVAL, EMFILE, ENFILE, EPERM, EPROTOTYPE,
+                         ETIMEDOUT)
+from libc.math cimport llround
+from libc.stdint cimport int64_t, uint8_t, uint32_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+from pyholepunch.engine._native cimport *
+
+from pyholepunch.engine._base import PunchResult, PunchStats, RawSynStats, RelayStats
+from pyholepunch.errors import PunchTimeout
+
+_REASONS = {HP_RELAY_EOF: "eof", HP_RELAY_IDLE: "idle", HP_RELAY_LIMIT: "limit"}
+
+
+cdef int64_t _ns(double seconds):
+    return <int64_t>llround(seconds * 1e9)
+
+
+cdef hp_addr_t _addr(str host, int port) except *:
+    cdef hp_addr_t out
+    if hp_addr_parse(host.encode("ascii"), <uint16_t>port, &out) != 0:
+        raise ValueError(f"{host!r} is not an IPv4 address")
+    return out
+
+
+cdef str _ip(uint32_t ip):
+    return socket.inet_ntoa((<char *>&ip)[:4])
+
+
+cdef object _stats(const hp_punch_stats_t *st):
+    return PunchStats(
+        attempts=st.attempts,
+        syns_sent=st.syns_sent,
+        rsts_seen=st.rsts_seen,
+        icmp_errors=st.icmp_errors,
+        sockets_opened=st.sockets_opened,
+        first_syn_delay_ns=st.first_syn_delay_ns if st.first_syn_at_ns else None,
+        time_to_established_ns=(st.time_to_established_ns
+                                if st.time_to_established_ns >= 0 else None),
+        local_port=st.local_port if st.local_port >= 0 else None,
+        remote=(_ip(st.remote.ip), st.remote.port) if st.have_remote else None,
+        accepted=bool(st.accepted),
+        first_syn_at=st.first_syn_at_ns / 1e9 if st.first_syn_at_ns else None,
+    )
+
+
+cdef object _raise(int rc, str op, object stats=None):
+    """The single place where a negative errno from C becomes a Python exception."""
+    cdef int err = -rc
+    if stats is not None and (err == ETIMEDOUT or (err == ECONNREFUSED and op == "sweep")):
+        why = "every attempt failed" if err == ECONNREFUSED else "deadline passed"
+        raise PunchTimeout(
+            f"{op}: no connection ({why}; {stats.attempts} attempts, {stats.rsts_seen} RST, "
+            f"{stats.icmp_errors} ICMP)", stats)
+    if op == "raw_syn" and err in (EPERM, EACCES):
+        raise PermissionError(
+            err, "raw_syn needs CAP_NET_RAW to open a raw IPv4 socket "
+            "(run as root or `setcap cap_net_raw+ep` the interpreter)")
+    if err in (EMFILE, ENFILE):
+        raise OSError(err, f"{op} ran out of file descriptors ({os.strerror(err)}); "
+                           f"raise RLIMIT_NOFILE or open fewer sockets at once")
+    if err == EPROTOTYPE and op == "relay_pump":
+        raise ValueError("relay_pump needs two stream (TCP) sockets")
+    if err == EINVAL:
+        raise ValueError(f"{op}: the C engine rejected an argument (EINVAL)")
+    raise OSError(err, f"{op}: {os.strerror(err)}")
+
+
+cdef object _result(int fd, object stats):
+    try:
+        sock = socket.socket(fileno=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    sock.setblocking(True)
+    return PunchResult(sock, stats)
+
+
+def simultaneous_open(str local_ip, int local_port, str remote_ip, int remote_port,
+                      double start_at, double timeout, double interval, int syn_ttl,
+                      int ttl_syns, bint listen):
+    cdef hp_simopen_args_t a
+    cdef hp_punch_stats_t st
+    cdef int fd = -1, rc
+    memset(&a, 0, sizeof(a))
+    a.local = _addr(local_ip, local_port)
+    a.remote = _addr(remote_ip, remote_port)
+    a.start_at_ns = _ns(start_at)
+    a.timeout_ns = _ns(timeout)
+    a.interval_ns = _ns(interval)
+    a.syn_ttl = syn_ttl
+    a.ttl_syns = ttl_syns
+    a.listen = listen
+    with nogil:
+        rc = hp_simopen(&a, &fd, &st)
+    stats = _stats(&st)
+    if rc < 0:
+        _raise(rc, "simultaneous_open", stats if rc != -EINVAL else None)
+    return _result(fd, stats)
+
+
+def sweep(list pairs, str local_ip, double start_at, double timeout, double interval,
+          unsigned int max_inflight, double rate, int syn_ttl):
+    cdef hp_sweep_args_t a
+    cdef hp_punch_stats_t st
+    cdef hp_sweep_pair_t *c_pairs
+    cdef size_t i, n = len(pairs)
+    cdef int fd = -1, rc
+    cdef dict hosts = {}
+    cdef hp_addr_t addr
+    if n == 0:
+        raise ValueError("sweep needs at least one pair")
+    c_pairs = <hp_sweep_pair_t *>malloc(n * sizeof(hp_sweep_pair_t))
+    if c_pairs == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            lport, (host, port) = pairs[i]
+            ip = hosts.get(host)
+            if ip is None:
+                addr = _addr(host, 0)
+                ip = hosts[host] = addr.ip
+            c_pairs[i].local_port = <uint16_t>lport
+            c_pairs[i].remote.ip = <uint32_t>ip
+            c_pairs[i].remote.port = <uint16_t>port
+        memset(&a, 0, sizeof(a))
+        a.pairs = c_pairs
+        a.npairs = n
+        a.local_ip = _addr(local_ip, 0).ip
+        a.start_at_ns = _ns(start_at)
+        a.timeout_ns = _ns(timeout)
+        a.interval_ns = _ns(interval)
+        a.max_inflight = max_inflight
+        a.rate = rate
+        a.syn_ttl = syn_ttl
+        with nogil:
+            rc = hp_sweep(&a, &fd, &st)
+    finally:
+        free(c_pairs)
+    stats = _stats(&st)
+    if rc < 0:
+        _raise(rc, "sweep", stats if rc != -EINVAL else None)
+    return _result(fd, stats)
+
+
+def raw_syn(str src_ip, int src_port, str dst_ip, int dst_port, int ttl, unsigned int count,
+            double spacing, double start_at):
+    cdef hp_rawsyn_args_t a
+    cdef int64_t *times = <int64_t *>malloc(count * sizeof(int64_t))
+    cdef uint32_t sent = 0, i
+    cdef int rc
+    if times == NULL:
+        raise MemoryError()
+    try:
+        memset(&a, 0, sizeof(a))
+        a.src = _addr(src_ip, src_port)
+        a.dst = _addr(dst_ip, dst_port)
+        a.ttl = ttl
+        a.count = count
+        a.spacing_ns = _ns(spacing)
+        a.start_at_ns = _ns(start_at)
+        with nogil:
+            rc = hp_rawsyn(&a, times, &sent)
+        if rc < 0:
+            _raise(rc, "raw_syn")
+        stats = RawSynStats(sent=sent)
+        if sent:
+            stats.first_send_delay_ns = max(0, times[0] - a.start_at_ns)
+        stats.send_times = [times[i] / 1e9 for i in range(sent)]
+        return stats
+    finally:
+        free(times)
+
+
+def build_syn(str src_ip, int src_port, str dst_ip, int dst_port, int ttl, uint32_t seq,
+              uint16_t ip_id):
+    """The exact bytes raw_syn sends (for tests and tools)."""
+    cdef uint8_t buf[64]
+    rc = hp_build_syn(buf, sizeof(buf), _addr(src_ip, src_port), _addr(dst_ip, dst_port),
+                      ttl, seq, ip_id)
+    if rc < 0:
+        _raise(rc, "build_syn")
+    return bytes(buf[:HP_SYN_LEN])
+
+
+def relay_pump(int fd_a, int fd_b, double idle_timeout, unsigned long long max_bytes):
+    cdef hp_relay_stats_t st
+    cdef int rc
+    cdef int64_t idle = _ns(idle_timeout)
+    with nogil:
+        rc = hp_relay_pump(fd_a, fd_b, idle, max_bytes, &st)
+    if rc < 0:
+        _raise(rc, "relay_pump")
+    if st.reason == HP_RELAY_ERROR:
+        reason = f"error: {os.strerror(st.error)}"
+    else:
+        reason = _REASONS[st.reason]
+    return RelayStats(bytes_a_to_b=st.bytes_a_to_b, bytes_b_to_a=st.bytes_b_to_a, reason=reason)

@@ -1,0 +1,102 @@
+"""The native engine: the C core in csrc/ through the one Cython binding (``_native``).
+
+Arguments are validated here with the same checks (and messages) as the pure engine, so the
+C code only ever sees well-formed values; ``_native`` converts them, releases the GIL for the
+whole blocking call and maps C error codes to exceptions. Run any method from asyncio with
+``await asyncio.to_thread(engine.method, ...)``: the event loop keeps running meanwhile.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import _base, _native
+from ._base import Address, PunchResult, RawSynStats, RelayStats, SweepPair
+from ._pure_raw import check_raw_args
+from ._pure_relay import check_relay_args
+from ._pure_sock import check_count, check_seconds
+from ._pure_sweep import check_pairs
+
+__all__ = ["NativeEngine"]
+
+_INT_MAX = 2**31 - 1
+_FD_RESERVE = 3  # listener + connecting socket + the accepted one
+
+
+class NativeEngine:
+    """C implementation of :class:`pyholepunch.engine.Engine`."""
+
+    name = "native"
+
+    def simultaneous_open(
+        self,
+        local: Address,
+        remote: Address,
+        start_at: float | None,
+        timeout: float,
+        *,
+        interval: float = 0.01,
+        syn_ttl: int | None = None,
+        ttl_syns: int = 1,
+        listen: bool = True,
+    ) -> PunchResult:
+        lip, lport = _base.check_address(local, "local", allow_any_port=True)
+        rip, rport = _base.check_remote(remote)
+        start = _base.check_timing(start_at, timeout)
+        every = check_seconds(interval, "interval", allow_zero=False)
+        _base.check_ttl(syn_ttl)
+        ttl_syns = check_count(ttl_syns, "ttl_syns", 0)
+        _base.check_fd_budget(_FD_RESERVE)
+        # An interval beyond the window means "no re-arm"; clamping keeps it in C's range.
+        every = min(every, float(timeout) + 1.0)
+        return _native.simultaneous_open(  # type: ignore[no-any-return]
+            lip, lport, rip, rport, start, float(timeout), every, syn_ttl or 0,
+            min(ttl_syns, _INT_MAX), bool(listen))
+
+    def sweep(
+        self,
+        pairs: Sequence[SweepPair],
+        start_at: float | None,
+        timeout: float,
+        *,
+        local_ip: str = "0.0.0.0",
+        max_inflight: int = 1024,
+        rate: float = 0.0,
+        interval: float = 0.0,
+        syn_ttl: int | None = None,
+    ) -> PunchResult:
+        lip = _base.check_address((local_ip, 0), "local_ip", allow_any_port=True)[0]
+        todo = check_pairs(pairs)
+        start = _base.check_timing(start_at, timeout)
+        inflight = check_count(max_inflight, "max_inflight", 1)
+        pace = check_seconds(rate, "rate", allow_zero=True)
+        every = check_seconds(interval, "interval", allow_zero=True)
+        _base.check_ttl(syn_ttl)
+        inflight = min(inflight, len(todo))
+        _base.check_fd_budget(inflight)
+        every = min(every, float(timeout) + 1.0)
+        return _native.sweep(  # type: ignore[no-any-return]
+            todo, lip, start, float(timeout), every, inflight, pace, syn_ttl or 0)
+
+    def raw_syn(
+        self,
+        src: Address,
+        dst: Address,
+        *,
+        ttl: int = 64,
+        count: int = 1,
+        spacing: float = 0.0,
+        start_at: float | None = None,
+    ) -> RawSynStats:
+        (sip, sport), (dip, dport), start = check_raw_args(src, dst, ttl, count, spacing, start_at)
+        return _native.raw_syn(  # type: ignore[no-any-return]
+            sip, sport, dip, dport, ttl, count, float(spacing), start)
+
+    def relay_pump(
+        self, fd_a: int, fd_b: int, *, idle_timeout: float = 300.0, max_bytes: int = 0
+    ) -> RelayStats:
+        check_relay_args(fd_a, fd_b, idle_timeout, max_bytes)
+        for fd, what in ((fd_a, "fd_a"), (fd_b, "fd_b")):
+            if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
+                raise ValueError(f"{what} must be a non-negative file descriptor, got {fd!r}")
+        return _native.relay_pump(  # type: ignore[no-any-return]
+            fd_a, fd_b, float(idle_timeout), max_bytes)
