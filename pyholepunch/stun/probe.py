@@ -1,0 +1,348 @@
+"""The I/O half of NAT classification: run the probes, fill ``Observations``.
+
+The verdict (nat/classify.py ``build_profile``) never sees a socket; this module never
+decides a NAT type. Rounds are ordered so that only the allocation probes create new
+mappings while they run (a sequential allocator must show its real delta).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ProtocolError, TransactionFailed, TransactionTimeout
+from .client import BindingResult, StunTcpConnection, StunUdpClient, new_transaction_id, reusable_socket
+from .codec import (
+    Address,
+    AttrType,
+    ChangeRequest,
+    ConnectBack,
+    ErrorCode,
+    MessageClass,
+    StreamFramer,
+    StunMessage,
+    binding_request,
+)
+
+if TYPE_CHECKING:
+    from ..nat.classify import FilterProbe, Observations
+
+log = logging.getLogger(__name__)
+
+CHANGE_BOTH = ChangeRequest(True, True)
+CHANGE_PORT = ChangeRequest(False, True)
+SERVER_CONNECT_BACK_TIMEOUT = 0.6   # our server's default; the client waits a bit longer
+
+
+def route_source_ip(dest_ip: str) -> str:
+    """The local IP the kernel would use towards ``dest_ip`` (no packet is sent)."""
+    family = socket.AF_INET6 if ":" in dest_ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((dest_ip, 9))
+        return str(s.getsockname()[0])
+
+
+def _waits(rtt: float) -> tuple[float, float]:
+    """(retransmission timeout, how long silence must last to count as 'blocked')."""
+    return max(0.1, 2 * rtt), max(0.4, 6 * rtt)
+
+
+async def _gather(*aws: Any) -> list[Any]:
+    return list(await asyncio.gather(*aws, return_exceptions=True))
+
+
+def _changed_expected(obs: Observations, change: ChangeRequest) -> Address | None:
+    other = obs.other_address
+    if other is None:
+        return None
+    host = other[0] if change.change_ip else obs.server[0]
+    port = other[1] if change.change_port else obs.server[1]
+    return (host, port)
+
+
+# --- UDP -------------------------------------------------------------------------------
+
+def _udp_filter_outcome(obs: Observations, probe: FilterProbe, change: ChangeRequest,
+                        result: BindingResult | BaseException) -> None:
+    from ..nat.classify import Outcome
+    if isinstance(result, BindingResult):
+        expected = _changed_expected(obs, change)
+        if result.source == obs.server or (expected is not None and result.source != expected):
+            probe.outcome, probe.detail = Outcome.INVALID, f"answer came from {result.source}"
+        else:
+            probe.outcome = Outcome.PASSED
+    elif isinstance(result, TransactionTimeout):
+        probe.outcome = Outcome.BLOCKED
+    elif isinstance(result, TransactionFailed) and result.code == ErrorCode.UNKNOWN_ATTRIBUTE:
+        probe.outcome, probe.detail = Outcome.UNSUPPORTED, "server answered 420"
+    else:
+        probe.outcome, probe.detail = Outcome.INVALID, str(result)
+
+
+async def probe_udp(obs: Observations, *, local_ip: str | None, timeout: float,
+                    allocation_probes: int) -> None:
+    ip = local_ip or route_source_ip(obs.server[0])
+    obs.local_ip = ip
+    first = dict(rto=min(0.25, timeout / 4), rc=6, timeout=timeout)
+    clients: list[StunUdpClient] = []
+    try:
+        sm = await StunUdpClient.open((ip, 0))
+        sf = await StunUdpClient.open((ip, 0))
+        clients += [sm, sf]
+        obs.mapping_local, obs.filter_local = sm.local, sf.local
+        r1, rf = await _gather(sm.binding(obs.server, **first), sf.binding(obs.server, **first))
+        if not isinstance(r1, BindingResult):
+            obs.error = (f"no UDP answer from {obs.server[0]}:{obs.server[1]} within {timeout:.1f} s "
+                         "(server down, wrong port, or UDP blocked)"
+                         if isinstance(r1, TransactionTimeout) else f"server refused: {r1}")
+            return
+        obs.mapped_primary, obs.rtt, obs.other_address = r1.mapped, r1.rtt, r1.other_address
+        rto, wait = _waits(r1.rtt)
+        quick = dict(rto=rto, rc=4, timeout=wait)
+
+        # filtering runs in the background: it creates no mapping
+        filter_task = None
+        if isinstance(rf, BindingResult):
+            obs.mapped_filter = rf.mapped
+            filter_task = asyncio.ensure_future(_gather(
+                sf.binding(obs.server, change=CHANGE_BOTH, **quick),
+                sf.binding(obs.server, change=CHANGE_PORT, **quick)))
+        else:
+            obs.notes.append(f"filtering: the filtering socket got no answer ({rf})")
+
+        # mapping: same socket, other destinations
+        if obs.other_address is not None:
+            m2, m3 = await _gather(
+                sm.binding((obs.other_address[0], obs.server[1]), **quick),
+                sm.binding(obs.other_address, **quick))
+            obs.mapped_alt_ip = m2.mapped if isinstance(m2, BindingResult) else None
+            obs.mapped_alt_both = m3.mapped if isinstance(m3, BindingResult) else None
+        elif obs.alt_server is not None:
+            m2 = (await _gather(sm.binding(obs.alt_server, rto=rto, rc=4, timeout=timeout)))[0]
+            obs.mapped_alt_server = m2.mapped if isinstance(m2, BindingResult) else None
+
+        # allocation: fresh sockets, sends leave in order
+        fresh = [await StunUdpClient.open((ip, 0)) for _ in range(allocation_probes)]
+        clients += fresh
+        results = await _gather(*(c.binding(obs.server, **quick) for c in fresh))
+        for c, r in zip(fresh, results, strict=True):
+            if isinstance(r, BindingResult):
+                obs.allocation.append((c.local[1], r.mapped[1]))
+            else:
+                obs.allocation_lost += 1
+
+        # hairpin: our own request, sent to our own mapping, must come back to us
+        req = binding_request(new_transaction_id())
+        data = req.encode()
+        got = asyncio.get_running_loop().create_future()
+        sm.on_unmatched = lambda d, a: got.done() or d != data or got.set_result(a)
+        for _ in range(3):
+            sm.send_raw(data, r1.mapped)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(got), wait / 3)
+                break
+        obs.hairpin = got.done()
+        if filter_task is not None:
+            fb, fp = await filter_task
+            _udp_filter_outcome(obs, obs.filter_both, CHANGE_BOTH, fb)
+            _udp_filter_outcome(obs, obs.filter_port, CHANGE_PORT, fp)
+    finally:
+        for c in clients:
+            c.close()
+
+
+# --- TCP -------------------------------------------------------------------------------
+
+class _ConnectBackCatcher:
+    """Accepts the server's connect-backs on the filtering port and matches transaction ids."""
+
+    def __init__(self) -> None:
+        self.answers: dict[bytes, tuple[StunMessage, Address]] = {}
+        self.event = asyncio.Event()
+        self.accepted = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        peer = writer.get_extra_info("peername")
+        framer = StreamFramer()
+        try:
+            while True:
+                data = await asyncio.wait_for(reader.read(4096), 2.0)
+                if not data:
+                    return
+                for frame in framer.feed(data):
+                    msg = StunMessage.parse(frame)
+                    self.answers[msg.transaction_id] = (msg, (peer[0], peer[1]))
+                    self.event.set()
+                    return
+        except (TimeoutError, OSError, ProtocolError):
+            return
+        finally:
+            writer.close()
+
+
+def _listener(local: Address) -> socket.socket:
+    sock = reusable_socket(local)
+    sock.listen(16)
+    return sock
+
+
+async def _tcp_binding(server: Address, local: Address, timeout: float) -> BindingResult:
+    conn = await StunTcpConnection.open(server, local=local, connect_timeout=timeout)
+    async with conn:
+        return await conn.binding(timeout=timeout)
+
+
+async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
+                    allocation_probes: int) -> None:
+    ip = local_ip or route_source_ip(obs.server[0])
+    obs.local_ip = ip
+    lsock = _listener((ip, 0))
+    p2 = lsock.getsockname()[1]
+    catcher = _ConnectBackCatcher()
+    listener = await asyncio.start_server(catcher.handle, sock=lsock)
+    conns: list[StunTcpConnection] = []
+    try:
+        a, f = await _gather(StunTcpConnection.open(obs.server, local=(ip, 0), connect_timeout=timeout),
+                             StunTcpConnection.open(obs.server, local=(ip, p2), connect_timeout=timeout))
+        conns += [c for c in (a, f) if isinstance(c, StunTcpConnection)]
+        if not isinstance(a, StunTcpConnection):
+            what = ("connection refused" if isinstance(a, ConnectionRefusedError) else
+                    "no answer to the TCP handshake" if isinstance(a, TransactionTimeout) else str(a))
+            obs.error = f"cannot reach {obs.server[0]}:{obs.server[1]} over TCP: {what}"
+            return
+        p1 = a.local
+        obs.mapping_local = p1
+        try:
+            r1 = await a.binding(timeout=timeout)
+        except (TransactionTimeout, TransactionFailed, OSError, ProtocolError) as exc:
+            obs.error = f"no STUN answer over TCP from {obs.server[0]}:{obs.server[1]}: {exc}"
+            return
+        obs.mapped_primary, obs.other_address = r1.mapped, r1.other_address
+        obs.rtt = max(a.connect_time, r1.rtt)
+        _, wait = _waits(obs.rtt)
+        step = max(1.0, 4 * obs.rtt) + wait
+
+        # filtering on the listener's port, in the background
+        filter_task = None
+        if isinstance(f, StunTcpConnection):
+            obs.filter_local = f.local
+            filter_task = asyncio.ensure_future(
+                _tcp_filtering(obs, f, catcher, SERVER_CONNECT_BACK_TIMEOUT + wait + 2 * obs.rtt))
+        else:
+            obs.notes.append(f"filtering: the filtering connection failed ({f!r})")
+
+        # mapping: same local port, other destinations
+        if obs.other_address is not None:
+            m2, m3 = await _gather(_tcp_binding((obs.other_address[0], obs.server[1]), p1, step),
+                                   _tcp_binding(obs.other_address, p1, step))
+            obs.mapped_alt_ip = m2.mapped if isinstance(m2, BindingResult) else None
+            obs.mapped_alt_both = m3.mapped if isinstance(m3, BindingResult) else None
+        elif obs.alt_server is not None:
+            m2 = (await _gather(_tcp_binding(obs.alt_server, p1, timeout)))[0]
+            obs.mapped_alt_server = m2.mapped if isinstance(m2, BindingResult) else None
+
+        if filter_task is not None:   # connect-backs must not overlap the allocation run
+            await filter_task
+        await _tcp_allocation(obs, ip, allocation_probes, step)
+        await _tcp_hairpin(obs, ip, catcher, wait)
+    finally:
+        for c in conns:
+            await c.close()
+        listener.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(listener.wait_closed(), 1.0)
+
+
+async def _tcp_filtering(obs: Observations, conn: StunTcpConnection, catcher: _ConnectBackCatcher,
+                         wait: float) -> None:
+    from ..nat.classify import Outcome
+    try:
+        rf = await conn.binding(timeout=wait)
+    except (TransactionTimeout, TransactionFailed, OSError, ProtocolError) as exc:
+        obs.notes.append(f"filtering: no answer on the filtering connection ({exc})")
+        return
+    obs.mapped_filter = rf.mapped
+    probes = {}
+    for change, probe in ((CHANGE_BOTH, obs.filter_both), (CHANGE_PORT, obs.filter_port)):
+        req = binding_request(new_transaction_id(), change=change)
+        probes[req.transaction_id] = (change, probe)
+        conn.send(req)
+    await conn.writer.drain()
+    deadline = time.monotonic() + wait
+    pending = dict(probes)
+
+    async def read_reports() -> None:
+        while pending:
+            msg = await conn.read_message(deadline - time.monotonic())
+            entry = pending.get(msg.transaction_id)
+            if entry is None or msg.cls is MessageClass.REQUEST:
+                continue
+            change, probe = entry
+            err = msg.error
+            if msg.cls is MessageClass.SUCCESS:
+                probe.outcome, probe.detail = Outcome.INVALID, "server answered on the same connection"
+            elif err and err.code == ErrorCode.UNKNOWN_ATTRIBUTE:
+                probe.outcome, probe.detail = Outcome.UNSUPPORTED, "server answered 420"
+            elif msg.get(AttrType.CONNECT_BACK_RESULT) in (ConnectBack.REFUSED, ConnectBack.TIMEOUT,
+                                                            ConnectBack.UNREACHABLE):
+                probe.outcome = Outcome.BLOCKED
+                probe.connect_back = msg.get(AttrType.CONNECT_BACK_RESULT)
+            else:
+                probe.outcome = Outcome.INVALID
+                probe.detail = f"server error {err.code if err else '?'} {err.reason if err else ''}"
+            pending.pop(msg.transaction_id, None)
+
+    reports = asyncio.ensure_future(read_reports())
+    try:
+        while pending and time.monotonic() < deadline:
+            for tid in [t for t in pending if t in catcher.answers]:
+                change, probe = pending.pop(tid)
+                peer = catcher.answers[tid][1]
+                expected = _changed_expected(obs, change)
+                if expected is not None and peer != expected:
+                    probe.outcome, probe.detail = Outcome.INVALID, f"connect-back came from {peer}"
+                else:
+                    probe.outcome = Outcome.PASSED
+            if pending:
+                catcher.event.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(catcher.event.wait(), 0.02)
+    finally:
+        reports.cancel()
+        with contextlib.suppress(BaseException):
+            await reports
+    for change, probe in pending.values():
+        probe.outcome, probe.detail = Outcome.NOT_RUN, f"no connect-back and no report in {wait:.2f} s"
+
+
+async def _tcp_allocation(obs: Observations, ip: str, count: int, timeout: float) -> None:
+    async def one(delay: float) -> BindingResult:
+        await asyncio.sleep(delay)   # a few ms apart: the SYNs leave in order
+        return await _tcp_binding(obs.server, (ip, 0), timeout)
+    results = await _gather(*(one(i * 0.003) for i in range(count)))
+    for r in results:
+        if isinstance(r, BindingResult):
+            obs.allocation.append((r.local[1], r.mapped[1]))
+        else:
+            obs.allocation_lost += 1
+
+
+async def _tcp_hairpin(obs: Observations, ip: str, catcher: _ConnectBackCatcher, wait: float) -> None:
+    target = obs.mapped_filter
+    if target is None:
+        obs.hairpin_detail = "no mapped address for the listening port"
+        return
+    before = catcher.accepted
+    sock = reusable_socket((ip, 0))
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, target), wait)
+        obs.hairpin = True
+    except (TimeoutError, OSError) as exc:
+        obs.hairpin = catcher.accepted > before
+        log.debug("TCP hairpin to %s: %r", target, exc)
+    finally:
+        sock.close()
