@@ -206,11 +206,12 @@ def test_ratios(bench_report: Any) -> None:
     """pure / native for each group measured above (run last in this file)."""
     if not {"native", "pure"} <= set(engine_mod.available()):
         pytest.skip("ratios need both engines built")
+    r = bench_report.ratio
     out = {
-        "sweep_launch_pure_over_native": bench_report.ratio("engine.sweep_launch", "median_s", "pure", "native"),
-        "first_syn_median_pure_over_native": bench_report.ratio("engine.first_syn_delay", "median_us", "pure", "native"),
-        "simopen_median_pure_over_native": bench_report.ratio("engine.simopen_latency", "median_us", "pure", "native"),
-        "relay_native_over_pure": bench_report.ratio("engine.relay_throughput", "relay_mib_s", "native", "pure"),
+        "sweep_launch_pure_over_native": r("engine.sweep_launch", "median_s", "pure", "native"),
+        "first_syn_median_pure_over_native": r("engine.first_syn_delay", "median_us", "pure", "native"),
+        "simopen_median_pure_over_native": r("engine.simopen_latency", "median_us", "pure", "native"),
+        "relay_native_over_pure": r("engine.relay_throughput", "relay_mib_s", "native", "pure"),
     }
     native_syn = bench_report.groups.get("engine.first_syn_delay", {}).get("native", {})
     out["target_sweep_10x_met"] = (out["sweep_launch_pure_over_native"] or 0) >= 10

@@ -55,13 +55,22 @@ def build_syn(
     return ip + tcp
 
 
+def route_source(dst_ip: str) -> str:
+    """The local address the kernel would use towards ``dst_ip`` (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((dst_ip, 9))
+        return str(probe.getsockname()[0])
+
+
 def check_raw_args(
     src: object, dst: object, ttl: object, count: object, spacing: object,
     start_at: float | None,
 ) -> tuple[Address, Address, float]:
     """Validate raw_syn's arguments; return (src, dst, effective start)."""
-    src_a = _base.check_remote(src, "src")    # a concrete source: it is in the checksum
+    src_a = _base.check_address(src, "src", allow_any_port=False)
     dst_a = _base.check_remote(dst, "dst")
+    if src_a[0] == "0.0.0.0":                  # the source is in the checksum: ask the route
+        src_a = (route_source(dst_a[0]), src_a[1])
     if ttl is None:
         raise ValueError("ttl None is out of range 1..255")
     _base.check_ttl(ttl, "ttl")  # type: ignore[arg-type]

@@ -52,8 +52,8 @@ def check_relay_args(fd_a: object, fd_b: object, idle_timeout: object, max_bytes
     if fd_a == fd_b and isinstance(fd_a, int):
         raise ValueError(f"fd_a and fd_b are the same descriptor ({fd_a})")
     if (not isinstance(idle_timeout, (int, float)) or isinstance(idle_timeout, bool)
-            or not math.isfinite(idle_timeout) or idle_timeout <= 0):
-        raise ValueError(f"idle_timeout must be a positive number of seconds, got {idle_timeout!r}")
+            or not math.isfinite(idle_timeout) or idle_timeout < 0):
+        raise ValueError(f"idle_timeout must be >= 0 seconds (0 = none), got {idle_timeout!r}")
     if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
         raise ValueError(f"max_bytes must be a non-negative integer (0 = unlimited), got {max_bytes!r}")
 
@@ -121,9 +121,11 @@ def _pump(sel: selectors.BaseSelector, sa: socket.socket, sb: socket.socket,
                     sel.unregister(s)
                 interest[s] = want[s]
 
-        wait = last_io + idle_timeout - time.monotonic()
-        if wait <= 0:
-            return finish("idle")
+        wait: float | None = None
+        if idle_timeout:
+            wait = last_io + idle_timeout - time.monotonic()
+            if wait <= 0:
+                return finish("idle")
         ready = dict((key.fileobj, ev) for key, ev in sel.select(wait))
         try:
             for d in dirs:

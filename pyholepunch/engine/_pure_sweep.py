@@ -10,9 +10,9 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from ..errors import PunchTimeout
+from ..errors import PunchError, PunchTimeout
 from . import _base
-from ._base import Address, PunchResult, PunchStats, SweepPair
+from ._base import PunchResult, PunchStats, SweepPair
 from ._pure_clock import wait_until
 from ._pure_sock import (
     FD_ERRNOS,
@@ -105,10 +105,11 @@ class _Sweep:
             self.inflight.clear()
         s = self.stats
         if winner is None:
-            why = "every attempt failed" if time.time() < self.deadline else "deadline passed"
-            raise PunchTimeout(
-                f"sweep over {len(self.pairs)} pairs: no connection ({why}; {s.attempts} "
-                f"attempts, {s.rsts_seen} RST, {s.icmp_errors} ICMP)", s)
+            what = (f"sweep over {len(self.pairs)} pairs: no connection ({s.attempts} attempts, "
+                    f"{s.rsts_seen} RST, {s.icmp_errors} ICMP)")
+            if time.time() < self.deadline:     # exhausted early, like the C engine's -ECONNREFUSED
+                raise PunchError(what + "; every pair failed and none is left to retry", s)
+            raise PunchTimeout(what + " by the deadline", s)
         return PunchResult(winner, s)
 
     def _socket(self, idx: int) -> socket.socket:

@@ -109,7 +109,7 @@ def test_sweep_bad_input(engine: Engine, bad: dict[str, Any], words: str, no_fd_
 
 RAW_BAD: list[tuple[dict[str, Any], str]] = [
     (dict(src=("bad", 1)), "src"),
-    (dict(src=("0.0.0.0", 1000)), "src"),
+    (dict(src=(A_IP, 0)), "src"),
     (dict(dst=(B_IP, 0)), "dst"),
     (dict(dst=(B_IP, 65536)), "dst"),
     (dict(ttl=0), "ttl"),

@@ -60,3 +60,16 @@ def test_raw_syn_without_cap_net_raw(engine: Engine) -> None:
     [(kind, msg)] = run_in_processes((_raw_syn_unprivileged, (engine.name,)))
     assert kind == "PermissionError"
     assert "CAP_NET_RAW" in msg
+
+
+@pytest.mark.root
+def test_raw_syn_unspecified_source_uses_the_route(engine: Engine, no_fd_leak: None) -> None:
+    """src 0.0.0.0: the route's source address goes into the header and the checksum."""
+    sport, dport = closed_ports(2, low=23200)
+    with LoCapture() as cap:
+        engine.raw_syn(("0.0.0.0", sport), (B_IP, dport), ttl=33)
+        time.sleep(0.02)
+        syns = cap.syns(lambda s: s.src[1] == sport and s.dst == (B_IP, dport))
+    assert len(syns) == 1
+    assert syns[0].src[0] != "0.0.0.0" and syns[0].ttl == 33
+    assert syns[0].ip_ok and syns[0].tcp_ok
