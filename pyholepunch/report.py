@@ -1,0 +1,233 @@
+"""The connection report: the plan, what every step did, the route, and how long it all took.
+
+Built incrementally by the peer while it connects (:meth:`ConnectionReport.step_started` ...
+:meth:`ConnectionReport.finish`), then read by the application (``conn.report``), the CLI
+(:meth:`ConnectionReport.summary`, ``--json`` via :meth:`ConnectionReport.to_dict`) and the
+matrix tests. Times are absolute wall-clock seconds (``time.time()``) supplied by the caller
+(``None`` = now), so reports from two peers line up with each other and with the engine's
+``start_at``. Plain data: no I/O.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .engine._base import PunchStats
+
+
+class Outcome(StrEnum):
+    SUCCESS = "success"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+    SKIPPED = "skipped"          # not run: an earlier (or parallel) step won, or it cannot apply
+    RUNNING = "running"
+
+
+class Route(StrEnum):
+    DIRECT = "direct"
+    RELAY = "relay"
+
+
+def parse_route(route: object) -> Route:
+    """``Route(route)`` with an error that names the choices."""
+    try:
+        return Route(route)
+    except ValueError:
+        raise ValueError(f"route must be 'direct' or 'relay', got {route!r}") from None
+
+
+def _now(t: float | None) -> float:
+    return time.time() if t is None else float(t)
+
+
+def _json_safe(value: Any) -> Any:
+    """Tuples to lists, enums to their values, non-finite floats to None: JSON-safe output."""
+    if isinstance(value, StrEnum):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+@dataclass
+class StepRecord:
+    """One plan step as it happened."""
+
+    index: int
+    kind: str
+    started: float
+    ended: float | None = None
+    outcome: Outcome = Outcome.RUNNING
+    error: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)   # engine PunchStats.as_dict()
+    local_port: int | None = None                          # winning ports, on success
+    remote: tuple[str, int] | None = None
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.ended is None else max(0.0, self.ended - self.started)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_safe({
+            "index": self.index, "kind": self.kind, "started": self.started, "ended": self.ended,
+            "duration": self.duration, "outcome": self.outcome, "error": self.error,
+            "stats": self.stats, "local_port": self.local_port, "remote": self.remote})
+
+
+@dataclass
+class ConnectionReport:
+    """Everything about one peer connection, from the connect()/accept() call to TLS."""
+
+    role: str                                   # "initiator" | "responder"
+    peer_id: str = ""
+    peer_name: str = ""
+    started: float = field(default_factory=time.time)   # the connect()/accept() call
+    plan: dict[str, Any] | None = None          # Plan.to_dict()
+    local_nat: dict[str, Any] | None = None     # NatProfile.to_dict() of both sides
+    remote_nat: dict[str, Any] | None = None
+    steps: list[StepRecord] = field(default_factory=list)
+    route: Route | None = None
+    relay_reason: str = ""
+    established: float | None = None            # TLS established
+    ended: float | None = None                  # established, or the attempt failed
+    tls: bool = True                            # False only with insecure_plain
+    error: str = ""                             # why the whole connect failed, if it did
+
+    def __post_init__(self) -> None:
+        if self.role not in ("initiator", "responder"):
+            raise ValueError(f"role must be 'initiator' or 'responder', got {self.role!r}")
+
+    # --- building --------------------------------------------------------------------------
+
+    def step_started(self, kind: str, at: float | None = None) -> StepRecord:
+        record = StepRecord(len(self.steps), str(kind), _now(at))
+        self.steps.append(record)
+        return record
+
+    def step_finished(self, record: StepRecord, outcome: Outcome | str, *, at: float | None = None,
+                      stats: PunchStats | dict[str, Any] | None = None, error: str | BaseException = "",
+                      ) -> StepRecord:
+        """Close ``record``. ``stats``: the engine's PunchStats (from the result or the error)."""
+        if record.outcome is not Outcome.RUNNING:
+            raise ValueError(f"step {record.index} ({record.kind}) already finished: {record.outcome}")
+        outcome = Outcome(outcome)
+        if outcome is Outcome.RUNNING:
+            raise ValueError("a step cannot finish as 'running'")
+        record.ended = max(record.started, _now(at))
+        record.outcome = outcome
+        if isinstance(error, BaseException):
+            error = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        record.error = error
+        if isinstance(stats, PunchStats):
+            stats = stats.as_dict()
+        record.stats = dict(stats or {})
+        if outcome is Outcome.SUCCESS:
+            record.local_port = record.stats.get("local_port")
+            remote = record.stats.get("remote")
+            record.remote = (str(remote[0]), int(remote[1])) if remote else None
+        return record
+
+    def step_skipped(self, kind: str, reason: str = "", at: float | None = None) -> StepRecord:
+        record = self.step_started(kind, at)
+        return self.step_finished(record, Outcome.SKIPPED, at=record.started, error=reason)
+
+    def finish(self, route: Route | str, *, at: float | None = None, relay_reason: str = "") -> None:
+        """The connection is up (TLS established) over ``route``."""
+        self.route = parse_route(route)
+        self.established = self.ended = _now(at)
+        if self.route is Route.RELAY:
+            self.relay_reason = relay_reason or self.relay_reason or "every direct step failed"
+        for record in self.steps:          # parallel losers still running when the winner won
+            if record.outcome is Outcome.RUNNING:
+                self.step_finished(record, Outcome.SKIPPED, at=self.established,
+                                   error="abandoned: another step won")
+
+    def fail(self, error: str | BaseException, *, at: float | None = None) -> None:
+        """The connection attempt failed as a whole."""
+        self.established = None
+        self.error = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
+        end = self.ended = _now(at)
+        for record in self.steps:
+            if record.outcome is Outcome.RUNNING:
+                self.step_finished(record, Outcome.ERROR, at=end, error="attempt abandoned")
+
+    # --- reading ---------------------------------------------------------------------------
+
+    @property
+    def total_time(self) -> float | None:
+        """Seconds from the connect()/accept() call to TLS established."""
+        return None if self.established is None else max(0.0, self.established - self.started)
+
+    @property
+    def winning_step(self) -> StepRecord | None:
+        for record in self.steps:
+            if record.outcome is Outcome.SUCCESS:
+                return record
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        win = self.winning_step
+        return _json_safe({
+            "role": self.role, "peer_id": self.peer_id, "peer_name": self.peer_name,
+            "route": self.route, "relay_reason": self.relay_reason, "tls": self.tls,
+            "started": self.started, "established": self.established, "ended": self.ended,
+            "total_time": self.total_time, "winning_step": win.kind if win else None,
+            "error": self.error, "local_nat": self.local_nat, "remote_nat": self.remote_nat,
+            "plan": self.plan, "steps": [r.to_dict() for r in self.steps]})
+
+    def summary(self) -> str:
+        """A few lines for people: route and time, the NATs, each step's outcome."""
+        who = self.peer_name or self.peer_id or "peer"
+        if self.peer_name and self.peer_id:
+            who = f"{self.peer_name} ({self.peer_id[:12]}…)"
+        if self.error:
+            took = None if self.ended is None else self.ended - self.started
+            head = f"{who}: FAILED after {_ms(took)}: {self.error}"
+        elif self.route is None:
+            head = f"{who}: connecting…"
+        else:
+            head = f"{who}: {self.route} in {_ms(self.total_time)}" + \
+                ("" if self.tls else " (NOT encrypted: insecure_plain)")
+        lines = [head]
+        if self.route is Route.RELAY:
+            lines.append(f"  relay because: {self.relay_reason}")
+        if self.local_nat or self.remote_nat:
+            lines.append(f"  NATs: local {_nat(self.local_nat)}, remote {_nat(self.remote_nat)}")
+        if self.plan and self.plan.get("reason"):
+            lines.append(f"  plan: {self.plan['reason']}")
+        for r in self.steps:
+            line = f"  {r.index + 1}. {r.kind:<16} {r.outcome:<8} {_ms(r.duration):>8}"
+            s = r.stats
+            if s:
+                line += f"  SYNs {s.get('syns_sent', 0)} RSTs {s.get('rsts_seen', 0)} " \
+                        f"ICMP {s.get('icmp_errors', 0)}"
+            if r.outcome is Outcome.SUCCESS and r.remote:
+                line += f"  :{r.local_port} -> {r.remote[0]}:{r.remote[1]}"
+            if r.error:
+                line += f"  ({r.error})"
+            lines.append(line)
+        return "\n".join(lines)
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _nat(profile: dict[str, Any] | None) -> str:
+    if not profile:
+        return "unknown"
+    return str(profile.get("label") or profile.get("nat_type") or "unknown")
+
+
+__all__ = ["ConnectionReport", "Outcome", "Route", "StepRecord", "parse_route"]
