@@ -380,10 +380,11 @@ class RelayServer:
     the hub on its shared port instead). ``async with RelayServer(hub, ("127.0.0.1", 0))``."""
 
     def __init__(self, hub: RelayHub, address: Address = ("127.0.0.1", 0), *,
-                 backlog: int = 128) -> None:
+                 backlog: int = 128, sock: socket.socket | None = None) -> None:
         self.hub = hub
         self._bind = address
         self._backlog = backlog
+        self._given = sock          # an already bound socket (e.g. made in another netns)
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._conns: set[asyncio.Task[None]] = set()
@@ -395,10 +396,11 @@ class RelayServer:
         return (host, port)
 
     async def start(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = self._given or socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(self._bind)
+            if self._given is None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(self._bind)
             sock.listen(self._backlog)
             sock.setblocking(False)
         except BaseException:
