@@ -1,0 +1,132 @@
+"""Two rendezvous nodes sharing a REAL redis-server: names, lookups and pushes cross nodes."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+
+from pyholepunch.errors import SignalingError
+from pyholepunch.identity import Identity
+from pyholepunch.relay.builtin import RelayHub
+from pyholepunch.signal.client import SignalClient
+from pyholepunch.signal.protocol import ErrorCode
+from pyholepunch.signal.server import ServerConfig, SignalServer
+from pyholepunch.signal.store import RedisStore, open_store
+from pyholepunch.signal.tls import generate_credentials
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+CREDS = generate_credentials()      # both nodes present one identity, as a cluster would
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest_asyncio.fixture
+async def nodes(redis_url: str) -> AsyncIterator[list[SignalServer]]:
+    out = []
+    try:
+        for node in ("n1", "n2"):
+            store = open_store(redis_url)
+            assert isinstance(store, RedisStore)
+            srv = SignalServer(CREDS, store, ServerConfig(sync_pings=2, keepalive=3600),
+                               relay_hub=RelayHub(), node_id=node)
+            await srv.start()
+            await srv.listen()
+            out.append(srv)
+        yield out
+    finally:
+        for srv in out:
+            await srv.close()
+            await srv.relay_hub.close()
+
+
+def client(srv: SignalServer, name: str, **kw) -> SignalClient:  # type: ignore[no-untyped-def]
+    port = srv._servers[0].sockets[0].getsockname()[1]
+    return SignalClient(("127.0.0.1", port), kw.pop("identity", None) or Identity.generate(),
+                        name=name, server_fingerprint=srv.server_id, **kw)
+
+
+@pytest.mark.asyncio
+async def test_connect_crosses_nodes(nodes: list[SignalServer]) -> None:
+    n1, n2 = nodes
+    skewed = lambda: time.time() - 3.0  # noqa: E731
+    async with client(n1, "alice") as a, client(n2, "bob", clock=skewed) as b:
+        p = await a.connect("bob")
+        q = await b.next_event(5)
+        assert p.peer.peer_id == b.peer_id and q.peer.peer_id == a.peer_id
+        assert abs(p.start_at - (q.start_at + 3.0)) < 0.005     # converted on bob's node
+        assert n1.metrics["frames_out"] >= 1 and n2.metrics["punches"] == 0
+        ga = await a.request_relay(p.session)                   # grant routed to node 2 too
+        gb = await b.next_event(5)
+        assert ga.session == gb.session and ga.relay == gb.relay
+        await b.report_result(p.session, "relay")               # session known on either node
+        for _ in range(100):
+            if n2.metrics["relayed"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert n2.metrics["relayed"] == 1
+        p2 = await b.connect(a.peer_id)                         # and back, by peer_id
+        assert (await a.next_event(5)).session == p2.session
+
+
+@pytest.mark.asyncio
+async def test_names_and_refusals_are_cluster_wide(nodes: list[SignalServer]) -> None:
+    n1, n2 = nodes
+    owner = Identity.generate()
+    async with client(n1, "carol", identity=owner) as c:
+        thief = client(n2, "carol", reconnect=False)
+        with pytest.raises(SignalingError) as e:
+            await thief.start()
+        assert e.value.code == ErrorCode.NAME_TAKEN
+        with pytest.raises(SignalingError) as e:
+            await c.connect("nobody")
+        assert e.value.code == ErrorCode.UNKNOWN_TARGET
+        # the owner registering on the other node takes over; the old connection is told
+        async with client(n2, "carol", identity=owner) as moved:
+            for _ in range(200):
+                if c.failure is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert isinstance(c.failure, SignalingError) and c.failure.code == ErrorCode.REPLACED
+            async with client(n1, "dan") as d:
+                p = await d.connect("carol")
+                assert (await moved.next_event(5)).session == p.session
+            rec = await n1.store.find("carol")
+            assert rec is not None and rec.node == "n2"
