@@ -12,6 +12,7 @@ import os
 import pickle
 import select
 import signal
+import socket
 import struct
 import threading
 import time
@@ -290,3 +291,11 @@ def require_support() -> None:
         import pyroute2  # noqa: F401
     except ImportError as exc:
         raise LabError("the NAT lab needs pyroute2 (pip install pyholepunch[lab])") from exc
+
+
+def socket_in(name: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM,
+              proto: int = 0) -> socket.socket:
+    """A socket created inside namespace `name`; usable from any thread afterwards (a socket
+    keeps the namespace it was created in)."""
+    with entered(name):
+        return socket.socket(family, type, proto)

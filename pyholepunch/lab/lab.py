@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -247,6 +248,11 @@ class Lab:
     def call(self, node: str, fn: Callable[..., Any], *args: Any, timeout: float = 30,
              **kwargs: Any) -> Any:
         return _ns.call(self.netns(node), fn, args, kwargs, timeout)
+
+    def socket(self, node: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM,
+               proto: int = 0) -> socket.socket:
+        """A socket living in `node`'s namespace, usable from this process (no fork needed)."""
+        return _ns.socket_in(self.netns(node), family, type, proto)
 
     async def arun(self, node: str, argv: Sequence[str], *, timeout: float = 30,
                    input: bytes | None = None) -> subprocess.CompletedProcess[str]:

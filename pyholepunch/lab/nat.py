@@ -22,9 +22,10 @@ NAT_TYPES: tuple[str, ...] = (
     "symmetric-seq", "symmetric-random", "cgnat",
 )
 
-# External ports handed out by symmetric-seq start here (+ a per-lab offset, see topology).
+# External ports handed out by symmetric-seq: SEQ_PORT_BASE + a per-lab offset, then +1 per new
+# flow, wrapping after SEQ_PORT_SPAN flows.
 SEQ_PORT_BASE = 20000
-SEQ_PORT_SPAN = 20000
+SEQ_PORT_SPAN = 4096
 # Dynamic map lifetime: refreshed by every outbound packet of the mapping, like a NAT's
 # mapping timer; long enough for any test, short enough not to grow without bound.
 MAP_TIMEOUT_S = {"tcp": 600, "udp": 180}
@@ -81,10 +82,12 @@ def validate_type(name: str) -> str:
 def _mapping_rules(c: NatConfig) -> list[str]:
     out = f'oifname "{c.wan_if}"'
     if c.kind == "symmetric-seq":
-        # One rule (one counter) per protocol, so TCP and UDP each count 1, 2, 3...
+        # One rule (one counter) per protocol, so TCP and UDP each count 1, 2, 3...  The
+        # counter goes through a port map because nft 1.0.6 stores `numgen` in host byte order
+        # where the port wants network order (a bare `: numgen inc` steps by 256).
         return [
             f"{out} meta l4proto {proto} snat ip to {c.wan_ip} : numgen inc mod {SEQ_PORT_SPAN} "
-            f"offset {SEQ_PORT_BASE + c.seq_offset}"
+            f"map @seq_{proto}"
             for proto in ("tcp", "udp")
         ] + [f"{out} snat ip to {c.wan_ip}"]
     if c.kind == "symmetric-random":
@@ -105,6 +108,11 @@ def ruleset(c: NatConfig) -> str:
     want_port_map = c.kind == "full-cone" or c.hairpin
     for proto in ("tcp", "udp"):
         t = MAP_TIMEOUT_S[proto]
+        if c.kind == "symmetric-seq":
+            first = SEQ_PORT_BASE + c.seq_offset
+            elements = ", ".join(f"{i} : {first + i}" for i in range(SEQ_PORT_SPAN))
+            maps.append(f"map seq_{proto} {{ typeof numgen inc mod 2 : {proto} dport; "
+                        f"elements = {{ {elements} }} }}")
         value = "ct original ip saddr . ct original proto-src"
         if want_port_map:
             # external port -> internal address . port (full-cone inbound, hairpin)
@@ -152,7 +160,7 @@ def ruleset(c: NatConfig) -> str:
     text += chain("track", "type filter hook postrouting priority 110; policy accept;", track)
     text += chain("inp", "type filter hook input priority filter; policy accept;", inp)
     text += "}\n"
-    return "flush ruleset\n" + text
+    return text
 
 
 def loss_ruleset(loss_pct: float) -> str:

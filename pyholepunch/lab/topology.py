@@ -8,7 +8,9 @@ the code that builds a plan with pyroute2 + nft, one thread per namespace, in pa
 
 "none" puts the peer itself on the public side (198.51.100.2 / 192.0.2.2); "cgnat" puts a
 carrier NAT ``cgn_X`` (WAN public, LAN 100.64.N.1) in front of the home NAT (WAN 100.64.N.2);
-same_nat puts a and b on one bridged LAN (10.0.0.2 / .3) behind one NAT ``nat``. The core only
+same_nat puts a and b on one bridged LAN (10.0.0.2 / .3) behind one NAT ``nat`` (for cgnat:
+two home NATs on one bridged carrier LAN 100.64.0.0/24 behind one carrier NAT ``cgn``, the
+realistic "same NAT" of two subscribers); hairpin is configured on that shared NAT. The core only
 routes between directly connected public /24s, so nothing private is reachable from outside.
 """
 from __future__ import annotations
@@ -72,7 +74,9 @@ def plan(a: str, b: str, *, same_nat: bool = False, hairpin: bool = False,
     core.addrs["srv"] = [f"{CORE_SERVER_GW}/24"]
     server.addrs["eth0"] = [f"{SERVER_IP}/24", f"{SERVER_ALT_IP}/24"]
     p.links.append(Link("core", "srv", "server", "eth0"))
-    if same_nat:
+    if same_nat and a == "cgnat":
+        _shared_carrier(p, hairpin)
+    elif same_nat:
         _side(p, "a", ["a", "b"], a, hairpin, seq_offset, shared=True)
         p.types["b"] = a
     else:
@@ -120,6 +124,25 @@ def _side(p: Plan, side: str, hosts: list[str], kind: str, hairpin: bool, seq_of
         p.links.append(Link(home, f"lan{i}" if shared else "lan", h, "eth0"))
         p.private[h] = f"{lan}.{2 + i}"
         p.public[h] = f"{pub}.2"
+
+
+def _shared_carrier(p: Plan, hairpin: bool) -> None:
+    """Two subscribers of one carrier: a and b each behind a home NAT, both behind one CGN."""
+    pub, cg = _PUBLIC["a"], "100.64.0"
+    p.nodes["core"].addrs["pa"] = [f"{pub}.1/24"]
+    p.nodes["cgn"] = Node("cgn", addrs={"wan": [f"{pub}.2/24"], "lan": [f"{cg}.1/24"]},
+                          gateway=f"{pub}.1", router=True, bridge=("lan", ["lan0", "lan1"]),
+                          nat=NatConfig("port-restricted", "wan", f"{pub}.2", "lan", f"{cg}.0/24",
+                                        hairpin=hairpin))
+    p.links.append(Link("core", "pa", "cgn", "wan"))
+    for i, h in enumerate(("a", "b")):
+        home, lan, home_wan = f"nat_{h}", _LAN[h], f"{cg}.{2 + i}"
+        p.nodes[home] = Node(home, addrs={"wan": [f"{home_wan}/24"], "lan": [f"{lan}.1/24"]},
+                             gateway=f"{cg}.1", router=True,
+                             nat=NatConfig("port-restricted", "wan", home_wan, "lan", f"{lan}.0/24"))
+        p.nodes[h] = Node(h, addrs={"eth0": [f"{lan}.2/24"]}, gateway=f"{lan}.1")
+        p.links += [Link("cgn", f"lan{i}", home, "wan"), Link(home, "lan", h, "eth0")]
+        p.private[h], p.public[h], p.types[h] = f"{lan}.2", f"{pub}.2", "cgnat"
 
 
 # --- building -------------------------------------------------------------------------------
