@@ -245,10 +245,11 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
             m2 = (await _gather(_tcp_binding(obs.alt_server, p1, timeout)))[0]
             obs.mapped_alt_server = m2.mapped if isinstance(m2, BindingResult) else None
 
-        if filter_task is not None:   # connect-backs must not overlap the allocation run
-            await filter_task
+        # connect-backs create no mapping, so they may overlap the allocation run
         await _tcp_allocation(obs, ip, allocation_probes, step)
         await _tcp_hairpin(obs, ip, catcher, wait)
+        if filter_task is not None:
+            await filter_task
     finally:
         for c in conns:
             await c.close()

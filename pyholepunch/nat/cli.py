@@ -1,0 +1,122 @@
+"""`pyholepunch nat-type`: classify the NAT in front of this host.
+
+Human table by default; ``--json`` prints ``{"profiles": {"udp": NatProfile.to_dict(), ...}}``
+(the stable schema documented in the README). Exit code 0 when every requested transport
+was classified at least partly, 1 when the server could not be used at all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from ..stun.codec import Address
+from .classify import classify_nat
+from .profile import NatProfile
+
+SCHEMA_VERSION = 1
+
+
+def parse_hostport(text: str, default_port: int = 3478) -> Address:
+    """HOST, HOST:PORT or [V6]:PORT -> (host, port); argparse-friendly errors."""
+    host, port = text, default_port
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise argparse.ArgumentTypeError(f"bad address {text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise argparse.ArgumentTypeError(f"bad address {text!r}")
+            port = _port(rest[1:], text)
+    elif text.count(":") == 1:
+        host, p = text.split(":")
+        port = _port(p, text)
+    if not host:
+        raise argparse.ArgumentTypeError(f"bad address {text!r}: no host")
+    return (host, port)
+
+
+def _port(p: str, text: str) -> int:
+    if not p.isdigit() or not 1 <= int(p) <= 65535:
+        raise argparse.ArgumentTypeError(f"bad port in {text!r}")
+    return int(p)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", required=True, type=parse_hostport, metavar="HOST:PORT",
+                        help="STUN server (RFC 5780 with --alt-ip gives the full picture)")
+    parser.add_argument("--alt-server", type=parse_hostport, metavar="HOST:PORT",
+                        help="a second plain STUN server on another IP, for the mapping test "
+                             "when the first server has no alternate address")
+    parser.add_argument("--transport", choices=("udp", "tcp", "both"), default="both")
+    parser.add_argument("--local-ip", help="local address to probe from (default: the route's)")
+    parser.add_argument("--timeout", type=float, default=3.0,
+                        help="seconds to wait for the server's first answer (default 3)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+async def run(args: argparse.Namespace) -> int:
+    import socket
+    host, port = args.server
+    try:   # names are resolved once here; the probes work on addresses
+        server = (socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0], port)
+        alt = None
+        if args.alt_server:
+            ah, ap = args.alt_server
+            alt = (socket.getaddrinfo(ah, ap, type=socket.SOCK_DGRAM)[0][4][0], ap)
+    except socket.gaierror as exc:
+        print(f"pyholepunch nat-type: cannot resolve {host!r}: {exc}", file=sys.stderr)
+        return 2
+    kinds = ("udp", "tcp") if args.transport == "both" else (args.transport,)
+    profiles: dict[str, NatProfile] = {}
+    took: dict[str, float] = {}
+    for kind in kinds:
+        start = time.monotonic()
+        if not args.json:
+            print(f"probing {kind.upper()} via {host}:{port} ...", file=sys.stderr)
+        profiles[kind] = await classify_nat(server, transport=kind, local_ip=args.local_ip,
+                                            alt_server=alt, timeout=args.timeout)
+        took[kind] = round(time.monotonic() - start, 3)
+    if args.json:
+        doc: dict[str, Any] = {"schema": SCHEMA_VERSION,
+                               "profiles": {k: p.to_dict() for k, p in profiles.items()},
+                               "seconds": took}
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(render_table(profiles, took))
+    failed = [k for k, p in profiles.items() if p.not_learned[:1] and
+              p.not_learned[0].startswith("everything:")]
+    return 1 if failed else 0
+
+
+def render_table(profiles: dict[str, NatProfile], took: dict[str, float] | None = None) -> str:
+    kinds = list(profiles)
+    rows: list[tuple[str, ...]] = [("", *[k.upper() for k in kinds])]
+
+    def row(name: str, fn: Any) -> None:
+        rows.append((name, *[fn(profiles[k]) for k in kinds]))
+
+    def conf(p: NatProfile, key: str, value: str) -> str:
+        c = p.confidence.get(key)
+        return f"{value} ({c:.0%})" if c is not None and value != "unknown" else value
+
+    row("NAT type", lambda p: p.label)
+    row("mapping", lambda p: conf(p, "mapping", str(p.mapping)))
+    row("filtering", lambda p: conf(p, "filtering", str(p.filtering)))
+    row("allocation", lambda p: conf(p, "allocation", str(p.allocation)
+                                     + (f" {p.delta:+d}" if p.delta is not None else "")))
+    row("hairpin", lambda p: "unknown" if p.hairpin is None else ("yes" if p.hairpin else "no"))
+    row("unsolicited SYN", lambda p: str(p.unsolicited_syn) if p.transport == "tcp" else "n/a")
+    row("public IPs", lambda p: ", ".join(p.public_ips) or "-")
+    row("local IPs", lambda p: ", ".join(p.local_ips) or "-")
+    if took:
+        row("took", lambda p: f"{took.get(str(p.transport), 0):.2f} s")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    notes = [f"{k.upper()}: {n}" for k, p in profiles.items() for n in p.not_learned]
+    if notes:
+        lines += ["", "not learned:"] + [f"  - {n}" for n in notes]
+    return "\n".join(lines)
