@@ -84,8 +84,8 @@ class RelayMetrics:
 class RelayHub:
     """Pairs the two token holders of a session and pumps bytes between them.
 
-    ``pair_timeout`` bounds how long the first side waits for the second (never longer than
-    the token's remaining life plus ``pair_timeout``). ``tap`` copies every relayed chunk to a
+    ``handshake_timeout`` bounds reading the preamble; ``pair_timeout`` bounds how long the
+    first side waits for the second (at most the token's remaining life plus ``pair_timeout``). ``tap`` copies every relayed chunk to a
     callback through an in-process pump (slow; for tests proving the relay sees only
     ciphertext); without it the engine's ``relay_pump`` runs in a worker thread.
     """
@@ -93,14 +93,16 @@ class RelayHub:
     def __init__(self, *, engine: Engine | None = None, token_ttl: float = 30.0,
                  max_bytes: int = 0, idle_timeout: float = 300.0,
                  clock: Callable[[], float] = time.monotonic, pair_timeout: float = 30.0,
-                 tap: Tap | None = None) -> None:
-        if token_ttl <= 0 or idle_timeout <= 0 or pair_timeout <= 0 or max_bytes < 0:
-            raise ValueError("token_ttl, idle_timeout and pair_timeout must be > 0, max_bytes >= 0")
+                 handshake_timeout: float = 10.0, tap: Tap | None = None) -> None:
+        if min(token_ttl, idle_timeout, pair_timeout, handshake_timeout) <= 0 or max_bytes < 0:
+            raise ValueError("token_ttl, idle_timeout, pair_timeout and handshake_timeout "
+                             "must be > 0, max_bytes >= 0")
         self._engine = engine
         self.token_ttl = float(token_ttl)
         self.max_bytes = int(max_bytes)
         self.idle_timeout = float(idle_timeout)
         self.pair_timeout = float(pair_timeout)
+        self.handshake_timeout = float(handshake_timeout)
         self._clock = clock
         self._tap = tap
         self._tokens: dict[bytes, _Token] = {}
@@ -170,8 +172,12 @@ class RelayHub:
                 await self._refuse(sock, ERR_CLOSING)
                 return
             try:
-                preamble = await asyncio.wait_for(_recv_exactly(loop, sock, PREAMBLE_LEN),
-                                                  self.pair_timeout)
+                # Judge the magic first: a stray client is refused without waiting for more.
+                preamble = await asyncio.wait_for(_recv_exactly(loop, sock, len(MAGIC)),
+                                                  self.handshake_timeout)
+                if preamble == MAGIC:
+                    preamble += await asyncio.wait_for(
+                        _recv_exactly(loop, sock, TOKEN_LEN), self.handshake_timeout)
             except (TimeoutError, ConnectionError, OSError):
                 preamble = b""
             if len(preamble) != PREAMBLE_LEN or not preamble.startswith(MAGIC):
@@ -333,8 +339,16 @@ class RelayHub:
         self.metrics.refused[reason] = self.metrics.refused.get(reason, 0) + 1
         log.info("relay connection refused: %s", reason)
         msg = bytes([status, len(reason)]) + reason.encode("ascii")
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(OSError, TimeoutError):
-            await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, msg), 2.0)
+            await asyncio.wait_for(loop.sock_sendall(sock, msg), 2.0)
+            # Closing with unread input would send RST and could destroy the reason before
+            # the client reads it: FIN first, then swallow a little input (bounded).
+            sock.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(0.5):
+                for _ in range(16):
+                    if not await loop.sock_recv(sock, 4096):
+                        break
 
     def _release(self, sock: socket.socket) -> None:
         if sock in self._socks:

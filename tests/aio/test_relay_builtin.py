@@ -165,6 +165,13 @@ async def test_unknown_expired_and_malformed(make_server: HubFactory) -> None:
     reply = await asyncio.wait_for(r.read(), 5)
     assert reply[0] == 1 and reply[2:] == b"bad preamble"
     await close((r, w))
+    # The magic but a truncated token: refused once the handshake time is up.
+    srv2 = await make_server(engine=engine_mod.get("pure"), handshake_timeout=0.3)
+    r, w = await asyncio.open_connection(*srv2.address)
+    w.write(b"HPR1" + b"\x00" * 5)
+    await w.drain()
+    assert (await asyncio.wait_for(r.read(), 5))[2:] == b"bad preamble"
+    await close((r, w))
     with pytest.raises(ValueError, match="16 bytes"):
         await open_builtin_relay(srv.address, b"short", timeout=5)
     with pytest.raises(ValueError, match="already issued"):
