@@ -48,7 +48,7 @@ class NativeEngine:
         _base.check_fd_budget(_FD_RESERVE)
         # An interval beyond the window means "no re-arm"; clamping keeps it in C's range.
         every = min(every, float(timeout) + 1.0)
-        return _native.simultaneous_open(  # type: ignore[no-any-return]
+        return _native.simultaneous_open(
             lip, lport, rip, rport, start, float(timeout), every, syn_ttl or 0,
             min(ttl_syns, _INT_MAX), bool(listen))
 
@@ -74,7 +74,7 @@ class NativeEngine:
         inflight = min(inflight, len(todo))
         _base.check_fd_budget(inflight)
         every = min(every, float(timeout) + 1.0)
-        return _native.sweep(  # type: ignore[no-any-return]
+        return _native.sweep(
             todo, lip, start, float(timeout), every, inflight, pace, syn_ttl or 0)
 
     def raw_syn(
@@ -88,7 +88,7 @@ class NativeEngine:
         start_at: float | None = None,
     ) -> RawSynStats:
         (sip, sport), (dip, dport), start = check_raw_args(src, dst, ttl, count, spacing, start_at)
-        return _native.raw_syn(  # type: ignore[no-any-return]
+        return _native.raw_syn(
             sip, sport, dip, dport, ttl, count, float(spacing), start)
 
     def relay_pump(
@@ -98,5 +98,5 @@ class NativeEngine:
         for fd, what in ((fd_a, "fd_a"), (fd_b, "fd_b")):
             if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
                 raise ValueError(f"{what} must be a non-negative file descriptor, got {fd!r}")
-        return _native.relay_pump(  # type: ignore[no-any-return]
+        return _native.relay_pump(
             fd_a, fd_b, float(idle_timeout), max_bytes)
