@@ -89,6 +89,7 @@ def remove(name: str) -> list[str]:
 def down(name: str, timeout: float = 10.0) -> list[str]:
     """Stop lab `name`: ask a live owner to tear it down (SIGTERM), else remove it directly."""
     record = read(name)
+    before = namespaces_of(name)
     if owner_alive(record):
         assert record is not None
         pid = int(record["pid"])
@@ -97,7 +98,8 @@ def down(name: str, timeout: float = 10.0) -> list[str]:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and namespaces_of(name):
                 time.sleep(0.05)
-    return remove(name)
+    remove(name)
+    return before
 
 
 def down_all_mine() -> dict[str, list[str]]:

@@ -1,0 +1,157 @@
+"""`pyholepunch lab up|exec|down|verify|list`: the NAT lab from the command line.
+
+    pyholepunch lab up --a port-restricted --b symmetric-seq --rtt-ms 40   # runs until Ctrl-C
+    pyholepunch lab exec hpl1a2b3 a -- ip addr
+    pyholepunch lab down hpl1a2b3          # or: lab down --all-mine (leftovers of crashed runs)
+    pyholepunch lab verify [--type T ...] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from . import state
+from .nat import NAT_TYPES
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _conntrack_arg(text: str) -> tuple[str, int]:
+    key, sep, value = text.partition("=")
+    if not sep or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected KEY=SECONDS, e.g. tcp_timeout_established=30, got {text!r}")
+    return key, int(value)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
+    up = sub.add_parser("up", help="build a lab and keep it until Ctrl-C or `lab down NAME`")
+    up.add_argument("--a", default="port-restricted", choices=NAT_TYPES, help="NAT type of peer a")
+    up.add_argument("--b", default="port-restricted", choices=NAT_TYPES, help="NAT type of peer b")
+    up.add_argument("--rtt-ms", type=float, default=0.0, help="RTT between any two hosts")
+    up.add_argument("--jitter-ms", type=float, default=0.0, help="± per crossing of the core")
+    up.add_argument("--loss", type=float, default=0.0, metavar="PCT", help="packet loss in the core, percent")
+    up.add_argument("--same-nat", action="store_true", help="both peers behind one NAT of type --a")
+    up.add_argument("--hairpin", action="store_true", help="with --same-nat: the NAT hairpins")
+    up.add_argument("--conntrack", type=_conntrack_arg, action="append", default=[], metavar="KEY=S",
+                    help="per-NAT conntrack sysctl, e.g. tcp_timeout_established=30 (repeatable)")
+    up.add_argument("--json", action="store_true", help="print the lab description as JSON")
+    ex = sub.add_parser("exec", help="run a command inside a lab node")
+    ex.add_argument("name")
+    ex.add_argument("node")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    down = sub.add_parser("down", help="tear a lab down")
+    g = down.add_mutually_exclusive_group(required=True)
+    g.add_argument("name", nargs="?")
+    g.add_argument("--all-mine", action="store_true",
+                   help="remove every hpl* lab whose owning process is gone")
+    ver = sub.add_parser("verify", help="measure every NAT type and compare with DESIGN.md §8")
+    ver.add_argument("--type", action="append", choices=NAT_TYPES, dest="types",
+                     help="only this type (repeatable); default: all eight")
+    ver.add_argument("--json", action="store_true")
+    sub.add_parser("list", help="labs on this machine and whether their owner is alive")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _up(args: argparse.Namespace) -> int:
+    from .lab import Lab
+
+    lab = Lab(a=args.a, b=args.b, rtt_ms=args.rtt_ms, jitter_ms=args.jitter_ms, loss_pct=args.loss,
+              same_nat=args.same_nat, hairpin=args.hairpin, conntrack=dict(args.conntrack))
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stop
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        with lab:
+            info = lab.describe() | {"netns": {n: lab.netns(n) for n in lab.nodes},
+                                     "startup_s": round(lab.startup_s or 0, 4)}
+            if args.json:
+                print(json.dumps(info), flush=True)
+            else:
+                print(f"lab {lab.name} up in {info['startup_s']:.3f} s (a={lab.a_type}, b={lab.b_type})")
+                print(f"  server  {lab.server_ip} + {lab.server_alt_ip}")
+                for peer in ("a", "b"):
+                    print(f"  {peer}       {lab.private_ip(peer)} -> public {lab.public_ip(peer)}")
+                print(f"  nodes   {' '.join(lab.nodes)}")
+                print(f"  try:    pyholepunch lab exec {lab.name} a -- ip addr")
+                print(f"  stop:   Ctrl-C or `pyholepunch lab down {lab.name}`", flush=True)
+            threading.Event().wait()  # until a signal
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    return EXIT_OK
+
+
+def _exec(args: argparse.Namespace) -> int:
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        print("pyholepunch lab exec: give a command after --", file=sys.stderr)
+        return EXIT_USAGE
+    name = state.check_name(args.name)
+    spaces = state.namespaces_of(name)
+    ns = f"{name}-{args.node}"
+    if ns not in spaces:
+        nodes = ", ".join(s.split("-", 1)[1] for s in spaces) or "none (is the lab up?)"
+        print(f"pyholepunch lab exec: no node {args.node!r} in lab {name}; nodes: {nodes}", file=sys.stderr)
+        return EXIT_FAILED
+    sys.stdout.flush()
+    os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
+    return EXIT_FAILED  # not reached
+
+
+def _down(args: argparse.Namespace) -> int:
+    if args.all_mine:
+        removed = state.down_all_mine()
+        for name, spaces in removed.items():
+            print(f"removed {name} ({len(spaces)} namespaces)")
+        if not removed:
+            print("no leftover labs")
+        return EXIT_OK
+    name = state.check_name(args.name)
+    if not state.namespaces_of(name) and state.read(name) is None:
+        print(f"pyholepunch lab down: no lab {name}", file=sys.stderr)
+        return EXIT_FAILED
+    spaces = state.down(name)
+    print(f"{name} down ({len(spaces)} namespaces removed)")
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from . import _ns, verify
+
+    _ns.require_support()
+    results = verify.verify(args.types)
+    if args.json:
+        print(json.dumps(verify.as_json(results), indent=2))
+    else:
+        print(verify.table(results))
+    return EXIT_OK if all(m.ok for m in results) else EXIT_FAILED
+
+
+def _list(args: argparse.Namespace) -> int:
+    for name in state.lab_names():
+        rec = state.read(name) or {}
+        owner = f"pid {rec.get('pid')}" if state.owner_alive(rec) else "owner gone"
+        print(f"{name}  a={rec.get('a', '?')} b={rec.get('b', '?')}  "
+              f"{len(state.namespaces_of(name))} namespaces  {owner}")
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return {"up": _up, "exec": _exec, "down": _down, "verify": _verify,
+                "list": _list}[args.lab_command](args)
+    except ValueError as exc:
+        print(f"pyholepunch lab {args.lab_command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
