@@ -98,7 +98,10 @@ def predict_ports(profile: NatProfile, recent: Sequence[Observation], *, window:
         return PortPrediction((), "random", reason="random allocation: use a birthday sweep")
     seen_delta, agree = observed_delta(ports)
     if profile.allocation is Allocation.SEQUENTIAL:
-        delta = seen_delta if seen_delta is not None and agree >= 0.5 else profile.delta
+        # with timestamps the profile's own delta plus a measured background rate is the
+        # better model; without them the observed step already includes the background
+        use_seen = seen_delta is not None and agree >= 0.5 and not (times and profile.delta)
+        delta = seen_delta if use_seen else profile.delta
         confidence = profile.confidence.get("allocation", 0.8)
     elif seen_delta is not None and len(ports) >= 3 and agree >= 0.6:
         delta, confidence = seen_delta, 0.5 * agree    # learned from the observations alone
