@@ -85,9 +85,10 @@ class RelayHub:
     """Pairs the two token holders of a session and pumps bytes between them.
 
     ``handshake_timeout`` bounds reading the preamble; ``pair_timeout`` bounds how long the
-    first side waits for the second (at most the token's remaining life plus ``pair_timeout``). ``tap`` copies every relayed chunk to a
-    callback through an in-process pump (slow; for tests proving the relay sees only
-    ciphertext); without it the engine's ``relay_pump`` runs in a worker thread.
+    first side waits for the second (at most the token's remaining life plus ``pair_timeout``).
+    ``tap`` copies every relayed chunk to a callback through an in-process pump (slow; for
+    tests proving the relay sees only ciphertext); without it the engine's ``relay_pump``
+    runs in a worker thread.
     """
 
     def __init__(self, *, engine: Engine | None = None, token_ttl: float = 30.0,

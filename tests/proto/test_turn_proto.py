@@ -12,6 +12,7 @@ from pyholepunch.relay.turn_proto import (
     Allocated,
     AllocationExpired,
     ConnectionAttempted,
+    Event,
     PeerConnected,
     PermissionCreated,
     RequestFailed,
@@ -40,8 +41,8 @@ def sent(client: TurnClientProtocol) -> list[StunMessage]:
     return [StunMessage.parse(m) for m in StreamFramer().feed(client.data_to_send())]
 
 
-def events(client: TurnClientProtocol) -> list[object]:
-    out = []
+def events(client: TurnClientProtocol) -> list[Event]:
+    out: list[Event] = []
     while (e := client.next_event()) is not None:
         out.append(e)
     return out
@@ -231,7 +232,7 @@ def test_bad_bytes_and_bad_responses() -> None:
     forged = reply(req, MessageClass.SUCCESS, (AttrType.CONNECTION_ID, 5), key=b"wrong key")
     client.receive_data(forged, 1.0)
     (failed,) = events(client)
-    assert "MESSAGE-INTEGRITY" in failed.reason
+    assert isinstance(failed, RequestFailed) and "MESSAGE-INTEGRITY" in failed.reason
     # A response nobody asked for is ignored, not an error.
     client.receive_data(reply(req, MessageClass.SUCCESS, key=KEY), 1.0)
     assert events(client) == []
