@@ -29,6 +29,7 @@ import ssl
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -130,8 +131,11 @@ def tls_context(identity: Identity, peer_cert: bytes, *, server_side: bool) -> s
     return ctx
 
 
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
 async def secure_stream(
-    sock: socket.socket,
+    conn: socket.socket | Streams,
     *,
     identity: Identity,
     peer_id: str,
@@ -140,42 +144,46 @@ async def secure_stream(
     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     insecure_plain: bool = False,
     limit: int = 2 ** 16,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Run the pinned TLS 1.3 handshake on a connected TCP socket; return asyncio streams.
+) -> Streams:
+    """Run the pinned TLS 1.3 handshake over ``conn``; return asyncio streams of plaintext.
 
-    ``sock`` is what the engine or the relay handed over (blocking or not: it is switched to
-    non-blocking, and nothing past your own protocol may have been read from it). The
-    initiator is the TLS client. Raises AuthenticationError (wrong key, wrong peer_id, the
-    peer refused us, not TLS 1.3), TimeoutError after ``timeout`` seconds, OSError when the
-    connection breaks. On any failure the socket is closed.
+    ``conn`` is a connected TCP socket (what the engine or a TURN client hands over; blocking
+    or not, it is switched to non-blocking) or an asyncio ``(reader, writer)`` pair (what the
+    built-in relay hands over; bytes already buffered in ``reader`` are used, so the peer may
+    start the handshake as soon as it likes). The initiator is the TLS client. Raises
+    AuthenticationError (wrong key, wrong peer_id, the peer refused us, not TLS 1.3),
+    TimeoutError after ``timeout`` seconds, OSError when the connection breaks. On any
+    failure ``conn`` is closed.
 
     ``insecure_plain`` skips TLS altogether — benchmarks only; it logs a WARNING each time.
     """
-    if not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
-        sock.close()
-        raise ValueError(f"timeout must be 0..3600 seconds, got {timeout!r}")
-    if insecure_plain:
-        log.warning("insecure_plain: the connection to peer %s is NOT encrypted or authenticated "
-                    "(benchmarks only)", peer_id)
-        try:
-            return await asyncio.open_connection(sock=sock, limit=limit)
-        except BaseException:
-            sock.close()
-            raise
     try:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not 0 < timeout <= 3600:
+            raise ValueError(f"timeout must be 0..3600 seconds, got {timeout!r}")
+        if insecure_plain:
+            log.warning("insecure_plain: the connection to peer %s is NOT encrypted or "
+                        "authenticated (benchmarks only)", peer_id)
+            if isinstance(conn, socket.socket):
+                return await asyncio.open_connection(sock=conn, limit=limit)
+            return conn
         if peer_cert is None:
             raise AuthenticationError(f"no certificate for peer {peer_id}: cannot authenticate it")
         check_certificate(peer_cert, peer_id)
         ctx = tls_context(identity, peer_cert, server_side=not initiator)
     except BaseException:
-        sock.close()
+        _abort(None, conn)
         raise
 
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await _handshake(sock, ctx, initiator=initiator, limit=limit,
-                                              peer_id=peer_id)
+            if isinstance(conn, socket.socket):
+                reader, writer = await _handshake(conn, ctx, initiator=initiator, limit=limit,
+                                                  peer_id=peer_id)
+            else:
+                reader, writer = await _handshake_streams(conn, ctx, initiator=initiator,
+                                                          limit=limit, peer_id=peer_id)
             _check_peer(writer, peer_cert, peer_id)
             if initiator:
                 await _await_confirmation(reader, peer_id)
@@ -183,10 +191,10 @@ async def secure_stream(
                 writer.write(CONFIRM)
                 await writer.drain()
     except TimeoutError:
-        _abort(writer, sock)
+        _abort(writer, conn)
         raise TimeoutError(f"TLS handshake with peer {peer_id} took longer than {timeout} s") from None
     except BaseException:
-        _abort(writer, sock)
+        _abort(writer, conn)
         raise
     log.debug("TLS 1.3 with peer %s established (%s)", peer_id, "client" if initiator else "server")
     return reader, writer
@@ -206,16 +214,64 @@ async def _handshake(sock: socket.socket, ctx: ssl.SSLContext, *, initiator: boo
         else:
             transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=ctx,
                                                               ssl_handshake_timeout=_NO_TIMEOUT)
-    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
-        raise type(exc)(f"peer {peer_id} dropped the connection during the TLS handshake "
-                        "(it may have refused our certificate)") from None
-    except ssl.SSLCertVerificationError as exc:
-        raise AuthenticationError(
-            f"peer {peer_id} presented a certificate other than its pinned one "
-            f"({exc.verify_message})") from None
-    except ssl.SSLError as exc:
-        raise AuthenticationError(_describe_ssl_error(exc, peer_id)) from None
+    except (ConnectionError, ssl.SSLError) as exc:
+        raise _handshake_error(exc, peer_id) from None
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+def _handshake_error(exc: BaseException, peer_id: str) -> BaseException:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return AuthenticationError(f"peer {peer_id} presented a certificate other than its "
+                                   f"pinned one ({exc.verify_message})")
+    if isinstance(exc, ssl.SSLError):
+        return AuthenticationError(_describe_ssl_error(exc, peer_id))
+    if isinstance(exc, ConnectionError):
+        return type(exc)(f"peer {peer_id} dropped the connection during the TLS handshake "
+                         "(it may have refused our certificate)")
+    return exc
+
+
+async def _handshake_streams(conn: Streams, ctx: ssl.SSLContext, *, initiator: bool, limit: int,
+                             peer_id: str) -> Streams:
+    """TLS through memory BIOs over existing streams (start_tls would lose buffered bytes)."""
+    inner_reader, inner_writer = conn
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_side=not initiator)
+    try:
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if out := outgoing.read():
+                    inner_writer.write(out)
+                    await inner_writer.drain()
+                data = await inner_reader.read(65536)
+                if data:
+                    incoming.write(data)
+                else:
+                    incoming.write_eof()
+        if out := outgoing.read():
+            inner_writer.write(out)
+            await inner_writer.drain()
+    except (ConnectionError, ssl.SSLError) as exc:
+        if isinstance(exc, ssl.SSLError):
+            _send_alert(outgoing, inner_writer)
+        raise _handshake_error(exc, peer_id) from None
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport = _BioTransport(loop, obj, incoming, outgoing, inner_reader, inner_writer, protocol)
+    protocol.connection_made(transport)
+    transport.start()
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+def _send_alert(outgoing: ssl.MemoryBIO, writer: asyncio.StreamWriter) -> None:
+    """Send a pending TLS alert, so the peer learns why (best effort)."""
+    data = outgoing.read()
+    if data and not writer.is_closing():
+        writer.write(data)
 
 
 def _describe_ssl_error(exc: ssl.SSLError, peer_id: str) -> str:
@@ -257,10 +313,181 @@ async def _await_confirmation(reader: asyncio.StreamReader, peer_id: str) -> Non
             "certificate" if not byte else f"peer {peer_id} sent {byte!r} instead of the confirmation")
 
 
-def _abort(writer: asyncio.StreamWriter | None, sock: socket.socket) -> None:
+def _abort(writer: asyncio.StreamWriter | None, conn: socket.socket | Streams) -> None:
     if writer is not None:
         writer.transport.abort()
-    sock.close()
+    if isinstance(conn, socket.socket):
+        conn.close()
+    else:
+        conn[1].transport.abort()
+
+
+class _BioTransport(asyncio.Transport):
+    """The plaintext side of a TLS session run through memory BIOs over inner streams.
+
+    A pump task reads ciphertext from the inner reader, decrypts it and feeds the protocol;
+    writes are encrypted straight into the inner writer. Flow control both ways: the
+    protocol's pause_reading stops the pump, the inner writer's buffer pauses the protocol.
+    """
+
+    _HIGH_WATER = 1 << 18
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO, inner_reader: asyncio.StreamReader,
+                 inner_writer: asyncio.StreamWriter, protocol: asyncio.BaseProtocol) -> None:
+        super().__init__()
+        self._loop = loop
+        self._obj, self._in, self._out = obj, incoming, outgoing
+        self._inner_reader, self._inner_writer = inner_reader, inner_writer
+        self._protocol = protocol
+        self._reading = asyncio.Event()
+        self._reading.set()
+        self._closing = False
+        self._lost = False
+        self._write_paused = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._spawn(self._pump())
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- asyncio.Transport ------------------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self._obj
+        if name == "sslcontext":
+            return self._obj.context
+        if name == "peercert":
+            return self._obj.getpeercert()
+        if name == "cipher":
+            return self._obj.cipher()
+        return self._inner_writer.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def is_reading(self) -> bool:
+        return self._reading.is_set()
+
+    def pause_reading(self) -> None:
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def get_write_buffer_size(self) -> int:
+        return self._inner_writer.transport.get_write_buffer_size()
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or not data:
+            return
+        try:
+            self._obj.write(data)
+        except ssl.SSLError as exc:
+            self._fail(exc)
+            return
+        self._flush()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            self._obj.unwrap()          # queues our close_notify; the peer's is not awaited
+        except (ssl.SSLError, ValueError):
+            pass
+        self._flush()
+        self._inner_writer.close()
+        self._finish(None)
+
+    def abort(self) -> None:
+        self._closing = True
+        self._inner_writer.transport.abort()
+        self._finish(None)
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        data = self._out.read()
+        if not data or self._inner_writer.is_closing():
+            return
+        self._inner_writer.write(data)
+        if not self._write_paused and self.get_write_buffer_size() > self._HIGH_WATER:
+            self._write_paused = True
+            self._protocol.pause_writing()  # type: ignore[attr-defined]
+            self._spawn(self._wait_drained())
+
+    async def _wait_drained(self) -> None:
+        try:
+            await self._inner_writer.drain()
+        except (ConnectionError, OSError):
+            pass                        # the pump sees the same failure and reports it
+        finally:
+            self._write_paused = False
+            if not self._lost:
+                self._protocol.resume_writing()  # type: ignore[attr-defined]
+
+    def _fail(self, exc: BaseException) -> None:
+        self._closing = True
+        self._inner_writer.transport.abort()
+        self._finish(exc)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        if not self._lost:
+            self._lost = True
+            self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                eof = self._deliver()       # plaintext that came with earlier ciphertext first
+                self._flush()               # post-handshake messages may want an answer
+                if eof:
+                    if not self._closing:
+                        self._protocol.eof_received()  # type: ignore[attr-defined]
+                    return
+                await self._reading.wait()
+                data = await self._inner_reader.read(65536)
+                if data:
+                    self._in.write(data)
+                else:
+                    self._in.write_eof()
+        except asyncio.CancelledError:
+            raise
+        except (ssl.SSLError, OSError) as exc:
+            if not self._closing:
+                self._fail(exc)
+
+    def _deliver(self) -> bool:
+        """Decrypt what is buffered into the protocol; True at the end of the stream."""
+        while True:
+            try:
+                chunk = self._obj.read(65536)
+            except ssl.SSLWantReadError:
+                return False
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return True             # close_notify, or a bare TCP FIN
+            if not chunk:
+                return True
+            self._protocol.data_received(chunk)  # type: ignore[attr-defined]
 
 
 __all__ = ["CONFIRM", "certificate_for", "certificate_peer_id", "check_certificate",

@@ -53,7 +53,7 @@ class StepKind(StrEnum):
 class Action(StrEnum):
     LISTEN = "listen"                          # bind the announced local port, accept only
     CONNECT = "connect"                        # one connect from a fresh port to the peer's port
-    SIMOPEN = "simopen"                        # bind, listen and connect from one port (engine simultaneous_open)
+    SIMOPEN = "simopen"                        # bind, listen and connect from one port
     SWEEP_LOCAL_PORTS = "sweep-local-ports"    # `count` fresh local ports -> the peer's one port
     SWEEP_REMOTE_PORTS = "sweep-remote-ports"  # one local port -> `count` peer ports (predicted/random)
     SWEEP_PAIRS = "sweep-pairs"                # `count` fresh local ports, the i-th -> predicted port i
@@ -329,8 +329,9 @@ def plan(
     ``birthday_size``: sockets on each side of a birthday sweep (1024 x 1024 measured 20/20 in
     the lab; 512 x 512 only 16-20/20). ``predict_count``: fresh sockets of a sequential prediction
     sweep; the cone side aims at twice as many predicted ports, allowing that many other
-    connections through the NAT between the server's observation and the sweep (drift). ``low_ttl``: TTL that passes our own NAT(s) but dies before
-    the peer's. Raises ValueError on a bad argument.
+    connections through the NAT between the server's observation and the sweep (drift).
+    ``low_ttl``: TTL that passes our own NAT(s) but dies before the peer's. Raises ValueError
+    on a bad argument.
     """
     for name, value, lo, hi in (("rtt", rtt, 0.0, 10.0), ("clock_error", clock_error, 0.0, 5.0)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or not lo <= value <= hi:

@@ -229,3 +229,89 @@ def test_certificate_is_stable_and_pins_the_key() -> None:
     sec.check_certificate(first, ident.peer_id)
     with pytest.raises(AuthenticationError, match="substituted"):
         sec.check_certificate(first, BOB.peer_id)
+
+
+# --- over asyncio streams: the built-in relay's way -----------------------------------------
+
+@pytest.mark.asyncio
+async def test_through_the_builtin_relay_which_sees_only_ciphertext() -> None:
+    from pyholepunch.relay.builtin import RelayHub, RelayServer, open_builtin_relay
+
+    seen: list[bytes] = []
+    hub = RelayHub(tap=lambda _direction, chunk: seen.append(chunk))
+    async with RelayServer(hub, ("127.0.0.1", 0)) as server:
+        tok_a, tok_b = hub.issue("session-1")
+        conn_a, conn_b = await asyncio.gather(open_builtin_relay(server.address, tok_a, timeout=5),
+                                              open_builtin_relay(server.address, tok_b, timeout=5))
+
+        async def late_responder() -> Any:
+            # The initiator's ClientHello is surely buffered in conn_b's reader by now.
+            await asyncio.sleep(0.2)
+            return await side(conn_b, BOB, ALICE, initiator=False)  # type: ignore[arg-type]
+
+        (ra, wa), (rb, wb) = await asyncio.gather(
+            side(conn_a, ALICE, BOB, initiator=True), late_responder())  # type: ignore[arg-type]
+        try:
+            assert wa.get_extra_info("ssl_object").version() == "TLSv1.3"
+            assert wb.get_extra_info("ssl_object").getpeercert(True) == sec.certificate_for(ALICE)
+            secret = b"attack at dawn " * 1000
+            big = os.urandom(3 << 20)         # more than every buffer: exercises flow control
+            wa.write(secret)
+            sender = asyncio.create_task(_send(wb, big))
+            assert await rb.readexactly(len(secret)) == secret
+            assert await ra.readexactly(len(big)) == big
+            await sender
+            assert wa.get_extra_info("peername") == conn_a[1].get_extra_info("peername")
+            wa.close()
+            await wa.wait_closed()
+            assert await rb.read() == b""      # close_notify / FIN reach the other side as EOF
+        finally:
+            wa.close()
+            wb.close()
+    relayed = b"".join(seen)
+    assert len(relayed) > len(big) and b"attack at dawn" not in relayed
+
+
+async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
+    for i in range(0, len(data), 100_000):
+        writer.write(data[i:i + 100_000])
+        await writer.drain()
+
+
+async def _stream_pair() -> tuple[Any, Any, asyncio.AbstractServer]:
+    accepted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    server = await asyncio.start_server(lambda r, w: accepted.set_result((r, w)), "127.0.0.1", 0)
+    client = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+    return client, await accepted, server
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("impostor", ["initiator", "responder"])
+async def test_streams_refuse_another_key(impostor: str) -> None:
+    a, b, server = await _stream_pair()
+    try:
+        res = await asyncio.gather(
+            side(a, MALLORY if impostor == "initiator" else ALICE, BOB, initiator=True),
+            side(b, MALLORY if impostor == "responder" else BOB, ALICE, initiator=False),
+            return_exceptions=True)
+        refuser = res[1] if impostor == "initiator" else res[0]
+        assert isinstance(refuser, AuthenticationError)
+        assert "other than its pinned one" in str(refuser)
+        refused = res[0] if impostor == "initiator" else res[1]
+        assert isinstance(refused, (AuthenticationError, ConnectionError)), refused
+        assert a[1].is_closing() and b[1].is_closing()
+    finally:
+        server.close()
+
+
+@pytest.mark.asyncio
+async def test_streams_handshake_timeout() -> None:
+    a, b, server = await _stream_pair()
+    try:
+        with pytest.raises(TimeoutError, match="took longer than 0.2 s"):
+            await side(a, ALICE, BOB, initiator=True, timeout=0.2)
+        assert a[1].is_closing()
+        assert (await b[0].read(1)) == b"\x16"
+    finally:
+        b[1].close()
+        server.close()
