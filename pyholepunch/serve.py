@@ -280,10 +280,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-peers", type=int, default=100_000)
     parser.add_argument("--no-stun", action="store_true", help="do not run the STUN server")
     parser.add_argument("--no-relay", action="store_true", help="do not run the built-in relay")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no per-registration/punch INFO lines (warnings only)")
 
 
 async def run(args: argparse.Namespace) -> int:
-    if getattr(args, "verbose", 0) == 0:
+    if args.quiet:
+        logging.getLogger("pyholepunch").setLevel(logging.WARNING)
+    elif getattr(args, "verbose", 0) == 0:
         logging.getLogger("pyholepunch").setLevel(logging.INFO)   # one line per registration/punch
     cfg = ServerConfig(margin=args.punch_margin, max_peers=args.max_peers)
     app = Rendezvous(args.listen, alt_ip=args.alt_ip, state_dir=args.state_dir, token=args.token,

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -28,6 +29,7 @@ from .protocol import (
 )
 from .store import MemoryStore, PeerRecord, Push, Store
 from .tls import ServerCredentials
+from .tlsproto import TlsTransport
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,7 @@ class SignalServer:
             ("registrations", "punches", "successes", "failures", "relayed", "relays",
              "refused", "frames_in", "frames_out"), 0)
         self._servers: list[asyncio.Server] = []
+        self._tls: weakref.WeakSet[TlsTransport] = weakref.WeakSet()
 
     async def start(self) -> None:
         await self.store.start(self.node_id, self._on_push)
@@ -101,25 +104,28 @@ class SignalServer:
     async def listen(self, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
         """A standalone TLS listener (serve.py instead demuxes one port and calls accept)."""
         server = await asyncio.get_running_loop().create_server(
-            self.protocol_factory, host, port, ssl=self.ssl_context,
-            ssl_handshake_timeout=self.config.handshake_timeout, backlog=4096)
+            self.protocol_factory, host, port, backlog=4096)
         self._servers.append(server)
         return server
 
     async def accept(self, sock: socket.socket) -> None:
         """Take over an accepted TCP socket whose first byte said TLS."""
-        await asyncio.get_running_loop().connect_accepted_socket(
-            self.protocol_factory, sock, ssl=self.ssl_context,
-            ssl_handshake_timeout=self.config.handshake_timeout)
+        await asyncio.get_running_loop().connect_accepted_socket(self.protocol_factory, sock)
 
-    def protocol_factory(self) -> PeerProtocol:
-        return PeerProtocol(self)
+    def protocol_factory(self) -> TlsTransport:
+        """TLS (our MemoryBIO layer, see tlsproto) carrying one PeerProtocol."""
+        tls = TlsTransport(self.ssl_context, lambda: PeerProtocol(self),
+                           self.config.handshake_timeout)
+        self._tls.add(tls)
+        return tls
 
     async def close(self) -> None:
         for server in self._servers:
             server.close()
         for proto in list(self.connections):
             proto.close()
+        for tls in list(self._tls):
+            tls.abort()
         for server in self._servers:
             await server.wait_closed()
         await self.store.close()
@@ -160,7 +166,7 @@ class PeerProtocol(asyncio.Protocol):
         self.cfg = server.config
         self.conn = SignalConnection(Role.SERVER, max_frame=self.cfg.max_frame)
         self.conn_id = os.urandom(8).hex()
-        self.transport: asyncio.Transport | None = None
+        self.transport: TlsTransport | None = None
         self.nonce = os.urandom(32)
         self.clock = ClockEstimator()
         self.record: PeerRecord | None = None
@@ -173,7 +179,7 @@ class PeerProtocol(asyncio.Protocol):
 
     # -- transport callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        assert isinstance(transport, TlsTransport)
         self.transport = transport
         now = self.server.clock()
         self._last_rx = now
