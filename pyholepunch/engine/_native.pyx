@@ -17,7 +17,7 @@ from libc.string cimport memset
 from pyholepunch.engine._native cimport *
 
 from pyholepunch.engine._base import PunchResult, PunchStats, RawSynStats, RelayStats
-from pyholepunch.errors import PunchTimeout
+from pyholepunch.errors import PunchError, PunchTimeout
 
 _REASONS = {HP_RELAY_EOF: "eof", HP_RELAY_IDLE: "idle", HP_RELAY_LIMIT: "limit"}
 
@@ -58,10 +58,11 @@ cdef object _raise(int rc, str op, object stats=None):
     """The single place where a negative errno from C becomes a Python exception."""
     cdef int err = -rc
     if stats is not None and (err == ETIMEDOUT or (err == ECONNREFUSED and op == "sweep")):
-        why = "every attempt failed" if err == ECONNREFUSED else "deadline passed"
-        raise PunchTimeout(
-            f"{op}: no connection ({why}; {stats.attempts} attempts, {stats.rsts_seen} RST, "
-            f"{stats.icmp_errors} ICMP)", stats)
+        what = (f"{op}: no connection ({stats.attempts} attempts, {stats.rsts_seen} RST, "
+                f"{stats.icmp_errors} ICMP)")
+        if err == ECONNREFUSED:     # the sweep ran out of pairs before the deadline
+            raise PunchError(what + "; every pair failed and none is left to retry", stats)
+        raise PunchTimeout(what + " by the deadline", stats)
     if op == "raw_syn" and err in (EPERM, EACCES):
         raise PermissionError(
             err, "raw_syn needs CAP_NET_RAW to open a raw IPv4 socket "
