@@ -39,6 +39,7 @@ OK = 0
 
 # Status codes of a refusal; the reason text travels with it.
 ERR_BAD_PREAMBLE, ERR_UNKNOWN, ERR_EXPIRED, ERR_REUSED, ERR_NO_PEER, ERR_CLOSING = 1, 2, 3, 4, 5, 6
+ERR_EARLY_DATA = 7
 _REASONS = {
     ERR_BAD_PREAMBLE: "bad preamble",
     ERR_UNKNOWN: "unknown token",
@@ -46,6 +47,7 @@ _REASONS = {
     ERR_REUSED: "token already used",
     ERR_NO_PEER: "peer did not arrive",
     ERR_CLOSING: "relay shutting down",
+    ERR_EARLY_DATA: "data before pairing",
 }
 _TAP_CHUNK = 65536
 
@@ -213,35 +215,60 @@ class RelayHub:
 
     async def _wait_for_peer(self, sock: socket.socket, session: _Session, entry: _Token) -> None:
         loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
+        waiter: asyncio.Future[tuple[socket.socket, asyncio.Future[RelayStats]]] = \
+            loop.create_future()
         session.waiting = waiter
         budget = max(0.0, entry.expires_at - self._clock()) + self.pair_timeout
+        # Watch the waiting socket too: a client that leaves (EOF) must not be paired, and
+        # one that talks before the OK byte breaks the protocol.
+        watch = asyncio.ensure_future(loop.sock_recv(sock, 1))
+        paired = asyncio.ensure_future(asyncio.shield(waiter))
         try:
-            other, done = await asyncio.wait_for(asyncio.shield(waiter), budget)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            if not waiter.done():
-                waiter.cancel()
-            if session.waiting is waiter:
-                session.waiting = None
-            if waiter.done() and not waiter.cancelled():
-                # Lost a race with the second side: it already handed its socket over.
-                other, done = waiter.result()
-                done.set_result(RelayStats(reason="cancelled"))
-                self._release(other)
-            task = asyncio.current_task()
-            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
-                self._release(sock)
-                raise
+            await asyncio.wait({paired, watch}, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self._abandon(session, waiter)
+            self._release(sock)
+            raise
+        finally:
+            for f in (paired, watch):
+                f.cancel()
+        early = None
+        if watch.done() and not watch.cancelled():
+            early = b"" if watch.exception() is not None else watch.result()
+        if waiter.done() and not waiter.cancelled() and not early:
+            other, done = waiter.result()
+            a, b = (sock, other) if entry.side == 0 else (other, sock)
+            await self._run_relay(entry.session_id, a, b, done)
+            return
+        self._abandon(session, waiter)
+        if early == b"":
+            log.info("relay session %s: side %d left before its peer came", entry.session_id,
+                     entry.side)
+            self.metrics.unpaired += 1
+            self._release(sock)
+            return
+        status = ERR_EARLY_DATA if early else ERR_CLOSING if self._closing else ERR_NO_PEER
+        if status == ERR_NO_PEER:
             self.metrics.unpaired += 1
             log.info("relay session %s: side %d waited %.1f s, no peer", entry.session_id,
                      entry.side, budget)
-            try:
-                await self._refuse(sock, ERR_CLOSING if self._closing else ERR_NO_PEER)
-            finally:
-                self._release(sock)
-            return
-        a, b = (sock, other) if entry.side == 0 else (other, sock)
-        await self._run_relay(entry.session_id, a, b, done)
+        try:
+            await self._refuse(sock, status)
+        finally:
+            self._release(sock)
+
+    def _abandon(self, session: _Session,
+                 waiter: asyncio.Future[tuple[socket.socket, asyncio.Future[RelayStats]]]) -> None:
+        """Give up waiting; if the second side slipped in meanwhile, close it as well."""
+        if session.waiting is waiter:
+            session.waiting = None
+        if not waiter.done():
+            waiter.cancel()
+        elif not waiter.cancelled():
+            other, done = waiter.result()
+            if not done.done():
+                done.set_result(RelayStats(reason="peer left"))
+            self._release(other)
 
     async def _run_relay(self, session_id: str, a: socket.socket, b: socket.socket,
                          done: asyncio.Future[RelayStats]) -> None:

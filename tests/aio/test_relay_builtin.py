@@ -261,3 +261,30 @@ async def test_close_ends_live_relays_without_leaks(pump: dict[str, Any]) -> Non
     # A closed hub refuses politely rather than hanging.
     with pytest.raises(ValueError):
         RelayHub(token_ttl=0)
+
+
+@pytest.mark.asyncio
+async def test_waiting_side_that_leaves_or_talks_early_is_not_paired(
+        make_server: HubFactory) -> None:
+    srv = await make_server(engine=engine_mod.get("pure"), pair_timeout=0.4, token_ttl=0.6)
+    # A joins and gives up before B arrives: B must hear "peer did not arrive", never a
+    # relay to a dead socket.
+    ta, tb = srv.hub.issue("left")
+    r, w = await asyncio.open_connection(*srv.address)
+    w.write(b"HPR1" + ta)
+    await w.drain()
+    await asyncio.sleep(0.05)
+    await close((r, w))
+    await asyncio.sleep(0.05)
+    with pytest.raises(RelayError, match="peer did not arrive"):
+        await open_builtin_relay(srv.address, tb, timeout=5)
+    assert srv.hub.metrics.relays_total == 0
+    # Payload before the OK byte breaks the protocol: refused with that reason.
+    tc, _td = srv.hub.issue("eager")
+    r, w = await asyncio.open_connection(*srv.address)
+    w.write(b"HPR1" + tc + b"too soon")
+    await w.drain()
+    reply = await asyncio.wait_for(r.read(), 5)
+    assert reply[0] == 7 and reply[2:] == b"data before pairing"
+    await close((r, w))
+    assert srv.hub.metrics.refused.get("data before pairing") == 1
