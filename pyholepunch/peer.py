@@ -1,0 +1,343 @@
+"""The peer: one call from a name to an authenticated TCP connection, direct when possible.
+
+``async with Peer(server, name="alice") as peer``: loads (or creates) the identity, classifies
+the NAT against the server's STUN service, reserves a punch port and announces the external
+port it maps to, and registers. ``await peer.connect("bob")`` sends ONE request; the server
+pushes PUNCH (plan + common start time) to both sides, which run the plan's direct steps on
+the same schedule (punch.py), then TLS 1.3 pinned to the peer ids. Only when every direct
+step fails does the relay step run — with a WARNING saying why, in the report and in the
+server's metrics.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import engine as engine_mod
+from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
+from .errors import AuthenticationError, PunchError, RelayError, SignalingError
+from .identity import Identity, default_config_dir
+from .nat.classify import classify_nat
+from .nat.profile import Allocation, Mapping, NatProfile, Transport
+from .punch import Punch, peer_target
+from .relay.builtin import open_builtin_relay
+from .report import ConnectionReport, Route
+from .security import certificate_for, secure_stream
+from .signal.client import PunchInstruction, RelayInstruction, SignalClient
+from .strategy import Plan
+from .strategy import plan as make_plan
+from .stun.client import stun_binding
+from .stun.probe import route_source_ip
+
+log = logging.getLogger(__name__)
+Address = tuple[str, int]
+
+TLS_TIMEOUT = 5.0
+RELAY_TIMEOUT = 10.0
+
+
+def parse_address(value: str | Address, default_port: int = 3478) -> Address:
+    """``"host:port"`` / ``"host"`` / ``(host, port)`` -> ``(host, port)``."""
+    if isinstance(value, tuple):
+        return (str(value[0]), int(value[1]))
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return (value, default_port)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in server address {value!r}")
+    return (host.strip("[]"), int(port))
+
+
+class Peer:
+    """A registered peer. See the module docstring; ``connect``/``accept`` give Connections."""
+
+    def __init__(
+        self,
+        server: str | Address,
+        *,
+        name: str | None = None,
+        identity: Identity | None = None,
+        config_dir: str | Path | None = None,
+        server_fingerprint: str | bytes | None = None,
+        token: str | None = None,
+        engine: str | engine_mod.Engine | None = None,
+        relay: str = "builtin",
+        turn_user: str | None = None,
+        turn_password: str | None = None,
+        turn_secret: str | None = None,
+        insecure_plain: bool = False,
+        clock: Callable[[], float] = time.time,
+        classify_udp: bool = False,
+        keepalive: KeepAlive | None = DEFAULT_KEEPALIVE,
+    ) -> None:
+        self.server = parse_address(server)
+        self.config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
+        self.identity = identity or Identity.load_or_create(self.config_dir)
+        self.name = name or f"peer-{self.identity.peer_id[:8]}"
+        self.engine = engine if isinstance(engine, engine_mod.Engine) else engine_mod.get(engine)
+        if relay not in ("builtin", "none") and not relay.startswith("turn:"):
+            raise ValueError(f"relay must be builtin, none or turn:HOST:PORT, got {relay!r}")
+        self.relay = relay
+        self.turn = (turn_user, turn_password, turn_secret)
+        self.insecure_plain = insecure_plain
+        self.clock = clock
+        self.classify_udp = classify_udp
+        self.keepalive = keepalive
+        self.cert = certificate_for(self.identity)
+        self.profiles: dict[str, NatProfile] = {}
+        self.local_ip = "0.0.0.0"
+        self.local_port = 0                     # our punch port (reserved while we live)
+        self.announced: Address | None = None   # what it maps to outside
+        self._reservation: socket.socket | None = None
+        self._signal = SignalClient(
+            self.server, self.identity, name=self.name, server_fingerprint=server_fingerprint,
+            known_hosts=self.config_dir / "known_servers", token=token, clock=clock,
+            cert=self.cert)
+        self._accepted: asyncio.Queue[Connection | BaseException] = asyncio.Queue()
+        self._grants: dict[str, asyncio.Future[RelayInstruction]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._events: asyncio.Task[None] | None = None
+
+    # -- identity --------------------------------------------------------------------------
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    @property
+    def tcp_profile(self) -> NatProfile:
+        return self.profiles.get("tcp") or NatProfile()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.local_ip = await asyncio.to_thread(route_source_ip, self.server[0])
+        kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
+        for kind in kinds:    # one after the other: allocation probes must not interleave
+            self.profiles[kind] = await classify_nat(self.server, transport=kind,
+                                                     local_ip=self.local_ip)
+        self._reserve_port()
+        self._signal.profiles = [p.to_dict() for p in self.profiles.values()]
+        await self._signal.start()
+        await self.announce()
+        self._events = asyncio.create_task(self._dispatch_events())
+
+    async def close(self) -> None:
+        if self._events is not None:
+            self._events.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, *([self._events] if self._events else []),
+                             return_exceptions=True)
+        await self._signal.close()
+        if self._reservation is not None:
+            self._reservation.close()
+            self._reservation = None
+
+    async def __aenter__(self) -> Peer:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _reserve_port(self) -> None:
+        """Hold a local port for punching, so the kernel never hands it to anyone else."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((self.local_ip, 0))
+        self._reservation = sock
+        self.local_port = sock.getsockname()[1]
+
+    async def announce(self) -> None:
+        """Learn (STUN over TCP from the punch port) and announce our external punch address.
+
+        For an endpoint-independent mapping that is where the peer will find us; for a
+        sequential symmetric NAT it is the latest mapping, the base of the peer's prediction.
+        """
+        result = await stun_binding(self.server, transport="tcp",
+                                    local=(self.local_ip, self.local_port))
+        self.announced = result.mapped
+        await self._signal.update(candidates=self._candidates())
+
+    def _candidates(self) -> list[Address]:
+        assert self.announced is not None
+        return [self.announced, (self.local_ip, self.local_port)]
+
+    def _predictable_symmetric(self) -> bool:
+        p = self.tcp_profile
+        return (p.mapping in (Mapping.ADDRESS_DEPENDENT, Mapping.ADDRESS_AND_PORT_DEPENDENT)
+                and p.allocation is Allocation.SEQUENTIAL)
+
+    # -- connecting ------------------------------------------------------------------------
+    async def connect(self, target: str, *, timeout: float = 15.0) -> Connection:
+        """A connection to ``target`` (name or peer_id): direct if possible, else relayed."""
+        report = ConnectionReport(role="initiator", started=time.time())
+        report.local_nat = self.tcp_profile.to_dict()
+        try:
+            async with asyncio.timeout(timeout):
+                if self._predictable_symmetric():
+                    await self.announce()   # the prediction needs our latest mapping
+                instr = await self._signal.connect(target, self._candidates(),
+                                                   list(self.profiles.values()))
+                return await self._run_session(instr, report)
+        except TimeoutError as exc:
+            report.fail(f"connect to {target} took longer than {timeout} s")
+            raise TimeoutError(report.error) from exc
+        except BaseException as exc:
+            if report.ended is None:
+                report.fail(exc)
+            raise
+
+    async def accept(self) -> Connection:
+        """The next connection another peer made to us."""
+        item = await self._accepted.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    # seed-style names (DESIGN §7)
+    async def connect_to_peer(self, target: str, **kwargs: Any) -> Connection:
+        return await self.connect(target, **kwargs)
+
+    async def connect_to_rendezvous(self, server: str | Address | None = None) -> None:
+        if server is not None and parse_address(server) != self.server:
+            raise ValueError("a Peer talks to the server it was made with")
+        if self._events is None:
+            await self.start()
+
+    async def _dispatch_events(self) -> None:
+        while True:
+            event = await self._signal.incoming.get()
+            if isinstance(event, RelayInstruction):
+                fut = self._grants.setdefault(event.session,
+                                              asyncio.get_running_loop().create_future())
+                if not fut.done():
+                    fut.set_result(event)
+            elif isinstance(event, PunchInstruction):
+                task = asyncio.create_task(self._respond(event))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _respond(self, instr: PunchInstruction) -> None:
+        report = ConnectionReport(role="responder", started=time.time())
+        report.local_nat = self.tcp_profile.to_dict()
+        try:
+            conn = await self._run_session(instr, report)
+        except Exception as exc:   # the initiator gets its own error; we log ours
+            log.warning("incoming connection from %s failed: %s", instr.peer.name, exc)
+            return
+        finally:
+            if self._predictable_symmetric():
+                with contextlib.suppress(Exception):
+                    await self.announce()
+        self._accepted.put_nowait(conn)
+
+    async def _run_session(self, instr: PunchInstruction, report: ConnectionReport) -> Connection:
+        peer = instr.peer
+        report.peer_id, report.peer_name = peer.peer_id, peer.name
+        report.remote_nat = peer.tcp_profile.to_dict()
+        plan = Plan.from_dict(instr.plan) if instr.plan else make_plan(
+            *((self.tcp_profile, peer.tcp_profile) if instr.role == "initiator"
+              else (peer.tcp_profile, self.tcp_profile)))
+        report.plan = plan.to_dict()
+        initiator = instr.role == "initiator"
+        start_at = instr.start_at - (self.clock() - time.time())   # into the engine's clock
+        direct_error: BaseException | None = None
+        if plan.direct_steps:
+            punch = Punch(self.engine, plan, instr.role, start_at, self.local_port,
+                          peer_target(peer.candidates), report, local_ip=self.local_ip)
+            relay_grant = self._grants.setdefault(instr.session,
+                                                  asyncio.get_running_loop().create_future())
+            try:
+                result = await self._first(punch.run(), relay_grant)
+            except (PunchError, OSError) as exc:
+                direct_error = exc
+            else:
+                if isinstance(result, RelayInstruction):   # the initiator gave up first
+                    direct_error = PunchError("the peer moved to the relay")
+                else:
+                    try:
+                        reader, writer = await secure_stream(
+                            result.sock, identity=self.identity, peer_id=peer.peer_id,
+                            peer_cert=peer.cert, initiator=initiator, timeout=TLS_TIMEOUT,
+                            insecure_plain=self.insecure_plain)
+                    except AuthenticationError:
+                        await self._report(instr.session, "failed", report)
+                        raise
+                    except (TimeoutError, OSError) as exc:
+                        direct_error = exc
+                    else:
+                        report.finish(Route.DIRECT)
+                        await self._report(instr.session, "direct", report)
+                        return self._connection(reader, writer, peer, Route.DIRECT, report)
+        if not plan.has_relay or self.relay == "none":
+            error = PunchError(f"no direct path to {peer.name} ({direct_error or plan.reason}) "
+                               "and relaying is off")
+            await self._report(instr.session, "failed", report)
+            raise error
+        reason = str(direct_error) if direct_error else plan.reason
+        log.warning("falling back to the relay for %s: %s", peer.name, reason)
+        record = report.step_started("relay")
+        try:
+            streams = await self._relay(instr, initiator)
+            reader, writer = await secure_stream(
+                streams, identity=self.identity, peer_id=peer.peer_id, peer_cert=peer.cert,
+                initiator=initiator, timeout=TLS_TIMEOUT, insecure_plain=self.insecure_plain)
+        except BaseException as exc:
+            report.step_finished(record, "error", error=exc)
+            await self._report(instr.session, "failed", report)
+            raise
+        report.step_finished(record, "success")
+        report.finish(Route.RELAY, relay_reason=reason)
+        await self._report(instr.session, "relay", report)
+        return self._connection(reader, writer, peer, Route.RELAY, report)
+
+    async def _relay(self, instr: PunchInstruction,
+                     initiator: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A socket spliced to the peer by the server's relay (the initiator asks for it)."""
+        if self.relay.startswith("turn:"):
+            raise RelayError("TURN relaying between peers is not wired into the peer yet")
+        if initiator:
+            grant = await self._signal.request_relay(instr.session, timeout=RELAY_TIMEOUT)
+        else:
+            fut = self._grants.setdefault(instr.session, asyncio.get_running_loop().create_future())
+            grant = await asyncio.wait_for(fut, RELAY_TIMEOUT)
+        self._grants.pop(instr.session, None)
+        return await open_builtin_relay(grant.relay, grant.token, timeout=RELAY_TIMEOUT)
+
+    async def _first(self, punch: Any, grant: asyncio.Future[RelayInstruction]) -> Any:
+        """The punch result, unless the peer's relay grant arrives first."""
+        task = asyncio.ensure_future(punch)
+        done, _ = await asyncio.wait({task, grant}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() or t.result().sock.close())
+        return grant.result()
+
+    def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any,
+                    route: Route, report: ConnectionReport) -> Connection:
+        return Connection(reader, writer, peer_id=peer.peer_id, peer_name=peer.name, route=route,
+                          report=report, keepalive=self.keepalive)
+
+    async def _report(self, session: str, outcome: str, report: ConnectionReport) -> None:
+        with contextlib.suppress(ConnectionError, SignalingError):
+            await self._signal.report_result(session, outcome, {
+                "time": report.total_time, "route": outcome,
+                "step": (w.kind if (w := report.winning_step) else None)})
+
+
+async def create_peer(server: str | Address, **kwargs: Any) -> Peer:
+    """Seed-style constructor: a started Peer (close it with ``await peer.close()``)."""
+    peer = Peer(server, **kwargs)
+    await peer.start()
+    return peer

@@ -1,0 +1,228 @@
+"""Running one role's side of a punch plan on the schedule both peers share.
+
+Both peers hold the same plan and the same ``start_at`` (each in its own clock, converted by
+the server), so no further signaling is needed: step groups run back to back, each starting
+at ``start_at`` + the budgets of the groups before it. A side that fails a step early waits
+for the next slot; a side that wins stops. Steps of one ``parallel`` group start together.
+
+This module only turns instructions into engine calls (in worker threads, so the loop keeps
+running) and plain accepts; TLS and the relay step belong to the peer layer.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from .engine import Engine, PunchResult, PunchStats
+from .errors import PunchError, PunchTimeout
+from .report import ConnectionReport, Outcome
+from .strategy import Action, Plan, RoleInstruction, Step, StepKind, Target, remote_ports
+
+log = logging.getLogger(__name__)
+Address = tuple[str, int]
+
+REARM_INTERVAL = 0.02      # seconds between re-armed attempts after an RST / ICMP error
+
+
+@dataclass(frozen=True)
+class PunchTarget:
+    """Where the peer can be reached, from its PUNCH candidates."""
+
+    public_ip: str
+    port: int                                  # its announced port (see strategy.py)
+    lan: tuple[Address, ...] = ()              # its local addresses and local punch port
+
+
+@dataclass
+class Punch:
+    """One role's execution of ``plan`` (direct steps only)."""
+
+    engine: Engine
+    plan: Plan
+    role: str
+    start_at: float                            # common start, in time.time() terms
+    local_port: int                            # our announced local port
+    peer: PunchTarget
+    report: ConnectionReport
+    local_ip: str = "0.0.0.0"
+    _late: list[asyncio.Future[PunchResult]] = field(default_factory=list)
+
+    def schedule(self) -> Iterator[tuple[float, list[Step]]]:
+        """(start time, steps) per group, in order; the relay step is not included."""
+        at = self.start_at
+        for group in _groups(self.plan.steps):
+            if group[0].kind is StepKind.RELAY:
+                return
+            yield at, group
+            at += max(s.budget for s in group)
+
+    async def run(self) -> PunchResult:
+        """The first established connection, or PunchError when every direct step failed."""
+        last: BaseException | None = None
+        for at, group in self.schedule():
+            try:
+                return await self._run_group(at, group)
+            except (PunchError, OSError) as exc:
+                last = exc
+                log.info("%s: %s failed: %s", self.role, "+".join(s.kind for s in group), exc)
+        raise PunchError(f"every direct step failed; last: {last}" if last else
+                         "the plan has no direct step")
+
+    async def _run_group(self, at: float, group: list[Step]) -> PunchResult:
+        await _sleep_until(at)
+        tasks = [asyncio.ensure_future(self._run_step(at, step)) for step in group]
+        errors: list[BaseException] = []
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                try:
+                    return await next_done
+                except (PunchError, OSError) as exc:
+                    errors.append(exc)
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.add_done_callback(_close_late_result)
+        raise errors[-1] if errors else PunchError("empty step group")
+
+    async def _run_step(self, at: float, step: Step) -> PunchResult:
+        ins = step.for_role(self.role)
+        record = self.report.step_started(step.kind, at=time.time())
+        try:
+            result = await self._execute(ins, at, step.budget)
+        except PunchTimeout as exc:
+            self.report.step_finished(record, Outcome.TIMEOUT, stats=exc.stats, error=exc)
+            raise
+        except (PunchError, OSError) as exc:
+            stats = exc.stats if isinstance(exc, PunchError) else None
+            self.report.step_finished(record, Outcome.ERROR, stats=stats, error=exc)
+            raise
+        except BaseException as exc:
+            if record.outcome is Outcome.RUNNING:
+                self.report.step_finished(record, Outcome.ERROR, error=exc or "cancelled")
+            raise
+        self.report.step_finished(record, Outcome.SUCCESS, stats=result.stats)
+        return result
+
+    async def _execute(self, ins: RoleInstruction, at: float, budget: float) -> PunchResult:
+        eng = self.engine
+        if ins.action is Action.NONE:
+            await _sleep_until(at + budget)
+            raise PunchTimeout("nothing to do in this step (the peer dials)", PunchStats())
+        if ins.action is Action.LISTEN:
+            return await accept_from(self.local_ip, self.local_port, self._peer_ips(ins),
+                                     deadline=at + budget)
+        remotes = self._remotes(ins)
+        start, timeout = _window(at + ins.start_delay, budget - ins.start_delay)
+        if ins.action is Action.SIMOPEN:
+            return await asyncio.to_thread(eng.simultaneous_open, (self.local_ip, self.local_port),
+                                    remotes[0], start, timeout, interval=REARM_INTERVAL,
+                                    syn_ttl=ins.syn_ttl, listen=True)
+        if ins.action is Action.CONNECT:
+            return await asyncio.to_thread(eng.simultaneous_open, (self.local_ip, 0), remotes[0], start,
+                                    timeout, interval=REARM_INTERVAL, syn_ttl=ins.syn_ttl,
+                                    listen=False)
+        if ins.action is Action.SWEEP_LOCAL_PORTS:
+            pairs = [(0, remotes[0])] * ins.count
+        elif ins.action is Action.SWEEP_REMOTE_PORTS:
+            pairs = [(self.local_port, r) for r in remotes]
+        elif ins.action is Action.SWEEP_PAIRS:
+            pairs = [(0, r) for r in remotes]
+        else:
+            raise PunchError(f"action {ins.action} is not a direct punch")
+        return await asyncio.to_thread(eng.sweep, pairs, start, timeout, local_ip=self.local_ip,
+                                max_inflight=max(len(pairs), 1), rate=ins.rate,
+                                syn_ttl=ins.syn_ttl)
+
+    def _remotes(self, ins: RoleInstruction) -> list[Address]:
+        if ins.target is Target.LAN:
+            if not self.peer.lan:
+                raise PunchError("the peer announced no LAN address")
+            return list(self.peer.lan)
+        return [(self.peer.public_ip, port) for port in remote_ports(ins, self.peer.port)]
+
+    def _peer_ips(self, ins: RoleInstruction) -> set[str]:
+        if ins.target is Target.LAN:
+            return {ip for ip, _ in self.peer.lan}
+        return {self.peer.public_ip} | {ip for ip, _ in self.peer.lan}
+
+
+def _groups(steps: Sequence[Step]) -> Iterator[list[Step]]:
+    group: list[Step] = []
+    for step in steps:
+        if group and (step.parallel is None or step.parallel != group[0].parallel):
+            yield group
+            group = []
+        group.append(step)
+    if group:
+        yield group
+
+
+async def _sleep_until(at: float) -> None:
+    delay = at - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+def _window(start: float, timeout: float) -> tuple[float, float]:
+    """Clamp a step window that began already (a slow earlier step) to what is left of it."""
+    now = time.time()
+    if start < now:
+        timeout -= now - start
+        start = now
+    if timeout <= 0:
+        raise PunchTimeout("the step's window passed before it could start", PunchStats())
+    return start, timeout
+
+
+def _close_late_result(task: asyncio.Future[PunchResult]) -> None:
+    """A losing step of a parallel group may still connect later: close what it returns."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is None:
+        with contextlib.suppress(OSError):
+            task.result().sock.close()
+
+
+async def accept_from(ip: str, port: int, peer_ips: set[str], *, deadline: float) -> PunchResult:
+    """Listen on (ip, port) and accept the first connection from one of ``peer_ips``."""
+    stats = PunchStats(local_port=port)
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        lsock.bind((ip, port))
+        lsock.listen(16)
+        lsock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        started = time.time()
+        while (left := deadline - time.time()) > 0:
+            try:
+                conn, addr = await asyncio.wait_for(loop.sock_accept(lsock), left)
+            except TimeoutError:
+                break
+            if addr[0] not in peer_ips:
+                log.info("dropping a connection from %s:%d: not the peer", *addr)
+                conn.close()
+                continue
+            conn.setblocking(True)
+            stats.accepted = True
+            stats.remote = (addr[0], addr[1])
+            stats.time_to_established_ns = int((time.time() - started) * 1e9)
+            return PunchResult(conn, stats)
+    finally:
+        lsock.close()
+    raise PunchTimeout(f"no connection from the peer on port {port}", stats)
+
+
+def peer_target(candidates: Sequence[Address]) -> PunchTarget:
+    """The first candidate is the announced public address, the rest LAN addresses."""
+    if not candidates:
+        raise PunchError("the peer announced no address")
+    (ip, port), lan = candidates[0], tuple(candidates[1:])
+    return PunchTarget(ip, int(port), lan)
