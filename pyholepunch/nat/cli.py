@@ -19,7 +19,7 @@ from .profile import NatProfile
 SCHEMA_VERSION = 1
 
 
-def parse_hostport(text: str, default_port: int = 3478) -> Address:
+def parse_hostport(text: str, default_port: int = 3478, *, allow_zero: bool = False) -> Address:
     """HOST, HOST:PORT or [V6]:PORT -> (host, port); argparse-friendly errors."""
     host, port = text, default_port
     if text.startswith("["):
@@ -30,17 +30,17 @@ def parse_hostport(text: str, default_port: int = 3478) -> Address:
         if rest:
             if not rest.startswith(":"):
                 raise argparse.ArgumentTypeError(f"bad address {text!r}")
-            port = _port(rest[1:], text)
+            port = _port(rest[1:], text, allow_zero)
     elif text.count(":") == 1:
         host, p = text.split(":")
-        port = _port(p, text)
+        port = _port(p, text, allow_zero)
     if not host:
         raise argparse.ArgumentTypeError(f"bad address {text!r}: no host")
     return (host, port)
 
 
-def _port(p: str, text: str) -> int:
-    if not p.isdigit() or not 1 <= int(p) <= 65535:
+def _port(p: str, text: str, allow_zero: bool) -> int:
+    if not p.isdigit() or not (0 if allow_zero else 1) <= int(p) <= 65535:
         raise argparse.ArgumentTypeError(f"bad port in {text!r}")
     return int(p)
 

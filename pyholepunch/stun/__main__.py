@@ -34,7 +34,8 @@ async def _main(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyholepunch.stun", description=__doc__.splitlines()[0])
-    p.add_argument("--listen", type=parse_hostport, default=("0.0.0.0", 3478), metavar="IP:PORT")
+    p.add_argument("--listen", type=lambda t: parse_hostport(t, allow_zero=True),
+                   default=("0.0.0.0", 3478), metavar="IP:PORT", help="port 0 picks free ports")
     p.add_argument("--alt-ip", help="second address for RFC 5780 (CHANGE-REQUEST, OTHER-ADDRESS)")
     p.add_argument("--alt-port", type=int, help="alternate port (default: port + 1 with --alt-ip)")
     p.add_argument("--connect-back-timeout", type=float, default=0.6)

@@ -106,7 +106,7 @@ class StunServer:
     async def start_udp(self) -> None:
         loop = asyncio.get_running_loop()
         if self.layout is None:
-            await self._bind_fresh(socket.SOCK_DGRAM)
+            await self._bind_fresh()
         for addr in self._layout().all():
             if addr in self._udp:
                 continue
@@ -133,21 +133,21 @@ class StunServer:
         endpoint.transport.sendto(reply.data, remote)
         self.stats["udp_out"] += 1
 
-    async def _bind_fresh(self, kind: int) -> None:
-        """Pick port numbers: the same numbers must be free on both IPs (and for TCP and
-        UDP), so with port 0 try a few ephemeral candidates."""
+    async def _bind_fresh(self) -> None:
+        """Pick port numbers: the same numbers must be free on both IPs and for TCP and
+        UDP, so with port 0 try a few ephemeral candidates."""
         host, alt_ip, port, alt_port = self._want
         for _ in range(20):
             socks: list[socket.socket] = []
             try:
-                p = _probe_bind(socks, host, port, kind)
+                p = _probe_bind(socks, host, port)
                 q = None
                 if alt_port is not None:
-                    q = _probe_bind(socks, host, alt_port, kind)
+                    q = _probe_bind(socks, host, alt_port)
                 if alt_ip is not None:
-                    _probe_bind(socks, alt_ip, p, kind)
+                    _probe_bind(socks, alt_ip, p)
                     if q is not None:
-                        _probe_bind(socks, alt_ip, q, kind)
+                        _probe_bind(socks, alt_ip, q)
                 self._resolve(p, q)
                 return
             except OSError:
@@ -161,7 +161,7 @@ class StunServer:
     # -- TCP -----------------------------------------------------------------------------
     async def start_tcp(self) -> None:
         if self.layout is None:
-            await self._bind_fresh(socket.SOCK_STREAM)
+            await self._bind_fresh()
         for host, port in self._layout().all():
             srv = await asyncio.start_server(
                 self.serve_tcp_stream, host, port, reuse_address=True, reuse_port=True)
@@ -291,14 +291,18 @@ class StunServer:
         await self.close()
 
 
-def _probe_bind(socks: list[socket.socket], host: str, port: int, kind: int) -> int:
+def _probe_bind(socks: list[socket.socket], host: str, port: int) -> int:
+    """Bind UDP and TCP on (host, port); the port number, the same for both."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, kind)
-    socks.append(s)
-    if kind == socket.SOCK_STREAM:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, port))
-    return int(s.getsockname()[1])
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    socks.append(udp)
+    udp.bind((host, port))
+    port = int(udp.getsockname()[1])
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    socks.append(tcp)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind((host, port))
+    return port
 
 
 def _addr(value: Any) -> Address | None:
