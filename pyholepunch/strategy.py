@@ -319,7 +319,7 @@ def plan(
     clock_error: float = 0.02,
     birthday_size: int = 1024,
     predict_count: int = 32,
-    low_ttl: int = 3,
+    low_ttl: int = 2,
 ) -> Plan:
     """The ordered punch plan for ``initiator`` -> ``responder`` (both TCP profiles).
 
@@ -330,8 +330,9 @@ def plan(
     the lab; 512 x 512 only 16-20/20). ``predict_count``: fresh sockets of a sequential prediction
     sweep; the cone side aims at twice as many predicted ports, allowing that many other
     connections through the NAT between the server's observation and the sweep (drift).
-    ``low_ttl``: TTL that passes our own NAT(s) but dies before the peer's. Raises ValueError
-    on a bad argument.
+    ``low_ttl``: TTL that passes our own NAT but dies before the peer's (2: one NAT hop, then
+    the first router beyond it; behind two NATs the SYN then opens only the inner one and the
+    step degrades to a plain simultaneous open). Raises ValueError on a bad argument.
     """
     for name, value, lo, hi in (("rtt", rtt, 0.0, 10.0), ("clock_error", clock_error, 0.0, 5.0)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or not lo <= value <= hi:
@@ -447,17 +448,24 @@ class _Context:
     def _direct(self, listener: str) -> Step:
         other = _other(listener)
         lp = self.profile(listener)
-        if behaviour(lp) is Behaviour.OPEN:
-            how = RoleInstruction(Action.LISTEN)
-            reason = f"the {listener}'s NAT ({lp.label}) lets unsolicited SYNs in: the {other} connects"
+        if lp.mapping is Mapping.NONE:
+            how, base = RoleInstruction(Action.LISTEN), 1.0
+            reason = f"the {listener} has a public address: it listens, the {other} connects"
+        elif behaviour(lp) is Behaviour.OPEN:
+            # A full cone forwards inbound SYNs only while its mapping for the announced port
+            # lives; a SYN of our own towards the peer refreshes it, so listen *and* send.
+            how, base = RoleInstruction(Action.SIMOPEN), 1.5
+            reason = (f"the {listener}'s NAT ({lp.label}) lets unsolicited SYNs in: it keeps its "
+                      f"mapping open and listens, the {other} connects")
         else:
             # Address-filtering (or unknown) cone: its own SYN towards the peer's address opens
             # the filter for every port of that address; it also listens on the announced port.
-            how = RoleInstruction(Action.SIMOPEN)
+            # The dialer's first SYN may lose that race: base covers one kernel retransmission.
+            how, base = RoleInstruction(Action.SIMOPEN), 1.5
             reason = (f"the {listener} ({lp.label}) opens its filter to the {other}'s address "
                       f"and listens; the {other} connects from any port")
         dial = RoleInstruction(Action.CONNECT, start_delay=self.first_delay(1))
-        return self.step(StepKind.DIRECT, 1.0, reason, {listener: how, other: dial})
+        return self.step(StepKind.DIRECT, base, reason, {listener: how, other: dial})
 
     def _low_ttl(self) -> Step | None:
         by_role: dict[str, RoleInstruction] = {}
