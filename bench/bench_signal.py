@@ -30,6 +30,11 @@ WORKERS = int(os.environ.get("PYHOLEPUNCH_BENCH_WORKERS", "2"))
 INFLIGHT = 150          # outstanding CONNECTs per worker
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -144,7 +149,9 @@ def test_signal_load(benchmark: Any, bench_report: Any, server_proc: Any) -> Non
                 pipe.send(("go", SECONDS))
             results.extend(pipe.recv() for pipe in pipes)
 
+        cpu0 = cpu_seconds(proc.pid)
         benchmark.pedantic(connect_stream, rounds=1, iterations=1)
+        server_cpu = cpu_seconds(proc.pid) - cpu0
         rss2 = rss_bytes(proc.pid)
         done = sum(r[1] for r in results)
         errors = sum(r[2] for r in results)
@@ -156,7 +163,8 @@ def test_signal_load(benchmark: Any, bench_report: Any, server_proc: Any) -> Non
             peers=PEERS, workers=WORKERS, registration_s=round(reg_seconds, 2),
             registrations_per_s=round(PEERS / reg_seconds, 1),
             coordinations=done, errors=errors, coordinations_per_s=round(rate, 1),
-            responder_pushes=pushes, latency_p50_ms=round((results[0][5] or 0) * 1e3, 2),
+            responder_pushes=pushes, server_cpu_s=round(server_cpu, 2),
+            server_cpu_us_per_coordination=round(server_cpu / max(done, 1) * 1e6, 1), latency_p50_ms=round((results[0][5] or 0) * 1e3, 2),
             latency_p99_ms=round((results[0][6] or 0) * 1e3, 2),
             server_rss_base_mb=round(rss0 / 2**20, 1),
             server_rss_registered_mb=round(rss1 / 2**20, 1),

@@ -96,18 +96,22 @@ class Rendezvous:
         return s
 
     async def _open_port_set(self, port: int) -> None:
+        """STUN first (it picks port numbers free for UDP and TCP on every address), then
+        our TCP listeners on exactly its addresses; without STUN, just ip:port."""
         host = self.listen[0]
-        first = self._bind(host, port)
-        port = first.getsockname()[1]
-        socks = [first]
+        if self._want_stun:
+            self.stun = self._make_stun((host, port))
+        socks: list[socket.socket] = []
         try:
-            if self.alt_ip:
-                socks += [self._bind(self.alt_ip, port), self._bind(host, port + 1),
-                          self._bind(self.alt_ip, port + 1)]
-            if self._want_stun:
-                self.stun = self._make_stun((host, port))
-                if self.stun is not None:
-                    await self.stun.start_udp()
+            if self.stun is not None:
+                await self.stun.start_udp()
+                addresses = list(self.stun.addresses)
+            else:
+                addresses = [(host, port)]
+                if self.alt_ip:
+                    log.warning("--alt-ip without the STUN server has no effect")
+            for h, p in addresses:
+                socks.append(self._bind(h, p))
         except BaseException:
             for s in socks:
                 s.close()
@@ -116,7 +120,7 @@ class Rendezvous:
                 self.stun = None
             raise
         self._listeners = socks
-        self.address = (host, port)
+        self.address = (host, socks[0].getsockname()[1])
 
     def _make_stun(self, primary: Address) -> Any:
         try:
@@ -124,7 +128,8 @@ class Rendezvous:
         except ImportError:
             log.warning("STUN server unavailable")
             return None
-        return StunServer(primary, self.alt_ip, primary[1] + 1 if self.alt_ip else None)
+        # alt port: port + 1 (StunServer's default), an ephemeral one when port is 0
+        return StunServer(primary, self.alt_ip)
 
     async def start(self) -> None:
         _raise_fd_limit()
