@@ -172,14 +172,14 @@ def kill_all(names: list[str], grace: float = 0.5) -> None:
                 pass
         deadline = time.monotonic() + wait
         while pids and time.monotonic() < deadline:
-            pids = {p for p in pids if _alive(p)}
+            pids = {p for p in pids if process_alive(p)}
             if pids:
                 time.sleep(0.02)
         if not pids:
             return
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"

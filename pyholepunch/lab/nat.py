@@ -168,6 +168,6 @@ def loss_ruleset(loss_pct: float) -> str:
     per_10k = round(loss_pct * 100)
     if per_10k <= 0:
         return ""
-    return ("table ip hpl_loss {\n  chain fwd {\n"
+    return ("table ip hpl_loss {\n  chain forward_loss {\n"
             "    type filter hook forward priority -200; policy accept;\n"
             f"    numgen random mod 10000 < {per_10k} drop\n  }}\n}}\n")

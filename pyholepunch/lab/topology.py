@@ -16,6 +16,7 @@ routes between directly connected public /24s, so nothing private is reachable f
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from dataclasses import dataclass, field
 
@@ -185,7 +186,10 @@ def _configure(node: Node, conntrack: dict[str, int], loss_pct: float, delay: bo
     if node.nat is not None:
         _nft(ruleset(node.nat), f"{node.name} NAT")
         for key, value in conntrack.items():
-            _write(f"/proc/sys/net/netfilter/nf_conntrack_{key}", int(value))
+            path = f"/proc/sys/net/netfilter/nf_conntrack_{key}"
+            if not os.path.exists(path):
+                raise RuntimeError(f"unknown conntrack setting {key!r} (no {path})")
+            _write(path, int(value))
     if node.name == "core":
         if loss_pct > 0:
             _nft(loss_ruleset(loss_pct), "loss")
