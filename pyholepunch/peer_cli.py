@@ -55,6 +55,8 @@ def configure_connect(p: argparse.ArgumentParser) -> None:
     add_peer_options(p)
     p.add_argument("peer", help="the peer's name or peer_id")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds for the whole connect")
+    p.add_argument("--linger", type=float, default=1.0, metavar="SECONDS",
+                   help="after stdin EOF, stop once the peer is quiet this long (like nc -q)")
 
 
 def peer_from_args(args: argparse.Namespace) -> Peer:
@@ -91,8 +93,14 @@ async def _stdin_reader() -> asyncio.StreamReader:
     return reader
 
 
-async def _pump_stdio(conn: Connection) -> None:
-    """stdin -> conn (half-close at EOF), conn -> stdout, until the peer closes."""
+async def _pump_stdio(conn: Connection, linger: float = 1.0) -> None:
+    """stdin -> conn, conn -> stdout, until the peer closes.
+
+    At stdin EOF the connection is half-closed where the stream allows it; TLS cannot
+    half-close, so then (like ``nc -q``) we keep reading until the peer has been quiet for
+    ``linger`` seconds, and close.
+    """
+    stdin_done = asyncio.Event()
 
     async def upstream() -> None:
         try:
@@ -104,11 +112,20 @@ async def _pump_stdio(conn: Connection) -> None:
                 await conn.send(data)
         if conn.writer.can_write_eof():
             conn.writer.write_eof()
+        else:
+            stdin_done.set()
 
     up = asyncio.create_task(upstream())
     out = sys.stdout.buffer
     try:
-        while data := await conn.recv(CHUNK):
+        while True:
+            try:
+                timeout = linger if stdin_done.is_set() else None
+                data = await asyncio.wait_for(conn.recv(CHUNK), timeout)
+            except TimeoutError:
+                break
+            if not data:
+                break
             out.write(data)
             out.flush()
     finally:
@@ -146,7 +163,7 @@ async def run_connect(args: argparse.Namespace) -> int:
         conn = await peer.connect(args.peer, timeout=args.timeout)
         write_report(args.json, conn.report.to_dict())
         async with conn:
-            await _pump_stdio(conn)
+            await _pump_stdio(conn, args.linger)
     return 0
 
 

@@ -1,0 +1,225 @@
+"""`pyholepunch demo`: two peers behind two lab NATs punch through and exchange data.
+
+It builds a NAT lab (default: two port-restricted NATs, 40 ms RTT), starts `pyholepunch
+serve` on the lab's server host, `pyholepunch listen --echo` behind NAT b and `pyholepunch
+connect` behind NAT a, and shows what happened: both classifications, the plan, each step,
+the route, the time to connect and the echo. Everything is the real CLI in real network
+namespaces; nothing reaches outside the machine. Without root (or without nft) it says why
+and runs the same flow on loopback, without NATs.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import selectors
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import LabError
+
+PORT = 3478
+MESSAGE = b"hello through the NATs\n"
+LAB_TYPES = ("none", "full-cone", "restricted-cone", "port-restricted", "port-restricted-rst",
+             "symmetric-seq", "symmetric-random", "cgnat")
+
+Spawner = Callable[..., "subprocess.Popen[bytes]"]
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--a", default="port-restricted", choices=LAB_TYPES, help="NAT type of peer a")
+    p.add_argument("--b", default="port-restricted", choices=LAB_TYPES, help="NAT type of peer b")
+    p.add_argument("--rtt-ms", type=float, default=40.0, help="round trip across the lab")
+    p.add_argument("--engine", choices=("native", "pure"), help="punching engine (default: best)")
+    p.add_argument("--loopback", action="store_true", help="skip the lab: run on loopback")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds for each stage")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _lab_blocker() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "the NAT lab needs Linux network namespaces"
+    if os.geteuid() != 0:
+        return "the NAT lab needs root (network namespaces, nftables)"
+    import shutil
+
+    for tool in ("nft", "ip", "iptables"):
+        if shutil.which(tool) is None:
+            return f"the NAT lab needs `{tool}` (apt-get install nftables iproute2 iptables)"
+    return None
+
+
+class Progress:
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.t0 = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[{time.monotonic() - self.t0:6.2f}s] {text}", file=sys.stderr, flush=True)
+
+
+def _wait_for_line(proc: subprocess.Popen[bytes], needle: str, timeout: float, what: str,
+                   stream: str = "stdout") -> str:
+    """Read ``proc``'s stream until a line containing ``needle``; fail clearly otherwise."""
+    pipe = getattr(proc, stream)
+    sel = selectors.DefaultSelector()
+    sel.register(pipe, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            if not sel.select(left):
+                break
+            line = pipe.readline().decode(errors="replace")
+            if not line:
+                break
+            seen.append(line.rstrip())
+            if needle in line:
+                return line.strip()
+    finally:
+        sel.close()
+    tail = "\n  ".join(seen[-8:]) or "(no output)"
+    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s:\n  {tail}")
+
+
+@contextlib.contextmanager
+def _environment(args: argparse.Namespace, progress: Progress
+                 ) -> Iterator[tuple[Spawner, str, str, dict[str, Any]]]:
+    """(spawn(node, argv), server ip, alt ip, description) for the lab or for loopback."""
+    blocker = None if args.loopback else _lab_blocker()
+    if args.loopback or blocker:
+        if blocker:
+            print(f"pyholepunch demo: {blocker}; running the same flow on loopback, without NATs",
+                  file=sys.stderr)
+
+        def spawn_local(node: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
+            return subprocess.Popen(list(argv), **kw)
+
+        yield spawn_local, "127.0.0.1", "127.0.0.2", {"mode": "loopback"}
+        return
+    from .lab import Lab
+
+    progress(f"building the NAT lab: a behind {args.a}, b behind {args.b}, "
+             f"{args.rtt_ms:g} ms RTT")
+    t = time.monotonic()
+    with Lab(a=args.a, b=args.b, rtt_ms=args.rtt_ms) as lab:
+        desc = {"mode": "lab", "lab": lab.name, "a": args.a, "b": args.b, "rtt_ms": args.rtt_ms,
+                "start_up_s": round(time.monotonic() - t, 3),
+                "a_public": lab.public_ip("a"), "b_public": lab.public_ip("b")}
+        progress(f"lab {lab.name} up in {desc['start_up_s']:.2f} s: server {lab.server_ip} "
+                 f"(+{lab.server_alt_ip}); a {lab.private_ip('a')} -> {lab.public_ip('a')}; "
+                 f"b {lab.private_ip('b')} -> {lab.public_ip('b')}")
+        yield lab.spawn, lab.server_ip, lab.server_alt_ip, desc
+
+
+def _cli(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "pyholepunch", *argv]
+
+
+def run(args: argparse.Namespace) -> int:
+    progress = Progress(args.json)
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="pyholepunch-demo-") as tmp:
+        work = Path(tmp)
+        try:
+            with _environment(args, progress) as (spawn, server_ip, alt_ip, desc):
+                result = _flow(args, progress, spawn, server_ip, alt_ip, work, procs)
+                result["environment"] = desc
+        except LabError:
+            raise
+        except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
+            print(f"pyholepunch demo: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(5)
+                if p.poll() is None:
+                    p.kill()
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:
+        _show(result)
+    return 0 if result["echo_ok"] else 1
+
+
+def _flow(args: argparse.Namespace, progress: Progress, spawn: Spawner, server_ip: str,
+          alt_ip: str, work: Path, procs: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
+    server = f"{server_ip}:{PORT}"
+    engine = ["--engine", args.engine] if args.engine else []
+    progress(f"starting `pyholepunch serve` on {server} (alt {alt_ip})")
+    srv = spawn("server", _cli("serve", "--listen", server, "--alt-ip", alt_ip,
+                               "--state-dir", str(work / "server")),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    procs.append(srv)
+    line = _wait_for_line(srv, "fingerprint", args.timeout, "the server")
+    fingerprint = line.split()[-1]
+    common = ["--server", server, "--server-fingerprint", fingerprint, *engine]
+
+    progress("peer b: classifying its NAT and registering as 'bob' (`pyholepunch listen --echo`)")
+    bob = spawn("b", _cli("listen", *common, "--name", "bob", "--echo", "--once",
+                          "--config-dir", str(work / "bob"), "--json", str(work / "bob.json")),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    procs.append(bob)
+    _wait_for_line(bob, "listening as", args.timeout, "peer b", stream="stderr")
+
+    progress("peer a: classifying its NAT, registering as 'alice' and connecting to 'bob'")
+    t = time.monotonic()
+    alice = spawn("a", _cli("connect", *common, "--name", "alice", "bob",
+                            "--config-dir", str(work / "alice"), "--json", str(work / "alice.json"),
+                            "--timeout", str(args.timeout)),
+                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs.append(alice)
+    out, err = alice.communicate(MESSAGE, timeout=args.timeout + 30)
+    elapsed = time.monotonic() - t
+    report: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        report = json.loads((work / "alice.json").read_text())
+    if not report:
+        tail = err.decode(errors="replace").strip().splitlines()[-8:]
+        raise RuntimeError("peer a did not connect:\n  " + "\n  ".join(tail))
+    progress(f"peer a finished in {elapsed:.2f} s (classification, registration, punch, echo)")
+    return {"report": report, "echo": out.decode(errors="replace"),
+            "echo_ok": out == MESSAGE, "exit_code": alice.returncode}
+
+
+def _show(result: dict[str, Any]) -> None:
+    r = result["report"]
+    env = result["environment"]
+    lines = ["", "pyholepunch demo"]
+    if env["mode"] == "lab":
+        lines.append(f"  lab         {env['lab']}: a behind {env['a']}, b behind {env['b']}, "
+                     f"{env['rtt_ms']:g} ms RTT (start-up {env['start_up_s']:.2f} s)")
+    else:
+        lines.append("  loopback    no NATs (the lab needs root)")
+    for who, key in (("a (alice)", "local_nat"), ("b (bob)", "remote_nat")):
+        nat = r.get(key) or {}
+        lines.append(f"  NAT {who:9s} {nat.get('label', '?')}: mapping {nat.get('mapping')}, "
+                     f"filtering {nat.get('filtering')}, unsolicited SYN {nat.get('unsolicited_syn')}")
+    plan = r.get("plan") or {}
+    lines.append(f"  plan        {plan.get('reason', '')}")
+    for s in r.get("steps", []):
+        stats = s.get("stats") or {}
+        dur = s.get("duration")
+        lines.append(f"    step      {s['kind']:16s} {s['outcome']:8s} "
+                     f"{'' if dur is None else f'{dur * 1000:7.1f} ms'}  "
+                     f"SYNs {stats.get('syns_sent', 0)}, RSTs {stats.get('rsts_seen', 0)}"
+                     + (f"  ({s['error']})" if s.get("error") else ""))
+    total = r.get("total_time")
+    lines.append(f"  route       {r.get('route')}"
+                 + (f" (relay: {r['relay_reason']})" if r.get("relay_reason") else ""))
+    lines.append(f"  connected   in {total * 1000:.1f} ms from connect() to TLS established"
+                 if total is not None else "  connected   no")
+    lines.append(f"  echo        {result['echo'].strip()!r} "
+                 f"{'(matches)' if result['echo_ok'] else '(MISMATCH)'}")
+    print("\n".join(lines))
