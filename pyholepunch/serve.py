@@ -40,6 +40,11 @@ def _parse_hostport(text: str) -> Address:
     return (host.strip("[]") or "0.0.0.0", int(port))
 
 
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _raise_fd_limit() -> None:
     """Each peer holds a socket: lift the soft descriptor limit to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -200,8 +205,8 @@ class Rendezvous:
         """The first bytes, without consuming them; b"" on EOF. Bounded by the caller's timeout."""
         loop = asyncio.get_running_loop()
         while True:
-            fut = loop.create_future()
-            loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+            fut: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(sock.fileno(), _wake, fut)
             try:
                 await fut
             finally:
@@ -304,12 +309,11 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with app:
         host, port = app.address
-        print(f"pyholepunch serve on {host}:{port} (TLS signaling, "
-              f"{'STUN ' if app.stun else ''}{'relay ' if app.relay_hub else ''}on one port)",
-              flush=True)
-        print(f"server fingerprint sha256 {app.fingerprint}", flush=True)
+        parts = "TLS signaling" + (", STUN" if app.stun else "") + (", relay" if app.relay_hub else "")
+        print(f"pyholepunch serve on {host}:{port} ({parts} on one port)", flush=True)  # noqa: T201
+        print(f"server fingerprint sha256 {app.fingerprint}", flush=True)  # noqa: T201
         if app.metrics_port is not None:
-            print(f"metrics http://127.0.0.1:{app.metrics_port}/metrics", flush=True)
+            print(f"metrics http://127.0.0.1:{app.metrics_port}/metrics", flush=True)  # noqa: T201
         await stop.wait()
     return 0
 

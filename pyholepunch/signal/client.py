@@ -23,8 +23,22 @@ from ..identity import Identity, default_config_dir
 from ..nat.profile import NatProfile
 from .connection import ConnectionClosed, Role, SignalConnection, State
 from .protocol import (
-    DEFAULT_MAX_FRAME, Connect, Error, ErrorCode, Hello, Message, Ping, Pong, Punch, Register,
-    Registered, Relay, RelayGrant, Result, Update, registration_message,
+    DEFAULT_MAX_FRAME,
+    Connect,
+    Error,
+    ErrorCode,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Punch,
+    Register,
+    Registered,
+    Relay,
+    RelayGrant,
+    Result,
+    Update,
+    registration_message,
 )
 from .tls import KNOWN_SERVERS, KnownServers, client_context, parse_fingerprint, verify_server
 

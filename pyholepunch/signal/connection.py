@@ -11,7 +11,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
-from ..errors import LocalProtocolError, RemoteProtocolError
+from ..errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .protocol import (
     DEFAULT_MAX_FRAME,
     Connect,
@@ -81,7 +81,7 @@ class SignalConnection:
         self.frames_in = 0
         self.frames_out = 0
 
-    def _move(self, direction: str, msg: Message, error_cls: type[Exception]) -> None:
+    def _move(self, direction: str, msg: Message, error_cls: type[ProtocolError]) -> None:
         if isinstance(msg, Error):
             # A non-fatal error answers one request and is only legal once registered.
             if msg.fatal or self.state is not State.READY:
@@ -92,6 +92,10 @@ class SignalConnection:
             raise error_cls(f"{msg.TYPE} not allowed from {'server' if direction == S2C else 'client'}"
                             f" in state {self.state.value}", code=ErrorCode.UNEXPECTED)
         self.state = nxt
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
 
     def send(self, msg: Message) -> bytes:
         """Encode ``msg`` and advance the state; LocalProtocolError if it is illegal now."""
@@ -122,7 +126,7 @@ class SignalConnection:
             msg = decode_body(body)
             self.frames_in += 1
             self._move(direction, msg, RemoteProtocolError)
-            if isinstance(msg, Error) and self.state is State.CLOSED:
+            if isinstance(msg, Error) and self.closed:
                 events.append(ConnectionClosed(msg))
                 break
             events.append(msg)

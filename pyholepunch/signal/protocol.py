@@ -48,9 +48,9 @@ import struct
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, get_type_hints
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
-from ..errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from ..errors import LocalProtocolError, RemoteProtocolError
 
 VERSION = 1
 HEADER = struct.Struct("!I")
@@ -383,7 +383,7 @@ def registration_message(nonce: bytes, server_id: bytes, name: str, public_key: 
 
 def encode_frame(msg: Message, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     try:
-        body = msgpack.packb(msg.to_wire(), use_bin_type=True)
+        body: bytes = msgpack.packb(msg.to_wire(), use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"cannot encode {msg.TYPE}: {exc}") from None
     if len(body) > max_frame:

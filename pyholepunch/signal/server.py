@@ -24,8 +24,24 @@ from ..identity import peer_id_of, verify_signature
 from .auth import TokenBucket, check_token
 from .connection import ClockEstimator, ConnectionClosed, Role, SignalConnection, State, common_start
 from .protocol import (
-    DEFAULT_MAX_FRAME, PEER_ID_RE, Connect, Error, ErrorCode, Hello, Message, Ping, Pong, Punch,
-    Register, Registered, Relay, RelayGrant, Result, Update, parse_message, registration_message,
+    DEFAULT_MAX_FRAME,
+    PEER_ID_RE,
+    Connect,
+    Error,
+    ErrorCode,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Punch,
+    Register,
+    Registered,
+    Relay,
+    RelayGrant,
+    Result,
+    Update,
+    parse_message,
+    registration_message,
 )
 from .store import MemoryStore, PeerRecord, Push, Store
 from .tls import ServerCredentials
@@ -67,7 +83,7 @@ def _tcp_profile(profiles: list[dict[str, Any]]) -> Any:
 def make_plan(initiator: list[dict[str, Any]], responder: list[dict[str, Any]]) -> dict[str, Any] | None:
     """strategy.plan(initiator TCP profile, responder TCP profile) when that module exists."""
     try:
-        from .. import strategy  # type: ignore[attr-defined]
+        from .. import strategy
     except ImportError:
         return None
     try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 from .protocol import PEER_ID_RE
 
@@ -44,7 +44,7 @@ class PeerRecord:
     rtt: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
-        return {s: getattr(self, s) for s in self.__slots__}  # type: ignore[attr-defined]
+        return {s: getattr(self, s) for s in self.__slots__}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> PeerRecord:
@@ -192,7 +192,8 @@ class MemoryStore(Store):
 
 
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
 
 
 def _unpack(data: bytes) -> Any:
@@ -204,7 +205,7 @@ class RedisStore(Store):
 
     def __init__(self, url: str, *, prefix: str = "hp", online_ttl: float = 120.0,
                  session_ttl: float = 300.0) -> None:
-        import redis.asyncio as aioredis   # optional dependency: imported only when used
+        import redis.asyncio as aioredis  # optional dependency: imported only when used
 
         self.node_id = ""
         self._redis = aioredis.from_url(url)
@@ -259,8 +260,8 @@ class RedisStore(Store):
         key = self._k("names")
         if await self._redis.hsetnx(key, name, public_key):
             return None
-        known = await self._redis.hget(key, name)
-        return None if known == public_key else known
+        known: Any = await self._redis.hget(key, name)
+        return None if known == public_key else bytes(known)
 
     async def put_online(self, record: PeerRecord) -> None:
         await self._redis.set(self._k("peer", record.peer_id), _pack(record.to_wire()),
@@ -272,11 +273,11 @@ class RedisStore(Store):
             await self._redis.delete(self._k("peer", peer_id))
 
     async def get_online(self, peer_id: str) -> PeerRecord | None:
-        data = await self._redis.get(self._k("peer", peer_id))
-        return None if data is None else PeerRecord.from_wire(_unpack(data))
+        data: Any = await self._redis.get(self._k("peer", peer_id))
+        return None if data is None else PeerRecord.from_wire(_unpack(bytes(data)))
 
     async def key_of(self, name: str) -> bytes | None:
-        value = await self._redis.hget(self._k("names"), name)
+        value: Any = await self._redis.hget(self._k("names"), name)
         return bytes(value) if value is not None else None
 
     async def online_count(self) -> int:
@@ -291,8 +292,8 @@ class RedisStore(Store):
         return bool(ok)
 
     async def get_session(self, session: str) -> dict[str, Any] | None:
-        data = await self._redis.get(self._k("session", session))
-        return None if data is None else dict(_unpack(data))
+        data: Any = await self._redis.get(self._k("session", session))
+        return None if data is None else dict(_unpack(bytes(data)))
 
     async def route(self, node: str, push: Push) -> None:
         receivers = await self._redis.publish(self._k("node", node), _pack(push))
