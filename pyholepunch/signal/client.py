@@ -24,6 +24,7 @@ from ..nat.profile import NatProfile
 from .connection import ConnectionClosed, Role, SignalConnection, State
 from .protocol import (
     DEFAULT_MAX_FRAME,
+    VERSION,
     Connect,
     Error,
     ErrorCode,
@@ -247,6 +248,9 @@ class SignalClient:
                     raise SignalingError(f"registration refused: {err.reason} ({err.code})",
                                          code=err.code)
                 if isinstance(msg, Hello):
+                    if msg.version != VERSION:
+                        raise SignalingError(f"server speaks signaling v{msg.version}, we speak "
+                                             f"v{VERSION}", code=ErrorCode.VERSION)
                     if msg.server_id != fp:
                         raise AuthenticationError("server id in HELLO does not match its certificate")
                     self.server_id = fp

@@ -207,13 +207,14 @@ class PeerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = self.server.clock()
         self._last_rx = now
+        before = self.conn.frames_in
         try:
             events = self.conn.receive_data(data)
         except ProtocolError as exc:
             self.fail(ErrorCode(exc.code) if exc.code in ErrorCode._value2member_map_
                       else ErrorCode.MALFORMED, str(exc))
             return
-        self.server.metrics["frames_in"] += len(events)
+        self.server.metrics["frames_in"] += self.conn.frames_in - before
         for msg in events:
             if isinstance(msg, ConnectionClosed):
                 self.close()
@@ -252,7 +253,13 @@ class PeerProtocol(asyncio.Protocol):
     def send(self, msg: Message) -> None:
         if self._closing or self.transport is None or self.conn.state is State.CLOSED:
             return
-        self.transport.write(self.conn.send(msg))
+        try:
+            data = self.conn.send(msg)
+        except ProtocolError as exc:     # e.g. a push racing this peer's disconnect
+            log.warning("cannot send %s to %s: %s", msg.TYPE, self.name, exc)
+            self.close()
+            return
+        self.transport.write(data)
         self.server.metrics["frames_out"] += 1
         if self.transport.get_write_buffer_size() > self.cfg.max_write_buffer:
             log.warning("peer %s does not read; dropping it", self.name)

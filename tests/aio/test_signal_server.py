@@ -18,7 +18,15 @@ from pyholepunch.signal.auth import make_token
 from pyholepunch.signal.client import SignalClient
 from pyholepunch.signal.connection import ConnectionClosed, Role, SignalConnection
 from pyholepunch.signal.protocol import (
-    Error, ErrorCode, Hello, Message, Ping, Pong, Register, Registered, registration_message,
+    Error,
+    ErrorCode,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Register,
+    Registered,
+    registration_message,
 )
 from pyholepunch.signal.server import ServerConfig, SignalServer
 from pyholepunch.signal.store import MemoryStore
@@ -348,6 +356,38 @@ async def test_update_and_reregistration_replaces_old_connection(server: SignalS
             await asyncio.sleep(0.02)
         assert isinstance(old.failure, SignalingError) and old.failure.code == ErrorCode.REPLACED
         raw.close()
+
+
+@pytest.mark.asyncio
+async def test_server_full_and_idle_timeout() -> None:
+    srv = SignalServer(CREDS, config=ServerConfig(sync_pings=1, max_peers=1, keepalive=0.1,
+                                                  idle_timeout=0.3))
+    await srv.start()
+    await srv.listen()
+    try:
+        silent = await RawPeer.open(port_of(srv))
+        assert isinstance(await silent.register(Identity.generate(), "quiet"), Registered)
+        extra = client(srv, "one-too-many")
+        with pytest.raises(SignalingError) as e:
+            await extra.start()
+        assert e.value.code == ErrorCode.SERVER_FULL
+        await extra.close()
+        # keepalive pings arrive; a peer that never answers is dropped after idle_timeout
+        msg = await silent.recv()
+        assert isinstance(msg, Ping) and msg.rtt is not None
+        while isinstance(msg, Ping):
+            msg = await silent.recv()
+        assert refused_code(msg) == ErrorCode.TIMEOUT
+        for _ in range(100):
+            if not srv.peers:
+                break
+            await asyncio.sleep(0.01)
+        assert not srv.peers and await srv.store.online_count() == 0
+        async with client(srv, "answers-pings") as ok:     # the real client keeps itself alive
+            await asyncio.sleep(0.6)
+            assert ok.connected.is_set() and ok.registrations == 1
+    finally:
+        await srv.close()
 
 
 def test_error_codes_are_unique() -> None:
