@@ -19,55 +19,58 @@ typedef struct hp_dir {
     size_t in_pipe;       /* bytes read from src, not yet written to dst */
     int eof;              /* src reached end of stream */
     int shut;             /* dst shut down for writing */
-    int want_in, want_out, again;
+    int can_read;         /* src may have data: cleared on EAGAIN, set by an epoll edge */
+    int can_write;        /* dst may take data: likewise */
+    int again;            /* stopped for fairness, not because it would block */
     uint64_t *bytes;
 } hp_dir_t;
 
 static int hp_dir_open(hp_dir_t *d, int src, int dst, uint64_t *bytes, size_t *cap)
 {
-    int p[2];
+    int p[2], sz;
     memset(d, 0, sizeof(*d));
     d->src = src;
     d->dst = dst;
     d->bytes = bytes;
     d->pipe_r = d->pipe_w = -1;
+    d->can_read = d->can_write = 1;
     if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0)
         return -errno;
     d->pipe_r = p[0];
     d->pipe_w = p[1];
     (void)fcntl(d->pipe_w, F_SETPIPE_SZ, HP_PIPE_SIZE); /* may be refused: keep the default */
-    {
-        int sz = fcntl(d->pipe_w, F_GETPIPE_SZ);
-        *cap = sz > 0 ? (size_t)sz : 65536;
-    }
+    sz = fcntl(d->pipe_w, F_GETPIPE_SZ);
+    *cap = sz > 0 ? (size_t)sz : 65536;
     return 0;
 }
 
 /* Move what can move without blocking. *budget: bytes that may still be read (total over
- * both directions); UINT64_MAX for no limit. Returns -errno on a socket error. */
+ * both directions); UINT64_MAX for no limit. Every splice either moves bytes or clears a
+ * readiness flag, so this ends. Returns -errno on a socket error. */
 static int hp_dir_step(hp_dir_t *d, size_t cap, uint64_t *budget, int *moved)
 {
     int round;
-    d->want_in = d->want_out = d->again = 0;
+    d->again = 0;
     for (round = 0; round < HP_ROUNDS; round++) {
         ssize_t n;
         size_t len;
-        while (d->in_pipe > 0) {
+        while (d->in_pipe > 0 && d->can_write) {
             n = splice(d->pipe_r, NULL, d->dst, NULL, d->in_pipe,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
             if (n > 0) {
                 d->in_pipe -= (size_t)n;
                 *d->bytes += (uint64_t)n;
                 *moved = 1;
-            } else if (n < 0 && errno == EINTR) {
-                continue;
             } else if (n < 0 && errno == EAGAIN) {
-                d->want_out = 1;
-                return 0;
-            } else {
-                return n < 0 ? -errno : -EPIPE;
+                d->can_write = 0;
+            } else if (n < 0 && errno != EINTR) {
+                return -errno;
+            } else if (n == 0) {
+                return -EPIPE;
             }
         }
+        if (d->in_pipe > 0)
+            return 0; /* wait for dst */
         if (d->eof) {
             if (!d->shut) {
                 /* Half-close: the other side learns of the EOF, its direction goes on. */
@@ -77,9 +80,9 @@ static int hp_dir_step(hp_dir_t *d, size_t cap, uint64_t *budget, int *moved)
             }
             return 0;
         }
-        if (*budget == 0)
+        if (*budget == 0 || !d->can_read)
             return 0;
-        len = cap - d->in_pipe;
+        len = cap;
         if ((uint64_t)len > *budget)
             len = (size_t)*budget;
         n = splice(d->src, NULL, d->pipe_w, NULL, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
@@ -90,16 +93,9 @@ static int hp_dir_step(hp_dir_t *d, size_t cap, uint64_t *budget, int *moved)
             *moved = 1;
         } else if (n == 0) {
             d->eof = 1;
-        } else if (errno == EINTR) {
-            continue;
         } else if (errno == EAGAIN) {
-            /* With bytes in the pipe this may mean "pipe full": draining comes first. */
-            if (d->in_pipe == 0)
-                d->want_in = 1;
-            else
-                d->again = 1;
-            return 0;
-        } else {
+            d->can_read = 0;
+        } else if (errno != EINTR) {
             return -errno;
         }
     }
@@ -107,30 +103,16 @@ static int hp_dir_step(hp_dir_t *d, size_t cap, uint64_t *budget, int *moved)
     return 0;
 }
 
-static int hp_ep_set(int ep, int fd, uint32_t events, uint32_t *current)
-{
-    struct epoll_event ev;
-    if (events == *current)
-        return 0;
-    memset(&ev, 0, sizeof(ev));
-    ev.events = events;
-    ev.data.fd = fd;
-    if (epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev) < 0)
-        return -errno;
-    *current = events;
-    return 0;
-}
-
-static int hp_relay_loop(int ep, hp_dir_t *ab, hp_dir_t *ba, size_t cap_ab, size_t cap_ba,
-                         int64_t idle_ns, uint64_t max_bytes, hp_relay_stats_t *st)
+static int hp_relay_loop(int ep, int fd_a, hp_dir_t *ab, hp_dir_t *ba, size_t cap_ab,
+                         size_t cap_ba, int64_t idle_ns, uint64_t max_bytes,
+                         hp_relay_stats_t *st)
 {
     uint64_t budget = max_bytes ? max_bytes : UINT64_MAX;
-    uint32_t ev_a = 0, ev_b = 0;
     int64_t last = hp_clock_mono_ns();
     struct epoll_event evs[4];
 
     for (;;) {
-        int moved = 0, rc, timeout_ms = -1;
+        int moved = 0, rc, n, k, timeout_ms = -1;
         if ((rc = hp_dir_step(ab, cap_ab, &budget, &moved)) < 0
             || (rc = hp_dir_step(ba, cap_ba, &budget, &moved)) < 0) {
             st->reason = HP_RELAY_ERROR;
@@ -147,11 +129,6 @@ static int hp_relay_loop(int ep, hp_dir_t *ab, hp_dir_t *ba, size_t cap_ab, size
             st->reason = HP_RELAY_LIMIT;
             return 0;
         }
-        if ((rc = hp_ep_set(ep, ab->src, (ab->want_in ? EPOLLIN : 0u)
-                                             | (ba->want_out ? EPOLLOUT : 0u), &ev_a)) < 0
-            || (rc = hp_ep_set(ep, ba->src, (ba->want_in ? EPOLLIN : 0u)
-                                                | (ab->want_out ? EPOLLOUT : 0u), &ev_b)) < 0)
-            return rc;
         if (ab->again || ba->again) {
             timeout_ms = 0;
         } else if (idle_ns > 0) {
@@ -162,8 +139,18 @@ static int hp_relay_loop(int ep, hp_dir_t *ab, hp_dir_t *ba, size_t cap_ab, size
             }
             timeout_ms = (int)((left + 999999) / 1000000);
         }
-        if (epoll_wait(ep, evs, 4, timeout_ms) < 0 && errno != EINTR)
+        n = epoll_wait(ep, evs, 4, timeout_ms);
+        if (n < 0 && errno != EINTR)
             return -errno;
+        for (k = 0; k < n; k++) {
+            uint32_t e = evs[k].events;
+            hp_dir_t *rd = evs[k].data.fd == fd_a ? ab : ba; /* reads from this fd */
+            hp_dir_t *wr = rd == ab ? ba : ab;                /* writes to this fd */
+            if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+                rd->can_read = 1;
+            if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+                wr->can_write = 1;
+        }
     }
 }
 
@@ -205,7 +192,9 @@ int hp_relay_pump(int fd_a, int fd_b, int64_t idle_timeout_ns, uint64_t max_byte
         rc = -errno;
         goto out;
     }
+    /* Edge-triggered, registered once: no epoll_ctl per wake-up (see can_read/can_write). */
     memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
     ev.data.fd = fd_a;
     if (epoll_ctl(ep, EPOLL_CTL_ADD, fd_a, &ev) < 0) {
         rc = -errno;
@@ -221,7 +210,7 @@ int hp_relay_pump(int fd_a, int fd_b, int64_t idle_timeout_ns, uint64_t max_byte
         rc = -errno;
         goto restore;
     }
-    rc = hp_relay_loop(ep, &ab, &ba, cap_ab, cap_ba, idle_timeout_ns, max_bytes, st);
+    rc = hp_relay_loop(ep, fd_a, &ab, &ba, cap_ab, cap_ba, idle_timeout_ns, max_bytes, st);
 restore:
     (void)fcntl(fd_a, F_SETFL, fl_a);
     (void)fcntl(fd_b, F_SETFL, fl_b);

@@ -94,7 +94,8 @@ static int hp_sweep_launch(hp_sweep_state_t *s, uint32_t pair, int first, int *w
     uint32_t slot;
     int64_t t;
 
-    rc = hp_sock_tcp_bound(s->a->local_ip, p->local_port, 1,
+    /* SO_REUSEPORT only matters for a fixed local port shared by several pairs. */
+    rc = hp_sock_tcp_bound(s->a->local_ip, p->local_port, p->local_port != 0,
                            s->a->local_ip != 0 || p->local_port != 0 ? 2 : 0, &fd);
     if (rc == -EMFILE || rc == -ENFILE || rc == -ENOBUFS || rc == -ENOMEM)
         return rc;
@@ -109,9 +110,9 @@ static int hp_sweep_launch(hp_sweep_state_t *s, uint32_t pair, int first, int *w
     sa.sin_family = AF_INET;
     sa.sin_addr.s_addr = p->remote.ip;
     sa.sin_port = htons(p->remote.port);
-    t = hp_clock_now_ns();
     rc = connect(fd, (struct sockaddr *)&sa, sizeof(sa));
     err = rc < 0 ? errno : 0;
+    t = hp_clock_now_ns(); /* the SYN has left by the time connect() returns */
     s->st->attempts++;
     if (rc < 0 && err != EINPROGRESS) {
         hp_close(fd);
