@@ -76,8 +76,9 @@ def _udp_filter_outcome(obs: Observations, probe: FilterProbe, change: ChangeReq
             probe.outcome = Outcome.PASSED
     elif isinstance(result, TransactionTimeout):
         probe.outcome = Outcome.BLOCKED
-    elif isinstance(result, TransactionFailed) and result.code == ErrorCode.UNKNOWN_ATTRIBUTE:
-        probe.outcome, probe.detail = Outcome.UNSUPPORTED, "server answered 420"
+    elif isinstance(result, TransactionFailed) and result.code in (ErrorCode.UNKNOWN_ATTRIBUTE,
+                                                                    ErrorCode.BAD_REQUEST):
+        probe.outcome, probe.detail = Outcome.UNSUPPORTED, f"server answered {result}".rstrip("\0")
     else:
         probe.outcome, probe.detail = Outcome.INVALID, str(result)
 
@@ -286,15 +287,18 @@ async def _tcp_filtering(obs: Observations, conn: StunTcpConnection, catcher: _C
             err = msg.error
             if msg.cls is MessageClass.SUCCESS:
                 probe.outcome, probe.detail = Outcome.INVALID, "server answered on the same connection"
-            elif err and err.code == ErrorCode.UNKNOWN_ATTRIBUTE:
-                probe.outcome, probe.detail = Outcome.UNSUPPORTED, "server answered 420"
+            elif err and err.code in (ErrorCode.UNKNOWN_ATTRIBUTE, ErrorCode.BAD_REQUEST) and \
+                    AttrType.CONNECT_BACK_RESULT not in msg:
+                # 420: no alternate address; 400: e.g. coturn, "applicable only to UDP"
+                probe.outcome = Outcome.UNSUPPORTED
+                probe.detail = f"server answered {err.code} {err.reason.rstrip(chr(0))}".strip()
             elif msg.get(AttrType.CONNECT_BACK_RESULT) in (ConnectBack.REFUSED, ConnectBack.TIMEOUT,
                                                             ConnectBack.UNREACHABLE):
                 probe.outcome = Outcome.BLOCKED
                 probe.connect_back = msg.get(AttrType.CONNECT_BACK_RESULT)
             else:
                 probe.outcome = Outcome.INVALID
-                probe.detail = f"server error {err.code if err else '?'} {err.reason if err else ''}"
+                probe.detail = f"server error {err.code if err else '?'} {err.reason if err else ''}".rstrip("\0 ")
             pending.pop(msg.transaction_id, None)
 
     reports = asyncio.ensure_future(read_reports())

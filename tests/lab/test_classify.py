@@ -1,0 +1,152 @@
+"""The classifier against every NAT type of the lab, over UDP and TCP, and against coturn.
+
+Per lab type: our STUN server (python -m pyholepunch.stun) runs in the lab's server node on
+both public addresses, Debian's coturn beside it on other ports (two listening IPs and an
+alternate port, so RFC 5780 works); the classifier runs in node "a" behind the NAT.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from pyholepunch.nat.classify import run_sync
+from pyholepunch.nat.profile import Allocation, NatProfile, SynResponse
+
+pytestmark = pytest.mark.lab
+
+OUR_PORT = 3478
+COTURN_PORT = 3490
+
+# lab type -> (nat_type, allocation, delta, TCP unsolicited SYN)
+GROUND_TRUTH: dict[str, tuple[str, Allocation, int | None, SynResponse]] = {
+    "none": ("open", Allocation.PRESERVING, None, SynResponse.ACCEPT),
+    "full-cone": ("full-cone", Allocation.PRESERVING, None, SynResponse.ACCEPT),
+    "restricted-cone": ("restricted-cone", Allocation.PRESERVING, None, SynResponse.DROP),
+    "port-restricted": ("port-restricted", Allocation.PRESERVING, None, SynResponse.DROP),
+    "port-restricted-rst": ("port-restricted", Allocation.PRESERVING, None, SynResponse.RST),
+    "symmetric-seq": ("symmetric", Allocation.SEQUENTIAL, 1, SynResponse.DROP),
+    "symmetric-random": ("symmetric", Allocation.RANDOM, None, SynResponse.DROP),
+    "cgnat": ("port-restricted", Allocation.PRESERVING, None, SynResponse.DROP),
+}
+
+
+@dataclass
+class Env:
+    lab: object
+    nat: str
+    ours: tuple[str, int]
+    coturn: tuple[str, int]
+
+
+def _wait_stun(server: tuple[str, int], deadline_s: float) -> bool:
+    """Runs inside node a: poll until the server answers a Binding request."""
+    import asyncio
+
+    from pyholepunch.stun.client import stun_binding
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            asyncio.run(stun_binding(server, rto=0.1, rc=2, rm=2))
+            return True
+        except Exception:
+            time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module", params=list(GROUND_TRUTH))
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    from pyholepunch.lab import Lab
+
+    nat = request.param
+    with Lab(a=nat, b="none") as lab, tempfile.TemporaryDirectory() as work:
+        ours = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen",
+                                    f"{lab.server_ip}:{OUR_PORT}", "--alt-ip", lab.server_alt_ip],
+                         stdout=subprocess.PIPE, text=True)
+        coturn = lab.spawn("server", [
+            "turnserver", "-n", "--no-cli", "--no-tls", "--no-dtls", "-z", "--realm", "lab",
+            "--listening-ip", lab.server_ip, "--listening-ip", lab.server_alt_ip,
+            "--relay-ip", lab.server_ip, "--listening-port", str(COTURN_PORT),
+            "--alt-listening-port", str(COTURN_PORT + 1), "--min-port", "40000", "--max-port", "40100",
+            "--no-stdout-log", "--simple-log", "--log-file", f"{work}/turn.log",
+            "--pidfile", f"{work}/turn.pid", "--userdb", f"{work}/turndb"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert ours.stdout is not None
+            line = ours.stdout.readline()
+            assert line.startswith("ready"), f"our STUN server did not start: {line!r}"
+            assert lab.call("a", _wait_stun, (lab.server_ip, COTURN_PORT), 8.0, timeout=15), \
+                "coturn did not answer"
+            yield Env(lab, nat, (lab.server_ip, OUR_PORT), (lab.server_ip, COTURN_PORT))
+        finally:
+            for proc in (ours, coturn):
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def _classify(env: Env, server: tuple[str, int], transport: str) -> NatProfile:
+    return env.lab.call("a", run_sync, server, transport=transport, timeout=5.0)  # type: ignore[attr-defined]
+
+
+def _check(env: Env, p: NatProfile, transport: str) -> None:
+    nat_type, allocation, delta, syn = GROUND_TRUTH[env.nat]
+    assert p.nat_type == nat_type, (env.nat, transport, p.to_dict())
+    assert p.allocation is allocation, (env.nat, transport, p.to_dict())
+    assert p.delta == delta
+    assert p.public_ips == (env.lab.public_ip("a"),)  # type: ignore[attr-defined]
+    assert p.local_ips == (env.lab.private_ip("a"),)  # type: ignore[attr-defined]
+    assert p.not_learned == (), p.not_learned
+    if transport == "tcp":
+        assert p.unsolicited_syn is syn, (env.nat, p.to_dict())
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_verdict_matches_ground_truth(env: Env, transport: str) -> None:
+    _check(env, _classify(env, env.ours, transport), transport)
+
+
+def test_coturn_gives_the_same_udp_verdict(env: Env) -> None:
+    ours = _classify(env, env.ours, "udp")
+    theirs = _classify(env, env.coturn, "udp")
+    _check(env, theirs, "udp")
+    assert (theirs.mapping, theirs.filtering, theirs.allocation, theirs.delta) == \
+        (ours.mapping, ours.filtering, ours.allocation, ours.delta)
+
+
+def test_coturn_over_tcp_learns_what_it_can_and_says_what_not(env: Env) -> None:
+    """coturn has no TCP connect-back: mapping and allocation are learned, filtering is not,
+    and the profile says why instead of guessing."""
+    nat_type, allocation, delta, _ = GROUND_TRUTH[env.nat]
+    p = _classify(env, env.coturn, "tcp")
+    expected = nat_type if nat_type in ("open", "symmetric") else "unknown"
+    assert p.nat_type == expected, p.to_dict()
+    assert (p.allocation, p.delta) == (allocation, delta)
+    assert p.filtering.value == "unknown" and p.unsolicited_syn is SynResponse.UNKNOWN
+    assert any(n.startswith("filtering:") and "400" in n for n in p.not_learned), p.not_learned
+
+
+def test_verdict_under_40ms_rtt() -> None:
+    """The probe waits scale with the measured RTT: still right on a 40 ms path."""
+    from pyholepunch.lab import Lab
+
+    with Lab(a="symmetric-seq", b="none", rtt_ms=40) as lab:
+        proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen",
+                                    f"{lab.server_ip}:{OUR_PORT}", "--alt-ip", lab.server_alt_ip],
+                         stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+            for transport in ("udp", "tcp"):
+                p = lab.call("a", run_sync, (lab.server_ip, OUR_PORT), transport=transport, timeout=30)
+                assert p.label == "symmetric (sequential +1)", p.to_dict()
+        finally:
+            proc.terminate()
+            proc.wait(5)
