@@ -43,14 +43,15 @@ def start_connect(sock: socket.socket, remote: Address, ttl: int | None) -> tupl
 
     The TTL is restored on the same socket right after connect() has put the SYN on the wire,
     so kernel retransmissions and the SYN-ACK of a simultaneous open use the default TTL.
-    Returns (errno or 0, time the SYN left).
+    Returns (errno or 0, time the SYN left): read as connect() is entered, like the C engine,
+    since the SYN leaves inside the call.
     """
     saved = None
     if ttl is not None:
         saved = sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
-    rc = sock.connect_ex(remote)
     sent_at = time.time()
+    rc = sock.connect_ex(remote)
     if saved is not None:
         try:
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, saved)
@@ -82,8 +83,11 @@ def count_failure(stats: PunchStats, err: int) -> str:
     return errno.errorcode.get(err, str(err))
 
 
-def note_syn(stats: PunchStats, sent_at: float, start: float) -> None:
+def note_syn(stats: PunchStats, rc: int, sent_at: float, start: float) -> None:
+    """Count a connect(); it put a SYN on the wire unless it failed on the spot."""
     stats.attempts += 1
+    if rc not in IN_PROGRESS:
+        return
     stats.syns_sent += 1
     if stats.first_syn_at is None:
         stats.first_syn_at = sent_at

@@ -143,7 +143,7 @@ class _Sweep:
             return
         remote = self.pairs[idx][1]
         rc, sent_at = start_connect(sock, remote, self.syn_ttl if first else None)
-        note_syn(self.stats, sent_at, self.start)
+        note_syn(self.stats, rc, sent_at, self.start)
         self.launched += 1
         if rc in IN_PROGRESS:
             self.inflight[sock.fileno()] = (sock, idx, sent_at)

@@ -148,7 +148,7 @@ class _SimOpen:
         assert self.conn is not None
         ttl = self.syn_ttl if self.stats.attempts < self.ttl_syns else None
         rc, sent_at = start_connect(self.conn, self.remote, ttl)
-        note_syn(self.stats, sent_at, self.start)
+        note_syn(self.stats, rc, sent_at, self.start)
         self.next_at = sent_at + self.interval
         if rc in IN_PROGRESS:
             self.sel.register(self.conn, selectors.EVENT_WRITE)

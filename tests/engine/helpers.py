@@ -116,14 +116,54 @@ def parse_ipv4_tcp(pkt: bytes) -> Seen | None:
     )
 
 
+# Classic BPF: keep only IPv4 TCP segments with SYN set and ACK clear, so the bulk traffic of
+# other tests on a shared ``lo`` cannot overflow the capture buffer and hide our SYNs.
+_SYN_ONLY_BPF = [
+    (0x28, 0, 0, 12),          # ldh [12]            ethertype
+    (0x15, 0, 6, 0x0800),      # jne IPv4 -> drop
+    (0x30, 0, 0, 23),          # ldb [23]            IP protocol
+    (0x15, 0, 4, 6),           # jne TCP -> drop
+    (0xB1, 0, 0, 14),          # ldxb 4*([14]&0xf)   IP header length
+    (0x50, 0, 0, 27),          # ldb [x+27]          TCP flags
+    (0x54, 0, 0, 0x12),        # and #(SYN|ACK)
+    (0x15, 1, 0, 0x02),        # jeq SYN -> keep
+    (0x06, 0, 0, 0),           # drop
+    (0x06, 0, 0, 0x40000),     # keep
+]
+SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33
+
+
+def capture_socket(ifname: str | None = None) -> socket.socket:
+    """An AF_PACKET socket that queues only TCP SYNs (nothing captured before it returns)."""
+    import ctypes
+
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    try:
+        prog = b"".join(struct.pack("HBBI", *ins) for ins in _SYN_ONLY_BPF)
+        buf = ctypes.create_string_buffer(prog)
+        fprog = struct.pack("HL", len(_SYN_ONLY_BPF), ctypes.addressof(buf))
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+        if ifname:
+            sock.bind((ifname, 0))
+        sock.setblocking(False)
+        while True:                 # drop what slipped in before the filter was attached
+            try:
+                sock.recv(65535)
+            except BlockingIOError:
+                break
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class LoCapture:
-    """Outgoing IPv4/TCP packets on ``lo`` (each loopback packet is seen once, as outgoing)."""
+    """Outgoing IPv4/TCP SYNs on ``lo`` (each loopback packet is seen once, as outgoing)."""
 
     def __init__(self, ifname: str = "lo") -> None:
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        self.sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)   # SO_RCVBUFFORCE: busy shared lo
-        self.sock.bind((ifname, 0))
-        self.sock.setblocking(False)
+        self.sock = capture_socket(ifname)
 
     def __enter__(self) -> LoCapture:
         return self

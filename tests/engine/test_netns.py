@@ -17,7 +17,7 @@ from pyholepunch import engine as engine_mod
 from pyholepunch.engine import Engine
 from pyholepunch.errors import PunchTimeout
 
-from .helpers import PACKET_OUTGOING, parse_ipv4_tcp, punch_side
+from .helpers import PACKET_OUTGOING, capture_socket, parse_ipv4_tcp, punch_side
 
 pytestmark = pytest.mark.lab
 
@@ -129,7 +129,7 @@ def test_sweep_across_namespaces(lab: Any, engine: Engine) -> None:
 def _capture_syns(src_ip: str, dst_ip: str, seconds: float) -> list[dict[str, Any]]:
     """Inside a namespace: every TCP SYN src_ip -> dst_ip arriving on any interface."""
     out = []
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)) as cap:
+    with capture_socket() as cap:
         cap.settimeout(0.05)
         end = time.time() + seconds
         while time.time() < end:

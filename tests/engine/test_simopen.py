@@ -39,10 +39,12 @@ def test_two_processes_punch_each_other(engine: Engine, listen: bool, no_fd_leak
     for side, port, peer in ((a, pa, (B_IP, pb)), (b, pb, (A_IP, pa))):
         st = side["stats"]
         assert st["local_port"] == port and tuple(st["remote"]) == peer
-        assert st["attempts"] >= 1 and st["syns_sent"] >= st["attempts"] - int(st["accepted"])
-        assert st["first_syn_delay_ns"] is not None and st["first_syn_delay_ns"] >= 0
-        assert st["time_to_established_ns"] >= st["first_syn_delay_ns"]
-        assert st["first_syn_at"] >= start_at
+        assert st["attempts"] >= st["syns_sent"] and st["time_to_established_ns"] >= 0
+        if st["syns_sent"]:
+            assert st["first_syn_delay_ns"] >= 0 and st["first_syn_at"] >= start_at - 1e-5
+            assert st["time_to_established_ns"] >= st["first_syn_delay_ns"]
+        else:   # the peer's SYN reached our listener before ours left (connect found the
+            assert st["accepted"]          # 4-tuple taken): only accept() can have won
     if not listen:
         assert not a["stats"]["accepted"] and not b["stats"]["accepted"]
     # One TCP connection: at most one side can have won it through accept().
@@ -113,7 +115,7 @@ def test_start_at_is_honoured(engine: Engine, no_fd_leak: None) -> None:
     with pytest.raises(PunchTimeout) as info:
         engine.simultaneous_open((A_IP, pa), (B_IP, pb), start_at, 0.1, interval=0.05)
     st = info.value.stats
-    assert st is not None and st.first_syn_at is not None and st.first_syn_at >= start_at
+    assert st is not None and st.first_syn_at is not None and st.first_syn_at >= start_at - 1e-5
     assert st.first_syn_delay_ns is not None and st.first_syn_delay_ns >= 0
 
 
