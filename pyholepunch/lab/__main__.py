@@ -7,10 +7,12 @@ import sys
 
 from ..errors import LabError
 from . import cli
+from .cli import _say
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyholepunch.lab", description=cli.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pyholepunch.lab",
+                                     description=(cli.__doc__ or "").splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0)
     cli.configure(parser)
     args = parser.parse_args(argv)
@@ -21,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except LabError as exc:
-        print(f"pyholepunch lab: {exc}", file=sys.stderr)
+        _say(f"pyholepunch lab: {exc}", err=True)
         return 3
 
 

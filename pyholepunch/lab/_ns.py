@@ -8,6 +8,7 @@ configures every namespace from its own short-lived thread, in parallel, with no
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import pickle
 import select
@@ -80,7 +81,7 @@ def _create_here(name: str) -> None:
 
 def create_many(names: list[str]) -> None:
     _prepare_rundir()
-    run_threads({n: (lambda n=n: _create_here(n)) for n in names})
+    run_threads({n: functools.partial(_create_here, n) for n in names})
 
 
 def remove(name: str) -> None:
@@ -243,7 +244,7 @@ def call(name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
 
 
 def _read_all(fd: int, deadline: float) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -288,7 +289,7 @@ def require_support() -> None:
     if not os.path.exists("/proc/self/ns/net"):
         raise LabError("this kernel has no network namespace support (CONFIG_NET_NS)")
     try:
-        import pyroute2  # noqa: F401
+        import pyroute2  # type: ignore[import-untyped]  # noqa: F401
     except ImportError as exc:
         raise LabError("the NAT lab needs pyroute2 (pip install pyholepunch[lab])") from exc
 

@@ -21,10 +21,18 @@ from .nat import NAT_TYPES
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def _say(text: str, err: bool = False) -> None:
+    """CLI output: one line, flushed (a parent may be reading line by line)."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(f"{text}\n")
+    stream.flush()
+
+
 def _conntrack_arg(text: str) -> tuple[str, int]:
     key, sep, value = text.partition("=")
     if not sep or not value.isdigit():
-        raise argparse.ArgumentTypeError(f"expected KEY=SECONDS, e.g. tcp_timeout_established=30, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=SECONDS, e.g. tcp_timeout_established=30, got {text!r}")
     return key, int(value)
 
 
@@ -76,15 +84,15 @@ def _up(args: argparse.Namespace) -> int:
             info = lab.describe() | {"netns": {n: lab.netns(n) for n in lab.nodes},
                                      "startup_s": round(lab.startup_s or 0, 4)}
             if args.json:
-                print(json.dumps(info), flush=True)
+                _say(json.dumps(info))
             else:
-                print(f"lab {lab.name} up in {info['startup_s']:.3f} s (a={lab.a_type}, b={lab.b_type})")
-                print(f"  server  {lab.server_ip} + {lab.server_alt_ip}")
+                _say(f"lab {lab.name} up in {info['startup_s']:.3f} s (a={lab.a_type}, b={lab.b_type})")
+                _say(f"  server  {lab.server_ip} + {lab.server_alt_ip}")
                 for peer in ("a", "b"):
-                    print(f"  {peer}       {lab.private_ip(peer)} -> public {lab.public_ip(peer)}")
-                print(f"  nodes   {' '.join(lab.nodes)}")
-                print(f"  try:    pyholepunch lab exec {lab.name} a -- ip addr")
-                print(f"  stop:   Ctrl-C or `pyholepunch lab down {lab.name}`", flush=True)
+                    _say(f"  {peer}       {lab.private_ip(peer)} -> public {lab.public_ip(peer)}")
+                _say(f"  nodes   {' '.join(lab.nodes)}")
+                _say(f"  try:    pyholepunch lab exec {lab.name} a -- ip addr")
+                _say(f"  stop:   Ctrl-C or `pyholepunch lab down {lab.name}`")
             threading.Event().wait()  # until a signal
     except (KeyboardInterrupt, _Stop):
         pass
@@ -96,14 +104,14 @@ def _up(args: argparse.Namespace) -> int:
 def _exec(args: argparse.Namespace) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
-        print("pyholepunch lab exec: give a command after --", file=sys.stderr)
+        _say("pyholepunch lab exec: give a command after --", err=True)
         return EXIT_USAGE
     name = state.check_name(args.name)
     spaces = state.namespaces_of(name)
     ns = f"{name}-{args.node}"
     if ns not in spaces:
         nodes = ", ".join(s.split("-", 1)[1] for s in spaces) or "none (is the lab up?)"
-        print(f"pyholepunch lab exec: no node {args.node!r} in lab {name}; nodes: {nodes}", file=sys.stderr)
+        _say(f"pyholepunch lab exec: no node {args.node!r} in lab {name}; nodes: {nodes}", err=True)
         return EXIT_FAILED
     sys.stdout.flush()
     os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
@@ -114,16 +122,16 @@ def _down(args: argparse.Namespace) -> int:
     if args.all_mine:
         removed = state.down_all_mine()
         for name, spaces in removed.items():
-            print(f"removed {name} ({len(spaces)} namespaces)")
+            _say(f"removed {name} ({len(spaces)} namespaces)")
         if not removed:
-            print("no leftover labs")
+            _say("no leftover labs")
         return EXIT_OK
     name = state.check_name(args.name)
     if not state.namespaces_of(name) and state.read(name) is None:
-        print(f"pyholepunch lab down: no lab {name}", file=sys.stderr)
+        _say(f"pyholepunch lab down: no lab {name}", err=True)
         return EXIT_FAILED
     spaces = state.down(name)
-    print(f"{name} down ({len(spaces)} namespaces removed)")
+    _say(f"{name} down ({len(spaces)} namespaces removed)")
     return EXIT_OK
 
 
@@ -133,9 +141,9 @@ def _verify(args: argparse.Namespace) -> int:
     _ns.require_support()
     results = verify.verify(args.types)
     if args.json:
-        print(json.dumps(verify.as_json(results), indent=2))
+        _say(json.dumps(verify.as_json(results), indent=2))
     else:
-        print(verify.table(results))
+        _say(verify.table(results))
     return EXIT_OK if all(m.ok for m in results) else EXIT_FAILED
 
 
@@ -143,7 +151,7 @@ def _list(args: argparse.Namespace) -> int:
     for name in state.lab_names():
         rec = state.read(name) or {}
         owner = f"pid {rec.get('pid')}" if state.owner_alive(rec) else "owner gone"
-        print(f"{name}  a={rec.get('a', '?')} b={rec.get('b', '?')}  "
+        _say(f"{name}  a={rec.get('a', '?')} b={rec.get('b', '?')}  "
               f"{len(state.namespaces_of(name))} namespaces  {owner}")
     return EXIT_OK
 
@@ -153,5 +161,5 @@ def run(args: argparse.Namespace) -> int:
         return {"up": _up, "exec": _exec, "down": _down, "verify": _verify,
                 "list": _list}[args.lab_command](args)
     except ValueError as exc:
-        print(f"pyholepunch lab {args.lab_command}: {exc}", file=sys.stderr)
+        _say(f"pyholepunch lab {args.lab_command}: {exc}", err=True)
         return EXIT_USAGE

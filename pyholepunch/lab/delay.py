@@ -72,12 +72,15 @@ def run(queue_num: int, delay_s: float, jitter_s: float) -> None:
         nonlocal stop
         stop = True
 
+    def on_packet(pkt: Any) -> None:
+        sched.push(pkt, time.monotonic())
+
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     nfq = NetfilterQueue()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # rcvbuf capped by rmem_max: fine
-        nfq.bind(queue_num, lambda pkt: sched.push(pkt, time.monotonic()),
+        nfq.bind(queue_num, on_packet,
                  max_len=QUEUE_MAX_LEN, mode=COPY_META, range=0, sock_len=SOCK_RCVBUF)
     fd = nfq.get_fd()
     sys.stdout.write("ready\n")
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyholepunch.lab.delay", description=__doc__.splitlines()[0])
     p.add_argument("--queue", type=int, default=0)
     p.add_argument("--delay-ms", type=float, required=True, help="one-way delay per crossing")
-    p.add_argument("--jitter-ms", type=float, default=0.0, help="uniform spread: each crossing takes delay ± jitter")
+    p.add_argument("--jitter-ms", type=float, default=0.0,
+                   help="uniform spread: each crossing takes delay ± jitter")
     args = p.parse_args(argv)
     run(args.queue, args.delay_ms / 1000.0, args.jitter_ms / 1000.0)
     return 0

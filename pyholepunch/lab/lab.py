@@ -189,7 +189,7 @@ class Lab:
                     pass
                 try:
                     await asyncio.wait_for(proc.wait(), 2)
-                except (asyncio.TimeoutError, ProcessLookupError):
+                except (TimeoutError, ProcessLookupError):
                     pass
         await asyncio.to_thread(self.close)
 
@@ -262,7 +262,7 @@ class Lab:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             out, err = await asyncio.wait_for(proc.communicate(input), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
             raise subprocess.TimeoutExpired(full, timeout) from None

@@ -37,7 +37,8 @@ class TypeRow:
 
     mapping: str          # "public" | "endpoint-independent" | "address-and-port-dependent"
     allocation: str       # "public" | "preserving" | "sequential" | "random"
-    filtering: str        # "open" | "endpoint-independent" | "address-dependent" | "address-and-port-dependent"
+    filtering: str        # "open" | "endpoint-independent" | "address-dependent"
+                          # | "address-and-port-dependent"
     unsolicited_syn: str  # "reaches-host" | "drop" | "rst"
 
 

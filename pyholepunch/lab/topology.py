@@ -15,6 +15,7 @@ routes between directly connected public /24s, so nothing private is reachable f
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -161,7 +162,7 @@ def _nft(text: str, what: str) -> None:
 
 def _configure(node: Node, conntrack: dict[str, int], loss_pct: float, delay: bool) -> None:
     """Runs in a thread that is inside the node's namespace."""
-    from pyroute2 import IPRoute
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
     _write("/proc/sys/net/ipv6/conf/all/disable_ipv6", 1)
     _write("/proc/sys/net/ipv6/conf/default/disable_ipv6", 1)
@@ -218,8 +219,8 @@ def build(prefix: str, p: Plan, *, conntrack: dict[str, int], loss_pct: float, d
                 ipr.link("add", ifname=link.if_a, kind="veth",
                          peer={"ifname": link.if_b, "net_ns_fd": ns[link.node_b]})
 
-    _ns.run_threads({f"links {c}": _ns.in_netns(ns[c], lambda ls=ls: make_links(ls))
+    _ns.run_threads({f"links {c}": _ns.in_netns(ns[c], functools.partial(make_links, ls))
                      for c, ls in by_creator.items()})
-    _ns.run_threads({f"configure {n}": _ns.in_netns(ns[n], lambda node=node: _configure(
-        node, conntrack, loss_pct, delay)) for n, node in p.nodes.items()})
+    _ns.run_threads({f"configure {n}": _ns.in_netns(ns[n], functools.partial(
+        _configure, node, conntrack, loss_pct, delay)) for n, node in p.nodes.items()})
     log.debug("lab %s built: %d namespaces, %d links", prefix, len(ns), len(p.links))

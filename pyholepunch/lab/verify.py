@@ -42,7 +42,7 @@ def _connect(s: socket.socket, dst: Address, timeout: float) -> str:
         return "ok"
     except ConnectionRefusedError:
         return "rst"
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return "timeout"
     except OSError as exc:
         return f"error:{exc.errno}"
@@ -159,7 +159,7 @@ class _Client:
             try:
                 ip, port = s.recv(512).decode().split()
                 return ip, int(port)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
         raise TimeoutError(f"no UDP MAP answer from {dst}")
 
@@ -181,7 +181,7 @@ class _Client:
             s.settimeout(left)
             try:
                 got.add(s.recv(512).decode())
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 break
         return got
 
@@ -231,7 +231,7 @@ def measure(lab: Lab, node: str = "a", wait: float = 0.6) -> dict[str, Any]:
                 conn, _ = listener.accept()
                 conn.close()
                 accepted += 1
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 break
         out["tcp_back"], out["tcp_back_accepted"] = back, accepted
     finally:
@@ -304,11 +304,11 @@ def _simultaneous_open(sides: list[tuple[_Client, int, Address]], listeners: lis
                 for key, _ in sel.select(left):
                     if key.data is None:
                         return True  # a listener got a connection through the NAT
-                    s = key.fileobj
-                    assert isinstance(s, socket.socket)
-                    if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
                         return True
-                    sel.unregister(s)  # refused: wait for the next round
+                    sel.unregister(sock)  # refused: wait for the next round
         return False
     finally:
         for s in pending.values():
@@ -331,7 +331,7 @@ def interpret(nat_type: str, raw: dict[str, Any]) -> Measured:
             mapping, alloc, delta = "address-dependent", "?", None
         else:
             mapping = "address-and-port-dependent"
-            deltas = {b - a for a, b in zip(ports, ports[1:])}
+            deltas = {b - a for a, b in zip(ports, ports[1:], strict=False)}
             delta = deltas.pop() if len(deltas) == 1 else None
             alloc = "sequential" if delta == 1 else "random"
         verdicts[proto] = (mapping, alloc, delta)
@@ -419,7 +419,8 @@ def table(results: list[Measured]) -> str:
         rows.append([m.nat_type, short(m.mapping), alloc, short(m.filtering), m.unsolicited_syn,
                      m.hairpin, "ok" if m.ok else "DIFFERS: " + "; ".join(m.problems)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
+    return "\n".join(lines)
 
 
 def as_json(results: list[Measured]) -> list[dict[str, Any]]:

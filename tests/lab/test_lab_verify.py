@@ -18,7 +18,6 @@ def results() -> list[verify.Measured]:
 
 
 def test_every_type_matches_its_row(results: list[verify.Measured]) -> None:
-    print("\n" + verify.table(results))
     assert [m.nat_type for m in results] == list(NAT_TYPES)
     bad = [m for m in results if not m.ok]
     assert not bad, "\n" + verify.table(results)
