@@ -110,9 +110,9 @@ static int hp_sweep_launch(hp_sweep_state_t *s, uint32_t pair, int first, int *w
     sa.sin_family = AF_INET;
     sa.sin_addr.s_addr = p->remote.ip;
     sa.sin_port = htons(p->remote.port);
+    t = hp_clock_now_ns(); /* as connect() is entered: the SYN leaves early inside it */
     rc = connect(fd, (struct sockaddr *)&sa, sizeof(sa));
     err = rc < 0 ? errno : 0;
-    t = hp_clock_now_ns(); /* the SYN has left by the time connect() returns */
     s->st->attempts++;
     if (rc < 0 && err != EINPROGRESS) {
         hp_close(fd);
