@@ -142,7 +142,11 @@ class _Sweep:
             log.debug("sweep pair %d: local port %d unusable: %s", idx, self.pairs[idx][0], exc)
             return
         remote = self.pairs[idx][1]
-        rc, sent_at = start_connect(sock, remote, self.syn_ttl if first else None)
+        try:
+            rc, sent_at = start_connect(sock, remote, self.syn_ttl if first else None)
+        except BaseException:
+            sock.close()
+            raise
         note_syn(self.stats, rc, sent_at, self.start)
         self.launched += 1
         if rc in IN_PROGRESS:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import socket
 import threading
@@ -144,6 +145,29 @@ def test_low_fd_limit_is_refused_up_front(engine: Engine, no_fd_leak: None) -> N
             engine.sweep(pairs, None, 1.0, local_ip=A_IP, max_inflight=1024)
     assert info.value.errno == 24
     assert "RLIMIT_NOFILE" in str(info.value)
+
+
+def test_descriptors_running_out_mid_sweep(engine: Engine, no_fd_leak: None) -> None:
+    """The up-front check passes, then socket() hits EMFILE: a clean OSError, nothing leaked."""
+    with silent_port(C_IP) as port, open(os.devnull) as null:
+        pairs = [(0, (C_IP, port))] * 40          # silent: every socket stays in flight
+        soft = len(open_fds()) + 64
+        hogs: list[int] = []
+        with nofile_soft_limit(soft):
+            try:
+                while True:                       # eat the budget the check counted on
+                    hogs.append(os.dup(null.fileno()))
+            except OSError:
+                pass
+            for _ in range(20):                   # leave 20 free: fewer than the 40 needed
+                os.close(hogs.pop())
+            try:
+                with pytest.raises(OSError) as info:
+                    engine.sweep(pairs, None, 2.0, local_ip=A_IP, max_inflight=40)
+            finally:
+                for fd in hogs:
+                    os.close(fd)
+    assert info.value.errno in (24, 23)          # EMFILE / ENFILE
 
 
 def test_low_fd_limit_works_with_a_small_inflight_cap(engine: Engine, no_fd_leak: None) -> None:
