@@ -274,8 +274,8 @@ def _reap(pid: int) -> None:
         pass
 
 
-def require_support() -> None:
-    """Raise LabError naming what this machine lacks for the lab."""
+def require_support(delay: bool = False) -> None:
+    """Raise LabError naming what this machine lacks for the lab (`delay`: the NFQUEUE delayer)."""
     import shutil
     import sys
 
@@ -292,6 +292,14 @@ def require_support() -> None:
         import pyroute2  # type: ignore[import-untyped]  # noqa: F401
     except ImportError as exc:
         raise LabError("the NAT lab needs pyroute2 (pip install pyholepunch[lab])") from exc
+    if delay:
+        if shutil.which("iptables") is None:
+            raise LabError("lab delay needs `iptables` for its NFQUEUE rule (apt-get install iptables)")
+        try:
+            import netfilterqueue  # noqa: F401
+        except ImportError as exc:
+            raise LabError("lab delay needs the NetfilterQueue binding (apt-get install "
+                           "libnetfilter-queue-dev; pip install NetfilterQueue)") from exc
 
 
 def socket_in(name: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM,

@@ -96,7 +96,8 @@ class Lab:
     def start(self) -> Lab:
         if self.name:
             raise LabError(f"lab {self.name} already started")
-        _ns.require_support()
+        delay = self.rtt_ms > 0 or self.jitter_ms > 0
+        _ns.require_support(delay)
         t0 = time.monotonic()
         self._owner = os.getpid()
         self.name = self._new_name()
@@ -106,7 +107,6 @@ class Lab:
             _live.add(self)
         _install_sigterm()
         try:
-            delay = self.rtt_ms > 0 or self.jitter_ms > 0
             topology.build(self.name, self._plan, conntrack=self.conntrack, loss_pct=self.loss_pct,
                            delay=delay)
             if delay:

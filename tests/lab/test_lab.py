@@ -338,3 +338,48 @@ def test_not_root_is_a_clear_error() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
                        env=os.environ | {"PYTHONDONTWRITEBYTECODE": "1"})
     assert "needs root" in r.stdout, r.stderr
+
+
+def test_jitter_spreads_the_rtt() -> None:
+    with Lab(a="none", b="none", rtt_ms=20, jitter_ms=8) as lab, \
+            _serve_once(lab, socket.SOCK_STREAM) as ls:
+        samples = []
+        for _ in range(12):
+            with lab.socket("a") as c:
+                t0 = time.perf_counter()
+                c.connect((lab.server_ip, PORT))
+                samples.append((time.perf_counter() - t0) * 1000)
+            ls.accept()[0].close()
+        # each crossing takes 10 ± 8 ms: the RTT lies in [4, 36] ms (+ scheduling) and varies
+        assert 4 <= min(samples) and max(samples) <= 45, samples
+        assert max(samples) - min(samples) > 3, samples
+
+
+def test_delay_schedule_orders_by_due_time() -> None:
+    import random
+
+    from pyholepunch.lab.delay import DelaySchedule
+
+    s = DelaySchedule(0.010, 0.005, rng=random.Random(1))
+    dues = [s.push(i, now=1.0 + i * 0.001) for i in range(50)]
+    assert all(1.005 - 1e-9 <= d - i * 0.001 <= 1.015 + 1e-9 for i, d in enumerate(dues))
+    assert s.pop_due(1.0) == [] and len(s) == 50
+    released = s.pop_due(2.0)
+    assert sorted(released, key=lambda i: dues[i]) == released and len(released) == 50
+    with pytest.raises(ValueError, match="-1"):
+        DelaySchedule(-1)
+
+
+def test_ruleset_text_per_type() -> None:
+    from pyholepunch.lab.nat import NatConfig, loss_ruleset, ruleset
+
+    base = dict(wan_if="wan", wan_ip="198.51.100.2", lan_if="lan", lan_net="10.0.1.0/24")
+    assert "reject with tcp reset" in ruleset(NatConfig("port-restricted-rst", **base))
+    assert "reject" not in ruleset(NatConfig("port-restricted", **base))
+    assert "fully-random" in ruleset(NatConfig("symmetric-random", **base))
+    seq = ruleset(NatConfig("symmetric-seq", seq_offset=5, **base))
+    assert "0 : 20005, 1 : 20006" in seq and "numgen inc" in seq
+    assert "ct status dnat snat ip to 198.51.100.2" in ruleset(NatConfig("full-cone", hairpin=True, **base))
+    with pytest.raises(ValueError, match="'none'"):
+        ruleset(NatConfig("none", **base))
+    assert loss_ruleset(0) == "" and "< 250 drop" in loss_ruleset(2.5)
