@@ -267,21 +267,21 @@ _MUTUAL = _Tactic(StepKind.PREDICT_SWEEP, "both")
 _BIRTHDAY_A, _BIRTHDAY_B = _Tactic(StepKind.BIRTHDAY, "a"), _Tactic(StepKind.BIRTHDAY, "b")
 
 # One row per unordered pair of behaviours, key in Behaviour order (a <= b). When a == b, a is
-# the initiator. DIRECT's side listens; a sweep's side is the symmetric one. SIMOPEN_LOW_TTL is
+# the initiator. DIRECT's side listens (the other dials); a sweep's side is the symmetric one.
+# After a direct step, the next row entries are the fallback should the listener's mapping
+# have expired. SIMOPEN_LOW_TTL is
 # dropped when neither NAT answers unsolicited SYNs. An empty row means relay only.
 _RULES: dict[tuple[Behaviour, Behaviour], tuple[_Tactic, ...]] = {
     (_B.OPEN, _B.OPEN): (_DIRECT_B, _SIMOPEN),
     (_B.OPEN, _B.ADDR_CONE): (_DIRECT_A, _SIMOPEN),
     (_B.OPEN, _B.PORT_CONE): (_DIRECT_A, _SIMOPEN, _LOW_TTL),
-    (_B.OPEN, _B.SEQ_SYM): (_DIRECT_A,),
-    (_B.OPEN, _B.RANDOM_SYM): (_DIRECT_A,),
+    (_B.OPEN, _B.SEQ_SYM): (_DIRECT_A, _PREDICT_B),
+    (_B.OPEN, _B.RANDOM_SYM): (_DIRECT_A, _BIRTHDAY_B),
     (_B.OPEN, _B.UNKNOWN): (_DIRECT_A, _SIMOPEN),
     (_B.ADDR_CONE, _B.ADDR_CONE): (_SIMOPEN, _LOW_TTL),
     (_B.ADDR_CONE, _B.PORT_CONE): (_SIMOPEN, _LOW_TTL),
-    # An address-filtering cone opens its filter to the whole peer address with one SYN, so
-    # the symmetric side may come from any port; the sweep is the fallback.
-    (_B.ADDR_CONE, _B.SEQ_SYM): (_DIRECT_A, _PREDICT_B),
-    (_B.ADDR_CONE, _B.RANDOM_SYM): (_DIRECT_A, _BIRTHDAY_B),
+    (_B.ADDR_CONE, _B.SEQ_SYM): (_PREDICT_B,),
+    (_B.ADDR_CONE, _B.RANDOM_SYM): (_BIRTHDAY_B,),
     (_B.ADDR_CONE, _B.UNKNOWN): (_SIMOPEN, _LOW_TTL),
     (_B.PORT_CONE, _B.PORT_CONE): (_SIMOPEN, _LOW_TTL),
     (_B.PORT_CONE, _B.SEQ_SYM): (_PREDICT_B,),
@@ -446,26 +446,24 @@ class _Context:
         raise AssertionError(t)  # pragma: no cover - the table holds only the kinds above
 
     def _direct(self, listener: str) -> Step:
+        # The listener accepts from any port of the peer's address: the dialer comes from a
+        # fresh port, which a symmetric NAT then maps to a port nobody can know in advance.
+        # A full cone forwards it while the announced port's mapping lives (the announced
+        # port was observed by the server, so it does). A listener behind an address-
+        # filtering cone would have to open its filter first; the sweeps cover those pairs.
         other = _other(listener)
         lp = self.profile(listener)
         if lp.mapping is Mapping.NONE:
-            how, base = RoleInstruction(Action.LISTEN), 1.0
             reason = f"the {listener} has a public address: it listens, the {other} connects"
         elif behaviour(lp) is Behaviour.OPEN:
-            # A full cone forwards inbound SYNs only while its mapping for the announced port
-            # lives; a SYN of our own towards the peer refreshes it, so listen *and* send.
-            how, base = RoleInstruction(Action.SIMOPEN), 1.5
-            reason = (f"the {listener}'s NAT ({lp.label}) lets unsolicited SYNs in: it keeps its "
-                      f"mapping open and listens, the {other} connects")
+            reason = (f"the {listener}'s NAT ({lp.label}) lets unsolicited SYNs in: it listens on "
+                      f"its announced port, the {other} connects")
         else:
-            # Address-filtering (or unknown) cone: its own SYN towards the peer's address opens
-            # the filter for every port of that address; it also listens on the announced port.
-            # The dialer's first SYN may lose that race: base covers one kernel retransmission.
-            how, base = RoleInstruction(Action.SIMOPEN), 1.5
-            reason = (f"the {listener} ({lp.label}) opens its filter to the {other}'s address "
-                      f"and listens; the {other} connects from any port")
+            reason = (f"the {listener}'s NAT ({lp.label}) may let unsolicited SYNs in: it listens, "
+                      f"the {other} connects")
         dial = RoleInstruction(Action.CONNECT, start_delay=self.first_delay(1))
-        return self.step(StepKind.DIRECT, base, reason, {listener: how, other: dial})
+        return self.step(StepKind.DIRECT, 1.0, reason,
+                         {listener: RoleInstruction(Action.LISTEN), other: dial})
 
     def _low_ttl(self) -> Step | None:
         by_role: dict[str, RoleInstruction] = {}
