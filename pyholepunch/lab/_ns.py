@@ -149,22 +149,22 @@ def _ns_inode(path: str) -> int | None:
         return None
 
 
-def pids_in(name: str) -> list[int]:
-    """Processes whose network namespace is `name` (what `ip netns pids` reports)."""
-    ino = _ns_inode(netns_path(name))
-    if ino is None:
+def pids_in(*names: str) -> list[int]:
+    """Processes whose network namespace is one of `names` (what `ip netns pids` reports)."""
+    inodes = {i for i in (_ns_inode(netns_path(n)) for n in names) if i is not None}
+    if not inodes:
         return []
     me = os.getpid()
     out = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != me and _ns_inode(f"/proc/{entry}/ns/net") == ino:
+        if entry.isdigit() and int(entry) != me and _ns_inode(f"/proc/{entry}/ns/net") in inodes:
             out.append(int(entry))
     return out
 
 
 def kill_all(names: list[str], grace: float = 0.5) -> None:
     """SIGTERM then SIGKILL every process living in any of the namespaces."""
-    pids = {p for n in names for p in pids_in(n)}
+    pids = set(pids_in(*names))
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 1.0)):
         for p in pids:
             try:

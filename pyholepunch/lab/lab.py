@@ -172,10 +172,17 @@ class Lab:
         self.close()
 
     async def __aenter__(self) -> Lab:
+        build = asyncio.ensure_future(asyncio.to_thread(self.start))
         try:
-            return await asyncio.to_thread(self.start)
+            return await asyncio.shield(build)
         except asyncio.CancelledError:
-            self.close()
+            # The build thread cannot be interrupted: let it finish (well under a second),
+            # then tear down what it made.
+            try:
+                await build
+            except BaseException:  # noqa: BLE001 - start() already cleaned up after itself
+                pass
+            await asyncio.to_thread(self.close)
             raise
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,

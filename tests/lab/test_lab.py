@@ -383,3 +383,16 @@ def test_ruleset_text_per_type() -> None:
     with pytest.raises(ValueError, match="'none'"):
         ruleset(NatConfig("none", **base))
     assert loss_ruleset(0) == "" and "< 250 drop" in loss_ruleset(2.5)
+
+
+@pytest.mark.asyncio
+async def test_cancelled_async_start_leaves_nothing() -> None:
+    import asyncio
+
+    lab = Lab(a="cgnat", b="cgnat")
+    task = asyncio.ensure_future(lab.__aenter__())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert lab.name and state.namespaces_of(lab.name) == []
