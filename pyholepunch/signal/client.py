@@ -315,18 +315,38 @@ class SignalClient:
                 fut.set_exception(ConnectionError(f"signaling connection lost: {exc}"))
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        while True:
-            async with asyncio.timeout(self.idle_timeout):   # the server pings well within it
+        conn, writer = self._conn, self._writer
+        assert conn is not None and writer is not None
+        loop = asyncio.get_running_loop()
+        last_rx, stale = loop.time(), False
+        handle: asyncio.TimerHandle | None = None
+
+        # One watchdog timer per connection rather than a timeout per read (cheaper): the
+        # server pings well within idle_timeout, so silence means it is gone.
+        def watchdog() -> None:
+            nonlocal handle, stale
+            if loop.time() - last_rx > self.idle_timeout:
+                stale = True
+                writer.transport.abort()
+                return
+            handle = loop.call_later(self.idle_timeout / 4, watchdog)
+
+        handle = loop.call_later(self.idle_timeout / 4, watchdog)
+        try:
+            while True:
                 data = await reader.read(65536)
-            at = self.clock()
-            conn, writer = self._conn, self._writer
-            assert conn is not None and writer is not None
-            for msg in conn.receive_data(data):
-                if isinstance(msg, ConnectionClosed):
-                    if msg.error is not None:
-                        raise SignalingError(msg.error.reason, code=msg.error.code)
-                    return
-                self._dispatch(msg, at, conn, writer)
+                at, last_rx = self.clock(), loop.time()
+                if stale:
+                    raise TimeoutError(f"no word from the server in {self.idle_timeout:g}s")
+                for msg in conn.receive_data(data):
+                    if isinstance(msg, ConnectionClosed):
+                        if msg.error is not None:
+                            raise SignalingError(msg.error.reason, code=msg.error.code)
+                        return
+                    self._dispatch(msg, at, conn, writer)
+        finally:
+            if handle is not None:
+                handle.cancel()
 
     def _dispatch(self, msg: Message, at: float, conn: SignalConnection,
                   writer: asyncio.StreamWriter) -> None:

@@ -13,7 +13,10 @@ from pyholepunch.signal.protocol import ErrorCode
 from pyholepunch.signal.server import ServerConfig, SignalServer
 from pyholepunch.signal.store import MemoryStore
 from pyholepunch.signal.tls import (
-    FINGERPRINT_FILE, format_fingerprint, generate_credentials, load_or_create_credentials,
+    FINGERPRINT_FILE,
+    format_fingerprint,
+    generate_credentials,
+    load_or_create_credentials,
     parse_fingerprint,
 )
 
@@ -137,3 +140,16 @@ async def test_name_binding_survives_restart_with_state_dir(tmp_path: Path) -> N
     with open(state / "names.jsonl", "a") as f:
         f.write('{"name": "half')
     assert await MemoryStore(state).key_of("dave") == owner.public_key
+
+
+@pytest.mark.asyncio
+async def test_silent_server_is_detected_and_reconnected() -> None:
+    """TCP stays up but nothing arrives (server keepalive far beyond the client's patience)."""
+    srv = await start_server(generate_credentials())
+    try:
+        c = SignalClient(("127.0.0.1", port_of(srv)), Identity.generate(), name="a",
+                         server_fingerprint=srv.server_id, idle_timeout=0.3, backoff=(0.02, 0.05))
+        async with c:
+            await wait_for(lambda: c.registrations >= 2, timeout=5)
+    finally:
+        await srv.close()
