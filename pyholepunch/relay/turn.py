@@ -7,7 +7,11 @@
         peer, reader, writer = await turn.accept()      # a peer connected to `relayed`
 
 Each data connection is a fresh TCP connection to the server, bound with ConnectionBind; it
-carries raw bytes afterwards and belongs to the caller. Failures: TransactionFailed (with the
+carries raw bytes afterwards and belongs to the caller. Speak first on an accepted
+connection: coturn drops bytes a peer sends before the ConnectionBind completes (coturn issue
+#495), so the plain-TCP side must wait to hear from the TURN side (e.g. make the TURN side
+the TLS client, or send a ready byte). Closing a data connection is seen by the other end as
+a reset, not a FIN: coturn does not forward half-closes. Failures: TransactionFailed (with the
 STUN ``code``: 401 wrong credentials, 437 allocation mismatch, 447 peer unreachable, ...),
 TransactionTimeout, RelayError (server unreachable, control connection lost, allocation
 expired).

@@ -116,6 +116,8 @@ async def test_accept_from_plain_tcp_client(make_coturn: Callable[..., Coturn]) 
 
         async def plain_peer() -> bytes:
             r, w = await asyncio.open_connection(*relayed)
+            # The TURN side speaks first: coturn drops what arrives before ConnectionBind.
+            assert await r.readexactly(5) == b"ready"
             w.write(b"hello from a plain TCP client")
             await w.drain()
             reply = await r.readexactly(5)
@@ -125,6 +127,8 @@ async def test_accept_from_plain_tcp_client(make_coturn: Callable[..., Coturn]) 
         dialer = asyncio.ensure_future(plain_peer())
         peer, (r, w) = await client.accept(timeout=5)
         assert peer[0] == "127.0.0.1"
+        w.write(b"ready")
+        await w.drain()
         assert await r.readexactly(29) == b"hello from a plain TCP client"
         w.write(b"hi yo")
         await w.drain()

@@ -93,6 +93,10 @@ def _turn_acceptor(server: tuple[str, int], secret: str, realm: str, peer_ip: st
             Path(handoff).write_text(f"{relayed[0]} {relayed[1]}")
             peer, (r, w) = await client.accept(timeout=20)
             try:
+                # coturn drops peer data that arrives before ConnectionBind completes
+                # (coturn issue #495), so the TURN side speaks first.
+                w.write(b"R")
+                await w.drain()
                 data = await asyncio.wait_for(r.readexactly(PAYLOAD), 20)
                 w.write(_payload(1))
                 await w.drain()
@@ -112,6 +116,8 @@ def _plain_dialer(handoff: str) -> tuple[str, int]:
         time.sleep(0.05)
     host, port = Path(handoff).read_text().split()
     with socket.create_connection((host, int(port)), timeout=20) as s:
+        if s.recv(1) != b"R":
+            raise ConnectionError("the TURN side did not say it is ready")
         s.sendall(_payload(2))
         got = bytearray()
         while len(got) < PAYLOAD:
