@@ -362,10 +362,9 @@ def plan(
         step = ctx.build(t, side_role)
         if step is not None:
             steps.append(step)
-    if steps and steps[0].kind is StepKind.LAN and len(steps) > 1:
-        # LAN and the first public step use different addresses and ports: run them together.
-        steps[0] = _with_group(steps[0], 0)
-        steps[1] = _with_group(steps[1], 0)
+    # No parallel groups yet: the LAN step and the first public step would both listen on the
+    # announced port, and a simultaneous open accepts only its own peer endpoint, so one could
+    # swallow (and drop) the other's connection. LAN first costs at most its short budget.
 
     labels = f"{initiator.label} -> {responder.label}"
     no_direct = _NO_DIRECT_REASON.get(frozenset({bi, br}))
@@ -382,10 +381,6 @@ def plan(
     if relay:
         steps.append(ctx.relay_step(no_direct if not tactics else None))
     return Plan(tuple(steps), reason, initiator.label, responder.label)
-
-
-def _with_group(step: Step, group: int) -> Step:
-    return Step(step.kind, step.budget, step.reason, step.initiator, step.responder, group)
 
 
 @dataclass(frozen=True)

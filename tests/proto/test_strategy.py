@@ -43,36 +43,39 @@ LAB: dict[str, NatProfile] = {
 OPEN = {"none", "full-cone"}
 CONES = {"restricted-cone", "port-restricted", "port-restricted-rst", "cgnat"}
 
-# The first step of each unordered pair, written out by hand (not derived from the table).
-D, S, P, B, R = "direct", "simopen", "predict-sweep", "birthday", "relay"
-FIRST: dict[frozenset[str], str] = {}
-for _a, _b in itertools.combinations_with_replacement(LAB, 2):
-    pair = {_a, _b}
-    if pair & OPEN:
-        first = D
-    elif pair == {"symmetric-random"} or pair == {"symmetric-random", "symmetric-seq"}:
-        first = R
-    elif pair == {"symmetric-seq"}:
-        first = P
-    elif "symmetric-seq" in pair:
-        first = P
-    elif "symmetric-random" in pair:
-        first = B
-    else:
-        first = S
-    FIRST[frozenset(pair)] = first
+# Every unordered pair's steps (relay aside), written out by hand rather than derived from the
+# table: O open, C cone (drop), R cone answering RST, S sequential symmetric, X random symmetric.
+KIND = {"none": "O", "full-cone": "O", "restricted-cone": "C", "port-restricted": "C",
+        "cgnat": "C", "port-restricted-rst": "R", "symmetric-seq": "S", "symmetric-random": "X"}
+D, S, L, P, B = "direct", "simopen", "simopen-low-ttl", "predict-sweep", "birthday"
+SEQUENCE_BY_KIND: dict[frozenset[str], list[str]] = {
+    frozenset("O"): [D, S], frozenset("OC"): [D, S], frozenset("OR"): [D, S, L],
+    frozenset("OS"): [D, P], frozenset("OX"): [D, B],
+    frozenset("C"): [S], frozenset("CR"): [S, L], frozenset("R"): [S, L],
+    frozenset("CS"): [P], frozenset("RS"): [P], frozenset("CX"): [B], frozenset("RX"): [B],
+    frozenset("S"): [P], frozenset("SX"): [], frozenset("X"): [],
+}
+
+
+def expected(a: str, b: str) -> list[str]:
+    return SEQUENCE_BY_KIND[frozenset({KIND[a], KIND[b]})] + ["relay"]
+
+
+FIRST = {frozenset({a, b}): expected(a, b)[0] for a in LAB for b in LAB}
 PAIRS = list(itertools.combinations_with_replacement(LAB, 2))
 ORDERED = [(a, b) for a, b in PAIRS] + [(b, a) for a, b in PAIRS if a != b]
 
 
 def test_the_matrix_has_36_pairs() -> None:
     assert len(PAIRS) == 36 and len(FIRST) == 36 and len(ORDERED) == 64
+    assert sorted(FIRST.values()).count("relay") == 2
 
 
 @pytest.mark.parametrize(("ini", "res"), ORDERED, ids=[f"{a}->{b}" for a, b in ORDERED])
 def test_first_step_and_relay_last(ini: str, res: str) -> None:
     plan = st.plan(LAB[ini], LAB[res], rtt=0.04, same_public_ip=False)
     kinds = [s.kind for s in plan.steps]
+    assert kinds == expected(ini, res)
     assert kinds[0] == FIRST[frozenset({ini, res})]
     assert kinds[-1] is StepKind.RELAY and kinds.count(StepKind.RELAY) == 1
     assert StepKind.LAN not in kinds                      # distinct public addresses
@@ -170,14 +173,15 @@ def test_lan_first_when_both_share_a_public_address() -> None:
     assert [s.kind for s in plan.steps][:2] == [StepKind.LAN, StepKind.BIRTHDAY]
     lan = plan.steps[0]
     assert lan.initiator.target is Target.LAN and lan.responder.target is Target.LAN
-    assert lan.parallel == plan.steps[1].parallel == 0       # LAN runs beside the first step
+    assert lan.parallel is None and plan.steps[1].parallel is None    # LAN first, alone
+    assert lan.budget < plan.steps[1].budget
     assert plan.steps[-1].kind is StepKind.RELAY
     # The server's word beats the profiles' addresses, both ways.
     assert st.plan(a, b, same_public_ip=False).steps[0].kind is StepKind.BIRTHDAY
     sym = LAB["symmetric-random"]
     forced = st.plan(sym, sym, same_public_ip=True)
     assert [s.kind for s in forced.steps] == [StepKind.LAN, StepKind.RELAY]
-    assert forced.steps[0].parallel is None and not forced.relay_only
+    assert not forced.relay_only
 
 
 UNKNOWN = NatProfile(not_learned=("mapping: no STUN answer",))
