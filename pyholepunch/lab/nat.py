@@ -119,12 +119,12 @@ def ruleset(c: NatConfig) -> str:
             # external port -> internal address . port (full-cone inbound, hairpin)
             maps.append(f"map ext_{proto} {{ type inet_service : ipv4_addr . inet_service; "
                         f"flags dynamic,timeout; timeout {t}s; size 65535; }}")
-            track.append(f'oifname "{c.wan_if}" meta l4proto {proto} '
+            track.append(f'oifname "{c.wan_if}" ct direction original meta l4proto {proto} '
                          f"update @ext_{proto} {{ {proto} sport : {value} }}")
         if c.kind == "restricted-cone":
             maps.append(f"map adr_{proto} {{ type ipv4_addr . inet_service : ipv4_addr . inet_service; "
                         f"flags dynamic,timeout; timeout {t}s; size 65535; }}")
-            track.append(f'oifname "{c.wan_if}" meta l4proto {proto} '
+            track.append(f'oifname "{c.wan_if}" ct direction original meta l4proto {proto} '
                          f"update @adr_{proto} {{ ip daddr . {proto} sport : {value} }}")
             pre.append(f"{wan} ip daddr {c.wan_ip} meta l4proto {proto} "
                        f"dnat ip to ip saddr . {proto} dport map @adr_{proto}")
@@ -157,7 +157,9 @@ def ruleset(c: NatConfig) -> str:
     text += "".join(f"  {m}\n" for m in maps)
     text += chain("pre", "type nat hook prerouting priority dstnat; policy accept;", pre)
     text += chain("post", "type nat hook postrouting priority srcnat; policy accept;", post)
-    # After srcnat (priority 100): the packet already carries its external source port.
+    # After srcnat (priority 100): the packet already carries its external source port. Only
+    # flows started inside refresh the maps (`ct direction original`): replies of inbound flows
+    # would otherwise point the mapping at the remote side.
     text += chain("track", "type filter hook postrouting priority 110; policy accept;", track)
     text += chain("inp", "type filter hook input priority filter; policy accept;", inp)
     text += "}\n"

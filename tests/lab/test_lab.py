@@ -99,8 +99,14 @@ def test_peer_reaches_server_and_unsolicited_is_filtered(nat_type: str) -> None:
                 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 ls.bind(("0.0.0.0", 40002))
                 ls.listen(4)
-                with lab.socket("server") as c:
-                    assert _tcp_connect(c, (lab.public_ip("a"), 40002), 1) == "ok"
+                for src in (lab.server_ip, lab.server_alt_ip):  # the mapping survives inbound flows
+                    with lab.socket("server") as c:
+                        c.bind((src, 0))
+                        assert _tcp_connect(c, (lab.public_ip("a"), 40002), 1) == "ok"
+                        conn, _ = ls.accept()
+                        with conn:
+                            conn.sendall(b"reply goes out through the NAT")
+                            assert c.recv(64)
         else:
             tcp, udp = _unsolicited(lab, "a", 40001)
             assert not udp
