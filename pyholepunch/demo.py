@@ -125,27 +125,17 @@ def _cli(*argv: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     progress = Progress(args.json)
-    procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="pyholepunch-demo-") as tmp:
-        work = Path(tmp)
         try:
             with _environment(args, progress) as (spawn, server_ip, alt_ip, desc):
-                result = _flow(args, progress, spawn, server_ip, alt_ip, work, procs)
+                result = run_pair(spawn, server_ip, alt_ip, Path(tmp), engine=args.engine,
+                                  timeout=args.timeout, progress=progress)
                 result["environment"] = desc
         except LabError:
             raise
         except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
             print(f"pyholepunch demo: {exc}", file=sys.stderr)
             return 1
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(5)
-                if p.poll() is None:
-                    p.kill()
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     else:
@@ -153,34 +143,61 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result["echo_ok"] else 1
 
 
-def _flow(args: argparse.Namespace, progress: Progress, spawn: Spawner, server_ip: str,
-          alt_ip: str, work: Path, procs: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
+def run_pair(spawn: Spawner, server_ip: str, alt_ip: str, work: Path, *,
+             engine: str | None = None, timeout: float = 30.0,
+             progress: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+    """serve on node "server", `listen --echo` on "b", `connect` on "a": the echo and report.
+
+    ``spawn(node, argv, **popen_kwargs)`` starts a process on a node (``Lab.spawn``, or a
+    plain Popen on loopback). Every process is stopped before this returns.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        return _flow(spawn, server_ip, alt_ip, work, procs, engine, timeout, progress)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            for stream in (p.stdin, p.stdout, p.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
+          procs: list[subprocess.Popen[bytes]], engine: str | None, timeout: float,
+          progress: Callable[[str], None]) -> dict[str, Any]:
     server = f"{server_ip}:{PORT}"
-    engine = ["--engine", args.engine] if args.engine else []
+    engine_opt = ["--engine", engine] if engine else []
     progress(f"starting `pyholepunch serve` on {server} (alt {alt_ip})")
     srv = spawn("server", _cli("serve", "--listen", server, "--alt-ip", alt_ip,
                                "--state-dir", str(work / "server")),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     procs.append(srv)
-    line = _wait_for_line(srv, "fingerprint", args.timeout, "the server")
+    line = _wait_for_line(srv, "fingerprint", timeout, "the server")
     fingerprint = line.split()[-1]
-    common = ["--server", server, "--server-fingerprint", fingerprint, *engine]
+    common = ["--server", server, "--server-fingerprint", fingerprint, *engine_opt]
 
     progress("peer b: classifying its NAT and registering as 'bob' (`pyholepunch listen --echo`)")
     bob = spawn("b", _cli("listen", *common, "--name", "bob", "--echo", "--once",
                           "--config-dir", str(work / "bob"), "--json", str(work / "bob.json")),
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     procs.append(bob)
-    _wait_for_line(bob, "listening as", args.timeout, "peer b", stream="stderr")
+    _wait_for_line(bob, "listening as", timeout, "peer b", stream="stderr")
 
     progress("peer a: classifying its NAT, registering as 'alice' and connecting to 'bob'")
     t = time.monotonic()
     alice = spawn("a", _cli("connect", *common, "--name", "alice", "bob",
                             "--config-dir", str(work / "alice"), "--json", str(work / "alice.json"),
-                            "--timeout", str(args.timeout)),
+                            "--timeout", str(timeout)),
                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     procs.append(alice)
-    out, err = alice.communicate(MESSAGE, timeout=args.timeout + 30)
+    out, err = alice.communicate(MESSAGE, timeout=timeout + 30)
     elapsed = time.monotonic() - t
     report: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 from . import engine as engine_mod
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
-from .errors import AuthenticationError, PunchError, RelayError, SignalingError
+from .errors import AuthenticationError, HolePunchError, PunchError, RelayError, SignalingError
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.profile import Allocation, Mapping, NatProfile, Transport
@@ -32,7 +33,7 @@ from .security import certificate_for, secure_stream
 from .signal.client import PunchInstruction, RelayInstruction, SignalClient
 from .strategy import Plan
 from .strategy import plan as make_plan
-from .stun.client import stun_binding
+from .stun.client import StunTcpConnection
 from .stun.probe import route_source_ip
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class Peer:
         self._grants: dict[str, asyncio.Future[RelayInstruction]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._events: asyncio.Task[None] | None = None
+        self._announcing = asyncio.Lock()
 
     # -- identity --------------------------------------------------------------------------
     @property
@@ -150,24 +152,37 @@ class Peer:
         await self.close()
 
     def _reserve_port(self) -> None:
-        """Hold a local port for punching, so the kernel never hands it to anyone else."""
+        """Hold a fresh local port for punching, so the kernel never hands it to anyone else."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((self.local_ip, 0))
+        if self._reservation is not None:
+            self._reservation.close()
         self._reservation = sock
         self.local_port = sock.getsockname()[1]
 
-    async def announce(self) -> None:
+    async def announce(self, *, new_port: bool = False) -> None:
         """Learn (STUN over TCP from the punch port) and announce our external punch address.
 
         For an endpoint-independent mapping that is where the peer will find us; for a
         sequential symmetric NAT it is the latest mapping, the base of the peer's prediction.
+        The probe ends with an RST (SO_LINGER 0): a TIME_WAIT would block the next probe
+        from the same port to the same server.
         """
-        result = await stun_binding(self.server, transport="tcp",
-                                    local=(self.local_ip, self.local_port))
-        self.announced = result.mapped
-        await self._signal.update(candidates=self._candidates())
+        async with self._announcing:
+            if new_port:
+                self._reserve_port()
+            conn = await StunTcpConnection.open(self.server, local=(self.local_ip, self.local_port))
+            try:
+                result = await conn.binding()
+            finally:
+                sock = conn.writer.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.writer.transport.abort()
+            self.announced = result.mapped
+            await self._signal.update(candidates=self._candidates())
 
     def _candidates(self) -> list[Address]:
         assert self.announced is not None
@@ -224,9 +239,7 @@ class Peer:
                 if not fut.done():
                     fut.set_result(event)
             elif isinstance(event, PunchInstruction):
-                task = asyncio.create_task(self._respond(event))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._respond(event))
 
     async def _respond(self, instr: PunchInstruction) -> None:
         report = ConnectionReport(role="responder", started=time.time())
@@ -236,13 +249,29 @@ class Peer:
         except Exception as exc:   # the initiator gets its own error; we log ours
             log.warning("incoming connection from %s failed: %s", instr.peer.name, exc)
             return
-        finally:
-            if self._predictable_symmetric():
-                with contextlib.suppress(Exception):
-                    await self.announce()
         self._accepted.put_nowait(conn)
 
     async def _run_session(self, instr: PunchInstruction, report: ConnectionReport) -> Connection:
+        try:
+            return await self._punch_or_relay(instr, report)
+        finally:
+            self._spawn(self._rotate_port())
+
+    async def _rotate_port(self) -> None:
+        """A fresh punch port after every session: the last one's 4-tuple may sit in
+        TIME_WAIT, and a sequential NAT's prediction base has moved on."""
+        try:
+            await self.announce(new_port=True)
+        except (OSError, HolePunchError) as exc:
+            log.warning("could not announce a fresh punch port: %s", exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _punch_or_relay(self, instr: PunchInstruction,
+                              report: ConnectionReport) -> Connection:
         peer = instr.peer
         report.peer_id, report.peer_name = peer.peer_id, peer.name
         report.remote_nat = peer.tcp_profile.to_dict()
