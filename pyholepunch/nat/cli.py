@@ -62,13 +62,13 @@ async def run(args: argparse.Namespace) -> int:
     import socket
     host, port = args.server
     try:   # names are resolved once here; the probes work on addresses
-        server = (socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0], port)
+        server = (str(socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0]), port)
         alt = None
         if args.alt_server:
             ah, ap = args.alt_server
-            alt = (socket.getaddrinfo(ah, ap, type=socket.SOCK_DGRAM)[0][4][0], ap)
+            alt = (str(socket.getaddrinfo(ah, ap, type=socket.SOCK_DGRAM)[0][4][0]), ap)
     except socket.gaierror as exc:
-        print(f"pyholepunch nat-type: cannot resolve {host!r}: {exc}", file=sys.stderr)
+        print(f"pyholepunch nat-type: cannot resolve {host!r}: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     kinds = ("udp", "tcp") if args.transport == "both" else (args.transport,)
     profiles: dict[str, NatProfile] = {}
@@ -76,7 +76,7 @@ async def run(args: argparse.Namespace) -> int:
     for kind in kinds:
         start = time.monotonic()
         if not args.json:
-            print(f"probing {kind.upper()} via {host}:{port} ...", file=sys.stderr)
+            print(f"probing {kind.upper()} via {host}:{port} ...", file=sys.stderr)  # noqa: T201
         profiles[kind] = await classify_nat(server, transport=kind, local_ip=args.local_ip,
                                             alt_server=alt, timeout=args.timeout)
         took[kind] = round(time.monotonic() - start, 3)
@@ -84,9 +84,9 @@ async def run(args: argparse.Namespace) -> int:
         doc: dict[str, Any] = {"schema": SCHEMA_VERSION,
                                "profiles": {k: p.to_dict() for k, p in profiles.items()},
                                "seconds": took}
-        print(json.dumps(doc, indent=2, sort_keys=True))
+        print(json.dumps(doc, indent=2, sort_keys=True))  # noqa: T201  (CLI output)
     else:
-        print(render_table(profiles, took))
+        print(render_table(profiles, took))  # noqa: T201  (CLI output)
     failed = [k for k, p in profiles.items() if p.not_learned[:1] and
               p.not_learned[0].startswith("everything:")]
     return 1 if failed else 0

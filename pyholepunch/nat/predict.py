@@ -91,8 +91,8 @@ def predict_ports(profile: NatProfile, recent: Sequence[Observation], *, window:
         return PortPrediction((local_port,), "exact", confidence=1.0, reason="no NAT")
     if profile.allocation is Allocation.PRESERVING and local_port is not None:
         # a collision makes a preserving NAT pick a nearby port: the window spreads around it
-        cands = [local_port] + [_wrap(local_port + s * k) for k in range(1, window) for s in (1, -1)]
-        return PortPrediction(tuple(dict.fromkeys(cands))[:window], "preserving",
+        around = [local_port] + [_wrap(local_port + s * k) for k in range(1, window) for s in (1, -1)]
+        return PortPrediction(tuple(dict.fromkeys(around))[:window], "preserving",
                               confidence=profile.confidence.get("allocation", 0.8))
     if profile.allocation is Allocation.RANDOM:
         return PortPrediction((), "random", reason="random allocation: use a birthday sweep")

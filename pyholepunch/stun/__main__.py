@@ -27,7 +27,7 @@ async def _main(args: argparse.Namespace) -> int:
     async with server:
         host, port = server.primary
         other = server.other_address
-        print(f"ready {host}:{port}" + (f" other {other[0]}:{other[1]}" if other else ""), flush=True)
+        print(f"ready {host}:{port}" + (f" other {other[0]}:{other[1]}" if other else ""), flush=True)  # noqa: T201
         await stop.wait()
     return 0
 

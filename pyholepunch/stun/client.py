@@ -111,7 +111,7 @@ class StunUdpClient:
         self = cls(**kwargs)
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), local_addr=local)
-        self._transport = transport  # type: ignore[assignment]
+        self._transport = transport
         sockname = transport.get_extra_info("sockname")
         self.local = (sockname[0], sockname[1])
         return self

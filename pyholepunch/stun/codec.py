@@ -322,7 +322,7 @@ def _raw(b: bytes, tid: bytes) -> bytes:
     return bytes(b)
 
 
-for _code, _name, (_enc, _dec) in [
+_TABLE: list[tuple[int, str, tuple[Encoder, Decoder]]] = [
     (AttrType.MAPPED_ADDRESS, "MAPPED-ADDRESS", _plain_address("MAPPED-ADDRESS")),
     (AttrType.XOR_MAPPED_ADDRESS, "XOR-MAPPED-ADDRESS", _xor_address("XOR-MAPPED-ADDRESS")),
     (AttrType.RESPONSE_ORIGIN, "RESPONSE-ORIGIN", _plain_address("RESPONSE-ORIGIN")),
@@ -346,7 +346,8 @@ for _code, _name, (_enc, _dec) in [
     (AttrType.USE_CANDIDATE, "USE-CANDIDATE", _fixed("USE-CANDIDATE", 0)),
     (AttrType.ICE_CONTROLLED, "ICE-CONTROLLED", _fixed("ICE-CONTROLLED", 8)),
     (AttrType.ICE_CONTROLLING, "ICE-CONTROLLING", _fixed("ICE-CONTROLLING", 8)),
-]:
+]
+for _code, _name, (_enc, _dec) in _TABLE:
     register_attribute(_code, _name, _enc, _dec)
 
 

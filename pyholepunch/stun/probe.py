@@ -87,7 +87,7 @@ async def probe_udp(obs: Observations, *, local_ip: str | None, timeout: float,
                     allocation_probes: int) -> None:
     ip = local_ip or route_source_ip(obs.server[0])
     obs.local_ip = ip
-    first = dict(rto=min(0.25, timeout / 4), rc=6, timeout=timeout)
+    first: dict[str, Any] = dict(rto=min(0.25, timeout / 4), rc=6, timeout=timeout)
     clients: list[StunUdpClient] = []
     try:
         sm = await StunUdpClient.open((ip, 0))
@@ -102,7 +102,7 @@ async def probe_udp(obs: Observations, *, local_ip: str | None, timeout: float,
             return
         obs.mapped_primary, obs.rtt, obs.other_address = r1.mapped, r1.rtt, r1.other_address
         rto, wait = _waits(r1.rtt)
-        quick = dict(rto=rto, rc=4, timeout=wait)
+        quick: dict[str, Any] = dict(rto=rto, rc=4, timeout=wait)
 
         # filtering runs in the background: it creates no mapping
         filter_task = None
@@ -138,8 +138,12 @@ async def probe_udp(obs: Observations, *, local_ip: str | None, timeout: float,
         # hairpin: our own request, sent to our own mapping, must come back to us
         req = binding_request(new_transaction_id())
         data = req.encode()
-        got = asyncio.get_running_loop().create_future()
-        sm.on_unmatched = lambda d, a: got.done() or d != data or got.set_result(a)
+        got: asyncio.Future[Address] = asyncio.get_running_loop().create_future()
+
+        def on_unmatched(d: bytes, a: Address) -> None:
+            if d == data and not got.done():
+                got.set_result(a)
+        sm.on_unmatched = on_unmatched
         for _ in range(3):
             sm.send_raw(data, r1.mapped)
             with contextlib.suppress(TimeoutError):
@@ -298,7 +302,8 @@ async def _tcp_filtering(obs: Observations, conn: StunTcpConnection, catcher: _C
                 probe.connect_back = msg.get(AttrType.CONNECT_BACK_RESULT)
             else:
                 probe.outcome = Outcome.INVALID
-                probe.detail = f"server error {err.code if err else '?'} {err.reason if err else ''}".rstrip("\0 ")
+                text = f"server error {err.code} {err.reason}" if err else "unexpected answer"
+                probe.detail = text.rstrip("\0 ")
             pending.pop(msg.transaction_id, None)
 
     reports = asyncio.ensure_future(read_reports())
@@ -320,7 +325,7 @@ async def _tcp_filtering(obs: Observations, conn: StunTcpConnection, catcher: _C
         reports.cancel()
         with contextlib.suppress(BaseException):
             await reports
-    for change, probe in pending.values():
+    for _, probe in pending.values():
         probe.outcome, probe.detail = Outcome.NOT_RUN, f"no connect-back and no report in {wait:.2f} s"
 
 

@@ -24,13 +24,14 @@ from typing import Any
 
 from ..errors import ProtocolError
 from .codec import (
+    Address,
     AttrType,
     ConnectBack,
     ErrorCode,
     StreamFramer,
     error_response,
 )
-from .responder import Address, Layout, Reply, Responder
+from .responder import Layout, Reply, Responder
 
 log = logging.getLogger(__name__)
 

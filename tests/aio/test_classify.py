@@ -47,7 +47,8 @@ async def test_server_without_alternate_address_says_what_it_could_not_learn(tra
         p = await classify_nat(srv.primary, transport=transport, local_ip="127.0.0.1")
     # no NAT is still recognisable (mapped == local), filtering is not
     assert p.mapping is Mapping.NONE and p.filtering is Filtering.UNKNOWN
-    assert any(n.startswith("filtering: the server cannot answer from another address") for n in p.not_learned)
+    assert any(n.startswith("filtering: the server cannot answer from another address")
+               for n in p.not_learned)
 
 
 @pytest.mark.asyncio

@@ -170,7 +170,8 @@ def test_encode_errors_are_local() -> None:
     bad = StunMessage(Method.BINDING, MessageClass.SUCCESS, TID, [(AttrType.XOR_MAPPED_ADDRESS, ("nope", 1))])
     with pytest.raises(LocalProtocolError, match="'nope' is not an IP address"):
         bytes(bad)
-    bad = StunMessage(Method.BINDING, MessageClass.SUCCESS, TID, [(AttrType.XOR_MAPPED_ADDRESS, ("1.2.3.4", 70000))])
+    bad = StunMessage(Method.BINDING, MessageClass.SUCCESS, TID,
+                      [(AttrType.XOR_MAPPED_ADDRESS, ("1.2.3.4", 70000))])
     with pytest.raises(LocalProtocolError, match="70000"):
         bytes(bad)
     bad = StunMessage(Method.BINDING, MessageClass.SUCCESS, TID, [(AttrType.PRIORITY, -1)])

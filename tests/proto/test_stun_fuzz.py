@@ -7,7 +7,6 @@ import json
 import random
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
