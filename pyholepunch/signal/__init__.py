@@ -1,0 +1,9 @@
+"""Rendezvous signaling (DESIGN.md §4, §6).
+
+- ``protocol``: the wire format (length-prefixed msgpack frames) and message types, sans-IO
+- ``connection``: the shared state machine, NTP-style clock estimation, the common start time
+- ``auth``: access tokens and the per-peer rate limit, sans-IO
+- ``tls`` / ``tlsproto``: server certificate, fingerprint pinning/TOFU; lean server-side TLS
+- ``store``: name directory, online peers, sessions and routing (memory or Redis)
+- ``server``: the asyncio rendezvous server; ``client``: ``SignalClient`` for peers
+"""
