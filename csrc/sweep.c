@@ -148,7 +148,8 @@ static int hp_sweep_launch(hp_sweep_state_t *s, uint32_t pair, int first, int *w
     return 0;
 }
 
-/* Launch whatever is due now: re-arms first, then new pairs, within pacing and slots. */
+/* Launch whatever is due now: untried pairs first, then due re-arms, within pacing and
+ * slots (as the pure engine). */
 static int hp_sweep_launch_due(hp_sweep_state_t *s, int64_t now, int *won)
 {
     for (;;) {
@@ -158,14 +159,14 @@ static int hp_sweep_launch_due(hp_sweep_state_t *s, int64_t now, int *won)
             return 0;
         if (s->period_ns > 0 && now < s->next_syn_at)
             return 0;
-        if (s->rcount > 0 && s->retry_at[s->rhead] <= now) {
+        if (s->next_pair < s->a->npairs) {
+            pair = (uint32_t)s->next_pair++;
+            first = 1;
+        } else if (s->rcount > 0 && s->retry_at[s->rhead] <= now) {
             pair = s->retry[s->rhead];
             s->rhead = (s->rhead + 1) % s->a->npairs;
             s->rcount--;
             first = 0;
-        } else if (s->next_pair < s->a->npairs) {
-            pair = (uint32_t)s->next_pair++;
-            first = 1;
         } else {
             return 0;
         }
