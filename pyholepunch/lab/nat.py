@@ -25,7 +25,7 @@ NAT_TYPES: tuple[str, ...] = (
 # External ports handed out by symmetric-seq: SEQ_PORT_BASE + a per-lab offset, then +1 per new
 # flow, wrapping after SEQ_PORT_SPAN flows.
 SEQ_PORT_BASE = 20000
-SEQ_PORT_SPAN = 4096
+SEQ_PORT_SPAN = 16384
 # Dynamic map lifetime: refreshed by every outbound packet of the mapping, like a NAT's
 # mapping timer; long enough for any test, short enough not to grow without bound.
 MAP_TIMEOUT_S = {"tcp": 600, "udp": 180}
@@ -88,7 +88,7 @@ def _mapping_rules(c: NatConfig) -> list[str]:
         # where the port wants network order (a bare `: numgen inc` steps by 256).
         return [
             f"{out} meta l4proto {proto} snat ip to {c.wan_ip} : numgen inc mod {SEQ_PORT_SPAN} "
-            f"map @seq_{proto}"
+            "map @seq"
             for proto in ("tcp", "udp")
         ] + [f"{out} snat ip to {c.wan_ip}"]
     if c.kind == "symmetric-random":
@@ -107,13 +107,12 @@ def ruleset(c: NatConfig) -> str:
     pre: list[str] = []
     post = _mapping_rules(c)
     want_port_map = c.kind == "full-cone" or c.hairpin
+    if c.kind == "symmetric-seq":  # counter value -> port; shared by the TCP and UDP rules
+        first = SEQ_PORT_BASE + c.seq_offset
+        elements = ", ".join(f"{i} : {first + i}" for i in range(SEQ_PORT_SPAN))
+        maps.append(f"map seq {{ typeof numgen inc mod 2 : tcp dport; elements = {{ {elements} }} }}")
     for proto in ("tcp", "udp"):
         t = MAP_TIMEOUT_S[proto]
-        if c.kind == "symmetric-seq":
-            first = SEQ_PORT_BASE + c.seq_offset
-            elements = ", ".join(f"{i} : {first + i}" for i in range(SEQ_PORT_SPAN))
-            maps.append(f"map seq_{proto} {{ typeof numgen inc mod 2 : {proto} dport; "
-                        f"elements = {{ {elements} }} }}")
         value = "ct original ip saddr . ct original proto-src"
         if want_port_map:
             # external port -> internal address . port (full-cone inbound, hairpin)
