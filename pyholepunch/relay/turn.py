@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
-__all__ = ["TurnClient", "TurnCredentials"]
+__all__ = ["TurnClient", "TurnCredentials", "accept_relayed", "connect_relayed", "offer_relayed"]
 
 
 class TurnClient:
@@ -307,6 +307,65 @@ class TurnClient:
             raise TransactionFailed(f"TURN ConnectionBind failed: {failure.code} {failure.reason}",
                                     failure.response, code=failure.code)
         raise AssertionError("unreachable")
+
+
+# --- peer-to-peer over a TURN TCP allocation ------------------------------------------------
+# One peer holds the allocation and accepts; the other dials the relayed address with plain
+# TCP. The TURN side speaks first (one READY byte) because coturn drops what a peer sends
+# before the ConnectionBind completes; the dialer waits for it before sending anything.
+
+READY = b"\x01"
+
+
+async def offer_relayed(client: TurnClient, peer_ip: str) -> Address:
+    """Allocate (if not yet) and permit ``peer_ip``; return the relayed address to hand to
+    the peer through signaling."""
+    if client.proto.state is State.IDLE:
+        await client.allocate()
+    await client.create_permission(peer_ip)
+    return client.relayed_address
+
+
+async def accept_relayed(client: TurnClient, *, timeout: float = 30.0) -> tuple[Address, Streams]:
+    """Accept the peer's connection on the relayed address and tell it to go ahead."""
+    peer, (reader, writer) = await client.accept(timeout=timeout)
+    try:
+        writer.write(READY)
+        await asyncio.wait_for(writer.drain(), timeout)
+    except BaseException:
+        writer.close()
+        raise
+    return peer, (reader, writer)
+
+
+async def connect_relayed(relayed: Address, *, timeout: float = 30.0) -> Streams:
+    """Dial a peer's TURN relayed address with plain TCP; return once the peer is bound."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                reader, writer = await asyncio.open_connection(*relayed)
+            except OSError as exc:
+                raise RelayError(f"cannot connect to TURN relayed address {relayed[0]}:"
+                                 f"{relayed[1]} ({exc.strerror or exc}): no permission for "
+                                 f"our address, or the allocation is gone") from exc
+            try:
+                first = await reader.readexactly(1)
+            except (asyncio.IncompleteReadError, OSError) as exc:
+                raise RelayError("the TURN relay closed the connection before the peer "
+                                 "answered (no permission for our address?)") from exc
+            if first != READY:
+                raise RelayError(f"unexpected first byte {first!r} from the TURN peer")
+            return reader, writer
+    except TimeoutError:
+        if writer is not None:
+            writer.close()
+        raise RelayError(f"TURN peer at {relayed[0]}:{relayed[1]} did not answer "
+                         f"within {timeout} s") from None
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:

@@ -14,7 +14,13 @@ import pytest_asyncio
 
 from pyholepunch.errors import RelayError, TransactionFailed
 from pyholepunch.relay.coturn import Coturn, CoturnConfig, free_port
-from pyholepunch.relay.turn import TurnClient, TurnCredentials
+from pyholepunch.relay.turn import (
+    TurnClient,
+    TurnCredentials,
+    accept_relayed,
+    connect_relayed,
+    offer_relayed,
+)
 
 pytestmark = [
     pytest.mark.timeout(20),
@@ -237,4 +243,33 @@ async def test_coturn_stopped_mid_session(make_coturn: Callable[..., Coturn],
             await client.connect(tcp_peer["address"])
     finally:
         await asyncio.wait_for(client.close(), 5)
+    assert fds() == before
+
+
+@pytest.mark.asyncio
+async def test_peer_to_peer_helpers(make_coturn: Callable[..., Coturn]) -> None:
+    before = fds()
+    turn = make_coturn(secret=SECRET)
+    async with TurnClient(turn.address, secret_creds()) as client:
+        relayed = await offer_relayed(client, "127.0.0.1")
+        accepting = asyncio.ensure_future(accept_relayed(client, timeout=5))
+        r_b, w_b = await connect_relayed(relayed, timeout=5)
+        _peer, (r_a, w_a) = await accepting
+        payload = os.urandom(500_000)
+        w_b.write(payload)                 # the dialer may send at once: the peer is bound
+        await w_b.drain()
+        assert await asyncio.wait_for(r_a.readexactly(len(payload)), 10) == payload
+        w_a.write(b"pong")
+        await w_a.drain()
+        assert await asyncio.wait_for(r_b.readexactly(4), 5) == b"pong"
+        await closed(w_a)
+        await closed(w_b)
+    # Without a permission for the dialer's address coturn refuses it: a clear error.
+    async with TurnClient(turn.address, secret_creds()) as client:
+        relayed = await offer_relayed(client, "192.0.2.1")
+        with pytest.raises(RelayError, match="cannot connect to TURN relayed address"):
+            await connect_relayed(relayed, timeout=2)
+    with pytest.raises(RelayError, match="cannot connect to TURN relayed address"):
+        await connect_relayed(("127.0.0.1", free_port()), timeout=2)
+    turn.stop()
     assert fds() == before

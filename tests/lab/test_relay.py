@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,7 +17,13 @@ import pytest
 from pyholepunch import engine as engine_mod
 from pyholepunch.relay.builtin import RelayHub, RelayServer, open_builtin_relay
 from pyholepunch.relay.coturn import CoturnConfig, wait_listening
-from pyholepunch.relay.turn import TurnClient, TurnCredentials
+from pyholepunch.relay.turn import (
+    TurnClient,
+    TurnCredentials,
+    accept_relayed,
+    connect_relayed,
+    offer_relayed,
+)
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(60)]
 
@@ -88,15 +93,10 @@ def _turn_acceptor(server: tuple[str, int], secret: str, realm: str, peer_ip: st
     async def main() -> tuple[str, tuple[str, int], str, int]:
         creds = TurnCredentials.from_shared_secret(secret, "a", now=time.time())
         async with TurnClient(server, creds) as client:
-            relayed = await client.allocate()
-            await client.create_permission(peer_ip)
+            relayed = await offer_relayed(client, peer_ip)
             Path(handoff).write_text(f"{relayed[0]} {relayed[1]}")
-            peer, (r, w) = await client.accept(timeout=20)
+            peer, (r, w) = await accept_relayed(client, timeout=20)
             try:
-                # coturn drops peer data that arrives before ConnectionBind completes
-                # (coturn issue #495), so the TURN side speaks first.
-                w.write(b"R")
-                await w.drain()
                 data = await asyncio.wait_for(r.readexactly(PAYLOAD), 20)
                 w.write(_payload(1))
                 await w.drain()
@@ -115,18 +115,19 @@ def _plain_dialer(handoff: str) -> tuple[str, int]:
             raise TimeoutError("peer a never published its relayed address")
         time.sleep(0.05)
     host, port = Path(handoff).read_text().split()
-    with socket.create_connection((host, int(port)), timeout=20) as s:
-        if s.recv(1) != b"R":
-            raise ConnectionError("the TURN side did not say it is ready")
-        s.sendall(_payload(2))
-        got = bytearray()
-        while len(got) < PAYLOAD:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        s.sendall(b"bye")
-    return _digest(bytes(got)), len(got)
+
+    async def main() -> tuple[str, int]:
+        r, w = await connect_relayed((host, int(port)), timeout=20)
+        try:
+            w.write(_payload(2))
+            await w.drain()
+            got = await asyncio.wait_for(r.readexactly(PAYLOAD), 20)
+            w.write(b"bye")
+            await w.drain()
+        finally:
+            w.close()
+        return _digest(got), len(got)
+    return asyncio.run(main())
 
 
 @pytest.mark.asyncio
