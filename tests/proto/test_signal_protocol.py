@@ -10,11 +10,31 @@ import pytest
 from pyholepunch.errors import LocalProtocolError, RemoteProtocolError
 from pyholepunch.signal.auth import TokenBucket, check_token, make_token
 from pyholepunch.signal.connection import (
-    ClockEstimator, ConnectionClosed, Role, SignalConnection, State, common_start,
+    ClockEstimator,
+    ConnectionClosed,
+    Role,
+    SignalConnection,
+    State,
+    common_start,
 )
 from pyholepunch.signal.protocol import (
-    MESSAGES, Connect, Error, ErrorCode, FrameDecoder, Hello, Ping, Pong, Punch, Register,
-    Registered, Relay, RelayGrant, Result, Update, decode_body, encode_frame,
+    MESSAGES,
+    Connect,
+    Error,
+    ErrorCode,
+    FrameDecoder,
+    Hello,
+    Ping,
+    Pong,
+    Punch,
+    Register,
+    Registered,
+    Relay,
+    RelayGrant,
+    Result,
+    Update,
+    decode_body,
+    encode_frame,
 )
 
 PEER = {"peer_id": "a" * 32, "name": "bob", "public_key": b"k" * 32, "cert": b"der",
