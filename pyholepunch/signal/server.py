@@ -458,7 +458,11 @@ class PeerProtocol(asyncio.Protocol):
         if hub is None:
             raise Refusal(ErrorCode.RELAY_UNAVAILABLE, "this server has no relay",
                           session=msg.session, fatal=False)
-        token_a, token_b = hub.issue(msg.session)
+        try:
+            token_a, token_b = hub.issue(msg.session)
+        except ValueError:      # the hub issues one token pair per session
+            raise Refusal(ErrorCode.SESSION_EXISTS, "relay already granted for this session",
+                          session=msg.session, fatal=False) from None
         assert self.transport is not None
         host, port = self.transport.get_extra_info("sockname")[:2]
         srv.metrics["relays"] += 1

@@ -309,6 +309,9 @@ async def test_relay_grant_reaches_both_and_relays(server: SignalServer) -> None
         grant_a = await a.request_relay(p.session)
         grant_b = await b.next_event(5)
         assert grant_a.session == grant_b.session == p.session and grant_a.token != grant_b.token
+        with pytest.raises(SignalingError) as e:            # one token pair per session
+            await b.request_relay(p.session)
+        assert e.value.code == ErrorCode.SESSION_EXISTS
         # The hub behind this server honours the tokens (its own listener here; serve.py
         # shares one port, tested in test_serve.py).
         from pyholepunch.relay.builtin import RelayServer
