@@ -1,12 +1,13 @@
 """`Lab`: a NAT lab as a (sync or async) context manager.
 
     with Lab(a="port-restricted", b="symmetric-seq", rtt_ms=40) as lab:
-        lab.run("a", ["ping", "-c1", lab.server_ip])
+        lab.run("a", ["ip", "route"])
         lab.call("b", some_picklable_function, arg)
 
 Teardown (kill every process in the lab's namespaces, delete the namespaces) runs on exit, on
 an exception, on SIGINT (KeyboardInterrupt unwinds the with-block), on SIGTERM (a handler is
-installed while labs are live, if the process had none) and, as a fallback, at interpreter exit.
+installed by the first lab if the process had none: it tears the labs down and then dies of
+SIGTERM as before) and, as a fallback, at interpreter exit.
 """
 from __future__ import annotations
 
@@ -45,8 +46,10 @@ def _teardown_all() -> None:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """Tear the labs down, then die of SIGTERM exactly as the default action would."""
     _teardown_all()
-    raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _install_sigterm() -> None:

@@ -298,7 +298,7 @@ def test_sigterm_tears_down_a_plain_with_block() -> None:
         name = proc.stdout.readline().strip()
         assert state.namespaces_of(name)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
+        assert proc.wait(timeout=10) == -signal.SIGTERM  # still dies of SIGTERM, after teardown
         assert state.namespaces_of(name) == []
     finally:
         if proc.poll() is None:
