@@ -142,6 +142,38 @@ async def test_keepalive_none_and_plain_streams() -> None:
         Connection(ra, wa, peer_id="x", route="carrier-pigeon", report=ConnectionReport("initiator"))
 
 
+@pytest.mark.asyncio
+async def test_relayed_connection_over_the_builtin_relay() -> None:
+    from pyholepunch.relay.builtin import RelayHub, RelayServer, open_builtin_relay
+
+    hub = RelayHub()
+    async with RelayServer(hub, ("127.0.0.1", 0)) as server:
+        tok_a, tok_b = hub.issue("s")
+        ia, ib = await asyncio.gather(open_builtin_relay(server.address, tok_a, timeout=5),
+                                      open_builtin_relay(server.address, tok_b, timeout=5))
+        (ra, wa), (rb, wb) = await asyncio.gather(
+            sec.secure_stream(ia, identity=ALICE, peer_id=BOB.peer_id,
+                              peer_cert=sec.certificate_for(BOB), initiator=True),
+            sec.secure_stream(ib, identity=BOB, peer_id=ALICE.peer_id,
+                              peer_cert=sec.certificate_for(ALICE), initiator=False))
+        a = Connection(ra, wa, peer_id=BOB.peer_id, route="relay",
+                       report=ConnectionReport("initiator"), keepalive=KeepAlive(idle=9))
+        b = Connection(rb, wb, peer_id=ALICE.peer_id, route="relay",
+                       report=ConnectionReport("responder"))
+        try:
+            assert a.encrypted and a.remote_address == server.address   # TCP peer: the relay
+            assert _sockopts(a) == (1, 9, 5, 3)
+            await a.send(b"via relay")
+            assert await b.recv() == b"via relay"
+            await b.send(b"back")
+            assert await a.recv() == b"back"
+            await a.close()
+            assert await b.recv() == b""
+        finally:
+            await a.close()
+            await b.close()
+
+
 # --- report ------------------------------------------------------------------------------
 
 PR = NatProfile(mapping=Mapping.ENDPOINT_INDEPENDENT, filtering=Filtering.ADDRESS_AND_PORT_DEPENDENT,
