@@ -21,16 +21,16 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..engine import Engine, RelayStats
 from ..engine import get as get_engine
 from ..errors import RelayError
+from ._tap import Tap, tap_pump
 
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
-Tap = Callable[[str, bytes], None]
-"""Test/debug hook: called with ("a>b" | "b>a", chunk) for every relayed chunk."""
 
 MAGIC = b"HPR1"
 TOKEN_LEN = 16
@@ -49,7 +49,6 @@ _REASONS = {
     ERR_CLOSING: "relay shutting down",
     ERR_EARLY_DATA: "data before pairing",
 }
-_TAP_CHUNK = 65536
 
 
 @dataclass(slots=True)
@@ -223,8 +222,9 @@ class RelayHub:
         # one that talks before the OK byte breaks the protocol.
         watch = asyncio.ensure_future(loop.sock_recv(sock, 1))
         paired = asyncio.ensure_future(asyncio.shield(waiter))
+        pending: set[asyncio.Future[Any]] = {paired, watch}
         try:
-            await asyncio.wait({paired, watch}, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(pending, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             self._abandon(session, waiter)
             self._release(sock)
@@ -285,7 +285,8 @@ class RelayHub:
                     self.engine.relay_pump, a.fileno(), b.fileno(),
                     idle_timeout=self.idle_timeout, max_bytes=self.max_bytes))
             else:
-                pump = asyncio.ensure_future(self._tap_pump(a, b))
+                pump = asyncio.ensure_future(tap_pump(a, b, self._tap, idle_timeout=self.idle_timeout,
+                                                      max_bytes=self.max_bytes))
             self._pumps.add(pump)
             try:
                 stats = await asyncio.shield(pump)
@@ -310,57 +311,6 @@ class RelayHub:
             self._release(b)
             if not done.done():
                 done.set_result(stats)
-
-    async def _tap_pump(self, a: socket.socket, b: socket.socket) -> RelayStats:
-        """In-process pump that shows every chunk to the tap; same limits and half-close."""
-        loop = asyncio.get_running_loop()
-        stats = RelayStats()
-        last = [loop.time()]
-        tap = self._tap
-        assert tap is not None
-
-        async def one_way(src: socket.socket, dst: socket.socket, name: str) -> None:
-            while True:
-                chunk = await loop.sock_recv(src, _TAP_CHUNK)
-                if not chunk:
-                    with contextlib.suppress(OSError):
-                        dst.shutdown(socket.SHUT_WR)
-                    return
-                total = stats.bytes_a_to_b + stats.bytes_b_to_a
-                if self.max_bytes and total + len(chunk) > self.max_bytes:
-                    chunk = chunk[: self.max_bytes - total]
-                    stats.reason = "limit"
-                tap(name, chunk)
-                await loop.sock_sendall(dst, chunk)
-                if name == "a>b":
-                    stats.bytes_a_to_b += len(chunk)
-                else:
-                    stats.bytes_b_to_a += len(chunk)
-                last[0] = loop.time()
-                if stats.reason == "limit":
-                    return
-
-        tasks = [asyncio.ensure_future(one_way(a, b, "a>b")),
-                 asyncio.ensure_future(one_way(b, a, "b>a"))]
-        try:
-            pending = set(tasks)
-            while pending:
-                _, pending = await asyncio.wait(pending, timeout=0.1,
-                                                 return_when=asyncio.FIRST_EXCEPTION)
-                if any(t.done() and t.exception() for t in tasks) or stats.reason == "limit":
-                    break
-                if loop.time() - last[0] > self.idle_timeout:
-                    stats.reason = "idle"
-                    break
-            for t in tasks:
-                if t.done() and t.exception():
-                    stats.reason = f"error: {t.exception()}"
-            stats.reason = stats.reason or "eof"
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        return stats
 
     async def _refuse(self, sock: socket.socket, status: int) -> None:
         reason = _REASONS[status]
