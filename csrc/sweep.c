@@ -33,6 +33,7 @@ typedef struct hp_sweep_state {
     size_t next_pair;         /* next never-tried pair */
     int64_t next_syn_at;      /* pacing: earliest time of the next SYN */
     int64_t period_ns;        /* 0 = unpaced */
+    int spare_fd;             /* pair 0's socket, ready before start_at; -1 once used */
 } hp_sweep_state_t;
 
 static int hp_sweep_validate(const hp_sweep_args_t *a, const int *out_fd,
@@ -85,6 +86,29 @@ static void hp_sweep_count_failure(hp_sweep_state_t *s, int err, uint32_t pair, 
 
 /* Launch one connect for pair into a free slot. 1 = established at once (the fd is in
  * *won), 0 = in flight or failed (counted), < 0 = fatal (-EMFILE, ...). */
+/* Open and bind pair's socket, with the low TTL when first. 1 = *out_fd ready, 0 = the pair's
+ * local port is unusable (taken without SO_REUSEPORT: skip it), < 0 = fatal. */
+static int hp_sweep_open(hp_sweep_state_t *s, uint32_t pair, int first, int *out_fd)
+{
+    const hp_sweep_pair_t *p = &s->a->pairs[pair];
+    int fd, rc;
+
+    /* SO_REUSEPORT only matters for a fixed local port shared by several pairs. */
+    rc = hp_sock_tcp_bound(s->a->local_ip, p->local_port, p->local_port != 0,
+                           s->a->local_ip != 0 || p->local_port != 0 ? 2 : 0, &fd);
+    if (rc == -EMFILE || rc == -ENFILE || rc == -ENOBUFS || rc == -ENOMEM)
+        return rc;
+    if (rc < 0)
+        return 0;
+    s->st->sockets_opened++;
+    if (first && s->a->syn_ttl > 0 && (rc = hp_sock_set_ttl(fd, s->a->syn_ttl)) < 0) {
+        hp_close(fd);
+        return rc;
+    }
+    *out_fd = fd;
+    return 1;
+}
+
 static int hp_sweep_launch(hp_sweep_state_t *s, uint32_t pair, int first, int *won)
 {
     const hp_sweep_pair_t *p = &s->a->pairs[pair];
@@ -94,16 +118,10 @@ static int hp_sweep_launch(hp_sweep_state_t *s, uint32_t pair, int first, int *w
     uint32_t slot;
     int64_t t;
 
-    /* SO_REUSEPORT only matters for a fixed local port shared by several pairs. */
-    rc = hp_sock_tcp_bound(s->a->local_ip, p->local_port, p->local_port != 0,
-                           s->a->local_ip != 0 || p->local_port != 0 ? 2 : 0, &fd);
-    if (rc == -EMFILE || rc == -ENFILE || rc == -ENOBUFS || rc == -ENOMEM)
-        return rc;
-    if (rc < 0)
-        return 0; /* this pair's local port is unusable (taken without SO_REUSEPORT): skip it */
-    s->st->sockets_opened++;
-    if (low_ttl && (rc = hp_sock_set_ttl(fd, s->a->syn_ttl)) < 0) {
-        hp_close(fd);
+    if (pair == 0 && first && s->spare_fd >= 0) {
+        fd = s->spare_fd; /* opened before start_at: only connect() is left */
+        s->spare_fd = -1;
+    } else if ((rc = hp_sweep_open(s, pair, first, &fd)) <= 0) {
         return rc;
     }
     memset(&sa, 0, sizeof(sa));
@@ -241,6 +259,7 @@ int hp_sweep(const hp_sweep_args_t *a, int *out_fd, hp_punch_stats_t *st)
     s.a = a;
     s.st = st;
     s.ep = -1;
+    s.spare_fd = -1;
     ninflight = a->max_inflight;
     if ((size_t)ninflight > a->npairs)
         ninflight = (uint32_t)a->npairs;
@@ -269,6 +288,9 @@ int hp_sweep(const hp_sweep_args_t *a, int *out_fd, hp_punch_stats_t *st)
     }
     s.next_syn_at = a->start_at_ns;
     deadline = a->start_at_ns + a->timeout_ns;
+    rc = hp_sweep_open(&s, 0, 1, &s.spare_fd);
+    if (rc < 0)
+        goto out;
     hp_clock_wait_until(a->start_at_ns);
 
     for (;;) {
@@ -333,6 +355,7 @@ out:
         for (i = 0; i < ninflight; i++)
             hp_close(s.slots[i].fd);
     }
+    hp_close(s.spare_fd);
     hp_close(s.ep);
     free(s.slots);
     free(s.free_slots);

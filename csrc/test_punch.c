@@ -199,9 +199,11 @@ static void test_sweep_finds_the_listener(void)
     a.start_at_ns = hp_clock_now_ns();
     a.timeout_ns = 3000 * MS;
     a.max_inflight = SWEEP_N;
+    a.start_at_ns = hp_clock_now_ns() + 20 * MS;
     rc = hp_sweep(&a, &fd, &st);
     CHECK_EQ(rc, 0);
     CHECK_EQ(st.remote.port, lport);
+    CHECK(st.first_syn_at_ns >= a.start_at_ns && st.first_syn_delay_ns < 20 * MS);
     CHECK(st.attempts >= SWEEP_N * 3 / 4 && st.attempts <= SWEEP_N);
     CHECK(st.rsts_seen + 1 <= st.attempts);
     CHECK_EQ(st.sockets_opened, st.attempts);
