@@ -151,22 +151,25 @@ class SignalServer:
                 "node": self.node_id}
 
     # -- routing ---------------------------------------------------------------------------
-    async def push(self, record: PeerRecord, push: Push) -> None:
+    async def push(self, record: PeerRecord, push: Push) -> bool:
+        """Deliver to the peer's connection, here or on its node; False if that node is gone."""
         if record.node == self.node_id:
-            await self._on_push(push)
-        else:
-            await self.store.route(record.node, push)
+            return await self._on_push(push)
+        if await self.store.route(record.node, push):
+            return True
+        await self.store.drop_online(record.peer_id, record.node)   # its node died: forget it
+        return False
 
-    async def _on_push(self, push: Push) -> None:
+    async def _on_push(self, push: Push) -> bool:
         proto = self.peers.get(push.get("to", ""))
         kind = push.get("kind")
         if proto is None:
             log.debug("push %s for %s: peer not here", kind, push.get("to"))
-            return
+            return False
         if kind == "kick":
             if push.get("conn") != proto.conn_id:
                 proto.fail(ErrorCode.REPLACED, "registered again elsewhere")
-            return
+            return True
         msg = push["msg"]
         if isinstance(msg, dict):       # from another node: checked like any network input
             msg = parse_message(msg)
@@ -174,6 +177,7 @@ class SignalServer:
             # The common start travels in server time; the receiver's node converts it.
             msg = replace(msg, start_at=msg.start_at + proto.clock.offset)
         proto.send(msg)
+        return True
 
 
 class PeerProtocol(asyncio.Protocol):
@@ -426,16 +430,18 @@ class PeerProtocol(asyncio.Protocol):
                             profiles=msg.profiles or me.profiles)
         plan = make_plan(initiator.profiles, target.profiles)
         start = common_start(srv.clock(), [me.rtt, target.rtt], self.cfg.margin)
-        srv.metrics["punches"] += 1
-        log.info("punch %s: %s -> %s start in %.1f ms", msg.session, me.name, target.name,
-                 (start - srv.clock()) * 1e3)
-        self.send(Punch(session=msg.session, role="initiator", start_at=start + self.clock.offset,
-                        peer=target.peer_info(), plan=plan))
         to_b = Punch(session=msg.session, role="responder", start_at=start,
                      peer=initiator.peer_info(), plan=plan)
         local = target.node == srv.node_id
-        await srv.push(target, {"kind": "punch", "to": target.peer_id,
-                                "msg": to_b if local else to_b.to_wire()})
+        if not await srv.push(target, {"kind": "punch", "to": target.peer_id,
+                                       "msg": to_b if local else to_b.to_wire()}):
+            raise Refusal(ErrorCode.UNKNOWN_TARGET, f"peer {msg.target!r} is no longer reachable",
+                          session=msg.session, fatal=False)
+        self.send(Punch(session=msg.session, role="initiator", start_at=start + self.clock.offset,
+                        peer=target.peer_info(), plan=plan))
+        srv.metrics["punches"] += 1
+        log.info("punch %s: %s -> %s start in %.1f ms", msg.session, me.name, target.name,
+                 (start - srv.clock()) * 1e3)
 
     async def _session_of(self, session: str) -> dict[str, Any]:
         assert self.record is not None

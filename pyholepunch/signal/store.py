@@ -25,7 +25,7 @@ from .protocol import PEER_ID_RE
 log = logging.getLogger(__name__)
 
 Push = dict[str, Any]
-PushHandler = Callable[[Push], Awaitable[None]]
+PushHandler = Callable[[Push], Awaitable[bool]]   # True: delivered to a local peer
 NAMES_FILE = "names.jsonl"
 
 
@@ -97,8 +97,8 @@ class Store(abc.ABC):
     async def get_session(self, session: str) -> dict[str, Any] | None: ...
 
     @abc.abstractmethod
-    async def route(self, node: str, push: Push) -> None:
-        """Deliver ``push`` to the node holding its peer (maybe this one)."""
+    async def route(self, node: str, push: Push) -> bool:
+        """Deliver ``push`` to the node holding its peer; False if that node is gone."""
 
     async def find(self, target: str) -> PeerRecord | None:
         """An online peer by peer_id or by name."""
@@ -184,11 +184,11 @@ class MemoryStore(Store):
     async def get_session(self, session: str) -> dict[str, Any] | None:
         return self._sessions.get(session)
 
-    async def route(self, node: str, push: Push) -> None:
+    async def route(self, node: str, push: Push) -> bool:
         if node != self.node_id or self._on_push is None:
             log.warning("push for unknown node %s dropped", node)
-            return
-        await self._on_push(push)
+            return False
+        return await self._on_push(push)
 
 
 def _pack(obj: Any) -> bytes:
@@ -295,10 +295,11 @@ class RedisStore(Store):
         data: Any = await self._redis.get(self._k("session", session))
         return None if data is None else dict(_unpack(bytes(data)))
 
-    async def route(self, node: str, push: Push) -> None:
+    async def route(self, node: str, push: Push) -> bool:
         receivers = await self._redis.publish(self._k("node", node), _pack(push))
         if not receivers:
             log.warning("push for node %s reached no subscriber", node)
+        return bool(receivers)
 
 
 def open_store(spec: str | None, state_dir: str | os.PathLike[str] | None = None) -> Store:

@@ -17,7 +17,7 @@ from pyholepunch.relay.builtin import RelayHub
 from pyholepunch.signal.client import SignalClient
 from pyholepunch.signal.protocol import ErrorCode
 from pyholepunch.signal.server import ServerConfig, SignalServer
-from pyholepunch.signal.store import RedisStore, open_store
+from pyholepunch.signal.store import PeerRecord, RedisStore, open_store
 from pyholepunch.signal.tls import generate_credentials
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
@@ -104,6 +104,21 @@ async def test_connect_crosses_nodes(nodes: list[SignalServer]) -> None:
         assert n2.metrics["relayed"] == 1
         p2 = await b.connect(a.peer_id)                         # and back, by peer_id
         assert (await a.next_event(5)).session == p2.session
+
+
+@pytest.mark.asyncio
+async def test_peer_on_a_dead_node_is_unknown_and_forgotten(nodes: list[SignalServer]) -> None:
+    n1, _ = nodes
+    ghost = Identity.generate()
+    assert await n1.store.bind_name("ghost", ghost.public_key) is None
+    await n1.store.put_online(PeerRecord(peer_id=ghost.peer_id, name="ghost",
+                                         public_key=ghost.public_key, node="crashed-node"))
+    async with client(n1, "eve") as e:
+        with pytest.raises(SignalingError) as err:
+            await e.connect("ghost")
+        assert err.value.code == ErrorCode.UNKNOWN_TARGET
+        assert await n1.store.get_online(ghost.peer_id) is None
+        assert n1.metrics["punches"] == 0
 
 
 @pytest.mark.asyncio
