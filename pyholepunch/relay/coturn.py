@@ -64,7 +64,8 @@ class CoturnConfig:
 
 
 def _random_range() -> tuple[int, int]:
-    lo = 20000 + int.from_bytes(os.urandom(2), "big") % 200 * 200
+    # 200 ports below the usual ephemeral range (32768+), so relays don't race connect()s.
+    lo = 20000 + int.from_bytes(os.urandom(2), "big") % 60 * 200
     return lo, lo + 199
 
 
