@@ -213,7 +213,7 @@ def call(name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
             result: tuple[bool, Any] = (True, f(*a, **kw))
         except BaseException as exc:  # noqa: BLE001 - shipped to the parent
             code = 1
-            exc.__traceback_text__ = traceback.format_exc()  # type: ignore[attr-defined]
+            exc.add_note(f"raised in namespace {name}:\n{traceback.format_exc().rstrip()}")
             result = (False, exc)
         try:
             try:
