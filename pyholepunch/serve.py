@@ -21,8 +21,11 @@ import os
 import resource
 import signal
 import socket
+import sys
+import time
 from typing import Any
 
+from .signal.auth import make_token
 from .signal.server import ServerConfig, SignalServer
 from .signal.store import open_store
 from .signal.tls import format_fingerprint, load_or_create_credentials
@@ -290,11 +293,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-peers", type=int, default=100_000)
     parser.add_argument("--no-stun", action="store_true", help="do not run the STUN server")
     parser.add_argument("--no-relay", action="store_true", help="do not run the built-in relay")
+    parser.add_argument("--issue-token", type=float, metavar="SECONDS",
+                        help="print an access token valid this long (made from --token), then exit")
     parser.add_argument("--quiet", action="store_true",
                         help="no per-registration/punch INFO lines (warnings only)")
 
 
 async def run(args: argparse.Namespace) -> int:
+    if args.issue_token is not None:
+        if not args.token:
+            print("pyholepunch serve: --issue-token needs --token SECRET", file=sys.stderr)  # noqa: T201
+            return 2
+        print(make_token(args.token, time.time() + args.issue_token))  # noqa: T201
+        return 0
     if args.quiet:
         logging.getLogger("pyholepunch").setLevel(logging.WARNING)
     elif getattr(args, "verbose", 0) == 0:

@@ -58,6 +58,7 @@ class ServerConfig:
     keepalive: float = 25.0              # server PING interval (refreshes RTT/offset)
     sync_pings: int = 5                  # ping/pong rounds before REGISTERED
     max_peers: int = 100_000
+    max_unregistered: int = 4096         # connections still in TLS/registration at once
     rate: float = 50.0                   # messages/s per peer, sustained
     burst: float = 100.0
     margin: float = 0.02                 # seconds added to the common start
@@ -128,8 +129,11 @@ class SignalServer:
         """Take over an accepted TCP socket whose first byte said TLS."""
         await asyncio.get_running_loop().connect_accepted_socket(self.protocol_factory, sock)
 
-    def protocol_factory(self) -> TlsTransport:
+    def protocol_factory(self) -> asyncio.Protocol:
         """TLS (our MemoryBIO layer, see tlsproto) carrying one PeerProtocol."""
+        if len(self._tls) - len(self.peers) >= self.config.max_unregistered:
+            self.metrics["refused"] += 1
+            return _Reject()     # a connection flood must not grow memory without bound
         tls = TlsTransport(self.ssl_context, lambda: PeerProtocol(self),
                            self.config.handshake_timeout)
         self._tls.add(tls)
@@ -178,6 +182,11 @@ class SignalServer:
             msg = replace(msg, start_at=msg.start_at + proto.clock.offset)
         proto.send(msg)
         return True
+
+
+class _Reject(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]
 
 
 class PeerProtocol(asyncio.Protocol):

@@ -140,8 +140,12 @@ def test_cli_serve_process(tmp_path: Path) -> None:
             with pytest.raises(Exception) as e:
                 await c.start()
             assert getattr(e.value, "code", None) == ErrorCode.TOKEN_REQUIRED
+            issued = subprocess.run(
+                [sys.executable, "-m", "pyholepunch.serve", "--token", "s3cret", "--issue-token", "60"],
+                capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+            assert issued.startswith("hp1.")
             async with SignalClient(("127.0.0.1", port), Identity.generate(), name="zed",
-                                    server_fingerprint=fp, token="s3cret"):
+                                    server_fingerprint=fp, token=issued):
                 _, m = await http_get(metrics_port)
                 assert m["signal"]["registrations"] == 1 and m["signal"]["refused"] == 1
         asyncio.run(scenario())

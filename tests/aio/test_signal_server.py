@@ -393,6 +393,29 @@ async def test_server_full_and_idle_timeout() -> None:
         await srv.close()
 
 
+@pytest.mark.asyncio
+async def test_unregistered_connection_flood_is_capped() -> None:
+    srv = SignalServer(CREDS, config=ServerConfig(sync_pings=1, max_unregistered=3))
+    await srv.start()
+    await srv.listen()
+    try:
+        async with client(srv, "early"):                   # registered peers do not count
+            idle = [await asyncio.open_connection("127.0.0.1", port_of(srv)) for _ in range(3)]
+            r, w = await asyncio.open_connection("127.0.0.1", port_of(srv))
+            try:
+                assert await asyncio.wait_for(r.read(), 5) == b""
+            except ConnectionResetError:
+                pass
+            assert srv.metrics["refused"] == 1
+            for _, iw in idle:
+                iw.close()
+            w.close()
+            await asyncio.sleep(0.1)
+            await assert_still_serving(srv)
+    finally:
+        await srv.close()
+
+
 def test_error_codes_are_unique() -> None:
     assert len({int(c) for c in ErrorCode}) == len(ErrorCode)
     assert Error(code=1, reason="x").fatal
