@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +41,7 @@ OK = 0
 
 # Status codes of a refusal; the reason text travels with it.
 ERR_BAD_PREAMBLE, ERR_UNKNOWN, ERR_EXPIRED, ERR_REUSED, ERR_NO_PEER, ERR_CLOSING = 1, 2, 3, 4, 5, 6
-ERR_EARLY_DATA = 7
+ERR_EARLY_DATA, ERR_FULL = 7, 8
 _REASONS = {
     ERR_BAD_PREAMBLE: "bad preamble",
     ERR_UNKNOWN: "unknown token",
@@ -48,6 +50,7 @@ _REASONS = {
     ERR_NO_PEER: "peer did not arrive",
     ERR_CLOSING: "relay shutting down",
     ERR_EARLY_DATA: "data before pairing",
+    ERR_FULL: "relay at capacity",
 }
 
 
@@ -95,10 +98,12 @@ class RelayHub:
     def __init__(self, *, engine: Engine | None = None, token_ttl: float = 30.0,
                  max_bytes: int = 0, idle_timeout: float = 300.0,
                  clock: Callable[[], float] = time.monotonic, pair_timeout: float = 30.0,
-                 handshake_timeout: float = 10.0, tap: Tap | None = None) -> None:
-        if min(token_ttl, idle_timeout, pair_timeout, handshake_timeout) <= 0 or max_bytes < 0:
-            raise ValueError("token_ttl, idle_timeout, pair_timeout and handshake_timeout "
-                             "must be > 0, max_bytes >= 0")
+                 handshake_timeout: float = 10.0, max_relays: int = 256,
+                 tap: Tap | None = None) -> None:
+        if min(token_ttl, idle_timeout, pair_timeout, handshake_timeout, max_relays) <= 0 \
+                or max_bytes < 0:
+            raise ValueError("token_ttl, idle_timeout, pair_timeout, handshake_timeout and "
+                             "max_relays must be > 0, max_bytes >= 0")
         self._engine = engine
         self.token_ttl = float(token_ttl)
         self.max_bytes = int(max_bytes)
@@ -111,6 +116,11 @@ class RelayHub:
         self._sessions: dict[str, _Session] = {}
         self._socks: set[socket.socket] = set()     # every socket we own right now
         self._pumps: set[asyncio.Future[RelayStats]] = set()
+        # One pump thread per relay, never queued: the loop's default executor has only a
+        # handful of workers, and a queued relay would silently stall.
+        self.max_relays = int(max_relays)
+        self._executor = ThreadPoolExecutor(max_workers=self.max_relays,
+                                            thread_name_prefix="hp-relay")
         self._closing = False
         self.metrics = RelayMetrics()
 
@@ -273,6 +283,17 @@ class RelayHub:
     async def _run_relay(self, session_id: str, a: socket.socket, b: socket.socket,
                          done: asyncio.Future[RelayStats]) -> None:
         loop = asyncio.get_running_loop()
+        if self.metrics.active_relays >= self.max_relays:
+            log.warning("relay session %s refused: %d relays active", session_id,
+                        self.metrics.active_relays)
+            try:
+                await asyncio.gather(self._refuse(a, ERR_FULL), self._refuse(b, ERR_FULL))
+            finally:
+                self._release(a)
+                self._release(b)
+                if not done.done():
+                    done.set_result(RelayStats(reason="full"))
+            return
         self.metrics.active_relays += 1
         self.metrics.relays_total += 1
         stats = RelayStats(reason="error: not started")
@@ -281,7 +302,7 @@ class RelayHub:
             await asyncio.gather(loop.sock_sendall(a, ok), loop.sock_sendall(b, ok))
             log.info("relay session %s: paired, pumping", session_id)
             if self._tap is None:
-                pump = asyncio.ensure_future(asyncio.to_thread(
+                pump = loop.run_in_executor(self._executor, functools.partial(
                     self.engine.relay_pump, a.fileno(), b.fileno(),
                     idle_timeout=self.idle_timeout, max_bytes=self.max_bytes))
             else:
@@ -349,6 +370,7 @@ class RelayHub:
             self._release(s)
         self._tokens.clear()
         self._sessions.clear()
+        self._executor.shutdown(wait=False)
 
 
 def _shutdown(*socks: socket.socket) -> None:

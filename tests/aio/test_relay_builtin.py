@@ -288,3 +288,26 @@ async def test_waiting_side_that_leaves_or_talks_early_is_not_paired(
     assert reply[0] == 7 and reply[2:] == b"data before pairing"
     await close((r, w))
     assert srv.hub.metrics.refused.get("data before pairing") == 1
+
+
+@pytest.mark.asyncio
+async def test_many_concurrent_relays_and_capacity(make_server: HubFactory) -> None:
+    # More live relays than the loop's default executor has workers: all must flow at once.
+    srv = await make_server(engine=engine_mod.get("pure"))
+    pairs = [await pair(srv, f"s{i}") for i in range(12)]
+    for i, ((_ra, wa), (_rb, _wb)) in enumerate(pairs):
+        wa.write(f"relay {i:02d}".encode())
+    for i, ((_ra, _wa), (rb, _wb)) in enumerate(pairs):
+        assert await asyncio.wait_for(rb.readexactly(8), 5) == f"relay {i:02d}".encode()
+    assert srv.hub.metrics.active_relays == 12
+    await close(*[s for p in pairs for s in p])
+    # At capacity, a new pair is refused on both sides with that reason.
+    full = await make_server(engine=engine_mod.get("pure"), max_relays=1)
+    live = await pair(full, "one")
+    ta, tb = full.hub.issue("two")
+    results = await asyncio.gather(open_builtin_relay(full.address, ta, timeout=5),
+                                   open_builtin_relay(full.address, tb, timeout=5),
+                                   return_exceptions=True)
+    for res in results:
+        assert isinstance(res, RelayError) and "relay at capacity" in str(res)
+    await close(*live)
