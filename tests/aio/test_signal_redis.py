@@ -145,3 +145,24 @@ async def test_names_and_refusals_are_cluster_wide(nodes: list[SignalServer]) ->
                 assert (await moved.next_event(5)).session == p.session
             rec = await n1.store.find("carol")
             assert rec is not None and rec.node == "n2"
+
+
+@pytest.mark.asyncio
+async def test_two_serve_processes_share_redis(redis_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The `serve` app wiring: --store redis://, one state dir (one certificate) per cluster."""
+    from pyholepunch.serve import Rendezvous
+
+    cfg = ServerConfig(sync_pings=2, keepalive=3600)
+    state = str(tmp_path / "cluster")
+    async with Rendezvous(("127.0.0.1", 0), state_dir=state, store=redis_url, config=cfg,
+                          stun=False) as s1, \
+            Rendezvous(("127.0.0.1", 0), state_dir=state, store=redis_url, config=cfg,
+                       stun=False) as s2:
+        assert s1.fingerprint == s2.fingerprint and s1.address != s2.address
+        a = SignalClient(s1.address, Identity.generate(), name="ann", server_fingerprint=s1.fingerprint)
+        b = SignalClient(s2.address, Identity.generate(), name="ben", server_fingerprint=s2.fingerprint)
+        async with a, b:
+            p = await a.connect("ben")
+            assert (await b.next_event(5)).session == p.session
+            grant = await a.request_relay(p.session)
+            assert grant.relay == s1.address and (await b.next_event(5)).relay == s1.address
