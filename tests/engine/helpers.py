@@ -218,3 +218,53 @@ def run_in_processes(*calls: tuple[Callable[..., Any], tuple[Any, ...]],
     with ctx.Pool(len(calls)) as pool:
         handles = [pool.apply_async(fn, args) for fn, args in calls]
         return [h.get(timeout) for h in handles]
+
+
+# --- a private loopback whose RSTs are dropped, as a NAT drops unsolicited SYNs ---------------
+
+CLONE_NEWNET = 0x40000000
+
+
+def drop_rst_rules(ports: tuple[int, ...], table: str = "hpe") -> str:
+    """An nft ruleset dropping outgoing TCP RSTs sent from ``ports``."""
+    plist = ", ".join(str(p) for p in ports)
+    return (f"table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n"
+            f"  tcp sport {{ {plist} }} tcp flags & rst == rst drop\n }}\n}}\n")
+
+
+@contextlib.contextmanager
+def private_loopback(drop_rst_from: tuple[int, ...]) -> Iterator[str]:
+    """A fresh network namespace (root): ``lo`` up, outgoing RSTs from these ports dropped.
+
+    Two sockets punching each other on a plain loopback race: whichever SYN comes first is
+    answered with RST, and both re-arm in lockstep. Behind real NATs that SYN is dropped
+    instead, the first socket stays in SYN_SENT, and the peer's SYN completes a simultaneous
+    open deterministically. Dropping our own RSTs recreates exactly that.
+    """
+    import secrets
+    import subprocess
+
+    name = f"hpe{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "netns", "exec", name, "nft", "-f", "-"],
+                       input=drop_rst_rules(drop_rst_from), text=True, check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def in_netns(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call ``fn(*args)`` from inside namespace ``name`` (this thread moves there for good)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    return fn(*args)

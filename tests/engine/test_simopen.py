@@ -4,6 +4,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -15,21 +16,51 @@ from .helpers import (
     B_IP,
     LoCapture,
     free_port,
+    in_netns,
+    private_loopback,
     punch_side,
     run_in_processes,
     silent_port,
 )
 
 
-@pytest.mark.parametrize("listen", [False, True], ids=["pure-simopen", "listen"])
-def test_two_processes_punch_each_other(engine: Engine, listen: bool, no_fd_leak: None) -> None:
-    """Both sides connect towards each other with one start_at; both end on ONE connection."""
+@pytest.mark.root
+def test_two_processes_simultaneous_open(engine: Engine, no_fd_leak: None) -> None:
+    """listen=False on both sides: only a true simultaneous open (crossing SYNs) can connect.
+
+    Runs on a private loopback whose RSTs are dropped, like a NAT dropping an unsolicited SYN
+    (see helpers.private_loopback): on a plain lo the first SYN is refused and the sides race.
+    """
     pa, pb = free_port(A_IP), free_port(B_IP)
+    with private_loopback((pa, pb)) as ns:
+        a, b, *rest = _punch_pair_at(engine, False, pa, pb, ns)
+    _check_pair(engine, a, b, *rest, listen=False)
+    # Each side's one SYN met the other's: no refusal, no re-arm, crossing SYNs did it.
+    for side in (a, b):
+        assert side["stats"]["attempts"] == 1 and side["stats"]["rsts_seen"] == 0, side
+
+
+def test_two_processes_punch_with_listen(engine: Engine, no_fd_leak: None) -> None:
+    """listen=True on both sides, plain loopback: connect or accept, one connection either way."""
+    pa, pb = free_port(A_IP), free_port(B_IP)
+    _check_pair(engine, *_punch_pair_at(engine, True, pa, pb, None), listen=True)
+
+
+def _punch_pair_at(engine: Engine, listen: bool, pa: int, pb: int,
+                   netns: str | None) -> tuple[Any, Any, int, int, float]:
     start_at = time.time() + 0.3
-    a, b = run_in_processes(
-        (punch_side, (engine.name, (A_IP, pa), (B_IP, pb), start_at, 8.0, listen, 0.005, b"hello from a")),
-        (punch_side, (engine.name, (B_IP, pb), (A_IP, pa), start_at, 8.0, listen, 0.005, b"hello from b")),
-    )
+    side_a = (engine.name, (A_IP, pa), (B_IP, pb), start_at, 8.0, listen, 0.005, b"hello from a")
+    side_b = (engine.name, (B_IP, pb), (A_IP, pa), start_at, 8.0, listen, 0.005, b"hello from b")
+    if netns is None:
+        a, b = run_in_processes((punch_side, side_a), (punch_side, side_b))
+    else:
+        a, b = run_in_processes((in_netns, (netns, punch_side, *side_a)),
+                                (in_netns, (netns, punch_side, *side_b)))
+    return a, b, pa, pb, start_at
+
+
+def _check_pair(engine: Engine, a: Any, b: Any, pa: int, pb: int, start_at: float, *,
+                listen: bool) -> None:
     assert "error" not in a, a
     assert "error" not in b, b
     assert a["got"] == b"hello from b" and b["got"] == b"hello from a"
