@@ -13,7 +13,6 @@ import os
 import socket
 import time
 import uuid
-import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -113,7 +112,7 @@ class SignalServer:
             ("registrations", "punches", "successes", "failures", "relayed", "relays",
              "refused", "frames_in", "frames_out"), 0)
         self._servers: list[asyncio.Server] = []
-        self._tls: weakref.WeakSet[TlsTransport] = weakref.WeakSet()
+        self._tls: set[TlsTransport] = set()      # every live connection, registered or not
 
     async def start(self) -> None:
         await self.store.start(self.node_id, self._on_push)
@@ -135,7 +134,7 @@ class SignalServer:
             self.metrics["refused"] += 1
             return _Reject()     # a connection flood must not grow memory without bound
         tls = TlsTransport(self.ssl_context, lambda: PeerProtocol(self),
-                           self.config.handshake_timeout)
+                           self.config.handshake_timeout, self._tls.discard)
         self._tls.add(tls)
         return tls
 

@@ -22,7 +22,9 @@ class TlsTransport(asyncio.Protocol):
     """Accepts a plain TCP connection, runs the TLS server handshake, then relays plaintext."""
 
     def __init__(self, context: ssl.SSLContext, app_factory: Callable[[], asyncio.Protocol],
-                 handshake_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 10.0,
+                 on_lost: Callable[[TlsTransport], None] | None = None) -> None:
+        self._on_lost = on_lost
         self._context = context
         self._app_factory = app_factory
         self._handshake_timeout = handshake_timeout
@@ -90,6 +92,8 @@ class TlsTransport(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._on_lost is not None:
+            self._on_lost(self)
         if self._timer is not None:
             self._timer.cancel()
         if self._app is not None:
