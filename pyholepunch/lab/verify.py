@@ -190,7 +190,7 @@ def _ports(n: int) -> list[int]:
     return random.sample(range(40000, 50000), n)
 
 
-def measure(lab: Lab, node: str = "a", wait: float = 0.6) -> dict[str, Any]:
+def measure(lab: Lab, node: str = "a", wait: float = 1.0) -> dict[str, Any]:
     """Raw observations for the NAT in front of `node` (the lab's probe server must be running)."""
     c = _Client(lab, node, wait)
     s1, s2, s3 = (lab.server_ip, P1), (lab.server_ip, P2), (lab.server_alt_ip, P1)
@@ -239,7 +239,7 @@ def measure(lab: Lab, node: str = "a", wait: float = 0.6) -> dict[str, Any]:
     return out
 
 
-def measure_hairpin(lab: Lab, wait: float = 0.6) -> dict[str, bool]:
+def measure_hairpin(lab: Lab, wait: float = 1.0) -> dict[str, bool]:
     """Can a and b, behind one NAT, reach each other at their public mappings (as learned from
     the server)?  Both sides send at once, as a punch does: UDP datagrams both ways; TCP
     connects both ways (re-armed every 250 ms) with listeners on the same ports."""
@@ -367,17 +367,28 @@ def interpret(nat_type: str, raw: dict[str, Any]) -> Measured:
     return m
 
 
-def verify_type(nat_type: str, wait: float = 0.6) -> Measured:
-    """Build this type's labs, measure, and compare with its row."""
+def _behaviour(nat_type: str, wait: float) -> Measured:
     with Lab(a=nat_type, b="none") as lab, ProbeServer(lab, wait):
-        m = interpret(nat_type, measure(lab, "a", wait))
+        return interpret(nat_type, measure(lab, "a", wait))
+
+
+def _hairpin(nat_type: str, hairpin: bool, wait: float) -> dict[str, bool]:
+    with Lab(a=nat_type, same_nat=True, hairpin=hairpin) as lab, ProbeServer(lab, wait):
+        return measure_hairpin(lab, wait)
+
+
+def verify_type(nat_type: str, wait: float = 1.0) -> Measured:
+    """Build this type's labs (behaviour; same NAT with hairpin on; off), measure them at once,
+    and compare with the type's row."""
     if nat_type == "none":
+        m = _behaviour(nat_type, wait)
         m.hairpin = "n/a"
         return m
-    seen = {}
-    for hairpin in (True, False):
-        with Lab(a=nat_type, same_nat=True, hairpin=hairpin) as lab, ProbeServer(lab, wait):
-            seen[hairpin] = measure_hairpin(lab, wait)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        behaviour = pool.submit(_behaviour, nat_type, wait)
+        hairpins = {h: pool.submit(_hairpin, nat_type, h, wait) for h in (True, False)}
+        m = behaviour.result()
+        seen = {h: f.result() for h, f in hairpins.items()}
     m.raw["hairpin"] = {str(k): v for k, v in seen.items()}
     on, off = all(seen[True].values()), not any(seen[False].values())
     m.hairpin = "yes/no" if on and off else f"on:{seen[True]} off:{seen[False]}"
@@ -386,7 +397,7 @@ def verify_type(nat_type: str, wait: float = 0.6) -> Measured:
     return m
 
 
-def verify(types: list[str] | None = None, wait: float = 0.6) -> list[Measured]:
+def verify(types: list[str] | None = None, wait: float = 1.0) -> list[Measured]:
     """Verify every type (concurrently: each waits mostly on timeouts)."""
     types = list(types or NAT_TYPES)
     for t in types:

@@ -142,6 +142,7 @@ def test_loss_drops_about_the_requested_share() -> None:
     with Lab(a="none", b="none", loss_pct=50) as lab, _serve_once(lab, socket.SOCK_DGRAM) as us, \
             lab.socket("a", socket.AF_INET, socket.SOCK_DGRAM) as u:
         n = 400
+        us.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # hold them all until read
         for _ in range(n):
             u.sendto(b"x", (lab.server_ip, PORT))
         us.settimeout(0.3)
