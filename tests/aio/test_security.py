@@ -315,3 +315,12 @@ async def test_streams_handshake_timeout() -> None:
     finally:
         b[1].close()
         server.close()
+
+
+def test_contexts_are_cached_per_peer_and_side() -> None:
+    ctx = sec.tls_context(ALICE, sec.certificate_for(BOB), server_side=False)
+    assert sec.tls_context(ALICE, sec.certificate_for(BOB), server_side=False) is ctx
+    assert sec.tls_context(ALICE, sec.certificate_for(BOB), server_side=True) is not ctx
+    assert sec.tls_context(ALICE, sec.certificate_for(MALLORY), server_side=False) is not ctx
+    assert ctx.minimum_version is ssl.TLSVersion.TLSv1_3 and ctx.verify_mode is ssl.CERT_REQUIRED
+    assert not ctx.check_hostname
