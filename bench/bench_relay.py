@@ -1,7 +1,8 @@
 """Relay data paths side by side: direct loopback TCP, the built-in relay with the native
 (splice) and the pure pump, and coturn's RFC 6062 TCP relay.
 
-Throughput: MB/s moving PYHOLEPUNCH_BENCH_RELAY_BYTES (default 1 GiB) one way.
+Throughput: MB/s moving PYHOLEPUNCH_BENCH_RELAY_BYTES (default 1 GiB) one way, best of
+PYHOLEPUNCH_BENCH_RELAY_REPEATS (default 3) runs.
 Latency: round trips of a 64-byte message (PYHOLEPUNCH_BENCH_RELAY_ROUNDS, default 2000);
 "added" latency is the median minus direct loopback's median.
 Everything runs on 127.0.0.1; coturn is started and stopped here.
@@ -28,6 +29,7 @@ from pyholepunch.relay.turn import TurnClient, TurnCredentials
 
 SIZE = int(os.environ.get("PYHOLEPUNCH_BENCH_RELAY_BYTES", str(1 << 30)))
 ROUNDS = int(os.environ.get("PYHOLEPUNCH_BENCH_RELAY_ROUNDS", "2000"))
+REPEATS = int(os.environ.get("PYHOLEPUNCH_BENCH_RELAY_REPEATS", "3"))
 CHUNK = 1 << 20
 MSG = 64
 PATHS = ["direct", "native", "pure", "coturn"]
@@ -183,11 +185,16 @@ def round_trips(a: socket.socket, b: socket.socket, rounds: int) -> list[float]:
 
 @pytest.mark.parametrize("name", PATHS)
 def test_relay_throughput(benchmark: Any, bench_report: Any, name: str) -> None:
+    # Best of REPEATS over one relayed connection: the machine is shared, the best run is
+    # the one least disturbed by neighbours.
+    runs: list[float] = []
     with path(name) as (a, b):
-        elapsed = benchmark.pedantic(throughput, args=(a, b, SIZE), rounds=1, iterations=1)
-    mb_s = SIZE / 1e6 / elapsed
-    bench_report.record(GROUP, f"throughput_{name}", mb_s=round(mb_s, 1), bytes=SIZE,
-                        seconds=round(elapsed, 3))
+        benchmark.pedantic(lambda: runs.append(throughput(a, b, SIZE)), rounds=REPEATS,
+                           iterations=1)
+    best = min(runs)
+    bench_report.record(GROUP, f"throughput_{name}", mb_s=round(SIZE / 1e6 / best, 1),
+                        mb_s_median=round(SIZE / 1e6 / statistics.median(runs), 1),
+                        bytes=SIZE, runs=len(runs), seconds=round(best, 3))
 
 
 @pytest.mark.parametrize("name", PATHS)
