@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -62,6 +63,7 @@ def _install_sigterm() -> None:
 
 atexit.register(_teardown_all)
 
+DELAYER_START_TIMEOUT_S = 15.0
 _CONNTRACK_KEY = re.compile(r"^[a-z0-9_]+$")
 
 
@@ -72,15 +74,15 @@ class Lab:
                  jitter_ms: float = 0, loss_pct: float = 0.0, same_nat: bool = False,
                  hairpin: bool = False, conntrack: dict[str, int] | None = None) -> None:
         for label, v in (("rtt_ms", rtt_ms), ("jitter_ms", jitter_ms)):
-            if not isinstance(v, (int, float)) or not 0 <= v <= 10_000:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10_000:
                 raise ValueError(f"{label} must be a number in [0, 10000], got {v!r}")
-        if not isinstance(loss_pct, (int, float)) or not 0 <= loss_pct < 100:
+        if isinstance(loss_pct, bool) or not isinstance(loss_pct, (int, float)) or not 0 <= loss_pct < 100:
             raise ValueError(f"loss_pct must be in [0, 100), got {loss_pct!r}")
         self.conntrack = dict(conntrack or {})
         for key, value in self.conntrack.items():
             if not _CONNTRACK_KEY.match(str(key)):
                 raise ValueError(f"bad conntrack setting name {key!r} (e.g. 'tcp_timeout_established')")
-            if not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"conntrack {key} must be a non-negative int, got {value!r}")
         self.rtt_ms, self.jitter_ms, self.loss_pct = float(rtt_ms), float(jitter_ms), float(loss_pct)
         self.same_nat, self.hairpin = same_nat, hairpin
@@ -94,6 +96,7 @@ class Lab:
         self._procs: list[subprocess.Popen[Any] | asyncio.subprocess.Process] = []
         self._owner = 0
         self._closed = False
+        self._delayer: subprocess.Popen[str] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> Lab:
@@ -110,10 +113,11 @@ class Lab:
             _live.add(self)
         _install_sigterm()
         try:
+            # The delayer (a python start-up) boots while the namespaces are being wired.
             topology.build(self.name, self._plan, conntrack=self.conntrack, loss_pct=self.loss_pct,
-                           delay=delay)
+                           delay=delay, after_namespaces=self._spawn_delayer if delay else None)
             if delay:
-                self._start_delayer()
+                self._await_delayer()
         except BaseException as exc:
             self.close()
             if isinstance(exc, LabError):
@@ -133,12 +137,17 @@ class Lab:
             if name not in taken:
                 return name
 
-    def _start_delayer(self) -> None:
+    def _spawn_delayer(self) -> None:
         argv = [sys.executable, "-m", "pyholepunch.lab.delay", "--queue", str(topology.DELAY_QUEUE),
                 "--delay-ms", repr(self.rtt_ms / 2), "--jitter-ms", repr(self.jitter_ms)]
-        proc = self.spawn("core", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # the delayer flushes "ready" once bound to the queue
+        self._delayer = self.spawn("core", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def _await_delayer(self) -> None:
+        proc = self._delayer
+        assert proc is not None and proc.stdout is not None
+        # The delayer flushes "ready" once bound to the queue (a python start-up: ~0.1 s).
+        ready, _, _ = select.select([proc.stdout], [], [], DELAYER_START_TIMEOUT_S)
+        line = proc.stdout.readline() if ready else "(no answer)"
         if line.strip() != "ready":
             err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
             raise LabError(f"the NFQUEUE delayer did not start: {line.strip()} {err.strip()}")

@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import _ns
@@ -203,10 +204,14 @@ def _configure(node: Node, conntrack: dict[str, int], loss_pct: float, delay: bo
                 raise RuntimeError(f"iptables NFQUEUE rule failed: {r.stderr.strip()}")
 
 
-def build(prefix: str, p: Plan, *, conntrack: dict[str, int], loss_pct: float, delay: bool) -> None:
-    """Create every namespace, link and rule of `p`, each namespace named prefix + '-' + node."""
+def build(prefix: str, p: Plan, *, conntrack: dict[str, int], loss_pct: float, delay: bool,
+          after_namespaces: Callable[[], None] | None = None) -> None:
+    """Create every namespace, link and rule of `p`, each namespace named prefix + '-' + node;
+    `after_namespaces` runs as soon as the (empty) namespaces exist."""
     ns = {n: f"{prefix}-{n}" for n in p.nodes}
     _ns.create_many(list(ns.values()))
+    if after_namespaces is not None:
+        after_namespaces()
     by_creator: dict[str, list[Link]] = {}
     for link in p.links:
         by_creator.setdefault(link.node_a, []).append(link)
