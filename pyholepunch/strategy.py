@@ -19,7 +19,11 @@ Vocabulary
 
 Steps in the same ``parallel`` group may run at the same time (each on its own local port);
 the first success wins and the others are abandoned. Running them one after another instead
-is always correct, only slower.
+is always correct, only slower. :func:`plan` emits no groups today (see the LAN step).
+
+Checked in the NAT lab (40 ms RTT, native engine, pyholepunch.punch executing the plans): the
+first step of every one of the 34 traversable lab pairs connected; birthday 1024 x 1024
+connected 20/20 (port-restricted-rst, cgnat), also with the cone side 100 ms late.
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ class StepKind(StrEnum):
 
 
 class Action(StrEnum):
-    LISTEN = "listen"                          # bind the announced local port, accept only
+    LISTEN = "listen"                          # accept on the announced port, from any peer port
     CONNECT = "connect"                        # one connect from a fresh port to the peer's port
     SIMOPEN = "simopen"                        # bind, listen and connect from one port
     SWEEP_LOCAL_PORTS = "sweep-local-ports"    # `count` fresh local ports -> the peer's one port
