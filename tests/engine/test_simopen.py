@@ -116,6 +116,34 @@ def test_rst_rearm_until_peer_comes_up(engine: Engine, listen: bool, no_fd_leak:
         server.close()
 
 
+def test_rst_rearm_until_peer_engine_comes_up(engine: Engine, no_fd_leak: None) -> None:
+    """The late side is itself an engine punching back (listen=True) 0.3 s after us."""
+    pa, pb = free_port(A_IP), free_port(B_IP)
+    late: dict[str, Any] = {}
+
+    def peer() -> None:
+        time.sleep(0.3)
+        try:
+            late["res"] = engine.simultaneous_open((B_IP, pb), (A_IP, pa), None, 5.0,
+                                                   interval=0.02, listen=True)
+        except BaseException as exc:
+            late["err"] = exc
+
+    t = threading.Thread(target=peer)
+    t.start()
+    try:
+        res = engine.simultaneous_open((A_IP, pa), (B_IP, pb), None, 5.0, interval=0.02,
+                                       listen=False)
+    finally:
+        t.join()
+    assert "err" not in late, late
+    with res.sock as ours, late["res"].sock as theirs:
+        ours.sendall(b"ping")
+        assert theirs.recv(4) == b"ping"
+        assert ours.getpeername() == theirs.getsockname()
+    assert res.stats.rsts_seen > 0 and res.stats.attempts > res.stats.rsts_seen
+
+
 def test_refused_peer_times_out_with_stats(engine: Engine, no_fd_leak: None) -> None:
     pa, pb = free_port(A_IP), free_port(B_IP)
     t0 = time.time()
