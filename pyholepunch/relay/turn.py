@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
+MAX_PENDING_ATTEMPTS = 128
+ATTEMPT_BIND_WINDOW = 30.0      # RFC 6062 §5.3: the server waits 30 s for the ConnectionBind
+
 __all__ = ["TurnClient", "TurnCredentials", "accept_relayed", "connect_relayed", "offer_relayed"]
 
 
@@ -70,7 +73,9 @@ class TurnClient:
         self._read_task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._waiters: dict[bytes, asyncio.Future[Any]] = {}
-        self._attempts: asyncio.Queue[ConnectionAttempted] = asyncio.Queue()
+        # (arrival time, attempt); bounded: unaccepted peers must not grow memory.
+        self._attempts: asyncio.Queue[tuple[float, ConnectionAttempted]] = \
+            asyncio.Queue(MAX_PENDING_ATTEMPTS)
         self._dead: RelayError | None = None
         self._dead_event = asyncio.Event()
 
@@ -137,19 +142,27 @@ class TurnClient:
         self._check_alive()
         if self.proto.state is not State.ALLOCATED:
             raise RelayError(f"accept needs an allocation (state {self.proto.state.value})")
-        get = asyncio.ensure_future(self._attempts.get())
-        dead = asyncio.ensure_future(self._dead_event.wait())
-        try:
-            done, _ = await asyncio.wait({get, dead}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for f in (get, dead):
-                f.cancel()
-        if get not in done or get.cancelled():
-            self._check_alive()
-            raise TimeoutError(f"no peer connected to the TURN relayed address within {timeout} s")
-        attempt = get.result()
-        return attempt.peer, await self._bind(attempt.connection_id)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            get = asyncio.ensure_future(self._attempts.get())
+            dead = asyncio.ensure_future(self._dead_event.wait())
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                done, _ = await asyncio.wait({get, dead}, timeout=left,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for f in (get, dead):
+                    f.cancel()
+            if get not in done or get.cancelled():
+                self._check_alive()
+                raise TimeoutError(
+                    f"no peer connected to the TURN relayed address within {timeout} s")
+            arrived, attempt = get.result()
+            if loop.time() - arrived < ATTEMPT_BIND_WINDOW:
+                return attempt.peer, await self._bind(attempt.connection_id)
+            log.info("TURN: skipping connection attempt from %s:%d, too old to bind",
+                     *attempt.peer)
 
     async def close(self) -> None:
         """Release the allocation (best effort, bounded) and close the control connection."""
@@ -223,7 +236,11 @@ class TurnClient:
             if isinstance(event, ConnectionAttempted):
                 log.info("TURN: peer %s:%d connecting (connection id %d)", *event.peer,
                          event.connection_id)
-                self._attempts.put_nowait(event)
+                try:
+                    self._attempts.put_nowait((self._now(), event))
+                except asyncio.QueueFull:
+                    log.warning("TURN: %d connection attempts waiting, dropping one from %s:%d",
+                                MAX_PENDING_ATTEMPTS, *event.peer)
             elif isinstance(event, AllocationExpired):
                 log.warning("TURN allocation on %s:%d ended: %s", *self.server, event.reason)
                 self._die(RelayError(f"TURN allocation ended: {event.reason}"))
