@@ -177,7 +177,16 @@ def _decide_allocation(o: Observations, mapping: Mapping, nl: list[str],
         return Allocation.PRESERVING, None
     deltas = [(b[1] - a[1] + 32768) % 65536 - 32768 for a, b in zip(pairs, pairs[1:], strict=False)]
     delta, count = Counter(deltas).most_common(1)[0]
-    if delta != 0 and abs(delta) <= MAX_SEQUENTIAL_DELTA and count >= max(2, len(deltas) - 1):
+    sequential = delta != 0 and abs(delta) <= MAX_SEQUENTIAL_DELTA
+    if sequential and count == len(deltas):
+        conf["allocation"] = 1.0
+        return Allocation.SEQUENTIAL, delta
+    step = _reordered_step(pairs, o.allocation_lost)
+    if step is not None:
+        # a retransmitted (lost) probe got its mapping late: sequential, out of order
+        conf["allocation"] = 0.8
+        return Allocation.SEQUENTIAL, step
+    if sequential and count >= max(2, len(deltas) - 1):   # one foreign allocation in between
         conf["allocation"] = round(count / len(deltas), 2)
         return Allocation.SEQUENTIAL, delta
     if preserved >= len(pairs) - 1:
@@ -185,6 +194,21 @@ def _decide_allocation(o: Observations, mapping: Mapping, nl: list[str],
         return Allocation.PRESERVING, None
     conf["allocation"] = 0.8 if len(pairs) >= 4 else 0.6
     return Allocation.RANDOM, None
+
+
+def _reordered_step(pairs: list[tuple[int, int]], lost: int) -> int | None:
+    """The allocator's step if the mapped ports, in any order, form a progression with at
+    most ``lost + 1`` gaps (lost probes and one foreign allocation use ports too); its sign
+    comes from the send order."""
+    ports = sorted(mp for _, mp in pairs)
+    diffs = [b - a for a, b in zip(ports, ports[1:], strict=False)]
+    step = min(diffs)
+    if step <= 0 or step > MAX_SEQUENTIAL_DELTA or any(d % step for d in diffs):
+        return None
+    if sum(d // step - 1 for d in diffs) > lost + 1:
+        return None
+    ups = sum(1 for a, b in zip(pairs, pairs[1:], strict=False) if b[1] > a[1])
+    return step if ups * 2 >= len(pairs) - 1 else -step
 
 
 def build_profile(o: Observations) -> NatProfile:

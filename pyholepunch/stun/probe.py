@@ -229,14 +229,15 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
         obs.mapped_primary, obs.other_address = r1.mapped, r1.other_address
         obs.rtt = max(a.connect_time, r1.rtt)
         _, wait = _waits(obs.rtt)
-        step = max(1.0, 4 * obs.rtt) + wait
+        step = max(2.5, 6 * obs.rtt) + wait    # room for one SYN retransmission (1 s) and more
 
         # filtering on the listener's port, in the background
         filter_task = None
         if isinstance(f, StunTcpConnection):
             obs.filter_local = f.local
-            filter_task = asyncio.ensure_future(
-                _tcp_filtering(obs, f, catcher, SERVER_CONNECT_BACK_TIMEOUT + wait + 2 * obs.rtt))
+            # the server's budget, our patience for silence, and one TCP retransmission (RTO >= 0.2 s)
+            cb_wait = SERVER_CONNECT_BACK_TIMEOUT + wait + 2 * obs.rtt + 0.5
+            filter_task = asyncio.ensure_future(_tcp_filtering(obs, f, catcher, cb_wait, step))
         else:
             obs.notes.append(f"filtering: the filtering connection failed ({f!r})")
 
@@ -264,10 +265,10 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
 
 
 async def _tcp_filtering(obs: Observations, conn: StunTcpConnection, catcher: _ConnectBackCatcher,
-                         wait: float) -> None:
+                         wait: float, first_timeout: float) -> None:
     from ..nat.classify import Outcome
     try:
-        rf = await conn.binding(timeout=wait)
+        rf = await conn.binding(timeout=first_timeout)   # TCP's own retransmission may be needed
     except (TransactionTimeout, TransactionFailed, OSError, ProtocolError) as exc:
         obs.notes.append(f"filtering: no answer on the filtering connection ({exc})")
         return

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import logging
 import socket
+import struct
 from typing import Any
 
 from ..errors import ProtocolError
@@ -222,34 +223,23 @@ class StunServer:
         task.add_done_callback(self._tasks.discard)
 
     async def _connect_back(self, reply: Reply, remote: Address, writer: asyncio.StreamWriter) -> None:
-        """Deliver a change answer by connecting from ``reply.source`` to the client."""
+        """Deliver a change answer by connecting from ``reply.source`` to the client.
+
+        A lost SYN must not read as "filtered", and the kernel would only retransmit after
+        1 s: so the SYN is re-sent by fresh attempts spaced by a few RTTs (the RTT the
+        kernel measured on the client's connection), within ``connect_back_timeout``
+        stretched to at least 4 RTTs."""
         self.stats["connect_backs"] += 1
-        result = ConnectBack.FAILED
+        rtt = _tcp_rtt(writer) or 0.05
+        spacing = max(0.2, 3 * rtt)
+        budget = max(self.connect_back_timeout, 4 * rtt)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        result = ConnectBack.TIMEOUT
         async with self._connect_backs:
-            sock = socket.socket(socket.AF_INET6 if ":" in remote[0] else socket.AF_INET,
-                                 socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.setblocking(False)
-                sock.bind(reply.source)
-                loop = asyncio.get_running_loop()
-                await asyncio.wait_for(loop.sock_connect(sock, remote), self.connect_back_timeout)
-                await asyncio.wait_for(loop.sock_sendall(sock, reply.data), self.connect_back_timeout)
-                self.stats["tcp_out"] += 1
-                result = ConnectBack.CONNECTED
-                # let the client read before the FIN; it closes first normally
-                with contextlib.suppress(TimeoutError, OSError):
-                    await asyncio.wait_for(loop.sock_recv(sock, 1), 1.0)
-            except TimeoutError:
-                result = ConnectBack.TIMEOUT
-            except ConnectionRefusedError:
-                result = ConnectBack.REFUSED
-            except OSError as exc:
-                result = ConnectBack.UNREACHABLE if exc.errno in _UNREACHABLE else ConnectBack.FAILED
-                log.debug("connect-back %s -> %s: %r", reply.source, remote, exc)
-            finally:
-                sock.close()
+            while result is ConnectBack.TIMEOUT and loop.time() < deadline:
+                left = deadline - loop.time()
+                result = await self._connect_once(reply, remote, left if left < 2 * spacing else spacing)
         log.debug("connect-back %s -> %s: %s", reply.source, remote, result.name)
         if result is ConnectBack.CONNECTED or reply.request is None or writer.is_closing():
             return
@@ -259,6 +249,31 @@ class StunServer:
         with contextlib.suppress(ConnectionError, OSError):
             writer.write(resp.encode(fingerprint=True))
             await writer.drain()
+
+    async def _connect_once(self, reply: Reply, remote: Address, timeout: float) -> ConnectBack:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6 if ":" in remote[0] else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setblocking(False)
+            sock.bind(reply.source)
+            await asyncio.wait_for(loop.sock_connect(sock, remote), timeout)
+            await asyncio.wait_for(loop.sock_sendall(sock, reply.data), max(timeout, 1.0))
+            self.stats["tcp_out"] += 1
+            # let the client read before our FIN; it normally closes first
+            with contextlib.suppress(TimeoutError, OSError):
+                await asyncio.wait_for(loop.sock_recv(sock, 1), 1.0)
+            return ConnectBack.CONNECTED
+        except TimeoutError:
+            return ConnectBack.TIMEOUT   # closing a SYN_SENT socket sends nothing: retry is clean
+        except ConnectionRefusedError:
+            return ConnectBack.REFUSED
+        except OSError as exc:
+            log.debug("connect-back %s -> %s: %r", reply.source, remote, exc)
+            return ConnectBack.UNREACHABLE if exc.errno in _UNREACHABLE else ConnectBack.FAILED
+        finally:
+            sock.close()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def close(self) -> None:
@@ -304,6 +319,19 @@ def _probe_bind(socks: list[socket.socket], host: str, port: int) -> int:
     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     tcp.bind((host, port))
     return port
+
+
+def _tcp_rtt(writer: asyncio.StreamWriter) -> float | None:
+    """The kernel's smoothed RTT of a TCP connection (Linux TCP_INFO), in seconds."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        rtt_us = struct.unpack_from("=I", info, 68)[0]   # tcpi_rtt: after 8 u8 and 15 u32
+    except (OSError, struct.error):
+        return None
+    return rtt_us / 1e6 if rtt_us else None
 
 
 def _addr(value: Any) -> Address | None:

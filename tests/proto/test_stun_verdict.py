@@ -76,6 +76,12 @@ def test_allocation_kinds() -> None:
     one_off = build_profile(obs(allocation=[(1, 9000), (2, 9002), (3, 9004), (4, 9010), (5, 9012)]))
     assert (one_off.allocation, one_off.delta) == (Allocation.SEQUENTIAL, 2)
     assert one_off.confidence["allocation"] == 0.75
+    late = build_profile(obs(allocation=[(1, 9001), (2, 9002), (3, 9000), (4, 9004)], allocation_lost=1))
+    assert (late.allocation, late.delta, late.confidence["allocation"]) == (Allocation.SEQUENTIAL, 1, 0.8)
+    down = build_profile(obs(allocation=[(1, 9003), (2, 9001), (3, 9002), (4, 9000)]))
+    assert (down.allocation, down.delta) == (Allocation.SEQUENTIAL, -1)
+    gappy = build_profile(obs(allocation=[(1, 9000), (2, 9010), (3, 9003), (4, 9020)]))
+    assert gappy.allocation is Allocation.RANDOM
     rnd = build_profile(obs(allocation=[(1, 40000), (2, 1200), (3, 33333), (4, 5000)]))
     assert rnd.allocation is Allocation.RANDOM
     few = build_profile(obs(allocation=[(1, 2)], allocation_lost=4))
