@@ -113,7 +113,7 @@ def render_table(profiles: dict[str, NatProfile], took: dict[str, float] | None 
     row("public IPs", lambda p: ", ".join(p.public_ips) or "-")
     row("local IPs", lambda p: ", ".join(p.local_ips) or "-")
     if took:
-        row("took", lambda p: f"{took.get(str(p.transport), 0):.2f} s")
+        row("took", lambda p: f"{took.get(str(p.transport), 0):.3f} s")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     notes = [f"{k.upper()}: {n}" for k, p in profiles.items() for n in p.not_learned]

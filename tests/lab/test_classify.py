@@ -6,6 +6,7 @@ alternate port, so RFC 5780 works); the classifier runs in node "a" behind the N
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -134,8 +135,9 @@ def test_coturn_over_tcp_learns_what_it_can_and_says_what_not(env: Env) -> None:
     assert any(n.startswith("filtering:") and "400" in n for n in p.not_learned), p.not_learned
 
 
-def test_verdict_under_40ms_rtt() -> None:
-    """The probe waits scale with the measured RTT: still right on a 40 ms path."""
+def test_cli_json_under_40ms_rtt() -> None:
+    """`pyholepunch nat-type --json` in node a on a 40 ms path: the probe waits scale with
+    the measured RTT, the verdict stays right, the JSON schema is the documented one."""
     from pyholepunch.lab import Lab
 
     with Lab(a="symmetric-seq", b="none", rtt_ms=40) as lab:
@@ -144,9 +146,16 @@ def test_verdict_under_40ms_rtt() -> None:
                          stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+            out = lab.run("a", [sys.executable, "-m", "pyholepunch", "nat-type", "--server",
+                                f"{lab.server_ip}:{OUR_PORT}", "--json"], timeout=30)
+            assert out.returncode == 0, out.stderr
+            doc = json.loads(out.stdout)
+            assert doc["schema"] == 1
             for transport in ("udp", "tcp"):
-                p = lab.call("a", run_sync, (lab.server_ip, OUR_PORT), transport=transport, timeout=30)
-                assert p.label == "symmetric (sequential +1)", p.to_dict()
+                p = NatProfile.from_dict(doc["profiles"][transport])
+                assert p.label == "symmetric (sequential +1)", doc
+                assert p.public_ips == (lab.public_ip("a"),) and p.not_learned == ()
+            assert doc["profiles"]["tcp"]["unsolicited_syn"] == "drop"
         finally:
             proc.terminate()
             proc.wait(5)
