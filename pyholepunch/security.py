@@ -52,7 +52,6 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 _NOT_BEFORE = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
 _NOT_AFTER = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)
 
-_NO_TIMEOUT = 3600.0     # asyncio's own handshake timeout; ours (asyncio.timeout) comes first
 _cert_cache: dict[bytes, bytes] = {}
 _CTX_CACHE_SIZE = 128
 _ctx_cache: OrderedDict[tuple[bytes, bytes, bool], ssl.SSLContext] = OrderedDict()
@@ -203,14 +202,15 @@ async def secure_stream(
         raise
 
     writer: asyncio.StreamWriter | None = None
+    sock = conn if isinstance(conn, socket.socket) else None
     try:
         async with asyncio.timeout(timeout):
             if isinstance(conn, socket.socket):
-                reader, writer = await _handshake(conn, ctx, initiator=initiator, limit=limit,
-                                                  peer_id=peer_id)
-            else:
-                reader, writer = await _handshake_streams(conn, ctx, initiator=initiator,
-                                                          limit=limit, peer_id=peer_id)
+                # One TLS path for sockets and streams: ours, since asyncio's own drops the
+                # alert that tells a refused peer why (it sees a bare reset instead).
+                conn = await asyncio.open_connection(sock=conn, limit=limit)
+            reader, writer = await _handshake_streams(conn, ctx, initiator=initiator,
+                                                      limit=limit, peer_id=peer_id)
             _check_peer(writer, peer_cert, peer_id)
             if initiator:
                 await _await_confirmation(reader, peer_id)
@@ -218,32 +218,13 @@ async def secure_stream(
                 writer.write(CONFIRM)
                 await writer.drain()
     except TimeoutError:
-        _abort(writer, conn)
+        _abort(writer, conn, sock)
         raise TimeoutError(f"TLS handshake with peer {peer_id} took longer than {timeout} s") from None
     except BaseException:
-        _abort(writer, conn)
+        _abort(writer, conn, sock)
         raise
     log.debug("TLS 1.3 with peer %s established (%s)", peer_id, "client" if initiator else "server")
     return reader, writer
-
-
-async def _handshake(sock: socket.socket, ctx: ssl.SSLContext, *, initiator: bool, limit: int,
-                     peer_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
-    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    try:
-        if initiator:
-            # server_hostname "" = no SNI, no name check: the pin is the check.
-            transport, _ = await loop.create_connection(lambda: protocol, sock=sock, ssl=ctx,
-                                                        server_hostname="",
-                                                        ssl_handshake_timeout=_NO_TIMEOUT)
-        else:
-            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=ctx,
-                                                              ssl_handshake_timeout=_NO_TIMEOUT)
-    except (ConnectionError, ssl.SSLError) as exc:
-        raise _handshake_error(exc, peer_id) from None
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 def _handshake_error(exc: BaseException, peer_id: str) -> BaseException:
@@ -260,7 +241,7 @@ def _handshake_error(exc: BaseException, peer_id: str) -> BaseException:
 
 async def _handshake_streams(conn: Streams, ctx: ssl.SSLContext, *, initiator: bool, limit: int,
                              peer_id: str) -> Streams:
-    """TLS through memory BIOs over existing streams (start_tls would lose buffered bytes)."""
+    """TLS through memory BIOs over plain streams (start_tls would lose buffered bytes)."""
     inner_reader, inner_writer = conn
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(incoming, outgoing, server_side=not initiator)
@@ -340,13 +321,18 @@ async def _await_confirmation(reader: asyncio.StreamReader, peer_id: str) -> Non
             "certificate" if not byte else f"peer {peer_id} sent {byte!r} instead of the confirmation")
 
 
-def _abort(writer: asyncio.StreamWriter | None, conn: socket.socket | Streams) -> None:
+def _abort(writer: asyncio.StreamWriter | None, conn: socket.socket | Streams,
+           sock: socket.socket | None = None) -> None:
+    """Close everything after a failure; ``sock`` is the caller's socket, if one was given."""
     if writer is not None:
         writer.transport.abort()
     if isinstance(conn, socket.socket):
         conn.close()
-    else:
-        conn[1].transport.abort()
+        return
+    transport = conn[1].transport
+    transport.close()           # not abort: a queued TLS alert still tells the peer why
+    if sock is not None and not transport.get_write_buffer_size():
+        sock.close()            # nothing left to flush: closed now, not a loop turn later
 
 
 class _BioTransport(asyncio.Transport):
