@@ -220,7 +220,13 @@ class StunServer:
             return
         task = asyncio.create_task(self._connect_back(reply, remote, writer))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._connect_back_done)
+
+    def _connect_back_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.stats["errors"] += 1
+            log.error("connect-back failed", exc_info=task.exception())
 
     async def _connect_back(self, reply: Reply, remote: Address, writer: asyncio.StreamWriter) -> None:
         """Deliver a change answer by connecting from ``reply.source`` to the client.
