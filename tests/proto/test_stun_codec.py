@@ -6,6 +6,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyholepunch.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from pyholepunch.stun import codec
@@ -232,3 +234,36 @@ def test_error_response_shape() -> None:
     resp = StunMessage.parse(bytes(codec.error_response(req, 420, unknown=[0x7777], software="s")))
     assert resp.cls is MessageClass.ERROR and resp.error == ErrorValue(420, "Unknown Attribute")
     assert resp.get(AttrType.UNKNOWN_ATTRIBUTES) == (0x7777,)
+
+
+_addr = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str)
+_attr = st.one_of(
+    st.tuples(st.sampled_from([AttrType.XOR_MAPPED_ADDRESS, AttrType.MAPPED_ADDRESS,
+                               AttrType.RESPONSE_ORIGIN, AttrType.OTHER_ADDRESS]),
+              st.tuples(_addr, st.integers(0, 65535))),
+    st.tuples(st.just(AttrType.CHANGE_REQUEST), st.builds(ChangeRequest, st.booleans(), st.booleans())),
+    st.tuples(st.just(AttrType.ERROR_CODE),
+              st.builds(ErrorValue, st.integers(300, 699), st.text(min_size=1, max_size=40))),
+    st.tuples(st.sampled_from([AttrType.SOFTWARE, AttrType.REALM, AttrType.NONCE]), st.text(max_size=60)),
+    st.tuples(st.just(AttrType.UNKNOWN_ATTRIBUTES), st.lists(st.integers(0, 0xFFFF), max_size=5).map(tuple)),
+    st.tuples(st.integers(0xC000, 0xFFFF).filter(lambda t: t not in codec.ATTRIBUTES),
+              st.binary(max_size=30)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(attrs=st.lists(_attr, max_size=6), tid=st.binary(min_size=12, max_size=12),
+       cls=st.sampled_from(list(MessageClass)),
+       key=st.one_of(st.none(), st.binary(min_size=1, max_size=20)), fingerprint=st.booleans())
+def test_property_round_trip(attrs: list[tuple[int, object]], tid: bytes, cls: MessageClass,
+                             key: bytes | None, fingerprint: bool) -> None:
+    msg = StunMessage(Method.BINDING, cls, tid, list(attrs))
+    data = msg.encode(key=key, fingerprint=fingerprint)
+    back = StunMessage.parse(data)
+    extra = [t for t, _ in back.attributes[len(attrs):]]
+    assert back.attributes[:len(attrs)] == [(t, v) for t, v in attrs]
+    assert extra == [AttrType.MESSAGE_INTEGRITY] * (key is not None) + [AttrType.FINGERPRINT] * fingerprint
+    assert back.transaction_id == tid and back.cls is cls
+    if key is not None:
+        assert back.verify_integrity(key)
+    assert bytes(back) == data
