@@ -146,13 +146,16 @@ def _decide_filtering(o: Observations, nl: list[str], conf: dict[str, float]) ->
 def _decide_syn(o: Observations, nl: list[str], conf: dict[str, float]) -> SynResponse:
     if o.transport is not Transport.TCP:
         return SynResponse.UNKNOWN
-    results = [p for p in (o.filter_both, o.filter_port) if p.outcome is Outcome.BLOCKED]
-    if results:
-        cb = results[0].connect_back
+    seen = [p.connect_back for p in (o.filter_both, o.filter_port)
+            if p.outcome is Outcome.BLOCKED and p.connect_back is not None]
+    if seen:
+        # a RST or an ICMP error is positive evidence; a timeout may also be a lost RST
+        answered = [cb for cb in seen if cb is not ConnectBack.TIMEOUT]
+        cb = answered[0] if answered else ConnectBack.TIMEOUT
         verdict = {ConnectBack.REFUSED: SynResponse.RST, ConnectBack.TIMEOUT: SynResponse.DROP,
-                   ConnectBack.UNREACHABLE: SynResponse.ICMP}.get(cb) if cb is not None else None
+                   ConnectBack.UNREACHABLE: SynResponse.ICMP}.get(cb)
         if verdict is not None:
-            conf["unsolicited_syn"] = 0.9
+            conf["unsolicited_syn"] = 0.9 if len(set(seen)) == 1 else 0.7
             return verdict
     elif o.filter_both.outcome is Outcome.PASSED:
         conf["unsolicited_syn"] = 1.0

@@ -89,6 +89,7 @@ async def probe_udp(obs: Observations, *, local_ip: str | None, timeout: float,
     obs.local_ip = ip
     first: dict[str, Any] = dict(rto=min(0.25, timeout / 4), rc=6, timeout=timeout)
     clients: list[StunUdpClient] = []
+    filter_task: asyncio.Future[list[Any]] | None = None
     try:
         sm = await StunUdpClient.open((ip, 0))
         sf = await StunUdpClient.open((ip, 0))
@@ -105,7 +106,6 @@ async def probe_udp(obs: Observations, *, local_ip: str | None, timeout: float,
         quick: dict[str, Any] = dict(rto=rto, rc=4, timeout=wait)
 
         # filtering runs in the background: it creates no mapping
-        filter_task = None
         if isinstance(rf, BindingResult):
             obs.mapped_filter = rf.mapped
             filter_task = asyncio.ensure_future(_gather(
@@ -155,6 +155,8 @@ async def probe_udp(obs: Observations, *, local_ip: str | None, timeout: float,
             _udp_filter_outcome(obs, obs.filter_both, CHANGE_BOTH, fb)
             _udp_filter_outcome(obs, obs.filter_port, CHANGE_PORT, fp)
     finally:
+        if filter_task is not None and not filter_task.done():
+            filter_task.cancel()
         for c in clients:
             c.close()
 
@@ -208,8 +210,13 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
     lsock = _listener((ip, 0))
     p2 = lsock.getsockname()[1]
     catcher = _ConnectBackCatcher()
-    listener = await asyncio.start_server(catcher.handle, sock=lsock)
+    try:
+        listener = await asyncio.start_server(catcher.handle, sock=lsock)
+    except BaseException:
+        lsock.close()
+        raise
     conns: list[StunTcpConnection] = []
+    filter_task: asyncio.Future[None] | None = None
     try:
         a, f = await _gather(StunTcpConnection.open(obs.server, local=(ip, 0), connect_timeout=timeout),
                              StunTcpConnection.open(obs.server, local=(ip, p2), connect_timeout=timeout))
@@ -232,7 +239,6 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
         step = max(2.5, 6 * obs.rtt) + wait    # room for one SYN retransmission (1 s) and more
 
         # filtering on the listener's port, in the background
-        filter_task = None
         if isinstance(f, StunTcpConnection):
             obs.filter_local = f.local
             # the server's budget, our patience for silence, and one TCP retransmission (RTO >= 0.2 s)
@@ -257,6 +263,10 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
         if filter_task is not None:
             await filter_task
     finally:
+        if filter_task is not None and not filter_task.done():
+            filter_task.cancel()
+            with contextlib.suppress(BaseException):
+                await filter_task
         for c in conns:
             await c.close()
         listener.close()

@@ -43,6 +43,10 @@ def test_rst_and_icmp() -> None:
     icmp = FilterProbe(Outcome.BLOCKED, ConnectBack.UNREACHABLE)
     p = build_profile(obs(Transport.TCP, filter_both=icmp, filter_port=icmp))
     assert p.unsolicited_syn is SynResponse.ICMP
+    # one RST seen, the other connect-back timed out (its RST lost): still rst
+    p = build_profile(obs(Transport.TCP, filter_both=FilterProbe(Outcome.BLOCKED, ConnectBack.TIMEOUT),
+                          filter_port=rst))
+    assert p.unsolicited_syn is SynResponse.RST and p.confidence["unsolicited_syn"] == 0.7
 
 
 def test_mapping_kinds() -> None:
