@@ -91,7 +91,10 @@ class Connection:
         self._closed = False
         self._keepalive: KeepAlive | None = None
         if keepalive is not None:
-            self._apply_keepalive(keepalive)
+            try:
+                self._apply_keepalive(keepalive)
+            except (ValueError, OSError) as exc:    # never lose a live connection over it
+                log.warning("TCP keepalive not set on the connection to %s: %s", peer_id, exc)
 
     # --- data ------------------------------------------------------------------------------
 
