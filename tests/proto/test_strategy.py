@@ -329,3 +329,11 @@ def test_birthday_probability_matches_the_measured_sizes() -> None:
     assert st.birthday_probability(1024, 1024) > 1 - 1e-7          # 1 - e^-16
     assert 0.98 < st.birthday_probability(512, 512) < 0.99          # 1 - e^-4
     assert st.birthday_probability(1, 1) == pytest.approx(1 / 64512, rel=1e-4)
+
+
+def test_round_trip_through_msgpack_as_signaling_sends_it() -> None:
+    msgpack = pytest.importorskip("msgpack")
+    for a, b in PAIRS:
+        plan = st.plan(LAB[a], LAB[b], rtt=0.037, same_public_ip=(a == b))
+        wire = msgpack.unpackb(msgpack.packb(plan.to_dict()), raw=False)
+        assert st.Plan.from_dict(wire) == plan
