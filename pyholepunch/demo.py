@@ -13,10 +13,10 @@ import argparse
 import contextlib
 import json
 import os
-import selectors
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -65,28 +65,40 @@ class Progress:
             print(f"[{time.monotonic() - self.t0:6.2f}s] {text}", file=sys.stderr, flush=True)
 
 
-def _wait_for_line(proc: subprocess.Popen[bytes], needle: str, timeout: float, what: str,
-                   stream: str = "stdout") -> str:
-    """Read ``proc``'s stream until a line containing ``needle``; fail clearly otherwise."""
-    pipe = getattr(proc, stream)
-    sel = selectors.DefaultSelector()
-    sel.register(pipe, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    seen: list[str] = []
-    try:
-        while (left := deadline - time.monotonic()) > 0:
-            if not sel.select(left):
-                break
-            line = pipe.readline().decode(errors="replace")
-            if not line:
-                break
-            seen.append(line.rstrip())
-            if needle in line:
-                return line.strip()
-    finally:
-        sel.close()
-    tail = "\n  ".join(seen[-8:]) or "(no output)"
-    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s:\n  {tail}")
+class _Lines:
+    """Every line a process writes to one stream, read by a thread so its pipe never fills."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], stream: str, what: str) -> None:
+        self.proc, self.what = proc, what
+        self.lines: list[str] = []
+        self._new = threading.Condition()
+        self._eof = False
+        threading.Thread(target=self._pump, args=(getattr(proc, stream),), daemon=True).start()
+
+    def _pump(self, pipe: Any) -> None:
+        for raw in iter(pipe.readline, b""):
+            with self._new:
+                self.lines.append(raw.decode(errors="replace").rstrip())
+                self._new.notify_all()
+        with self._new:
+            self._eof = True
+            self._new.notify_all()
+
+    def wait_for(self, needle: str, timeout: float) -> str:
+        """The first line containing ``needle``; RuntimeError naming what came instead."""
+        deadline = time.monotonic() + timeout
+        with self._new:
+            while True:
+                for line in self.lines:
+                    if needle in line:
+                        return line.strip()
+                left = deadline - time.monotonic()
+                if self._eof or left <= 0:
+                    break
+                self._new.wait(left)
+            tail = "\n  ".join(self.lines[-8:]) or "(no output)"
+        state = "still running" if self.proc.poll() is None else f"exited with {self.proc.returncode}"
+        raise RuntimeError(f"{self.what} did not come up within {timeout:.0f} s ({state}):\n  {tail}")
 
 
 @contextlib.contextmanager
@@ -179,7 +191,7 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
                                "--state-dir", str(work / "server")),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     procs.append(srv)
-    line = _wait_for_line(srv, "fingerprint", timeout, "the server")
+    line = _Lines(srv, "stdout", "the server").wait_for("fingerprint", timeout)
     fingerprint = line.split()[-1]
     common = ["--server", server, "--server-fingerprint", fingerprint, *engine_opt]
 
@@ -188,7 +200,7 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
                           "--config-dir", str(work / "bob"), "--json", str(work / "bob.json")),
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     procs.append(bob)
-    _wait_for_line(bob, "listening as", timeout, "peer b", stream="stderr")
+    _Lines(bob, "stderr", "peer b").wait_for("listening as", timeout)
 
     progress("peer a: classifying its NAT, registering as 'alice' and connecting to 'bob'")
     t = time.monotonic()
