@@ -159,3 +159,30 @@ def test_cli_json_under_40ms_rtt() -> None:
         finally:
             proc.terminate()
             proc.wait(5)
+
+
+@pytest.mark.parametrize("nat", ["symmetric-seq", "port-restricted-rst"])
+def test_loss_gives_right_or_honestly_unknown_verdicts(nat: str) -> None:
+    """10 % loss on the path: each finding is the ground truth or ``unknown`` with a reason
+    in ``not_learned`` — never a wrong verdict."""
+    from pyholepunch.lab import Lab
+
+    nat_type, allocation, delta, syn = GROUND_TRUTH[nat]
+    with Lab(a=nat, b="none", rtt_ms=20, loss_pct=10) as lab:
+        proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen",
+                                    f"{lab.server_ip}:{OUR_PORT}", "--alt-ip", lab.server_alt_ip],
+                         stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+            for transport in ("udp", "tcp"):
+                p = lab.call("a", run_sync, (lab.server_ip, OUR_PORT), transport=transport, timeout=30)
+                assert p.nat_type in (nat_type, "unknown"), p.to_dict()
+                assert (p.allocation, p.delta) in ((allocation, delta), (Allocation.UNKNOWN, None)), \
+                    p.to_dict()
+                if transport == "tcp":
+                    assert p.unsolicited_syn in (syn, SynResponse.UNKNOWN), p.to_dict()
+                if p.nat_type == "unknown" or p.allocation is Allocation.UNKNOWN:
+                    assert p.not_learned, p.to_dict()
+        finally:
+            proc.terminate()
+            proc.wait(5)
