@@ -61,6 +61,19 @@ def _wait_stun(server: tuple[str, int], deadline_s: float) -> bool:
     return False
 
 
+def _coturn_argv(ips: list[str], port: int, work: str) -> list[str]:
+    """Debian's turnserver, no auth (STUN Binding only needs none); with two IPs it does
+    RFC 5780 (alternate port = port + 1), with one it answers CHANGE-REQUEST with 420."""
+    argv = ["turnserver", "-n", "--no-cli", "--no-tls", "--no-dtls", "-z", "--realm", "lab"]
+    for ip in ips:
+        argv += ["--listening-ip", ip]
+    return argv + [
+        "--relay-ip", ips[0], "--listening-port", str(port), "--alt-listening-port", str(port + 1),
+        "--min-port", "40000", "--max-port", "40100", "--no-stdout-log", "--simple-log",
+        "--log-file", f"{work}/turn-{ips[0]}.log", "--pidfile", f"{work}/turn-{ips[0]}.pid",
+        "--userdb", f"{work}/turndb-{ips[0]}"]
+
+
 @pytest.fixture(scope="module", params=list(GROUND_TRUTH))
 def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     from pyholepunch.lab import Lab
@@ -70,14 +83,8 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
         ours = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen",
                                     f"{lab.server_ip}:{OUR_PORT}", "--alt-ip", lab.server_alt_ip],
                          stdout=subprocess.PIPE, text=True)
-        coturn = lab.spawn("server", [
-            "turnserver", "-n", "--no-cli", "--no-tls", "--no-dtls", "-z", "--realm", "lab",
-            "--listening-ip", lab.server_ip, "--listening-ip", lab.server_alt_ip,
-            "--relay-ip", lab.server_ip, "--listening-port", str(COTURN_PORT),
-            "--alt-listening-port", str(COTURN_PORT + 1), "--min-port", "40000", "--max-port", "40100",
-            "--no-stdout-log", "--simple-log", "--log-file", f"{work}/turn.log",
-            "--pidfile", f"{work}/turn.pid", "--userdb", f"{work}/turndb"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        coturn = lab.spawn("server", _coturn_argv([lab.server_ip, lab.server_alt_ip], COTURN_PORT, work),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             assert ours.stdout is not None
             line = ours.stdout.readline()
@@ -186,3 +193,34 @@ def test_loss_gives_right_or_honestly_unknown_verdicts(nat: str) -> None:
         finally:
             proc.terminate()
             proc.wait(5)
+
+
+@pytest.mark.parametrize("nat", ["port-restricted", "symmetric-random"])
+def test_plain_coturn_without_rfc5780(nat: str) -> None:
+    """coturn on one address (no OTHER-ADDRESS, CHANGE-REQUEST -> 420): the profile says what
+    it could not learn; a second plain server on another IP restores the mapping test."""
+    from pyholepunch.lab import Lab
+
+    nat_type, allocation, delta, _ = GROUND_TRUTH[nat]
+    with Lab(a=nat, b="none") as lab, tempfile.TemporaryDirectory() as work:
+        procs = [lab.spawn("server", _coturn_argv([ip], COTURN_PORT, work),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for ip in (lab.server_ip, lab.server_alt_ip)]
+        try:
+            first, second = (lab.server_ip, COTURN_PORT), (lab.server_alt_ip, COTURN_PORT)
+            for server in (first, second):
+                assert lab.call("a", _wait_stun, server, 8.0, timeout=15), "coturn did not answer"
+            alone = lab.call("a", run_sync, first, transport="udp", timeout=30)
+            assert alone.nat_type == "unknown" and (alone.allocation, alone.delta) == (allocation, delta)
+            assert any("no OTHER-ADDRESS" in n for n in alone.not_learned), alone.not_learned
+            assert any(n.startswith("filtering:") and "420" in n for n in alone.not_learned)
+            paired = lab.call("a", run_sync, first, transport="udp", alt_server=second, timeout=30)
+            expected = "symmetric" if nat_type == "symmetric" else "unknown"   # filtering still unknown
+            assert paired.nat_type == expected, paired.to_dict()
+            assert paired.mapping.value == ("address-and-port-dependent" if expected == "symmetric"
+                                            else "endpoint-independent")
+            assert not any(n.startswith("mapping:") and "OTHER-ADDRESS" in n for n in paired.not_learned)
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(5)
