@@ -233,7 +233,8 @@ def build_profile(o: Observations) -> NatProfile:
     if hairpin is None:
         nl.append(f"hairpin: {o.hairpin_detail or 'not tested'}")
     else:
-        conf["hairpin"] = 1.0 if hairpin else 0.8
+        # a "no" is weaker: some NATs hairpin between hosts but not back to the sender itself
+        conf["hairpin"] = 1.0 if hairpin else 0.6
     publics = []
     for addr in (o.mapped_primary, o.mapped_filter, o.mapped_alt_ip, o.mapped_alt_both):
         if addr is not None and addr[0] not in publics:
