@@ -221,9 +221,9 @@ class StunTcpConnection:
         self.connect_time = 0.0
 
     @classmethod
-    async def open(cls, server: Address, *, local: Address = ("0.0.0.0", 0),
+    async def open(cls, server: Address, *, local: Address | None = None,
                    connect_timeout: float = 5.0, **kwargs: Any) -> StunTcpConnection:
-        sock = reusable_socket(local)
+        sock = reusable_socket(local or any_address(server))
         loop = asyncio.get_running_loop()
         start = time.monotonic()
         try:
@@ -289,11 +289,17 @@ class StunTcpConnection:
         await self.close()
 
 
-async def stun_binding(server: Address, *, transport: str = "udp", local: Address = ("0.0.0.0", 0),
+def any_address(server: Address) -> Address:
+    """The wildcard local address of the server's family."""
+    return ("::", 0) if ":" in server[0] else ("0.0.0.0", 0)
+
+
+async def stun_binding(server: Address, *, transport: str = "udp", local: Address | None = None,
                        change: ChangeRequest | None = None, rto: float = DEFAULT_RTO,
                        rc: int = DEFAULT_RC, rm: int = DEFAULT_RM, ti: float = DEFAULT_TI,
                        software: str | None = None) -> BindingResult:
     """One Binding transaction over ``transport`` (udp | tcp): the simple public entry."""
+    local = local or any_address(server)
     if transport == "udp":
         async with await StunUdpClient.open(local, rto=rto, rc=rc, rm=rm, software=software) as c:
             return await c.binding(server, change=change)

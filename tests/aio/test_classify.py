@@ -85,3 +85,22 @@ async def test_udp_blocked_but_tcp_works() -> None:
         await srv.close()
     assert udp.nat_type == "unknown" and "no UDP answer" in udp.not_learned[0]
     assert tcp.nat_type == "open"
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_ipv6(transport: str) -> None:
+    async with StunServer(("::1", 0)) as srv:
+        p = await classify_nat(srv.primary, transport=transport)
+    assert p.nat_type == "open" and p.public_ips == ("::1",)
+    assert p.server == f"{transport}://[::1]:{srv.primary[1]}"
