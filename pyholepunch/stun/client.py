@@ -78,6 +78,11 @@ def _result(resp: StunMessage, local: Address, source: Address, rtt: float) -> B
                          resp.get(AttrType.OTHER_ADDRESS), resp.get(AttrType.SOFTWARE), rtt, resp)
 
 
+def format_address(addr: Address) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def new_transaction_id() -> bytes:
     return os.urandom(12)
 
@@ -161,7 +166,7 @@ class StunUdpClient:
             if not fut.done():
                 await asyncio.wait([fut], timeout=max(0.0, start + give_up - time.monotonic()))
             if not fut.done():
-                raise TransactionTimeout(f"no STUN answer from {server[0]}:{server[1]} "
+                raise TransactionTimeout(f"no STUN answer from {format_address(server)} "
                                          f"after {len(sends)} sends in {give_up:.2f} s")
             resp, source, at = fut.result()
         finally:
@@ -230,7 +235,7 @@ class StunTcpConnection:
             await asyncio.wait_for(loop.sock_connect(sock, server), connect_timeout)
         except TimeoutError:
             sock.close()
-            raise TransactionTimeout(f"TCP connect to {server[0]}:{server[1]} timed out "
+            raise TransactionTimeout(f"TCP connect to {format_address(server)} timed out "
                                      f"after {connect_timeout:.2f} s") from None
         except BaseException:
             sock.close()
@@ -249,7 +254,7 @@ class StunTcpConnection:
                 raise TimeoutError("no STUN message")
             data = await asyncio.wait_for(self.reader.read(4096), remaining)
             if not data:
-                raise ConnectionResetError(f"{self.remote[0]}:{self.remote[1]} closed the connection")
+                raise ConnectionResetError(f"{format_address(self.remote)} closed the connection")
             self._queue += [StunMessage.parse(f) for f in self._framer.feed(data)]
         return self._queue.pop(0)
 
@@ -266,8 +271,8 @@ class StunTcpConnection:
             try:
                 resp = await self.read_message(deadline - time.monotonic())
             except TimeoutError:
-                raise TransactionTimeout(f"no STUN answer over TCP from {self.remote[0]}:"
-                                         f"{self.remote[1]} in {wait:.2f} s") from None
+                raise TransactionTimeout(f"no STUN answer over TCP from {format_address(self.remote)} "
+                                         f"in {wait:.2f} s") from None
             if resp.transaction_id == msg.transaction_id and resp.cls in (
                     MessageClass.SUCCESS, MessageClass.ERROR):
                 return _result(resp, self.local, self.remote, time.monotonic() - start)

@@ -14,7 +14,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ProtocolError, TransactionFailed, TransactionTimeout
-from .client import BindingResult, StunTcpConnection, StunUdpClient, new_transaction_id, reusable_socket
+from .client import (
+    BindingResult,
+    StunTcpConnection,
+    StunUdpClient,
+    format_address,
+    new_transaction_id,
+    reusable_socket,
+)
 from .codec import (
     Address,
     AttrType,
@@ -97,7 +104,7 @@ async def probe_udp(obs: Observations, *, local_ip: str | None, timeout: float,
         obs.mapping_local, obs.filter_local = sm.local, sf.local
         r1, rf = await _gather(sm.binding(obs.server, **first), sf.binding(obs.server, **first))
         if not isinstance(r1, BindingResult):
-            obs.error = (f"no UDP answer from {obs.server[0]}:{obs.server[1]} within {timeout:.1f} s "
+            obs.error = (f"no UDP answer from {format_address(obs.server)} within {timeout:.1f} s "
                          "(server down, wrong port, or UDP blocked)"
                          if isinstance(r1, TransactionTimeout) else f"server refused: {r1}")
             return
@@ -224,14 +231,14 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
         if not isinstance(a, StunTcpConnection):
             what = ("connection refused" if isinstance(a, ConnectionRefusedError) else
                     "no answer to the TCP handshake" if isinstance(a, TransactionTimeout) else str(a))
-            obs.error = f"cannot reach {obs.server[0]}:{obs.server[1]} over TCP: {what}"
+            obs.error = f"cannot reach {format_address(obs.server)} over TCP: {what}"
             return
         p1 = a.local
         obs.mapping_local = p1
         try:
             r1 = await a.binding(timeout=timeout)
         except (TransactionTimeout, TransactionFailed, OSError, ProtocolError) as exc:
-            obs.error = f"no STUN answer over TCP from {obs.server[0]}:{obs.server[1]}: {exc}"
+            obs.error = f"no STUN answer over TCP from {format_address(obs.server)}: {exc}"
             return
         obs.mapped_primary, obs.other_address = r1.mapped, r1.other_address
         obs.rtt = max(a.connect_time, r1.rtt)
