@@ -64,6 +64,9 @@ class StunServer:
                  idle_timeout: float = 30.0, max_connect_backs: int = 64,
                  max_tcp_connections: int = 1024) -> None:
         host, port = primary
+        if alt_ip is not None and _unspecified_ip(host):
+            raise ValueError(f"an alternate IP ({alt_ip}) needs a specific primary address, not {host}: "
+                             "CHANGE-REQUEST answers must leave from a known address")
         if alt_ip is not None and alt_port is None:
             alt_port = port + 1 if port else 0
         self._want = (host, alt_ip, port, alt_port)
@@ -325,6 +328,10 @@ def _probe_bind(socks: list[socket.socket], host: str, port: int) -> int:
     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     tcp.bind((host, port))
     return port
+
+
+def _unspecified_ip(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")
 
 
 def _tcp_rtt(writer: asyncio.StreamWriter) -> float | None:

@@ -194,3 +194,8 @@ async def test_serve_tcp_stream_embedding() -> None:
             outer.close()
     finally:
         await srv.close()
+
+
+def test_alternate_ip_needs_a_specific_primary() -> None:
+    with pytest.raises(ValueError, match="needs a specific primary address, not 0.0.0.0"):
+        StunServer(("0.0.0.0", 3478), "127.0.0.2")
