@@ -267,3 +267,25 @@ def test_property_round_trip(attrs: list[tuple[int, object]], tid: bytes, cls: M
     if key is not None:
         assert back.verify_integrity(key)
     assert bytes(back) == data
+
+
+DATA = Path(__file__).parent.parent / "data"
+
+
+@pytest.mark.parametrize("name", ["coturn_udp_binding_response", "coturn_udp_change_response",
+                                  "coturn_tcp_change_error"])
+def test_captured_coturn_messages(name: str) -> None:
+    """Real bytes from Debian's coturn 4.6 (loopback capture): parse and re-encode exactly."""
+    data = (DATA / f"{name}.bin").read_bytes()
+    msg = StunMessage.parse(data)
+    assert bytes(msg) == data
+    assert msg.transaction_id == bytes.fromhex("0123456789abcdef01234567")
+    assert msg.get(AttrType.SOFTWARE).startswith("Coturn-")
+    if name == "coturn_tcp_change_error":
+        assert msg.error is not None and msg.error.code == 400
+        assert msg.error.reason.rstrip("\0") == "Wrong request: applicable only to UDP protocol"
+    else:
+        assert msg.mapped_address == ("127.0.0.1", 57781)
+        assert msg.get(AttrType.OTHER_ADDRESS) == ("127.0.0.2", 39491)
+        origin = ("127.0.0.2", 39491) if "change" in name else ("127.0.0.1", 39490)
+        assert msg.get(AttrType.RESPONSE_ORIGIN) == origin
