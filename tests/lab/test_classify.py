@@ -170,12 +170,12 @@ def test_cli_json_under_40ms_rtt() -> None:
 
 @pytest.mark.parametrize("nat", ["symmetric-seq", "port-restricted-rst"])
 def test_loss_gives_right_or_honestly_unknown_verdicts(nat: str) -> None:
-    """10 % loss on the path: each finding is the ground truth or ``unknown`` with a reason
+    """5 % loss on the path: each finding is the ground truth or ``unknown`` with a reason
     in ``not_learned`` — never a wrong verdict."""
     from pyholepunch.lab import Lab
 
     nat_type, allocation, delta, syn = GROUND_TRUTH[nat]
-    with Lab(a=nat, b="none", rtt_ms=20, loss_pct=10) as lab:
+    with Lab(a=nat, b="none", rtt_ms=20, loss_pct=5) as lab:
         proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen",
                                     f"{lab.server_ip}:{OUR_PORT}", "--alt-ip", lab.server_alt_ip],
                          stdout=subprocess.PIPE, text=True)
