@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import socket
 import struct
 import time
@@ -29,7 +30,7 @@ from .nat.profile import Allocation, Mapping, NatProfile, Transport
 from .punch import Punch, peer_target
 from .relay.builtin import open_builtin_relay
 from .report import ConnectionReport, Route
-from .security import certificate_for, secure_stream
+from .security import certificate_for, secure_stream, tls_context
 from .signal.client import PunchInstruction, RelayInstruction, SignalClient
 from .strategy import Plan
 from .strategy import plan as make_plan
@@ -117,6 +118,7 @@ class Peer:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        _raise_fd_limit()
         self.local_ip = await asyncio.to_thread(route_source_ip, self.server[0])
         kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
         for kind in kinds:    # one after the other: allocation probes must not interleave
@@ -280,6 +282,9 @@ class Peer:
               else (peer.tcp_profile, self.tcp_profile)))
         report.plan = plan.to_dict()
         initiator = instr.role == "initiator"
+        if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile
+            self._spawn(asyncio.to_thread(tls_context, self.identity, peer.cert,
+                                          server_side=not initiator))
         start_at = instr.start_at - (self.clock() - time.time())   # into the engine's clock
         direct_error: BaseException | None = None
         if plan.direct_steps:
@@ -363,6 +368,15 @@ class Peer:
             await self._signal.report_result(session, outcome, {
                 "time": report.total_time, "route": outcome,
                 "step": (w.kind if (w := report.winning_step) else None)})
+
+
+def _raise_fd_limit(want: int = 8192) -> None:
+    """Sweeps hold up to a few thousand sockets; the common soft limit of 1024 is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.debug("RLIMIT_NOFILE raised from %d to %d for sweeps", soft, target)
 
 
 async def create_peer(server: str | Address, **kwargs: Any) -> Peer:

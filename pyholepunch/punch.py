@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import time
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 
 REARM_INTERVAL = 0.02      # seconds between re-armed attempts after an RST / ICMP error
+MARK = b"\x01"             # a sweep's chooser sends this on the one connection it keeps
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,11 @@ class Punch:
                                      deadline=at + budget)
         remotes = self._remotes(ins)
         start, timeout = _window(at + ins.start_delay, budget - ins.start_delay)
+        if self._follows(ins):
+            local_ports = ([self.local_port] * len(remotes)
+                           if ins.action is Action.SWEEP_REMOTE_PORTS else [0] * len(remotes))
+            return await follow(self.local_ip, list(zip(local_ports, remotes)), self._peer_ips(ins),
+                                start=start, deadline=start + timeout, syn_ttl=ins.syn_ttl)
         if ins.action is Action.SIMOPEN:
             return await asyncio.to_thread(eng.simultaneous_open, (self.local_ip, self.local_port),
                                     remotes[0], start, timeout, interval=REARM_INTERVAL,
@@ -134,9 +141,23 @@ class Punch:
             pairs = [(0, r) for r in remotes]
         else:
             raise PunchError(f"action {ins.action} is not a direct punch")
-        return await asyncio.to_thread(eng.sweep, pairs, start, timeout, local_ip=self.local_ip,
-                                max_inflight=max(len(pairs), 1), rate=ins.rate,
-                                syn_ttl=ins.syn_ttl)
+        result = await asyncio.to_thread(eng.sweep, pairs, start, timeout, local_ip=self.local_ip,
+                                         max_inflight=max(len(pairs), 1), rate=ins.rate,
+                                         syn_ttl=ins.syn_ttl)
+        try:   # we chose: tell the follower which of the connections that came up is the one
+            result.sock.sendall(MARK)
+        except OSError:
+            result.sock.close()
+            raise
+        return result
+
+    def _follows(self, ins: RoleInstruction) -> bool:
+        """In a sweep several connections can come up at once; only one side may choose.
+
+        The side aiming one port at many (the cone) or the responder of a mutual sweep
+        follows: it listens and keeps the connection the other side marks."""
+        return ins.action is Action.SWEEP_REMOTE_PORTS or (
+            ins.action is Action.SWEEP_PAIRS and self.role == "responder")
 
     def _remotes(self, ins: RoleInstruction) -> list[Address]:
         if ins.target is Target.LAN:
@@ -218,6 +239,96 @@ async def accept_from(ip: str, port: int, peer_ips: set[str], *, deadline: float
     finally:
         lsock.close()
     raise PunchTimeout(f"no connection from the peer on port {port}", stats)
+
+
+async def follow(ip: str, pairs: list[tuple[int, Address]], peer_ips: set[str], *,
+                 start: float, deadline: float, syn_ttl: int | None = None) -> PunchResult:
+    """The follower's half of a sweep: connect every pair and keep what the chooser marks.
+
+    Each pair's socket stays open (a SYN_SENT socket completes by simultaneous open when the
+    chooser's SYN meets it; a listener would not do: the NAT's conntrack only passes the
+    SYN-ACK of the socket whose SYN opened the entry). Several may come up; the first to
+    carry the chooser's MARK wins and every other one is closed.
+    """
+    loop = asyncio.get_running_loop()
+    stats = PunchStats()
+    socks: dict[int, socket.socket] = {}
+    found: asyncio.Future[socket.socket] = loop.create_future()
+
+    def on_readable(sock: socket.socket) -> None:
+        fd = sock.fileno()
+        try:
+            data = sock.recv(1)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            _count_failure(stats, exc.errno)
+            data = b""
+        loop.remove_reader(fd)
+        if data == MARK and not found.done() and sock.getpeername()[0] in peer_ips:
+            found.set_result(socks.pop(fd))
+        else:
+            socks.pop(fd).close()
+
+    try:
+        await _sleep_until(start)
+        stats.first_syn_at = time.time()
+        stats.first_syn_delay_ns = int((stats.first_syn_at - start) * 1e9)
+        for lport, remote in pairs:
+            sock = _bound(ip, lport)
+            sock.setblocking(False)
+            if syn_ttl is not None:
+                default_ttl = sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, syn_ttl)
+            err = sock.connect_ex(remote)
+            if syn_ttl is not None:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, default_ttl)
+            stats.attempts += 1
+            stats.sockets_opened += 1
+            if err not in (0, errno.EINPROGRESS):
+                _count_failure(stats, err)
+                sock.close()
+                continue
+            stats.syns_sent += 1
+            socks[sock.fileno()] = sock
+            loop.add_reader(sock.fileno(), on_readable, sock)
+        try:
+            winner = await asyncio.wait_for(asyncio.shield(found), max(0.0, deadline - time.time()))
+        except TimeoutError:
+            raise PunchTimeout(f"follower: no marked connection over {len(pairs)} pairs "
+                               f"({stats.syns_sent} SYNs, {stats.rsts_seen} RST, "
+                               f"{stats.icmp_errors} ICMP)", stats) from None
+    finally:
+        for fd, sock in socks.items():
+            loop.remove_reader(fd)
+            sock.close()
+        if not found.done():
+            found.cancel()
+    winner.setblocking(True)
+    stats.local_port = winner.getsockname()[1]
+    peer = winner.getpeername()
+    stats.remote = (peer[0], peer[1])
+    stats.time_to_established_ns = int((time.time() - start) * 1e9)
+    return PunchResult(winner, stats)
+
+
+def _count_failure(stats: PunchStats, err: int | None) -> None:
+    if err in (errno.ECONNREFUSED, errno.ECONNRESET):
+        stats.rsts_seen += 1
+    elif err in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN):
+        stats.icmp_errors += 1
+
+
+def _bound(ip: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((ip, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def peer_target(candidates: Sequence[Address]) -> PunchTarget:

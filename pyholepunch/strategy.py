@@ -498,8 +498,11 @@ class _Context:
 
     def _mutual(self) -> Step:
         n = self.predict_count
+        # The responder follows (punch.py): its SYNs open its NAT first, the initiator's
+        # arrive after them and the initiator chooses the connection.
         by_role = {role: RoleInstruction(Action.SWEEP_PAIRS, ports=PortChoice.PREDICTED, count=n,
-                                         delta=self.profile(_other(role)).delta)
+                                         delta=self.profile(_other(role)).delta,
+                                         start_delay=self.first_delay(n) if role == "initiator" else 0.0)
                    for role in ROLES}
         return self.step(StepKind.PREDICT_SWEEP, 3.0,
                          f"both NATs allocate sequentially: each opens {n} fresh ports in order, "
