@@ -17,7 +17,7 @@ import resource
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol, runtime_checkable
 
 Address = tuple[str, int]
@@ -30,6 +30,9 @@ LATE_TOLERANCE = 0.5
 """A ``start_at`` up to this many seconds in the past starts at once; older is an error."""
 
 MAX_TIMEOUT = 3600.0
+
+MAX_RAW_COUNT = 1_000_000
+"""Upper bound on ``raw_syn(count=...)``."""
 
 
 @dataclass(slots=True)
@@ -49,7 +52,7 @@ class PunchStats:
     first_syn_at: float | None = None   # absolute time of the first SYN (for cross-peer checks)
 
     def as_dict(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(slots=True)
@@ -199,7 +202,7 @@ def check_timing(start_at: float | None, timeout: float, *, now: float | None = 
     return float(start_at)
 
 
-def check_ttl(ttl: int | None, what: str = "syn_ttl") -> None:
+def check_ttl(ttl: object, what: str = "syn_ttl") -> None:
     if ttl is not None and (not isinstance(ttl, int) or not 1 <= ttl <= 255):
         raise ValueError(f"{what} {ttl!r} is out of range 1..255")
 
@@ -212,3 +215,104 @@ def check_fd_budget(needed: int) -> None:
             24, f"needs {needed} sockets at once but RLIMIT_NOFILE is {soft}; "
             f"raise the limit or lower max_inflight"
         )
+
+
+def check_seconds(value: object, what: str, *, allow_zero: bool) -> float:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and (value >= 0 if allow_zero else value > 0))
+    if not ok:
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{what} must be a {kind} number, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_count(value: object, what: str, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_pairs(pairs: object) -> list[SweepPair]:
+    """Validate sweep pairs; return them with canonical remote hosts."""
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise ValueError(
+            f"pairs must be a sequence of (local_port, (ip, port)), got {type(pairs).__name__}")
+    if not pairs:
+        raise ValueError("sweep needs at least one (local_port, (ip, port)) pair")
+    out: list[SweepPair] = []
+    hosts: dict[object, str] = {}      # validate each distinct remote host once
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise ValueError(f"pairs[{i}] must be (local_port, (ip, port)), got {pair!r}")
+        lport, remote = pair
+        if not isinstance(lport, int) or isinstance(lport, bool) or not 0 <= lport <= 65535:
+            raise ValueError(f"pairs[{i}] local port {lport!r} is out of range 0..65535")
+        if not (isinstance(remote, tuple) and len(remote) == 2):
+            raise ValueError(f"pairs[{i}] remote must be a (host, port) tuple, got {remote!r}")
+        host, port = remote
+        try:
+            canon = hosts[host]
+        except (KeyError, TypeError):
+            canon = check_remote((host, 1), f"pairs[{i}] remote")[0]
+            try:
+                hosts[host] = canon
+            except TypeError:           # unhashable host: validated, just not cached
+                pass
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise ValueError(f"pairs[{i}] remote port {port!r} is out of range 1..65535")
+        out.append((lport, (canon, port)))
+    return out
+
+
+def route_source(dst_ip: str) -> str:
+    """The local address the kernel would use towards ``dst_ip`` (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((dst_ip, 9))
+        return str(probe.getsockname()[0])
+
+
+def check_raw_args(
+    src: object, dst: object, ttl: object, count: object, spacing: object,
+    start_at: float | None,
+) -> tuple[Address, Address, float]:
+    """Validate raw_syn's arguments; return (src, dst, effective start).
+
+    A wildcard source is resolved to the routed one: it is part of the TCP checksum.
+    """
+    src_a = check_address(src, "src", allow_any_port=False)
+    dst_a = check_remote(dst, "dst")
+    if src_a[0] == "0.0.0.0":
+        src_a = (route_source(dst_a[0]), src_a[1])
+    if ttl is None:
+        raise ValueError("ttl None is out of range 1..255")
+    check_ttl(ttl, "ttl")
+    if (not isinstance(count, int) or isinstance(count, bool)
+            or not 1 <= count <= MAX_RAW_COUNT):
+        raise ValueError(f"count {count!r} is out of range 1..{MAX_RAW_COUNT}")
+    if (not isinstance(spacing, (int, float)) or isinstance(spacing, bool)
+            or not math.isfinite(spacing) or spacing < 0):
+        raise ValueError(f"spacing must be a non-negative number of seconds, got {spacing!r}")
+    duration = spacing * (count - 1)
+    start = check_timing(start_at, max(duration, 1.0))
+    return src_a, dst_a, start
+
+
+def check_fd(fd: object, what: str) -> int:
+    if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
+        raise ValueError(f"{what} must be a non-negative file descriptor, got {fd!r}")
+    return fd
+
+
+def check_relay_args(
+    fd_a: object, fd_b: object, idle_timeout: object, max_bytes: object
+) -> tuple[int, int, float, int]:
+    """Validate relay_pump's arguments; return them as (fd_a, fd_b, idle_timeout, max_bytes)."""
+    if fd_a == fd_b and isinstance(fd_a, int):
+        raise ValueError(f"fd_a and fd_b are the same descriptor ({fd_a})")
+    if (not isinstance(idle_timeout, (int, float)) or isinstance(idle_timeout, bool)
+            or not math.isfinite(idle_timeout) or idle_timeout < 0):
+        raise ValueError(f"idle_timeout must be >= 0 seconds (0 = none), got {idle_timeout!r}")
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
+        raise ValueError(
+            f"max_bytes must be a non-negative integer (0 = unlimited), got {max_bytes!r}")
+    return check_fd(fd_a, "fd_a"), check_fd(fd_b, "fd_b"), float(idle_timeout), max_bytes

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import math
 import random
 import socket
 import struct
@@ -21,14 +20,13 @@ TCP_HEADER = struct.Struct("!HHIIBBHHH")
 MSS_OPTION = struct.Struct("!BBH")
 TCP_SYN = 0x02
 IP_DF = 0x4000
-MAX_COUNT = 1_000_000
 
 
 def internet_checksum(data: bytes) -> int:
     """RFC 1071 one's-complement sum of 16-bit words."""
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -55,40 +53,11 @@ def build_syn(
     return ip + tcp
 
 
-def route_source(dst_ip: str) -> str:
-    """The local address the kernel would use towards ``dst_ip`` (a UDP connect sends nothing)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((dst_ip, 9))
-        return str(probe.getsockname()[0])
-
-
-def check_raw_args(
-    src: object, dst: object, ttl: object, count: object, spacing: object,
-    start_at: float | None,
-) -> tuple[Address, Address, float]:
-    """Validate raw_syn's arguments; return (src, dst, effective start)."""
-    src_a = _base.check_address(src, "src", allow_any_port=False)
-    dst_a = _base.check_remote(dst, "dst")
-    if src_a[0] == "0.0.0.0":                  # the source is in the checksum: ask the route
-        src_a = (route_source(dst_a[0]), src_a[1])
-    if ttl is None:
-        raise ValueError("ttl None is out of range 1..255")
-    _base.check_ttl(ttl, "ttl")  # type: ignore[arg-type]
-    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_COUNT:
-        raise ValueError(f"count {count!r} is out of range 1..{MAX_COUNT}")
-    if (not isinstance(spacing, (int, float)) or isinstance(spacing, bool)
-            or not math.isfinite(spacing) or spacing < 0):
-        raise ValueError(f"spacing must be a non-negative number of seconds, got {spacing!r}")
-    duration = spacing * (count - 1)
-    start = _base.check_timing(start_at, max(duration, 1.0))
-    return src_a, dst_a, start
-
-
 def raw_syn(
     src: Address, dst: Address, *, ttl: int = 64, count: int = 1, spacing: float = 0.0,
     start_at: float | None = None,
 ) -> RawSynStats:
-    src_a, dst_a, start = check_raw_args(src, dst, ttl, count, spacing, start_at)
+    src_a, dst_a, start = _base.check_raw_args(src, dst, ttl, count, spacing, start_at)
     try:
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     except PermissionError as exc:

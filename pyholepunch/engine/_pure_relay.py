@@ -7,12 +7,11 @@ alone: every recv/send uses MSG_DONTWAIT and only runs when epoll says it can pr
 """
 from __future__ import annotations
 
-import math
 import selectors
 import socket
 import time
 
-from ._base import RelayStats
+from ._base import RelayStats, check_relay_args
 
 BUF_SIZE = 1 << 20
 _DONTWAIT = socket.MSG_DONTWAIT
@@ -38,9 +37,7 @@ class _Direction:
         return self.end - self.start
 
 
-def _borrow(fd: object, what: str) -> socket.socket:
-    if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
-        raise ValueError(f"{what} must be a non-negative file descriptor, got {fd!r}")
+def _borrow(fd: int, what: str) -> socket.socket:
     sock = socket.socket(fileno=fd)        # OSError (EBADF / ENOTSOCK) leaves fd untouched
     if sock.type != socket.SOCK_STREAM:
         sock.detach()
@@ -48,18 +45,8 @@ def _borrow(fd: object, what: str) -> socket.socket:
     return sock
 
 
-def check_relay_args(fd_a: object, fd_b: object, idle_timeout: object, max_bytes: object) -> None:
-    if fd_a == fd_b and isinstance(fd_a, int):
-        raise ValueError(f"fd_a and fd_b are the same descriptor ({fd_a})")
-    if (not isinstance(idle_timeout, (int, float)) or isinstance(idle_timeout, bool)
-            or not math.isfinite(idle_timeout) or idle_timeout < 0):
-        raise ValueError(f"idle_timeout must be >= 0 seconds (0 = none), got {idle_timeout!r}")
-    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
-        raise ValueError(f"max_bytes must be a non-negative integer (0 = unlimited), got {max_bytes!r}")
-
-
 def relay_pump(fd_a: int, fd_b: int, *, idle_timeout: float = 300.0, max_bytes: int = 0) -> RelayStats:
-    check_relay_args(fd_a, fd_b, idle_timeout, max_bytes)
+    fd_a, fd_b, idle_timeout, max_bytes = check_relay_args(fd_a, fd_b, idle_timeout, max_bytes)
     sa = _borrow(fd_a, "fd_a")
     try:
         sb = _borrow(fd_b, "fd_b")

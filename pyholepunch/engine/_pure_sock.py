@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno
-import math
 import socket
 import time
 
@@ -99,21 +98,6 @@ def note_won(stats: PunchStats, sock: socket.socket, remote: Address, start: flo
     stats.local_port = sock.getsockname()[1]
     stats.remote = remote
     sock.setblocking(True)
-
-
-def check_seconds(value: object, what: str, *, allow_zero: bool) -> float:
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value) and (value >= 0 if allow_zero else value > 0))
-    if not ok:
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{what} must be a {kind} number, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
-
-
-def check_count(value: object, what: str, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def close_all(socks: object) -> None:

@@ -17,8 +17,6 @@ from ._pure_clock import wait_until
 from ._pure_sock import (
     FD_ERRNOS,
     IN_PROGRESS,
-    check_count,
-    check_seconds,
     close_all,
     connect_outcome,
     count_failure,
@@ -31,46 +29,16 @@ from ._pure_sock import (
 log = logging.getLogger(__name__)
 
 
-def check_pairs(pairs: object) -> list[SweepPair]:
-    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
-        raise ValueError(f"pairs must be a sequence of (local_port, (ip, port)), got {type(pairs).__name__}")
-    if not pairs:
-        raise ValueError("sweep needs at least one (local_port, (ip, port)) pair")
-    out: list[SweepPair] = []
-    hosts: dict[object, str] = {}      # validate each distinct remote host once
-    for i, pair in enumerate(pairs):
-        if not (isinstance(pair, tuple) and len(pair) == 2):
-            raise ValueError(f"pairs[{i}] must be (local_port, (ip, port)), got {pair!r}")
-        lport, remote = pair
-        if not isinstance(lport, int) or isinstance(lport, bool) or not 0 <= lport <= 65535:
-            raise ValueError(f"pairs[{i}] local port {lport!r} is out of range 0..65535")
-        if not (isinstance(remote, tuple) and len(remote) == 2):
-            raise ValueError(f"pairs[{i}] remote must be a (host, port) tuple, got {remote!r}")
-        host, port = remote
-        try:
-            canon = hosts[host]
-        except (KeyError, TypeError):
-            canon = _base.check_remote((host, 1), f"pairs[{i}] remote")[0]
-            try:
-                hosts[host] = canon
-            except TypeError:
-                pass
-        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            raise ValueError(f"pairs[{i}] remote port {port!r} is out of range 1..65535")
-        out.append((lport, (canon, port)))
-    return out
-
-
 def run_sweep(
     pairs: Sequence[SweepPair], start_at: float | None, timeout: float, *, local_ip: str,
     max_inflight: int, rate: float, interval: float, syn_ttl: int | None,
 ) -> PunchResult:
     lip = _base.check_address((local_ip, 0), "local_ip", allow_any_port=True)[0]
-    todo = check_pairs(pairs)
+    todo = _base.check_pairs(pairs)
     start = _base.check_timing(start_at, timeout)
-    check_count(max_inflight, "max_inflight", 1)
-    check_seconds(rate, "rate", allow_zero=True)
-    check_seconds(interval, "interval", allow_zero=True)
+    _base.check_count(max_inflight, "max_inflight", 1)
+    _base.check_seconds(rate, "rate", allow_zero=True)
+    _base.check_seconds(interval, "interval", allow_zero=True)
     _base.check_ttl(syn_ttl)
     _base.check_fd_budget(min(len(todo), max_inflight))
     return _Sweep(todo, lip, start, start + timeout, max_inflight, rate, interval, syn_ttl).run()

@@ -10,11 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from . import _base, _native
-from ._base import Address, PunchResult, RawSynStats, RelayStats, SweepPair
-from ._pure_raw import check_raw_args
-from ._pure_relay import check_relay_args
-from ._pure_sock import check_count, check_seconds
-from ._pure_sweep import check_pairs
+from ._base import (
+    Address,
+    PunchResult,
+    RawSynStats,
+    RelayStats,
+    SweepPair,
+    check_count,
+    check_pairs,
+    check_raw_args,
+    check_relay_args,
+    check_seconds,
+)
 
 __all__ = ["NativeEngine"]
 
@@ -94,9 +101,5 @@ class NativeEngine:
     def relay_pump(
         self, fd_a: int, fd_b: int, *, idle_timeout: float = 300.0, max_bytes: int = 0
     ) -> RelayStats:
-        check_relay_args(fd_a, fd_b, idle_timeout, max_bytes)
-        for fd, what in ((fd_a, "fd_a"), (fd_b, "fd_b")):
-            if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
-                raise ValueError(f"{what} must be a non-negative file descriptor, got {fd!r}")
-        return _native.relay_pump(
-            fd_a, fd_b, float(idle_timeout), max_bytes)
+        fd_a, fd_b, idle, limit = check_relay_args(fd_a, fd_b, idle_timeout, max_bytes)
+        return _native.relay_pump(fd_a, fd_b, idle, limit)

@@ -23,8 +23,6 @@ from ._pure_raw import raw_syn as _raw_syn
 from ._pure_relay import relay_pump as _relay_pump
 from ._pure_sock import (
     IN_PROGRESS,
-    check_count,
-    check_seconds,
     close_all,
     connect_outcome,
     count_failure,
@@ -62,9 +60,9 @@ class PureEngine:
         lip, lport = _base.check_address(local, "local", allow_any_port=True)
         dst = _base.check_remote(remote)
         start = _base.check_timing(start_at, timeout)
-        check_seconds(interval, "interval", allow_zero=False)
+        _base.check_seconds(interval, "interval", allow_zero=False)
         _base.check_ttl(syn_ttl)
-        check_count(ttl_syns, "ttl_syns", 0)
+        _base.check_count(ttl_syns, "ttl_syns", 0)
         _base.check_fd_budget(3)
         return _SimOpen(lip, lport, dst, start, start + timeout, interval, syn_ttl,
                         ttl_syns, listen).run()
