@@ -11,6 +11,7 @@ Groups in bench/results/report.json:
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import socket
@@ -44,6 +45,21 @@ def _listening() -> set[int]:
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+@contextlib.contextmanager
+def _reserve_port(ip: str) -> Iterator[int]:
+    """A free port on ``ip``, held by a bound (never listening) SO_REUSEPORT socket.
+
+    The kernel picks it, so it is free now; holding the bind keeps other connect()s from
+    taking it as their ephemeral port while the engine (which sets SO_REUSEADDR +
+    SO_REUSEPORT too) binds it again for the round.
+    """
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((ip, 0))
+        yield s.getsockname()[1]
 
 
 @pytest.fixture
@@ -145,18 +161,20 @@ def test_first_syn_delay(benchmark: Any, engine: Engine, bench_report: Any,
 def test_simopen_latency(benchmark: Any, engine: Engine, bench_report: Any) -> None:
     """Two peers (two threads) punch each other over loopback; start_at -> both established."""
     lat: list[float] = []
-    ports = iter(range(44000, 44000 + 2 * (SIMOPEN_RUNS + 10), 2))
 
     def run() -> None:
-        pa = next(ports)
+        with _reserve_port(A_IP) as pa, _reserve_port(B_IP) as pb:
+            _simopen_round(pa, pb)
+
+    def _simopen_round(pa: int, pb: int) -> None:
         start_at = time.time() + 0.005
         out: dict[str, Any] = {}
 
         def side(key: str, local: tuple[str, int], remote: tuple[str, int]) -> None:
             out[key] = engine.simultaneous_open(local, remote, start_at, 5.0, interval=0.002)
 
-        ts = [threading.Thread(target=side, args=("a", (A_IP, pa), (B_IP, pa + 1))),
-              threading.Thread(target=side, args=("b", (B_IP, pa + 1), (A_IP, pa)))]
+        ts = [threading.Thread(target=side, args=("a", (A_IP, pa), (B_IP, pb))),
+              threading.Thread(target=side, args=("b", (B_IP, pb), (A_IP, pa)))]
         for t in ts:
             t.start()
         for t in ts:
