@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from . import engine
+from .connection import Connection, KeepAlive
 from .errors import (
     AuthenticationError,
     HolePunchError,
@@ -24,12 +25,29 @@ from .errors import (
     TransactionTimeout,
 )
 
+from .identity import Identity
+from .nat.classify import classify_nat
+from .nat.profile import NatProfile
+from .peer import Peer, create_peer
+from .report import ConnectionReport
+from .strategy import Plan, plan
+
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "AuthenticationError",
+    "Connection",
+    "ConnectionReport",
+    "Identity",
+    "KeepAlive",
+    "NatProfile",
+    "Peer",
+    "Plan",
+    "classify_nat",
+    "create_peer",
+    "plan",
     "HolePunchError",
     "LabError",
     "LocalProtocolError",

@@ -106,6 +106,7 @@ class Peer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._events: asyncio.Task[None] | None = None
         self._announcing = asyncio.Lock()
+        self.last_report: ConnectionReport | None = None   # of the latest connect(), even failed
 
     # -- identity --------------------------------------------------------------------------
     @property
@@ -200,6 +201,7 @@ class Peer:
         """A connection to ``target`` (name or peer_id): direct if possible, else relayed."""
         report = ConnectionReport(role="initiator", started=time.time())
         report.local_nat = self.tcp_profile.to_dict()
+        self.last_report = report
         try:
             async with asyncio.timeout(timeout):
                 if self._predictable_symmetric():
@@ -339,8 +341,11 @@ class Peer:
     async def _relay(self, instr: PunchInstruction,
                      initiator: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A socket spliced to the peer by the server's relay (the initiator asks for it)."""
-        if self.relay.startswith("turn:"):
-            raise RelayError("TURN relaying between peers is not wired into the peer yet")
+        if self.relay.startswith("turn:"):   # the initiator allocates; see relay/peering.py
+            from .relay.peering import peer_turn_relay
+            return await peer_turn_relay(self._signal, instr, initiator=initiator,
+                                         relay=self.relay, turn=self.turn, grants=self._grants,
+                                         timeout=RELAY_TIMEOUT)
         if initiator:
             grant = await self._signal.request_relay(instr.session, timeout=RELAY_TIMEOUT)
         else:

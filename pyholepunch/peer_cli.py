@@ -160,8 +160,11 @@ async def _exec(conn: Connection, command: str) -> None:
 
 async def run_connect(args: argparse.Namespace) -> int:
     async with peer_from_args(args) as peer:
-        conn = await peer.connect(args.peer, timeout=args.timeout)
-        write_report(args.json, conn.report.to_dict())
+        try:
+            conn = await peer.connect(args.peer, timeout=args.timeout)
+        finally:   # the report says what was tried, also when nothing worked
+            if peer.last_report is not None:
+                write_report(args.json, peer.last_report.to_dict())
         async with conn:
             await _pump_stdio(conn, args.linger)
     return 0
