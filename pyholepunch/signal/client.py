@@ -80,9 +80,13 @@ class PunchInstruction:
 
 @dataclass(frozen=True, slots=True)
 class RelayInstruction:
+    """RELAY_GRANT: join the built-in relay at ``relay`` with ``token`` (via "builtin"), or
+    dial the TURN relayed address ``relay`` with plain TCP (via "turn", empty token)."""
+
     session: str
     token: bytes
     relay: Address
+    via: str = "builtin"
 
 
 def _punch(msg: Punch) -> PunchInstruction:
@@ -173,6 +177,20 @@ class SignalClient:
     async def request_relay(self, session: str, timeout: float = 10.0) -> RelayInstruction:
         fut = self._expect("relay_grant", session)
         self._send(Relay(session=session))
+        result: RelayInstruction = await self._await(fut, ("relay_grant", session), timeout)
+        return result
+
+    async def offer_relay(self, session: str, relayed: Address,
+                          timeout: float = 10.0) -> RelayInstruction:
+        """Hand our TURN relayed address to the session's other peer (the server forwards it
+        as a RELAY_GRANT via "turn"); returns the server's acknowledgement. SignalingError if
+        the server refused (unknown session, already offered, the peer is offline)."""
+        fut = self._expect("relay_grant", session)
+        try:
+            self._send(Relay(session=session, relayed=(relayed[0], relayed[1])))
+        except BaseException:
+            self._pending.pop(("relay_grant", session), None)
+            raise
         result: RelayInstruction = await self._await(fut, ("relay_grant", session), timeout)
         return result
 
@@ -362,7 +380,7 @@ class SignalClient:
             else:
                 self.incoming.put_nowait(_punch(msg))
         elif isinstance(msg, RelayGrant):
-            grant = RelayInstruction(msg.session, msg.token, msg.relay)
+            grant = RelayInstruction(msg.session, msg.token, msg.relay, msg.via)
             fut = self._pending.get(("relay_grant", msg.session))
             if fut is not None:
                 if not fut.done():

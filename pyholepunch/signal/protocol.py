@@ -30,13 +30,21 @@ connect         C->S   session, target (name or peer_id), candidates, profiles
 punch           S->C   session, role ("initiator"|"responder"), start_at (RECEIVER's clock),
                        peer {peer_id, name, public_key, cert, candidates, profiles}, plan
 result          C->S   session, outcome ("direct"|"relay"|"failed"), stats
-relay           C->S   session
-relay_grant     S->C   session, token, relay ([host, port])
+relay           C->S   session, relayed? ([ip, port]: the sender's TURN relayed address, to
+                       hand to the other peer; absent: ask for the built-in relay)
+relay_grant     S->C   session, token, relay ([host, port]), via ("builtin"|"turn"; token
+                       is empty for turn: dial ``relay`` with plain TCP)
 error           S->C   code, reason, session?, fatal
 ==============  =====  =============================================================
 
 Conversation: hello -> register -> (ping/pong)* -> registered, then anything in READY.
 A fatal error closes the connection; a non-fatal one (with ``session``) answers one request.
+
+Relaying: ``relay`` without ``relayed`` makes the server issue built-in relay tokens and send
+``relay_grant`` (via "builtin") to both peers. With ``relayed`` (a TURN allocation the sender
+holds, RFC 6062), the server sends ``relay_grant`` (via "turn", that address, empty token) to
+the session's other peer and the same frame back to the sender as the acknowledgement; one
+offer per session. v1 peers that predate ``via`` ignore it (unknown keys are ignored).
 """
 from __future__ import annotations
 
@@ -63,6 +71,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 PEER_ID_RE = re.compile(r"^[a-z2-7]{32}$")
 SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 ROLES = ("initiator", "responder")
+RELAY_KINDS = ("builtin", "turn")
 OUTCOMES = ("direct", "relay", "failed")
 
 
@@ -146,6 +155,16 @@ def _check_address(value: Any) -> tuple[str, int]:
     return (value[0], value[1])
 
 
+def _check_relayed(value: Any) -> tuple[str, int]:
+    """A TURN relayed transport address: an IP literal a peer can dial, with a port."""
+    host, port = _check_address(value)
+    ip = ipaddress.ip_address(host)       # ValueError names the value
+    if ip.is_unspecified or ip.is_multicast or (ip.version == 4 and ip == ipaddress.IPv4Address(
+            "255.255.255.255")):
+        raise ValueError(f"relayed address {host} cannot be dialed")
+    return (str(ip), port)
+
+
 def _check_peer(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("peer info is a map")
@@ -173,6 +192,8 @@ _BY_NAME: dict[str, Any] = {
     "challenge": _check_key32,
     "server_id": _check_key32,
     "relay": _check_address,
+    "relayed": _check_relayed,
+    "via": _check_choice(RELAY_KINDS),
     "peer": _check_peer,
 }
 
@@ -354,6 +375,7 @@ class Result(Message):
 @dataclass(frozen=True, slots=True)
 class Relay(Message):
     session: str
+    relayed: tuple[str, int] | None = None
 
 
 @message("relay_grant", Direction.TO_CLIENT)
@@ -362,6 +384,7 @@ class RelayGrant(Message):
     session: str
     token: bytes
     relay: tuple[str, int]
+    via: str = "builtin"
 
 
 @message("error", Direction.TO_CLIENT)

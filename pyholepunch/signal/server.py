@@ -110,7 +110,7 @@ class SignalServer:
         self.connections: set[PeerProtocol] = set()
         self.metrics: dict[str, int] = dict.fromkeys(
             ("registrations", "punches", "successes", "failures", "relayed", "relays",
-             "refused", "frames_in", "frames_out"), 0)
+             "turn_offers", "refused", "frames_in", "frames_out"), 0)
         self._servers: list[asyncio.Server] = []
         self._tls: set[TlsTransport] = set()      # every live connection, registered or not
 
@@ -468,6 +468,9 @@ class PeerProtocol(asyncio.Protocol):
     async def _relay(self, msg: Relay) -> None:
         srv = self.server
         info = await self._session_of(msg.session)
+        if msg.relayed is not None:
+            await self._turn_offer(msg, info)
+            return
         hub = srv.relay_hub
         if hub is None:
             raise Refusal(ErrorCode.RELAY_UNAVAILABLE, "this server has no relay",
@@ -488,6 +491,29 @@ class PeerProtocol(asyncio.Protocol):
                 continue
             await srv.push(rec, {"kind": "grant", "to": peer_id,
                                  "msg": grant if rec.node == srv.node_id else grant.to_wire()})
+
+
+    async def _turn_offer(self, msg: Relay, info: dict[str, Any]) -> None:
+        """Hand the sender's TURN relayed address to the session's other peer; echo it back
+        as the acknowledgement. One offer per session, so a peer cannot make the other dial
+        address after address."""
+        srv, me = self.server, self.record
+        assert me is not None and msg.relayed is not None
+        other = info["responder"] if me.peer_id == info["initiator"] else info["initiator"]
+        # Session ids never contain ":", so this marker cannot collide with a session.
+        if not await srv.store.put_session(f"turn:{msg.session}", {"by": me.peer_id}):
+            raise Refusal(ErrorCode.SESSION_EXISTS, "a relay was already offered for this session",
+                          session=msg.session, fatal=False)
+        grant = RelayGrant(session=msg.session, token=b"", relay=msg.relayed, via="turn")
+        rec = await srv.store.get_online(other)
+        if rec is None or not await srv.push(rec, {
+                "kind": "grant", "to": other,
+                "msg": grant if rec.node == srv.node_id else grant.to_wire()}):
+            raise Refusal(ErrorCode.UNKNOWN_TARGET, "the other peer of this session is offline",
+                          session=msg.session, fatal=False)
+        srv.metrics["turn_offers"] += 1
+        log.info("relay %s: %s offers TURN address %s:%d", msg.session, self.name, *msg.relayed)
+        self.send(grant)
 
 
 __all__ = ["PeerProtocol", "Refusal", "ServerConfig", "SignalServer", "make_plan"]

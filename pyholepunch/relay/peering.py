@@ -1,0 +1,177 @@
+"""Two peers through a TURN server (RFC 6062): the peer's ``--relay turn:HOST:PORT`` step.
+
+The initiator holds the allocation: Allocate (TCP), CreatePermission for the responder's
+public IP (it knows it from PUNCH), then ``relay`` with ``relayed`` over signaling; the server
+forwards it to the responder as RELAY_GRANT via "turn" and echoes it back as the
+acknowledgement. The responder dials the relayed address with plain TCP, so it needs no TURN
+credentials (nor even ``--relay turn``: any grant is honoured by what it says). Both return
+asyncio streams for ``security.secure_stream``: end-to-end TLS runs on top, so the TURN server
+only ever carries ciphertext.
+
+The allocation must outlive the call: closing it would make coturn drop the data connection.
+A small task keeps the TurnClient (control connection + refreshes) for exactly as long as the
+data connection is open, and releases the allocation when it closes.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from ..errors import RelayError, SignalingError, TransactionError
+from ..signal.client import PunchInstruction, RelayInstruction, SignalClient
+from .builtin import open_builtin_relay
+from .turn import TurnClient, TurnCredentials, accept_relayed, connect_relayed, offer_relayed
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+_holders: set[asyncio.Task[None]] = set()
+
+__all__ = ["active_allocations", "parse_turn_relay", "peer_turn_relay", "turn_credentials",
+           "turn_relay"]
+
+
+def parse_turn_relay(spec: str) -> Address:
+    """``"turn:HOST:PORT"`` (IPv6 as ``turn:[::1]:PORT``) -> ``(host, port)``; ValueError."""
+    if not spec.startswith("turn:"):
+        raise ValueError(f"a TURN relay is turn:HOST:PORT, got {spec!r}")
+    host, sep, port = spec[5:].rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"a TURN relay is turn:HOST:PORT, got {spec!r}")
+    return (host, int(port))
+
+
+def turn_credentials(user: str | None, password: str | None, secret: str | None, *,
+                     now: float) -> TurnCredentials:
+    """Long-term ``user``/``password``, or coturn ``use-auth-secret`` credentials made from
+    ``secret`` (``user`` then names the holder, optional). ``now``: wall-clock seconds."""
+    if secret:
+        return TurnCredentials.from_shared_secret(secret, user or "", now=now)
+    if user and password:
+        return TurnCredentials(user, password)
+    raise RelayError("the TURN relay needs credentials: turn_user and turn_password, "
+                     "or turn_secret")
+
+
+def active_allocations() -> int:
+    """TURN allocations still held for open relayed connections (for tests and metrics)."""
+    return len(_holders)
+
+
+async def turn_relay(signal: SignalClient, session: str, *, initiator: bool,
+                     turn_server: Address | None = None,
+                     credentials: TurnCredentials | None = None, peer_ip: str | None = None,
+                     grant: asyncio.Future[RelayInstruction] | None = None,
+                     timeout: float = 10.0) -> Streams:
+    """A byte stream to the session's other peer through a TURN relay (see module doc).
+
+    Initiator: ``turn_server``, ``credentials`` and ``peer_ip`` (the responder's public IP)
+    are required. Responder: ``grant`` resolves to the RELAY_GRANT the initiator caused; a
+    built-in relay grant is joined too. Raises RelayError saying which stage failed (a TURN
+    error response keeps its STUN code in the message: 401 wrong credentials, 441, 403...).
+    """
+    if initiator:
+        if turn_server is None or credentials is None or not peer_ip:
+            raise ValueError("the initiator needs turn_server, credentials and peer_ip")
+        return await _offer_and_accept(signal, session, turn_server, credentials, peer_ip,
+                                       timeout)
+    if grant is None:
+        raise ValueError("the responder needs the grant future")
+    return await _join(grant, timeout)
+
+
+async def peer_turn_relay(signal: SignalClient, instr: PunchInstruction, *, initiator: bool,
+                          relay: str, turn: tuple[str | None, str | None, str | None],
+                          grants: dict[str, asyncio.Future[RelayInstruction]],
+                          timeout: float) -> Streams:
+    """``Peer._relay`` for ``relay="turn:HOST:PORT"``; ``turn`` is (user, password, secret),
+    ``grants`` the peer's per-session RELAY_GRANT futures (this session's is consumed)."""
+    session = instr.session
+    try:
+        if not initiator:
+            grant = grants.setdefault(session, asyncio.get_running_loop().create_future())
+            return await turn_relay(signal, session, initiator=False, grant=grant,
+                                    timeout=timeout)
+        try:
+            server = parse_turn_relay(relay)
+        except ValueError as exc:
+            raise RelayError(str(exc)) from None
+        if not instr.peer.candidates:
+            raise RelayError(f"no public address known for {instr.peer.name}: "
+                             "nothing to permit on the TURN relay")
+        return await turn_relay(signal, session, initiator=True, turn_server=server,
+                                credentials=turn_credentials(*turn, now=time.time()),
+                                peer_ip=instr.peer.candidates[0][0], timeout=timeout)
+    finally:
+        grants.pop(session, None)
+
+
+async def _offer_and_accept(signal: SignalClient, session: str, server: Address,
+                            credentials: TurnCredentials, peer_ip: str,
+                            timeout: float) -> Streams:
+    where = f"TURN relay {server[0]}:{server[1]}"
+    client = TurnClient(server, credentials, timeout=min(timeout, 10.0))
+    stage = "allocation"
+    try:
+        async with asyncio.timeout(timeout):
+            relayed = await offer_relayed(client, peer_ip)
+            stage = "offer"
+            await signal.offer_relay(session, relayed, timeout=timeout)
+            log.info("[%s] TURN allocation %s:%d offered to the peer (permitted %s)", session,
+                     *relayed, peer_ip)
+            stage = "accept"
+            peer, (reader, writer) = await accept_relayed(client, timeout=timeout)
+    except BaseException as exc:
+        await _close_quietly(client)
+        if isinstance(exc, RelayError):
+            raise RelayError(f"{where}: {exc}") from exc
+        if isinstance(exc, TransactionError):      # carries the STUN code (401, 441, 486...)
+            raise RelayError(f"{where}: {exc}") from exc
+        if isinstance(exc, (SignalingError, ConnectionError)):
+            raise RelayError(f"{where}: the rendezvous server did not pass our relayed "
+                             f"address on: {exc}") from exc
+        if isinstance(exc, TimeoutError):
+            what = ("the peer did not connect to our relayed address" if stage == "accept"
+                    else f"{stage} did not complete")
+            raise RelayError(f"{where}: {what} within {timeout:g} s") from exc
+        raise
+    log.info("[%s] peer %s:%d joined the TURN allocation", session, *peer)
+    task = asyncio.get_running_loop().create_task(_hold(client, writer, session))
+    _holders.add(task)
+    task.add_done_callback(_holders.discard)
+    return reader, writer
+
+
+async def _hold(client: TurnClient, writer: asyncio.StreamWriter, session: str) -> None:
+    """Keep the allocation refreshed while the data connection lives; then release it."""
+    try:
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    finally:
+        log.debug("[%s] relayed connection closed: releasing the TURN allocation", session)
+        await _close_quietly(client)
+
+
+async def _close_quietly(client: TurnClient) -> None:
+    try:
+        await client.close()
+    except Exception as exc:       # closing must not mask why we are closing
+        log.debug("closing the TURN client: %s", exc)
+
+
+async def _join(grant: asyncio.Future[RelayInstruction], timeout: float) -> Streams:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        instr = await asyncio.wait_for(asyncio.shield(grant), timeout)
+    except TimeoutError:
+        raise RelayError(f"the peer offered no relay within {timeout:g} s") from None
+    left = max(0.1, deadline - loop.time())
+    if instr.via == "turn":
+        return await connect_relayed(instr.relay, timeout=left)
+    return await open_builtin_relay(instr.relay, instr.token, timeout=left)

@@ -1,0 +1,273 @@
+"""Peers relayed through a real coturn (RFC 6062) on loopback: the wire offer (RELAY with
+``relayed`` -> RELAY_GRANT via "turn"), the server's checks, and two Peers whose plan is
+relay-only meeting through TURN with TLS on top; wrong credentials, no TURN server, no fd leak.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from pyholepunch.errors import RelayError, RemoteProtocolError, SignalingError
+from pyholepunch.identity import Identity
+from pyholepunch.nat.profile import Allocation, Filtering, Mapping, NatProfile
+from pyholepunch.peer import Peer
+from pyholepunch.relay import peering
+from pyholepunch.relay.coturn import Coturn, CoturnConfig, free_port
+from pyholepunch.relay.turn import TurnCredentials
+from pyholepunch.serve import Rendezvous
+from pyholepunch.signal.protocol import ErrorCode, Relay, RelayGrant, decode_body, encode_frame
+from pyholepunch.signal.client import SignalClient
+
+pytestmark = pytest.mark.timeout(30)
+needs_coturn = pytest.mark.skipif(shutil.which("turnserver") is None and not os.environ.get("CI"),
+                                  reason="coturn (turnserver) is not installed")
+
+USER, PASSWORD = "alice", "correct horse"
+# Random symmetric on both sides: the server's plan is relay only, as behind two such NATs.
+RANDOM_SYMMETRIC = NatProfile(mapping=Mapping.ADDRESS_AND_PORT_DEPENDENT,
+                              filtering=Filtering.ADDRESS_AND_PORT_DEPENDENT,
+                              allocation=Allocation.RANDOM)
+
+
+def fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def settled(before: set[str], deadline: float = 5.0) -> set[str]:
+    """Our fds once released-allocation tasks and closing transports have run."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if peering.active_allocations() == 0 and fds() <= before:
+            break
+        await asyncio.sleep(0.05)
+    return fds() - before
+
+
+# --- the wire ---------------------------------------------------------------------------------
+
+def wire(msg: Any) -> Any:
+    return decode_body(encode_frame(msg)[4:])
+
+
+def test_relay_offer_round_trips_and_old_requests_still_parse() -> None:
+    offer = Relay(session="session-1", relayed=("198.51.100.7", 49152))
+    assert wire(offer) == offer
+    assert wire(Relay(session="session-1")).relayed is None
+    grant = RelayGrant(session="session-1", token=b"", relay=("198.51.100.7", 49152), via="turn")
+    assert wire(grant) == grant
+    # A grant from a server that predates `via` means the built-in relay.
+    body = {"t": "relay_grant", "session": "session-1", "token": b"t" * 16,
+            "relay": ["203.0.113.1", 3478]}
+    import msgpack  # type: ignore[import-untyped]
+    assert decode_body(msgpack.packb(body, use_bin_type=True)).via == "builtin"
+
+
+@pytest.mark.parametrize(("relayed", "why"), [
+    (("0.0.0.0", 5000), "cannot be dialed"),
+    (("224.0.0.1", 5000), "cannot be dialed"),
+    (("turn.example", 5000), "does not appear to be an IP"),
+    (("198.51.100.7", 0), "bad address"),
+    (("198.51.100.7", "80"), "bad address"),
+])
+def test_relay_offer_refuses_undialable_addresses(relayed: Any, why: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=why) as info:
+        wire(Relay(session="session-1", relayed=relayed))
+    assert info.value.code == ErrorCode.MALFORMED and info.value.field == "relayed"
+
+
+def test_relay_grant_via_is_a_closed_set() -> None:
+    with pytest.raises(RemoteProtocolError, match="not one of builtin, turn"):
+        wire(RelayGrant(session="session-1", token=b"", relay=("198.51.100.7", 1), via="udp"))
+
+
+def test_turn_relay_spec_and_credentials() -> None:
+    assert peering.parse_turn_relay("turn:127.0.0.1:3479") == ("127.0.0.1", 3479)
+    assert peering.parse_turn_relay("turn:[::1]:3479") == ("::1", 3479)
+    for bad in ("turn:127.0.0.1", "turn::3479", "turn:h:0", "turn:h:99999", "stun:h:1"):
+        with pytest.raises(ValueError, match="turn:HOST:PORT"):
+            peering.parse_turn_relay(bad)
+    assert peering.turn_credentials("u", "p", None, now=0) == TurnCredentials("u", "p")
+    made = peering.turn_credentials("u", None, "s3cret", now=1000.0)
+    assert made == TurnCredentials.from_shared_secret("s3cret", "u", now=1000.0)
+    with pytest.raises(RelayError, match="needs credentials"):
+        peering.turn_credentials("u", None, None, now=0)
+
+
+# --- the rendezvous server forwards one offer, only from a participant -------------------------
+
+@pytest_asyncio.fixture
+async def rendezvous() -> AsyncIterator[Rendezvous]:
+    async with Rendezvous(("127.0.0.1", 0), relay=False) as app:
+        yield app
+
+
+def client(app: Rendezvous, name: str) -> SignalClient:
+    return SignalClient(app.address, Identity.generate(), name=name,
+                        server_fingerprint=app.fingerprint, reconnect=False)
+
+
+@pytest.mark.asyncio
+async def test_server_forwards_a_turn_offer_to_the_other_peer(rendezvous: Rendezvous) -> None:
+    a, b, c = client(rendezvous, "alice"), client(rendezvous, "bob"), client(rendezvous, "carol")
+    async with a, b, c:
+        punch = await a.connect("bob")
+        await b.next_event(5)
+        ack = await a.offer_relay(punch.session, ("127.0.0.1", 40000))
+        got = await b.next_event(5)
+        assert got == ack
+        assert (got.via, got.relay, got.token) == ("turn", ("127.0.0.1", 40000), b"")
+        # One offer per session: a peer cannot make the other dial address after address.
+        with pytest.raises(SignalingError, match="already offered") as info:
+            await b.offer_relay(punch.session, ("127.0.0.1", 40001))
+        assert info.value.code == ErrorCode.SESSION_EXISTS
+        # Only the session's two peers may offer.
+        with pytest.raises(SignalingError, match="no such session") as info:
+            await c.offer_relay(punch.session, ("127.0.0.1", 40002))
+        assert info.value.code == ErrorCode.UNKNOWN_SESSION
+        assert b.incoming.empty()
+        assert rendezvous.signal.metrics["turn_offers"] == 1
+        # The peer went away: the offer is refused rather than lost.
+        punch2 = await a.connect("carol")
+        await c.next_event(5)
+        await c.close()
+        for _ in range(100):
+            if await rendezvous.signal.store.get_online(c.peer_id) is None:
+                break
+            await asyncio.sleep(0.02)
+        with pytest.raises(SignalingError, match="offline") as info:
+            await a.offer_relay(punch2.session, ("127.0.0.1", 40003))
+        assert info.value.code == ErrorCode.UNKNOWN_TARGET
+
+
+# --- two Peers through coturn -------------------------------------------------------------------
+
+@pytest.fixture
+def coturn() -> Iterator[Callable[..., Coturn]]:
+    started: list[Coturn] = []
+
+    def make(**kwargs: Any) -> Coturn:
+        turn = Coturn(CoturnConfig(realm="pyholepunch.test", **kwargs))
+        turn.start()
+        started.append(turn)
+        return turn
+
+    try:
+        yield make
+    finally:
+        for turn in started:
+            turn.stop()
+
+
+async def relay_only(peer: Peer) -> None:
+    """Present the peer to the server as behind a random symmetric NAT (see RANDOM_SYMMETRIC):
+    the plan the server hands out then has no direct step, like behind two such NATs."""
+    peer.profiles["tcp"] = RANDOM_SYMMETRIC
+    await peer._signal.update(profiles=list(peer.profiles.values()))
+
+
+async def peers(app: Rendezvous, tmp: Path, relay: str,
+                **alice_turn: str | None) -> tuple[Peer, Peer]:
+    def make(name: str, **kw: Any) -> Peer:
+        return Peer(app.address, name=name, config_dir=tmp / name,
+                    server_fingerprint=app.fingerprint, relay=relay, **kw)
+
+    alice, bob = make("alice", **alice_turn), make("bob")   # bob holds no TURN credentials
+    await alice.start()
+    try:
+        await bob.start()
+        for p in (alice, bob):
+            await relay_only(p)
+    except BaseException:
+        await asyncio.gather(alice.close(), bob.close())
+        raise
+    return alice, bob
+
+
+@needs_coturn
+@pytest.mark.asyncio
+async def test_two_peers_meet_through_coturn_with_tls_on_top(
+        coturn: Callable[..., Coturn], rendezvous: Rendezvous, tmp_path: Path) -> None:
+    before = fds()
+    turn = coturn(users={USER: PASSWORD})
+    alice, bob = await peers(rendezvous, tmp_path, f"turn:127.0.0.1:{turn.config.port}",
+                             turn_user=USER, turn_password=PASSWORD)
+    try:
+        conn = await alice.connect("bob", timeout=15)
+        incoming = await asyncio.wait_for(bob.accept(), 10)
+        async with conn, incoming:
+            assert conn.route == incoming.route == "relay"
+            assert conn.peer_id == bob.peer_id and incoming.peer_id == alice.peer_id
+            steps = [s.kind for s in conn.report.steps]
+            assert steps == ["relay"], steps
+            assert peering.active_allocations() == 1
+            payload = os.urandom(300_000)
+            await conn.send(payload)
+            got = b""
+            while len(got) < len(payload):
+                got += await asyncio.wait_for(incoming.recv(65536), 5)
+            assert got == payload
+            await incoming.send(b"and back")
+            assert await asyncio.wait_for(conn.recv(), 5) == b"and back"
+            # The bytes really go through coturn: stopping it ends both sides at once.
+            turn.stop()
+            for side in (conn, incoming):
+                with pytest.raises((ConnectionError, OSError)):
+                    if not await asyncio.wait_for(side.recv(), 5):
+                        raise ConnectionResetError("EOF")
+    finally:
+        await asyncio.gather(alice.close(), bob.close())
+    assert await settled(before) == set()
+
+
+@needs_coturn
+@pytest.mark.asyncio
+async def test_wrong_turn_credentials_fail_clearly(
+        coturn: Callable[..., Coturn], rendezvous: Rendezvous, tmp_path: Path) -> None:
+    before = fds()
+    turn = coturn(users={USER: PASSWORD})
+    alice, bob = await peers(rendezvous, tmp_path, f"turn:127.0.0.1:{turn.config.port}",
+                             turn_user=USER, turn_password="wrong")
+    try:
+        started = time.monotonic()
+        with pytest.raises(RelayError, match="401") as info:
+            await alice.connect("bob", timeout=15)
+        assert "wrong credentials" in str(info.value)
+        assert time.monotonic() - started < 5
+        assert alice.last_report is not None and alice.last_report.route is None
+    finally:
+        await asyncio.gather(alice.close(), bob.close())
+    assert await settled(before) == set()
+
+
+@needs_coturn
+@pytest.mark.asyncio
+async def test_missing_turn_credentials_fail_clearly(
+        rendezvous: Rendezvous, tmp_path: Path) -> None:
+    alice, bob = await peers(rendezvous, tmp_path, f"turn:127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(RelayError, match="needs credentials"):
+            await alice.connect("bob", timeout=15)
+    finally:
+        await asyncio.gather(alice.close(), bob.close())
+
+
+@pytest.mark.asyncio
+async def test_no_turn_server_fails_clearly(rendezvous: Rendezvous, tmp_path: Path) -> None:
+    before = fds()
+    port = free_port()              # nothing listens there
+    alice, bob = await peers(rendezvous, tmp_path, f"turn:127.0.0.1:{port}",
+                             turn_secret="s3cret")
+    try:
+        with pytest.raises(RelayError, match=f"TURN relay 127.0.0.1:{port}.*unreachable"):
+            await alice.connect("bob", timeout=15)
+    finally:
+        await asyncio.gather(alice.close(), bob.close())
+    assert await settled(before) == set()
