@@ -23,8 +23,8 @@ from pyholepunch.relay import peering
 from pyholepunch.relay.coturn import Coturn, CoturnConfig, free_port
 from pyholepunch.relay.turn import TurnCredentials
 from pyholepunch.serve import Rendezvous
-from pyholepunch.signal.protocol import ErrorCode, Relay, RelayGrant, decode_body, encode_frame
 from pyholepunch.signal.client import SignalClient
+from pyholepunch.signal.protocol import ErrorCode, Relay, RelayGrant, decode_body, encode_frame
 
 pytestmark = pytest.mark.timeout(30)
 needs_coturn = pytest.mark.skipif(shutil.which("turnserver") is None and not os.environ.get("CI"),
