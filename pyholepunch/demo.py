@@ -23,36 +23,22 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LabError
+from .lab.nat import NAT_TYPES
 
 PORT = 3478
 MESSAGE = b"hello through the NATs\n"
-LAB_TYPES = ("none", "full-cone", "restricted-cone", "port-restricted", "port-restricted-rst",
-             "symmetric-seq", "symmetric-random", "cgnat")
 
 Spawner = Callable[..., "subprocess.Popen[bytes]"]
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--a", default="port-restricted", choices=LAB_TYPES, help="NAT type of peer a")
-    p.add_argument("--b", default="port-restricted", choices=LAB_TYPES, help="NAT type of peer b")
+    p.add_argument("--a", default="port-restricted", choices=NAT_TYPES, help="NAT type of peer a")
+    p.add_argument("--b", default="port-restricted", choices=NAT_TYPES, help="NAT type of peer b")
     p.add_argument("--rtt-ms", type=float, default=40.0, help="round trip across the lab")
     p.add_argument("--engine", choices=("native", "pure"), help="punching engine (default: best)")
     p.add_argument("--loopback", action="store_true", help="skip the lab: run on loopback")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds for each stage")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def _lab_blocker() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "the NAT lab needs Linux network namespaces"
-    if os.geteuid() != 0:
-        return "the NAT lab needs root (network namespaces, nftables)"
-    import shutil
-
-    for tool in ("nft", "ip", "iptables"):
-        if shutil.which(tool) is None:
-            return f"the NAT lab needs `{tool}` (apt-get install nftables iproute2 iptables)"
-    return None
 
 
 class Progress:
@@ -105,7 +91,9 @@ class _Lines:
 def _environment(args: argparse.Namespace, progress: Progress
                  ) -> Iterator[tuple[Spawner, str, str, dict[str, Any]]]:
     """(spawn(node, argv), server ip, alt ip, description) for the lab or for loopback."""
-    blocker = None if args.loopback else _lab_blocker()
+    from . import lab as lab_mod
+
+    blocker = None if args.loopback else lab_mod.unavailable()
     if args.loopback or blocker:
         if blocker:
             print(f"pyholepunch demo: {blocker}; running the same flow on loopback, without NATs",
@@ -116,12 +104,10 @@ def _environment(args: argparse.Namespace, progress: Progress
 
         yield spawn_local, "127.0.0.1", "127.0.0.2", {"mode": "loopback"}
         return
-    from .lab import Lab
-
     progress(f"building the NAT lab: a behind {args.a}, b behind {args.b}, "
              f"{args.rtt_ms:g} ms RTT")
     t = time.monotonic()
-    with Lab(a=args.a, b=args.b, rtt_ms=args.rtt_ms) as lab:
+    with lab_mod.Lab(a=args.a, b=args.b, rtt_ms=args.rtt_ms) as lab:
         desc = {"mode": "lab", "lab": lab.name, "a": args.a, "b": args.b, "rtt_ms": args.rtt_ms,
                 "start_up_s": round(time.monotonic() - t, 3),
                 "a_public": lab.public_ip("a"), "b_public": lab.public_ip("b")}

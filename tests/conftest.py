@@ -6,7 +6,6 @@ no nft) and say why; under CI (CI=true) the same condition is a failure, never a
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,14 +15,9 @@ from pyholepunch import engine as engine_mod
 
 
 def _lab_blocker() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "the NAT lab needs Linux network namespaces"
-    if os.geteuid() != 0:
-        return "the NAT lab needs root (network namespaces, nftables)"
-    for tool in ("nft", "ip", "iptables"):
-        if shutil.which(tool) is None:
-            return f"the NAT lab needs `{tool}` (apt-get install nftables iproute2 iptables)"
-    return None
+    from pyholepunch.lab import unavailable
+
+    return unavailable()
 
 
 def _root_blocker() -> str | None:

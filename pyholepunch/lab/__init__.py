@@ -4,7 +4,19 @@
     with Lab(a="port-restricted", b="symmetric-seq", rtt_ms=40) as lab:
         lab.run("a", ["ip", "addr"])
 """
+from ..errors import LabError
+from ._ns import require_support
 from .lab import Lab
 from .nat import NAT_TYPES, ROWS, TypeRow
 
-__all__ = ["Lab", "NAT_TYPES", "ROWS", "TypeRow"]
+
+def unavailable(delay: bool = True) -> str | None:
+    """Why this machine cannot build the lab (not Linux, not root, a tool missing), or None."""
+    try:
+        require_support(delay)
+    except LabError as exc:
+        return str(exc)
+    return None
+
+
+__all__ = ["Lab", "NAT_TYPES", "ROWS", "TypeRow", "require_support", "unavailable"]
