@@ -271,3 +271,78 @@ async def test_no_turn_server_fails_clearly(rendezvous: Rendezvous, tmp_path: Pa
     finally:
         await asyncio.gather(alice.close(), bob.close())
     assert await settled(before) == set()
+
+
+# --- turn_relay on its own: both sides' failures, and a built-in grant ---------------------------
+
+async def session_between(a: SignalClient, b: SignalClient) -> str:
+    punch = await a.connect(b.name)
+    await b.next_event(5)
+    return punch.session
+
+
+def grant_of(b: SignalClient) -> asyncio.Future[Any]:
+    """The responder's grant future, fed from its signaling events (Peer does the same)."""
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def feed() -> None:
+        fut.set_result(await b.next_event(10))
+
+    task = asyncio.ensure_future(feed())
+    fut.add_done_callback(lambda _: task.cancel())
+    return fut
+
+
+@needs_coturn
+@pytest.mark.asyncio
+async def test_permission_for_another_ip_fails_on_both_sides(
+        coturn: Callable[..., Coturn], rendezvous: Rendezvous) -> None:
+    before = fds()
+    turn = coturn(users={USER: PASSWORD})
+    a, b = client(rendezvous, "alice"), client(rendezvous, "bob")
+    async with a, b:
+        session = await session_between(a, b)
+        grant = grant_of(b)
+        ini, res = await asyncio.gather(
+            peering.turn_relay(a, session, initiator=True, turn_server=turn.address,
+                               credentials=TurnCredentials(USER, PASSWORD),
+                               peer_ip="127.0.0.2",      # bob dials from 127.0.0.1
+                               timeout=2),
+            peering.turn_relay(b, session, initiator=False, grant=grant, timeout=2),
+            return_exceptions=True)
+        assert isinstance(ini, RelayError), ini
+        assert "did not connect to our relayed address within 2 s" in str(ini)
+        assert isinstance(res, RelayError), res
+        assert "cannot connect to TURN relayed address" in str(res)
+        assert "no permission for our address" in str(res)
+    assert await settled(before) == set()
+
+
+@pytest.mark.asyncio
+async def test_responder_joins_a_builtin_grant_too() -> None:
+    async with Rendezvous(("127.0.0.1", 0)) as app:
+        a, b = client(app, "alice"), client(app, "bob")
+        async with a, b:
+            session = await session_between(a, b)
+            grant = grant_of(b)
+            mine = await a.request_relay(session)
+            assert mine.via == "builtin"
+            from pyholepunch.relay.builtin import open_builtin_relay
+
+            (ra, wa), (rb, wb) = await asyncio.gather(
+                open_builtin_relay(mine.relay, mine.token, timeout=5),
+                peering.turn_relay(b, session, initiator=False, grant=grant, timeout=5))
+            wa.write(b"via the built-in relay")
+            await wa.drain()
+            assert await asyncio.wait_for(rb.readexactly(22), 5) == b"via the built-in relay"
+            for w in (wa, wb):
+                w.close()
+
+
+@pytest.mark.asyncio
+async def test_responder_without_an_offer_times_out_clearly(rendezvous: Rendezvous) -> None:
+    a, b = client(rendezvous, "alice"), client(rendezvous, "bob")
+    async with a, b:
+        session = await session_between(a, b)
+        with pytest.raises(RelayError, match="offered no relay within 0.3 s"):
+            await peering.turn_relay(b, session, initiator=False, grant=grant_of(b), timeout=0.3)
