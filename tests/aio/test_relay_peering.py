@@ -314,7 +314,7 @@ async def test_permission_for_another_ip_fails_on_both_sides(
         assert isinstance(ini, RelayError), ini
         assert "did not connect to our relayed address within 2 s" in str(ini)
         assert isinstance(res, RelayError), res
-        assert "cannot connect to TURN relayed address" in str(res)
+        # coturn refuses the TCP connection, or accepts and closes it: both messages say why.
         assert "no permission for our address" in str(res)
     assert await settled(before) == set()
 
