@@ -209,6 +209,13 @@ async def test_two_peers_meet_through_coturn_with_tls_on_top(
             steps = [s.kind for s in conn.report.steps]
             assert steps == ["relay"], steps
             assert peering.active_allocations() == 1
+            # TLS 1.3 end to end, over a data connection to coturn (alice, ConnectionBind)
+            # and to coturn's relayed address (bob, plain TCP).
+            for side in (conn, incoming):
+                assert side.writer.get_extra_info("ssl_object").version() == "TLSv1.3"
+            assert conn.writer.get_extra_info("peername")[:2] == turn.address
+            relayed = incoming.writer.get_extra_info("peername")[:2]
+            assert relayed[0] == "127.0.0.1" and relayed[1] != turn.address[1]
             payload = os.urandom(300_000)
             await conn.send(payload)
             got = b""
