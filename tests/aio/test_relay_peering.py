@@ -26,6 +26,8 @@ from pyholepunch.relay.turn import TurnCredentials
 from pyholepunch.serve import Rendezvous
 from pyholepunch.signal.client import SignalClient
 from pyholepunch.signal.protocol import ErrorCode, Relay, RelayGrant, decode_body, encode_frame
+from tests.aio.test_signal_redis import client as redis_client
+from tests.aio.test_signal_redis import nodes, redis_url  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.timeout(30)
 needs_coturn = pytest.mark.skipif(shutil.which("turnserver") is None and not os.environ.get("CI"),
@@ -354,3 +356,18 @@ async def test_responder_without_an_offer_times_out_clearly(rendezvous: Rendezvo
         session = await session_between(a, b)
         with pytest.raises(RelayError, match="offered no relay within 0.3 s"):
             await peering.turn_relay(b, session, initiator=False, grant=grant_of(b), timeout=0.3)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+@pytest.mark.asyncio
+async def test_turn_offer_crosses_server_nodes(nodes: list[Any]) -> None:  # noqa: F811
+    """Through Redis: the grant reaches bob's node as wire data (checked again there), and
+    the one-offer-per-session rule holds for the cluster, not per node."""
+    n1, n2 = nodes
+    async with redis_client(n1, "alice") as a, redis_client(n2, "bob") as b:
+        session = await session_between(a, b)
+        ack = await a.offer_relay(session, ("198.51.100.9", 50000))
+        got = await b.next_event(5)
+        assert got == ack and got.via == "turn" and got.relay == ("198.51.100.9", 50000)
+        with pytest.raises(SignalingError, match="already offered"):
+            await b.offer_relay(session, ("198.51.100.10", 50001))
