@@ -60,6 +60,7 @@ class PeerJob:
     pause: float = 1.0                   # between sessions: the punch port rotates meanwhile
     idle: float = 0.0                    # > 0: stay idle this long, then a->b, then b->a
     die_on_punch: float | None = None    # accept: SIGKILL ourselves this long after start_at
+                                         # (negative: at once, on receiving PUNCH)
     deadline: float = 60.0               # the whole process, seconds
     log_file: str = ""                   # its stderr (set by run_peers)
 
@@ -147,14 +148,15 @@ async def _connect_once(peer: Any, job: PeerJob) -> dict[str, Any]:
 
 
 def _die_on_punch(peer: Any, after: float) -> None:
-    """Fault injection: this process dies of SIGKILL ``after`` s past the PUNCH start time,
-    while its own side of the punch runs (the real one, started as usual)."""
+    """Fault injection: this process dies of SIGKILL ``after`` s past the PUNCH start time
+    (at once if negative), while its own side of the punch runs (the real one, as usual)."""
     respond = peer._respond
 
     async def respond_then_die(instr: Any) -> None:
         task = asyncio.ensure_future(respond(instr))
-        start = instr.start_at - (peer.clock() - time.time())
-        await asyncio.sleep(max(0.0, start - time.time()) + after)
+        if after >= 0:
+            start = instr.start_at - (peer.clock() - time.time())
+            await asyncio.sleep(max(0.0, start - time.time()) + after)
         os.kill(os.getpid(), signal.SIGKILL)
         await task
 
