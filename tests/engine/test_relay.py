@@ -147,18 +147,22 @@ def test_reset_ends_the_pump(engine: Engine) -> None:
     assert stats.reason.startswith("error"), stats
 
 
-@pytest.mark.parametrize("bad", [
-    dict(fd_a=-1), dict(fd_a="3"), dict(fd_a=True), dict(same=True),
-    dict(idle_timeout=-1.0), dict(idle_timeout=float("nan")),
-    dict(max_bytes=-1), dict(max_bytes=1.5),
+@pytest.mark.parametrize("bad,words", [
+    (dict(fd_a=-1), "fd_a must be a non-negative file descriptor"),
+    (dict(fd_a="3"), "fd_a must be a non-negative file descriptor"),
+    (dict(fd_a=True), "fd_a must be a non-negative file descriptor"),
+    (dict(same=True), "same descriptor"),
+    (dict(idle_timeout=-1.0), "idle_timeout"), (dict(idle_timeout=float("nan")), "idle_timeout"),
+    (dict(max_bytes=-1), "max_bytes"), (dict(max_bytes=1.5), "max_bytes"),
 ])
-def test_bad_relay_arguments(engine: Engine, bad: dict[str, Any], no_fd_leak: None) -> None:
+def test_bad_relay_arguments(engine: Engine, bad: dict[str, Any], words: str,
+                             no_fd_leak: None) -> None:
     a, b = tcp_pair()
     with a, b:
         fd_a = bad.get("fd_a", a.fileno())
         fd_b = fd_a if bad.get("same") else b.fileno()
         kw = {k: v for k, v in bad.items() if k in ("idle_timeout", "max_bytes")}
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=words):
             engine.relay_pump(fd_a, fd_b, **kw)
         a.getsockname(), b.getsockname()        # still open
 
