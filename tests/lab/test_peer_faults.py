@@ -13,6 +13,7 @@ Each peer is its own process in its node (see test_peer_timing.py for the plumbi
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -24,6 +25,7 @@ from pyholepunch.peer import RELAY_TIMEOUT, TLS_TIMEOUT
 
 from .test_peer_timing import lab_with_server, run_peers
 
+log = logging.getLogger(__name__)
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(os.geteuid() != 0, reason="the NAT lab needs root")]
 
@@ -33,7 +35,8 @@ FAST_KEEPALIVE = {"idle": 1, "interval": 1, "count": 3}
 
 def _session(result: dict[str, Any]) -> dict[str, Any]:
     assert result.get("sessions"), f"{result.get('name')} did not finish: {result}"
-    return result["sessions"][0]
+    first: dict[str, Any] = result["sessions"][0]
+    return first
 
 
 @pytest.mark.timeout(60)
@@ -91,7 +94,7 @@ def test_peer_killed_mid_punch_gives_a_clean_error(tmp_path: Path, when: str) ->
     # The direct steps, a TLS handshake that may have begun, then waiting for the peer at the
     # relay (RELAY_TIMEOUT); 1 s slack for signaling round trips.
     bound = direct + TLS_TIMEOUT + RELAY_TIMEOUT + 1.0
-    print(f"\nbob killed ({when}): alice failed after {s['elapsed']:.2f} s (bound {bound:.1f} s) "
+    log.info(f"bob killed ({when}): alice failed after {s['elapsed']:.2f} s (bound {bound:.1f} s) "
           f"with {err['type']}: {err['message']}")
     assert s["elapsed"] <= bound, (s["elapsed"], bound, err)
 
@@ -117,7 +120,7 @@ def test_cone_pairs_connect_directly_under_10pct_loss(tmp_path: Path, a: str, b:
     routes = [s["report"]["route"] if s["ok"] else f"failed: {s['error']['message']}"
               for s in sessions]
     times = [s["report"]["total_time"] for s in sessions if s["ok"]]
-    print(f"\n{a} <-> {b} at 10% loss: {routes}, times {times}")
+    log.info(f"{a} <-> {b} at 10% loss: {routes}, times {times}")
     direct = routes.count("direct")
     assert direct == LOSSY_ROUNDS, f"{direct}/{LOSSY_ROUNDS} direct: {routes}"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -31,6 +32,7 @@ import pytest
 
 from pyholepunch import engine as engine_mod
 
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_PORT = 3478
 SYN_SKEW_LIMIT = 0.005
@@ -261,7 +263,8 @@ def lab_with_server(tmp: Path, **lab_kwargs: Any) -> Iterator[tuple[Any, LabServ
 
 
 def winning_step(report: dict[str, Any]) -> dict[str, Any]:
-    for step in report["steps"]:
+    steps: list[dict[str, Any]] = report["steps"]
+    for step in steps:
         if step["outcome"] == "success":
             return step
     raise AssertionError(f"no successful step: {report['steps']}")
@@ -301,7 +304,7 @@ def test_first_syns_leave_together_despite_clock_skew(tmp_path: Path, skew_a: fl
     # Each side's SYNs are meant to leave at start + its own start_delay.
     expected = planned_delay(ra, wa["kind"], "initiator") - planned_delay(ra, wa["kind"], "responder")
     gap = (syn_a - syn_b) - expected
-    print(f"\n{engine}: skew a {skew_a:+g} s, b {skew_b:+g} s: step {wa['kind']}, first SYNs "
+    log.info(f"{engine}: skew a {skew_a:+g} s, b {skew_b:+g} s: step {wa['kind']}, first SYNs "
           f"{gap * 1000:+.2f} ms apart (beyond the planned {expected * 1000:.1f} ms)")
     assert abs(gap) <= SYN_SKEW_LIMIT, (
         f"first SYNs {gap * 1000:.1f} ms apart with clocks skewed a {skew_a:+g} s, b {skew_b:+g} s")
