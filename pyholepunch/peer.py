@@ -23,12 +23,13 @@ from typing import Any
 
 from . import engine as engine_mod
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
-from .errors import AuthenticationError, HolePunchError, PunchError, RelayError, SignalingError
+from .errors import AuthenticationError, HolePunchError, PunchError, SignalingError
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.profile import Allocation, Mapping, NatProfile, Transport
 from .punch import Punch, peer_target
 from .relay.builtin import open_builtin_relay
+from .relay.peering import peer_turn_relay
 from .report import ConnectionReport, Route
 from .security import certificate_for, secure_stream, tls_context
 from .signal.client import PunchInstruction, RelayInstruction, SignalClient
@@ -340,19 +341,16 @@ class Peer:
 
     async def _relay(self, instr: PunchInstruction,
                      initiator: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A socket spliced to the peer by the server's relay (the initiator asks for it)."""
-        if self.relay.startswith("turn:"):   # the initiator allocates; see relay/peering.py
-            from .relay.peering import peer_turn_relay
-            return await peer_turn_relay(self._signal, instr, initiator=initiator,
-                                         relay=self.relay, turn=self.turn, grants=self._grants,
-                                         timeout=RELAY_TIMEOUT)
-        if initiator:
-            grant = await self._signal.request_relay(instr.session, timeout=RELAY_TIMEOUT)
-        else:
-            fut = self._grants.setdefault(instr.session, asyncio.get_running_loop().create_future())
-            grant = await asyncio.wait_for(fut, RELAY_TIMEOUT)
-        self._grants.pop(instr.session, None)
-        return await open_builtin_relay(grant.relay, grant.token, timeout=RELAY_TIMEOUT)
+        """Streams to the peer through a relay. The initiator picks it (built-in: asks the
+        server; TURN: allocates and offers it); the responder joins whatever its grant names."""
+        if initiator and not self.relay.startswith("turn:"):
+            try:
+                grant = await self._signal.request_relay(instr.session, timeout=RELAY_TIMEOUT)
+            finally:
+                self._grants.pop(instr.session, None)
+            return await open_builtin_relay(grant.relay, grant.token, timeout=RELAY_TIMEOUT)
+        return await peer_turn_relay(self._signal, instr, initiator=initiator, relay=self.relay,
+                                     turn=self.turn, grants=self._grants, timeout=RELAY_TIMEOUT)
 
     async def _first(self, punch: Any, grant: asyncio.Future[RelayInstruction]) -> Any:
         """The punch result, unless the peer's relay grant arrives first."""
