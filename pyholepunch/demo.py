@@ -142,16 +142,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_pair(spawn: Spawner, server_ip: str, alt_ip: str, work: Path, *,
-             engine: str | None = None, timeout: float = 30.0,
+             engine: str | None = None, timeout: float = 30.0, connect_args: Sequence[str] = (),
              progress: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
-    """serve on node "server", `listen --echo` on "b", `connect` on "a": the echo and report.
+    """serve on node "server", `listen --echo` on "b", `connect` on "a": the echo and reports.
 
     ``spawn(node, argv, **popen_kwargs)`` starts a process on a node (``Lab.spawn``, or a
-    plain Popen on loopback). Every process is stopped before this returns.
+    plain Popen on loopback); ``connect_args`` go to `connect` only (e.g. its --relay).
+    Returns ``report`` (a's), ``responder_report`` (b's, if it wrote one), ``echo``,
+    ``echo_ok``, ``exit_code``. Every process is stopped before this returns.
     """
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        return _flow(spawn, server_ip, alt_ip, work, procs, engine, timeout, progress)
+        return _flow(spawn, server_ip, alt_ip, work, procs, engine, timeout, list(connect_args),
+                     progress)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -169,7 +172,7 @@ def run_pair(spawn: Spawner, server_ip: str, alt_ip: str, work: Path, *,
 
 def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
           procs: list[subprocess.Popen[bytes]], engine: str | None, timeout: float,
-          progress: Callable[[str], None]) -> dict[str, Any]:
+          connect_args: list[str], progress: Callable[[str], None]) -> dict[str, Any]:
     server = f"{server_ip}:{PORT}"
     engine_opt = ["--engine", engine] if engine else []
     progress(f"starting `pyholepunch serve` on {server} (alt {alt_ip})")
@@ -190,7 +193,7 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
 
     progress("peer a: classifying its NAT, registering as 'alice' and connecting to 'bob'")
     t = time.monotonic()
-    alice = spawn("a", _cli("connect", *common, "--name", "alice", "bob",
+    alice = spawn("a", _cli("connect", *common, *connect_args, "--name", "alice", "bob",
                             "--config-dir", str(work / "alice"), "--json", str(work / "alice.json"),
                             "--timeout", str(timeout)),
                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -204,7 +207,12 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
         tail = err.decode(errors="replace").strip().splitlines()[-8:]
         raise RuntimeError("peer a did not connect:\n  " + "\n  ".join(tail))
     progress(f"peer a finished in {elapsed:.2f} s (classification, registration, punch, echo)")
-    return {"report": report, "echo": out.decode(errors="replace"),
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        bob.wait(5)                            # --once: it leaves when the echo is done
+    responder: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        responder = json.loads((work / "bob.json").read_text())
+    return {"report": report, "responder_report": responder, "echo": out.decode(errors="replace"),
             "echo_ok": out == MESSAGE, "exit_code": alice.returncode}
 
 
@@ -216,7 +224,7 @@ def _show(result: dict[str, Any]) -> None:
         lines.append(f"  lab         {env['lab']}: a behind {env['a']}, b behind {env['b']}, "
                      f"{env['rtt_ms']:g} ms RTT (start-up {env['start_up_s']:.2f} s)")
     else:
-        lines.append("  loopback    no NATs (the lab needs root)")
+        lines.append("  loopback    no NATs: every peer on 127.0.0.1")
     for who, key in (("a (alice)", "local_nat"), ("b (bob)", "remote_nat")):
         nat = r.get(key) or {}
         lines.append(f"  NAT {who:9s} {nat.get('label', '?')}: mapping {nat.get('mapping')}, "
