@@ -24,7 +24,6 @@ from .errors import (
     TransactionFailed,
     TransactionTimeout,
 )
-
 from .identity import Identity
 from .nat.classify import classify_nat
 from .nat.profile import NatProfile

@@ -26,7 +26,7 @@ from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .errors import AuthenticationError, HolePunchError, PunchError, SignalingError
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
-from .nat.profile import Allocation, Mapping, NatProfile, Transport
+from .nat.profile import Allocation, Mapping, NatProfile
 from .punch import Punch, peer_target
 from .relay.builtin import open_builtin_relay
 from .relay.peering import peer_turn_relay

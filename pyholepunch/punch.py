@@ -123,8 +123,9 @@ class Punch:
         if self._follows(ins):
             local_ports = ([self.local_port] * len(remotes)
                            if ins.action is Action.SWEEP_REMOTE_PORTS else [0] * len(remotes))
-            return await follow(self.local_ip, list(zip(local_ports, remotes)), self._peer_ips(ins),
-                                start=start, deadline=start + timeout, syn_ttl=ins.syn_ttl)
+            pairs = list(zip(local_ports, remotes, strict=True))
+            return await follow(self.local_ip, pairs, self._peer_ips(ins), start=start,
+                                deadline=start + timeout, syn_ttl=ins.syn_ttl)
         if ins.action is Action.SIMOPEN:
             return await asyncio.to_thread(eng.simultaneous_open, (self.local_ip, self.local_port),
                                     remotes[0], start, timeout, interval=REARM_INTERVAL,

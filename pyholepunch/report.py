@@ -33,10 +33,12 @@ class Route(StrEnum):
 
 def parse_route(route: object) -> Route:
     """``Route(route)`` with an error that names the choices."""
-    try:
-        return Route(route)
-    except ValueError:
-        raise ValueError(f"route must be 'direct' or 'relay', got {route!r}") from None
+    if isinstance(route, str):          # a Route is a str too
+        try:
+            return Route(route)
+        except ValueError:
+            pass
+    raise ValueError(f"route must be 'direct' or 'relay', got {route!r}")
 
 
 def _now(t: float | None) -> float:
@@ -77,7 +79,7 @@ class StepRecord:
         return None if self.ended is None else max(0.0, self.ended - self.started)
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe({
+        return _json_safe({  # type: ignore[no-any-return]
             "index": self.index, "kind": self.kind, "started": self.started, "ended": self.ended,
             "duration": self.duration, "outcome": self.outcome, "error": self.error,
             "stats": self.stats, "local_port": self.local_port, "remote": self.remote})
@@ -176,7 +178,7 @@ class ConnectionReport:
 
     def to_dict(self) -> dict[str, Any]:
         win = self.winning_step
-        return _json_safe({
+        return _json_safe({  # type: ignore[no-any-return]
             "role": self.role, "peer_id": self.peer_id, "peer_name": self.peer_name,
             "route": self.route, "relay_reason": self.relay_reason, "tls": self.tls,
             "started": self.started, "established": self.established, "ended": self.ended,

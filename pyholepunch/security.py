@@ -49,8 +49,8 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 # A fixed window makes the certificate a pure function of the key (Ed25519 signatures are
 # deterministic): the same identity always registers the same bytes. Validity is not the
 # security here: the pin is.
-_NOT_BEFORE = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
-_NOT_AFTER = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)
+_NOT_BEFORE = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
+_NOT_AFTER = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
 
 _cert_cache: dict[bytes, bytes] = {}
 _CTX_CACHE_SIZE = 128
@@ -441,7 +441,7 @@ class _BioTransport(asyncio.Transport):
         self._inner_writer.write(data)
         if not self._write_paused and self.get_write_buffer_size() > self._HIGH_WATER:
             self._write_paused = True
-            self._protocol.pause_writing()  # type: ignore[attr-defined]
+            self._protocol.pause_writing()
             self._spawn(self._wait_drained())
 
     async def _wait_drained(self) -> None:
@@ -452,7 +452,7 @@ class _BioTransport(asyncio.Transport):
         finally:
             self._write_paused = False
             if not self._lost:
-                self._protocol.resume_writing()  # type: ignore[attr-defined]
+                self._protocol.resume_writing()
 
     def _fail(self, exc: BaseException) -> None:
         self._closing = True
@@ -466,7 +466,7 @@ class _BioTransport(asyncio.Transport):
                 task.cancel()
         if not self._lost:
             self._lost = True
-            self._loop.call_soon(self._protocol.connection_lost, exc)
+            self._loop.call_soon(self._protocol.connection_lost, exc)  # type: ignore[arg-type]
 
     async def _pump(self) -> None:
         try:
