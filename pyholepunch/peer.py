@@ -126,7 +126,6 @@ class Peer:
         for kind in kinds:    # one after the other: allocation probes must not interleave
             self.profiles[kind] = await classify_nat(self.server, transport=kind,
                                                      local_ip=self.local_ip)
-        self._reserve_port()
         self._signal.profiles = [p.to_dict() for p in self.profiles.values()]
         await self._signal.start()
         await self.announce()
@@ -155,38 +154,52 @@ class Peer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _reserve_port(self) -> None:
-        """Hold a fresh local port for punching, so the kernel never hands it to anyone else."""
+    def _reserve_port(self) -> socket.socket:
+        """A fresh local port held for punching, so the kernel never hands it to anyone else."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((self.local_ip, 0))
-        if self._reservation is not None:
-            self._reservation.close()
-        self._reservation = sock
-        self.local_port = sock.getsockname()[1]
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.local_ip, 0))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def announce(self, *, new_port: bool = False) -> None:
         """Learn (STUN over TCP from the punch port) and announce our external punch address.
 
         For an endpoint-independent mapping that is where the peer will find us; for a
         sequential symmetric NAT it is the latest mapping, the base of the peer's prediction.
-        The probe ends with an RST (SO_LINGER 0): a TIME_WAIT would block the next probe
-        from the same port to the same server.
+        With ``new_port`` a fresh port is probed first and then swapped in together with its
+        mapping, so the port and the announced address always agree. The probe ends with an
+        RST (SO_LINGER 0): a TIME_WAIT would block the next probe from that port.
         """
         async with self._announcing:
-            if new_port:
-                self._reserve_port()
-            conn = await StunTcpConnection.open(self.server, local=(self.local_ip, self.local_port))
+            reservation = self._reserve_port() if new_port or self._reservation is None else None
+            port = reservation.getsockname()[1] if reservation is not None else self.local_port
             try:
-                result = await conn.binding()
-            finally:
-                sock = conn.writer.get_extra_info("socket")
-                if sock is not None:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.writer.transport.abort()
-            self.announced = result.mapped
+                mapped = await self._probe(port)
+            except BaseException:
+                if reservation is not None:
+                    reservation.close()
+                raise
+            if reservation is not None:
+                if self._reservation is not None:
+                    self._reservation.close()
+                self._reservation, self.local_port = reservation, port
+            self.announced = mapped
             await self._signal.update(candidates=self._candidates())
+
+    async def _probe(self, port: int) -> Address:
+        conn = await StunTcpConnection.open(self.server, local=(self.local_ip, port))
+        try:
+            return (await conn.binding()).mapped
+        finally:
+            sock = conn.writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.writer.transport.abort()
 
     def _candidates(self) -> list[Address]:
         assert self.announced is not None
@@ -207,9 +220,11 @@ class Peer:
             async with asyncio.timeout(timeout):
                 if self._predictable_symmetric():
                     await self.announce()   # the prediction needs our latest mapping
-                instr = await self._signal.connect(target, self._candidates(),
+                async with self._announcing:    # a port rotation in flight ends first
+                    port, candidates = self.local_port, self._candidates()
+                instr = await self._signal.connect(target, candidates,
                                                    list(self.profiles.values()))
-                return await self._run_session(instr, report)
+                return await self._run_session(instr, report, port)
         except TimeoutError as exc:
             report.fail(f"connect to {target} took longer than {timeout} s")
             raise TimeoutError(report.error) from exc
@@ -250,33 +265,38 @@ class Peer:
         report = ConnectionReport(role="responder", started=time.time())
         report.local_nat = self.tcp_profile.to_dict()
         try:
-            conn = await self._run_session(instr, report)
+            conn = await self._run_session(instr, report, self.local_port)
         except Exception as exc:   # the initiator gets its own error; we log ours
             log.warning("incoming connection from %s failed: %s", instr.peer.name, exc)
             return
         self._accepted.put_nowait(conn)
 
-    async def _run_session(self, instr: PunchInstruction, report: ConnectionReport) -> Connection:
+    async def _run_session(self, instr: PunchInstruction, report: ConnectionReport,
+                           local_port: int) -> Connection:
         try:
-            return await self._punch_or_relay(instr, report)
+            return await self._punch_or_relay(instr, report, local_port)
         finally:
-            self._spawn(self._rotate_port())
+            if instr.role == "initiator":
+                self._spawn(self._reannounce(new_port=True))
+            elif self._predictable_symmetric():
+                self._spawn(self._reannounce(new_port=False))
 
-    async def _rotate_port(self) -> None:
-        """A fresh punch port after every session: the last one's 4-tuple may sit in
-        TIME_WAIT, and a sequential NAT's prediction base has moved on."""
+    async def _reannounce(self, *, new_port: bool) -> None:
+        """After a session: the initiator takes a fresh punch port, since the 4-tuple it just
+        used may sit in TIME_WAIT (a new port on one side suffices; the responder keeps its
+        own, so no PUNCH can race its announcement); a sequential NAT's base has moved on."""
         try:
-            await self.announce(new_port=True)
+            await self.announce(new_port=new_port)
         except (OSError, HolePunchError) as exc:
-            log.warning("could not announce a fresh punch port: %s", exc)
+            log.warning("could not announce a fresh punch address: %s", exc)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _punch_or_relay(self, instr: PunchInstruction,
-                              report: ConnectionReport) -> Connection:
+    async def _punch_or_relay(self, instr: PunchInstruction, report: ConnectionReport,
+                              local_port: int) -> Connection:
         peer = instr.peer
         report.peer_id, report.peer_name = peer.peer_id, peer.name
         report.remote_nat = peer.tcp_profile.to_dict()
@@ -291,7 +311,7 @@ class Peer:
         start_at = instr.start_at - (self.clock() - time.time())   # into the engine's clock
         direct_error: BaseException | None = None
         if plan.direct_steps:
-            punch = Punch(self.engine, plan, instr.role, start_at, self.local_port,
+            punch = Punch(self.engine, plan, instr.role, start_at, local_port,
                           peer_target(peer.candidates), report, local_ip=self.local_ip)
             relay_grant = self._grants.setdefault(instr.session,
                                                   asyncio.get_running_loop().create_future())

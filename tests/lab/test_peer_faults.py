@@ -102,9 +102,9 @@ def test_peer_killed_mid_punch_gives_a_clean_error(tmp_path: Path, when: str) ->
 LOSSY_PAIRS = [("port-restricted", "port-restricted"), ("restricted-cone", "port-restricted-rst")]
 LOSSY_ROUNDS = 3
 # Between connects both peers re-announce a fresh punch port (a STUN probe and an update to the
-# server). A lost SYN costs that probe a 1 s retransmit, so under loss it can take over a
-# second; connecting before it is done hits the rotation race (see the xfail test below).
-LOSSY_PAUSE = 3.0
+# server). A lost SYN costs that probe a 1 s retransmit, so under loss it can take seconds;
+# connecting before it is done hits the rotation race (see the xfail test below), so each
+# connect waits until both peers have rotated ("settle"): this test is about loss.
 
 
 @pytest.mark.timeout(90)
@@ -112,9 +112,9 @@ LOSSY_PAUSE = 3.0
 def test_cone_pairs_connect_directly_under_10pct_loss(tmp_path: Path, a: str, b: str) -> None:
     with lab_with_server(tmp_path, a=a, b=b, rtt_ms=40, loss_pct=10) as (lab, srv):
         alice, bob = run_peers(lab, srv, tmp_path, timeout=75,
-                               accept={"sessions": LOSSY_ROUNDS},
+                               accept={"sessions": LOSSY_ROUNDS, "settle": True},
                                connect={"sessions": LOSSY_ROUNDS, "timeout": 20.0,
-                                        "pause": LOSSY_PAUSE})
+                                        "pause": 0.0, "settle": True})
     sessions = alice.get("sessions") or []
     assert len(sessions) == LOSSY_ROUNDS, alice
     routes = [s["report"]["route"] if s["ok"] else f"failed: {s['error']['message']}"
@@ -126,11 +126,6 @@ def test_cone_pairs_connect_directly_under_10pct_loss(tmp_path: Path, a: str, b:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: after a session the Peer rotates its punch port in the background; a connect "
-    "made before the rotation is announced sends the old announced address with the new local "
-    "port (and the responder punches from its new port towards candidates the server still "
-    "holds as old), so the simultaneous open cannot meet and the pair falls to the relay"))
 def test_reconnect_right_after_a_session_stays_direct(tmp_path: Path) -> None:
     with lab_with_server(tmp_path, a="port-restricted", b="port-restricted", rtt_ms=40) as (lab, srv):
         alice, bob = run_peers(lab, srv, tmp_path, timeout=45, accept={"sessions": 3},
