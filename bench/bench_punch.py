@@ -2,9 +2,8 @@
 
 One lab and one `pyholepunch serve` per pair; peer "bob" (node b) accepts and peer "alice"
 (node a) connects to it again and again (a Peer rotates its punch port after every session),
-each a real process (tests/lab/test_peer_timing.py has the plumbing). Each connect waits
-until both peers have announced their new punch port ("settle"): connecting sooner hits the
-rotation race (tests/lab/test_peer_faults.py, the xfail test), which is not what this measures.
+each a real process (tests/lab/test_peer_timing.py has the plumbing). Connects follow each
+other after a short pause; connect() itself waits for the last session's port rotation.
 
 Groups in bench/results/report.json:
   punch.time_to_connect   port-restricted <-> port-restricted, 40 ms RTT, per engine: connect()
@@ -35,7 +34,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the NAT lab needs roo
 CONNECT_RUNS = 12
 BIRTHDAY_RUNS = 20
 BIRTHDAY_PEERS = ["port-restricted", "port-restricted-rst", "cgnat"]
-PAUSE = 0.2           # between connects, after both peers have announced a fresh punch port
+PAUSE = 0.2           # seconds between connects
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -49,9 +48,9 @@ def _runs(tmp: Path, a: str, b: str, runs: int, engine: str | None,
     with lab_with_server(tmp, a=a, b=b, rtt_ms=40) as (lab, srv):
         extra = {"engine": engine} if engine else {}
         alice, bob = run_peers(lab, srv, tmp, timeout=30 + runs * (PAUSE + per_run_s),
-                               accept={"sessions": runs, "settle": True, **extra},
-                               connect={"sessions": runs, "pause": PAUSE, "settle": True,
-                                        "timeout": 20.0, **extra})
+                               accept={"sessions": runs, **extra},
+                               connect={"sessions": runs, "pause": PAUSE, "timeout": 20.0,
+                                        **extra})
     sessions: list[dict[str, Any]] = alice.get("sessions") or []
     assert len(sessions) == runs, f"alice finished {len(sessions)}/{runs} connects: {alice}"
     return sessions

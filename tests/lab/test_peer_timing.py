@@ -61,9 +61,7 @@ class PeerJob:
                                          # be on its way to the server: see test_peer_faults)
     stop_file: str = ""                  # accept: stop once it exists
     timeout: float = 15.0                # connect(timeout=...)
-    pause: float = 1.0                   # between sessions: the punch port rotates meanwhile
-    settle: bool = False                 # between sessions: wait until both peers' punch port
-                                         # rotation is done (works around the rotation race)
+    pause: float = 1.0                   # connect: seconds between sessions
     idle: float = 0.0                    # > 0: stay idle this long, then a->b, then b->a
     die_on_punch: float | None = None    # accept: SIGKILL ourselves this long after start_at
                                          # (negative: at once, on receiving PUNCH)
@@ -114,8 +112,6 @@ async def _serve_job(job: PeerJob) -> dict[str, Any]:
     result: dict[str, Any] = {"name": job.name, "sessions": sessions}
     if job.die_on_punch is not None:
         _die_on_punch(peer, job.die_on_punch)
-    elif job.settle and job.ready_file:
-        _signal_settled(peer, job.ready_file)
     async with peer:
         result["nat"] = peer.tcp_profile.to_dict()
         if job.ready_file:
@@ -126,9 +122,6 @@ async def _serve_job(job: PeerJob) -> dict[str, Any]:
             for i in range(job.sessions):
                 if i:
                     await asyncio.sleep(job.pause)
-                if i and job.settle:
-                    await _settled(peer)
-                    await _wait_for_file(f"{job.go_file}.{i}", 20.0, strict=False)
                 sessions.append(await _connect_once(peer, job))
         else:
             while len(sessions) < job.sessions and not (job.stop_file
@@ -175,42 +168,10 @@ def _die_on_punch(peer: Any, after: float) -> None:
     peer._respond = respond_then_die
 
 
-async def _settled(peer: Any, timeout: float = 15.0) -> None:
-    """Until the peer's background tasks (the punch port rotation after a session) are done.
-    Peer has no public way to say so; ``_tasks`` is what it spawns them into."""
-    me = asyncio.current_task()
-    deadline = time.monotonic() + timeout
-    while any(t is not me and not t.done() for t in peer._tasks):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the peer's background tasks did not finish within {timeout} s")
-        await asyncio.sleep(0.02)
-
-
-def _signal_settled(peer: Any, ready_file: str) -> None:
-    """Responder: after the n-th PUNCH has been handled and the punch port rotated, touch
-    ``<ready_file>.<n>`` (the initiator waits for it before its next connect)."""
-    respond = peer._respond
-    count = 0
-
-    async def respond_then_signal(instr: Any) -> None:
-        nonlocal count
-        count += 1
-        n = count
-        try:
-            await respond(instr)
-        finally:
-            await _settled(peer)
-            Path(f"{ready_file}.{n}").touch()
-
-    peer._respond = respond_then_signal
-
-
-async def _wait_for_file(path: str, timeout: float, *, strict: bool = True) -> None:
+async def _wait_for_file(path: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while path and not os.path.exists(path):
         if time.monotonic() > deadline:
-            if not strict:
-                return
             raise TimeoutError(f"{path} did not appear within {timeout} s")
         await asyncio.sleep(0.05)
 
