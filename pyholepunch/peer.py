@@ -126,9 +126,11 @@ class Peer:
         for kind in kinds:    # one after the other: allocation probes must not interleave
             self.profiles[kind] = await classify_nat(self.server, transport=kind,
                                                      local_ip=self.local_ip)
+        await self._learn_punch_address(new_port=True)
+        # Registered with its address already: no CONNECT can find us without one.
         self._signal.profiles = [p.to_dict() for p in self.profiles.values()]
+        self._signal.candidates = self._candidates()
         await self._signal.start()
-        await self.announce()
         self._events = asyncio.create_task(self._dispatch_events())
 
     async def close(self) -> None:
@@ -167,7 +169,12 @@ class Peer:
         return sock
 
     async def announce(self, *, new_port: bool = False) -> None:
-        """Learn (STUN over TCP from the punch port) and announce our external punch address.
+        """Learn and announce our external punch address (see ``_learn_punch_address``)."""
+        await self._learn_punch_address(new_port=new_port)
+        await self._signal.update(candidates=self._candidates())
+
+    async def _learn_punch_address(self, *, new_port: bool) -> None:
+        """STUN over TCP from the punch port: what it maps to outside.
 
         For an endpoint-independent mapping that is where the peer will find us; for a
         sequential symmetric NAT it is the latest mapping, the base of the peer's prediction.
@@ -189,7 +196,6 @@ class Peer:
                     self._reservation.close()
                 self._reservation, self.local_port = reservation, port
             self.announced = mapped
-            await self._signal.update(candidates=self._candidates())
 
     async def _probe(self, port: int) -> Address:
         conn = await StunTcpConnection.open(self.server, local=(self.local_ip, port))
@@ -311,11 +317,11 @@ class Peer:
         start_at = instr.start_at - (self.clock() - time.time())   # into the engine's clock
         direct_error: BaseException | None = None
         if plan.direct_steps:
-            punch = Punch(self.engine, plan, instr.role, start_at, local_port,
-                          peer_target(peer.candidates), report, local_ip=self.local_ip)
             relay_grant = self._grants.setdefault(instr.session,
                                                   asyncio.get_running_loop().create_future())
             try:
+                punch = Punch(self.engine, plan, instr.role, start_at, local_port,
+                              peer_target(peer.candidates), report, local_ip=self.local_ip)
                 result = await self._first(punch.run(), relay_grant)
             except (PunchError, OSError) as exc:
                 direct_error = exc

@@ -231,11 +231,12 @@ def _handshake_error(exc: BaseException, peer_id: str) -> BaseException:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return AuthenticationError(f"peer {peer_id} presented a certificate other than its "
                                    f"pinned one ({exc.verify_message})")
+    if isinstance(exc, (ssl.SSLEOFError, ConnectionError)):   # no alert: the peer went away
+        kind = type(exc) if isinstance(exc, ConnectionError) else ConnectionResetError
+        return kind(f"peer {peer_id} dropped the connection during the TLS handshake "
+                    "(it may have refused our certificate)")
     if isinstance(exc, ssl.SSLError):
         return AuthenticationError(_describe_ssl_error(exc, peer_id))
-    if isinstance(exc, ConnectionError):
-        return type(exc)(f"peer {peer_id} dropped the connection during the TLS handshake "
-                         "(it may have refused our certificate)")
     return exc
 
 

@@ -475,6 +475,10 @@ class PeerProtocol(asyncio.Protocol):
         if hub is None:
             raise Refusal(ErrorCode.RELAY_UNAVAILABLE, "this server has no relay",
                           session=msg.session, fatal=False)
+        records = [await srv.store.get_online(info[role]) for role in ("initiator", "responder")]
+        if any(rec is None for rec in records):   # a relay the other side can never join
+            raise Refusal(ErrorCode.UNKNOWN_TARGET, "the other peer of this session is offline",
+                          session=msg.session, fatal=False)
         try:
             token_a, token_b = hub.issue(msg.session)
         except ValueError:      # the hub issues one token pair per session
@@ -484,11 +488,10 @@ class PeerProtocol(asyncio.Protocol):
         host, port = self.transport.get_extra_info("sockname")[:2]
         srv.metrics["relays"] += 1
         log.info("relay %s granted via %s:%d", msg.session, host, port)
-        for peer_id, token in ((info["initiator"], token_a), (info["responder"], token_b)):
+        for rec, peer_id, token in zip(records, (info["initiator"], info["responder"]),
+                                       (token_a, token_b), strict=True):
+            assert rec is not None
             grant = RelayGrant(session=msg.session, token=token, relay=(host, port))
-            rec = await srv.store.get_online(peer_id)
-            if rec is None:
-                continue
             await srv.push(rec, {"kind": "grant", "to": peer_id,
                                  "msg": grant if rec.node == srv.node_id else grant.to_wire()})
 

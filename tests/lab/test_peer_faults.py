@@ -106,10 +106,7 @@ LOSSY_PAIRS = [("port-restricted", "port-restricted"), ("restricted-cone", "port
 LOSSY_ROUNDS = 5
 LOSSY_MIN_DIRECT = 3
 # Back to back: connect() itself waits for the punch-port rotation of the last session (a lost
-# SYN can stretch that probe to seconds here). a's first connect waits 1 s after b is up: b
-# registers first and announces its address after, in an unacknowledged update, so a lost
-# segment can leave the server without b's address when a asks for it ("the peer announced no
-# address"; reported as a product bug).
+# SYN can stretch that probe to seconds here), and a peer registers with its address already.
 
 
 @pytest.mark.timeout(90)
@@ -119,7 +116,7 @@ def test_cone_pairs_connect_directly_under_10pct_loss(tmp_path: Path, a: str, b:
         alice, bob = run_peers(lab, srv, tmp_path, timeout=75,
                                accept={"sessions": LOSSY_ROUNDS},
                                connect={"sessions": LOSSY_ROUNDS, "timeout": 20.0,
-                                        "pause": 0.0, "first_wait": 1.0})
+                                        "pause": 0.0})
     sessions = alice.get("sessions") or []
     assert len(sessions) == LOSSY_ROUNDS, alice
     routes = [s["report"]["route"] if s["ok"] else f"failed: {s['error']['message']}"
