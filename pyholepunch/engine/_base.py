@@ -271,6 +271,65 @@ def route_source(dst_ip: str) -> str:
         return str(probe.getsockname()[0])
 
 
+@dataclass(frozen=True, slots=True)
+class SimOpenArgs:
+    local: Address
+    remote: Address
+    start: float            # effective start_at
+    timeout: float
+    interval: float
+    syn_ttl: int | None
+    ttl_syns: int
+    listen: bool
+
+
+SIMOPEN_FDS = 3   # listener + connecting socket + the accepted one
+
+
+def check_simopen_args(
+    local: object, remote: object, start_at: float | None, timeout: float, interval: object,
+    syn_ttl: int | None, ttl_syns: object, listen: object,
+) -> SimOpenArgs:
+    """Validate simultaneous_open's arguments, for both engines, in one order."""
+    local_a = check_address(local, "local", allow_any_port=True)
+    remote_a = check_remote(remote)
+    start = check_timing(start_at, timeout)
+    every = check_seconds(interval, "interval", allow_zero=False)
+    check_ttl(syn_ttl)
+    n_ttl = check_count(ttl_syns, "ttl_syns", 0)
+    check_fd_budget(SIMOPEN_FDS)
+    return SimOpenArgs(local_a, remote_a, start, float(timeout), every, syn_ttl, n_ttl,
+                       bool(listen))
+
+
+@dataclass(frozen=True, slots=True)
+class SweepArgs:
+    pairs: list[SweepPair]
+    local_ip: str
+    start: float            # effective start_at
+    timeout: float
+    max_inflight: int       # already capped at len(pairs)
+    rate: float
+    interval: float
+    syn_ttl: int | None
+
+
+def check_sweep_args(
+    pairs: object, start_at: float | None, timeout: float, local_ip: object,
+    max_inflight: object, rate: object, interval: object, syn_ttl: int | None,
+) -> SweepArgs:
+    """Validate sweep's arguments, for both engines, in one order."""
+    lip = check_address((local_ip, 0), "local_ip", allow_any_port=True)[0]
+    todo = check_pairs(pairs)
+    start = check_timing(start_at, timeout)
+    inflight = min(check_count(max_inflight, "max_inflight", 1), len(todo))
+    pace = check_seconds(rate, "rate", allow_zero=True)
+    every = check_seconds(interval, "interval", allow_zero=True)
+    check_ttl(syn_ttl)
+    check_fd_budget(inflight)
+    return SweepArgs(todo, lip, start, float(timeout), inflight, pace, every, syn_ttl)
+
+
 def check_raw_args(
     src: object, dst: object, ttl: object, count: object, spacing: object,
     start_at: float | None,

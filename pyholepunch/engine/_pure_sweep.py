@@ -33,15 +33,10 @@ def run_sweep(
     pairs: Sequence[SweepPair], start_at: float | None, timeout: float, *, local_ip: str,
     max_inflight: int, rate: float, interval: float, syn_ttl: int | None,
 ) -> PunchResult:
-    lip = _base.check_address((local_ip, 0), "local_ip", allow_any_port=True)[0]
-    todo = _base.check_pairs(pairs)
-    start = _base.check_timing(start_at, timeout)
-    _base.check_count(max_inflight, "max_inflight", 1)
-    _base.check_seconds(rate, "rate", allow_zero=True)
-    _base.check_seconds(interval, "interval", allow_zero=True)
-    _base.check_ttl(syn_ttl)
-    _base.check_fd_budget(min(len(todo), max_inflight))
-    return _Sweep(todo, lip, start, start + timeout, max_inflight, rate, interval, syn_ttl).run()
+    a = _base.check_sweep_args(pairs, start_at, timeout, local_ip, max_inflight, rate,
+                               interval, syn_ttl)
+    return _Sweep(a.pairs, a.local_ip, a.start, a.start + a.timeout, a.max_inflight, a.rate,
+                  a.interval, a.syn_ttl).run()
 
 
 class _Sweep:

@@ -16,17 +16,13 @@ from ._base import (
     RawSynStats,
     RelayStats,
     SweepPair,
-    check_count,
-    check_pairs,
     check_raw_args,
     check_relay_args,
-    check_seconds,
 )
 
 __all__ = ["NativeEngine"]
 
 _INT_MAX = 2**31 - 1
-_FD_RESERVE = 3  # listener + connecting socket + the accepted one
 
 
 class NativeEngine:
@@ -46,18 +42,13 @@ class NativeEngine:
         ttl_syns: int = 1,
         listen: bool = True,
     ) -> PunchResult:
-        lip, lport = _base.check_address(local, "local", allow_any_port=True)
-        rip, rport = _base.check_remote(remote)
-        start = _base.check_timing(start_at, timeout)
-        every = check_seconds(interval, "interval", allow_zero=False)
-        _base.check_ttl(syn_ttl)
-        ttl_syns = check_count(ttl_syns, "ttl_syns", 0)
-        _base.check_fd_budget(_FD_RESERVE)
+        a = _base.check_simopen_args(local, remote, start_at, timeout, interval, syn_ttl,
+                                     ttl_syns, listen)
         # An interval beyond the window means "no re-arm"; clamping keeps it in C's range.
-        every = min(every, float(timeout) + 1.0)
+        every = min(a.interval, a.timeout + 1.0)
         return _native.simultaneous_open(
-            lip, lport, rip, rport, start, float(timeout), every, syn_ttl or 0,
-            min(ttl_syns, _INT_MAX), bool(listen))
+            a.local[0], a.local[1], a.remote[0], a.remote[1], a.start, a.timeout, every,
+            a.syn_ttl or 0, min(a.ttl_syns, _INT_MAX), a.listen)
 
     def sweep(
         self,
@@ -71,18 +62,11 @@ class NativeEngine:
         interval: float = 0.0,
         syn_ttl: int | None = None,
     ) -> PunchResult:
-        lip = _base.check_address((local_ip, 0), "local_ip", allow_any_port=True)[0]
-        todo = check_pairs(pairs)
-        start = _base.check_timing(start_at, timeout)
-        inflight = check_count(max_inflight, "max_inflight", 1)
-        pace = check_seconds(rate, "rate", allow_zero=True)
-        every = check_seconds(interval, "interval", allow_zero=True)
-        _base.check_ttl(syn_ttl)
-        inflight = min(inflight, len(todo))
-        _base.check_fd_budget(inflight)
-        every = min(every, float(timeout) + 1.0)
-        return _native.sweep(
-            todo, lip, start, float(timeout), every, inflight, pace, syn_ttl or 0)
+        a = _base.check_sweep_args(pairs, start_at, timeout, local_ip, max_inflight, rate,
+                                   interval, syn_ttl)
+        every = min(a.interval, a.timeout + 1.0)
+        return _native.sweep(a.pairs, a.local_ip, a.start, a.timeout, every, a.max_inflight,
+                             a.rate, a.syn_ttl or 0)
 
     def raw_syn(
         self,

@@ -57,15 +57,10 @@ class PureEngine:
         ttl_syns: int = 1,
         listen: bool = True,
     ) -> PunchResult:
-        lip, lport = _base.check_address(local, "local", allow_any_port=True)
-        dst = _base.check_remote(remote)
-        start = _base.check_timing(start_at, timeout)
-        _base.check_seconds(interval, "interval", allow_zero=False)
-        _base.check_ttl(syn_ttl)
-        _base.check_count(ttl_syns, "ttl_syns", 0)
-        _base.check_fd_budget(3)
-        return _SimOpen(lip, lport, dst, start, start + timeout, interval, syn_ttl,
-                        ttl_syns, listen).run()
+        a = _base.check_simopen_args(local, remote, start_at, timeout, interval, syn_ttl,
+                                     ttl_syns, listen)
+        return _SimOpen(a.local[0], a.local[1], a.remote, a.start, a.start + a.timeout,
+                        a.interval, a.syn_ttl, a.ttl_syns, a.listen).run()
 
     def sweep(
         self,
