@@ -131,6 +131,10 @@ class Peer:
         self._signal.profiles = [p.to_dict() for p in self.profiles.values()]
         self._signal.candidates = self._candidates()
         await self._signal.start()
+        # Learned again now that the signaling connection has taken its own mapping: a
+        # sequential NAT's prediction base has moved. (Without this round trip a CONNECT
+        # right after registration was also seen to reach the responder one RTT late.)
+        await self.announce()
         self._events = asyncio.create_task(self._dispatch_events())
 
     async def close(self) -> None:

@@ -288,8 +288,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="URL", help="memory (default) or redis://HOST:PORT")
     parser.add_argument("--metrics-port", type=int, metavar="N",
                         help="JSON metrics on http://127.0.0.1:N/metrics")
-    parser.add_argument("--punch-margin", type=float, default=0.02, metavar="SECONDS",
-                        help="added to the common punch start (default 0.02)")
+    parser.add_argument("--punch-margin", type=float, default=0.05, metavar="SECONDS",
+                        help="added to the common punch start to absorb delivery jitter (default 0.05)")
     parser.add_argument("--max-peers", type=int, default=100_000)
     parser.add_argument("--no-stun", action="store_true", help="do not run the STUN server")
     parser.add_argument("--no-relay", action="store_true", help="do not run the built-in relay")

@@ -188,6 +188,16 @@ async def peers(app: Rendezvous, tmp: Path, relay: str,
         await bob.start()
         for p in (alice, bob):
             await relay_only(p)
+        # UPDATE has no answer and bob's travels on another connection than alice's CONNECT:
+        # wait until the server holds bob's new profile, or it may plan with the old one.
+        wanted = RANDOM_SYMMETRIC.to_dict()["mapping"]
+        for _ in range(100):
+            rec = await app.signal.store.find("bob")
+            if rec is not None and any(p.get("mapping") == wanted for p in rec.profiles):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the server never applied bob's profile update")
     except BaseException:
         await asyncio.gather(alice.close(), bob.close())
         raise
