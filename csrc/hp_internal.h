@@ -15,6 +15,8 @@
 typedef enum hp_fail_kind { HP_FAIL_OTHER = 0, HP_FAIL_RST = 1, HP_FAIL_ICMP = 2 } hp_fail_kind_t;
 
 hp_fail_kind_t hp_fail_kind(int err);
+/* Count an attempt that ended with err (RST or ICMP) in st; return its kind. */
+hp_fail_kind_t hp_count_failure(hp_punch_stats_t *st, int err);
 
 /* A non-blocking, close-on-exec TCP socket with SO_REUSEADDR and, when reuseport,
  * SO_REUSEPORT; bound to ip:port when do_bind. A concrete ip with port 0 is bound with

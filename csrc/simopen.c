@@ -101,21 +101,13 @@ static int hp_simopen_connect(hp_simopen_state_t *s)
         }
         return rc == 0 ? 1 : 0;
     }
-    switch (hp_fail_kind(err)) {
-    case HP_FAIL_RST:
-        s->st->rsts_seen++;
-        break;
-    case HP_FAIL_ICMP:
-        s->st->icmp_errors++;
-        break;
-    default:
+    if (hp_count_failure(s->st, err) == HP_FAIL_OTHER
         /* EADDRNOTAVAIL / EADDRINUSE: the 4-tuple is taken (the listener may already hold
          * the peer's connection); anything else unexpected is fatal. */
-        if (err != EADDRNOTAVAIL && err != EADDRINUSE && err != EAGAIN && err != EINTR) {
-            hp_close(s->cfd);
-            s->cfd = -1;
-            return -err;
-        }
+        && err != EADDRNOTAVAIL && err != EADDRINUSE && err != EAGAIN && err != EINTR) {
+        hp_close(s->cfd);
+        s->cfd = -1;
+        return -err;
     }
     hp_close(s->cfd);
     s->cfd = -1;
@@ -131,16 +123,7 @@ static int hp_simopen_finish(hp_simopen_state_t *s)
         err = errno;
     if (err == 0)
         return 1;
-    switch (hp_fail_kind(err)) {
-    case HP_FAIL_RST:
-        s->st->rsts_seen++;
-        break;
-    case HP_FAIL_ICMP:
-        s->st->icmp_errors++;
-        break;
-    default:
-        break;
-    }
+    hp_count_failure(s->st, err);
     hp_close(s->cfd);
     s->cfd = -1;
     return 0;

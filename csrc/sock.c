@@ -42,6 +42,16 @@ hp_fail_kind_t hp_fail_kind(int err)
     }
 }
 
+hp_fail_kind_t hp_count_failure(hp_punch_stats_t *st, int err)
+{
+    hp_fail_kind_t kind = hp_fail_kind(err);
+    if (kind == HP_FAIL_RST)
+        st->rsts_seen++;
+    else if (kind == HP_FAIL_ICMP)
+        st->icmp_errors++;
+    return kind;
+}
+
 void hp_close(int fd)
 {
     if (fd >= 0) {

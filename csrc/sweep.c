@@ -66,16 +66,7 @@ static void hp_sweep_release(hp_sweep_state_t *s, uint32_t slot)
 
 static void hp_sweep_count_failure(hp_sweep_state_t *s, int err, uint32_t pair, int64_t now)
 {
-    switch (hp_fail_kind(err)) {
-    case HP_FAIL_RST:
-        s->st->rsts_seen++;
-        break;
-    case HP_FAIL_ICMP:
-        s->st->icmp_errors++;
-        break;
-    default:
-        break;
-    }
+    hp_count_failure(s->st, err);
     if (s->a->interval_ns > 0) {
         size_t tail = (s->rhead + s->rcount) % s->a->npairs;
         s->retry[tail] = pair;

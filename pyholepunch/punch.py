@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .engine import Engine, PunchResult, PunchStats
+from .engine._base import count_failure
 from .errors import PunchError, PunchTimeout
 from .report import ConnectionReport, Outcome
 from .strategy import Action, Plan, RoleInstruction, Step, StepKind, Target, remote_ports
@@ -263,7 +264,7 @@ async def follow(ip: str, pairs: list[tuple[int, Address]], peer_ips: set[str], 
         except BlockingIOError:
             return
         except OSError as exc:
-            _count_failure(stats, exc.errno)
+            count_failure(stats, exc.errno)
             data = b""
         loop.remove_reader(fd)
         if data == MARK and not found.done() and sock.getpeername()[0] in peer_ips:
@@ -287,7 +288,7 @@ async def follow(ip: str, pairs: list[tuple[int, Address]], peer_ips: set[str], 
             stats.attempts += 1
             stats.sockets_opened += 1
             if err not in (0, errno.EINPROGRESS):
-                _count_failure(stats, err)
+                count_failure(stats, err)
                 sock.close()
                 continue
             stats.syns_sent += 1
@@ -311,13 +312,6 @@ async def follow(ip: str, pairs: list[tuple[int, Address]], peer_ips: set[str], 
     stats.remote = (peer[0], peer[1])
     stats.time_to_established_ns = int((time.time() - start) * 1e9)
     return PunchResult(winner, stats)
-
-
-def _count_failure(stats: PunchStats, err: int | None) -> None:
-    if err in (errno.ECONNREFUSED, errno.ECONNRESET):
-        stats.rsts_seen += 1
-    elif err in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN):
-        stats.icmp_errors += 1
 
 
 def _bound(ip: str, port: int) -> socket.socket:

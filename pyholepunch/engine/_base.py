@@ -11,6 +11,7 @@ loop keeps running.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import math
 import resource
@@ -150,6 +151,21 @@ class Engine(Protocol):
         Half-closes are propagated. ``max_bytes`` = 0 means unlimited. The fds stay open.
         """
         ...
+
+
+RST_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET})
+ICMP_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
+
+
+def count_failure(stats: PunchStats, err: int | None) -> str:
+    """Account an attempt that ended with ``err`` (RST or ICMP); a short word for logs."""
+    if err in RST_ERRNOS:
+        stats.rsts_seen += 1
+        return "rst"
+    if err in ICMP_ERRNOS:
+        stats.icmp_errors += 1
+        return "icmp"
+    return errno.errorcode.get(err or 0, str(err))
 
 
 def sweep_pairs(

@@ -7,8 +7,6 @@ import time
 
 from ._base import Address, PunchStats
 
-RST_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET})
-ICMP_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
 IN_PROGRESS = frozenset({0, errno.EINPROGRESS, errno.EALREADY})
 FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -69,17 +67,6 @@ def connect_outcome(sock: socket.socket) -> int:
     except OSError as exc:      # writable but not connected: treat as a failed attempt
         return exc.errno or errno.ENOTCONN
     return 0
-
-
-def count_failure(stats: PunchStats, err: int) -> str:
-    """Account an attempt that ended with ``err``; return a short word for logs."""
-    if err in RST_ERRNOS:
-        stats.rsts_seen += 1
-        return "rst"
-    if err in ICMP_ERRNOS:
-        stats.icmp_errors += 1
-        return "icmp"
-    return errno.errorcode.get(err, str(err))
 
 
 def note_syn(stats: PunchStats, rc: int, sent_at: float, start: float) -> None:

@@ -12,14 +12,13 @@ from collections.abc import Sequence
 
 from ..errors import PunchError, PunchTimeout
 from . import _base
-from ._base import PunchResult, PunchStats, SweepPair
+from ._base import PunchResult, PunchStats, SweepPair, count_failure
 from ._pure_clock import wait_until
 from ._pure_sock import (
     FD_ERRNOS,
     IN_PROGRESS,
     close_all,
     connect_outcome,
-    count_failure,
     note_syn,
     note_won,
     reuse_socket,

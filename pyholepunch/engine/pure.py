@@ -17,7 +17,15 @@ from collections.abc import Sequence
 
 from ..errors import PunchTimeout
 from . import _base
-from ._base import Address, PunchResult, PunchStats, RawSynStats, RelayStats, SweepPair
+from ._base import (
+    Address,
+    PunchResult,
+    PunchStats,
+    RawSynStats,
+    RelayStats,
+    SweepPair,
+    count_failure,
+)
 from ._pure_clock import wait_until
 from ._pure_raw import raw_syn as _raw_syn
 from ._pure_relay import relay_pump as _relay_pump
@@ -25,7 +33,6 @@ from ._pure_sock import (
     IN_PROGRESS,
     close_all,
     connect_outcome,
-    count_failure,
     note_syn,
     note_won,
     reuse_socket,
