@@ -27,7 +27,7 @@ from .errors import AuthenticationError, HolePunchError, PunchError, SignalingEr
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.profile import Allocation, Mapping, NatProfile
-from .punch import Punch, peer_target
+from .punch import Punch, close_late_result, peer_target
 from .relay.builtin import open_builtin_relay
 from .relay.peering import peer_turn_relay
 from .report import ConnectionReport, Route
@@ -388,7 +388,7 @@ class Peer:
         done, _ = await asyncio.wait({task, grant}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
-        task.add_done_callback(lambda t: t.cancelled() or t.exception() or t.result().sock.close())
+        task.add_done_callback(close_late_result)
         return grant.result()
 
     def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any,

@@ -89,7 +89,7 @@ class Punch:
         finally:
             for t in tasks:
                 if not t.done():
-                    t.add_done_callback(_close_late_result)
+                    t.add_done_callback(close_late_result)
         raise errors[-1] if errors else PunchError("empty step group")
 
     async def _run_step(self, at: float, step: Step) -> PunchResult:
@@ -202,8 +202,8 @@ def _window(start: float, timeout: float) -> tuple[float, float]:
     return start, timeout
 
 
-def _close_late_result(task: asyncio.Future[PunchResult]) -> None:
-    """A losing step of a parallel group may still connect later: close what it returns."""
+def close_late_result(task: asyncio.Future[PunchResult]) -> None:
+    """A punch abandoned while its engine call runs may still connect: close what it returns."""
     if task.cancelled():
         return
     exc = task.exception()
