@@ -357,20 +357,23 @@ async def accept_relayed(client: TurnClient, *, timeout: float = 30.0) -> tuple[
 
 async def connect_relayed(relayed: Address, *, timeout: float = 30.0) -> Streams:
     """Dial a peer's TURN relayed address with plain TCP; return once the peer is bound."""
+    def refused(how: str) -> RelayError:
+        # coturn refuses a dialer without permission either at connect or right after it:
+        # one cause, one message.
+        return RelayError(f"cannot connect to TURN relayed address {relayed[0]}:{relayed[1]} "
+                          f"({how}): no permission for our address, or the allocation is gone")
+
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
             try:
                 reader, writer = await asyncio.open_connection(*relayed)
             except OSError as exc:
-                raise RelayError(f"cannot connect to TURN relayed address {relayed[0]}:"
-                                 f"{relayed[1]} ({exc.strerror or exc}): no permission for "
-                                 f"our address, or the allocation is gone") from exc
+                raise refused(str(exc.strerror or exc)) from exc
             try:
                 first = await reader.readexactly(1)
             except (asyncio.IncompleteReadError, OSError) as exc:
-                raise RelayError("the TURN relay closed the connection before the peer "
-                                 "answered (no permission for our address?)") from exc
+                raise refused("closed before the peer answered") from exc
             if first != READY:
                 raise RelayError(f"unexpected first byte {first!r} from the TURN peer")
             return reader, writer
