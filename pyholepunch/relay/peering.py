@@ -1,9 +1,9 @@
 """Two peers through a TURN server (RFC 6062): the peer's ``--relay turn:HOST:PORT`` step.
 
 The initiator holds the allocation: Allocate (TCP), CreatePermission for the responder's
-public IP (it knows it from PUNCH), then ``relay`` with ``relayed`` over signaling; the server
-forwards it to the responder as RELAY_GRANT via "turn" and echoes it back as the
-acknowledgement. The responder dials the relayed address with plain TCP, so it needs no TURN
+public IPs (from PUNCH), then ``relay`` with ``relayed`` over signaling; the server forwards
+it to the responder as RELAY_GRANT via "turn" and echoes it back as the acknowledgement. The
+responder dials the relayed address with plain TCP, so it needs no TURN
 credentials (nor even ``--relay turn``: any grant is honoured by what it says). Both return
 asyncio streams for ``security.secure_stream``: end-to-end TLS runs on top, so the TURN server
 only ever carries ciphertext.
@@ -65,20 +65,22 @@ def active_allocations() -> int:
 
 async def turn_relay(signal: SignalClient, session: str, *, initiator: bool,
                      turn_server: Address | None = None,
-                     credentials: TurnCredentials | None = None, peer_ip: str | None = None,
+                     credentials: TurnCredentials | None = None,
+                     peer_ips: list[str] | None = None,
                      grant: asyncio.Future[RelayInstruction] | None = None,
                      timeout: float = 10.0) -> Streams:
     """A byte stream to the session's other peer through a TURN relay (see module doc).
 
-    Initiator: ``turn_server``, ``credentials`` and ``peer_ip`` (the responder's public IP)
-    are required. Responder: ``grant`` resolves to the RELAY_GRANT the initiator caused; a
-    built-in relay grant is joined too. Raises RelayError saying which stage failed (a TURN
-    error response keeps its STUN code in the message: 401 wrong credentials, 441, 403...).
+    Initiator: ``turn_server``, ``credentials`` and ``peer_ips`` (the responder's public
+    addresses, all permitted) are required. Responder: ``grant`` resolves to the RELAY_GRANT
+    the initiator caused; a built-in relay grant is joined too. Raises RelayError saying
+    which stage failed (a TURN error response keeps its STUN code in the message: 401 wrong
+    credentials, 441, 403...).
     """
     if initiator:
-        if turn_server is None or credentials is None or not peer_ip:
-            raise ValueError("the initiator needs turn_server, credentials and peer_ip")
-        return await _offer_and_accept(signal, session, turn_server, credentials, peer_ip,
+        if turn_server is None or credentials is None or not peer_ips:
+            raise ValueError("the initiator needs turn_server, credentials and peer_ips")
+        return await _offer_and_accept(signal, session, turn_server, credentials, peer_ips,
                                        timeout)
     if grant is None:
         raise ValueError("the responder needs the grant future")
@@ -106,24 +108,25 @@ async def peer_turn_relay(signal: SignalClient, instr: PunchInstruction, *, init
                              "nothing to permit on the TURN relay")
         return await turn_relay(signal, session, initiator=True, turn_server=server,
                                 credentials=turn_credentials(*turn, now=time.time()),
-                                peer_ip=instr.peer.candidates[0][0], timeout=timeout)
+                                peer_ips=[ip for ip, _port in instr.peer.candidates],
+                                timeout=timeout)
     finally:
         grants.pop(session, None)
 
 
 async def _offer_and_accept(signal: SignalClient, session: str, server: Address,
-                            credentials: TurnCredentials, peer_ip: str,
+                            credentials: TurnCredentials, peer_ips: list[str],
                             timeout: float) -> Streams:
     where = f"TURN relay {server[0]}:{server[1]}"
     client = TurnClient(server, credentials, timeout=min(timeout, 10.0))
     stage = "allocation"
     try:
         async with asyncio.timeout(timeout):
-            relayed = await offer_relayed(client, peer_ip)
+            relayed = await offer_relayed(client, *peer_ips)
             stage = "offer"
             await signal.offer_relay(session, relayed, timeout=timeout)
             log.info("[%s] TURN allocation %s:%d offered to the peer (permitted %s)", session,
-                     *relayed, peer_ip)
+                     *relayed, ", ".join(peer_ips))
             stage = "accept"
             peer, (reader, writer) = await accept_relayed(client, timeout=timeout)
     except BaseException as exc:

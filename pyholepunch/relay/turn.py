@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import struct
@@ -334,13 +335,20 @@ class TurnClient:
 READY = b"\x01"
 
 
-async def offer_relayed(client: TurnClient, peer_ip: str) -> Address:
-    """Allocate (if not yet) and permit ``peer_ip``; return the relayed address to hand to
-    the peer through signaling."""
+async def offer_relayed(client: TurnClient, *peer_ips: str) -> Address:
+    """Allocate (if not yet) and permit every one of ``peer_ips`` of the allocation's address
+    family in one CreatePermission (the peer may dial out from any of its public addresses);
+    return the relayed address to hand to the peer through signaling."""
     if client.proto.state is State.IDLE:
         await client.allocate()
-    await client.create_permission(peer_ip)
-    return client.relayed_address
+    relayed = client.relayed_address
+    family = ipaddress.ip_address(relayed[0]).version
+    usable = list(dict.fromkeys(ip for ip in peer_ips if ipaddress.ip_address(ip).version == family))
+    if not usable:
+        raise RelayError(f"none of the peer's addresses {', '.join(peer_ips) or '(none)'} is "
+                         f"IPv{family} like the relayed address {relayed[0]}: nothing to permit")
+    await client.create_permission(*usable)
+    return relayed
 
 
 async def accept_relayed(client: TurnClient, *, timeout: float = 30.0) -> tuple[Address, Streams]:

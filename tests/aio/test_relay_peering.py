@@ -326,7 +326,7 @@ async def test_permission_for_another_ip_fails_on_both_sides(
         ini, res = await asyncio.gather(
             peering.turn_relay(a, session, initiator=True, turn_server=turn.address,
                                credentials=TurnCredentials(USER, PASSWORD),
-                               peer_ip="127.0.0.2",      # bob dials from 127.0.0.1
+                               peer_ips=["127.0.0.2"],      # bob dials from 127.0.0.1
                                timeout=2),
             peering.turn_relay(b, session, initiator=False, grant=grant, timeout=2),
             return_exceptions=True)
@@ -335,6 +335,47 @@ async def test_permission_for_another_ip_fails_on_both_sides(
         assert isinstance(res, RelayError), res
         # coturn refuses the TCP connection, or accepts and closes it: both messages say why.
         assert "no permission for our address" in str(res)
+    assert await settled(before) == set()
+
+
+@needs_coturn
+@pytest.mark.asyncio
+async def test_every_candidate_ip_is_permitted(
+        coturn: Callable[..., Coturn], rendezvous: Rendezvous) -> None:
+    """A peer with several public addresses may dial from any: the one CreatePermission
+    covers them all (bob dials from the second), and an address of the other family is left
+    out rather than failing the request."""
+    turn = coturn(users={USER: PASSWORD})
+    a, b = client(rendezvous, "alice"), client(rendezvous, "bob")
+    async with a, b:
+        session = await session_between(a, b)
+        (ra, wa), (rb, wb) = await asyncio.gather(
+            peering.turn_relay(a, session, initiator=True, turn_server=turn.address,
+                               credentials=TurnCredentials(USER, PASSWORD),
+                               peer_ips=["127.0.0.2", "::1", "127.0.0.1"], timeout=5),
+            peering.turn_relay(b, session, initiator=False, grant=grant_of(b), timeout=5))
+        try:
+            wb.write(b"from the second address")
+            await wb.drain()
+            assert await asyncio.wait_for(ra.readexactly(23), 5) == b"from the second address"
+        finally:
+            for w in (wa, wb):
+                w.close()
+
+
+@needs_coturn
+@pytest.mark.asyncio
+async def test_no_candidate_of_the_allocation_family_fails_clearly(
+        coturn: Callable[..., Coturn], rendezvous: Rendezvous) -> None:
+    before = fds()
+    turn = coturn(users={USER: PASSWORD})
+    a, b = client(rendezvous, "alice"), client(rendezvous, "bob")
+    async with a, b:
+        session = await session_between(a, b)
+        with pytest.raises(RelayError, match=r"none of the peer's addresses ::1 is IPv4"):
+            await peering.turn_relay(a, session, initiator=True, turn_server=turn.address,
+                                     credentials=TurnCredentials(USER, PASSWORD),
+                                     peer_ips=["::1"], timeout=5)
     assert await settled(before) == set()
 
 
