@@ -32,7 +32,8 @@ from .relay.builtin import open_builtin_relay
 from .relay.peering import peer_turn_relay
 from .report import ConnectionReport, Route
 from .security import certificate_for, secure_stream, tls_context
-from .signal.client import PunchInstruction, RelayInstruction, SignalClient
+from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, SignalClient
+from .signal.protocol import ErrorCode
 from .strategy import Plan
 from .strategy import plan as make_plan
 from .stun.client import StunTcpConnection
@@ -104,6 +105,7 @@ class Peer:
             cert=self.cert)
         self._accepted: asyncio.Queue[Connection | BaseException] = asyncio.Queue()
         self._grants: dict[str, asyncio.Future[RelayInstruction]] = {}
+        self._aborts: dict[str, asyncio.Future[str]] = {}   # session -> why the peer gave up
         self._tasks: set[asyncio.Task[Any]] = set()
         self._events: asyncio.Task[None] | None = None
         self._announcing = asyncio.Lock()
@@ -269,7 +271,14 @@ class Peer:
                 if not fut.done():
                     fut.set_result(event)
             elif isinstance(event, PunchInstruction):
+                self._abort_of(event.session)   # now: its abort may be next in the queue
                 self._spawn(self._respond(event))
+            elif isinstance(event, SessionAborted):
+                abort = self._aborts.get(event.session)
+                if abort is None:
+                    log.debug("session %s is over already: %s", event.session, event.reason)
+                elif not abort.done():
+                    abort.set_result(event.reason)
 
     async def _respond(self, instr: PunchInstruction) -> None:
         report = ConnectionReport(role="responder", started=time.time())
@@ -281,11 +290,41 @@ class Peer:
             return
         self._accepted.put_nowait(conn)
 
+    def _abort_of(self, session: str) -> asyncio.Future[str]:
+        return self._aborts.setdefault(session, asyncio.get_running_loop().create_future())
+
     async def _run_session(self, instr: PunchInstruction, report: ConnectionReport,
                            local_port: int) -> Connection:
+        """Punch or relay, until done or the other peer gives up; either side's failure is
+        reported to the server, which tells the other peer so it stops at once."""
+        abort = self._abort_of(instr.session)
+        work = asyncio.ensure_future(self._punch_or_relay(instr, report, local_port))
         try:
-            return await self._punch_or_relay(instr, report, local_port)
+            pending: list[asyncio.Future[Any]] = [work, abort]
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                raise SignalingError(abort.result(), code=ErrorCode.PEER_GAVE_UP)
+            return work.result()
+        except SignalingError as exc:
+            if exc.code != ErrorCode.PEER_GAVE_UP:
+                await self._report(instr.session, "failed", report, reason=exc)
+            raise
+        except asyncio.CancelledError:
+            await self._report(instr.session, "failed", report,
+                               reason="stopped waiting (connect timeout or shutdown)")
+            if work.done() and not work.cancelled() and work.exception() is None:
+                work.result().writer.close()    # made it just as we were cancelled
+            raise
+        except BaseException as exc:
+            await self._report(instr.session, "failed", report, reason=exc)
+            raise
         finally:
+            self._aborts.pop(instr.session, None)
+            if not work.done():
+                # Its punch steps close whatever they still connect (punch.close_late_result).
+                work.cancel()
+                with contextlib.suppress(BaseException):
+                    await work
             if instr.role == "initiator":
                 self._spawn(self._reannounce(new_port=True))
             elif self._predictable_symmetric():
@@ -339,7 +378,6 @@ class Peer:
                             peer_cert=peer.cert, initiator=initiator, timeout=TLS_TIMEOUT,
                             insecure_plain=self.insecure_plain)
                     except AuthenticationError:
-                        await self._report(instr.session, "failed", report)
                         raise
                     except (TimeoutError, OSError) as exc:
                         direct_error = exc
@@ -348,10 +386,8 @@ class Peer:
                         await self._report(instr.session, "direct", report)
                         return self._connection(reader, writer, peer, Route.DIRECT, report)
         if not plan.has_relay or self.relay == "none":
-            error = PunchError(f"no direct path to {peer.name} ({direct_error or plan.reason}) "
-                               "and relaying is off")
-            await self._report(instr.session, "failed", report)
-            raise error
+            raise PunchError(f"no direct path to {peer.name} ({direct_error or plan.reason}) "
+                             "and relaying is off")
         reason = str(direct_error) if direct_error else plan.reason
         log.warning("falling back to the relay for %s: %s", peer.name, reason)
         record = report.step_started("relay")
@@ -362,7 +398,6 @@ class Peer:
                 initiator=initiator, timeout=TLS_TIMEOUT, insecure_plain=self.insecure_plain)
         except BaseException as exc:
             report.step_finished(record, "error", error=exc)
-            await self._report(instr.session, "failed", report)
             raise
         report.step_finished(record, "success")
         report.finish(Route.RELAY, relay_reason=reason)
@@ -385,7 +420,12 @@ class Peer:
     async def _first(self, punch: Any, grant: asyncio.Future[RelayInstruction]) -> Any:
         """The punch result, unless the peer's relay grant arrives first."""
         task = asyncio.ensure_future(punch)
-        done, _ = await asyncio.wait({task, grant}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({task, grant}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:      # the session is over (the peer gave up, timeout)
+            task.cancel()
+            task.add_done_callback(close_late_result)
+            raise
         if task in done:
             return task.result()
         task.add_done_callback(close_late_result)
@@ -396,11 +436,13 @@ class Peer:
         return Connection(reader, writer, peer_id=peer.peer_id, peer_name=peer.name, route=route,
                           report=report, keepalive=self.keepalive)
 
-    async def _report(self, session: str, outcome: str, report: ConnectionReport) -> None:
+    async def _report(self, session: str, outcome: str, report: ConnectionReport, *,
+                      reason: BaseException | str | None = None) -> None:
         with contextlib.suppress(ConnectionError, SignalingError):
             await self._signal.report_result(session, outcome, {
                 "time": report.total_time, "route": outcome,
-                "step": (w.kind if (w := report.winning_step) else None)})
+                "step": (w.kind if (w := report.winning_step) else None)},
+                reason=None if reason is None else str(reason) or type(reason).__name__)
 
 
 def _raise_fd_limit(want: int = 8192) -> None:

@@ -68,6 +68,14 @@ class PeerInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionAborted:
+    """The session's other peer gave up (ERROR PEER_GAVE_UP): stop punching or waiting."""
+
+    session: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class PunchInstruction:
     """One PUNCH: who, how (plan), when (``start_at`` in this client's clock), our role."""
 
@@ -87,6 +95,9 @@ class RelayInstruction:
     token: bytes
     relay: Address
     via: str = "builtin"
+
+
+Event = PunchInstruction | RelayInstruction | SessionAborted   # what ``incoming`` carries
 
 
 def _punch(msg: Punch) -> PunchInstruction:
@@ -126,7 +137,7 @@ class SignalClient:
         self.reconnect = reconnect
         self.connect_timeout, self.idle_timeout, self.backoff = connect_timeout, idle_timeout, backoff
         self.max_frame = max_frame
-        self.incoming: asyncio.Queue[PunchInstruction | RelayInstruction] = asyncio.Queue()
+        self.incoming: asyncio.Queue[Event] = asyncio.Queue()
         self.peer_id = identity.peer_id
         self.offset = 0.0          # our clock minus the server's, as the server measured it
         self.rtt: float | None = None
@@ -195,8 +206,12 @@ class SignalClient:
         return result
 
     async def report_result(self, session: str, outcome: str,
-                            stats: dict[str, Any] | None = None) -> None:
-        self._send(Result(session=session, outcome=outcome, stats=dict(stats or {})))
+                            stats: dict[str, Any] | None = None, *,
+                            reason: str | None = None) -> None:
+        """Outcome for the server's metrics; a "failed" one with its ``reason`` is passed on
+        to the other peer, which stops waiting for us."""
+        self._send(Result(session=session, outcome=outcome, stats=dict(stats or {}),
+                          reason=reason))
 
     async def update(self, candidates: Sequence[Address] | None = None,
                      profiles: Sequence[NatProfile | dict[str, Any]] | None = None,
@@ -210,10 +225,10 @@ class SignalClient:
         self._send(Update(candidates=None if candidates is None else list(candidates),
                           profiles=None if profiles is None else self.profiles, cert=cert))
 
-    async def next_event(self, timeout: float | None = None) -> PunchInstruction | RelayInstruction:
+    async def next_event(self, timeout: float | None = None) -> Event:
         return await asyncio.wait_for(self.incoming.get(), timeout)
 
-    async def __aiter__(self) -> AsyncIterator[PunchInstruction | RelayInstruction]:
+    async def __aiter__(self) -> AsyncIterator[Event]:
         while not self._closed:
             yield await self.incoming.get()
 
@@ -393,5 +408,7 @@ class SignalClient:
                 fut = self._pending.get((kind, msg.session))
                 if fut is not None and not fut.done():
                     fut.set_exception(exc)
+            if msg.code == ErrorCode.PEER_GAVE_UP:
+                self.incoming.put_nowait(SessionAborted(msg.session, msg.reason))
         elif isinstance(msg, Pong):
             pass      # we send no pings of our own; the server's pings keep us measured

@@ -93,6 +93,7 @@ class ErrorCode(enum.IntEnum):
     FRAME_TOO_LARGE = 413
     BAD_NAME = 414             # name malformed or shaped like a peer_id
     BAD_REQUEST = 422          # well-formed but meaningless (connect to self, bad profile)
+    PEER_GAVE_UP = 424         # the session's other peer reported failure: stop waiting
     VERSION = 426
     RATE_LIMITED = 429
     INTERNAL = 500
@@ -369,6 +370,7 @@ class Result(Message):
     session: str
     outcome: str
     stats: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None   # why, when outcome is "failed": passed on to the other peer
 
 
 @message("relay", Direction.TO_SERVER)

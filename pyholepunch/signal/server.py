@@ -47,6 +47,7 @@ from .tls import ServerCredentials
 from .tlsproto import TlsTransport
 
 log = logging.getLogger(__name__)
+MAX_GAVE_UP_REASON = 200     # characters of a peer's failure reason passed on to the other
 
 
 @dataclass
@@ -462,10 +463,26 @@ class PeerProtocol(asyncio.Protocol):
         return info
 
     async def _result(self, msg: Result) -> None:
-        await self._session_of(msg.session)
+        info = await self._session_of(msg.session)
         key = {"direct": "successes", "relay": "relayed", "failed": "failures"}[msg.outcome]
         self.server.metrics[key] += 1
         log.info("result %s from %s: %s", msg.session, self.name, msg.outcome)
+        if msg.outcome == "failed":
+            await self._tell_gave_up(msg, info)
+
+    async def _tell_gave_up(self, msg: Result, info: dict[str, Any]) -> None:
+        """Pass a failure on to the session's other peer, which may still be punching or
+        waiting for a relay that will never come: it stops now, saying why."""
+        srv, me = self.server, self.record
+        assert me is not None
+        other = info["responder"] if me.peer_id == info["initiator"] else info["initiator"]
+        why = (msg.reason or "no reason given")[:MAX_GAVE_UP_REASON]
+        err = Error(code=ErrorCode.PEER_GAVE_UP, reason=f"{me.name} gave up: {why}",
+                    session=msg.session, fatal=False)
+        rec = await srv.store.get_online(other)
+        if rec is not None:
+            await srv.push(rec, {"kind": "abort", "to": other,
+                                 "msg": err if rec.node == srv.node_id else err.to_wire()})
 
     async def _relay(self, msg: Relay) -> None:
         srv = self.server
