@@ -23,7 +23,13 @@ from typing import Any
 
 from . import engine as engine_mod
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
-from .errors import AuthenticationError, HolePunchError, PunchError, SignalingError
+from .errors import (
+    AuthenticationError,
+    HolePunchError,
+    PunchError,
+    SignalingError,
+    TransactionError,
+)
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.profile import Allocation, Mapping, NatProfile
@@ -44,6 +50,8 @@ Address = tuple[str, int]
 
 TLS_TIMEOUT = 5.0
 RELAY_TIMEOUT = 10.0
+PROBE_ATTEMPTS = 3          # STUN over TCP from the punch port (see Peer._probe)
+PROBE_RETRY_PAUSE = 0.2
 
 
 def parse_address(value: str | Address, default_port: int = 3478) -> Address:
@@ -204,6 +212,19 @@ class Peer:
             self.announced = mapped
 
     async def _probe(self, port: int) -> Address:
+        """Our mapping for ``port``, asked PROBE_ATTEMPTS times if need be: one unlucky
+        connection on a lossy path must not fail a peer's start."""
+        for attempt in range(1, PROBE_ATTEMPTS + 1):
+            try:
+                return await self._probe_once(port)
+            except (ConnectionError, TransactionError) as exc:
+                if attempt == PROBE_ATTEMPTS:
+                    raise
+                log.info("STUN probe from punch port %d failed (%s): asking again", port, exc)
+                await asyncio.sleep(PROBE_RETRY_PAUSE)
+        raise AssertionError("unreachable")
+
+    async def _probe_once(self, port: int) -> Address:
         conn = await StunTcpConnection.open(self.server, local=(self.local_ip, port))
         try:
             return (await conn.binding()).mapped

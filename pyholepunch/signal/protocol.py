@@ -29,7 +29,8 @@ update          C->S   candidates?, profiles?, cert?
 connect         C->S   session, target (name or peer_id), candidates, profiles
 punch           S->C   session, role ("initiator"|"responder"), start_at (RECEIVER's clock),
                        peer {peer_id, name, public_key, cert, candidates, profiles}, plan
-result          C->S   session, outcome ("direct"|"relay"|"failed"), stats
+result          C->S   session, outcome ("direct"|"relay"|"failed"), stats, reason? (why it
+                       failed: passed on to the other peer)
 relay           C->S   session, relayed? ([ip, port]: the sender's TURN relayed address, to
                        hand to the other peer; absent: ask for the built-in relay)
 relay_grant     S->C   session, token, relay ([host, port]), via ("builtin"|"turn"; token
@@ -38,7 +39,9 @@ error           S->C   code, reason, session?, fatal
 ==============  =====  =============================================================
 
 Conversation: hello -> register -> (ping/pong)* -> registered, then anything in READY.
-A fatal error closes the connection; a non-fatal one (with ``session``) answers one request.
+A fatal error closes the connection; a non-fatal one (with ``session``) answers one request,
+or, with code 424 (PEER_GAVE_UP), tells a peer that the session's other peer sent ``result``
+"failed" (reason: "NAME gave up: REASON"): it stops punching or waiting for a relay.
 
 Relaying: ``relay`` without ``relayed`` makes the server issue built-in relay tokens and send
 ``relay_grant`` (via "builtin") to both peers. With ``relayed`` (a TURN allocation the sender

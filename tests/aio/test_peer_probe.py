@@ -1,0 +1,61 @@
+"""The punch-port probe (STUN over TCP from the punch port, against the real server) survives
+an unlucky connection, as on a lossy path, and gives up with the cause when it keeps failing."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyholepunch import peer as peer_mod
+from pyholepunch.errors import TransactionTimeout
+from pyholepunch.peer import Peer
+from pyholepunch.serve import Rendezvous
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def failing_first(times: int, exc: BaseException) -> tuple[Any, list[int]]:
+    """A Peer._probe_once that fails ``times`` times with ``exc``, then probes for real."""
+    real = Peer._probe_once
+    calls: list[int] = []
+
+    async def probe_once(self: Peer, port: int) -> Any:
+        calls.append(port)
+        if len(calls) <= times:
+            raise exc
+        return await real(self, port)
+    return probe_once, calls
+
+
+@pytest.mark.asyncio
+async def test_start_survives_a_reset_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    probe_once, calls = failing_first(2, ConnectionResetError("203.0.113.10:3478 closed the "
+                                                              "connection"))
+    monkeypatch.setattr(Peer, "_probe_once", probe_once)
+    async with Rendezvous(("127.0.0.1", 0)) as app:
+        alice = Peer(app.address, name="alice", config_dir=tmp_path / "alice",
+                     server_fingerprint=app.fingerprint)
+        await alice.start()
+        try:
+            # Two failures, then the answer, from the same punch port (then the re-announce).
+            assert len(calls) >= 3 and len(set(calls[:3])) == 1
+            assert alice.announced == ("127.0.0.1", alice.local_port)
+        finally:
+            await alice.close()
+
+
+@pytest.mark.asyncio
+async def test_start_fails_with_the_cause_when_every_probe_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    probe_once, calls = failing_first(99, TransactionTimeout("TCP connect timed out"))
+    monkeypatch.setattr(Peer, "_probe_once", probe_once)
+    async with Rendezvous(("127.0.0.1", 0)) as app:
+        alice = Peer(app.address, name="alice", config_dir=tmp_path / "alice",
+                     server_fingerprint=app.fingerprint)
+        try:
+            with pytest.raises(TransactionTimeout, match="TCP connect timed out"):
+                await alice.start()
+        finally:
+            await alice.close()
+    assert len(calls) == peer_mod.PROBE_ATTEMPTS
