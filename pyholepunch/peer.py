@@ -23,13 +23,7 @@ from typing import Any
 
 from . import engine as engine_mod
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
-from .errors import (
-    AuthenticationError,
-    HolePunchError,
-    PunchError,
-    SignalingError,
-    TransactionError,
-)
+from .errors import AuthenticationError, HolePunchError, PunchError, SignalingError
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.profile import Allocation, Mapping, NatProfile
@@ -212,12 +206,14 @@ class Peer:
             self.announced = mapped
 
     async def _probe(self, port: int) -> Address:
-        """Our mapping for ``port``, asked PROBE_ATTEMPTS times if need be: one unlucky
-        connection on a lossy path must not fail a peer's start."""
+        """Our mapping for ``port``, asked again (PROBE_ATTEMPTS in all) when the server's
+        connection breaks: one unlucky connection on a lossy path must not fail a peer's
+        start. A timeout is not retried: it has waited long enough (connect() may be
+        waiting for this probe)."""
         for attempt in range(1, PROBE_ATTEMPTS + 1):
             try:
                 return await self._probe_once(port)
-            except (ConnectionError, TransactionError) as exc:
+            except ConnectionError as exc:
                 if attempt == PROBE_ATTEMPTS:
                     raise
                 log.info("STUN probe from punch port %d failed (%s): asking again", port, exc)

@@ -1,5 +1,5 @@
 """The punch-port probe (STUN over TCP from the punch port, against the real server) survives
-an unlucky connection, as on a lossy path, and gives up with the cause when it keeps failing."""
+a broken connection, as on a lossy path, and gives up with the cause when it keeps failing."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,6 +48,23 @@ async def test_start_survives_a_reset_probe(tmp_path: Path, monkeypatch: pytest.
 @pytest.mark.asyncio
 async def test_start_fails_with_the_cause_when_every_probe_fails(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    probe_once, calls = failing_first(99, ConnectionResetError("closed the connection"))
+    monkeypatch.setattr(Peer, "_probe_once", probe_once)
+    async with Rendezvous(("127.0.0.1", 0)) as app:
+        alice = Peer(app.address, name="alice", config_dir=tmp_path / "alice",
+                     server_fingerprint=app.fingerprint)
+        try:
+            with pytest.raises(ConnectionResetError, match="closed the connection"):
+                await alice.start()
+        finally:
+            await alice.close()
+    assert len(calls) == peer_mod.PROBE_ATTEMPTS
+
+
+@pytest.mark.asyncio
+async def test_a_timed_out_probe_is_not_asked_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It waited its whole timeout already, and a connect() may be waiting for it."""
     probe_once, calls = failing_first(99, TransactionTimeout("TCP connect timed out"))
     monkeypatch.setattr(Peer, "_probe_once", probe_once)
     async with Rendezvous(("127.0.0.1", 0)) as app:
@@ -58,4 +75,4 @@ async def test_start_fails_with_the_cause_when_every_probe_fails(
                 await alice.start()
         finally:
             await alice.close()
-    assert len(calls) == peer_mod.PROBE_ATTEMPTS
+    assert len(calls) == 1
