@@ -37,7 +37,7 @@ class PunchTarget:
     """Where the peer can be reached, from its PUNCH candidates."""
 
     public_ip: str
-    port: int                                  # its announced port (see strategy.py)
+    port: int                                  # its announced port (see strategy/)
     lan: tuple[Address, ...] = ()              # its local addresses and local punch port
 
 

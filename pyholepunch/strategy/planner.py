@@ -1,230 +1,27 @@
-"""Punch strategy: from two TCP NAT profiles to an ordered plan of steps (DESIGN.md §5).
-
-Pure and deterministic: no sockets, no clock, no randomness. The rendezvous server calls
-:func:`plan` once per CONNECT and sends ``plan.to_dict()`` to both peers inside PUNCH, so both
-sides execute the very same plan; :meth:`Plan.from_dict` validates what arrived.
-
-Vocabulary
-----------
-- *Roles*: ``initiator`` (sent CONNECT) and ``responder``. Every step tells each role what to do
-  (:class:`RoleInstruction`); all times are relative to the common ``start_at`` of that step.
-- *Announced port*: the external port the server observed for the local port a peer punches
-  from (the peer binds that same local port again, SO_REUSEPORT). For a port-preserving NAT it
-  equals the local port; for any endpoint-independent mapping it is the port the peer will
-  appear from. For a sequential symmetric NAT it is the *most recent* mapping the server saw,
-  the base of the prediction ``announced + delta * i`` (i = 1, 2, ...).
-- *Classes*: each profile folds into one :class:`Behaviour` (open, address-filtering cone,
-  port-filtering cone, sequential symmetric, random symmetric, unknown); one table
-  (``_RULES``) maps each unordered pair of classes to its ordered tactics.
-
-Steps in the same ``parallel`` group may run at the same time (each on its own local port);
-the first success wins and the others are abandoned. Running them one after another instead
-is always correct, only slower. :func:`plan` emits no groups today (see the LAN step).
-
-Checked in the NAT lab (40 ms RTT, native engine, pyholepunch.punch executing the plans): the
-first step of every one of the 34 traversable lab pairs connected; birthday 1024 x 1024
-connected 20/20 (port-restricted-rst, cgnat), also with the cone side 100 ms late.
-"""
+"""Choosing the plan: each NAT profile folds into a :class:`Behaviour`, one table maps each
+pair of behaviours to its ordered tactics, :func:`plan` turns them into steps with budgets
+from the measured RTT. Pure and deterministic: no sockets, no clock, no randomness."""
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
-from enum import Enum, StrEnum
-from typing import Any
+from enum import Enum
 
-from .nat.profile import Allocation, Filtering, Mapping, NatProfile, SynResponse
+from ..nat.profile import Allocation, Filtering, Mapping, NatProfile, SynResponse
+from .steps import (
+    MAX_COUNT,
+    PORT_SPAN,
+    ROLES,
+    Action,
+    Plan,
+    PortChoice,
+    RoleInstruction,
+    Step,
+    StepKind,
+    Target,
+    other_role,
+)
 
-PLAN_VERSION = 1
-ROLES = ("initiator", "responder")
-PORT_RANGE = (1024, 65535)          # where NATs allocate ports; birthday targets are drawn here
-MAX_STEPS = 16
-MAX_BUDGET = 60.0
-MAX_COUNT = 4096
-_PORT_SPAN = PORT_RANGE[1] - PORT_RANGE[0] + 1
-
-
-class StepKind(StrEnum):
-    LAN = "lan"
-    DIRECT = "direct"
-    SIMOPEN = "simopen"
-    SIMOPEN_LOW_TTL = "simopen-low-ttl"
-    PREDICT_SWEEP = "predict-sweep"
-    BIRTHDAY = "birthday"
-    RELAY = "relay"
-
-
-class Action(StrEnum):
-    LISTEN = "listen"                          # accept on the announced port, from any peer port
-    CONNECT = "connect"                        # one connect from a fresh port to the peer's port
-    SIMOPEN = "simopen"                        # bind, listen and connect from one port
-    SWEEP_LOCAL_PORTS = "sweep-local-ports"    # `count` fresh local ports -> the peer's one port
-    SWEEP_REMOTE_PORTS = "sweep-remote-ports"  # one local port -> `count` peer ports (predicted/random)
-    SWEEP_PAIRS = "sweep-pairs"                # `count` fresh local ports, the i-th -> predicted port i
-    RELAY = "relay"                            # join the relay session the server offers
-    NONE = "none"                              # sit this step out
-
-
-class Target(StrEnum):
-    PUBLIC = "public"                          # the peer's public (server-observed) address
-    LAN = "lan"                                # the peer's local addresses
-
-
-class PortChoice(StrEnum):
-    ANNOUNCED = "announced"                    # the peer's announced port
-    PREDICTED = "predicted"                    # announced + delta * i, i = 1..count
-    RANDOM = "random"                          # `count` distinct random ports in PORT_RANGE
-
-
-_DIALS = {Action.CONNECT, Action.SIMOPEN, Action.SWEEP_LOCAL_PORTS, Action.SWEEP_REMOTE_PORTS,
-          Action.SWEEP_PAIRS}
-
-
-@dataclass(frozen=True)
-class RoleInstruction:
-    """What one role does during one step. Times are seconds after the step's ``start_at``."""
-
-    action: Action
-    target: Target = Target.PUBLIC
-    ports: PortChoice = PortChoice.ANNOUNCED
-    count: int = 1                   # sockets (sweep-local-ports/sweep-pairs) or targets (sweep-remote-ports)
-    delta: int | None = None         # for PortChoice.PREDICTED
-    syn_ttl: int | None = None       # first SYN(s) leave with this TTL (opens our NAT only)
-    start_delay: float = 0.0         # so that one side's SYNs leave before the other's arrive
-    rate: float = 0.0                # SYNs per second for sweeps, 0 = as fast as possible
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"action": str(self.action), "target": str(self.target), "ports": str(self.ports),
-                "count": self.count, "delta": self.delta, "syn_ttl": self.syn_ttl,
-                "start_delay": self.start_delay, "rate": self.rate}
-
-    @classmethod
-    def from_dict(cls, data: object, where: str = "instruction") -> RoleInstruction:
-        d = _mapping(data, where, required={"action"},
-                     optional={"target", "ports", "count", "delta", "syn_ttl", "start_delay", "rate"})
-        action = _enum(Action, d["action"], f"{where}.action")
-        target = _enum(Target, d.get("target", "public"), f"{where}.target")
-        ports = _enum(PortChoice, d.get("ports", "announced"), f"{where}.ports")
-        count = _int(d.get("count", 1), f"{where}.count", 1, MAX_COUNT)
-        delta = d.get("delta")
-        if delta is not None:
-            delta = _int(delta, f"{where}.delta", -1000, 1000)
-            if delta == 0:
-                raise ValueError(f"{where}.delta must not be 0")
-        if ports is PortChoice.PREDICTED and delta is None:
-            raise ValueError(f"{where}: ports 'predicted' needs a delta")
-        ttl = d.get("syn_ttl")
-        if ttl is not None:
-            ttl = _int(ttl, f"{where}.syn_ttl", 1, 255)
-        start_delay = _float(d.get("start_delay", 0.0), f"{where}.start_delay", 0.0, MAX_BUDGET)
-        rate = _float(d.get("rate", 0.0), f"{where}.rate", 0.0, 1e7)
-        return cls(action, target, ports, count, delta, ttl, start_delay, rate)
-
-
-@dataclass(frozen=True)
-class Step:
-    kind: StepKind
-    budget: float                    # seconds from the step's start_at to giving up
-    reason: str
-    initiator: RoleInstruction
-    responder: RoleInstruction
-    parallel: int | None = None      # steps sharing a group number may run concurrently
-
-    def for_role(self, role: str) -> RoleInstruction:
-        if role == "initiator":
-            return self.initiator
-        if role == "responder":
-            return self.responder
-        raise ValueError(f"role must be 'initiator' or 'responder', got {role!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": str(self.kind), "budget": self.budget, "reason": self.reason,
-                "parallel": self.parallel, "initiator": self.initiator.to_dict(),
-                "responder": self.responder.to_dict()}
-
-    @classmethod
-    def from_dict(cls, data: object, where: str = "step") -> Step:
-        d = _mapping(data, where, required={"kind", "budget", "initiator", "responder"},
-                     optional={"reason", "parallel"})
-        kind = _enum(StepKind, d["kind"], f"{where}.kind")
-        budget = _float(d["budget"], f"{where}.budget", 0.0, MAX_BUDGET)
-        if budget <= 0:
-            raise ValueError(f"{where}.budget must be positive, got {budget}")
-        reason = d.get("reason", "")
-        if not isinstance(reason, str):
-            raise ValueError(f"{where}.reason must be text, got {type(reason).__name__}")
-        parallel = d.get("parallel")
-        if parallel is not None:
-            parallel = _int(parallel, f"{where}.parallel", 0, MAX_STEPS)
-        ini = RoleInstruction.from_dict(d["initiator"], f"{where}.initiator")
-        res = RoleInstruction.from_dict(d["responder"], f"{where}.responder")
-        for role, ins in (("initiator", ini), ("responder", res)):
-            if ins.start_delay >= budget:
-                raise ValueError(f"{where}.{role}.start_delay {ins.start_delay} is not below "
-                                 f"the budget {budget}")
-        if (kind is StepKind.RELAY) != (ini.action is Action.RELAY) or \
-                (kind is StepKind.RELAY) != (res.action is Action.RELAY):
-            raise ValueError(f"{where}: the action 'relay' belongs to relay steps, and only it")
-        if ini.action not in _DIALS and res.action not in _DIALS and kind is not StepKind.RELAY:
-            raise ValueError(f"{where}: neither role dials the other, the step cannot connect")
-        return cls(kind, budget, reason, ini, res, parallel)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Ordered steps, tried in order (same ``parallel`` group: together), and why."""
-
-    steps: tuple[Step, ...]
-    reason: str                       # summary; says why relay when no direct path exists
-    initiator_nat: str = ""           # profile labels, for reports
-    responder_nat: str = ""
-
-    @property
-    def relay_only(self) -> bool:
-        return bool(self.steps) and all(s.kind is StepKind.RELAY for s in self.steps)
-
-    @property
-    def has_relay(self) -> bool:
-        return any(s.kind is StepKind.RELAY for s in self.steps)
-
-    @property
-    def direct_steps(self) -> tuple[Step, ...]:
-        return tuple(s for s in self.steps if s.kind is not StepKind.RELAY)
-
-    @property
-    def total_budget(self) -> float:
-        """Upper bound on the plan's duration if run strictly in order."""
-        return round(sum(s.budget for s in self.steps), 3)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"version": PLAN_VERSION, "reason": self.reason,
-                "initiator_nat": self.initiator_nat, "responder_nat": self.responder_nat,
-                "steps": [s.to_dict() for s in self.steps]}
-
-    @classmethod
-    def from_dict(cls, data: object) -> Plan:
-        """Inverse of to_dict; raises ValueError naming the bad field."""
-        d = _mapping(data, "plan", required={"version", "steps"},
-                     optional={"reason", "initiator_nat", "responder_nat"})
-        if d["version"] != PLAN_VERSION:
-            raise ValueError(f"plan.version {d['version']!r} is not supported (want {PLAN_VERSION})")
-        raw_steps = d["steps"]
-        if not isinstance(raw_steps, (list, tuple)):
-            raise ValueError(f"plan.steps must be a list, got {type(raw_steps).__name__}")
-        if len(raw_steps) > MAX_STEPS:
-            raise ValueError(f"plan.steps has {len(raw_steps)} steps, at most {MAX_STEPS} allowed")
-        steps = tuple(Step.from_dict(s, f"plan.steps[{i}]") for i, s in enumerate(raw_steps))
-        for i, s in enumerate(steps[:-1]):
-            if s.kind is StepKind.RELAY:
-                raise ValueError(f"plan.steps[{i}]: relay must be the last step")
-        texts = {k: d.get(k, "") for k in ("reason", "initiator_nat", "responder_nat")}
-        for k, v in texts.items():
-            if not isinstance(v, str):
-                raise ValueError(f"plan.{k} must be text, got {type(v).__name__}")
-        return cls(steps, texts["reason"], texts["initiator_nat"], texts["responder_nat"])
-
-
-# --- planning -----------------------------------------------------------------------------
 
 class Behaviour(Enum):
     """What matters about one NAT for punching, in planning order."""
@@ -309,7 +106,7 @@ _NO_DIRECT_REASON = {
 
 def birthday_probability(n_local: int, n_remote: int, port_range: int | None = None) -> float:
     """Chance that a birthday sweep of ``n_local`` x ``n_remote`` sockets finds a common port."""
-    size = port_range or _PORT_SPAN
+    size = port_range or PORT_SPAN
     return -math.expm1(-n_local * n_remote / size)
 
 
@@ -450,7 +247,7 @@ class _Context:
         # A full cone forwards it while the announced port's mapping lives (the announced
         # port was observed by the server, so it does). A listener behind an address-
         # filtering cone would have to open its filter first; the sweeps cover those pairs.
-        other = _other(listener)
+        other = other_role(listener)
         lp = self.profile(listener)
         if lp.mapping is Mapping.NONE:
             reason = f"the {listener} has a public address: it listens, the {other} connects"
@@ -467,7 +264,7 @@ class _Context:
     def _low_ttl(self) -> Step | None:
         by_role: dict[str, RoleInstruction] = {}
         for role in ROLES:
-            peer = self.profile(_other(role))
+            peer = self.profile(other_role(role))
             # Only the role whose *peer* answers unsolicited SYNs needs its first SYN to die early.
             ttl = self.low_ttl if answers_unsolicited(peer) else None
             by_role[role] = RoleInstruction(Action.SIMOPEN, syn_ttl=ttl)
@@ -482,7 +279,7 @@ class _Context:
                                 if answers_unsolicited(p)}))
 
     def _predict(self, sym: str) -> Step:
-        cone = _other(sym)
+        cone = other_role(sym)
         sp = self.profile(sym)
         n = self.predict_count
         # The cone aims from its one port at the ports the symmetric NAT will hand out next;
@@ -501,7 +298,7 @@ class _Context:
         # The responder follows (punch.py): its SYNs open its NAT first, the initiator's
         # arrive after them and the initiator chooses the connection.
         by_role = {role: RoleInstruction(Action.SWEEP_PAIRS, ports=PortChoice.PREDICTED, count=n,
-                                         delta=self.profile(_other(role)).delta,
+                                         delta=self.profile(other_role(role)).delta,
                                          start_delay=self.first_delay(n) if role == "initiator" else 0.0)
                    for role in ROLES}
         return self.step(StepKind.PREDICT_SWEEP, 3.0,
@@ -509,75 +306,14 @@ class _Context:
                          "the i-th aimed at the peer's i-th predicted port", by_role)
 
     def _birthday(self, sym: str) -> Step:
-        cone = _other(sym)
+        cone = other_role(sym)
         n = self.birthday_size
         cone_ins = RoleInstruction(Action.SWEEP_REMOTE_PORTS, ports=PortChoice.RANDOM, count=n)
         sym_ins = RoleInstruction(Action.SWEEP_LOCAL_PORTS, count=n,
                                   start_delay=self.first_delay(n))
         reason = (f"the {sym}'s NAT picks random ports: birthday sweep {n} x {n} "
-                  f"(p = 1 - e^-{n * n / _PORT_SPAN:.1f} over {_PORT_SPAN} ports); the {cone}'s SYNs "
+                  f"(p = 1 - e^-{n * n / PORT_SPAN:.1f} over {PORT_SPAN} ports); the {cone}'s SYNs "
                   "leave first")
         return self.step(StepKind.BIRTHDAY, 3.0, reason, {cone: cone_ins, sym: sym_ins})
 
 
-def _other(role: str) -> str:
-    return "responder" if role == "initiator" else "initiator"
-
-
-def remote_ports(ins: RoleInstruction, announced: int, rng: random.Random | None = None) -> list[int]:
-    """The peer ports ``ins`` aims at, given the peer's announced port.
-
-    ANNOUNCED: ``[announced]``; PREDICTED: ``announced + delta * i`` for i = 1..count (wrapping
-    inside PORT_RANGE); RANDOM: ``count`` distinct ports from PORT_RANGE drawn with ``rng``.
-    """
-    if not isinstance(announced, int) or not 1 <= announced <= 65535:
-        raise ValueError(f"announced port {announced!r} is out of range 1..65535")
-    if ins.ports is PortChoice.ANNOUNCED:
-        return [announced]
-    lo, hi = PORT_RANGE
-    if ins.ports is PortChoice.PREDICTED:
-        if not ins.delta:
-            raise ValueError("predicted ports need a non-zero delta")
-        span = hi - lo + 1
-        return [lo + (announced - lo + ins.delta * i) % span for i in range(1, ins.count + 1)]
-    rng = rng or random.Random()
-    return rng.sample(range(lo, hi + 1), min(ins.count, hi - lo + 1))
-
-
-# --- validation helpers for from_dict -------------------------------------------------------
-
-def _mapping(data: object, where: str, *, required: set[str], optional: set[str]) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
-    missing = sorted(required - data.keys())
-    if missing:
-        raise ValueError(f"{where} lacks {', '.join(missing)}")
-    unknown = sorted(str(k) for k in data.keys() - required - optional)
-    if unknown:
-        raise ValueError(f"{where} has unknown field(s) {', '.join(unknown)}")
-    return data
-
-
-def _enum(cls: type[Any], value: object, where: str) -> Any:
-    try:
-        return cls(value)
-    except ValueError:
-        allowed = ", ".join(str(m) for m in cls)
-        raise ValueError(f"{where} {value!r} is not one of {allowed}") from None
-
-
-def _int(value: object, where: str, lo: int, hi: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ValueError(f"{where} must be an integer {lo}..{hi}, got {value!r}")
-    return value
-
-
-def _float(value: object, where: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not lo <= value <= hi:
-        raise ValueError(f"{where} must be a number {lo}..{hi}, got {value!r}")
-    return float(value)
-
-
-__all__ = ["Action", "Behaviour", "PLAN_VERSION", "Plan", "PortChoice", "RoleInstruction", "Step",
-           "StepKind", "Target", "behaviour", "birthday_probability", "plan", "remote_ports"]
