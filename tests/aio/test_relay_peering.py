@@ -313,6 +313,14 @@ def grant_of(b: SignalClient) -> asyncio.Future[Any]:
     return fut
 
 
+def offer(a: SignalClient, session: str, turn: Coturn, peer_ips: list[str],
+          timeout: float) -> Any:
+    """alice's side: allocate on ``turn`` with the right password, permit ``peer_ips``."""
+    return peering.turn_relay(a, session, initiator=True, turn_server=turn.address,
+                              credentials=TurnCredentials(USER, PASSWORD), peer_ips=peer_ips,
+                              timeout=timeout)
+
+
 @needs_coturn
 @pytest.mark.asyncio
 async def test_permission_for_another_ip_fails_on_both_sides(
@@ -324,10 +332,7 @@ async def test_permission_for_another_ip_fails_on_both_sides(
         session = await session_between(a, b)
         grant = grant_of(b)
         ini, res = await asyncio.gather(
-            peering.turn_relay(a, session, initiator=True, turn_server=turn.address,
-                               credentials=TurnCredentials(USER, PASSWORD),
-                               peer_ips=["127.0.0.2"],      # bob dials from 127.0.0.1
-                               timeout=2),
+            offer(a, session, turn, ["127.0.0.2"], 2),      # bob dials from 127.0.0.1
             peering.turn_relay(b, session, initiator=False, grant=grant, timeout=2),
             return_exceptions=True)
         assert isinstance(ini, RelayError), ini
@@ -350,9 +355,7 @@ async def test_every_candidate_ip_is_permitted(
     async with a, b:
         session = await session_between(a, b)
         (ra, wa), (rb, wb) = await asyncio.gather(
-            peering.turn_relay(a, session, initiator=True, turn_server=turn.address,
-                               credentials=TurnCredentials(USER, PASSWORD),
-                               peer_ips=["127.0.0.2", "::1", "127.0.0.1"], timeout=5),
+            offer(a, session, turn, ["127.0.0.2", "::1", "127.0.0.1"], 5),
             peering.turn_relay(b, session, initiator=False, grant=grant_of(b), timeout=5))
         try:
             wb.write(b"from the second address")
@@ -373,9 +376,7 @@ async def test_no_candidate_of_the_allocation_family_fails_clearly(
     async with a, b:
         session = await session_between(a, b)
         with pytest.raises(RelayError, match=r"none of the peer's addresses ::1 is IPv4"):
-            await peering.turn_relay(a, session, initiator=True, turn_server=turn.address,
-                                     credentials=TurnCredentials(USER, PASSWORD),
-                                     peer_ips=["::1"], timeout=5)
+            await offer(a, session, turn, ["::1"], 5)
     assert await settled(before) == set()
 
 
