@@ -80,15 +80,20 @@ class Punch:
         await _sleep_until(at)
         tasks = [asyncio.ensure_future(self._run_step(at, step)) for step in group]
         errors: list[BaseException] = []
+        won: PunchResult | None = None
         try:
             for next_done in asyncio.as_completed(tasks):
                 try:
-                    return await next_done
+                    won = await next_done
+                    return won
                 except (PunchError, OSError) as exc:
                     errors.append(exc)
         finally:
+            # Every connection but the one returned is closed, now or when it comes up
+            # (also one that finished just as we were cancelled).
             for t in tasks:
-                if not t.done():
+                if won is None or not t.done() or t.cancelled() or t.exception() is not None \
+                        or t.result() is not won:
                     t.add_done_callback(close_late_result)
         raise errors[-1] if errors else PunchError("empty step group")
 
