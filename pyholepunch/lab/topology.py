@@ -150,6 +150,9 @@ def _shared_carrier(p: Plan, hairpin: bool) -> None:
 
 # --- building -------------------------------------------------------------------------------
 
+BRIDGE_NF = "/proc/sys/net/bridge/bridge-nf-call-iptables"   # per namespace
+
+
 def _write(path: str, value: object) -> None:
     with open(path, "w") as f:
         f.write(f"{value}\n")
@@ -178,6 +181,12 @@ def _configure(node: Node, conntrack: dict[str, int], loss_pct: float, delay: bo
             idx[br] = ipr.link_lookup(ifname=br)[0]
             for m in members:
                 ipr.link("set", index=idx[m], master=idx[br], state="up")
+            # With br_netfilter loaded (by anything on the host), the bridge would run
+            # netfilter at layer 2: a hairpin DNAT'ed to a host on the same bridge is then
+            # bridged straight back, never SNAT'ed, and dropped at its own port. Routed
+            # traffic only, as on a real router, whatever the host has loaded.
+            if os.path.exists(BRIDGE_NF):
+                _write(BRIDGE_NF, 0)
         for ifname, addrs in node.addrs.items():
             for cidr in addrs:
                 ip, plen = cidr.split("/")

@@ -142,6 +142,29 @@ def test_coturn_over_tcp_learns_what_it_can_and_says_what_not(env: Env) -> None:
     assert any(n.startswith("filtering:") and "400" in n for n in p.not_learned), p.not_learned
 
 
+@pytest.mark.parametrize("hairpin", [True, False], ids=["hairpin", "no-hairpin"])
+def test_hairpin_matches_the_lab(hairpin: bool) -> None:
+    """Two hosts behind one port-restricted NAT that does or does not hairpin: the classifier
+    says so, over UDP and TCP. (With br_netfilter loaded on the host, the lab's bridge used to
+    bridge a hairpinned packet straight back unSNAT'ed, and this read "no" either way.)"""
+    from pyholepunch.lab import Lab
+
+    with Lab(a="port-restricted", b="port-restricted", same_nat=True, hairpin=hairpin) as lab:
+        proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen",
+                                    f"{lab.server_ip}:{OUR_PORT}", "--alt-ip", lab.server_alt_ip],
+                         stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+            for transport in ("udp", "tcp"):
+                p = lab.call("a", run_sync, (lab.server_ip, OUR_PORT), transport=transport,
+                             timeout=30)
+                assert p.nat_type == "port-restricted", p.to_dict()
+                assert p.hairpin is hairpin, (transport, p.to_dict())
+        finally:
+            proc.terminate()
+            proc.wait(5)
+
+
 def test_cli_json_under_40ms_rtt() -> None:
     """`pyholepunch nat-type --json` in node a on a 40 ms path: the probe waits scale with
     the measured RTT, the verdict stays right, the JSON schema is the documented one."""
