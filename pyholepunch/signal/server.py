@@ -48,6 +48,7 @@ from .tlsproto import TlsTransport
 
 log = logging.getLogger(__name__)
 MAX_GAVE_UP_REASON = 200     # characters of a peer's failure reason passed on to the other
+REFERENCE_REFRESH = 30.0     # seconds between measurements of the store's reference clock
 
 
 @dataclass
@@ -116,9 +117,22 @@ class SignalServer:
              "turn_offers", "refused", "frames_in", "frames_out"), 0)
         self._servers: list[asyncio.Server] = []
         self._tls: set[TlsTransport] = set()      # every live connection, registered or not
+        self.reference_offset = 0.0      # the store's reference clock minus ours
+        self._reference_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.store.start(self.node_id, self._on_push)
+        self.reference_offset = await self.store.reference_offset(self.clock)
+        self._reference_task = asyncio.get_running_loop().create_task(self._follow_reference())
+
+    async def _follow_reference(self) -> None:
+        """Node clocks drift and step: re-measure the reference every REFERENCE_REFRESH s."""
+        while True:
+            await asyncio.sleep(REFERENCE_REFRESH)
+            try:
+                self.reference_offset = await self.store.reference_offset(self.clock)
+            except Exception as exc:    # the store's own errors surface where it is used
+                log.warning("could not measure the store's reference clock: %s", exc)
 
     async def listen(self, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
         """A standalone TLS listener (serve.py instead demuxes one port and calls accept)."""
@@ -142,6 +156,8 @@ class SignalServer:
         return tls
 
     async def close(self) -> None:
+        if self._reference_task is not None:
+            self._reference_task.cancel()
         for server in self._servers:
             server.close()
         for proto in list(self.connections):
@@ -177,11 +193,14 @@ class SignalServer:
                 proto.fail(ErrorCode.REPLACED, "registered again elsewhere")
             return True
         msg = push["msg"]
-        if isinstance(msg, dict):       # from another node: checked like any network input
+        remote = isinstance(msg, dict)
+        if remote:                      # from another node: checked like any network input
             msg = parse_message(msg)
         if isinstance(msg, Punch):
-            # The common start travels in server time; the receiver's node converts it.
-            msg = replace(msg, start_at=msg.start_at + proto.clock.offset)
+            # The common start travels in this node's clock, or between nodes in the store's
+            # reference clock; this node converts it into the receiving peer's clock.
+            start = msg.start_at - self.reference_offset if remote else msg.start_at
+            msg = replace(msg, start_at=start + proto.clock.offset)
         proto.send(msg)
         return True
 
@@ -444,6 +463,8 @@ class PeerProtocol(asyncio.Protocol):
         to_b = Punch(session=msg.session, role="responder", start_at=start,
                      peer=initiator.peer_info(), plan=plan)
         local = target.node == srv.node_id
+        if not local:
+            to_b = replace(to_b, start_at=start + srv.reference_offset)
         if not await srv.push(target, {"kind": "punch", "to": target.peer_id,
                                        "msg": to_b if local else to_b.to_wire()}):
             raise Refusal(ErrorCode.UNKNOWN_TARGET, f"peer {msg.target!r} is no longer reachable",

@@ -4,8 +4,8 @@
 when one is given). ``RedisStore`` lets several server nodes share one directory: names in a
 hash (HSETNX makes the first key win atomically), online peers and sessions as msgpack blobs
 with a TTL, and pushes routed to the node holding the target through pub/sub on
-``<prefix>:node:<node_id>``. Server nodes are assumed NTP-synced: a PUNCH's common start is
-chosen on one node and converted to the receiver's clock on another.
+``<prefix>:node:<node_id>``. Node clocks need not agree: a PUNCH's common start crosses
+nodes in Redis's clock (TIME), which each node measures NTP-style against its own.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 Push = dict[str, Any]
 PushHandler = Callable[[Push], Awaitable[bool]]   # True: delivered to a local peer
 NAMES_FILE = "names.jsonl"
+REFERENCE_SAMPLES = 5         # Redis TIME round trips per clock measurement
 
 
 @dataclass(slots=True)
@@ -99,6 +100,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def route(self, node: str, push: Push) -> bool:
         """Deliver ``push`` to the node holding its peer; False if that node is gone."""
+
+    async def reference_offset(self, clock: Callable[[], float]) -> float:
+        """The shared reference clock minus ``clock``: nodes exchange times (a PUNCH's common
+        start) in the reference clock, so their own clocks need not agree. One node: its own
+        clock is the reference (0)."""
+        return 0.0
 
     async def find(self, target: str) -> PeerRecord | None:
         """An online peer by peer_id or by name."""
@@ -294,6 +301,19 @@ class RedisStore(Store):
     async def get_session(self, session: str) -> dict[str, Any] | None:
         data: Any = await self._redis.get(self._k("session", session))
         return None if data is None else dict(_unpack(bytes(data)))
+
+    async def reference_offset(self, clock: Callable[[], float]) -> float:
+        """Redis's clock (TIME) is the reference: NTP-style, the sample with the least round
+        trip of REFERENCE_SAMPLES."""
+        best: tuple[float, float] | None = None
+        for _ in range(REFERENCE_SAMPLES):
+            t1 = clock()
+            seconds, micros = await self._redis.time()
+            t4 = clock()
+            sample = (t4 - t1, seconds + micros / 1e6 - (t1 + t4) / 2)
+            best = sample if best is None or sample < best else best
+        assert best is not None
+        return best[1]
 
     async def route(self, node: str, push: Push) -> bool:
         receivers = await self._redis.publish(self._k("node", node), _pack(push))

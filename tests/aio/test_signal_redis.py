@@ -14,7 +14,7 @@ import pytest_asyncio
 from pyholepunch.errors import SignalingError
 from pyholepunch.identity import Identity
 from pyholepunch.relay.builtin import RelayHub
-from pyholepunch.signal.client import SignalClient
+from pyholepunch.signal.client import PunchInstruction, SignalClient
 from pyholepunch.signal.protocol import ErrorCode
 from pyholepunch.signal.server import ServerConfig, SignalServer
 from pyholepunch.signal.store import PeerRecord, RedisStore, open_store
@@ -81,6 +81,33 @@ def client(srv: SignalServer, name: str, **kw) -> SignalClient:  # type: ignore[
     port = srv._servers[0].sockets[0].getsockname()[1]
     return SignalClient(("127.0.0.1", port), kw.pop("identity", None) or Identity.generate(),
                         name=name, server_fingerprint=srv.server_id, **kw)
+
+
+@pytest.mark.asyncio
+async def test_node_clocks_need_not_agree(redis_url: str) -> None:
+    """Node 2's clock runs 3 s ahead, the peers' clocks are right: the common start still
+    reaches both peers as the same instant (it crosses nodes in Redis's clock)."""
+    servers = []
+    try:
+        for node, skew in (("n1", 0.0), ("n2", 3.0)):
+            store = open_store(redis_url)
+            srv = SignalServer(CREDS, store, ServerConfig(sync_pings=2, keepalive=3600),
+                               clock=lambda skew=skew: time.time() + skew, node_id=node)
+            await srv.start()
+            await srv.listen()
+            servers.append(srv)
+        n1, n2 = servers
+        assert abs(n1.reference_offset) < 0.05 and abs(n2.reference_offset + 3.0) < 0.05
+        for i, (a_node, b_node) in enumerate(((n1, n2), (n2, n1))):
+            async with client(a_node, f"alice{i}") as a, client(b_node, f"bob{i}") as b:
+                p = await a.connect(f"bob{i}")
+                q = await b.next_event(5)
+                assert isinstance(q, PunchInstruction)
+                assert abs(p.start_at - q.start_at) < 0.01, (p.start_at, q.start_at)
+                assert p.start_at > time.time()          # in the future for both
+    finally:
+        for srv in servers:
+            await srv.close()
 
 
 @pytest.mark.asyncio
