@@ -5,5 +5,6 @@
 - ``auth``: access tokens and the per-peer rate limit, sans-IO
 - ``tls`` / ``tlsproto``: server certificate, fingerprint pinning/TOFU; lean server-side TLS
 - ``store``: name directory, online peers, sessions and routing (memory or Redis)
-- ``server``: the asyncio rendezvous server; ``client``: ``SignalClient`` for peers
+- ``server``: the asyncio rendezvous server node; ``peer_protocol``: one peer's connection to
+  it (registration, clock sync, CONNECT/PUNCH, relay, results); ``client``: ``SignalClient``
 """

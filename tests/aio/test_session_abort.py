@@ -17,8 +17,9 @@ from pyholepunch.peer import Peer
 from pyholepunch.relay.coturn import free_port
 from pyholepunch.serve import Rendezvous
 from pyholepunch.signal.client import PunchInstruction, SessionAborted, SignalClient
+from pyholepunch.signal.peer_protocol import MAX_GAVE_UP_REASON
 from pyholepunch.signal.protocol import ErrorCode
-from pyholepunch.signal.server import MAX_GAVE_UP_REASON, SignalServer
+from pyholepunch.signal.server import SignalServer
 from tests.aio.test_relay_peering import (  # noqa: F401  (fixtures)
     USER,
     client,
