@@ -6,6 +6,7 @@ alternate port, so RFC 5780 works); the classifier runs in node "a" behind the N
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -74,31 +76,42 @@ def _coturn_argv(ips: list[str], port: int, work: str) -> list[str]:
         "--userdb", f"{work}/turndb-{ips[0]}"]
 
 
+@contextlib.contextmanager
+def our_stun(lab: Any) -> Iterator[None]:
+    """``python -m pyholepunch.stun`` on the lab's server node, both addresses, until exit."""
+    proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen",
+                                f"{lab.server_ip}:{OUR_PORT}", "--alt-ip", lab.server_alt_ip],
+                     stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout is not None else ""
+        assert line.startswith("ready"), f"our STUN server did not start: {line!r}"
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @pytest.fixture(scope="module", params=list(GROUND_TRUTH))
 def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     from pyholepunch.lab import Lab
 
     nat = request.param
-    with Lab(a=nat, b="none") as lab, tempfile.TemporaryDirectory() as work:
-        ours = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen",
-                                    f"{lab.server_ip}:{OUR_PORT}", "--alt-ip", lab.server_alt_ip],
-                         stdout=subprocess.PIPE, text=True)
+    with Lab(a=nat, b="none") as lab, tempfile.TemporaryDirectory() as work, our_stun(lab):
         coturn = lab.spawn("server", _coturn_argv([lab.server_ip, lab.server_alt_ip], COTURN_PORT, work),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            assert ours.stdout is not None
-            line = ours.stdout.readline()
-            assert line.startswith("ready"), f"our STUN server did not start: {line!r}"
             assert lab.call("a", _wait_stun, (lab.server_ip, COTURN_PORT), 8.0, timeout=15), \
                 "coturn did not answer"
             yield Env(lab, nat, (lab.server_ip, OUR_PORT), (lab.server_ip, COTURN_PORT))
         finally:
-            for proc in (ours, coturn):
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            coturn.terminate()
+            try:
+                coturn.wait(5)
+            except subprocess.TimeoutExpired:
+                coturn.kill()
 
 
 def _classify(env: Env, server: tuple[str, int], transport: str) -> NatProfile:
@@ -150,19 +163,12 @@ def test_hairpin_matches_the_lab(hairpin: bool) -> None:
     from pyholepunch.lab import Lab
 
     with Lab(a="port-restricted", b="port-restricted", same_nat=True, hairpin=hairpin) as lab:
-        proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen",
-                                    f"{lab.server_ip}:{OUR_PORT}", "--alt-ip", lab.server_alt_ip],
-                         stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+        with our_stun(lab):
             for transport in ("udp", "tcp"):
                 p = lab.call("a", run_sync, (lab.server_ip, OUR_PORT), transport=transport,
                              timeout=30)
                 assert p.nat_type == "port-restricted", p.to_dict()
                 assert p.hairpin is hairpin, (transport, p.to_dict())
-        finally:
-            proc.terminate()
-            proc.wait(5)
 
 
 def test_cli_json_under_40ms_rtt() -> None:
@@ -171,11 +177,7 @@ def test_cli_json_under_40ms_rtt() -> None:
     from pyholepunch.lab import Lab
 
     with Lab(a="symmetric-seq", b="none", rtt_ms=40) as lab:
-        proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen",
-                                    f"{lab.server_ip}:{OUR_PORT}", "--alt-ip", lab.server_alt_ip],
-                         stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+        with our_stun(lab):
             out = lab.run("a", [sys.executable, "-m", "pyholepunch", "nat-type", "--server",
                                 f"{lab.server_ip}:{OUR_PORT}", "--json"], timeout=30)
             assert out.returncode == 0, out.stderr
@@ -186,9 +188,6 @@ def test_cli_json_under_40ms_rtt() -> None:
                 assert p.label == "symmetric (sequential +1)", doc
                 assert p.public_ips == (lab.public_ip("a"),) and p.not_learned == ()
             assert doc["profiles"]["tcp"]["unsolicited_syn"] == "drop"
-        finally:
-            proc.terminate()
-            proc.wait(5)
 
 
 @pytest.mark.parametrize("nat", ["symmetric-seq", "port-restricted-rst"])
@@ -199,11 +198,7 @@ def test_loss_gives_right_or_honestly_unknown_verdicts(nat: str) -> None:
 
     nat_type, allocation, delta, syn = GROUND_TRUTH[nat]
     with Lab(a=nat, b="none", rtt_ms=20, loss_pct=5) as lab:
-        proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen",
-                                    f"{lab.server_ip}:{OUR_PORT}", "--alt-ip", lab.server_alt_ip],
-                         stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+        with our_stun(lab):
             for transport in ("udp", "tcp"):
                 p = lab.call("a", run_sync, (lab.server_ip, OUR_PORT), transport=transport, timeout=30)
                 assert p.nat_type in (nat_type, "unknown"), p.to_dict()
@@ -213,9 +208,6 @@ def test_loss_gives_right_or_honestly_unknown_verdicts(nat: str) -> None:
                     assert p.unsolicited_syn in (syn, SynResponse.UNKNOWN), p.to_dict()
                 if p.nat_type == "unknown" or p.allocation is Allocation.UNKNOWN:
                     assert p.not_learned, p.to_dict()
-        finally:
-            proc.terminate()
-            proc.wait(5)
 
 
 @pytest.mark.parametrize("nat", ["port-restricted", "symmetric-random"])
