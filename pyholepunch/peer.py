@@ -23,7 +23,7 @@ from typing import Any
 
 from . import engine as engine_mod
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
-from .errors import AuthenticationError, HolePunchError, PunchError, SignalingError
+from .errors import HolePunchError, PunchError, SignalingError
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.profile import Allocation, Mapping, NatProfile
@@ -394,10 +394,8 @@ class Peer:
                             result.sock, identity=self.identity, peer_id=peer.peer_id,
                             peer_cert=peer.cert, initiator=initiator, timeout=TLS_TIMEOUT,
                             insecure_plain=self.insecure_plain)
-                    except AuthenticationError:
-                        raise
-                    except (TimeoutError, OSError) as exc:
-                        direct_error = exc
+                    except (TimeoutError, OSError) as exc:   # not AuthenticationError: an
+                        direct_error = exc                   # impostor gets no relay either
                     else:
                         report.finish(Route.DIRECT)
                         await self._report(instr.session, "direct", report)
