@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from pyholepunch._process import stop_processes
+
 PEERS = int(os.environ.get("PYHOLEPUNCH_BENCH_PEERS", "5000"))
 SECONDS = float(os.environ.get("PYHOLEPUNCH_BENCH_SECONDS", "5"))
 WORKERS = int(os.environ.get("PYHOLEPUNCH_BENCH_WORKERS", "2"))
@@ -114,12 +116,7 @@ def server_proc() -> Any:
         fp = re.search(r"sha256 ([0-9a-f]{64})", second).group(1)  # type: ignore[union-attr]
         yield proc, port, fp
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes(proc, grace=10.0)
 
 
 def test_signal_load(benchmark: Any, bench_report: Any, server_proc: Any) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._process import stop_processes
 from .errors import LabError
 from .lab.nat import NAT_TYPES
 
@@ -155,15 +156,8 @@ def run_pair(spawn: Spawner, server_ip: str, alt_ip: str, work: Path, *,
         return _flow(spawn, server_ip, alt_ip, work, procs, engine, timeout, list(connect_args),
                      progress)
     finally:
+        stop_processes(*procs)
         for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(5)
-            if p.poll() is None:
-                p.kill()
-                p.wait()
             for stream in (p.stdin, p.stdout, p.stderr):
                 if stream is not None:
                     stream.close()

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._process import stop_processes
+
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
@@ -114,13 +116,8 @@ class Coturn:
             raise
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(3)
+        if self.proc is not None:
+            stop_processes(self.proc, grace=3.0)
         self.proc = None
         if self._tmp is not None:
             self._tmp.cleanup()

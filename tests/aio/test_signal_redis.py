@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
+from pyholepunch._process import stop_processes
 from pyholepunch.errors import SignalingError
 from pyholepunch.identity import Identity
 from pyholepunch.relay.builtin import RelayHub
@@ -50,12 +51,7 @@ def redis_url() -> Iterator[str]:
             time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes(proc)
 
 
 @pytest_asyncio.fixture

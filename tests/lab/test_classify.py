@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from pyholepunch._process import stop_processes
 from pyholepunch.nat.classify import run_sync
 from pyholepunch.nat.profile import Allocation, NatProfile, SynResponse
 
@@ -87,11 +88,7 @@ def our_stun(lab: Any) -> Iterator[None]:
         assert line.startswith("ready"), f"our STUN server did not start: {line!r}"
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_processes(proc)
 
 
 @pytest.fixture(scope="module", params=list(GROUND_TRUTH))
@@ -107,11 +104,7 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
                 "coturn did not answer"
             yield Env(lab, nat, (lab.server_ip, OUR_PORT), (lab.server_ip, COTURN_PORT))
         finally:
-            coturn.terminate()
-            try:
-                coturn.wait(5)
-            except subprocess.TimeoutExpired:
-                coturn.kill()
+            stop_processes(coturn)
 
 
 def _classify(env: Env, server: tuple[str, int], transport: str) -> NatProfile:

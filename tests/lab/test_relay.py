@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pyholepunch import engine as engine_mod
+from pyholepunch._process import stop_processes
 from pyholepunch.relay.builtin import RelayHub, RelayServer, open_builtin_relay
 from pyholepunch.relay.coturn import CoturnConfig, wait_listening
 from pyholepunch.relay.turn import (
@@ -151,12 +152,7 @@ async def test_coturn_relay_between_random_symmetric_nats() -> None:
                               "lab.test", lab.public_ip("b"), handoff, timeout=45),
                     lab.acall("b", _plain_dialer, handoff, timeout=45))
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+                stop_processes(proc)
             digest_a, peer, relayed, n = res_a
             assert (digest_a, n) == (_digest(_payload(2)), PAYLOAD)
             assert res_b == (_digest(_payload(1)), PAYLOAD)
