@@ -75,6 +75,12 @@ def make_plan(initiator: list[dict[str, Any]], responder: list[dict[str, Any]]) 
         return None
 
 
+def _other_peer(session: dict[str, Any], peer_id: str) -> str:
+    """The session's participant that is not ``peer_id``."""
+    other: str = session["responder"] if peer_id == session["initiator"] else session["initiator"]
+    return other
+
+
 class PeerProtocol(asyncio.Protocol):
     def __init__(self, server: SignalServer) -> None:
         self.server = server
@@ -327,11 +333,7 @@ class PeerProtocol(asyncio.Protocol):
         start = common_start(srv.clock(), [me.rtt, target.rtt], self.cfg.margin)
         to_b = Punch(session=msg.session, role="responder", start_at=start,
                      peer=initiator.peer_info(), plan=plan)
-        local = target.node == srv.node_id
-        if not local:
-            to_b = replace(to_b, start_at=start + srv.reference_offset)
-        if not await srv.push(target, {"kind": "punch", "to": target.peer_id,
-                                       "msg": to_b if local else to_b.to_wire()}):
+        if not await srv.push(target, "punch", to_b):
             raise Refusal(ErrorCode.UNKNOWN_TARGET, f"peer {msg.target!r} is no longer reachable",
                           session=msg.session, fatal=False)
         self.send(Punch(session=msg.session, role="initiator", start_at=start + self.clock.offset,
@@ -361,14 +363,13 @@ class PeerProtocol(asyncio.Protocol):
         waiting for a relay that will never come: it stops now, saying why."""
         srv, me = self.server, self.record
         assert me is not None
-        other = info["responder"] if me.peer_id == info["initiator"] else info["initiator"]
+        other = _other_peer(info, me.peer_id)
         why = (msg.reason or "no reason given")[:MAX_GAVE_UP_REASON]
         err = Error(code=ErrorCode.PEER_GAVE_UP, reason=f"{me.name} gave up: {why}",
                     session=msg.session, fatal=False)
         rec = await srv.store.get_online(other)
         if rec is not None:
-            await srv.push(rec, {"kind": "abort", "to": other,
-                                 "msg": err if rec.node == srv.node_id else err.to_wire()})
+            await srv.push(rec, "abort", err)
 
     async def _relay(self, msg: Relay) -> None:
         srv = self.server
@@ -393,12 +394,10 @@ class PeerProtocol(asyncio.Protocol):
         host, port = self.transport.get_extra_info("sockname")[:2]
         srv.metrics["relays"] += 1
         log.info("relay %s granted via %s:%d", msg.session, host, port)
-        for rec, peer_id, token in zip(records, (info["initiator"], info["responder"]),
-                                       (token_a, token_b), strict=True):
+        for rec, token in zip(records, (token_a, token_b), strict=True):
             assert rec is not None
-            grant = RelayGrant(session=msg.session, token=token, relay=(host, port))
-            await srv.push(rec, {"kind": "grant", "to": peer_id,
-                                 "msg": grant if rec.node == srv.node_id else grant.to_wire()})
+            await srv.push(rec, "grant", RelayGrant(session=msg.session, token=token,
+                                                    relay=(host, port)))
 
 
     async def _turn_offer(self, msg: Relay, info: dict[str, Any]) -> None:
@@ -407,16 +406,14 @@ class PeerProtocol(asyncio.Protocol):
         address after address."""
         srv, me = self.server, self.record
         assert me is not None and msg.relayed is not None
-        other = info["responder"] if me.peer_id == info["initiator"] else info["initiator"]
+        other = _other_peer(info, me.peer_id)
         # Session ids never contain ":", so this marker cannot collide with a session.
         if not await srv.store.put_session(f"turn:{msg.session}", {"by": me.peer_id}):
             raise Refusal(ErrorCode.SESSION_EXISTS, "a relay was already offered for this session",
                           session=msg.session, fatal=False)
         grant = RelayGrant(session=msg.session, token=b"", relay=msg.relayed, via="turn")
         rec = await srv.store.get_online(other)
-        if rec is None or not await srv.push(rec, {
-                "kind": "grant", "to": other,
-                "msg": grant if rec.node == srv.node_id else grant.to_wire()}):
+        if rec is None or not await srv.push(rec, "grant", grant):
             raise Refusal(ErrorCode.UNKNOWN_TARGET, "the other peer of this session is offline",
                           session=msg.session, fatal=False)
         srv.metrics["turn_offers"] += 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .peer_protocol import PeerProtocol, Refusal, make_plan
-from .protocol import DEFAULT_MAX_FRAME, ErrorCode, Punch, parse_message
+from .protocol import DEFAULT_MAX_FRAME, ErrorCode, Message, Punch, parse_message
 from .store import MemoryStore, PeerRecord, Push, Store
 from .tls import ServerCredentials
 from .tlsproto import TlsTransport
@@ -118,10 +118,15 @@ class SignalServer:
                 "node": self.node_id}
 
     # -- routing ---------------------------------------------------------------------------
-    async def push(self, record: PeerRecord, push: Push) -> bool:
-        """Deliver to the peer's connection, here or on its node; False if that node is gone."""
+    async def push(self, record: PeerRecord, kind: str, msg: Message) -> bool:
+        """Deliver ``msg`` to the peer's connection, here or on its node; False if that node is
+        gone. To another node it travels as wire data, a PUNCH's common start in the store's
+        reference clock (``_on_push`` converts it back)."""
         if record.node == self.node_id:
-            return await self._on_push(push)
+            return await self._on_push({"kind": kind, "to": record.peer_id, "msg": msg})
+        if isinstance(msg, Punch):
+            msg = replace(msg, start_at=msg.start_at + self.reference_offset)
+        push = {"kind": kind, "to": record.peer_id, "msg": msg.to_wire()}
         if await self.store.route(record.node, push):
             return True
         await self.store.drop_online(record.peer_id, record.node)   # its node died: forget it
