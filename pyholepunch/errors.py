@@ -81,11 +81,16 @@ class AuthenticationError(HolePunchError):
     """A key, signature, token or certificate did not match what was expected."""
 
 
+class AddressError(HolePunchError, ValueError):
+    """Text or a tuple that is not a usable ``host:port`` / ``[v6]:port`` address."""
+
+
 class LabError(HolePunchError):
     """The NAT lab cannot be built here (not root, no nft, no netns) or failed to build."""
 
 
 __all__ = [
+    "AddressError",
     "AuthenticationError",
     "HolePunchError",
     "LabError",
