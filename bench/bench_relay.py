@@ -24,8 +24,8 @@ import pytest
 
 from pyholepunch import engine as engine_mod
 from pyholepunch.relay.builtin import MAGIC, RelayHub, RelayServer
-from pyholepunch.relay.coturn import Coturn, CoturnConfig
 from pyholepunch.relay.turn import TurnClient, TurnCredentials
+from tests.coturn import Coturn, CoturnConfig
 
 SIZE = int(os.environ.get("PYHOLEPUNCH_BENCH_RELAY_BYTES", str(1 << 30)))
 ROUNDS = int(os.environ.get("PYHOLEPUNCH_BENCH_RELAY_ROUNDS", "2000"))

@@ -26,10 +26,11 @@ from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .errors import HolePunchError, PunchError, SignalingError
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
+from .nat.probe import route_source_ip
 from .nat.profile import Allocation, Mapping, NatProfile
 from .punch import Punch, close_late_result, peer_target
 from .relay.builtin import open_builtin_relay
-from .relay.peering import peer_turn_relay
+from .relay_step import peer_turn_relay
 from .report import ConnectionReport, Route
 from .security import certificate_for, secure_stream, tls_context
 from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, SignalClient
@@ -37,7 +38,6 @@ from .signal.protocol import ErrorCode
 from .strategy import Plan
 from .strategy import plan as make_plan
 from .stun.client import StunTcpConnection
-from .stun.probe import route_source_ip
 
 log = logging.getLogger(__name__)
 Address = tuple[str, int]

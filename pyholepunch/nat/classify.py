@@ -265,7 +265,7 @@ async def classify_nat(server: Address, *, transport: str = "udp", local_ip: str
     to the measured RTT. Never raises for network trouble: an unreachable server gives a
     profile whose ``not_learned`` says so.
     """
-    from ..stun import probe  # the I/O half
+    from . import probe  # the I/O half
 
     kind = Transport(transport)
     obs = Observations(kind, server, alt_server=alt_server)

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import AuthenticationError, ProtocolError, SignalingError
 from ..identity import Identity, default_config_dir
 from ..nat.profile import NatProfile
-from .connection import ConnectionClosed, Role, SignalConnection, State
+from .machine import ConnectionClosed, Role, SignalConnection, State
 from .protocol import (
     DEFAULT_MAX_FRAME,
     VERSION,

@@ -16,18 +16,18 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 import pytest_asyncio
 
+from pyholepunch import relay_step as peering
 from pyholepunch.errors import RelayError, RemoteProtocolError, SignalingError
 from pyholepunch.identity import Identity
 from pyholepunch.nat.profile import Allocation, Filtering, Mapping, NatProfile
 from pyholepunch.peer import Peer
-from pyholepunch.relay import peering
-from pyholepunch.relay.coturn import Coturn, CoturnConfig, free_port
 from pyholepunch.relay.turn import TurnCredentials
 from pyholepunch.serve import Rendezvous
 from pyholepunch.signal.client import SignalClient
 from pyholepunch.signal.protocol import ErrorCode, Relay, RelayGrant, decode_body, encode_frame
 from tests.aio.test_signal_redis import client as redis_client
 from tests.aio.test_signal_redis import nodes, redis_url  # noqa: F401  (fixtures)
+from tests.coturn import Coturn, CoturnConfig, free_port
 
 pytestmark = pytest.mark.timeout(30)
 needs_coturn = pytest.mark.skipif(shutil.which("turnserver") is None and not os.environ.get("CI"),

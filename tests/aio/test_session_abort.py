@@ -14,12 +14,11 @@ import pytest
 from pyholepunch.errors import RelayError, SignalingError
 from pyholepunch.identity import Identity
 from pyholepunch.peer import Peer
-from pyholepunch.relay.coturn import free_port
 from pyholepunch.serve import Rendezvous
 from pyholepunch.signal.client import PunchInstruction, SessionAborted, SignalClient
-from pyholepunch.signal.peer_protocol import MAX_GAVE_UP_REASON
 from pyholepunch.signal.protocol import ErrorCode
 from pyholepunch.signal.server import SignalServer
+from pyholepunch.signal.server_peer import MAX_GAVE_UP_REASON
 from tests.aio.test_relay_peering import (  # noqa: F401  (fixtures)
     USER,
     client,
@@ -33,6 +32,7 @@ from tests.aio.test_relay_peering import (  # noqa: F401  (fixtures)
 )
 from tests.aio.test_signal_redis import client as redis_client
 from tests.aio.test_signal_redis import nodes, redis_url  # noqa: F401  (fixtures)
+from tests.coturn import free_port
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -16,7 +16,7 @@ from pyholepunch.identity import Identity
 from pyholepunch.relay.builtin import RelayHub, open_builtin_relay
 from pyholepunch.signal.auth import make_token
 from pyholepunch.signal.client import SignalClient
-from pyholepunch.signal.connection import ConnectionClosed, Role, SignalConnection
+from pyholepunch.signal.machine import ConnectionClosed, Role, SignalConnection
 from pyholepunch.signal.protocol import (
     Error,
     ErrorCode,

@@ -13,7 +13,6 @@ import pytest
 import pytest_asyncio
 
 from pyholepunch.errors import RelayError, TransactionFailed
-from pyholepunch.relay.coturn import Coturn, CoturnConfig, free_port
 from pyholepunch.relay.turn import (
     TurnClient,
     TurnCredentials,
@@ -21,6 +20,7 @@ from pyholepunch.relay.turn import (
     connect_relayed,
     offer_relayed,
 )
+from tests.coturn import Coturn, CoturnConfig, free_port
 
 pytestmark = [
     pytest.mark.timeout(20),

@@ -17,7 +17,6 @@ import pytest
 from pyholepunch import engine as engine_mod
 from pyholepunch._process import stop_processes
 from pyholepunch.relay.builtin import RelayHub, RelayServer, open_builtin_relay
-from pyholepunch.relay.coturn import CoturnConfig, wait_listening
 from pyholepunch.relay.turn import (
     TurnClient,
     TurnCredentials,
@@ -25,6 +24,7 @@ from pyholepunch.relay.turn import (
     connect_relayed,
     offer_relayed,
 )
+from tests.coturn import CoturnConfig, wait_listening
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(60)]
 

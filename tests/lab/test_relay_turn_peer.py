@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pyholepunch.demo import PORT, run_pair
-from pyholepunch.relay.coturn import CoturnConfig, wait_listening
+from tests.coturn import CoturnConfig, wait_listening
 
 pytestmark = [
     pytest.mark.lab,

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyholepunch.errors import ProtocolError
-from pyholepunch.signal.connection import Role, SignalConnection
+from pyholepunch.signal.machine import Role, SignalConnection
 from pyholepunch.signal.protocol import MESSAGES, FrameDecoder, decode_body
 
 from .test_signal_protocol import SAMPLES

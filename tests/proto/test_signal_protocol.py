@@ -9,7 +9,7 @@ import pytest
 
 from pyholepunch.errors import LocalProtocolError, RemoteProtocolError
 from pyholepunch.signal.auth import TokenBucket, check_token, make_token
-from pyholepunch.signal.connection import (
+from pyholepunch.signal.machine import (
     ClockEstimator,
     ConnectionClosed,
     Role,

@@ -19,10 +19,10 @@ import contextlib
 import logging
 import time
 
-from ..errors import RelayError, SignalingError, TransactionError
-from ..signal.client import PunchInstruction, RelayInstruction, SignalClient
-from .builtin import open_builtin_relay
-from .turn import TurnClient, TurnCredentials, accept_relayed, connect_relayed, offer_relayed
+from .errors import RelayError, SignalingError, TransactionError
+from .relay.builtin import open_builtin_relay
+from .relay.turn import TurnClient, TurnCredentials, accept_relayed, connect_relayed, offer_relayed
+from .signal.client import PunchInstruction, RelayInstruction, SignalClient
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AuthenticationError, ProtocolError
 from ..identity import peer_id_of, verify_signature
 from .auth import TokenBucket, check_token
-from .connection import ClockEstimator, ConnectionClosed, Role, SignalConnection, State, common_start
+from .machine import ClockEstimator, ConnectionClosed, Role, SignalConnection, State, common_start
 from .protocol import (
     PEER_ID_RE,
     Connect,

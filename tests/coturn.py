@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._process import stop_processes
+from pyholepunch._process import stop_processes
 
 log = logging.getLogger(__name__)
 

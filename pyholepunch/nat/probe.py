@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ProtocolError, TransactionFailed, TransactionTimeout
-from .client import (
+from ..stun.client import (
     BindingResult,
     StunTcpConnection,
     StunUdpClient,
@@ -22,7 +22,7 @@ from .client import (
     new_transaction_id,
     reusable_socket,
 )
-from .codec import (
+from ..stun.codec import (
     Address,
     AttrType,
     ChangeRequest,
@@ -35,7 +35,7 @@ from .codec import (
 )
 
 if TYPE_CHECKING:
-    from ..nat.classify import FilterProbe, Observations
+    from .classify import FilterProbe, Observations
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _changed_expected(obs: Observations, change: ChangeRequest) -> Address | Non
 
 def _udp_filter_outcome(obs: Observations, probe: FilterProbe, change: ChangeRequest,
                         result: BindingResult | BaseException) -> None:
-    from ..nat.classify import Outcome
+    from .classify import Outcome
     if isinstance(result, BindingResult):
         expected = _changed_expected(obs, change)
         if result.source == obs.server or (expected is not None and result.source != expected):
@@ -283,7 +283,7 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
 
 async def _tcp_filtering(obs: Observations, conn: StunTcpConnection, catcher: _ConnectBackCatcher,
                          wait: float, first_timeout: float) -> None:
-    from ..nat.classify import Outcome
+    from .classify import Outcome
     try:
         rf = await conn.binding(timeout=first_timeout)   # TCP's own retransmission may be needed
     except (TransactionTimeout, TransactionFailed, OSError, ProtocolError) as exc:
