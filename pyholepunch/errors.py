@@ -5,10 +5,7 @@ Exceptions carry their data as attributes; messages are short and name the offen
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .engine._base import PunchStats
+from typing import Any
 
 
 class HolePunchError(Exception):
@@ -50,9 +47,10 @@ class TransactionFailed(TransactionError):
 
 
 class PunchError(HolePunchError):
-    """A punch attempt failed; ``stats`` holds what the engine saw."""
+    """A punch attempt failed; ``stats`` holds what the engine saw (an engine ``PunchStats``;
+    typed loosely because errors.py is the package's bottom and imports nothing of it)."""
 
-    def __init__(self, message: str, stats: PunchStats | None = None) -> None:
+    def __init__(self, message: str, stats: Any = None) -> None:
         super().__init__(message)
         self.stats = stats
 

@@ -14,8 +14,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from .. import strategy
 from ..errors import AuthenticationError, ProtocolError
 from ..identity import peer_id_of, verify_signature
+from ..nat.profile import NatProfile
 from .auth import TokenBucket, check_token
 from .machine import ClockEstimator, ConnectionClosed, Role, SignalConnection, State, common_start
 from .protocol import (
@@ -53,8 +55,7 @@ class Refusal(Exception):
         self.code, self.reason, self.session, self.fatal = code, reason, session, fatal
 
 
-def _tcp_profile(profiles: list[dict[str, Any]]) -> Any:
-    from ..nat.profile import NatProfile
+def _tcp_profile(profiles: list[dict[str, Any]]) -> NatProfile:
     for p in profiles:
         if p.get("transport", "tcp") == "tcp":
             return NatProfile.from_dict(p)
@@ -62,11 +63,7 @@ def _tcp_profile(profiles: list[dict[str, Any]]) -> Any:
 
 
 def make_plan(initiator: list[dict[str, Any]], responder: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """strategy.plan(initiator TCP profile, responder TCP profile) when that module exists."""
-    try:
-        from .. import strategy
-    except ImportError:
-        return None
+    """strategy.plan(initiator TCP profile, responder TCP profile) as its wire dict."""
     try:
         result: dict[str, Any] = strategy.plan(_tcp_profile(initiator), _tcp_profile(responder)).to_dict()
         return result
