@@ -98,6 +98,14 @@ def family_of(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def route_source(dest_ip: str) -> str:
+    """The local IP the kernel would use towards ``dest_ip``, of its family (a UDP connect
+    chooses the route and sends nothing)."""
+    with socket.socket(family_of(dest_ip), socket.SOCK_DGRAM) as s:
+        s.connect((dest_ip, 9))
+        return str(s.getsockname()[0])
+
+
 def format_address(address: Address) -> str:
     """``host:port``, IPv6 in brackets: the inverse of ``parse_address``."""
     host, port = address

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from . import engine as engine_mod
+from .address import Address, parse_address, route_source
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .errors import HolePunchError, PunchError, SignalingError
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
-from .nat.probe import route_source_ip
 from .nat.profile import Allocation, Mapping, NatProfile
 from .punch import Punch, close_late_result, peer_target
 from .relay.builtin import open_builtin_relay
@@ -40,24 +40,12 @@ from .strategy import plan as make_plan
 from .stun.client import StunTcpConnection
 
 log = logging.getLogger(__name__)
-Address = tuple[str, int]
 
 TLS_TIMEOUT = 5.0
 RELAY_TIMEOUT = 10.0
 PROBE_ATTEMPTS = 3          # STUN over TCP from the punch port (see Peer._probe)
 PROBE_RETRY_PAUSE = 0.2
-
-
-def parse_address(value: str | Address, default_port: int = 3478) -> Address:
-    """``"host:port"`` / ``"host"`` / ``(host, port)`` -> ``(host, port)``."""
-    if isinstance(value, tuple):
-        return (str(value[0]), int(value[1]))
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        return (value, default_port)
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in server address {value!r}")
-    return (host.strip("[]"), int(port))
+DEFAULT_SERVER_PORT = 3478  # a server address given without a port
 
 
 class Peer:
@@ -82,7 +70,7 @@ class Peer:
         classify_udp: bool = False,
         keepalive: KeepAlive | None = DEFAULT_KEEPALIVE,
     ) -> None:
-        self.server = parse_address(server)
+        self.server = parse_address(server, default_port=DEFAULT_SERVER_PORT)
         self.config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
         self.identity = identity or Identity.load_or_create(self.config_dir)
         self.name = name or f"peer-{self.identity.peer_id[:8]}"
@@ -125,7 +113,7 @@ class Peer:
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         _raise_fd_limit()
-        self.local_ip = await asyncio.to_thread(route_source_ip, self.server[0])
+        self.local_ip = await asyncio.to_thread(route_source, self.server[0])
         kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
         for kind in kinds:    # one after the other: allocation probes must not interleave
             self.profiles[kind] = await classify_nat(self.server, transport=kind,
@@ -274,7 +262,7 @@ class Peer:
         return await self.connect(target, **kwargs)
 
     async def connect_to_rendezvous(self, server: str | Address | None = None) -> None:
-        if server is not None and parse_address(server) != self.server:
+        if server is not None and parse_address(server, default_port=DEFAULT_SERVER_PORT) != self.server:
             raise ValueError("a Peer talks to the server it was made with")
         if self._events is None:
             await self.start()

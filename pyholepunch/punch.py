@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from .address import Address
 from .engine import Engine, PunchResult, PunchStats
 from .engine._base import count_failure
 from .errors import PunchError, PunchTimeout
@@ -26,7 +27,6 @@ from .report import ConnectionReport, Outcome
 from .strategy import Action, Plan, RoleInstruction, Step, StepKind, Target, remote_ports
 
 log = logging.getLogger(__name__)
-Address = tuple[str, int]
 
 REARM_INTERVAL = 0.02      # seconds between re-armed attempts after an RST / ICMP error
 MARK = b"\x01"             # a sweep's chooser sends this on the one connection it keeps

@@ -19,14 +19,14 @@ import contextlib
 import logging
 import time
 
-from .errors import RelayError, SignalingError, TransactionError
+from .address import Address, parse_address
+from .errors import AddressError, RelayError, SignalingError, TransactionError
 from .relay.builtin import open_builtin_relay
 from .relay.turn import TurnClient, TurnCredentials, accept_relayed, connect_relayed, offer_relayed
 from .signal.client import PunchInstruction, RelayInstruction, SignalClient
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 _holders: set[asyncio.Task[None]] = set()
@@ -36,14 +36,14 @@ __all__ = ["active_allocations", "parse_turn_relay", "peer_turn_relay", "turn_cr
 
 
 def parse_turn_relay(spec: str) -> Address:
-    """``"turn:HOST:PORT"`` (IPv6 as ``turn:[::1]:PORT``) -> ``(host, port)``; ValueError."""
-    if not spec.startswith("turn:"):
-        raise ValueError(f"a TURN relay is turn:HOST:PORT, got {spec!r}")
-    host, sep, port = spec[5:].rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"a TURN relay is turn:HOST:PORT, got {spec!r}")
-    return (host, int(port))
+    """``"turn:HOST:PORT"`` (IPv6 as ``turn:[::1]:PORT``) -> ``(host, port)``; AddressError
+    (a ValueError) naming the expected form."""
+    try:
+        if not spec.startswith("turn:"):
+            raise AddressError("no turn: scheme")
+        return parse_address(spec[5:])
+    except AddressError as exc:
+        raise AddressError(f"a TURN relay is turn:HOST:PORT, got {spec!r} ({exc})") from None
 
 
 def turn_credentials(user: str | None, password: str | None, secret: str | None, *,

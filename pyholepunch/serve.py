@@ -25,13 +25,13 @@ import sys
 import time
 from typing import Any
 
+from .address import Address
 from .signal.auth import make_token
 from .signal.server import ServerConfig, SignalServer
 from .signal.store import open_store
 from .signal.tls import format_fingerprint, load_or_create_credentials
 
 log = logging.getLogger(__name__)
-Address = tuple[str, int]
 RELAY_MAGIC = b"HPR1"
 TLS_HANDSHAKE = 0x16
 

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyholepunch._process import stop_processes
+from pyholepunch.address import Address
 
 log = logging.getLogger(__name__)
-
-Address = tuple[str, int]
 
 
 @dataclass

@@ -10,8 +10,8 @@ import logging
 import os
 from functools import cache
 
+from ..address import Address
 from ._base import (
-    Address,
     Engine,
     PunchResult,
     PunchStats,

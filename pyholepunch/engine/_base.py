@@ -21,8 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Protocol, runtime_checkable
 
-Address = tuple[str, int]
-"""An IPv4 ``(host, port)``; port 0 means "any" where a local port is allowed."""
+from ..address import Address, route_source
 
 SweepPair = tuple[int, Address]
 """One sweep socket: ``(local_port, (remote_ip, remote_port))``; local port 0 = ephemeral."""
@@ -278,13 +277,6 @@ def check_pairs(pairs: object) -> list[SweepPair]:
             raise ValueError(f"pairs[{i}] remote port {port!r} is out of range 1..65535")
         out.append((lport, (canon, port)))
     return out
-
-
-def route_source(dst_ip: str) -> str:
-    """The local address the kernel would use towards ``dst_ip`` (a UDP connect sends nothing)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((dst_ip, 9))
-        return str(probe.getsockname()[0])
 
 
 @dataclass(frozen=True, slots=True)

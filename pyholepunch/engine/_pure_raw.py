@@ -11,8 +11,9 @@ import socket
 import struct
 import time
 
+from ..address import Address
 from . import _base
-from ._base import Address, RawSynStats
+from ._base import RawSynStats
 from ._pure_clock import wait_until
 
 IP_HEADER = struct.Struct("!BBHHHBBH4s4s")

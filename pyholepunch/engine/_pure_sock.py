@@ -5,7 +5,8 @@ import errno
 import socket
 import time
 
-from ._base import Address, PunchStats
+from ..address import Address
+from ._base import PunchStats
 
 IN_PROGRESS = frozenset({0, errno.EINPROGRESS, errno.EALREADY})
 FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})

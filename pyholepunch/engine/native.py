@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..address import Address
 from . import _base, _native
 from ._base import (
-    Address,
     PunchResult,
     RawSynStats,
     RelayStats,

@@ -15,10 +15,10 @@ import socket
 import time
 from collections.abc import Sequence
 
+from ..address import Address
 from ..errors import PunchTimeout
 from . import _base
 from ._base import (
-    Address,
     PunchResult,
     PunchStats,
     RawSynStats,

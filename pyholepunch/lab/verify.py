@@ -19,13 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..address import Address
 from .lab import Lab
 from .nat import NAT_TYPES, ROWS
 
 log = logging.getLogger(__name__)
 
 P1, P2 = 3478, 3479
-Address = tuple[str, int]
 
 
 def _reuse(s: socket.socket) -> socket.socket:

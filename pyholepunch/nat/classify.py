@@ -25,7 +25,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from ..stun.codec import Address, ConnectBack
+from ..address import Address
+from ..stun.codec import ConnectBack
 from .profile import Allocation, Filtering, Mapping, NatProfile, SynResponse, Transport
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from ..stun.codec import Address
+from ..address import Address
 from .classify import classify_nat
 from .profile import NatProfile
 

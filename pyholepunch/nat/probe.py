@@ -13,6 +13,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..address import Address, route_source
 from ..errors import ProtocolError, TransactionFailed, TransactionTimeout
 from ..stun.client import (
     BindingResult,
@@ -23,7 +24,6 @@ from ..stun.client import (
     reusable_socket,
 )
 from ..stun.codec import (
-    Address,
     AttrType,
     ChangeRequest,
     ConnectBack,
@@ -42,14 +42,6 @@ log = logging.getLogger(__name__)
 CHANGE_BOTH = ChangeRequest(True, True)
 CHANGE_PORT = ChangeRequest(False, True)
 SERVER_CONNECT_BACK_TIMEOUT = 0.6   # our server's default; the client waits a bit longer
-
-
-def route_source_ip(dest_ip: str) -> str:
-    """The local IP the kernel would use towards ``dest_ip`` (no packet is sent)."""
-    family = socket.AF_INET6 if ":" in dest_ip else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.connect((dest_ip, 9))
-        return str(s.getsockname()[0])
 
 
 def _waits(rtt: float) -> tuple[float, float]:
@@ -92,7 +84,7 @@ def _udp_filter_outcome(obs: Observations, probe: FilterProbe, change: ChangeReq
 
 async def probe_udp(obs: Observations, *, local_ip: str | None, timeout: float,
                     allocation_probes: int) -> None:
-    ip = local_ip or route_source_ip(obs.server[0])
+    ip = local_ip or route_source(obs.server[0])
     obs.local_ip = ip
     first: dict[str, Any] = dict(rto=min(0.25, timeout / 4), rc=6, timeout=timeout)
     clients: list[StunUdpClient] = []
@@ -212,7 +204,7 @@ async def _tcp_binding(server: Address, local: Address, timeout: float) -> Bindi
 
 async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
                     allocation_probes: int) -> None:
-    ip = local_ip or route_source_ip(obs.server[0])
+    ip = local_ip or route_source(obs.server[0])
     obs.local_ip = ip
     lsock = _listener((ip, 0))
     p2 = lsock.getsockname()[1]

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..address import Address
 from ..engine import Engine, RelayStats
 from ..engine import get as get_engine
 from ..errors import RelayError
@@ -32,7 +33,6 @@ from ._tap import Tap, tap_pump
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 MAGIC = b"HPR1"
 TOKEN_LEN = 16

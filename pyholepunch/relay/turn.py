@@ -26,6 +26,7 @@ import socket
 import struct
 from typing import Any
 
+from ..address import Address
 from ..errors import (
     ProtocolError,
     RelayError,
@@ -49,7 +50,6 @@ from .turn_proto import (
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 MAX_PENDING_ATTEMPTS = 128

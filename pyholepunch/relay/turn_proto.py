@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..address import Address
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ..stun.codec import (
     ATTRIBUTES,
@@ -34,7 +35,6 @@ from ..stun.codec import (
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 TRANSPORT_TCP = 6
 DEFAULT_LIFETIME = 600

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..address import Address
 from ..errors import AuthenticationError, ProtocolError, SignalingError
 from ..identity import Identity, default_config_dir
 from ..nat.profile import NatProfile
@@ -44,7 +45,6 @@ from .protocol import (
 from .tls import KNOWN_SERVERS, KnownServers, client_context, parse_fingerprint, verify_server
 
 log = logging.getLogger(__name__)
-Address = tuple[str, int]
 NO_RETRY = {ErrorCode.BAD_SIGNATURE, ErrorCode.NAME_TAKEN, ErrorCode.TOKEN_REQUIRED,
             ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.BAD_NAME,
             ErrorCode.REPLACED, ErrorCode.VERSION}

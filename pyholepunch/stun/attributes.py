@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from ..address import Address
 from ..errors import LocalProtocolError, RemoteProtocolError
-
-Address = tuple[str, int]
 
 MAGIC_COOKIE = 0x2112A442
 _COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..address import Address
 from ..errors import ProtocolError, TransactionFailed, TransactionTimeout
 from .codec import (
-    Address,
     AttrType,
     ChangeRequest,
     MessageClass,

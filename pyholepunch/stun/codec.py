@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from ..address import Address
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .attributes import ATTRIBUTES as ATTRIBUTES
 from .attributes import ERROR_REASONS as ERROR_REASONS
 from .attributes import MAGIC_COOKIE as MAGIC_COOKIE
-from .attributes import Address as Address
 from .attributes import AttributeCodec as AttributeCodec
 from .attributes import AttrType as AttrType
 from .attributes import ChangeRequest as ChangeRequest

@@ -11,11 +11,11 @@ import logging
 import struct
 from dataclasses import dataclass
 
+from ..address import Address
 from ..errors import ProtocolError
 from .codec import (
     HEADER_SIZE,
     MAGIC_COOKIE,
-    Address,
     AttrType,
     ChangeRequest,
     ErrorCode,

@@ -23,9 +23,9 @@ import socket
 import struct
 from typing import Any
 
+from ..address import Address
 from ..errors import ProtocolError
 from .codec import (
-    Address,
     AttrType,
     ConnectBack,
     ErrorCode,
