@@ -9,11 +9,12 @@ setup:            ## install system packages and the package (editable, native e
 build:            ## (re)build the native engine in place
 	$(PY) setup.py build_ext --inplace
 
-test: ctest       ## C unit tests, then the whole Python suite (both engines)
+test: ctest       ## C unit tests, the whole Python suite, then the peer-level tests on the pure engine
 	$(PY) -m pytest
+	$(MAKE) test-pure
 
-test-pure:        ## peer-level tests again with the pure engine as the default
-	PYHOLEPUNCH_ENGINE=pure $(PY) -m pytest tests/engine tests/lab
+test-pure:        ## peer-level tests (tests/aio, tests/lab) again with the pure engine as the default
+	PYHOLEPUNCH_ENGINE=pure $(PY) -m pytest tests/aio tests/lab
 
 ctest:
 	$(MAKE) -C csrc test
