@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from typing import Protocol, runtime_checkable
 
 from ..address import Address, route_source
+from ..errors import PunchError, PunchTimeout
 
 SweepPair = tuple[int, Address]
 """One sweep socket: ``(local_port, (remote_ip, remote_port))``; local port 0 = ephemeral."""
@@ -165,6 +166,18 @@ def count_failure(stats: PunchStats, err: int | None) -> str:
         stats.icmp_errors += 1
         return "icmp"
     return errno.errorcode.get(err or 0, str(err))
+
+
+def punch_failure(op: str, what: str, stats: PunchStats, *, exhausted: bool) -> PunchError:
+    """The one failure policy of both engines, and its message: a punch that ended without a
+    connection is ``PunchTimeout`` when the deadline ran out, and ``PunchError`` when every
+    pair failed before it and none is left to retry (the C sweep's -ECONNREFUSED).
+    ``what`` names the attempt (``"10.0.0.1:4000 -> 198.51.100.7:4001"``, ``"over 64 pairs"``)."""
+    counts = f"({stats.attempts} attempts, {stats.rsts_seen} RST, {stats.icmp_errors} ICMP)"
+    if exhausted:
+        return PunchError(f"{op} {what}: no connection {counts}; every pair failed and none "
+                          "is left to retry", stats)
+    return PunchTimeout(f"{op} {what}: no connection by the deadline {counts}", stats)
 
 
 def sweep_pairs(

@@ -16,8 +16,8 @@ from libc.string cimport memset
 
 from pyholepunch.engine._native cimport *
 
-from pyholepunch.engine._base import PunchResult, PunchStats, RawSynStats, RelayStats
-from pyholepunch.errors import PunchError, PunchTimeout
+from pyholepunch.address import format_address
+from pyholepunch.engine._base import PunchResult, PunchStats, RawSynStats, RelayStats, punch_failure
 
 _REASONS = {HP_RELAY_EOF: "eof", HP_RELAY_IDLE: "idle", HP_RELAY_LIMIT: "limit"}
 
@@ -54,15 +54,12 @@ cdef object _stats(const hp_punch_stats_t *st):
     )
 
 
-cdef object _raise(int rc, str op, object stats=None):
-    """The single place where a negative errno from C becomes a Python exception."""
+cdef object _raise(int rc, str op, object stats=None, str what=""):
+    """The single place where a negative errno from C becomes a Python exception; a punch's
+    end without a connection takes the engines' shared policy (_base.punch_failure)."""
     cdef int err = -rc
     if stats is not None and (err == ETIMEDOUT or (err == ECONNREFUSED and op == "sweep")):
-        what = (f"{op}: no connection ({stats.attempts} attempts, {stats.rsts_seen} RST, "
-                f"{stats.icmp_errors} ICMP)")
-        if err == ECONNREFUSED:     # the sweep ran out of pairs before the deadline
-            raise PunchError(what + "; every pair failed and none is left to retry", stats)
-        raise PunchTimeout(what + " by the deadline", stats)
+        raise punch_failure(op, what, stats, exhausted=err == ECONNREFUSED)
     if op == "raw_syn" and err in (EPERM, EACCES):
         raise PermissionError(
             err, "raw_syn needs CAP_NET_RAW to open a raw IPv4 socket "
@@ -106,7 +103,9 @@ def simultaneous_open(str local_ip, int local_port, str remote_ip, int remote_po
         rc = hp_simopen(&a, &fd, &st)
     stats = _stats(&st)
     if rc < 0:
-        _raise(rc, "simultaneous_open", stats if rc != -EINVAL else None)
+        _raise(rc, "simultaneous_open", stats if rc != -EINVAL else None,
+               f"{format_address((local_ip, stats.local_port or local_port))} -> "
+               f"{format_address((remote_ip, remote_port))}")
     return _result(fd, stats)
 
 
@@ -150,7 +149,7 @@ def sweep(list pairs, str local_ip, double start_at, double timeout, double inte
         free(c_pairs)
     stats = _stats(&st)
     if rc < 0:
-        _raise(rc, "sweep", stats if rc != -EINVAL else None)
+        _raise(rc, "sweep", stats if rc != -EINVAL else None, f"over {n} pairs")
     return _result(fd, stats)
 
 

@@ -10,7 +10,6 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from ..errors import PunchError, PunchTimeout
 from . import _base
 from ._base import PunchResult, PunchStats, SweepPair, count_failure
 from ._pure_clock import wait_until
@@ -66,12 +65,9 @@ class _Sweep:
             close_all(rest)
             self.inflight.clear()
         s = self.stats
-        if winner is None:
-            what = (f"sweep over {len(self.pairs)} pairs: no connection ({s.attempts} attempts, "
-                    f"{s.rsts_seen} RST, {s.icmp_errors} ICMP)")
-            if time.time() < self.deadline:     # exhausted early, like the C engine's -ECONNREFUSED
-                raise PunchError(what + "; every pair failed and none is left to retry", s)
-            raise PunchTimeout(what + " by the deadline", s)
+        if winner is None:                      # exhausted early: the C engine's -ECONNREFUSED
+            raise _base.punch_failure("sweep", f"over {len(self.pairs)} pairs", s,
+                                      exhausted=time.time() < self.deadline)
         return PunchResult(winner, s)
 
     def _socket(self, idx: int) -> socket.socket:

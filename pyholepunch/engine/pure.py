@@ -15,8 +15,7 @@ import socket
 import time
 from collections.abc import Sequence
 
-from ..address import Address
-from ..errors import PunchTimeout
+from ..address import Address, format_address
 from . import _base
 from ._base import (
     PunchResult,
@@ -137,11 +136,8 @@ class _SimOpen:
             self.sel.close()
             close_all(s for s in (self.listener, self.conn) if s is not None and s is not winner)
         if winner is None:
-            s = self.stats
-            raise PunchTimeout(
-                f"no connection {self.lip}:{self.lport} -> {self.remote[0]}:{self.remote[1]} "
-                f"by the deadline ({s.attempts} attempts, {s.rsts_seen} RST, "
-                f"{s.icmp_errors} ICMP)", s)
+            what = f"{format_address((self.lip, self.lport))} -> {format_address(self.remote)}"
+            raise _base.punch_failure("simultaneous_open", what, self.stats, exhausted=False)
         return PunchResult(winner, self.stats)
 
     def _arm(self, now: float) -> None:

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 
 from pyholepunch import engine as engine_mod
 from pyholepunch.engine import _base
 from pyholepunch.engine.pure import PureEngine
+from pyholepunch.errors import PunchError, PunchTimeout
+
+from .helpers import A_IP, B_IP, C_IP, closed_ports, free_port
 
 METHODS = ("simultaneous_open", "sweep", "raw_syn", "relay_pump")
 
@@ -56,3 +60,27 @@ def test_stats_fields_are_the_contract() -> None:
         "first_syn_delay_ns", "time_to_established_ns", "local_port", "remote", "accepted",
         "first_syn_at",
     }
+
+
+def _failure(engine: _base.Engine, call: str) -> BaseException:
+    pa = free_port(A_IP)
+    with pytest.raises(PunchError) as info:
+        if call == "timeout":
+            engine.simultaneous_open((A_IP, pa), (B_IP, free_port(B_IP)), None, 0.1,
+                                     interval=0.02)
+        else:
+            engine.sweep([(0, (C_IP, p)) for p in closed_ports(8)], None, 5.0, local_ip=A_IP)
+    return info.value
+
+
+def test_both_engines_word_a_failed_punch_alike(engine: _base.Engine) -> None:
+    """One failure policy (_base.punch_failure): a deadline is PunchTimeout, every pair
+    refused early is PunchError, and both engines say so in the same words."""
+    timeout = _failure(engine, "timeout")
+    assert isinstance(timeout, PunchTimeout)
+    assert re.fullmatch(rf"simultaneous_open {A_IP}:\d+ -> {B_IP}:\d+: no connection by the "
+                        r"deadline \(\d+ attempts, \d+ RST, 0 ICMP\)", str(timeout))
+    refused = _failure(engine, "refused")
+    assert not isinstance(refused, PunchTimeout)
+    assert str(refused) == ("sweep over 8 pairs: no connection (8 attempts, 8 RST, 0 ICMP); "
+                            "every pair failed and none is left to retry")
