@@ -2,7 +2,7 @@
 
 One lab and one `pyholepunch serve` per pair; peer "bob" (node b) accepts and peer "alice"
 (node a) connects to it again and again (a Peer rotates its punch port after every session),
-each a real process (tests/lab/test_peer_timing.py has the plumbing). Connects follow each
+each a real process (tests/lab/peers.py has the plumbing). Connects follow each
 other after a short pause; connect() itself waits for the last session's port rotation.
 
 Groups in bench/results/report.json:
@@ -17,17 +17,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pyholepunch import engine as engine_mod
-
-if str(ROOT := Path(__file__).resolve().parents[1]) not in sys.path:   # plain `pytest bench/`
-    sys.path.insert(0, str(ROOT))
-from tests.lab.test_peer_timing import lab_with_server, run_peers  # noqa: E402
+from tests.lab.peers import lab_with_server, run_peers
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the NAT lab needs root")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,11 @@ from typing import Any
 import pytest
 
 from pyholepunch import engine as engine_mod
+
+# The benches share the suite's scaffolding (tests/coturn.py, tests/lab/peers.py); plain
+# `pytest bench/` does not put the checkout on sys.path.
+if str(ROOT := Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 RESULTS = Path(os.environ.get("PYHOLEPUNCH_BENCH_DIR", Path(__file__).parent / "results"))
 

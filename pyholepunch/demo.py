@@ -15,14 +15,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._process import stop_processes
-from .errors import LabError
+from ._process import OutputLines, stop_processes
+from .errors import LabError, ProcessError
 from .lab.nat import NAT_TYPES
 
 PORT = 3478
@@ -49,42 +48,6 @@ class Progress:
     def __call__(self, text: str) -> None:
         if not self.quiet:
             print(f"[{time.monotonic() - self.t0:6.2f}s] {text}", file=sys.stderr, flush=True)
-
-
-class _Lines:
-    """Every line a process writes to one stream, read by a thread so its pipe never fills."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], stream: str, what: str) -> None:
-        self.proc, self.what = proc, what
-        self.lines: list[str] = []
-        self._new = threading.Condition()
-        self._eof = False
-        threading.Thread(target=self._pump, args=(getattr(proc, stream),), daemon=True).start()
-
-    def _pump(self, pipe: Any) -> None:
-        for raw in iter(pipe.readline, b""):
-            with self._new:
-                self.lines.append(raw.decode(errors="replace").rstrip())
-                self._new.notify_all()
-        with self._new:
-            self._eof = True
-            self._new.notify_all()
-
-    def wait_for(self, needle: str, timeout: float) -> str:
-        """The first line containing ``needle``; RuntimeError naming what came instead."""
-        deadline = time.monotonic() + timeout
-        with self._new:
-            while True:
-                for line in self.lines:
-                    if needle in line:
-                        return line.strip()
-                left = deadline - time.monotonic()
-                if self._eof or left <= 0:
-                    break
-                self._new.wait(left)
-            tail = "\n  ".join(self.lines[-8:]) or "(no output)"
-        state = "still running" if self.proc.poll() is None else f"exited with {self.proc.returncode}"
-        raise RuntimeError(f"{self.what} did not come up within {timeout:.0f} s ({state}):\n  {tail}")
 
 
 @contextlib.contextmanager
@@ -131,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                 result["environment"] = desc
         except LabError:
             raise
-        except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
+        except (ProcessError, subprocess.TimeoutExpired, OSError) as exc:
             print(f"pyholepunch demo: {exc}", file=sys.stderr)
             return 1
     if args.json:
@@ -173,7 +136,7 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
                                "--state-dir", str(work / "server")),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     procs.append(srv)
-    line = _Lines(srv, "stdout", "the server").wait_for("fingerprint", timeout)
+    line = OutputLines(srv, "stdout", "the server").wait_for("fingerprint", timeout)
     fingerprint = line.split()[-1]
     common = ["--server", server, "--server-fingerprint", fingerprint, *engine_opt]
 
@@ -182,7 +145,7 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
                           "--config-dir", str(work / "bob"), "--json", str(work / "bob.json")),
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     procs.append(bob)
-    _Lines(bob, "stderr", "peer b").wait_for("listening as", timeout)
+    OutputLines(bob, "stderr", "peer b").wait_for("listening as", timeout)
 
     progress("peer a: classifying its NAT, registering as 'alice' and connecting to 'bob'")
     t = time.monotonic()
@@ -198,7 +161,7 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
         report = json.loads((work / "alice.json").read_text())
     if not report:
         tail = err.decode(errors="replace").strip().splitlines()[-8:]
-        raise RuntimeError("peer a did not connect:\n  " + "\n  ".join(tail))
+        raise ProcessError("peer a did not connect:\n  " + "\n  ".join(tail))
     progress(f"peer a finished in {elapsed:.2f} s (classification, registration, punch, echo)")
     with contextlib.suppress(subprocess.TimeoutExpired):
         bob.wait(5)                            # --once: it leaves when the echo is done

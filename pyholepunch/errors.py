@@ -83,6 +83,16 @@ class AddressError(HolePunchError, ValueError):
     """Text or a tuple that is not a usable ``host:port`` / ``[v6]:port`` address."""
 
 
+class ProcessError(HolePunchError):
+    """A child process (a server, a peer) did not come up or did not do its part; the message
+    shows what it said last."""
+
+
+class StateError(HolePunchError, RuntimeError):
+    """An object was used in a state that does not allow it (a server not started, a client
+    already closed): a bug in the caller."""
+
+
 class LabError(HolePunchError):
     """The NAT lab cannot be built here (not root, no nft, no netns) or failed to build."""
 
@@ -94,12 +104,14 @@ __all__ = [
     "LabError",
     "LocalProtocolError",
     "NatNotTraversable",
+    "ProcessError",
     "ProtocolError",
     "PunchError",
     "PunchTimeout",
     "RelayError",
     "RemoteProtocolError",
     "SignalingError",
+    "StateError",
     "TransactionError",
     "TransactionFailed",
     "TransactionTimeout",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pyholepunch._process import stop_processes
 from pyholepunch.address import Address
+from tests.helpers import free_port
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,6 @@ def _random_range() -> tuple[int, int]:
     # 200 ports below the usual ephemeral range (32768+), so relays don't race connect()s.
     lo = 20000 + int.from_bytes(os.urandom(2), "big") % 60 * 200
     return lo, lo + 199
-
-
-def free_port(ip: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
 
 
 class Coturn:

@@ -22,6 +22,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..errors import LabError
 from . import _ns
 from .nat import NatConfig, loss_ruleset, ruleset, validate_type
 
@@ -161,7 +162,7 @@ def _write(path: str, value: object) -> None:
 def _nft(text: str, what: str) -> None:
     r = subprocess.run(["nft", "-f", "-"], input=text, capture_output=True, text=True, timeout=20)
     if r.returncode != 0:
-        raise RuntimeError(f"nft rejected the {what} ruleset: {r.stderr.strip()}")
+        raise LabError(f"nft rejected the {what} ruleset: {r.stderr.strip()}")
 
 
 def _configure(node: Node, conntrack: dict[str, int], loss_pct: float, delay: bool) -> None:
@@ -199,7 +200,7 @@ def _configure(node: Node, conntrack: dict[str, int], loss_pct: float, delay: bo
         for key, value in conntrack.items():
             path = f"/proc/sys/net/netfilter/nf_conntrack_{key}"
             if not os.path.exists(path):
-                raise RuntimeError(f"unknown conntrack setting {key!r} (no {path})")
+                raise LabError(f"unknown conntrack setting {key!r} (no {path})")
             _write(path, int(value))
     if node.name == "core":
         if loss_pct > 0:
@@ -210,7 +211,7 @@ def _configure(node: Node, conntrack: dict[str, int], loss_pct: float, delay: bo
                                 "--queue-num", str(DELAY_QUEUE), "--queue-bypass"],
                                capture_output=True, text=True, timeout=20)
             if r.returncode != 0:
-                raise RuntimeError(f"iptables NFQUEUE rule failed: {r.stderr.strip()}")
+                raise LabError(f"iptables NFQUEUE rule failed: {r.stderr.strip()}")
 
 
 def build(prefix: str, p: Plan, *, conntrack: dict[str, int], loss_pct: float, delay: bool,

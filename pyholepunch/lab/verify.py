@@ -137,7 +137,7 @@ class Measured:
         return not self.problems
 
 
-class _Client:
+class Client:
     def __init__(self, lab: Lab, node: str, wait: float) -> None:
         self.lab, self.node, self.wait = lab, node, wait
 
@@ -192,7 +192,7 @@ def _ports(n: int) -> list[int]:
 
 def measure(lab: Lab, node: str = "a", wait: float = 1.0) -> dict[str, Any]:
     """Raw observations for the NAT in front of `node` (the lab's probe server must be running)."""
-    c = _Client(lab, node, wait)
+    c = Client(lab, node, wait)
     s1, s2, s3 = (lab.server_ip, P1), (lab.server_ip, P2), (lab.server_alt_ip, P1)
     lu, lt, lf, lb = _ports(4)
     out: dict[str, Any] = {"local": {"udp": lu, "tcp": lt}, "private": lab.private_ip(node),
@@ -243,7 +243,7 @@ def measure_hairpin(lab: Lab, wait: float = 1.0) -> dict[str, bool]:
     """Can a and b, behind one NAT, reach each other at their public mappings (as learned from
     the server)?  Both sides send at once, as a punch does: UDP datagrams both ways; TCP
     connects both ways (re-armed every 250 ms) with listeners on the same ports."""
-    ca, cb = _Client(lab, "a", wait), _Client(lab, "b", wait)
+    ca, cb = Client(lab, "a", wait), Client(lab, "b", wait)
     s1 = (lab.server_ip, P1)
     pa, pb, la, lb = _ports(4)
     result = {}
@@ -271,15 +271,15 @@ def measure_hairpin(lab: Lab, wait: float = 1.0) -> dict[str, bool]:
         ta, ctl_a = ca.tcp_map(la, s1)
         tb, ctl_b = cb.tcp_map(lb, s1)
         with ctl_a, ctl_b:
-            result["tcp"] = _simultaneous_open([(ca, la, tb), (cb, lb, ta)], listeners, 2.5 * wait)
+            result["tcp"] = simultaneous_open([(ca, la, tb), (cb, lb, ta)], listeners, 2.5 * wait)
     finally:
         for li in listeners:
             li.close()
     return result
 
 
-def _simultaneous_open(sides: list[tuple[_Client, int, Address]], listeners: list[socket.socket],
-                       budget: float) -> bool:
+def simultaneous_open(sides: list[tuple[Client, int, Address]], listeners: list[socket.socket],
+                      budget: float) -> bool:
     sel = selectors.DefaultSelector()
     for li in listeners:
         li.setblocking(False)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..address import Address
-from ..errors import ProtocolError, TransactionFailed, TransactionTimeout
+from ..errors import ProtocolError, StateError, TransactionFailed, TransactionTimeout
 from .codec import (
     AttrType,
     ChangeRequest,
@@ -139,7 +139,7 @@ class StunUdpClient:
 
     def send_raw(self, data: bytes, addr: Address) -> None:
         if self._transport is None:
-            raise RuntimeError("client is closed")
+            raise StateError("client is closed")
         self._transport.sendto(data, addr)
 
     async def request(self, server: Address, msg: StunMessage, *, rto: float | None = None,

@@ -24,7 +24,7 @@ import struct
 from typing import Any
 
 from ..address import Address
-from ..errors import ProtocolError
+from ..errors import ProtocolError, StateError
 from .codec import (
     AttrType,
     ConnectBack,
@@ -99,7 +99,7 @@ class StunServer:
 
     def _layout(self) -> Layout:
         if self.layout is None:
-            raise RuntimeError("StunServer not started")
+            raise StateError("StunServer not started")
         return self.layout
 
     def _resolve(self, port: int, alt_port: int | None) -> None:

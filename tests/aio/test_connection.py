@@ -14,7 +14,7 @@ import pytest_asyncio
 from pyholepunch import security as sec
 from pyholepunch import strategy
 from pyholepunch.connection import Connection, KeepAlive
-from pyholepunch.engine._base import PunchStats
+from pyholepunch.engine import PunchStats
 from pyholepunch.errors import PunchTimeout
 from pyholepunch.identity import Identity
 from pyholepunch.nat.profile import Allocation, Filtering, Mapping, NatProfile, SynResponse

@@ -8,50 +8,35 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
-import pytest_asyncio
 
 from pyholepunch import relay_step as peering
 from pyholepunch.errors import RelayError, RemoteProtocolError, SignalingError
-from pyholepunch.identity import Identity
-from pyholepunch.nat.profile import Allocation, Filtering, Mapping, NatProfile
-from pyholepunch.peer import Peer
 from pyholepunch.relay.turn import TurnCredentials
 from pyholepunch.serve import Rendezvous
 from pyholepunch.signal.client import SignalClient
 from pyholepunch.signal.protocol import ErrorCode, Relay, RelayGrant, decode_body, encode_frame
-from tests.aio.test_signal_redis import client as redis_client
-from tests.aio.test_signal_redis import nodes, redis_url  # noqa: F401  (fixtures)
-from tests.coturn import Coturn, CoturnConfig, free_port
+from tests.aio.helpers import (
+    PASSWORD,
+    USER,
+    fds,
+    needs_coturn,
+    peers,
+    session_between,
+    settled,
+)
+from tests.aio.helpers import node_client as redis_client
+from tests.aio.helpers import rendezvous_client as client
+from tests.coturn import Coturn
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.timeout(30)
-needs_coturn = pytest.mark.skipif(shutil.which("turnserver") is None and not os.environ.get("CI"),
-                                  reason="coturn (turnserver) is not installed")
 
-USER, PASSWORD = "alice", "correct horse"
-# Random symmetric on both sides: the server's plan is relay only, as behind two such NATs.
-RANDOM_SYMMETRIC = NatProfile(mapping=Mapping.ADDRESS_AND_PORT_DEPENDENT,
-                              filtering=Filtering.ADDRESS_AND_PORT_DEPENDENT,
-                              allocation=Allocation.RANDOM)
-
-
-def fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
-async def settled(before: set[str], deadline: float = 5.0) -> set[str]:
-    """Our fds once released-allocation tasks and closing transports have run."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if peering.active_allocations() == 0 and fds() <= before:
-            break
-        await asyncio.sleep(0.05)
-    return fds() - before
 
 
 # --- the wire ---------------------------------------------------------------------------------
@@ -106,17 +91,6 @@ def test_turn_relay_spec_and_credentials() -> None:
 
 # --- the rendezvous server forwards one offer, only from a participant -------------------------
 
-@pytest_asyncio.fixture
-async def rendezvous() -> AsyncIterator[Rendezvous]:
-    async with Rendezvous(("127.0.0.1", 0), relay=False) as app:
-        yield app
-
-
-def client(app: Rendezvous, name: str) -> SignalClient:
-    return SignalClient(app.address, Identity.generate(), name=name,
-                        server_fingerprint=app.fingerprint, reconnect=False)
-
-
 @pytest.mark.asyncio
 async def test_server_forwards_a_turn_offer_to_the_other_peer(rendezvous: Rendezvous) -> None:
     a, b, c = client(rendezvous, "alice"), client(rendezvous, "bob"), client(rendezvous, "carol")
@@ -151,58 +125,6 @@ async def test_server_forwards_a_turn_offer_to_the_other_peer(rendezvous: Rendez
 
 
 # --- two Peers through coturn -------------------------------------------------------------------
-
-@pytest.fixture
-def coturn() -> Iterator[Callable[..., Coturn]]:
-    started: list[Coturn] = []
-
-    def make(**kwargs: Any) -> Coturn:
-        turn = Coturn(CoturnConfig(realm="pyholepunch.test", **kwargs))
-        turn.start()
-        started.append(turn)
-        return turn
-
-    try:
-        yield make
-    finally:
-        for turn in started:
-            turn.stop()
-
-
-async def relay_only(peer: Peer) -> None:
-    """Present the peer to the server as behind a random symmetric NAT (see RANDOM_SYMMETRIC):
-    the plan the server hands out then has no direct step, like behind two such NATs."""
-    peer.profiles["tcp"] = RANDOM_SYMMETRIC
-    await peer._signal.update(profiles=list(peer.profiles.values()))
-
-
-async def peers(app: Rendezvous, tmp: Path, relay: str,
-                **alice_turn: str | None) -> tuple[Peer, Peer]:
-    def make(name: str, **kw: Any) -> Peer:
-        return Peer(app.address, name=name, config_dir=tmp / name,
-                    server_fingerprint=app.fingerprint, relay=relay, **kw)
-
-    alice, bob = make("alice", **alice_turn), make("bob")   # bob holds no TURN credentials
-    await alice.start()
-    try:
-        await bob.start()
-        for p in (alice, bob):
-            await relay_only(p)
-        # UPDATE has no answer and bob's travels on another connection than alice's CONNECT:
-        # wait until the server holds bob's new profile, or it may plan with the old one.
-        wanted = RANDOM_SYMMETRIC.to_dict()["mapping"]
-        for _ in range(100):
-            rec = await app.signal.store.find("bob")
-            if rec is not None and any(p.get("mapping") == wanted for p in rec.profiles):
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise AssertionError("the server never applied bob's profile update")
-    except BaseException:
-        await asyncio.gather(alice.close(), bob.close())
-        raise
-    return alice, bob
-
 
 @needs_coturn
 @pytest.mark.asyncio
@@ -294,12 +216,6 @@ async def test_no_turn_server_fails_clearly(rendezvous: Rendezvous, tmp_path: Pa
 
 
 # --- turn_relay on its own: both sides' failures, and a built-in grant ---------------------------
-
-async def session_between(a: SignalClient, b: SignalClient) -> str:
-    punch = await a.connect(b.name)
-    await b.next_event(5)
-    return punch.session
-
 
 def grant_of(b: SignalClient) -> asyncio.Future[Any]:
     """The responder's grant future, fed from its signaling events (Peer does the same)."""
@@ -412,7 +328,7 @@ async def test_responder_without_an_offer_times_out_clearly(rendezvous: Rendezvo
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 @pytest.mark.asyncio
-async def test_turn_offer_crosses_server_nodes(nodes: list[Any]) -> None:  # noqa: F811
+async def test_turn_offer_crosses_server_nodes(nodes: list[Any]) -> None:
     """Through Redis: the grant reaches bob's node as wire data (checked again there), and
     the one-offer-per-session rule holds for the cluster, not per node."""
     n1, n2 = nodes

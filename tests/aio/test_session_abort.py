@@ -19,27 +19,17 @@ from pyholepunch.signal.client import PunchInstruction, SessionAborted, SignalCl
 from pyholepunch.signal.protocol import ErrorCode
 from pyholepunch.signal.server import SignalServer
 from pyholepunch.signal.server_peer import MAX_GAVE_UP_REASON
-from tests.aio.test_relay_peering import (  # noqa: F401  (fixtures)
-    USER,
-    client,
-    coturn,
-    fds,
-    needs_coturn,
-    peers,
-    rendezvous,
-    session_between,
-    settled,
-)
-from tests.aio.test_signal_redis import client as redis_client
-from tests.aio.test_signal_redis import nodes, redis_url  # noqa: F401  (fixtures)
-from tests.coturn import free_port
+from tests.aio.helpers import USER, fds, needs_coturn, peers, session_between, settled
+from tests.aio.helpers import node_client as redis_client
+from tests.aio.helpers import rendezvous_client as client
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.timeout(30)
 
 
 @pytest.mark.asyncio
 async def test_a_failure_reaches_the_other_peer_with_its_reason(
-        rendezvous: Rendezvous) -> None:  # noqa: F811
+        rendezvous: Rendezvous) -> None:
     a, b = client(rendezvous, "alice"), client(rendezvous, "bob")
     async with a, b:
         session = await session_between(a, b)
@@ -54,7 +44,7 @@ async def test_a_failure_reaches_the_other_peer_with_its_reason(
 
 
 @pytest.mark.asyncio
-async def test_success_and_reasonless_failure(rendezvous: Rendezvous) -> None:  # noqa: F811
+async def test_success_and_reasonless_failure(rendezvous: Rendezvous) -> None:
     a, b = client(rendezvous, "alice"), client(rendezvous, "bob")
     async with a, b:
         session = await session_between(a, b)
@@ -67,7 +57,7 @@ async def test_success_and_reasonless_failure(rendezvous: Rendezvous) -> None:  
 
 @pytest.mark.asyncio
 async def test_only_a_participant_can_abort_a_session(
-        rendezvous: Rendezvous) -> None:  # noqa: F811
+        rendezvous: Rendezvous) -> None:
     a, b, c = client(rendezvous, "alice"), client(rendezvous, "bob"), client(rendezvous, "carol")
     async with a, b, c:
         session = await session_between(a, b)
@@ -80,7 +70,7 @@ async def test_only_a_participant_can_abort_a_session(
 
 @pytest.mark.skipif(not __import__("shutil").which("redis-server"), reason="needs redis-server")
 @pytest.mark.asyncio
-async def test_the_notice_crosses_server_nodes(nodes: list[SignalServer]) -> None:  # noqa: F811
+async def test_the_notice_crosses_server_nodes(nodes: list[SignalServer]) -> None:
     n1, n2 = nodes
     async with redis_client(n1, "alice") as a, redis_client(n2, "bob") as b:
         punch = await a.connect("bob")
@@ -133,7 +123,7 @@ async def _declined(app: Rendezvous, tmp_path: Path) -> None:
 @needs_coturn
 @pytest.mark.asyncio
 async def test_responder_stops_when_the_initiators_relay_fails(
-        coturn, rendezvous: Rendezvous, tmp_path: Path,  # noqa: F811
+        coturn, rendezvous: Rendezvous, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     """alice's TURN allocation is refused (wrong password); bob, waiting for her relay offer,
     hears of it at once instead of after RELAY_TIMEOUT (10 s)."""

@@ -3,80 +3,22 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import pytest_asyncio
 
-from pyholepunch._process import stop_processes
 from pyholepunch.errors import SignalingError
 from pyholepunch.identity import Identity
-from pyholepunch.relay.builtin import RelayHub
 from pyholepunch.signal.client import PunchInstruction, SignalClient
 from pyholepunch.signal.protocol import ErrorCode
 from pyholepunch.signal.server import ServerConfig, SignalServer
-from pyholepunch.signal.store import PeerRecord, RedisStore, open_store
-from pyholepunch.signal.tls import generate_credentials
+from pyholepunch.signal.store import PeerRecord, open_store
+from tests.aio.helpers import CREDS
+from tests.aio.helpers import node_client as client
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
-CREDS = generate_credentials()      # both nodes present one identity, as a cluster would
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}"
-    finally:
-        stop_processes(proc)
-
-
-@pytest_asyncio.fixture
-async def nodes(redis_url: str) -> AsyncIterator[list[SignalServer]]:
-    out = []
-    try:
-        for node in ("n1", "n2"):
-            store = open_store(redis_url)
-            assert isinstance(store, RedisStore)
-            srv = SignalServer(CREDS, store, ServerConfig(sync_pings=2, keepalive=3600),
-                               relay_hub=RelayHub(), node_id=node)
-            await srv.start()
-            await srv.listen()
-            out.append(srv)
-        yield out
-    finally:
-        for srv in out:
-            await srv.close()
-            await srv.relay_hub.close()
-
-
-def client(srv: SignalServer, name: str, **kw) -> SignalClient:  # type: ignore[no-untyped-def]
-    port = srv._servers[0].sockets[0].getsockname()[1]
-    return SignalClient(("127.0.0.1", port), kw.pop("identity", None) or Identity.generate(),
-                        name=name, server_fingerprint=srv.server_id, **kw)
 
 
 @pytest.mark.asyncio

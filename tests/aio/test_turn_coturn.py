@@ -20,7 +20,8 @@ from pyholepunch.relay.turn import (
     connect_relayed,
     offer_relayed,
 )
-from tests.coturn import Coturn, CoturnConfig, free_port
+from tests.coturn import Coturn, CoturnConfig
+from tests.helpers import free_port
 
 pytestmark = [
     pytest.mark.timeout(20),

@@ -13,6 +13,7 @@ from typing import Any
 
 from pyholepunch import engine as engine_mod
 from pyholepunch.errors import PunchError
+from tests.helpers import free_port as free_port
 
 A_IP, B_IP, C_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 ETH_P_ALL = 0x0003
@@ -37,13 +38,6 @@ def listening_ports() -> set[int]:
         except OSError:
             pass
     return ports
-
-
-def free_port(ip: str) -> int:
-    """A port nothing is bound to on ``ip`` right now (bound then released)."""
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
 
 
 def closed_ports(n: int, low: int = 20000) -> list[int]:

@@ -12,8 +12,7 @@ import time
 import pytest
 
 from pyholepunch.errors import LabError
-from pyholepunch.lab import NAT_TYPES, Lab, state
-from pyholepunch.lab._ns import process_alive
+from pyholepunch.lab import NAT_TYPES, Lab, process_alive, state
 
 pytestmark = pytest.mark.lab
 
@@ -116,12 +115,12 @@ def test_peer_reaches_server_and_unsolicited_is_filtered(nat_type: str) -> None:
 @pytest.mark.parametrize("nat_type", ["port-restricted", "cgnat"])
 def test_simultaneous_open_through_two_nats(nat_type: str) -> None:
     """Conntrack matches the inbound SYN to the outbound flow: TCP simultaneous open works."""
-    from pyholepunch.lab.verify import _Client, _simultaneous_open
+    from pyholepunch.lab.verify import Client, simultaneous_open
 
     with Lab(a=nat_type, b=nat_type) as lab:
-        ca, cb = _Client(lab, "a", 0.5), _Client(lab, "b", 0.5)
+        ca, cb = Client(lab, "a", 0.5), Client(lab, "b", 0.5)
         # Port-preserving EIM NATs: the public port is the local port.
-        assert _simultaneous_open([(ca, 41000, (lab.public_ip("b"), 42000)),
+        assert simultaneous_open([(ca, 41000, (lab.public_ip("b"), 42000)),
                                    (cb, 42000, (lab.public_ip("a"), 41000))], [], 3.0)
 
 

@@ -23,7 +23,7 @@ import pytest
 
 from pyholepunch.peer import RELAY_TIMEOUT, TLS_TIMEOUT
 
-from .test_peer_timing import lab_with_server, run_peers
+from .peers import lab_with_server, run_peers
 
 log = logging.getLogger(__name__)
 pytestmark = [pytest.mark.lab,

@@ -1,0 +1,11 @@
+"""Helpers for every part of the suite."""
+from __future__ import annotations
+
+import socket
+
+
+def free_port(ip: str = "127.0.0.1") -> int:
+    """A TCP port nothing is bound to on ``ip`` right now (bound then released)."""
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])
