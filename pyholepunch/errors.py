@@ -75,6 +75,16 @@ class SignalingError(HolePunchError):
         self.code = code
 
 
+class Refusal(SignalingError):
+    """The rendezvous server refusing one request of a peer (server side; it becomes an ERROR
+    frame with ``code``, and ``fatal`` closes that peer's connection)."""
+
+    def __init__(self, code: int, reason: str, *, session: str | None = None,
+                 fatal: bool = True) -> None:
+        super().__init__(reason, code=code)
+        self.reason, self.session, self.fatal = reason, session, fatal
+
+
 class AuthenticationError(HolePunchError):
     """A key, signature, token or certificate did not match what was expected."""
 
@@ -106,6 +116,7 @@ __all__ = [
     "NatNotTraversable",
     "ProcessError",
     "ProtocolError",
+    "Refusal",
     "PunchError",
     "PunchTimeout",
     "RelayError",

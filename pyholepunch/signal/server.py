@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..errors import Refusal
 from .protocol import DEFAULT_MAX_FRAME, ErrorCode, Message, Punch, parse_message
-from .server_peer import PeerProtocol, Refusal, make_plan
+from .server_peer import PeerProtocol, make_plan
 from .store import MemoryStore, PeerRecord, Push, Store
 from .tls import ServerCredentials
 from .tlsproto import TlsTransport

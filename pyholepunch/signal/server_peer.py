@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .. import strategy
-from ..errors import AuthenticationError, ProtocolError
+from ..errors import AuthenticationError, ProtocolError, Refusal
 from ..identity import peer_id_of, verify_signature
 from ..nat.profile import NatProfile
 from .auth import TokenBucket, check_token
@@ -46,13 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_GAVE_UP_REASON = 200     # characters of a peer's failure reason passed on to the other
-
-
-class Refusal(Exception):
-    def __init__(self, code: ErrorCode, reason: str, *, session: str | None = None,
-                 fatal: bool = True) -> None:
-        super().__init__(reason)
-        self.code, self.reason, self.session, self.fatal = code, reason, session, fatal
 
 
 def _tcp_profile(profiles: list[dict[str, Any]]) -> NatProfile:
@@ -218,7 +211,7 @@ class PeerProtocol(asyncio.Protocol):
                     await self._handle(msg, at)
                 except Refusal as r:
                     if r.fatal:
-                        self.fail(r.code, r.reason, r.session)
+                        self.fail(ErrorCode(r.code), r.reason, r.session)
                     else:
                         self.server.metrics["refused"] += 1
                         self.send(Error(code=int(r.code), reason=r.reason, session=r.session,
