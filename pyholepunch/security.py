@@ -30,7 +30,6 @@ import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -39,6 +38,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import AuthenticationError
 from .identity import Identity, peer_id_of
+from .signal.tlsproto import TlsTransport
 
 log = logging.getLogger(__name__)
 
@@ -242,45 +242,23 @@ def _handshake_error(exc: BaseException, peer_id: str) -> BaseException:
 
 async def _handshake_streams(conn: Streams, ctx: ssl.SSLContext, *, initiator: bool, limit: int,
                              peer_id: str) -> Streams:
-    """TLS through memory BIOs over plain streams (start_tls would lose buffered bytes)."""
+    """TLS (signal.tlsproto's memory-BIO layer) on the transport under ``conn``: the layer
+    takes over as that transport's protocol and first gets what the stream had already read."""
     inner_reader, inner_writer = conn
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_side=not initiator)
-    try:
-        while True:
-            try:
-                obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                if out := outgoing.read():
-                    inner_writer.write(out)
-                    await inner_writer.drain()
-                data = await inner_reader.read(65536)
-                if data:
-                    incoming.write(data)
-                else:
-                    incoming.write_eof()
-        if out := outgoing.read():
-            inner_writer.write(out)
-            await inner_writer.drain()
-    except (ConnectionError, ssl.SSLError) as exc:
-        if isinstance(exc, ssl.SSLError):
-            _send_alert(outgoing, inner_writer)
-        raise _handshake_error(exc, peer_id) from None
+    if (broken := inner_reader.exception()) is not None:
+        raise _handshake_error(broken, peer_id)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport = _BioTransport(loop, obj, incoming, outgoing, inner_reader, inner_writer, protocol)
-    protocol.connection_made(transport)
-    transport.start()
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
-
-
-def _send_alert(outgoing: ssl.MemoryBIO, writer: asyncio.StreamWriter) -> None:
-    """Send a pending TLS alert, so the peer learns why (best effort)."""
-    data = outgoing.read()
-    if data and not writer.is_closing():
-        writer.write(data)
+    tls = TlsTransport(ctx, lambda: protocol, None, server_side=not initiator,
+                       abort_on_failure=False, close_on_eof=False)
+    await tls.take_over(inner_reader, inner_writer)
+    assert tls.handshake_done is not None
+    try:
+        await tls.handshake_done
+    except (ConnectionError, ssl.SSLError) as exc:
+        raise _handshake_error(exc, peer_id) from None
+    return reader, asyncio.StreamWriter(tls, protocol, reader, loop)
 
 
 def _describe_ssl_error(exc: ssl.SSLError, peer_id: str) -> str:
@@ -334,174 +312,6 @@ def _abort(writer: asyncio.StreamWriter | None, conn: socket.socket | Streams,
     transport.close()           # not abort: a queued TLS alert still tells the peer why
     if sock is not None and not transport.get_write_buffer_size():
         sock.close()            # nothing left to flush: closed now, not a loop turn later
-
-
-class _BioTransport(asyncio.Transport):
-    """The plaintext side of a TLS session run through memory BIOs over inner streams.
-
-    A pump task reads ciphertext from the inner reader, decrypts it and feeds the protocol;
-    writes are encrypted straight into the inner writer. Flow control both ways: the
-    protocol's pause_reading stops the pump, the inner writer's buffer pauses the protocol.
-    """
-
-    _HIGH_WATER = 1 << 18
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
-                 outgoing: ssl.MemoryBIO, inner_reader: asyncio.StreamReader,
-                 inner_writer: asyncio.StreamWriter, protocol: asyncio.BaseProtocol) -> None:
-        super().__init__()
-        self._loop = loop
-        self._obj, self._in, self._out = obj, incoming, outgoing
-        self._inner_reader, self._inner_writer = inner_reader, inner_writer
-        self._protocol = protocol
-        self._reading = asyncio.Event()
-        self._reading.set()
-        self._closing = False
-        self._lost = False
-        self._write_paused = False
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def start(self) -> None:
-        self._spawn(self._pump())
-
-    def _spawn(self, coro: Any) -> None:
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    # --- asyncio.Transport ------------------------------------------------------------------
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "ssl_object":
-            return self._obj
-        if name == "sslcontext":
-            return self._obj.context
-        if name == "peercert":
-            return self._obj.getpeercert()
-        if name == "cipher":
-            return self._obj.cipher()
-        return self._inner_writer.get_extra_info(name, default)
-
-    def is_closing(self) -> bool:
-        return self._closing
-
-    def is_reading(self) -> bool:
-        return self._reading.is_set()
-
-    def pause_reading(self) -> None:
-        self._reading.clear()
-
-    def resume_reading(self) -> None:
-        self._reading.set()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._protocol = protocol
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol
-
-    def get_write_buffer_size(self) -> int:
-        return self._inner_writer.transport.get_write_buffer_size()
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing or not data:
-            return
-        try:
-            self._obj.write(data)
-        except ssl.SSLError as exc:
-            self._fail(exc)
-            return
-        self._flush()
-
-    def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        try:
-            self._obj.unwrap()          # queues our close_notify; the peer's is not awaited
-        except (ssl.SSLError, ValueError):
-            pass
-        self._flush()
-        self._inner_writer.close()
-        self._finish(None)
-
-    def abort(self) -> None:
-        self._closing = True
-        self._inner_writer.transport.abort()
-        self._finish(None)
-
-    # --- internals --------------------------------------------------------------------------
-
-    def _flush(self) -> None:
-        data = self._out.read()
-        if not data or self._inner_writer.is_closing():
-            return
-        self._inner_writer.write(data)
-        if not self._write_paused and self.get_write_buffer_size() > self._HIGH_WATER:
-            self._write_paused = True
-            self._protocol.pause_writing()
-            self._spawn(self._wait_drained())
-
-    async def _wait_drained(self) -> None:
-        try:
-            await self._inner_writer.drain()
-        except (ConnectionError, OSError):
-            pass                        # the pump sees the same failure and reports it
-        finally:
-            self._write_paused = False
-            if not self._lost:
-                self._protocol.resume_writing()
-
-    def _fail(self, exc: BaseException) -> None:
-        self._closing = True
-        self._inner_writer.transport.abort()
-        self._finish(exc)
-
-    def _finish(self, exc: BaseException | None) -> None:
-        current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current:
-                task.cancel()
-        if not self._lost:
-            self._lost = True
-            self._loop.call_soon(self._protocol.connection_lost, exc)  # type: ignore[arg-type]
-
-    async def _pump(self) -> None:
-        try:
-            while True:
-                eof = self._deliver()       # plaintext that came with earlier ciphertext first
-                self._flush()               # post-handshake messages may want an answer
-                if eof:
-                    if not self._closing:
-                        self._protocol.eof_received()  # type: ignore[attr-defined]
-                    return
-                await self._reading.wait()
-                data = await self._inner_reader.read(65536)
-                if data:
-                    self._in.write(data)
-                else:
-                    self._in.write_eof()
-        except asyncio.CancelledError:
-            raise
-        except (ssl.SSLError, OSError) as exc:
-            if not self._closing:
-                self._fail(exc)
-
-    def _deliver(self) -> bool:
-        """Decrypt what is buffered into the protocol; True at the end of the stream."""
-        while True:
-            try:
-                chunk = self._obj.read(65536)
-            except ssl.SSLWantReadError:
-                return False
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return True             # close_notify, or a bare TCP FIN
-            if not chunk:
-                return True
-            self._protocol.data_received(chunk)  # type: ignore[attr-defined]
 
 
 __all__ = ["CONFIRM", "certificate_for", "certificate_peer_id", "check_certificate",

@@ -1,10 +1,18 @@
-"""Server-side TLS over a plain asyncio transport, through ``ssl.MemoryBIO``.
+"""TLS over a plain asyncio transport, through ``ssl.MemoryBIO``: the package's one TLS layer
+of its own, used by the rendezvous server (one per peer connection, server side) and by the
+peer-to-peer TLS in security.py (either side, over a socket or the built-in relay's streams).
 
-Why not ``loop.create_server(ssl=...)``: CPython's SSLProtocol keeps a 256 KiB read buffer
-per connection for its whole life, which alone is 256 MB per 1,000 idle peers. Here records
-are decrypted with ``SSLObject.read`` into right-sized bytes and OpenSSL releases its own
-buffers between records (CPython sets SSL_MODE_RELEASE_BUFFERS), so an idle peer costs a few
-KiB. The wrapped application protocol sees a transport-like object (``TlsTransport``).
+Why not ``loop.create_server(ssl=...)`` / ``start_tls``: CPython's SSLProtocol keeps a
+256 KiB read buffer per connection for its whole life, which alone is 256 MB per 1,000 idle
+peers; here records are decrypted with ``SSLObject.read`` into right-sized bytes and OpenSSL
+releases its own buffers between records (CPython sets SSL_MODE_RELEASE_BUFFERS), so an idle
+peer costs a few KiB. And asyncio's own TLS drops the alert that tells a refused peer why (it
+sees a bare reset instead); this layer sends it. ``start_tls`` would also lose bytes a stream
+had already buffered.
+
+``TlsTransport`` is an asyncio protocol on the ciphertext side and a transport to the
+application (plaintext) side: the application protocol comes from ``app_factory`` once the
+handshake is done, and ``handshake_done`` tells a waiting caller how the handshake ended.
 """
 from __future__ import annotations
 
@@ -18,16 +26,29 @@ log = logging.getLogger(__name__)
 _READ_CHUNK = 16384     # one TLS record's plaintext at most
 
 
-class TlsTransport(asyncio.Protocol):
-    """Accepts a plain TCP connection, runs the TLS server handshake, then relays plaintext."""
+class TlsTransport(asyncio.Protocol, asyncio.Transport):
+    """TLS through memory BIOs between a plain transport and an application protocol.
+
+    ``handshake_timeout`` (None: the caller bounds it) aborts a handshake that takes longer.
+    ``abort_on_failure``: a failed handshake or a TLS error aborts the connection at once (the
+    server: an attacker gets nothing more); without it the alert is flushed and closing is
+    left to the caller, who has ``handshake_done`` (security.py: the other peer learns why).
+    ``close_on_eof``: the peer's TCP FIN closes the connection after the application got its
+    EOF; without it the connection stays open until the application closes it.
+    """
 
     def __init__(self, context: ssl.SSLContext, app_factory: Callable[[], asyncio.Protocol],
-                 handshake_timeout: float = 10.0,
-                 on_lost: Callable[[TlsTransport], None] | None = None) -> None:
+                 handshake_timeout: float | None = 10.0,
+                 on_lost: Callable[[TlsTransport], None] | None = None, *,
+                 server_side: bool = True, abort_on_failure: bool = True,
+                 close_on_eof: bool = True) -> None:
         self._on_lost = on_lost
         self._context = context
         self._app_factory = app_factory
         self._handshake_timeout = handshake_timeout
+        self._server_side = server_side
+        self._abort_on_failure = abort_on_failure
+        self._close_on_eof = close_on_eof
         self._app: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
         self._incoming = ssl.MemoryBIO()
@@ -35,60 +56,52 @@ class TlsTransport(asyncio.Protocol):
         self._ssl: ssl.SSLObject | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._eof_delivered = False
+        self._error: BaseException | None = None
+        self.handshake_done: asyncio.Future[None] | None = None
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def take_over(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Become the protocol of the transport under an asyncio stream pair, fed first with
+        what ``reader`` had already buffered (nothing more arrives there). The pair is kept:
+        a StreamWriter that is garbage collected closes its transport."""
+        self._streams = (reader, writer)
+        peer_left = reader.at_eof()
+        writer.transport.set_protocol(self)
+        self.connection_made(writer.transport)
+        reader.feed_eof()
+        if buffered := await reader.read():        # returns at once: the EOF is fed
+            self.data_received(buffered)
+        if peer_left:
+            self.eof_received()
 
     # -- asyncio.Protocol (the plain side) -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._ssl = self._context.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        self._timer = asyncio.get_running_loop().call_later(self._handshake_timeout, self.abort)
+        self._ssl = self._context.wrap_bio(self._incoming, self._outgoing,
+                                           server_side=self._server_side)
+        loop = asyncio.get_running_loop()
+        self.handshake_done = loop.create_future()
+        if self._handshake_timeout is not None:
+            self._timer = loop.call_later(self._handshake_timeout, self.abort)
+        if not self._server_side:
+            self._handshake()                      # the client speaks first
 
     def data_received(self, data: bytes) -> None:
-        assert self._ssl is not None
         self._incoming.write(data)
-        if self._app is None:
-            try:
-                self._ssl.do_handshake()
-            except ssl.SSLWantReadError:
-                self._flush()
-                return
-            except (ssl.SSLError, OSError) as exc:
-                log.debug("TLS handshake failed: %s", exc)
-                self._flush()
-                self.abort()
-                return
-            if self._timer is not None:
-                self._timer.cancel()
-            self._flush()
-            self._app = self._app_factory()
-            self._app.connection_made(self)  # type: ignore[arg-type]
-        chunks, eof = [], False
-        while True:
-            try:
-                chunk = self._ssl.read(_READ_CHUNK)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:
-                eof = True
-                break
-            except (ssl.SSLError, OSError) as exc:
-                log.debug("TLS error: %s", exc)
-                self.abort()
-                return
-            if not chunk:
-                eof = True
-                break
-            chunks.append(chunk)
-        self._flush()                  # post-handshake messages (session tickets, key updates)
-        if chunks and not self._closed:
-            self._app.data_received(b"".join(chunks))
-        if eof and not self._closed:
-            self._app.eof_received()
+        if self._app is None and not self._handshake():
+            return
+        self._deliver()
 
     def eof_received(self) -> bool | None:
-        if self._app is not None:
-            self._app.eof_received()
-        return None
+        self._incoming.write_eof()
+        if self._app is None:
+            self._handshake()                      # fails: the peer left mid-handshake
+        else:
+            self._deliver()
+            self._app_eof()
+        return None if self._close_on_eof else True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -96,8 +109,12 @@ class TlsTransport(asyncio.Protocol):
             self._on_lost(self)
         if self._timer is not None:
             self._timer.cancel()
+        if self.handshake_done is not None and not self.handshake_done.done():
+            self.handshake_done.set_exception(
+                exc or ConnectionResetError("connection closed during the TLS handshake"))
         if self._app is not None:
-            self._app.connection_lost(exc)
+            error = exc or self._error
+            self._app.connection_lost(error if isinstance(error, Exception) else None)
 
     def pause_writing(self) -> None:
         if self._app is not None:
@@ -107,15 +124,14 @@ class TlsTransport(asyncio.Protocol):
         if self._app is not None:
             self._app.resume_writing()
 
-    # -- transport-like API (the application side) ------------------------------------------
-    def write(self, data: bytes) -> None:
-        if self._closed or self._ssl is None:
+    # -- transport API (the application side) -----------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed or self._ssl is None or not data:
             return
         try:
             self._ssl.write(data)
         except (ssl.SSLError, OSError) as exc:
-            log.debug("TLS write failed: %s", exc)
-            self.abort()
+            self._fail("TLS write failed", exc)
             return
         self._flush()
 
@@ -127,7 +143,7 @@ class TlsTransport(asyncio.Protocol):
         if self._ssl is not None and self._app is not None:
             try:
                 self._ssl.unwrap()
-            except (ssl.SSLError, OSError):
+            except (ssl.SSLError, OSError, ValueError):
                 pass
             self._flush()
         if self._transport is not None:
@@ -141,15 +157,102 @@ class TlsTransport(asyncio.Protocol):
     def is_closing(self) -> bool:
         return self._closed
 
+    def can_write_eof(self) -> bool:
+        return False                               # TLS cannot half-close
+
+    def pause_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport is not None and self._transport.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        assert isinstance(protocol, asyncio.Protocol)
+        self._app = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self._app is not None
+        return self._app
+
     def get_write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size() if self._transport else 0
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":
             return self._ssl
+        if name == "sslcontext":
+            return self._context
         if name == "peercert":
             return self._ssl.getpeercert() if self._ssl else default
+        if name == "cipher":
+            return self._ssl.cipher() if self._ssl else default
         return self._transport.get_extra_info(name, default) if self._transport else default
+
+    # -- internals ---------------------------------------------------------------------------
+    def _handshake(self) -> bool:
+        """Advance the handshake; True once it is done and the application is connected."""
+        assert self._ssl is not None and self.handshake_done is not None
+        try:
+            self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("TLS handshake failed: %s", exc)
+            self._flush()                          # the alert tells the peer why
+            if not self.handshake_done.done():
+                self.handshake_done.set_exception(exc)
+            if self._abort_on_failure:
+                self.abort()
+            return False
+        if self._timer is not None:
+            self._timer.cancel()
+        self._flush()
+        self._app = self._app_factory()
+        self._app.connection_made(self)
+        if not self.handshake_done.done():
+            self.handshake_done.set_result(None)
+        return True
+
+    def _deliver(self) -> None:
+        """Decrypt what is buffered into the application; its EOF at close_notify."""
+        assert self._ssl is not None and self._app is not None
+        chunks, eof = [], False
+        while True:
+            try:
+                chunk = self._ssl.read(_READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                eof = True                         # close_notify, or a bare TCP FIN
+                break
+            except (ssl.SSLError, OSError) as exc:
+                self._fail("TLS error", exc)
+                return
+            if not chunk:
+                eof = True
+                break
+            chunks.append(chunk)
+        self._flush()                  # post-handshake messages (session tickets, key updates)
+        if chunks and not self._closed:
+            self._app.data_received(b"".join(chunks))
+        if eof:
+            self._app_eof()
+
+    def _app_eof(self) -> None:
+        if self._app is not None and not self._eof_delivered and not self._closed:
+            self._eof_delivered = True
+            self._app.eof_received()
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        log.debug("%s: %s", what, exc)
+        self._error = exc
+        self.abort()
 
     def _flush(self) -> None:
         data = self._outgoing.read()
