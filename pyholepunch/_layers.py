@@ -24,8 +24,8 @@ class Part:
 FOUNDATION = "Foundation"
 
 PARTS: tuple[Part, ...] = (
-    Part(FOUNDATION, ("errors", "address", "_process", "identity", "_layers"), (),
-         "exceptions, the address vocabulary, child processes, peer identities"),
+    Part(FOUNDATION, ("errors", "address", "_process", "_service", "identity", "_layers"), (),
+         "exceptions, the address vocabulary, child processes, `async with`, peer identities"),
     Part("Engine", ("engine",), (),
          "the contract, the Cython binding to csrc/, the pure twin"),
     Part("Stun", ("stun",), (),

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import engine as engine_mod
+from ._service import Service
 from .address import Address, parse_address, route_source
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .errors import HolePunchError, PunchError, SignalingError
@@ -48,7 +49,7 @@ PROBE_RETRY_PAUSE = 0.2
 DEFAULT_SERVER_PORT = 3478  # a server address given without a port
 
 
-class Peer:
+class Peer(Service):
     """A registered peer. See the module docstring; ``connect``/``accept`` give Connections."""
 
     def __init__(
@@ -140,17 +141,6 @@ class Peer:
         if self._reservation is not None:
             self._reservation.close()
             self._reservation = None
-
-    async def __aenter__(self) -> Peer:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     def _reserve_port(self) -> socket.socket:
         """A fresh local port held for punching, so the kernel never hands it to anyone else."""

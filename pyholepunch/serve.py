@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Any
 
+from ._service import Service
 from .address import Address
 from .signal.auth import make_token
 from .signal.server import ServerConfig, SignalServer
@@ -56,7 +57,7 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-class Rendezvous:
+class Rendezvous(Service):
     """The combined server application (usable in-process from tests and the lab)."""
 
     def __init__(self, listen: Address, *, alt_ip: str | None = None, state_dir: str | None = None,
@@ -177,17 +178,6 @@ class Rendezvous:
             await self.stun.close()
         if self.relay_hub is not None:
             await self.relay_hub.close()
-
-    async def __aenter__(self) -> Rendezvous:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # -- demultiplexing ----------------------------------------------------------------------
     async def _accept_loop(self, lsock: socket.socket) -> None:

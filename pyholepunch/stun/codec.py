@@ -19,6 +19,7 @@ from typing import Any
 
 from ..address import Address
 from ..errors import LocalProtocolError, RemoteProtocolError
+from .attributes import _COOKIE_BYTES, _bad, _enum_or_int
 from .attributes import ATTRIBUTES as ATTRIBUTES
 from .attributes import ERROR_REASONS as ERROR_REASONS
 from .attributes import MAGIC_COOKIE as MAGIC_COOKIE
@@ -30,7 +31,6 @@ from .attributes import Decoder as Decoder
 from .attributes import Encoder as Encoder
 from .attributes import ErrorCode as ErrorCode
 from .attributes import ErrorValue as ErrorValue
-from .attributes import _bad, _enum_or_int
 from .attributes import _plain_address as _plain_address
 from .attributes import _xor_address as _xor_address
 from .attributes import attr_name as attr_name
@@ -40,7 +40,6 @@ from .attributes import register_attribute as register_attribute
 HEADER_SIZE = 20
 FINGERPRINT_XOR = 0x5354554E
 MAX_MESSAGE_SIZE = 65535 + HEADER_SIZE   # the length field is 16 bits
-_COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
 
 
 class Method(IntEnum):

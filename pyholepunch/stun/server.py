@@ -23,6 +23,7 @@ import socket
 import struct
 from typing import Any
 
+from .._service import Service
 from ..address import Address
 from ..errors import ProtocolError, StateError
 from .codec import (
@@ -55,7 +56,7 @@ class _UdpEndpoint(asyncio.DatagramProtocol):
         log.debug("UDP %s: %s", self.local, exc)   # ICMP errors from earlier sends: ignore
 
 
-class StunServer:
+class StunServer(Service):
     """STUN Binding server. ``alt_ip``/``alt_port`` enable RFC 5780 (OTHER-ADDRESS,
     CHANGE-REQUEST); with ``alt_ip`` alone the alternate port is primary port + 1."""
 
@@ -303,17 +304,10 @@ class StunServer:
                 await asyncio.wait_for(srv.wait_closed(), 2.0)
         self._tcp.clear()
 
-    async def __aenter__(self) -> StunServer:
-        try:
-            await self.start_udp()
-            await self.start_tcp()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def start(self) -> None:
+        """Both transports (what ``async with`` does)."""
+        await self.start_udp()
+        await self.start_tcp()
 
 
 def _probe_bind(socks: list[socket.socket], host: str, port: int) -> int:
