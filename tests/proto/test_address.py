@@ -1,9 +1,11 @@
 """The one address parser: every form it takes, every mistake it names."""
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-from pyholepunch.address import format_address, parse_address, unusable_peer_ip
+from pyholepunch.address import format_address, parse_address, route_source, unusable_peer_ip
 from pyholepunch.errors import AddressError
 
 
@@ -56,3 +58,11 @@ def test_port_zero_when_allowed() -> None:
 ])
 def test_unusable_peer_ip(ip: str, why: str | None) -> None:
     assert unusable_peer_ip(ip) == why
+
+
+@pytest.mark.parametrize("dest", ["127.0.0.1", "127.0.0.2", "::1"])
+def test_route_source_is_of_the_destination_family(dest: str) -> None:
+    """The one route-source helper (the engine's raw_syn and the NAT probe share it)."""
+    if ":" in dest and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    assert route_source(dest) == ("::1" if ":" in dest else "127.0.0.1")
