@@ -1,7 +1,7 @@
 """NAT classification (RFC 4787 terms, RFC 5780 method) over UDP and TCP.
 
 Two halves: ``Observations`` -> ``build_profile`` is pure (the verdict logic, tested without
-a network); ``classify_nat`` runs the probes (stun/probe.py) and builds the profile.
+a network); ``classify_nat`` runs the probes (nat/probe.py) and builds the profile.
 
 Probes, per transport, from the same local IP:
   * mapping: one local port sends Binding requests to the primary address, the alternate IP

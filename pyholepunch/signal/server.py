@@ -1,6 +1,6 @@
 """The rendezvous server node: listeners, connection admission, routing between nodes.
 
-One ``asyncio.Protocol`` per TLS connection (:mod:`.peer_protocol`, no task per idle peer, so
+One ``asyncio.Protocol`` per TLS connection (:mod:`.server_peer`, no task per idle peer, so
 thousands of peers cost little). Policy lives there; framing and legal moves live in the
 sans-IO layer. Shared state goes through a ``Store`` (memory or Redis).
 """

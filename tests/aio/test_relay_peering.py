@@ -15,7 +15,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
-from pyholepunch import relay_step as peering
+from pyholepunch import relay_step
 from pyholepunch.errors import RelayError, RemoteProtocolError, SignalingError
 from pyholepunch.relay.turn import TurnCredentials
 from pyholepunch.serve import Rendezvous
@@ -77,16 +77,16 @@ def test_relay_grant_via_is_a_closed_set() -> None:
 
 
 def test_turn_relay_spec_and_credentials() -> None:
-    assert peering.parse_turn_relay("turn:127.0.0.1:3479") == ("127.0.0.1", 3479)
-    assert peering.parse_turn_relay("turn:[::1]:3479") == ("::1", 3479)
+    assert relay_step.parse_turn_relay("turn:127.0.0.1:3479") == ("127.0.0.1", 3479)
+    assert relay_step.parse_turn_relay("turn:[::1]:3479") == ("::1", 3479)
     for bad in ("turn:127.0.0.1", "turn::3479", "turn:h:0", "turn:h:99999", "stun:h:1"):
         with pytest.raises(ValueError, match="turn:HOST:PORT"):
-            peering.parse_turn_relay(bad)
-    assert peering.turn_credentials("u", "p", None, now=0) == TurnCredentials("u", "p")
-    made = peering.turn_credentials("u", None, "s3cret", now=1000.0)
+            relay_step.parse_turn_relay(bad)
+    assert relay_step.turn_credentials("u", "p", None, now=0) == TurnCredentials("u", "p")
+    made = relay_step.turn_credentials("u", None, "s3cret", now=1000.0)
     assert made == TurnCredentials.from_shared_secret("s3cret", "u", now=1000.0)
     with pytest.raises(RelayError, match="needs credentials"):
-        peering.turn_credentials("u", None, None, now=0)
+        relay_step.turn_credentials("u", None, None, now=0)
 
 
 # --- the rendezvous server forwards one offer, only from a participant -------------------------
@@ -142,7 +142,7 @@ async def test_two_peers_meet_through_coturn_with_tls_on_top(
             assert conn.peer_id == bob.peer_id and incoming.peer_id == alice.peer_id
             steps = [s.kind for s in conn.report.steps]
             assert steps == ["relay"], steps
-            assert peering.active_allocations() == 1
+            assert relay_step.active_allocations() == 1
             # TLS 1.3 end to end, over a data connection to coturn (alice, ConnectionBind)
             # and to coturn's relayed address (bob, plain TCP).
             for side in (conn, incoming):
@@ -232,7 +232,7 @@ def grant_of(b: SignalClient) -> asyncio.Future[Any]:
 def offer(a: SignalClient, session: str, turn: Coturn, peer_ips: list[str],
           timeout: float) -> Any:
     """alice's side: allocate on ``turn`` with the right password, permit ``peer_ips``."""
-    return peering.turn_relay(a, session, initiator=True, turn_server=turn.address,
+    return relay_step.turn_relay(a, session, initiator=True, turn_server=turn.address,
                               credentials=TurnCredentials(USER, PASSWORD), peer_ips=peer_ips,
                               timeout=timeout)
 
@@ -249,7 +249,7 @@ async def test_permission_for_another_ip_fails_on_both_sides(
         grant = grant_of(b)
         ini, res = await asyncio.gather(
             offer(a, session, turn, ["127.0.0.2"], 2),      # bob dials from 127.0.0.1
-            peering.turn_relay(b, session, initiator=False, grant=grant, timeout=2),
+            relay_step.turn_relay(b, session, initiator=False, grant=grant, timeout=2),
             return_exceptions=True)
         assert isinstance(ini, RelayError), ini
         assert "did not connect to our relayed address within 2 s" in str(ini)
@@ -272,7 +272,7 @@ async def test_every_candidate_ip_is_permitted(
         session = await session_between(a, b)
         (ra, wa), (rb, wb) = await asyncio.gather(
             offer(a, session, turn, ["127.0.0.2", "::1", "127.0.0.1"], 5),
-            peering.turn_relay(b, session, initiator=False, grant=grant_of(b), timeout=5))
+            relay_step.turn_relay(b, session, initiator=False, grant=grant_of(b), timeout=5))
         try:
             wb.write(b"from the second address")
             await wb.drain()
@@ -309,7 +309,7 @@ async def test_responder_joins_a_builtin_grant_too() -> None:
 
             (ra, wa), (rb, wb) = await asyncio.gather(
                 open_builtin_relay(mine.relay, mine.token, timeout=5),
-                peering.turn_relay(b, session, initiator=False, grant=grant, timeout=5))
+                relay_step.turn_relay(b, session, initiator=False, grant=grant, timeout=5))
             wa.write(b"via the built-in relay")
             await wa.drain()
             assert await asyncio.wait_for(rb.readexactly(22), 5) == b"via the built-in relay"
@@ -323,7 +323,7 @@ async def test_responder_without_an_offer_times_out_clearly(rendezvous: Rendezvo
     async with a, b:
         session = await session_between(a, b)
         with pytest.raises(RelayError, match="offered no relay within 0.3 s"):
-            await peering.turn_relay(b, session, initiator=False, grant=grant_of(b), timeout=0.3)
+            await relay_step.turn_relay(b, session, initiator=False, grant=grant_of(b), timeout=0.3)
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
