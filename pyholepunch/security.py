@@ -251,7 +251,7 @@ async def _handshake_streams(conn: Streams, ctx: ssl.SSLContext, *, initiator: b
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     tls = TlsTransport(ctx, lambda: protocol, None, server_side=not initiator,
-                       abort_on_failure=False, close_on_eof=False)
+                       abort_on_failure=False)
     await tls.take_over(inner_reader, inner_writer)
     assert tls.handshake_done is not None
     try:

@@ -33,22 +33,21 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
     ``abort_on_failure``: a failed handshake or a TLS error aborts the connection at once (the
     server: an attacker gets nothing more); without it the alert is flushed and closing is
     left to the caller, who has ``handshake_done`` (security.py: the other peer learns why).
-    ``close_on_eof``: the peer's TCP FIN closes the connection after the application got its
-    EOF; without it the connection stays open until the application closes it.
+    At the peer's end of stream (close_notify or TCP FIN) the application gets its EOF and,
+    unless its ``eof_received`` asks to keep the connection open, the connection closes: no
+    half-open TLS is left behind (asyncio's TLS transport does the same).
     """
 
     def __init__(self, context: ssl.SSLContext, app_factory: Callable[[], asyncio.Protocol],
                  handshake_timeout: float | None = 10.0,
                  on_lost: Callable[[TlsTransport], None] | None = None, *,
-                 server_side: bool = True, abort_on_failure: bool = True,
-                 close_on_eof: bool = True) -> None:
+                 server_side: bool = True, abort_on_failure: bool = True) -> None:
         self._on_lost = on_lost
         self._context = context
         self._app_factory = app_factory
         self._handshake_timeout = handshake_timeout
         self._server_side = server_side
         self._abort_on_failure = abort_on_failure
-        self._close_on_eof = close_on_eof
         self._app: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
         self._incoming = ssl.MemoryBIO()
@@ -98,10 +97,10 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         self._incoming.write_eof()
         if self._app is None:
             self._handshake()                      # fails: the peer left mid-handshake
-        else:
-            self._deliver()
-            self._app_eof()
-        return None if self._close_on_eof else True
+            return None
+        self._deliver()
+        self._app_eof()
+        return True                                # _app_eof closed what is not kept open
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -247,7 +246,8 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
     def _app_eof(self) -> None:
         if self._app is not None and not self._eof_delivered and not self._closed:
             self._eof_delivered = True
-            self._app.eof_received()
+            if not self._app.eof_received():
+                self.close()
 
     def _fail(self, what: str, exc: BaseException) -> None:
         log.debug("%s: %s", what, exc)
