@@ -1,4 +1,5 @@
-"""Shared fixtures: the `engine` parameter (native + pure) and the lab/root gate.
+"""Shared fixtures: the `engine` parameter (native + pure), the lab/root gate, and real servers
+on loopback (the rendezvous, two rendezvous nodes over a real redis-server, coturn).
 
 Lab and root tests skip only where the machine truly cannot run them (not Linux, not root,
 no nft) and say why; under CI (CI=true) the same condition is a failure, never a skip.
@@ -6,12 +7,25 @@ no nft) and say why; under CI (CI=true) the same condition is a failure, never a
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from pyholepunch import engine as engine_mod
+from pyholepunch._process import stop_processes
+from pyholepunch.relay.builtin import RelayHub
+from pyholepunch.serve import Rendezvous
+from pyholepunch.signal.server import ServerConfig, SignalServer
+from pyholepunch.signal.store import RedisStore, open_store
+from tests.aio.helpers import CREDS
+from tests.coturn import Coturn, CoturnConfig
+from tests.helpers import free_port
 
 
 def _lab_blocker() -> str | None:
@@ -81,3 +95,70 @@ def _no_namespace_left_behind() -> object:
     yield
     leaked = {n for n in netns_list() - before if n.startswith("hp") and ours(n)}
     assert not leaked, f"network namespaces left behind: {sorted(leaked)}"
+
+
+# --- real servers on loopback ---------------------------------------------------------------
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        stop_processes(proc)
+
+
+@pytest_asyncio.fixture
+async def nodes(redis_url: str) -> AsyncIterator[list[SignalServer]]:
+    out = []
+    try:
+        for node in ("n1", "n2"):
+            store = open_store(redis_url)
+            assert isinstance(store, RedisStore)
+            srv = SignalServer(CREDS, store, ServerConfig(sync_pings=2, keepalive=3600),
+                               relay_hub=RelayHub(), node_id=node)
+            await srv.start()
+            await srv.listen()
+            out.append(srv)
+        yield out
+    finally:
+        for srv in out:
+            await srv.close()
+            await srv.relay_hub.close()
+
+
+@pytest_asyncio.fixture
+async def rendezvous() -> AsyncIterator[Rendezvous]:
+    async with Rendezvous(("127.0.0.1", 0), relay=False) as app:
+        yield app
+
+
+@pytest.fixture
+def coturn() -> Iterator[Callable[..., Coturn]]:
+    started: list[Coturn] = []
+
+    def make(**kwargs: Any) -> Coturn:
+        turn = Coturn(CoturnConfig(realm="pyholepunch.test", **kwargs))
+        turn.start()
+        started.append(turn)
+        return turn
+
+    try:
+        yield make
+    finally:
+        for turn in started:
+            turn.stop()
