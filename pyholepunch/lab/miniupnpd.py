@@ -183,16 +183,20 @@ class Router:
         return r.stdout
 
     def redirects(self, proto: str = "tcp") -> list[tuple[int, str, int]]:
-        """(external port, internal ip, internal port) of every DNAT rule miniupnpd holds."""
+        """(external port, internal ip, internal port) of every DNAT rule miniupnpd holds, as
+        it writes them: ``iif "wan" @nh,72,8 0x6 th dport 40000 dnat ip to 10.0.1.2:40000``
+        (the IPv4 header's protocol byte: 0x6 TCP, 0x11 UDP)."""
+        want = {"tcp": "0x6", "udp": "0x11"}[proto]
         out = []
         for line in self.ruleset().splitlines():
             words = line.split()
-            if "dnat" not in words or proto not in words or "dport" not in words:
+            if "dnat" not in words or "dport" not in words:
+                continue
+            if "@nh,72,8" in words and words[words.index("@nh,72,8") + 1] != want:
                 continue
             try:
                 ext = int(words[words.index("dport") + 1])
-                target = words[words.index("to") + 1]
-                ip, _, port = target.rpartition(":")
+                ip, _, port = words[words.index("to") + 1].rpartition(":")
                 out.append((ext, ip, int(port)))
             except (ValueError, IndexError):
                 continue

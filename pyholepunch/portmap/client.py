@@ -177,7 +177,7 @@ class PortMapper:
                 m = await self._create(protocol, port, transport)
             except (HolePunchError, OSError, TimeoutError) as exc:
                 log.info("%s mapping of port %d refused or failed: %s", LABELS[protocol], port, exc)
-                errors.append(f"{LABELS[protocol]}: {exc}")
+                errors.append(f"{LABELS[protocol]}: {exc or type(exc).__name__}")
                 continue
             self.mappings.append(m)
             self._track(m)

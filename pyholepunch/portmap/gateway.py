@@ -10,7 +10,8 @@ import ipaddress
 import socket
 import struct
 
-ROUTE_TABLE = "/proc/net/route"
+# The calling thread's namespace: /proc/net follows the process's main thread.
+ROUTE_TABLE = "/proc/thread-self/net/route"
 
 
 def gateway_for(dest_ip: str, route_table: str = ROUTE_TABLE) -> str | None:
