@@ -227,3 +227,91 @@ def test_no_gateway_on_loopback() -> None:
     """On the host's loopback there is no router to ask: nothing is ever sent."""
     assert gateway_for("127.0.0.1") is None
     assert os.path.exists("/proc/net/route")
+
+
+@pytest.mark.parametrize("protocol", ["pcp", "nat-pmp", "upnp"])
+def test_router_reboot_mapping_is_made_again(lab: Lab, protocol: str) -> None:
+    """miniupnpd restarted mid-session with its state lost (chains flushed, lease file gone,
+    epoch back to 0): PCP/NAT-PMP see the epoch go back at the next check and re-create the
+    mapping; UPnP (no epoch) gets it back at the next renewal. Checked by the rule and by a
+    real inbound connection."""
+    router = lab.router("a")
+
+    async def scenario() -> dict[str, Any]:
+        gw = gateway_for(lab.server_ip)
+        assert gw is not None
+        listener = make_listener()
+        port = listener.getsockname()[1]
+        lease = LEASE_S if protocol == "upnp" else 120
+        mapper = PortMapper(gw, lab.private_ip("a"), protocols=(protocol,), lifetime=lease,
+                            check_interval=0.5)
+        out: dict[str, Any] = {}
+        try:
+            m = await mapper.map(port)
+            sample = mapper._epochs.get(protocol)
+            if sample is not None and sample.server_epoch < 4:   # a reboot must look like one
+                await asyncio.sleep(4 - sample.server_epoch)
+            await asyncio.to_thread(router.restart)
+            out["rules_after_reboot"] = router.redirects()
+            deadline = time.monotonic() + LEASE_S + 3
+            rule = (m.external[1], lab.private_ip("a"), port)
+            while rule not in router.redirects() and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            out["rules_back"] = router.redirects()
+            out["rule"] = rule
+            out["counts"] = (m.recreations, m.renewals)
+            out["inbound"] = await accepts(lab, listener, m.external)
+        finally:
+            await mapper.close()
+            listener.close()
+        return out
+
+    r = in_netns(lab, "a", scenario)
+    assert r["rule"] not in r["rules_after_reboot"], "the reboot did not lose the mapping"
+    assert r["rule"] in r["rules_back"], r
+    recreations, renewals = r["counts"]
+    if protocol == "upnp":
+        assert renewals >= 1, r
+    else:
+        assert recreations >= 1, r
+    assert r["inbound"], "no inbound connection through the re-created mapping"
+    assert router.redirects() == []
+
+
+SIGTERM_SCRIPT = """
+import asyncio, sys, time
+from pyholepunch.portmap import PortMapper, gateway_for
+async def main():
+    m = PortMapper(gateway_for(sys.argv[1]), sys.argv[2], protocols=(sys.argv[3],), lifetime=600)
+    mapping = await m.map(int(sys.argv[4]))
+    print("mapped", mapping.external[1], flush=True)
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("protocol", ["pcp", "upnp"])
+def test_sigterm_leaves_no_mapping_behind(lab: Lab, protocol: str) -> None:
+    """A process holding a mapping is killed by SIGTERM: its handler deletes the mapping
+    before the process dies; the ruleset and lease file are empty afterwards."""
+    import signal
+    import subprocess
+    import sys
+
+    router = lab.router("a")
+    proc = lab.spawn("a", [sys.executable, "-c", SIGTERM_SCRIPT, lab.server_ip, lab.private_ip("a"),
+                           protocol, "43210"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout is not None else ""
+        assert line.startswith("mapped"), line
+        assert (int(line.split()[1]), lab.private_ip("a"), 43210) in router.redirects()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert router.redirects() == []
+    assert router.leases() == []
