@@ -315,3 +315,27 @@ def test_sigterm_leaves_no_mapping_behind(lab: Lab, protocol: str) -> None:
             proc.stdout.close()
     assert router.redirects() == []
     assert router.leases() == []
+
+
+def test_nat_type_says_via_which_protocol(lab: Lab) -> None:
+    """`pyholepunch nat-type` behind the mapping router: the TCP profile ends "via PCP" (the
+    first protocol that granted a mapping, deleted right after), the JSON lists what answered;
+    with --no-portmap nothing is asked. (Our STUN server for the routers' check serves here.)"""
+    import json
+    import sys
+
+    from pyholepunch.lab.miniupnpd import STUN_PORT
+
+    argv = [sys.executable, "-m", "pyholepunch", "nat-type", "--server",
+            f"{lab.server_ip}:{STUN_PORT}", "--transport", "tcp", "--json"]
+    out = lab.run("a", argv, timeout=30)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    tcp = doc["profiles"]["tcp"]
+    assert tcp["mapped_by"] == "PCP" and tcp["label"] == "port-restricted (preserving) via PCP", tcp
+    assert tcp["port_mapping"][0] == lab.public_ip("a")
+    assert doc["portmap"] == {"gateway": "10.0.1.1", "available": ["pcp", "nat-pmp", "upnp"],
+                              "mapped_by": "PCP"}
+    assert lab.router("a").redirects() == []
+    off = json.loads(lab.run("a", argv + ["--no-portmap"], timeout=30).stdout)
+    assert off["portmap"] is None and off["profiles"]["tcp"]["port_mapping"] is None
