@@ -26,13 +26,13 @@ from ..address import Address
 from ..errors import HolePunchError, PortMapError, PortMapUnavailable
 from . import cleanup, natpmp, pcp, upnp
 from .epoch import EpochSample, epoch_lost
-from .transport import Wire, http
+from .igd import Igd, delete_args, soap_headers
+from .transport import Wire
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("pcp", "nat-pmp", "upnp")          # preference order
 LABELS = {"pcp": "PCP", "nat-pmp": "NAT-PMP", "upnp": "UPnP"}
-DESCRIPTION = "pyholepunch"
 RETRY_AFTER_FAILED_RENEWAL = 5.0
 
 
@@ -84,7 +84,7 @@ class PortMapper:
         self._wire: Wire | None = None
         self._epochs: dict[str, EpochSample] = {}
         self._external_ip: str | None = None        # NAT-PMP's answer
-        self._services: list[upnp.Service] | None = None
+        self._igd: Igd | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closed = False
@@ -194,7 +194,7 @@ class PortMapper:
         elif protocol == "nat-pmp":
             m = Mapping("nat-pmp", transport, internal, ("", 0), 0)
         else:
-            m = Mapping("upnp", transport, internal, ("", 0), 0, service=await self._wan_service())
+            m = Mapping("upnp", transport, internal, ("", 0), 0, service=await (await self.igd()).wan())
         await self._refresh(m, suggest=port)
         return m
 
@@ -211,7 +211,9 @@ class PortMapper:
             assert r2.external_port is not None and r2.lifetime is not None
             m.external, m.lifetime = (self._external_ip or "", r2.external_port), r2.lifetime
         else:
-            m.external, m.lifetime = await self._upnp_add(m, want)
+            assert m.service is not None
+            m.external, m.lifetime = await (await self.igd()).add_port_mapping(
+                m.service, m.transport, m.internal, want, self.lifetime)
         m.renewed_at = time.monotonic()
 
     # PCP
@@ -305,55 +307,14 @@ class PortMapper:
         return lost
 
     # UPnP
-    async def _wan_service(self) -> upnp.Service:
-        if self._services is None:
-            assert self.probed is not None and self.probed.upnp_location is not None
-            status, _, body = await http(self.gateway, self.local_ip, "GET", self.probed.upnp_location)
-            if status != 200:
-                raise PortMapError(f"UPnP description: HTTP {status}", protocol="upnp", code=status)
-            self._services = upnp.parse_description(body, self.probed.upnp_location)
-        wan = [s for s in self._services if s.service_type in upnp.WAN_SERVICES]
-        if not wan:
-            raise PortMapError("the IGD offers no WAN connection service", protocol="upnp")
-        return wan[0]
-
-    async def soap(self, service: upnp.Service, action: str,
-                   args: list[tuple[str, str]]) -> dict[str, str]:
-        body = upnp.encode_soap(service.service_type, action, args)
-        status, _, reply = await http(
-            self.gateway, self.local_ip, "POST", service.control_url, body=body,
-            headers={"Content-Type": 'text/xml; charset="utf-8"',
-                     "SOAPAction": f'"{service.service_type}#{action}"'})
-        return upnp.parse_soap_response(status, reply, action)
-
-    async def _upnp_add(self, m: Mapping, want: int) -> tuple[Address, int]:
-        assert m.service is not None
-        lease = self.lifetime
-
-        def args(port: int) -> list[tuple[str, str]]:
-            return [("NewRemoteHost", ""), ("NewExternalPort", str(port)),
-                    ("NewProtocol", m.transport.upper()), ("NewInternalPort", str(m.internal[1])),
-                    ("NewInternalClient", self.local_ip), ("NewEnabled", "1"),
-                    ("NewPortMappingDescription", DESCRIPTION), ("NewLeaseDuration", str(lease))]
-
-        port = want
-        try:
-            await self.soap(m.service, "AddPortMapping", args(want))
-        except PortMapError as exc:
-            if exc.code == upnp.ONLY_PERMANENT_LEASES:
-                lease = 0
-                await self.soap(m.service, "AddPortMapping", args(want))
-            elif exc.code == upnp.CONFLICT_IN_MAPPING and m.service.version >= 2:
-                out = await self.soap(m.service, "AddAnyPortMapping", args(want))
-                port = int(out.get("NewReservedPort", "0") or 0)
-                if not 0 < port < 65536:
-                    raise PortMapError(f"AddAnyPortMapping reserved port {port}",
-                                       protocol="upnp") from exc
-            else:
-                raise
-        ext = await self.soap(m.service, "GetExternalIPAddress", [])
-        ip = ext.get("NewExternalIPAddress", "")
-        return (ip, port), lease
+    async def igd(self) -> Igd:
+        """The gateway's UPnP IGD (after a probe that found one)."""
+        if self._igd is None:
+            probe = await self.probe()
+            if probe.upnp_location is None:
+                raise PortMapError(f"no UPnP IGD answered at {self.gateway}", protocol="upnp")
+            self._igd = Igd(self.gateway, self.local_ip, probe.upnp_location)
+        return self._igd
 
     # -- keeping ------------------------------------------------------------------------------
     def _ensure_keeper(self) -> None:
@@ -440,13 +401,11 @@ class PortMapper:
             req = natpmp.encode_map_request(m.transport, m.internal[1], 0, 0)
             return cleanup.Release("udp", self.local_ip, (self.gateway, natpmp.PORT), req)
         assert m.service is not None
-        body = upnp.encode_soap(m.service.service_type, "DeletePortMapping", [
-            ("NewRemoteHost", ""), ("NewExternalPort", str(m.external[1])),
-            ("NewProtocol", m.transport.upper())])
+        body = upnp.encode_soap(m.service.service_type, "DeletePortMapping",
+                                delete_args(m.transport, m.external[1]))
         host, port, _ = upnp.check_url(m.service.control_url)
-        req = upnp.encode_http_request("POST", m.service.control_url, body=body, headers={
-            "Content-Type": 'text/xml; charset="utf-8"',
-            "SOAPAction": f'"{m.service.service_type}#DeletePortMapping"'})
+        req = upnp.encode_http_request("POST", m.service.control_url, body=body,
+                                       headers=soap_headers(m.service, "DeletePortMapping"))
         return cleanup.Release("tcp", self.local_ip, (host, port), req)
 
     def _track(self, m: Mapping) -> None:
@@ -470,9 +429,7 @@ class PortMapper:
                 await self._natpmp_map(m, 0, 0)
             else:
                 assert m.service is not None
-                await self.soap(m.service, "DeletePortMapping", [
-                    ("NewRemoteHost", ""), ("NewExternalPort", str(m.external[1])),
-                    ("NewProtocol", m.transport.upper())])
+                await (await self.igd()).delete_port_mapping(m.service, m.transport, m.external[1])
         except (HolePunchError, OSError, TimeoutError) as exc:
             log.warning("%s: deleting the mapping of port %d failed: %s", m.label, m.internal[1], exc)
         else:

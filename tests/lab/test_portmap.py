@@ -182,9 +182,9 @@ def test_a_refusal_moves_on_to_the_next_protocol(lab: Lab) -> None:
             with pytest.raises(PortMapError) as info:
                 await strict.map(41001)
             # UPnP's secure mode: a mapping for another LAN host is refused with 718.
-            service = await mapper._wan_service()
+            igd = await mapper.igd()
             with pytest.raises(PortMapError) as upnp_info:
-                await mapper.soap(service, "AddPortMapping", [
+                await igd.soap(await igd.wan(), "AddPortMapping", [
                     ("NewRemoteHost", ""), ("NewExternalPort", "41002"), ("NewProtocol", "TCP"),
                     ("NewInternalPort", "41002"), ("NewInternalClient", "10.0.1.77"),
                     ("NewEnabled", "1"), ("NewPortMappingDescription", "x"),
