@@ -58,14 +58,14 @@ def nft_tables(wan_if: str) -> str:
 
 
 def config(*, wan_if: str, lan_if: str, lan_net: str, stun_host: str, lease_file: str,
-           min_lifetime: int = 120) -> str:
+           min_lifetime: int = 120, ipv6: bool = False) -> str:
     """miniupnpd.conf for one router: UPnP IGD + NAT-PMP/PCP, secure mode, our STUN server.
 
     ``system_uptime=no``: the PCP/NAT-PMP epoch counts from the daemon's start, so a restart
     looks like a router reboot to clients (what the epoch exists to tell)."""
     return "\n".join([
         f"ext_ifname={wan_if}", f"listening_ip={lan_if}", f"http_port={HTTP_PORT}",
-        "ipv6_disable=yes", "enable_upnp=yes", "enable_natpmp=yes", "secure_mode=yes",
+        f"ipv6_disable={'no' if ipv6 else 'yes'}", "enable_upnp=yes", "enable_natpmp=yes", "secure_mode=yes",
         "system_uptime=no", f"lease_file={lease_file}", f"uuid={uuid.uuid4()}",
         "ext_perform_stun=yes", f"ext_stun_host={stun_host}", f"ext_stun_port={STUN_PORT}",
         f"upnp_table_name={TABLE}", f"upnp_nat_table_name={TABLE}",
@@ -83,7 +83,7 @@ class Router:
     """One miniupnpd on lab node ``node`` (run through the lab's ``run``/``spawn``)."""
 
     def __init__(self, node: str, *, run: Runner, spawn: Spawner, wan_if: str, lan_if: str,
-                 lan_net: str, stun_host: str, min_lifetime: int = 120) -> None:
+                 lan_net: str, stun_host: str, min_lifetime: int = 120, ipv6: bool = False) -> None:
         self.node = node
         self._run, self._spawn = run, spawn
         self.wan_if = wan_if
@@ -92,11 +92,17 @@ class Router:
         self.pid_path = os.path.join(self.workdir, "miniupnpd.pid")
         self.lease_path = os.path.join(self.workdir, "leases")
         self.log_path = os.path.join(self.workdir, "miniupnpd.log")
-        with open(self.conf_path, "w") as f:
-            f.write(config(wan_if=wan_if, lan_if=lan_if, lan_net=lan_net, stun_host=stun_host,
-                           lease_file=self.lease_path, min_lifetime=min_lifetime))
+        self._conf = dict(wan_if=wan_if, lan_if=lan_if, lan_net=lan_net, stun_host=stun_host,
+                          lease_file=self.lease_path, min_lifetime=min_lifetime)
+        self.write_config(ipv6=ipv6)
         self.proc: subprocess.Popen[Any] | None = None
         self.starts = 0
+
+    def write_config(self, *, ipv6: bool = False) -> None:
+        """(Re)write the config; ``ipv6`` turns on its IPv6 side (pinholes), effective at the
+        next start."""
+        with open(self.conf_path, "w") as f:
+            f.write(config(**self._conf, ipv6=ipv6))  # type: ignore[arg-type]
 
     # -- lifecycle ---------------------------------------------------------------------------
     def install_tables(self) -> None:

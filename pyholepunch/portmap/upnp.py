@@ -17,6 +17,7 @@ from xml.sax.saxutils import escape
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
 
+from ..address import format_address
 from ..errors import LocalProtocolError, PortMapError, RemoteProtocolError
 
 SSDP_PORT = 1900
@@ -180,7 +181,7 @@ def parse_soap_response(status: int, body: bytes, action: str) -> dict[str, str]
 def encode_http_request(method: str, url: str, *, body: bytes = b"",
                         headers: dict[str, str] | None = None) -> bytes:
     host, port, path = check_url(url)
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close",
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {format_address((host, port))}", "Connection: close",
              "User-Agent: pyholepunch UPnP/1.1"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     if body or method == "POST":

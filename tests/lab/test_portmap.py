@@ -339,3 +339,69 @@ def test_nat_type_says_via_which_protocol(lab: Lab) -> None:
     assert lab.router("a").redirects() == []
     off = json.loads(lab.run("a", argv + ["--no-portmap"], timeout=30).stdout)
     assert off["portmap"] is None and off["profiles"]["tcp"]["port_mapping"] is None
+
+
+def _enable_ipv6(lab: Lab) -> tuple[str, str]:
+    """IPv6 on a's LAN only (fd00:1::/64; the lab itself is IPv4): the router's and a's
+    addresses. miniupnpd's IPv6 side is switched on by a restart with ipv6_disable=no."""
+    cmds = {"nat_a": ["sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.lan.disable_ipv6=0 "
+                      "net.ipv6.conf.wan.disable_ipv6=0 net.ipv6.conf.all.forwarding=1",
+                      "ip -6 addr add fd00:1::1/64 dev lan nodad",
+                      "ip -6 addr add 2001:db8:1::2/64 dev wan nodad"],
+            "a": ["sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.eth0.disable_ipv6=0",
+                  "ip -6 addr add fd00:1::2/64 dev eth0 nodad",
+                  "ip -6 route add default via fd00:1::1"]}
+    for node, lines in cmds.items():
+        for line in lines:
+            r = lab.run(node, ["sh", "-c", line])
+            assert r.returncode == 0, (node, line, r.stderr)
+    router = lab.router("a")
+    router.stop()
+    router.write_config(ipv6=True)
+    router.start()
+    return "fd00:1::1", "fd00:1::2"
+
+
+def _pinholes(lab: Lab, port: int) -> list[str]:
+    """miniupnpd's IPv6 pinhole rules for ``port`` to fd00:1::2 (it matches the address as
+    raw header bytes: ``@nh,192,128 0xfd00...0002``)."""
+    return [line.strip() for line in lab.router("a").ruleset().splitlines()
+            if f"dport {port} " in line and "0xfd000001000000000000000000000002" in line]
+
+
+def test_ipv6_pinholes_upnp_and_pcp() -> None:
+    """IPv6 pinholes through the real miniupnpd 2.3.1: UPnP WANIPv6FirewallControl AddPinhole /
+    UpdatePinhole / DeletePinhole (over IPv6: secure mode refuses an IPv4 control point with
+    606) and a PCP MAP for an IPv6 address, each checked in the router's ruleset. The lab has
+    no IPv6 path from the server host, so no inbound IPv6 connection is tried: the rule is
+    the evidence here."""
+    from pyholepunch.portmap.igd import Igd
+
+    with Lab(a="port-restricted", b="none", portmap_a=True) as lab:
+        router_v6, a_v6 = _enable_ipv6(lab)
+
+        async def scenario() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            igd = Igd(router_v6, a_v6, f"http://[{router_v6}]:5555/rootDesc.xml")
+            uid = await igd.add_pinhole((a_v6, 45000), "tcp", 60)
+            out["added"] = _pinholes(lab, 45000)
+            await igd.update_pinhole(uid, 120)
+            out["updated"] = _pinholes(lab, 45000)
+            await igd.delete_pinhole(uid)
+            out["deleted"] = _pinholes(lab, 45000)
+            v4 = Igd("10.0.1.1", lab.private_ip("a"), "http://10.0.1.1:5555/rootDesc.xml")
+            with pytest.raises(PortMapError) as info:
+                await v4.add_pinhole((a_v6, 45001), "tcp", 60)
+            out["v4_refused"] = info.value.code
+            async with PortMapper(router_v6, a_v6, protocols=("pcp",), lifetime=60) as mapper:
+                m = await mapper.map(45002)
+                out["pcp"] = (m.external, _pinholes(lab, 45002))
+            out["pcp_deleted"] = _pinholes(lab, 45002)
+            return out
+
+        r = in_netns(lab, "a", scenario)
+    assert len(r["added"]) == 1 and r["updated"] == r["added"], r
+    assert r["deleted"] == [] and r["v4_refused"] == 606, r
+    external, rules = r["pcp"]
+    assert external[1] == 45002 and len(rules) == 1, r
+    assert r["pcp_deleted"] == [], r
