@@ -7,6 +7,7 @@ announces (``port_mapping``, ``mapped_by``), which the planner reads as "dial me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +29,16 @@ class PunchPortMapping:
         self.port = 0
 
     def probe_task(self) -> asyncio.Task[Any] | None:
-        """Start the probe (<= 250 ms) in the background, e.g. while the NAT is classified."""
-        return asyncio.create_task(self.mapper.probe()) if self.mapper is not None else None
+        """Start the probe (<= 250 ms) in the background, e.g. while the NAT is classified;
+        ``follow`` waits for the same probe (and meets its error, if any)."""
+        if self.mapper is None:
+            return None
+        mapper = self.mapper
+
+        async def probe() -> None:
+            with contextlib.suppress(PortMapError, OSError):
+                await mapper.probe()
+        return asyncio.create_task(probe())
 
     async def follow(self, port: int) -> None:
         """Have ``port`` mapped (once per port); failure only means no mapping."""

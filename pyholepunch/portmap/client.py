@@ -85,6 +85,7 @@ class PortMapper:
         self._epochs: dict[str, EpochSample] = {}
         self._external_ip: str | None = None        # NAT-PMP's answer
         self._igd: Igd | None = None
+        self._probing: asyncio.Future[ProbeResult] | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closed = False
@@ -96,9 +97,15 @@ class PortMapper:
         return self._wire
 
     async def probe(self) -> ProbeResult:
-        """Which protocols the gateway answers, all asked at once within ``budget`` (cached)."""
+        """Which protocols the gateway answers, all asked at once within ``budget`` (cached;
+        callers arriving while it runs share it)."""
         if self.probed is not None:
             return self.probed
+        if self._probing is None:
+            self._probing = asyncio.ensure_future(self._probe())
+        return await asyncio.shield(self._probing)
+
+    async def _probe(self) -> ProbeResult:
         wire = await self._open()
         t0 = time.monotonic()
         sends: dict[str, tuple[bytes, int]] = {
@@ -440,10 +447,11 @@ class PortMapper:
         if self._closed:
             return
         self._closed = True
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(BaseException):
-                await self._keeper
+        for task in (self._keeper, self._probing):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         try:
             for m in list(self.mappings):
                 await self.unmap(m)
