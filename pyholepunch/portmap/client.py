@@ -42,6 +42,7 @@ class ProbeResult:
     elapsed: float
     external_ip: str | None = None      # from NAT-PMP, if it answered
     upnp_location: str | None = None
+    malformed: tuple[str, ...] = ()     # what was wrong with answers that could not be parsed
 
 
 @dataclass(eq=False)
@@ -136,7 +137,7 @@ class PortMapper:
         ext = results["nat-pmp"].external_ip if "nat-pmp" in results else None
         self._external_ip = ext
         loc = results["upnp"].location if "upnp" in results else None
-        self.probed = ProbeResult(available, time.monotonic() - t0, ext, loc)
+        self.probed = ProbeResult(available, time.monotonic() - t0, ext, loc, tuple(wire.malformed))
         log.info("port-mapping probe of %s: %s in %.0f ms", self.gateway,
                  ", ".join(LABELS[p] for p in available) or "nothing answered",
                  self.probed.elapsed * 1000)
@@ -176,8 +177,9 @@ class PortMapper:
         """Map local ``port``: the first protocol (of those that answered) that grants it."""
         probe = await self.probe()
         if not probe.available:
+            bad = f" (malformed answers: {'; '.join(probe.malformed)})" if probe.malformed else ""
             raise PortMapUnavailable(f"no port-mapping router answered at {self.gateway} within "
-                                     f"{self.budget * 1000:.0f} ms")
+                                     f"{self.budget * 1000:.0f} ms{bad}")
         errors = []
         for protocol in probe.available:
             try:

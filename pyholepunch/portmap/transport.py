@@ -32,6 +32,7 @@ class Wire(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self._waiters: list[_Waiter] = []
         self.received = 0
+        self.malformed: list[str] = []      # what was wrong with bad answers (the first few)
 
     @classmethod
     async def open(cls, gateway: str, local_ip: str) -> Wire:
@@ -54,7 +55,9 @@ class Wire(asyncio.DatagramProtocol):
                 result = w.match(data, (addr[0], addr[1]))
             except RemoteProtocolError as exc:
                 w.bad = str(exc)
-                log.debug("bad answer from the gateway: %s", exc)
+                if len(self.malformed) < 5 and w.bad not in self.malformed:
+                    self.malformed.append(w.bad)
+                log.info("malformed answer from the gateway %s: %s", self.gateway, exc)
                 continue
             except PortMapError as exc:
                 w.fut.set_exception(exc)

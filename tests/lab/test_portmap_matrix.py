@@ -15,7 +15,11 @@ from typing import Any
 import pytest
 
 from pyholepunch.demo import _cli, _Lines, run_pair
+from pyholepunch.errors import PortMapUnavailable
 from pyholepunch.lab import Lab
+from pyholepunch.portmap import PortMapper
+
+from .test_portmap import in_netns
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -88,3 +92,57 @@ def test_peer_killed_by_sigterm_leaves_no_mapping(tmp_path: Path) -> None:
                     if s is not None:
                         s.close()
     assert sys.executable
+
+
+# A broken router: answers every port-mapping request on the NAT node with bytes no parser
+# accepts (no real router software does this on purpose, so it is written here).
+BROKEN_ROUTER = r"""
+import select, socket, sys
+socks = []
+for port in (5351, 1900):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("10.0.1.1", port))
+    socks.append(s)
+print("ready", flush=True)
+while True:
+    for s in select.select(socks, [], [], 60)[0]:
+        data, addr = s.recvfrom(2048)
+        if s.getsockname()[1] == 1900:
+            s.sendto(b"HTTP/1.1 200 OK\r\nLOCATION: ftp://10.0.1.1/x\r\n\r\n", addr)
+        elif data[:1] == b"\x02":
+            s.sendto(b"\x02\x80" + bytes(21), addr)
+        else:
+            s.sendto(b"\x00\x80\x00", addr)
+"""
+
+
+async def _map_fails(lab: Lab) -> str:
+    async with PortMapper("10.0.1.1", lab.private_ip("a")) as mapper:
+        t = time.monotonic()
+        with pytest.raises(PortMapUnavailable) as info:
+            await mapper.map(41000)
+        assert time.monotonic() - t < 0.3
+        return str(info.value)
+
+
+def test_a_broken_router_costs_nothing_but_its_budget(tmp_path: Path) -> None:
+    """Garbage answers to PCP, NAT-PMP and SSDP: the peer logs why (each malformed answer
+    named), goes on without a mapping, and the pair connects by punching as usual."""
+    with Lab(a="port-restricted", b="port-restricted", rtt_ms=40) as lab:
+        broken = lab.spawn("nat_a", [sys.executable, "-c", BROKEN_ROUTER], stdout=subprocess.PIPE,
+                           text=True)
+        try:
+            assert broken.stdout is not None and broken.stdout.readline().startswith("ready")
+            why = in_netns(lab, "a", lambda: _map_fails(lab))
+            result = run_pair(lab.spawn, lab.server_ip, lab.server_alt_ip, tmp_path, timeout=30)
+        finally:
+            broken.kill()
+            broken.wait()
+            if broken.stdout is not None:
+                broken.stdout.close()
+    assert "malformed answers" in why and "PCP response of 23 bytes" in why, why
+    assert "NAT-PMP response of 3 bytes" in why and "not an http:// URL" in why, why
+    report = result["report"]
+    assert result["echo_ok"] and report["route"] == "direct", report
+    assert report["winning_step"] == "simopen", report
+    assert report["local_nat"]["port_mapping"] is None
