@@ -127,7 +127,9 @@ def _portmap_line(portmap: dict[str, Any] | None) -> str:
         return "port mapping: not asked (--no-portmap)"
     if portmap["gateway"] is None:
         return "port mapping: no router on the path to the server"
-    answered = ", ".join(portmap["available"]) or "nothing answered"
+    from ..portmap import LABELS
+
+    answered = ", ".join(LABELS[p] for p in portmap["available"]) or "nothing answered"
     got = f"mapped via {portmap['mapped_by']}" if portmap["mapped_by"] else "no mapping granted"
     return f"port mapping: router {portmap['gateway']}: {answered}; {got}"
 
