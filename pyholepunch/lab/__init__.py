@@ -5,7 +5,7 @@
         lab.run("a", ["ip", "addr"])
 """
 from ..errors import LabError
-from ._ns import process_alive, require_support
+from ._ns import entered, process_alive, require_support
 from .lab import Lab
 from .nat import NAT_TYPES, ROWS, TypeRow
 
@@ -19,4 +19,5 @@ def unavailable(delay: bool = True) -> str | None:
     return None
 
 
-__all__ = ["Lab", "NAT_TYPES", "ROWS", "TypeRow", "process_alive", "require_support", "unavailable"]
+__all__ = ["Lab", "NAT_TYPES", "ROWS", "TypeRow", "entered", "process_alive", "require_support",
+           "unavailable"]

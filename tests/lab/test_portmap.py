@@ -12,42 +12,21 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pytest
 
 from pyholepunch.errors import PortMapError, PortMapUnavailable
 from pyholepunch.lab import Lab
-from pyholepunch.lab._ns import entered
 from pyholepunch.portmap import PortMapper, cleanup, gateway_for
+
+from .helpers import in_netns
 
 pytestmark = pytest.mark.lab
 T = TypeVar("T")
 LEASE_S = 4          # renewed at 2 s: the test sees the keeper renew on its own
-
-
-def in_netns(lab: Lab, node: str, fn: Callable[[], Awaitable[T]], timeout: float = 60) -> T:
-    """Run the coroutine ``fn()`` on a fresh event loop in a thread inside ``node``'s namespace
-    (sockets it creates live there)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            with entered(lab.netns(node)):
-                box["value"] = asyncio.run(fn())
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            box["error"] = exc
-
-    t = threading.Thread(target=run, name=f"in-{node}", daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), f"the scenario in {node} did not finish within {timeout} s"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
 
 
 def inbound(lab: Lab, addr: tuple[str, int], timeout: float = 0.6) -> bool:

@@ -20,7 +20,7 @@ from pyholepunch.errors import PortMapUnavailable
 from pyholepunch.lab import Lab
 from pyholepunch.portmap import PortMapper
 
-from .test_portmap import in_netns
+from .helpers import in_netns
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
