@@ -172,12 +172,14 @@ def punch_failure(op: str, what: str, stats: PunchStats, *, exhausted: bool) -> 
     """The one failure policy of both engines, and its message: a punch that ended without a
     connection is ``PunchTimeout`` when the deadline ran out, and ``PunchError`` when every
     pair failed before it and none is left to retry (the C sweep's -ECONNREFUSED).
-    ``what`` names the attempt (``"10.0.0.1:4000 -> 198.51.100.7:4001"``, ``"over 64 pairs"``)."""
+    ``what`` names the attempt (``"10.0.0.1:4000 -> 198.51.100.7:4001"``, ``"over 64 pairs"``;
+    empty when the caller cannot tell)."""
     counts = f"({stats.attempts} attempts, {stats.rsts_seen} RST, {stats.icmp_errors} ICMP)"
+    head = f"{op} {what}" if what else op
     if exhausted:
-        return PunchError(f"{op} {what}: no connection {counts}; every pair failed and none "
+        return PunchError(f"{head}: no connection {counts}; every pair failed and none "
                           "is left to retry", stats)
-    return PunchTimeout(f"{op} {what}: no connection by the deadline {counts}", stats)
+    return PunchTimeout(f"{head}: no connection by the deadline {counts}", stats)
 
 
 def sweep_pairs(
