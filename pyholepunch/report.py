@@ -14,6 +14,7 @@ them into server-sent events.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -268,6 +269,14 @@ class ConnectionReport:
         return "\n".join(lines)
 
 
+def load_schema() -> dict[str, Any]:
+    """The JSON Schema ``to_dict()`` follows (pyholepunch/schemas/report-1.json)."""
+    from importlib.resources import files
+    text = files("pyholepunch").joinpath(f"schemas/report-{SCHEMA_VERSION}.json").read_text()
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
 def _ms(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -281,4 +290,4 @@ def _nat(profile: dict[str, Any] | None) -> str:
 
 
 __all__ = ["RELAY_CAUSES", "SCHEMA_ID", "SCHEMA_VERSION", "ConnectionReport", "Outcome", "Route",
-           "StepRecord", "parse_route"]
+           "StepRecord", "load_schema", "parse_route"]

@@ -62,7 +62,8 @@ class Rendezvous:
 
     def __init__(self, listen: Address, *, alt_ip: str | None = None, state_dir: str | None = None,
                  token: str | None = None, store: str | None = None, metrics_port: int | None = None,
-                 metrics: Address | None = None, config: ServerConfig | None = None, stun: bool = True, relay: bool = True,
+                 metrics: Address | None = None, config: ServerConfig | None = None,
+                 stun: bool = True, relay: bool = True,
                  demux_timeout: float = 10.0, max_pending: int = 4096) -> None:
         self.listen, self.alt_ip, self.state_dir = listen, alt_ip, state_dir
         self.metrics_port = metrics_port

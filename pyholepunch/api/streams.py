@@ -59,38 +59,44 @@ class Streams:
         if upgrade != "tcp" or "upgrade" not in request.headers.get("Connection", "").lower():
             raise ApiError(426, "upgrade_required",
                            "a tunnel needs 'Connection: Upgrade' and 'Upgrade: tcp' (see docs/api.md)")
-        async with holding(item, read=True, write=True):
-            resp = web.StreamResponse(status=101, headers={"Connection": "Upgrade", "Upgrade": "tcp"})
-            await resp.prepare(request)
-            reader = asyncio.StreamReader(limit=CHUNK)
-            if request.transport is not None:
-                reader.set_transport(request.transport)
-            request.protocol.set_parser(_Feed(reader))   # type: ignore[arg-type]
-            conn = item.conn
-
-            async def up() -> None:          # HTTP client -> peer
-                while data := await reader.read(CHUNK):
-                    await conn.send(data)
-                    item.sent += len(data)
-                    self.api.metrics.bytes.labels("out").inc(len(data))
-
-            async def down() -> None:        # peer -> HTTP client
-                while data := await conn.recv(CHUNK):
-                    await resp.write(data)
-                    item.received += len(data)
-                    self.api.metrics.bytes.labels("in").inc(len(data))
-
-            tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
-            try:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-        await self.api.drop(item)
+        try:
+            async with holding(item, read=True, write=True):
+                resp = await self._pipe(request, item)
+        finally:       # also when the HTTP client vanished and aiohttp cancelled us
+            await self.api.drop(item)
         resp.force_close()
         if request.transport is not None:
             request.transport.close()
+        return resp
+
+    async def _pipe(self, request: web.Request, item: Named) -> web.StreamResponse:
+        resp = web.StreamResponse(status=101, headers={"Connection": "Upgrade", "Upgrade": "tcp"})
+        await resp.prepare(request)
+        reader = asyncio.StreamReader(limit=CHUNK)
+        if request.transport is not None:
+            reader.set_transport(request.transport)
+        request.protocol.set_parser(_Feed(reader))   # type: ignore[arg-type]
+        conn = item.conn
+
+        async def up() -> None:          # HTTP client -> peer
+            while data := await reader.read(CHUNK):
+                await conn.send(data)
+                item.sent += len(data)
+                self.api.metrics.bytes.labels("out").inc(len(data))
+
+        async def down() -> None:        # peer -> HTTP client
+            while data := await conn.recv(CHUNK):
+                await resp.write(data)
+                item.received += len(data)
+                self.api.metrics.bytes.labels("in").inc(len(data))
+
+        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         return resp
 
     async def events_stream(self, request: web.Request) -> web.StreamResponse:
