@@ -63,8 +63,10 @@ class ApiServer:
         app = web.Application(middlewares=[self._middleware], client_max_size=self.max_body)
         self.routes = Routes(self)
         self.routes.add_routes(app)
+        # lingering_time: after refusing a body, read and discard it for at most 1 s (so the
+        # client sees the answer, not a reset), never aiohttp's default 10 s of 1 GB uploads.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                                     keepalive_timeout=30.0)
+                                     keepalive_timeout=30.0, lingering_time=1.0)
         await self._runner.setup()
         http = self._runner.server
         assert http is not None
@@ -134,8 +136,11 @@ class ApiServer:
     @staticmethod
     def error_response(status: int, code: str, message: str) -> web.Response:
         headers = {"WWW-Authenticate": 'Bearer realm="pyholepunch"'} if status == 401 else None
-        return web.json_response({"error": code, "message": message}, status=status,
+        resp = web.json_response({"error": code, "message": message}, status=status,
                                  headers=headers)
+        if status in (408, 413):     # a body is left unread (or half read): end the connection
+            resp.force_close()
+        return resp
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
