@@ -20,11 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pyholepunch.demo import run_pair
 from pyholepunch.lab import NAT_TYPES, Lab
+from pyholepunch.report import load_schema
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -99,6 +101,7 @@ def _run(a: str, b: str, engine: str | None, tmp_path: Path, matrix: dict[str, A
         result = run_pair(lab.spawn, lab.server_ip, lab.server_alt_ip, tmp_path, engine=engine,
                           timeout=30, server_metrics=True)
     report = result["report"]
+    jsonschema.Draft202012Validator(load_schema()).validate(report)   # `connect --json` output
     matrix[f"{a} <-> {b}" + (f" [{engine}]" if engine else "")] = {
         "a": a, "b": b, "engine": engine or "default", "route": report.get("route"),
         "step": report.get("winning_step"), "time_to_connect": report.get("total_time"),
