@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -44,10 +45,10 @@ class _Busy(asyncio.Protocol):
 class ApiServer:
     def __init__(self, peer: Peer, *, listen: Address, token: str, max_connections: int = 64,
                  max_clients: int = 128, max_body: int = 64 << 20, header_timeout: float = 10.0,
-                 body_timeout: float = 30.0) -> None:
+                 body_timeout: float = 30.0, allow_hosts: Sequence[str] = ()) -> None:
         self.peer = peer
         self.listen = listen
-        self.gate = Gate(token, listen)
+        self.gate = Gate(token, listen, allow_hosts)
         self.max_clients, self.max_body = max_clients, max_body
         self.header_timeout, self.body_timeout = header_timeout, body_timeout
         self.registry = Registry(max_connections)

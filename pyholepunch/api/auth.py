@@ -6,10 +6,9 @@
   default file lives in the state directory (``api-token``), created with 32 random bytes
   (URL-safe base64) and mode 0600 when absent; a file readable by others is refused.
 * DNS rebinding: a page on ``http://evil.example`` that resolves to 127.0.0.1 reaches us with
-  ``Host: evil.example`` and ``Origin: http://evil.example``: both get 403. The accepted Host
-  values are the listen address and, on loopback, ``localhost``/``127.0.0.1``/``[::1]`` with
-  our port. An ``Origin`` must be our own origin; ``null`` (sandboxed frames of any site send
-  it) is refused, unlike p2pd.
+  ``Host: evil.example`` and ``Origin: http://evil.example``: both get 403 (see ``Gate``). An
+  ``Origin`` must be our own origin; ``null`` (sandboxed frames of any site send it) is
+  refused, unlike p2pd.
 """
 from __future__ import annotations
 
@@ -18,10 +17,11 @@ import hmac
 import ipaddress
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
-from ..address import Address, format_address
-from ..errors import ApiSetupError
+from ..address import Address, format_address, parse_address
+from ..errors import AddressError, ApiSetupError
 
 TOKEN_FILE = "api-token"
 
@@ -64,31 +64,49 @@ def check_listen(listen: Address, token_file_given: bool) -> None:
 
 
 class Gate:
-    """The checks every request passes, in order: Host, Origin (403), token (401)."""
+    """The checks every request passes, in order: Host, Origin (403), token (401).
 
-    def __init__(self, token: str, listen: Address) -> None:
+    A Host is accepted when its port is ours and its name is an IP literal (a rebinding page
+    always arrives under a domain name), ``localhost`` while we listen on loopback, or one of
+    ``allow_hosts`` (names an operator serves the API under). An Origin must be
+    ``http://`` + an accepted Host.
+    """
+
+    def __init__(self, token: str, listen: Address, allow_hosts: Iterable[str] = ()) -> None:
         self._token = token.encode()
         self.listen = listen
-        self.hosts: set[str] = set()
-        self.origins: set[str] = set()
-        self.set_port(listen[1])
+        self.port = listen[1]
+        self.allow_hosts = {h.lower() for h in allow_hosts}
 
     def set_port(self, port: int) -> None:
-        """The accepted Host/Origin values once the real port is known (``--listen :0``)."""
-        host = self.listen[0]
-        names = {format_address((host, port))}
-        if is_loopback(host):
-            names |= {f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"}
-        self.hosts = names | ({n.rsplit(":", 1)[0] for n in names} if port == 80 else set())
-        self.origins = {f"http://{n}" for n in self.hosts}
+        """Once the real port is known (``--listen HOST:0``)."""
+        self.port = port
+
+    def host_ok(self, host: str | None) -> bool:
+        if not host:
+            return False
+        try:
+            name, port = parse_address(host.lower(), default_port=80)
+        except AddressError:
+            return False
+        if port != self.port:
+            return False
+        if name in self.allow_hosts or (name == "localhost" and is_loopback(self.listen[0])):
+            return True
+        try:
+            ipaddress.ip_address(name.split("%")[0])
+        except ValueError:
+            return False
+        return True
 
     def refusal(self, host: str | None, origin: str | None,
                 authorization: str | None) -> tuple[int, str, str] | None:
         """None when the request may proceed, else (status, error code, message)."""
-        if host is None or host.lower() not in self.hosts:
+        if not self.host_ok(host):
             return (403, "bad_host", f"Host {host!r} is not this API's address "
                                      "(DNS rebinding protection)")
-        if origin is not None and origin.lower() not in self.origins:
+        if origin is not None and not (origin.lower().startswith("http://")
+                                       and self.host_ok(origin[7:])):
             return (403, "bad_origin", f"Origin {origin!r} may not use this API")
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not given:

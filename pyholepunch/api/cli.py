@@ -33,6 +33,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "needs --token-file)")
     p.add_argument("--token-file", type=Path, metavar="FILE",
                    help="bearer token file (default: <config dir>/api-token, created if absent)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also accept requests for Host NAME (IP literals and, on loopback, "
+                        "localhost always are); repeatable")
     p.add_argument("--max-connections", type=int, default=64, metavar="N",
                    help="named peer connections at once (default 64)")
     p.add_argument("--max-body", type=int, default=64 << 20, metavar="BYTES",
@@ -57,7 +60,7 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with peer_from_args(args) as peer, \
             ApiServer(peer, listen=args.listen, token=token, max_connections=args.max_connections,
-                      max_body=args.max_body) as api:
+                      max_body=args.max_body, allow_hosts=args.allow_host) as api:
         print(f"pyholepunch api on {api.url} as {peer.name} ({peer.peer_id}); "
               f"token in {token_path}", file=sys.stderr, flush=True)
         await stop.wait()

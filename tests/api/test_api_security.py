@@ -39,6 +39,10 @@ async def test_token_host_and_origin_are_checked(pair: tuple[Side, Side]) -> Non
     port = alice.api.address[1]
     assert (await curl(url, "-H", f"Origin: http://localhost:{port}")).status == 200
     assert (await curl(url, "-H", f"Host: localhost:{port}")).status == 200
+    assert (await curl(url, "-H", f"Host: [::1]:{port}")).status == 200
+    assert (await curl(url, "-H", "Host: 127.0.0.1:1")).status == 403        # another port
+    assert (await curl(url, "-H", f"Host: evil.example:{port}")).status == 403
+    assert (await curl(url, "-H", f"Origin: http://evil.example:{port}")).status == 403
     # unauthenticated requests learn nothing about routes or connections
     assert (await curl(alice.api.url + "/info/nope", token=None)).status == 401
 
