@@ -192,7 +192,8 @@ class ServerMetrics:
         stats = fields.get("stats") if isinstance(fields.get("stats"), dict) else {}
         assert isinstance(stats, dict)
         route = _one_of(fields.get("outcome"), OUTCOMES)
-        step = _one_of(stats.get("step"), STEPS, "none") if route != "failed" else "none"
+        step = stats.get("step")
+        step = "none" if route == "failed" or step is None else _one_of(step, STEPS)
         pair = self._pairs.pop(str(fields.get("session")), "unknown+unknown")
         self.outcomes.labels(route, step, pair).inc()
         took = _seconds(stats.get("time"))
@@ -259,7 +260,8 @@ class PeerMetrics:
         d = report.to_dict()
         route = _one_of(d["route"], OUTCOMES)
         direction = "out" if report.role == "initiator" else "in"
-        self.connections.labels(direction, route, _one_of(d["winning_step"], STEPS, "none")).inc()
+        step = d["winning_step"]
+        self.connections.labels(direction, route, "none" if step is None else _one_of(step, STEPS)).inc()
         took = _seconds(d["total_time"])
         if took is not None:
             self.connect_time.labels(route).observe(took)
