@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from ..address import Address, format_address
 from ..connection import Connection
@@ -28,6 +29,27 @@ from .routes import Routes
 log = logging.getLogger(__name__)
 STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
                 413: "body_too_large", 414: "uri_too_long", 431: "headers_too_large"}
+
+
+class _JsonErrors(RequestHandler):
+    """aiohttp's connection handler, answering requests it cannot even parse (a bad request
+    line, headers over 8 KiB, not HTTP at all) with our JSON error body, logged at debug: a
+    client's garbage is not a server error."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None,
+                     ) -> web.StreamResponse:
+        if status >= 500:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        else:
+            log.debug("unparsable request from %s: %s", request.remote, message or exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started: cannot send the error")
+        code = STATUS_CODES.get(status, "bad_request" if status < 500 else "internal")
+        text = (message or str(exc or "") or "bad request").splitlines()[0][:200]
+        resp = web.json_response({"error": code, "message": text}, status=status)
+        resp.force_close()
+        return resp
 
 
 class _Busy(asyncio.Protocol):
@@ -76,7 +98,7 @@ class ApiServer:
         def factory() -> asyncio.Protocol:
             if len(http.connections) >= self.max_clients:
                 return _Busy()
-            proto = http()
+            proto = _JsonErrors(http, loop=loop, **http._kwargs)
             loop.call_later(self.header_timeout, self._first_request_due, proto)
             return proto
 

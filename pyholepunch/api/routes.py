@@ -106,6 +106,9 @@ class Routes:
         name, target = request.match_info["con"], request.match_info["peer"]
         if not (PEER_NAME_RE.match(target) or PEER_ID_RE.match(target)):
             raise ApiError(400, "bad_peer", f"{target[:80]!r} is no peer name or peer_id")
+        if target in ("self", self.api.peer.name, self.api.peer.peer_id):
+            raise ApiError(400, "bad_peer", "a peer cannot connect to itself (p2pd's 'self' "
+                                            "test target has no counterpart here)")
         timeout = wait_time(request, 15.0)
         self.api.registry.reserve(name)
         token = opening.set(name)

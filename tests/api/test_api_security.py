@@ -77,11 +77,16 @@ async def test_bad_input_gets_clear_4xx(pair: tuple[Side, Side]) -> None:
              ("/open/c1/nobody", 404, "signaling"), ("/accept/timeout/abc", 400, "bad_timeout"),
              ("/accept/timeout/99999", 400, "bad_timeout"), ("/open", 404, "not_found"),
              ("/no/such/route", 404, "not_found"), ("/binary/nope?size=0", 404, "unknown_connection"),
-             ("/sub/c1/name/x", 501, "not_implemented")]
+             ("/sub/c1/name/x", 501, "not_implemented"), ("/open/c1/self", 400, "bad_peer"),
+             ("/open/c1/alice", 400, "bad_peer"), ("/binary/c1?size=abc", 404, "unknown_connection")]
     for path, status, code in cases:
         reply = await alice.get(path)
         assert (reply.status, reply.json()["error"]) == (status, code), (path, reply)
         assert reply.json()["message"]
+    for garbage in (b"GARBAGE\r\n\r\n", b"GET /info/" + b"x" * 9000 + b" HTTP/1.1\r\n\r\n"):
+        answer = await _raw(alice, garbage)      # aiohttp cannot parse it: still our JSON 400
+        assert answer.split(b"\r\n")[0].endswith(b"400 Bad Request")
+        assert b'"error": "bad_request"' in answer
     wrong_method = await alice.get("/version", "-X", "DELETE")
     assert wrong_method.status == 405 and wrong_method.json()["error"] == "method_not_allowed"
     await asyncio.sleep(0.1)
