@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Any
 
+from .errors import HolePunchError
 from .signal.auth import make_token
 from .signal.server import ServerConfig, SignalServer
 from .signal.store import open_store
@@ -161,7 +162,11 @@ class Rendezvous:
                 self._serve_metrics, "127.0.0.1", self.metrics_port)
             self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
         if self.prometheus_address is not None:
-            from .metrics import ServerMetrics
+            try:
+                from .metrics import ServerMetrics
+            except ImportError as exc:
+                raise HolePunchError(f"--metrics needs prometheus_client ({exc}): "
+                                     "pip install 'pyholepunch[metrics]'") from None
             self.prometheus = ServerMetrics(self.signal, relay_hub=self.relay_hub, stun=self.stun,
                                             demux=self.demux)
             host, port = self.prometheus_address

@@ -43,7 +43,12 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from .app import ApiServer
+    try:
+        from .app import ApiServer
+    except ImportError as exc:
+        print(f"pyholepunch api needs the [api] extra ({exc}): pip install 'pyholepunch[api]'",
+              file=sys.stderr)
+        return 3
     from .auth import TOKEN_FILE, check_listen, load_or_create_token
 
     try:
