@@ -5,6 +5,7 @@ allows. A cycle hidden behind a function-level import is still a cycle.
 from __future__ import annotations
 
 import ast
+import gc
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,7 +75,7 @@ def imports_of(path: Path) -> Iterator[tuple[int, str]]:
             else:
                 yield from ((lineno, mod) for mod in resolve(importer, 0, m.group(3), []))
         return
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(parse(path)):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 for mod in resolve(importer, 0, alias.name, []):
@@ -83,6 +84,16 @@ def imports_of(path: Path) -> Iterator[tuple[int, str]]:
             names = [alias.name for alias in node.names]
             for mod in resolve(importer, node.level, node.module, names):
                 yield node.lineno, mod
+
+
+def parse(path: Path) -> ast.Module:
+    """ast.parse with the collector off: CPython 3.11 can fail "AST constructor recursion depth
+    mismatch" when a finalizer runs in the middle of building the tree."""
+    gc.disable()
+    try:
+        return ast.parse(path.read_text(), str(path))
+    finally:
+        gc.enable()
 
 
 def sources() -> list[Path]:

@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 _READ_CHUNK = 16384     # one TLS record's plaintext at most
 
 
+def _retrieved(fut: asyncio.Future[None]) -> None:
+    """Mark a failed handshake's exception as seen (no "never retrieved" log at collection)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class TlsTransport(asyncio.Protocol, asyncio.Transport):
     """TLS through memory BIOs between a plain transport and an application protocol.
 
@@ -82,6 +88,7 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
                                            server_side=self._server_side)
         loop = asyncio.get_running_loop()
         self.handshake_done = loop.create_future()
+        self.handshake_done.add_done_callback(_retrieved)   # the server never awaits it
         if self._handshake_timeout is not None:
             self._timer = loop.call_later(self._handshake_timeout, self.abort)
         if not self._server_side:
