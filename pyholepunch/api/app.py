@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from .._service import Service
 from ..address import Address, format_address
 from ..connection import Connection
 from ..errors import ApiError
@@ -64,7 +65,7 @@ class _Busy(asyncio.Protocol):
         transport.close()
 
 
-class ApiServer:
+class ApiServer(Service):
     def __init__(self, peer: Peer, *, listen: Address, token: str, max_connections: int = 64,
                  max_clients: int = 128, max_body: int = 64 << 20, header_timeout: float = 10.0,
                  body_timeout: float = 30.0, allow_hosts: Sequence[str] = ()) -> None:
@@ -124,17 +125,6 @@ class ApiServer:
         if self._server is not None:
             await self._server.wait_closed()
         await self.registry.close_all()
-
-    async def __aenter__(self) -> ApiServer:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     @property
     def url(self) -> str:
