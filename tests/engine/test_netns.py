@@ -213,3 +213,53 @@ def test_low_ttl_syn_dies_before_the_peer(lab: Any, engine: Engine, fam: Family)
     assert stats["attempts"] >= 2
     assert len(ours) == stats["attempts"] - 1          # all but the TTL-1 SYN reached b
     assert stats["icmp_errors"] >= 1 and stats["rsts_seen"] == len(ours)
+
+
+def _link_local(lab: Any, node: str, ifname: str) -> str:
+    out = lab.run(node, ["ip", "-6", "-o", "addr", "show", "dev", ifname, "scope", "link"]).stdout
+    return str(out.split()[3].split("/")[0])
+
+
+def _scoped_punch(engine_name: str, local: tuple[str, int], remote: tuple[str, int]) -> dict[str, Any]:
+    eng = engine_mod.get(engine_name)
+    res = eng.simultaneous_open(local, remote, None, 5.0, interval=0.02, listen=False)
+    with res.sock as s:
+        s.sendall(b"ll")
+        out = {"stats": res.stats.as_dict(), "peer": s.getpeername()}
+    res = eng.sweep([(0, (remote[0], 9)), (0, remote)], None, 5.0, local_ip=local[0])
+    with res.sock:
+        out["sweep_remote"] = res.stats.remote
+    return out
+
+
+def _accept_n(ip: str, port: int, n: int, wait: float) -> list[bytes]:
+    """Listen on a (scoped) address; the first bytes of each of n connections."""
+    got = []
+    with socket.socket(socket.AF_INET6) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(socket.getaddrinfo(ip, port, type=socket.SOCK_STREAM)[0][4])  # keeps the %scope
+        s.listen(4)
+        s.settimeout(wait)
+        for _ in range(n):
+            conn, _ = s.accept()
+            with conn:
+                conn.settimeout(wait)
+                got.append(conn.recv(16))
+    return got
+
+
+def test_link_local_with_scope(lab: Any, engine: Engine) -> None:
+    """fe80::/10 needs its interface: a's link-local %eth0 to the core's on the same link,
+    simultaneous_open (re-armed until the core listens) and a sweep."""
+    mine, theirs = _link_local(lab, "a", "eth0"), _link_local(lab, "core", "pa")
+    port = next(_port)
+    got, out = concurrently(
+        lambda: (time.sleep(0.2), lab.call("core", _accept_n, f"{theirs}%pa", port, 2, 5.0,
+                                           timeout=20))[1],
+        lambda: lab.call("a", _scoped_punch, engine.name, (f"{mine}%eth0", 0),
+                         (f"{theirs}%eth0", port), timeout=20),
+    )
+    assert got == [b"ll", b""]
+    assert tuple(out["stats"]["remote"]) == (f"{theirs}%eth0", port)
+    assert out["peer"][:2] == (theirs, port) and out["peer"][3] > 0   # Python: scope as index
+    assert tuple(out["sweep_remote"]) == (f"{theirs}%eth0", port)
