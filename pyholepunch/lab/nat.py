@@ -91,7 +91,7 @@ def validate_type(name: str) -> str:
     return name
 
 
-# --- IPv6: one behaviour per side, enforced at the side's uplink (the core's port) -------------
+# --- IPv6: one behaviour per side: a firewall on its first hop, a blackhole at the core ----------
 
 V6_BEHAVIOURS: tuple[str, ...] = ("none", "open", "firewall", "firewall-rst", "blackhole")
 
@@ -120,28 +120,37 @@ def validate_v6(name: str) -> str:
     return name
 
 
-def v6_ruleset(uplinks: dict[str, str]) -> str:
-    """The core's IPv6 filter (table ``ip6 hpl_v6``): ``uplinks`` maps a core interface (one
-    side's uplink) to that side's behaviour. ``firewall`` is RFC 6092 simple security: only
-    flows the side started pass inbound (conntrack: an outbound SYN makes the peer's crossing
-    SYN a reply, so simultaneous open passes); ``firewall-rst`` answers an unsolicited TCP
-    segment with a RST (other protocols dropped); ``blackhole`` drops every IPv6 packet to and
-    from the side. ``open`` and ``none`` add nothing."""
-    rules: list[str] = []
-    for ifname, behaviour in sorted(uplinks.items()):
-        validate_v6(behaviour)
-        inbound = f'oifname "{ifname}"'
-        if behaviour == "blackhole":
-            rules += [f'iifname "{ifname}" drop', f"{inbound} drop"]
-        elif behaviour in ("firewall", "firewall-rst"):
-            rules.append(f"{inbound} ct state established,related accept")
-            if behaviour == "firewall-rst":
-                rules.append(f"{inbound} meta l4proto tcp reject with tcp reset")
-            rules.append(f"{inbound} counter drop")
+def v6_firewall_ruleset(behaviour: str, ifname: str, *, host: bool) -> str:
+    """A stateful IPv6 firewall (table ``ip6 hpl_v6``) on a side's first hop, for traffic coming
+    in on its uplink ``ifname``: on the side's router (forward hook) or, for a host alone on the
+    public link, on the host itself (input hook; ICMPv6 stays open for neighbour discovery).
+    ``firewall`` is RFC 6092 simple security: only flows started inside pass inbound; an
+    outbound SYN makes the peer's crossing SYN a reply, so simultaneous open passes (each side's
+    firewall is its own box, as on the Internet: one conntrack for both sides would drop both
+    crossing SYNs). ``firewall-rst`` answers an unsolicited TCP segment with a RST instead."""
+    if behaviour not in ("firewall", "firewall-rst"):
+        raise ValueError(f"not a firewall behaviour: {behaviour!r}")
+    inbound = f'iifname "{ifname}"'
+    rules = [f"{inbound} ct state established,related accept"]
+    if host:
+        rules.append(f"{inbound} meta l4proto ipv6-icmp accept")
+    if behaviour == "firewall-rst":
+        rules.append(f"{inbound} meta l4proto tcp reject with tcp reset")
+    rules.append(f"{inbound} counter drop")
+    hook = "input" if host else "forward"
+    body = "".join(f"    {r}\n" for r in rules)
+    return (f"table ip6 hpl_v6 {{\n  chain inbound {{\n"
+            f"    type filter hook {hook} priority filter; policy accept;\n{body}  }}\n}}\n")
+
+
+def v6_blackhole_ruleset(ifnames: list[str]) -> str:
+    """The core's drop of every IPv6 packet to and from the blackholed sides' uplinks (table
+    ``ip6 hpl_v6``): stateless, silent (the sender's SYNs time out), "" for none."""
+    rules = [r for i in sorted(ifnames) for r in (f'iifname "{i}" drop', f'oifname "{i}" drop')]
     if not rules:
         return ""
     body = "".join(f"    {r}\n" for r in rules)
-    return ("table ip6 hpl_v6 {\n  chain uplinks {\n"
+    return ("table ip6 hpl_v6 {\n  chain blackhole {\n"
             "    type filter hook forward priority filter; policy accept;\n"
             f"{body}  }}\n}}\n")
 
