@@ -8,6 +8,7 @@ This module is the bottom of the package: it imports nothing of it but ``errors`
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -98,11 +99,26 @@ def family_of(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+@functools.lru_cache(maxsize=64)
+def _scope_index(scope: str) -> int:
+    return int(scope) if scope.isdigit() else socket.if_nametoindex(scope)
+
+
+def sockaddr(addr: Address) -> tuple[str, int] | tuple[str, int, int, int]:
+    """What a Python socket's bind/connect/sendto take for ``addr``. A scoped IPv6 host
+    (``fe80::1%eth0``) becomes the 4-tuple form: CPython's 2-tuple form drops the scope id."""
+    host, port = addr
+    if "%" not in host:
+        return addr
+    base, scope = host.split("%", 1)
+    return (base, port, 0, _scope_index(scope))
+
+
 def route_source(dest_ip: str) -> str:
-    """The local IP the kernel would use towards ``dest_ip``, of its family (a UDP connect
-    chooses the route and sends nothing)."""
+    """The local IP the kernel would use towards ``dest_ip``, of its family, a scoped IPv6
+    one included (a UDP connect chooses the route and sends nothing)."""
     with socket.socket(family_of(dest_ip), socket.SOCK_DGRAM) as s:
-        s.connect((dest_ip, 9))
+        s.connect(sockaddr((dest_ip, 9)))
         return str(s.getsockname()[0])
 
 

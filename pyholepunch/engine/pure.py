@@ -35,6 +35,7 @@ from ._pure_sock import (
     note_syn,
     note_won,
     reuse_socket,
+    same_endpoint,
     start_connect,
 )
 from ._pure_sweep import run_sweep
@@ -74,7 +75,7 @@ class PureEngine:
         start_at: float | None,
         timeout: float,
         *,
-        local_ip: str = "0.0.0.0",
+        local_ip: str | None = None,
         max_inflight: int = 1024,
         rate: float = 0.0,
         interval: float = 0.0,
@@ -199,7 +200,7 @@ class _SimOpen:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise
                 return None
-            if peer == self.remote:
+            if same_endpoint(peer, self.remote):
                 self.stats.accepted = True
                 self.stats.sockets_opened += 1
                 note_won(self.stats, sock, self.remote, self.start)
