@@ -15,13 +15,16 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..address import Address
 from .lab import Lab
 from .nat import NAT_TYPES, ROWS
+
+M = TypeVar("M")
 
 log = logging.getLogger(__name__)
 
@@ -409,21 +412,29 @@ def verify_type(nat_type: str, wait: float = 1.0) -> Measured:
 
 def verify(types: list[str] | None = None, wait: float = 1.0) -> list[Measured]:
     """Verify every type (concurrently: each waits mostly on timeouts)."""
-    types = list(types or NAT_TYPES)
-    for t in types:
-        if t not in NAT_TYPES:
-            raise ValueError(f"unknown NAT type {t!r}; choose one of {', '.join(NAT_TYPES)}")
-    with ThreadPoolExecutor(max_workers=len(types)) as pool:
-        futures = {t: pool.submit(_safe_verify, t, wait) for t in types}
-        return [futures[t].result() for t in types]
+    return verify_each(list(types or NAT_TYPES), NAT_TYPES, "NAT type",
+                       lambda t: verify_type(t, wait),
+                       lambda t, exc: Measured(t, problems=[f"measurement failed: {exc}"]))
 
 
-def _safe_verify(nat_type: str, wait: float) -> Measured:
-    try:
-        return verify_type(nat_type, wait)
-    except Exception as exc:  # noqa: BLE001 - reported as this type's failure, others go on
-        log.exception("verifying %s failed", nat_type)
-        return Measured(nat_type, problems=[f"measurement failed: {exc}"])
+def verify_each(names: list[str], known: Sequence[str], what: str, one: Callable[[str], M],
+                failed: Callable[[str, Exception], M]) -> list[M]:
+    """``one(name)`` for every name, concurrently (each waits mostly on timeouts): an unknown
+    name is a ValueError up front; one that raises becomes ``failed(name, exc)`` and the others
+    go on. The IPv4 types and the IPv6 behaviours (verify6) are verified this way."""
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(known)}")
+
+    def safe(name: str) -> M:
+        try:
+            return one(name)
+        except Exception as exc:  # noqa: BLE001 - reported as this one's failure, others go on
+            log.exception("verifying %s %s failed", what, name)
+            return failed(name, exc)
+
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        return list(pool.map(safe, names))
 
 
 COLUMNS = ("nat_type", "mapping", "allocation", "filtering", "unsolicited_syn", "hairpin")

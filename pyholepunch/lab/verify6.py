@@ -11,14 +11,13 @@ host and the server — what a stateful firewall must let through for hole punch
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import LabError
 from .lab import Lab
 from .nat import V6_BEHAVIOURS, V6_ROWS
-from .verify import P1, Client, ProbeServer, _connect, _ports, simultaneous_open
+from .verify import P1, Client, ProbeServer, _connect, _ports, simultaneous_open, verify_each
 
 log = logging.getLogger(__name__)
 
@@ -114,21 +113,9 @@ def verify_behaviour(behaviour: str, wait: float = 1.0) -> Measured6:
 
 def verify6(behaviours: list[str] | None = None, wait: float = 1.0) -> list[Measured6]:
     """Verify every IPv6 behaviour, concurrently (each waits mostly on timeouts)."""
-    todo = list(behaviours or V6_BEHAVIOURS)
-    for b in todo:
-        if b not in V6_BEHAVIOURS:
-            raise ValueError(f"unknown IPv6 behaviour {b!r}; choose one of {', '.join(V6_BEHAVIOURS)}")
-    with ThreadPoolExecutor(max_workers=len(todo)) as pool:
-        futures = {b: pool.submit(_safe, b, wait) for b in todo}
-        return [futures[b].result() for b in todo]
-
-
-def _safe(behaviour: str, wait: float) -> Measured6:
-    try:
-        return verify_behaviour(behaviour, wait)
-    except Exception as exc:  # noqa: BLE001 - reported as this behaviour's failure
-        log.exception("verifying IPv6 behaviour %s failed", behaviour)
-        return Measured6(behaviour, problems=[f"measurement failed: {exc}"])
+    return verify_each(list(behaviours or V6_BEHAVIOURS), V6_BEHAVIOURS, "IPv6 behaviour",
+                       lambda b: verify_behaviour(b, wait),
+                       lambda b, exc: Measured6(b, problems=[f"measurement failed: {exc}"]))
 
 
 def table6(results: list[Measured6]) -> str:
