@@ -278,34 +278,28 @@ class Lab:
         return f"{self.name}-{self._node(node)}"
 
     def private_ip(self, node: str) -> str:
-        if node == "server":
-            return self.server_ip
-        if node not in self._plan.types:
-            raise ValueError(f"private_ip is for the peers 'a' and 'b', not {node!r}")
-        if node not in self._plan.private:
-            raise ValueError(f"peer {node} has no IPv4 (type {self._plan.types[node]!r})")
-        return self._plan.private[node]
+        return self._peer_ip(node, self._plan.private, "private_ip", self.server_ip)
 
     def public_ip(self, node: str) -> str:
-        if node == "server":
-            return self.server_ip
-        if node not in self._plan.types:
-            raise ValueError(f"public_ip is for the peers 'a' and 'b', not {node!r}")
-        if node not in self._plan.public:
-            raise ValueError(f"peer {node} has no IPv4 (type {self._plan.types[node]!r})")
-        return self._plan.public[node]
+        return self._peer_ip(node, self._plan.public, "public_ip", self.server_ip)
 
     def public_ip6(self, node: str) -> str:
         """The peer's global IPv6 address (no NAT on IPv6: the host's own), or the server's."""
         if not self._plan.public6:
             raise ValueError("this lab has no IPv6 (v6_a and v6_b are 'none')")
+        return self._peer_ip(node, self._plan.public6, "public_ip6", self.server_ip6)
+
+    def _peer_ip(self, node: str, table: dict[str, str], what: str, server_ip: str) -> str:
+        """``table[node]`` for a peer, ``server_ip`` for the server; ValueError naming why not."""
         if node == "server":
-            return self.server_ip6
+            return server_ip
         if node not in self._plan.types:
-            raise ValueError(f"public_ip6 is for the peers 'a' and 'b', not {node!r}")
-        if node not in self._plan.public6:
-            raise ValueError(f"peer {node} has no IPv6 (v6 behaviour 'none')")
-        return self._plan.public6[node]
+            raise ValueError(f"{what} is for the peers 'a' and 'b', not {node!r}")
+        if node not in table:
+            why = ("no IPv6 (v6 behaviour 'none')" if what.endswith("6")
+                   else f"no IPv4 (type {self._plan.types[node]!r})")
+            raise ValueError(f"peer {node} has {why}")
+        return table[node]
 
     def nat_type(self, node: str) -> str:
         return self._plan.types[node]
