@@ -17,26 +17,29 @@ import resource
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import engine as engine_mod
+from .address import family_of, format_address, unusable_peer_ip
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .errors import HolePunchError, PunchError, SignalingError
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
-from .nat.profile import Allocation, Mapping, NatProfile
-from .punch import Punch, close_late_result, peer_target
+from .nat.interfaces import local_addresses
+from .nat.profile import Allocation, Family, Mapping, NatProfile
+from .punch import Lane, Punch, close_late_result, peer_target
 from .relay.builtin import open_builtin_relay
 from .relay.peering import peer_turn_relay
 from .report import ConnectionReport, Route
 from .security import certificate_for, secure_stream, tls_context
 from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, SignalClient
 from .signal.protocol import ErrorCode
-from .strategy import Plan
-from .strategy import plan as make_plan
-from .stun.client import StunTcpConnection
+from .strategy import Candidate, Plan, plan_race
+from .strategy.candidates import FAMILIES, family_name
+from .stun.client import BindingResult, StunTcpConnection
 from .stun.probe import route_source_ip
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,9 @@ TLS_TIMEOUT = 5.0
 RELAY_TIMEOUT = 10.0
 PROBE_ATTEMPTS = 3          # STUN over TCP from the punch port (see Peer._probe)
 PROBE_RETRY_PAUSE = 0.2
+OTHER_FAMILY_TIMEOUT = 1.5  # first STUN contact in the server's other family (a blackholed
+                            # IPv6 uplink costs this much at start, once)
+MAX_HOST_CANDIDATES = 8     # interface addresses announced per family
 
 
 def parse_address(value: str | Address, default_port: int = 3478) -> Address:
@@ -81,8 +87,12 @@ class Peer:
         clock: Callable[[], float] = time.time,
         classify_udp: bool = False,
         keepalive: KeepAlive | None = DEFAULT_KEEPALIVE,
+        families: Sequence[str] | None = None,
     ) -> None:
         self.server = parse_address(server)
+        self.families = tuple(families) if families else FAMILIES
+        if not self.families or any(f not in FAMILIES for f in self.families):
+            raise ValueError(f"families must be among {', '.join(FAMILIES)}, got {families!r}")
         self.config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
         self.identity = identity or Identity.load_or_create(self.config_dir)
         self.name = name or f"peer-{self.identity.peer_id[:8]}"
@@ -96,11 +106,10 @@ class Peer:
         self.classify_udp = classify_udp
         self.keepalive = keepalive
         self.cert = certificate_for(self.identity)
-        self.profiles: dict[str, NatProfile] = {}
-        self.local_ip = "0.0.0.0"
-        self.local_port = 0                     # our punch port (reserved while we live)
-        self.announced: Address | None = None   # what it maps to outside
-        self._reservation: socket.socket | None = None
+        self.profiles: dict[str, NatProfile] = {}          # "tcp" / "udp": the server's family
+        self.family_profiles: dict[str, NatProfile] = {}   # "ipv4" / "ipv6": TCP, per family
+        self.ports: dict[str, PunchPort] = {}              # per family: our punch port
+        self._primary = family_name(self.server[0])
         self._signal = SignalClient(
             self.server, self.identity, name=self.name, server_fingerprint=server_fingerprint,
             known_hosts=self.config_dir / "known_servers", token=token, clock=clock,
@@ -122,24 +131,88 @@ class Peer:
     def tcp_profile(self) -> NatProfile:
         return self.profiles.get("tcp") or NatProfile()
 
+    # The server's family's punch port (what a one-family peer had): kept for callers.
+    @property
+    def local_ip(self) -> str:
+        pp = self.ports.get(self._primary)
+        return pp.local_ip if pp else "0.0.0.0"
+
+    @property
+    def local_port(self) -> int:
+        pp = self.ports.get(self._primary)
+        return pp.port if pp else 0
+
+    @property
+    def announced(self) -> Address | None:
+        pp = self.ports.get(self._primary)
+        return pp.announced if pp else None
+
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         _raise_fd_limit()
-        self.local_ip = await asyncio.to_thread(route_source_ip, self.server[0])
+        if self._primary not in self.families:
+            raise ValueError(f"the server {format_address(self.server)} is {self._primary} "
+                             f"but this peer uses {', '.join(self.families)} only")
+        local_ip = await asyncio.to_thread(route_source_ip, self.server[0])
         kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
         for kind in kinds:    # one after the other: allocation probes must not interleave
             self.profiles[kind] = await classify_nat(self.server, transport=kind,
-                                                     local_ip=self.local_ip)
-        await self._learn_punch_address(new_port=True)
+                                                     local_ip=local_ip)
+        self.profiles["tcp"] = self.profiles["tcp"].evolve(family=Family(self._primary))
+        if "udp" in self.profiles:
+            self.profiles["udp"] = self.profiles["udp"].evolve(family=Family(self._primary))
+        self.family_profiles[self._primary] = self.profiles["tcp"]
+        self.ports[self._primary] = PunchPort(self._primary, self.server, local_ip)
+        await self._learn_punch_address(self._primary, new_port=True)
+        await self._add_other_family()
         # Registered with its address already: no CONNECT can find us without one.
-        self._signal.profiles = [p.to_dict() for p in self.profiles.values()]
-        self._signal.candidates = self._candidates()
+        self._signal.profiles = [p.to_dict() for p in self._all_profiles()]
+        self._signal.candidates = [c.to_wire() for c in self._candidates()]
         await self._signal.start()
         # Learned again now that the signaling connection has taken its own mapping: a
         # sequential NAT's prediction base has moved. (Without this round trip a CONNECT
         # right after registration was also seen to reach the responder one RTT late.)
         await self.announce()
         self._events = asyncio.create_task(self._dispatch_events())
+
+    async def _add_other_family(self) -> None:
+        """Dual stack: the server named its address in the other family (STUN
+        OTHER-FAMILY-ADDRESS); if we have a route there and its STUN answers, classify that
+        family too and keep a punch port in it. A family the server cannot be reached in
+        (no route, or a blackholed uplink: no answer) is left out, and said so."""
+        server = self.ports[self._primary].other_family
+        if server is None:
+            return
+        fam = family_name(server[0])
+        if fam not in self.families or fam in self.ports:
+            return
+        try:
+            local_ip = await asyncio.to_thread(route_source_ip, server[0])
+        except OSError as exc:
+            log.info("no %s route to the server's %s: %s", fam, format_address(server), exc)
+            return
+        profile = await classify_nat(server, transport="tcp", local_ip=local_ip,
+                                     timeout=OTHER_FAMILY_TIMEOUT)
+        if profile.mapping is Mapping.UNKNOWN and profile.not_learned and \
+                profile.not_learned[0].startswith("everything:"):
+            log.info("%s left out: the server's %s does not answer (%s)", fam,
+                     format_address(server), profile.not_learned[0])
+            return
+        self.family_profiles[fam] = profile.evolve(family=Family(fam))
+        self.ports[fam] = PunchPort(fam, server, local_ip)
+        try:
+            await self._learn_punch_address(fam, new_port=True)
+        except (OSError, HolePunchError) as exc:
+            log.info("%s left out: no STUN answer for its punch port (%s)", fam, exc)
+            self.ports.pop(fam).close()
+            self.family_profiles.pop(fam, None)
+
+    def _all_profiles(self) -> list[NatProfile]:
+        """What we announce: our profiles towards the server's family, and the TCP profile
+        of the other family when we have one."""
+        out = list(self.profiles.values())
+        out += [p for f, p in self.family_profiles.items() if f != self._primary]
+        return out
 
     async def close(self) -> None:
         if self._events is not None:
@@ -149,9 +222,8 @@ class Peer:
         await asyncio.gather(*self._tasks, *([self._events] if self._events else []),
                              return_exceptions=True)
         await self._signal.close()
-        if self._reservation is not None:
-            self._reservation.close()
-            self._reservation = None
+        for pp in self.ports.values():
+            pp.close()
 
     async def __aenter__(self) -> Peer:
         try:
@@ -164,25 +236,19 @@ class Peer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _reserve_port(self) -> socket.socket:
-        """A fresh local port held for punching, so the kernel never hands it to anyone else."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((self.local_ip, 0))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
     async def announce(self, *, new_port: bool = False) -> None:
-        """Learn and announce our external punch address (see ``_learn_punch_address``)."""
-        await self._learn_punch_address(new_port=new_port)
+        """Learn and announce our external punch addresses (see ``_learn_punch_address``)."""
+        for fam in list(self.ports):
+            try:
+                await self._learn_punch_address(fam, new_port=new_port)
+            except (OSError, HolePunchError):
+                if fam == self._primary:
+                    raise
+                log.info("%s punch port: no STUN answer; announcing the previous mapping", fam)
         await self._signal.update(candidates=self._candidates())
 
-    async def _learn_punch_address(self, *, new_port: bool) -> None:
-        """STUN over TCP from the punch port: what it maps to outside.
+    async def _learn_punch_address(self, family: str, *, new_port: bool) -> None:
+        """STUN over TCP from ``family``'s punch port: what it maps to outside.
 
         For an endpoint-independent mapping that is where the peer will find us; for a
         sequential symmetric NAT it is the latest mapping, the base of the peer's prediction.
@@ -190,29 +256,31 @@ class Peer:
         mapping, so the port and the announced address always agree. The probe ends with an
         RST (SO_LINGER 0): a TIME_WAIT would block the next probe from that port.
         """
+        pp = self.ports[family]
         async with self._announcing:
-            reservation = self._reserve_port() if new_port or self._reservation is None else None
-            port = reservation.getsockname()[1] if reservation is not None else self.local_port
+            reservation = (_reserve_port(pp.local_ip) if new_port or pp.reservation is None
+                           else None)
+            port = reservation.getsockname()[1] if reservation is not None else pp.port
             try:
-                mapped = await self._probe(port)
+                result = await self._probe(pp.server, pp.local_ip, port)
             except BaseException:
                 if reservation is not None:
                     reservation.close()
                 raise
             if reservation is not None:
-                if self._reservation is not None:
-                    self._reservation.close()
-                self._reservation, self.local_port = reservation, port
-            self.announced = mapped
+                pp.close()
+                pp.reservation, pp.port = reservation, port
+            pp.announced = result.mapped
+            pp.other_family = result.other_family or pp.other_family
 
-    async def _probe(self, port: int) -> Address:
+    async def _probe(self, server: Address, local_ip: str, port: int) -> BindingResult:
         """Our mapping for ``port``, asked again (PROBE_ATTEMPTS in all) when the server's
         connection breaks: one unlucky connection on a lossy path must not fail a peer's
         start. A timeout is not retried: it has waited long enough (connect() may be
         waiting for this probe)."""
         for attempt in range(1, PROBE_ATTEMPTS + 1):
             try:
-                return await self._probe_once(port)
+                return await self._probe_once(server, local_ip, port)
             except ConnectionError as exc:
                 if attempt == PROBE_ATTEMPTS:
                     raise
@@ -220,19 +288,33 @@ class Peer:
                 await asyncio.sleep(PROBE_RETRY_PAUSE)
         raise AssertionError("unreachable")
 
-    async def _probe_once(self, port: int) -> Address:
-        conn = await StunTcpConnection.open(self.server, local=(self.local_ip, port))
+    async def _probe_once(self, server: Address, local_ip: str, port: int) -> BindingResult:
+        conn = await StunTcpConnection.open(server, local=(local_ip, port))
         try:
-            return (await conn.binding()).mapped
+            return await conn.binding()
         finally:
             sock = conn.writer.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn.writer.transport.abort()
 
-    def _candidates(self) -> list[Address]:
-        assert self.announced is not None
-        return [self.announced, (self.local_ip, self.local_port)]
+    def _candidates(self) -> list[Candidate]:
+        """Every address we can be reached at (DESIGN §9): per family, the server-observed
+        mapping of the punch port, then each usable interface address with that port."""
+        out: list[Candidate] = []
+        ifaces = local_addresses()
+        for fam in FAMILIES:
+            pp = self.ports.get(fam)
+            if pp is None or pp.announced is None:
+                continue
+            out.append(Candidate(pp.announced[0], pp.announced[1], "stun",
+                                 ifaces.get(pp.local_ip, "")))
+            hosts = [pp.local_ip] + [ip for ip in ifaces if family_name(ip) == fam
+                                     and ip != pp.local_ip and ip != pp.announced[0]]
+            for ip in hosts[:MAX_HOST_CANDIDATES]:
+                if unusable_peer_ip(ip) is None and (fam == "ipv4" or ip != pp.announced[0]):
+                    out.append(Candidate(ip, pp.port, "host", ifaces.get(ip, "")))
+        return out
 
     def _predictable_symmetric(self) -> bool:
         p = self.tcp_profile
@@ -250,10 +332,9 @@ class Peer:
                 if self._predictable_symmetric():
                     await self.announce()   # the prediction needs our latest mapping
                 async with self._announcing:    # a port rotation in flight ends first
-                    port, candidates = self.local_port, self._candidates()
-                instr = await self._signal.connect(target, candidates,
-                                                   list(self.profiles.values()))
-                return await self._run_session(instr, report, port)
+                    ports, candidates = self._lane_ends(), self._candidates()
+                instr = await self._signal.connect(target, candidates, self._all_profiles())
+                return await self._run_session(instr, report, ports)
         except TimeoutError as exc:
             report.fail(f"connect to {target} took longer than {timeout} s")
             raise TimeoutError(report.error) from exc
@@ -301,7 +382,7 @@ class Peer:
         report = ConnectionReport(role="responder", started=time.time())
         report.local_nat = self.tcp_profile.to_dict()
         try:
-            conn = await self._run_session(instr, report, self.local_port)
+            conn = await self._run_session(instr, report, self._lane_ends())
         except Exception as exc:   # the initiator gets its own error; we log ours
             log.warning("incoming connection from %s failed: %s", instr.peer.name, exc)
             return
@@ -310,12 +391,16 @@ class Peer:
     def _abort_of(self, session: str) -> asyncio.Future[str]:
         return self._aborts.setdefault(session, asyncio.get_running_loop().create_future())
 
+    def _lane_ends(self) -> dict[str, Address]:
+        """Our (local ip, punch port) per family, as they are now."""
+        return {f: (pp.local_ip, pp.port) for f, pp in self.ports.items()}
+
     async def _run_session(self, instr: PunchInstruction, report: ConnectionReport,
-                           local_port: int) -> Connection:
+                           ends: dict[str, Address]) -> Connection:
         """Punch or relay, until done or the other peer gives up; either side's failure is
         reported to the server, which tells the other peer so it stops at once."""
         abort = self._abort_of(instr.session)
-        work = asyncio.ensure_future(self._punch_or_relay(instr, report, local_port))
+        work = asyncio.ensure_future(self._punch_or_relay(instr, report, ends))
         try:
             pending: list[asyncio.Future[Any]] = [work, abort]
             await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -362,13 +447,17 @@ class Peer:
         task.add_done_callback(self._tasks.discard)
 
     async def _punch_or_relay(self, instr: PunchInstruction, report: ConnectionReport,
-                              local_port: int) -> Connection:
+                              ends: dict[str, Address]) -> Connection:
         peer = instr.peer
         report.peer_id, report.peer_name = peer.peer_id, peer.name
         report.remote_nat = peer.tcp_profile.to_dict()
-        plan = Plan.from_dict(instr.plan) if instr.plan else make_plan(
-            *((self.tcp_profile, peer.tcp_profile) if instr.role == "initiator"
-              else (peer.tcp_profile, self.tcp_profile)))
+        if instr.plan:
+            plan = Plan.from_dict(instr.plan)
+        else:       # a server without the strategy module: plan it here, the same way
+            ours = (self._all_profiles(), self._candidates())
+            theirs = ([NatProfile.from_dict(p) for p in peer.profiles], list(peer.candidates))
+            (pi, ci), (pr, cr) = (ours, theirs) if instr.role == "initiator" else (theirs, ours)
+            plan = plan_race(pi, pr, ci, cr)
         report.plan = plan.to_dict()
         initiator = instr.role == "initiator"
         if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile
@@ -380,8 +469,13 @@ class Peer:
             relay_grant = self._grants.setdefault(instr.session,
                                                   asyncio.get_running_loop().create_future())
             try:
-                punch = Punch(self.engine, plan, instr.role, start_at, local_port,
-                              peer_target(peer.candidates), report, local_ip=self.local_ip)
+                lanes = {f: Lane(ip, port, peer_target(peer.candidates, f))
+                         for f, (ip, port) in ends.items() if f in plan.families}
+                first = lanes.get(plan.families[0]) if plan.families else None
+                if first is None:
+                    raise PunchError(f"no {'/'.join(plan.families)} punch port of ours")
+                punch = Punch(self.engine, plan, instr.role, start_at, first.local_port,
+                              first.peer, report, local_ip=first.local_ip, lanes=lanes)
                 result = await self._first(punch.run(), relay_grant)
             except (PunchError, OSError) as exc:
                 direct_error = exc
@@ -428,7 +522,12 @@ class Peer:
                 grant = await self._signal.request_relay(instr.session, timeout=RELAY_TIMEOUT)
             finally:
                 self._grants.pop(instr.session, None)
-            return await open_builtin_relay(grant.relay, grant.token, timeout=RELAY_TIMEOUT)
+            relay = grant.relay
+            if family_name(relay[0]) != self._primary:
+                # The grant names the server's address in the initiator's family; the relay
+                # shares the port set of the address we signal through, so dial that.
+                relay = self.server
+            return await open_builtin_relay(relay, grant.token, timeout=RELAY_TIMEOUT)
         return await peer_turn_relay(self._signal, instr, initiator=initiator, relay=self.relay,
                                      turn=self.turn, grants=self._grants, timeout=RELAY_TIMEOUT)
 
@@ -458,6 +557,37 @@ class Peer:
                 "time": report.total_time, "route": outcome,
                 "step": (w.kind if (w := report.winning_step) else None)},
                 reason=None if reason is None else str(reason) or type(reason).__name__)
+
+
+@dataclass
+class PunchPort:
+    """Our punch port in one address family, and what the server saw of it."""
+
+    family: str
+    server: Address                          # the server's STUN address in this family
+    local_ip: str
+    port: int = 0
+    reservation: socket.socket | None = None   # holds the port while we live
+    announced: Address | None = None            # what it maps to outside
+    other_family: Address | None = None         # the server's address in the other family
+
+    def close(self) -> None:
+        if self.reservation is not None:
+            self.reservation.close()
+            self.reservation = None
+
+
+def _reserve_port(local_ip: str) -> socket.socket:
+    """A fresh local port held for punching, so the kernel never hands it to anyone else."""
+    sock = socket.socket(family_of(local_ip), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((local_ip, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _raise_fd_limit(want: int = 8192) -> None:

@@ -53,22 +53,22 @@ class Refusal(Exception):
         self.code, self.reason, self.session, self.fatal = code, reason, session, fatal
 
 
-def _tcp_profile(profiles: list[dict[str, Any]]) -> Any:
-    from ..nat.profile import NatProfile
-    for p in profiles:
-        if p.get("transport", "tcp") == "tcp":
-            return NatProfile.from_dict(p)
-    return NatProfile()
-
-
-def make_plan(initiator: list[dict[str, Any]], responder: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """strategy.plan(initiator TCP profile, responder TCP profile) when that module exists."""
+def make_plan(initiator: list[dict[str, Any]], responder: list[dict[str, Any]],
+              initiator_candidates: list[dict[str, Any]] | None = None,
+              responder_candidates: list[dict[str, Any]] | None = None, *,
+              rtt: float = 0.1) -> dict[str, Any] | None:
+    """The session's plan (strategy.plan_race: a lane per common address family, raced)."""
     try:
         from .. import strategy
+        from ..nat.profile import NatProfile
     except ImportError:
         return None
     try:
-        result: dict[str, Any] = strategy.plan(_tcp_profile(initiator), _tcp_profile(responder)).to_dict()
+        result: dict[str, Any] = strategy.plan_race(
+            [NatProfile.from_dict(p) for p in initiator],
+            [NatProfile.from_dict(p) for p in responder],
+            strategy.parse_candidates(initiator_candidates or []),
+            strategy.parse_candidates(responder_candidates or []), rtt=rtt).to_dict()
         return result
     except Exception:
         log.warning("strategy.plan failed; sending no plan", exc_info=True)
@@ -255,7 +255,7 @@ class PeerProtocol(asyncio.Protocol):
         elif isinstance(msg, Update):
             assert self.record is not None
             if msg.candidates is not None:
-                self.record.candidates = [list(c) for c in msg.candidates]
+                self.record.candidates = list(msg.candidates)
             if msg.profiles is not None:
                 self.record.profiles = msg.profiles
             if msg.cert is not None:
@@ -288,7 +288,7 @@ class PeerProtocol(asyncio.Protocol):
             raise Refusal(ErrorCode.NAME_TAKEN, f"name {msg.name!r} belongs to another key")
         self.record = PeerRecord(peer_id=peer_id_of(msg.public_key), name=msg.name,
                                  public_key=msg.public_key, node=srv.node_id, cert=msg.cert,
-                                 candidates=[list(c) for c in msg.candidates], profiles=msg.profiles)
+                                 candidates=list(msg.candidates), profiles=msg.profiles)
         await self._sync_step()
 
     async def _sync_step(self) -> None:
@@ -327,9 +327,10 @@ class PeerProtocol(asyncio.Protocol):
                                                          "responder": target.peer_id}):
             raise Refusal(ErrorCode.SESSION_EXISTS, "session id already used",
                           session=msg.session, fatal=False)
-        initiator = replace(me, candidates=[list(c) for c in msg.candidates] or me.candidates,
+        initiator = replace(me, candidates=list(msg.candidates) or me.candidates,
                             profiles=msg.profiles or me.profiles)
-        plan = make_plan(initiator.profiles, target.profiles)
+        plan = make_plan(initiator.profiles, target.profiles, initiator.candidates,
+                         target.candidates, rtt=max(me.rtt, target.rtt))
         start = common_start(srv.clock(), [me.rtt, target.rtt], self.cfg.margin)
         to_b = Punch(session=msg.session, role="responder", start_at=start,
                      peer=initiator.peer_info(), plan=plan)

@@ -20,11 +20,11 @@ def failing_first(times: int, exc: BaseException) -> tuple[Any, list[int]]:
     real = Peer._probe_once
     calls: list[int] = []
 
-    async def probe_once(self: Peer, port: int) -> Any:
+    async def probe_once(self: Peer, server: Any, local_ip: str, port: int) -> Any:
         calls.append(port)
         if len(calls) <= times:
             raise exc
-        return await real(self, port)
+        return await real(self, server, local_ip, port)
     return probe_once, calls
 
 
