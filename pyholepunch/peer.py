@@ -14,23 +14,20 @@ import asyncio
 import contextlib
 import logging
 import resource
-import socket
-import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import engine as engine_mod
-from .address import family_of, format_address, unusable_peer_ip
+from .address import format_address
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .errors import HolePunchError, PunchError, SignalingError
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
-from .nat.interfaces import local_addresses
 from .nat.profile import Allocation, Family, Mapping, NatProfile
 from .punch import Lane, Punch, close_late_result, peer_target
+from .punchport import PunchPort, candidates, classify_family, probe, reserve_port
 from .relay.builtin import open_builtin_relay
 from .relay.peering import peer_turn_relay
 from .report import ConnectionReport, Route
@@ -39,7 +36,6 @@ from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, S
 from .signal.protocol import ErrorCode
 from .strategy import Candidate, Plan, plan_race
 from .strategy.candidates import FAMILIES, family_name
-from .stun.client import BindingResult, StunTcpConnection
 from .stun.probe import route_source_ip
 
 log = logging.getLogger(__name__)
@@ -47,11 +43,6 @@ Address = tuple[str, int]
 
 TLS_TIMEOUT = 5.0
 RELAY_TIMEOUT = 10.0
-PROBE_ATTEMPTS = 3          # STUN over TCP from the punch port (see Peer._probe)
-PROBE_RETRY_PAUSE = 0.2
-OTHER_FAMILY_TIMEOUT = 1.5  # first STUN contact in the server's other family (a blackholed
-                            # IPv6 uplink costs this much at start, once)
-MAX_HOST_CANDIDATES = 8     # interface addresses announced per family
 
 
 def parse_address(value: str | Address, default_port: int = 3478) -> Address:
@@ -186,19 +177,10 @@ class Peer:
         fam = family_name(server[0])
         if fam not in self.families or fam in self.ports:
             return
-        try:
-            local_ip = await asyncio.to_thread(route_source_ip, server[0])
-        except OSError as exc:
-            log.info("no %s route to the server's %s: %s", fam, format_address(server), exc)
+        found = await classify_family(server)
+        if found is None:
             return
-        profile = await classify_nat(server, transport="tcp", local_ip=local_ip,
-                                     timeout=OTHER_FAMILY_TIMEOUT)
-        if profile.mapping is Mapping.UNKNOWN and profile.not_learned and \
-                profile.not_learned[0].startswith("everything:"):
-            log.info("%s left out: the server's %s does not answer (%s)", fam,
-                     format_address(server), profile.not_learned[0])
-            return
-        self.family_profiles[fam] = profile.evolve(family=Family(fam))
+        local_ip, self.family_profiles[fam] = found
         self.ports[fam] = PunchPort(fam, server, local_ip)
         try:
             await self._learn_punch_address(fam, new_port=True)
@@ -258,11 +240,11 @@ class Peer:
         """
         pp = self.ports[family]
         async with self._announcing:
-            reservation = (_reserve_port(pp.local_ip) if new_port or pp.reservation is None
+            reservation = (reserve_port(pp.local_ip) if new_port or pp.reservation is None
                            else None)
             port = reservation.getsockname()[1] if reservation is not None else pp.port
             try:
-                result = await self._probe(pp.server, pp.local_ip, port)
+                result = await probe(pp.server, pp.local_ip, port)
             except BaseException:
                 if reservation is not None:
                     reservation.close()
@@ -273,48 +255,8 @@ class Peer:
             pp.announced = result.mapped
             pp.other_family = result.other_family or pp.other_family
 
-    async def _probe(self, server: Address, local_ip: str, port: int) -> BindingResult:
-        """Our mapping for ``port``, asked again (PROBE_ATTEMPTS in all) when the server's
-        connection breaks: one unlucky connection on a lossy path must not fail a peer's
-        start. A timeout is not retried: it has waited long enough (connect() may be
-        waiting for this probe)."""
-        for attempt in range(1, PROBE_ATTEMPTS + 1):
-            try:
-                return await self._probe_once(server, local_ip, port)
-            except ConnectionError as exc:
-                if attempt == PROBE_ATTEMPTS:
-                    raise
-                log.info("STUN probe from punch port %d failed (%s): asking again", port, exc)
-                await asyncio.sleep(PROBE_RETRY_PAUSE)
-        raise AssertionError("unreachable")
-
-    async def _probe_once(self, server: Address, local_ip: str, port: int) -> BindingResult:
-        conn = await StunTcpConnection.open(server, local=(local_ip, port))
-        try:
-            return await conn.binding()
-        finally:
-            sock = conn.writer.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.writer.transport.abort()
-
     def _candidates(self) -> list[Candidate]:
-        """Every address we can be reached at (DESIGN §9): per family, the server-observed
-        mapping of the punch port, then each usable interface address with that port."""
-        out: list[Candidate] = []
-        ifaces = local_addresses()
-        for fam in FAMILIES:
-            pp = self.ports.get(fam)
-            if pp is None or pp.announced is None:
-                continue
-            out.append(Candidate(pp.announced[0], pp.announced[1], "stun",
-                                 ifaces.get(pp.local_ip, "")))
-            hosts = [pp.local_ip] + [ip for ip in ifaces if family_name(ip) == fam
-                                     and ip != pp.local_ip and ip != pp.announced[0]]
-            for ip in hosts[:MAX_HOST_CANDIDATES]:
-                if unusable_peer_ip(ip) is None and (fam == "ipv4" or ip != pp.announced[0]):
-                    out.append(Candidate(ip, pp.port, "host", ifaces.get(ip, "")))
-        return out
+        return candidates(self.ports)
 
     def _predictable_symmetric(self) -> bool:
         p = self.tcp_profile
@@ -557,37 +499,6 @@ class Peer:
                 "time": report.total_time, "route": outcome,
                 "step": (w.kind if (w := report.winning_step) else None)},
                 reason=None if reason is None else str(reason) or type(reason).__name__)
-
-
-@dataclass
-class PunchPort:
-    """Our punch port in one address family, and what the server saw of it."""
-
-    family: str
-    server: Address                          # the server's STUN address in this family
-    local_ip: str
-    port: int = 0
-    reservation: socket.socket | None = None   # holds the port while we live
-    announced: Address | None = None            # what it maps to outside
-    other_family: Address | None = None         # the server's address in the other family
-
-    def close(self) -> None:
-        if self.reservation is not None:
-            self.reservation.close()
-            self.reservation = None
-
-
-def _reserve_port(local_ip: str) -> socket.socket:
-    """A fresh local port held for punching, so the kernel never hands it to anyone else."""
-    sock = socket.socket(family_of(local_ip), socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((local_ip, 0))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _raise_fd_limit(want: int = 8192) -> None:

@@ -263,6 +263,13 @@ class Rendezvous:
                 return data
             await asyncio.sleep(0.01)   # part of a relay preamble: the socket stays readable
 
+    def _stun_for(self, sock: socket.socket) -> Any:
+        """The STUN server of the family ``sock`` arrived in (None without STUN)."""
+        for stun in self.stuns:
+            if family_of(stun.primary[0]) == sock.family:
+                return stun
+        return None
+
     async def _demux(self, sock: socket.socket) -> None:
         owned = True
         try:
@@ -276,11 +283,11 @@ class Rendezvous:
                 owned = False
                 with contextlib.suppress(OSError, TimeoutError, ConnectionError):
                     await self.signal.accept(sock)
-            elif head and head[0] >> 6 == 0 and self.stun is not None:
+            elif head and head[0] >> 6 == 0 and (stun := self._stun_for(sock)) is not None:
                 self.demux["stun"] += 1
                 owned = False
                 reader, writer = await asyncio.open_connection(sock=sock)
-                await self.stun.serve_tcp_stream(reader, writer)
+                await stun.serve_tcp_stream(reader, writer)
             elif head == RELAY_MAGIC and self.relay_hub is not None:
                 self.demux["relay"] += 1
                 owned = False

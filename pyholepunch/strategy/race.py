@@ -70,8 +70,7 @@ def plan_race(initiator: Sequence[NatProfile], responder: Sequence[NatProfile],
         lanes.append((fam, plan_family(a, b, same_public_ip=None if fam == "ipv4" else False,
                                        relay=relay)))
     direct = [replace(s, family=fam) for fam, p in lanes for s in p.direct_steps]
-    relays = [replace(s, family=fam) for fam, p in lanes for s in p.steps
-              if s.kind is StepKind.RELAY]
+    relays = [s for _, p in lanes for s in p.steps if s.kind is StepKind.RELAY]
     if len(lanes) == 1:
         fam, only = lanes[0]
         prefix = "" if fam == "ipv4" else f"{fam} "
