@@ -234,7 +234,9 @@ class ConnectionReport:
                 line += f"  SYNs {s.get('syns_sent', 0)} RSTs {s.get('rsts_seen', 0)} " \
                         f"ICMP {s.get('icmp_errors', 0)}"
             if r.outcome is Outcome.SUCCESS and r.remote:
-                line += f"  :{r.local_port} -> {r.remote[0]}:{r.remote[1]}"
+                host, port = r.remote
+                line += f"  :{r.local_port} -> " + (f"[{host}]:{port}" if ":" in host
+                                                    else f"{host}:{port}")
             if r.error:
                 line += f"  ({r.error})"
             lines.append(line)
