@@ -53,6 +53,11 @@ class Family(StrEnum):
     IPV4 = "ipv4"
     IPV6 = "ipv6"
 
+    @classmethod
+    def of(cls, ip: str) -> Family:
+        """The family of an IP literal (host names count as IPv4, as address.family_of)."""
+        return cls.IPV6 if ":" in ip else cls.IPV4
+
 
 NAT_TYPES = ("open", "full-cone", "restricted-cone", "port-restricted", "symmetric", "unknown",
              "firewall", "nptv6")

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..nat.profile import Family
+
 IPV4, IPV6 = "ipv4", "ipv6"
 FAMILIES = (IPV6, IPV4)                  # Happy Eyeballs order: IPv6 first (RFC 8305)
 ORIGINS = ("stun", "host", "portmap")
@@ -30,7 +32,7 @@ MAX_IFACE = 32                           # characters (Linux IFNAMSIZ is 16)
 
 def family_name(ip: str) -> str:
     """``ipv6`` for an IPv6 literal, ``ipv4`` otherwise."""
-    return IPV6 if ":" in ip else IPV4
+    return str(Family.of(ip))
 
 
 @dataclass(frozen=True, slots=True)
