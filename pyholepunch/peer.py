@@ -16,6 +16,7 @@ import logging
 import resource
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +307,7 @@ class Peer:
         while True:
             event = await self._signal.incoming.get()
             if isinstance(event, RelayInstruction):
+                event = self._reachable(event)
                 fut = self._grants.setdefault(event.session,
                                               asyncio.get_running_loop().create_future())
                 if not fut.done():
@@ -464,14 +466,18 @@ class Peer:
                 grant = await self._signal.request_relay(instr.session, timeout=RELAY_TIMEOUT)
             finally:
                 self._grants.pop(instr.session, None)
-            relay = grant.relay
-            if family_name(relay[0]) != self._primary:
-                # The grant names the server's address in the initiator's family; the relay
-                # shares the port set of the address we signal through, so dial that.
-                relay = self.server
-            return await open_builtin_relay(relay, grant.token, timeout=RELAY_TIMEOUT)
+            grant = self._reachable(grant)
+            return await open_builtin_relay(grant.relay, grant.token, timeout=RELAY_TIMEOUT)
         return await peer_turn_relay(self._signal, instr, initiator=initiator, relay=self.relay,
                                      turn=self.turn, grants=self._grants, timeout=RELAY_TIMEOUT)
+
+    def _reachable(self, grant: RelayInstruction) -> RelayInstruction:
+        """A built-in relay grant names the server's address in the initiator's family; a
+        peer of the other family joins it at the address it signals through (the relay
+        shares the server's port set in every family)."""
+        if grant.via == "builtin" and family_name(grant.relay[0]) != self._primary:
+            return replace(grant, relay=self.server)
+        return grant
 
     async def _first(self, punch: Any, grant: asyncio.Future[RelayInstruction]) -> Any:
         """The punch result, unless the peer's relay grant arrives first."""
