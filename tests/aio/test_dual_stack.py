@@ -169,3 +169,23 @@ async def test_no_common_family_relays_with_the_reason(tmp_path: Path) -> None:
 def test_the_engine_in_use(request: pytest.FixtureRequest) -> None:
     """For the record in CI logs: which engine the loopback races above ran."""
     assert engine_mod.get().name in ("native", "pure") or os.environ.get("PYHOLEPUNCH_ENGINE")
+
+
+def test_candidates_put_the_server_observed_address_first_then_the_bound_one() -> None:
+    from pyholepunch.punchport import PunchPort, candidates
+    ports = {"ipv4": PunchPort("ipv4", ("127.0.0.1", 1), "127.0.0.1", 40000,
+                               announced=("198.51.100.9", 40001)),
+             "ipv6": PunchPort("ipv6", ("::1", 1), "2001:db8::9", 40002,
+                               announced=("2001:db8::9", 40002))}
+    got = candidates(ports)
+    assert [(c.family, c.origin, c.address) for c in got[:1]] == [
+        ("ipv6", "stun", ("2001:db8::9", 40002))]        # IPv6 first; a global IPv6 is both
+    v4 = [c for c in got if c.family == "ipv4"]
+    assert [(c.origin, c.address) for c in v4[:2]] == [("stun", ("198.51.100.9", 40001)),
+                                                       ("host", ("127.0.0.1", 40000))]
+    assert all(c.port == 40000 for c in v4[1:]) and len(got) <= 16
+
+
+def test_a_peer_refuses_unknown_families(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="families must be among"):
+        Peer(("127.0.0.1", 1), name="x", config_dir=tmp_path, families=["ipx"])
