@@ -118,29 +118,39 @@ def validate_v6(name: str) -> str:
 
 
 def v6_ruleset(uplinks: dict[str, str]) -> str:
-    """The core's IPv6 filter (table ``ip6 hpl_v6``): ``uplinks`` maps a core interface (one
-    side's uplink) to that side's behaviour. ``firewall`` is RFC 6092 simple security: only
-    flows the side started pass inbound (conntrack: an outbound SYN makes the peer's crossing
-    SYN a reply, so simultaneous open passes); ``firewall-rst`` answers an unsolicited TCP
-    segment with a RST (other protocols dropped); ``blackhole`` drops every IPv6 packet to and
-    from the side. ``open`` and ``none`` add nothing."""
-    rules: list[str] = []
+    """A side's IPv6 filter (table ``ip6 hpl_v6``) on its first hop (the router, or the host
+    itself, at the side's end of the uplink): ``uplinks`` maps that node's uplink interface
+    to the side's behaviour. Each side filters with its own conntrack, as two real firewalls
+    do: with both sides filtered in one box, each side's SYN of a simultaneous open would be
+    the other side's unsolicited one, and neither could pass. ``firewall`` is RFC 6092 simple
+    security: only flows the side started pass inbound (its outbound SYN makes the peer's
+    crossing SYN a reply, so simultaneous open passes); ``firewall-rst`` answers an
+    unsolicited TCP segment with a RST (other protocols dropped); ``blackhole`` drops every
+    IPv6 packet on the uplink. ICMPv6 to the node itself passes (neighbour discovery), except
+    on a blackhole. ``open`` and ``none`` add nothing."""
+    rules: list[tuple[str, str]] = []          # (chain, rule)
     for ifname, behaviour in sorted(uplinks.items()):
         validate_v6(behaviour)
-        inbound = f'oifname "{ifname}"'
+        inbound, outbound = f'iifname "{ifname}"', f'oifname "{ifname}"'
         if behaviour == "blackhole":
-            rules += [f'iifname "{ifname}" drop', f"{inbound} drop"]
+            rules += [("forward", f"{inbound} drop"), ("forward", f"{outbound} drop"),
+                      ("input", f"{inbound} drop"), ("output", f"{outbound} drop")]
         elif behaviour in ("firewall", "firewall-rst"):
-            rules.append(f"{inbound} ct state established,related accept")
-            if behaviour == "firewall-rst":
-                rules.append(f"{inbound} meta l4proto tcp reject with tcp reset")
-            rules.append(f"{inbound} counter drop")
+            rules.append(("input", f"{inbound} meta l4proto ipv6-icmp accept"))
+            for chain in ("forward", "input"):
+                rules.append((chain, f"{inbound} ct state established,related accept"))
+                if behaviour == "firewall-rst":
+                    rules.append((chain, f"{inbound} meta l4proto tcp reject with tcp reset"))
+                rules.append((chain, f"{inbound} counter drop"))
     if not rules:
         return ""
-    body = "".join(f"    {r}\n" for r in rules)
-    return ("table ip6 hpl_v6 {\n  chain uplinks {\n"
-            "    type filter hook forward priority filter; policy accept;\n"
-            f"{body}  }}\n}}\n")
+    chains = []
+    for chain in ("forward", "input", "output"):
+        body = "".join(f"    {r}\n" for c, r in rules if c == chain)
+        if body:
+            chains.append(f"  chain {chain} {{\n    type filter hook {chain} priority filter; "
+                          f"policy accept;\n{body}  }}\n")
+    return "table ip6 hpl_v6 {\n" + "".join(chains) + "}\n"
 
 
 def _mapping_rules(c: NatConfig) -> list[str]:

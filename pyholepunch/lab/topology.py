@@ -18,8 +18,9 @@ IPv6 (per side, `v6_a` / `v6_b`; "none" = no IPv6 on that side) has no NAT: ever
 global address inside 2001:db8::/32, routed. The server has 2001:db8:0:10::10 and ::11; side X's
 uplink is 2001:db8:0:X::/64 (core ::1, the side's first router or host ::2); its LAN is
 2001:db8:X:1::/64 (router ::1, hosts ::2, ::3), a carrier link 2001:db8:X:ff::/64; the core
-routes 2001:db8:X::/48 to the side. The side's behaviour is enforced at the core's port
-towards it (nat.v6_ruleset), so it is the same whatever the IPv4 type.
+routes 2001:db8:X::/48 to the side. The side's behaviour is enforced on the side's first hop
+(its router, or the host itself), at its uplink, with that node's own conntrack
+(nat.v6_ruleset), so it is the same whatever the IPv4 type.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ class Node:
     addrs6: dict[str, list[str]] = field(default_factory=dict)  # ifname -> ["ip6/64", ...]
     gateway6: str | None = None
     routes6: list[tuple[str, str]] = field(default_factory=list)  # (prefix, via)
-    uplinks6: dict[str, str] = field(default_factory=dict)      # core: ifname -> v6 behaviour
+    uplinks6: dict[str, str] = field(default_factory=dict)      # uplink ifname -> v6 behaviour
 
 
 @dataclass(frozen=True)
@@ -129,10 +130,10 @@ def _uplink6(p: Plan, side: str, behaviour: str, first_hop: str, first_if: str,
     pub6 = _PUBLIC6[side]
     core = p.nodes["core"]
     core.addrs6[f"p{side}"] = [f"{pub6}::1/64"]
-    core.uplinks6[f"p{side}"] = behaviour
     core.routes6 += [(f"{_SITE6[s]}::/48", f"{pub6}::2") for s in sites]
     hop = p.nodes[first_hop]
     hop.addrs6[first_if] = [f"{pub6}::2/64"]
+    hop.uplinks6[first_if] = behaviour
     hop.gateway6 = f"{pub6}::1"
 
 
@@ -299,11 +300,11 @@ def _configure(node: Node, conntrack: dict[str, int], loss_pct: float, delay: bo
             if not os.path.exists(path):
                 raise RuntimeError(f"unknown conntrack setting {key!r} (no {path})")
             _write(path, int(value))
+    if v6_rules := v6_ruleset(node.uplinks6):
+        _nft(v6_rules, f"{node.name} IPv6 uplink")
     if node.name == "core":
         if loss_pct > 0:
             _nft(loss_ruleset(loss_pct), "loss")
-        if v6_rules := v6_ruleset(node.uplinks6):
-            _nft(v6_rules, "IPv6 uplink")
         if delay:
             # --queue-bypass: packets pass undelayed whenever no delayer is bound to the queue.
             for tool in ("iptables", "ip6tables"):
