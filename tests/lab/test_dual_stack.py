@@ -54,8 +54,10 @@ def _run(table: dict[str, Any], key: str, tmp_path: Path, a: str, b: str, v6_a: 
          listen_args: tuple[str, ...] = (), ipv6_only: tuple[str, ...] = ()) -> dict[str, Any]:
     with Lab(a=a, b=b, v6_a=v6_a, v6_b=v6_b, rtt_ms=40, same_nat=same_nat) as lab:
         v6_server = format_address((lab.server_ip6, PORT))
+        dual = (v6_a, v6_b) != ("none", "none")     # an IPv4-only lab has no IPv6 anywhere
         result = run_pair(lab.spawn, lab.server_ip, lab.server_alt_ip, tmp_path, timeout=30,
-                          serve_args=["--listen", v6_server, "--alt-ip", lab.server_alt_ip6],
+                          serve_args=(["--listen", v6_server, "--alt-ip", lab.server_alt_ip6]
+                                      if dual else []),
                           connect_args=connect_args, listen_args=listen_args,
                           peer_servers={n: v6_server for n in ipv6_only})
     report = result["report"]
