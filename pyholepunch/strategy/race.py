@@ -17,7 +17,7 @@ from dataclasses import replace
 from ..nat.profile import Family, NatProfile, Transport
 from .candidates import FAMILIES, Candidate, families
 from .planner import plan as plan_family
-from .steps import Action, Plan, RoleInstruction, Step, StepKind
+from .steps import Plan, Step, StepKind
 
 # RFC 8305 §5: a "connection attempt delay" of 250 ms by default, at least 100 ms when taken
 # from RTT history, never under 10 ms. Both peers start their lanes on the server's schedule,
@@ -57,10 +57,9 @@ def plan_race(initiator: Sequence[NatProfile], responder: Sequence[NatProfile],
         reason = (f"{NO_COMMON_FAMILY}: the initiator has {_names(fam_i)}, the responder "
                   f"{_names(fam_r)}; " + ("relay" if relay else "no relay allowed"))
         steps: tuple[Step, ...] = ()
-        if relay:
-            ins = RoleInstruction(Action.RELAY)
-            steps = (Step(StepKind.RELAY, round(5.0 + 4 * 0.1, 3), f"no direct path: {reason}",
-                          ins, ins),)
+        if relay:   # the planner's relay step (its budget), with this reason
+            fallback = plan_family(NatProfile(), NatProfile()).steps[-1]
+            steps = (replace(fallback, reason=f"no direct path: {reason}"),)
         return Plan(steps, reason, _names(fam_i), _names(fam_r))
     lanes: list[tuple[str, Plan]] = []
     for fam in common:
