@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 PROBE_ATTEMPTS = 3          # STUN over TCP from the punch port (see probe)
 PROBE_RETRY_PAUSE = 0.2
-MAX_HOST_CANDIDATES = 8     # interface addresses announced per family
+MAX_PER_FAMILY = 8          # candidates announced per family (the server's bound)
 OTHER_FAMILY_TIMEOUT = 1.5  # first STUN contact in the server's other family (a blackholed
                             # IPv6 uplink costs this much at start, once)
 
@@ -110,7 +110,7 @@ def candidates(ports: dict[str, PunchPort]) -> list[Candidate]:
         others = [ip for ip in ifaces if family_name(ip) == fam
                   and ip not in (pp.local_ip, pp.announced[0]) and unusable_peer_ip(ip) is None]
         out += [Candidate(ip, pp.port, "host", ifaces[ip])
-                for ip in others[:MAX_HOST_CANDIDATES - 1]]
+                for ip in others[:max(0, MAX_PER_FAMILY - 2)]]
     return out
 
 

@@ -136,7 +136,8 @@ async def test_register_and_punch_exchange(server: SignalServer) -> None:
         q = await b.next_event(5)
         assert (p.role, q.role) == ("initiator", "responder")
         assert p.peer.peer_id == b.peer_id and p.peer.public_key == b.identity.public_key
-        assert p.peer.cert == b"bob-cert-der" and [c.address for c in q.peer.candidates] == [("10.0.0.2", 4001)]
+        assert p.peer.cert == b"bob-cert-der"
+        assert [c.address for c in q.peer.candidates] == [("10.0.0.2", 4001)]
         p2 = await a.connect(b.peer_id)                     # by peer_id too
         assert (await b.next_event(5)).session == p2.session
 

@@ -37,6 +37,7 @@ from pyholepunch.signal.protocol import (
     encode_frame,
 )
 
+
 def _cand(ip: str, port: int, origin: str = "stun", iface: str = "") -> dict[str, object]:
     return {"ip": ip, "port": port, "family": "ipv6" if ":" in ip else "ipv4", "iface": iface,
             "origin": origin}
@@ -53,7 +54,8 @@ SAMPLES = [
     Registered(peer_id="b" * 32, offset=-0.25, rtt=0.04),
     Ping(t1=10.0, offset=0.1, rtt=0.02), Pong(t1=1.0, t2=2.0, t3=2.5),
     Update(candidates=[_cand("192.0.2.1", 1)]),
-    Connect(session="sess-0001", target="bob", candidates=[_cand("10.1.2.3", 999), _cand("2001:db8::3", 999)]),
+    Connect(session="sess-0001", target="bob",
+            candidates=[_cand("10.1.2.3", 999), _cand("2001:db8::3", 999)]),
     Punch(session="sess-0001", role="responder", start_at=123.25, peer=PEER, plan={"steps": []}),
     Result(session="sess-0001", outcome="direct", stats={"syns": 3}),
     Relay(session="sess-0001"),
