@@ -28,6 +28,7 @@ from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.profile import Allocation, Family, Mapping, NatProfile
 from .punch import Lane, Punch, close_late_result, peer_target
+from .punch_mapping import PunchPortMapping
 from .punchport import PunchPort, candidates, classify_family, probe, reserve_port
 from .relay.builtin import open_builtin_relay
 from .relay.peering import peer_turn_relay
@@ -37,6 +38,7 @@ from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, S
 from .signal.protocol import ErrorCode
 from .strategy import Candidate, Plan, plan_race
 from .strategy.candidates import FAMILIES, family_name
+from .strategy.race import tcp_profile
 from .stun.probe import route_source_ip
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class Peer:
         classify_udp: bool = False,
         keepalive: KeepAlive | None = DEFAULT_KEEPALIVE,
         families: Sequence[str] | None = None,
+        portmap: bool = True,
     ) -> None:
         self.server = parse_address(server)
         self.families = tuple(families) if families else FAMILIES
@@ -102,6 +105,8 @@ class Peer:
         self.family_profiles: dict[str, NatProfile] = {}   # "ipv4" / "ipv6": TCP, per family
         self.ports: dict[str, PunchPort] = {}              # per family: our punch port
         self._primary = family_name(self.server[0])
+        self.portmap = portmap                  # ask the router to map the (IPv4) punch port
+        self.port_mapping: PunchPortMapping | None = None
         self._signal = SignalClient(
             self.server, self.identity, name=self.name, server_fingerprint=server_fingerprint,
             known_hosts=self.config_dir / "known_servers", token=token, clock=clock,
@@ -146,6 +151,11 @@ class Peer:
             raise ValueError(f"the server {format_address(self.server)} is {self._primary} "
                              f"but this peer uses {', '.join(self.families)} only")
         local_ip = await asyncio.to_thread(route_source_ip, self.server[0])
+        if self.portmap and self._primary == "ipv4":  # its probe runs while we classify
+            self.port_mapping = PunchPortMapping(
+                self.server[0], local_ip,
+                on_change=lambda: self._spawn(self._reannounce(new_port=False)))
+            self.port_mapping.probe_task()
         kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
         for kind in kinds:    # one after the other: allocation probes must not interleave
             self.profiles[kind] = await classify_nat(self.server, transport=kind,
@@ -205,6 +215,8 @@ class Peer:
         await asyncio.gather(*self._tasks, *([self._events] if self._events else []),
                              return_exceptions=True)
         await self._signal.close()
+        if self.port_mapping is not None:
+            await self.port_mapping.close()
         for pp in self.ports.values():
             pp.close()
 
@@ -220,7 +232,8 @@ class Peer:
         await self.close()
 
     async def announce(self, *, new_port: bool = False) -> None:
-        """Learn and announce our external punch addresses (see ``_learn_punch_address``)."""
+        """Learn and announce our external punch addresses (see ``_learn_punch_address``)
+        and our profiles (a router port mapping shows in the TCP one)."""
         for fam in list(self.ports):
             try:
                 await self._learn_punch_address(fam, new_port=new_port)
@@ -228,7 +241,7 @@ class Peer:
                 if fam == self._primary:
                     raise
                 log.info("%s punch port: no STUN answer; announcing the previous mapping", fam)
-        await self._signal.update(candidates=self._candidates())
+        await self._signal.update(candidates=self._candidates(), profiles=self._all_profiles())
 
     async def _learn_punch_address(self, family: str, *, new_port: bool) -> None:
         """STUN over TCP from ``family``'s punch port: what it maps to outside.
@@ -255,6 +268,10 @@ class Peer:
                 pp.reservation, pp.port = reservation, port
             pp.announced = result.mapped
             pp.other_family = result.other_family or pp.other_family
+            if self.port_mapping is not None and family == self._primary:
+                await self.port_mapping.follow(pp.port)
+                self.profiles["tcp"] = self.port_mapping.profile(self.tcp_profile)
+                self.family_profiles[family] = self.profiles["tcp"]
 
     def _candidates(self) -> list[Candidate]:
         return candidates(self.ports)
@@ -413,7 +430,9 @@ class Peer:
             relay_grant = self._grants.setdefault(instr.session,
                                                   asyncio.get_running_loop().create_future())
             try:
-                lanes = {f: Lane(ip, port, peer_target(peer.candidates, f))
+                peer_profiles = [NatProfile.from_dict(p) for p in peer.profiles]
+                lanes = {f: Lane(ip, port, peer_target(
+                            peer.candidates, f, tcp_profile(peer_profiles, f).port_mapping))
                          for f, (ip, port) in ends.items() if f in plan.families}
                 first = lanes.get(plan.families[0]) if plan.families else None
                 if first is None:

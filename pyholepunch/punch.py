@@ -52,6 +52,7 @@ class PunchTarget:
     public_ip: str
     port: int                                  # its announced port (see strategy/)
     lan: tuple[Address, ...] = ()              # its local addresses and local punch port
+    mapped: Address | None = None              # its router port mapping (NAT-PMP/PCP/UPnP)
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,10 @@ def _remotes(ins: RoleInstruction, peer: PunchTarget) -> list[Address]:
         if not peer.lan:
             raise PunchError("the peer announced no LAN address")
         return list(peer.lan)
+    if ins.target is Target.MAPPED:
+        if peer.mapped is None:
+            raise PunchError("the peer announced no router port mapping")
+        return [peer.mapped]
     return [(peer.public_ip, port) for port in remote_ports(ins, peer.port)]
 
 
@@ -247,6 +252,8 @@ def _describe_remotes(ins: RoleInstruction, peer: PunchTarget) -> str:
     if ins.target is Target.LAN:
         dialled = peer.lan[:1] if ins.action in (Action.SIMOPEN, Action.CONNECT) else peer.lan
         return ", ".join(format_address(a) for a in dialled)
+    if ins.target is Target.MAPPED:
+        return format_address(peer.mapped) + " (port mapping)" if peer.mapped else ""
     if ins.ports is PortChoice.ANNOUNCED:
         return format_address((peer.public_ip, peer.port))
     return f"{format_address((peer.public_ip, peer.port))} ({ins.ports}, {ins.count} ports)"
@@ -406,10 +413,12 @@ def _bound(ip: str, port: int) -> socket.socket:
     return sock
 
 
-def peer_target(candidates: Sequence[Candidate], family: str = "ipv4") -> PunchTarget:
-    """The peer's ``family`` ends: its public candidate and its host (LAN) addresses."""
+def peer_target(candidates: Sequence[Candidate], family: str = "ipv4",
+                mapped: Address | None = None) -> PunchTarget:
+    """The peer's ``family`` ends: its public candidate and its host (LAN) addresses;
+    ``mapped``: the router port mapping in the peer's NAT profile of that family, if any."""
     public = public_candidate(candidates, family)
     if public is None:
         raise PunchError(f"the peer announced no {family} address")
     return PunchTarget(public.ip, public.port,
-                       tuple(c.address for c in host_candidates(candidates, family)))
+                       tuple(c.address for c in host_candidates(candidates, family)), mapped)

@@ -31,9 +31,10 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import _ns
+from .miniupnpd import STUN_PORT
 from .nat import NO_IPV4, NatConfig, loss_ruleset, ruleset, v6_ruleset, validate_type, validate_v6
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,15 @@ class Plan:
     types: dict[str, str]       # peer -> NAT type
     v6: dict[str, str] = field(default_factory=dict)        # peer -> IPv6 behaviour
     public6: dict[str, str] = field(default_factory=dict)   # peer -> its global IPv6 address
+    routers: dict[str, str] = field(default_factory=dict)   # peer -> its NAT node running miniupnpd
 
 
 def plan(a: str, b: str, *, same_nat: bool = False, hairpin: bool = False,
-         seq_offset: int = 0, v6_a: str = "none", v6_b: str = "none") -> Plan:
+         seq_offset: int = 0, v6_a: str = "none", v6_b: str = "none",
+         portmap: tuple[str, ...] = ()) -> Plan:
     """The topology for peers of types `a` and `b` (with same_nat, both behind one NAT of type a)
-    and IPv6 behaviours `v6_a` and `v6_b` (with same_nat one uplink: v6_b must be v6_a)."""
+    and IPv6 behaviours `v6_a` and `v6_b` (with same_nat one uplink: v6_b must be v6_a);
+    ``portmap``: the peers whose NAT router runs miniupnpd (UPnP IGD, NAT-PMP, PCP)."""
     validate_type(a)
     validate_type(b)
     validate_v6(v6_a)
@@ -121,6 +125,8 @@ def plan(a: str, b: str, *, same_nat: bool = False, hairpin: bool = False,
         core.addrs6.clear()
         server.addrs6.clear()
         server.gateway6 = None
+    for peer in portmap:
+        _add_router(p, peer)
     return p
 
 
@@ -145,6 +151,21 @@ def _lan6(p: Plan, router: str, lan_if: str, site: str, hosts: list[str], ifs: l
         p.nodes[h].addrs6[ifname] = [f"{lan6}::{2 + i}/64"]
         p.nodes[h].gateway6 = f"{lan6}::1"
         p.public6[h] = f"{lan6}::{2 + i}"
+
+
+def _add_router(p: Plan, peer: str) -> None:
+    """Mark the peer's own NAT router for miniupnpd (a carrier NAT in front would make its
+    STUN check fail, and a public peer has no router)."""
+    if peer not in ("a", "b"):
+        raise ValueError(f"portmap is for the peers 'a' and 'b', not {peer!r}")
+    kind = p.types[peer]
+    if kind in ("none", NO_IPV4, "cgnat"):
+        raise ValueError(f"a port-mapping router needs a single NAT in front of {peer}, "
+                         f"not type {kind!r}")
+    node = p.nodes["nat"] if "nat" in p.nodes else p.nodes[f"nat_{peer}"]
+    assert node.nat is not None
+    node.nat = replace(node.nat, portmap_stun=(SERVER_IP, SERVER_ALT_IP, STUN_PORT))
+    p.routers[peer] = node.name
 
 
 def _side(p: Plan, side: str, hosts: list[str], kind: str, hairpin: bool, seq_offset: int,
