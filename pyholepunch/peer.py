@@ -27,7 +27,7 @@ from .errors import HolePunchError, PunchError, SignalingError
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.profile import Allocation, Family, Mapping, NatProfile
-from .punch import Lane, Punch, close_late_result, peer_target
+from .punch import Punch, close_late_result
 from .punch_mapping import PunchPortMapping
 from .punchport import PunchPort, candidates, classify_family, probe, reserve_port
 from .relay.builtin import open_builtin_relay
@@ -38,7 +38,6 @@ from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, S
 from .signal.protocol import ErrorCode
 from .strategy import Candidate, Plan, plan_race
 from .strategy.candidates import FAMILIES, family_name
-from .strategy.race import tcp_profile
 from .stun.probe import route_source_ip
 
 log = logging.getLogger(__name__)
@@ -129,20 +128,12 @@ class Peer:
         return self.profiles.get("tcp") or NatProfile()
 
     # The server's family's punch port (what a one-family peer had): kept for callers.
-    @property
-    def local_ip(self) -> str:
-        pp = self.ports.get(self._primary)
-        return pp.local_ip if pp else "0.0.0.0"
+    local_ip = property(lambda self: self._port().local_ip)
+    local_port = property(lambda self: self._port().port)
+    announced = property(lambda self: self._port().announced)
 
-    @property
-    def local_port(self) -> int:
-        pp = self.ports.get(self._primary)
-        return pp.port if pp else 0
-
-    @property
-    def announced(self) -> Address | None:
-        pp = self.ports.get(self._primary)
-        return pp.announced if pp else None
+    def _port(self) -> PunchPort:
+        return self.ports.get(self._primary) or PunchPort(self._primary, self.server, "0.0.0.0")
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -430,15 +421,8 @@ class Peer:
             relay_grant = self._grants.setdefault(instr.session,
                                                   asyncio.get_running_loop().create_future())
             try:
-                peer_profiles = [NatProfile.from_dict(p) for p in peer.profiles]
-                lanes = {f: Lane(ip, port, peer_target(
-                            peer.candidates, f, tcp_profile(peer_profiles, f).port_mapping))
-                         for f, (ip, port) in ends.items() if f in plan.families}
-                first = lanes.get(plan.families[0]) if plan.families else None
-                if first is None:
-                    raise PunchError(f"no {'/'.join(plan.families)} punch port of ours")
-                punch = Punch(self.engine, plan, instr.role, start_at, first.local_port,
-                              first.peer, report, local_ip=first.local_ip, lanes=lanes)
+                punch = Punch.for_session(self.engine, plan, instr.role, start_at, ends,
+                                          peer.candidates, peer.profiles, report)
                 result = await self._first(punch.run(), relay_grant)
             except (PunchError, OSError) as exc:
                 direct_error = exc

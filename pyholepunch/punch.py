@@ -18,11 +18,13 @@ import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .address import family_of, format_address
 from .engine import Engine, PunchResult, PunchStats
 from .engine._base import count_failure
 from .errors import PunchError, PunchTimeout
+from .nat.profile import NatProfile
 from .race import race_lanes
 from .report import ConnectionReport, Outcome
 from .strategy import (
@@ -37,6 +39,7 @@ from .strategy import (
     remote_ports,
 )
 from .strategy.candidates import host_candidates, public_candidate
+from .strategy.race import tcp_profile
 
 log = logging.getLogger(__name__)
 Address = tuple[str, int]
@@ -82,6 +85,22 @@ class Punch:
     report: ConnectionReport
     local_ip: str = "0.0.0.0"
     lanes: dict[str, Lane] = field(default_factory=dict)
+
+    @classmethod
+    def for_session(cls, engine: Engine, plan: Plan, role: str, start_at: float,
+                    ends: dict[str, Address], peer_candidates: Sequence[Candidate],
+                    peer_profiles: Sequence[dict[str, Any]], report: ConnectionReport) -> Punch:
+        """A session's punch: per family of the plan, our (local ip, punch port) from
+        ``ends`` and the peer's candidates (and router mapping) of that family."""
+        profiles = [NatProfile.from_dict(p) for p in peer_profiles]
+        lanes = {f: Lane(ip, port, peer_target(peer_candidates, f,
+                                               tcp_profile(profiles, f).port_mapping))
+                 for f, (ip, port) in ends.items() if f in plan.families}
+        first = lanes.get(plan.families[0]) if plan.families else None
+        if first is None:
+            raise PunchError(f"no {'/'.join(plan.families)} punch port of ours")
+        return cls(engine, plan, role, start_at, first.local_port, first.peer, report,
+                   local_ip=first.local_ip, lanes=lanes)
 
     def lane(self, family: str) -> Lane:
         """Our ends for ``family`` (the defaults when the plan has one family only)."""
