@@ -27,6 +27,7 @@ from .errors import LabError
 from .lab.nat import NAT_TYPES
 
 PORT = 3478
+METRICS_PORT = 9464      # `serve --metrics` inside the server's namespace (run_pair's server_metrics)
 MESSAGE = b"hello through the NATs\n"
 
 Spawner = Callable[..., "subprocess.Popen[bytes]"]
@@ -144,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_pair(spawn: Spawner, server_ip: str, alt_ip: str, work: Path, *,
              engine: str | None = None, timeout: float = 30.0, connect_args: Sequence[str] = (),
-             progress: Callable[[str], None] = lambda text: None, serve_args: Sequence[str] = (),
+             progress: Callable[[str], None] = lambda text: None,
+             server_metrics: bool = False, serve_args: Sequence[str] = (),
              listen_args: Sequence[str] = (),
              peer_servers: dict[str, str] | None = None) -> dict[str, Any]:
     """serve on node "server", `listen --echo` on "b", `connect` on "a": the echo and reports.
@@ -155,12 +157,18 @@ def run_pair(spawn: Spawner, server_ip: str, alt_ip: str, work: Path, *,
     and --alt-ip); ``peer_servers`` gives a peer ("a"/"b") another server address to use
     (e.g. the server's IPv6 address for an IPv6-only peer).
     Returns ``report`` (a's), ``responder_report`` (b's, if it wrote one), ``echo``,
-    ``echo_ok``, ``exit_code``. Every process is stopped before this returns.
+    ``echo_ok``, ``exit_code``; with ``server_metrics``, ``server_metrics`` too: the server's
+    Prometheus exposition once it has counted the session. Every process is stopped before
+    this returns.
     """
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        return _flow(spawn, server_ip, alt_ip, work, procs, engine, timeout, list(connect_args),
-                     progress, list(serve_args), list(listen_args), dict(peer_servers or {}))
+        result = _flow(spawn, server_ip, alt_ip, work, procs, engine, timeout, list(connect_args),
+                       progress, server_metrics, list(serve_args), list(listen_args),
+                       dict(peer_servers or {}))
+        if server_metrics:
+            result["server_metrics"] = _scrape(spawn, f"http://127.0.0.1:{METRICS_PORT}/metrics")
+        return result
     finally:
         stop_processes(*procs)
         for p in procs:
@@ -171,13 +179,17 @@ def run_pair(spawn: Spawner, server_ip: str, alt_ip: str, work: Path, *,
 
 def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
           procs: list[subprocess.Popen[bytes]], engine: str | None, timeout: float,
-          connect_args: list[str], progress: Callable[[str], None], serve_args: list[str],
-          listen_args: list[str], peer_servers: dict[str, str]) -> dict[str, Any]:
+          connect_args: list[str], progress: Callable[[str], None],
+          server_metrics: bool = False, serve_args: tuple[str, ...] | list[str] = (),
+          listen_args: tuple[str, ...] | list[str] = (),
+          peer_servers: dict[str, str] | None = None) -> dict[str, Any]:
     server = format_address((server_ip, PORT))
+    peer_servers = peer_servers or {}
     engine_opt = ["--engine", engine] if engine else []
+    metrics_opt = ["--metrics", f"127.0.0.1:{METRICS_PORT}"] if server_metrics else []
     progress(f"starting `pyholepunch serve` on {server} (alt {alt_ip})")
     srv = spawn("server", _cli("serve", "--listen", server, "--alt-ip", alt_ip, *serve_args,
-                               "--state-dir", str(work / "server")),
+                               "--state-dir", str(work / "server"), *metrics_opt),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     procs.append(srv)
     line = _Lines(srv, "stdout", "the server").wait_for("fingerprint", timeout)
@@ -216,6 +228,21 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
         responder = json.loads((work / "bob.json").read_text())
     return {"report": report, "responder_report": responder, "echo": out.decode(errors="replace"),
             "echo_ok": out == MESSAGE, "exit_code": alice.returncode}
+
+
+def _scrape(spawn: Spawner, url: str, deadline: float = 5.0) -> str:
+    """The server's metrics once the session's outcome is in (the initiator's RESULT may
+    still be on its way when the echo is done)."""
+    end = time.monotonic() + deadline
+    text = ""
+    while time.monotonic() < end:
+        proc = spawn("server", ["curl", "-sS", "--max-time", "2", url],
+                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        text = proc.communicate(timeout=10)[0].decode(errors="replace")
+        if "pyholepunch_server_punch_outcomes_total{" in text:
+            break
+        time.sleep(0.1)
+    return text
 
 
 def _show(result: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ import socket
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from pyholepunch import engine as engine_mod
@@ -16,6 +17,7 @@ from pyholepunch.engine import PunchResult, PunchStats
 from pyholepunch.errors import PunchError
 from pyholepunch.peer import Peer
 from pyholepunch.race import KEEP, race_lanes
+from pyholepunch.report import load_schema
 from pyholepunch.serve import Rendezvous, _port_sets
 from pyholepunch.signal.server import ServerConfig
 from pyholepunch.strategy import NO_COMMON_FAMILY
@@ -148,6 +150,7 @@ async def test_dual_stack_peers_race_both_families_and_report_every_pair(tmp_pat
                 assert first["duration"] < 1.0
                 local = conn.writer.get_extra_info("socket").getsockname()[0]
                 assert local == "::1"
+                jsonschema.Draft202012Validator(load_schema()).validate(report)
 
 
 @pytest.mark.asyncio
