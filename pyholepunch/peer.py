@@ -152,11 +152,8 @@ class Peer:
             self.port_mapping.probe_task()
         kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
         for kind in kinds:    # one after the other: allocation probes must not interleave
-            self.profiles[kind] = await classify_nat(self.server, transport=kind,
-                                                     local_ip=local_ip)
-        self.profiles["tcp"] = self.profiles["tcp"].evolve(family=Family(self._primary))
-        if "udp" in self.profiles:
-            self.profiles["udp"] = self.profiles["udp"].evolve(family=Family(self._primary))
+            profile = await classify_nat(self.server, transport=kind, local_ip=local_ip)
+            self.profiles[kind] = profile.evolve(family=Family(self._primary))
         self.family_profiles[self._primary] = self.profiles["tcp"]
         self.ports[self._primary] = PunchPort(self._primary, self.server, local_ip)
         await self._learn_punch_address(self._primary, new_port=True)
@@ -177,13 +174,9 @@ class Peer:
         family too and keep a punch port in it. A family the server cannot be reached in
         (no route, or a blackholed uplink: no answer) is left out, and said so."""
         server = self.ports[self._primary].other_family
-        if server is None:
-            return
-        fam = family_name(server[0])
-        if fam not in self.families or fam in self.ports:
-            return
-        found = await classify_family(server)
-        if found is None:
+        fam = family_name(server[0]) if server else ""
+        if server is None or fam not in self.families or fam in self.ports or \
+                (found := await classify_family(server)) is None:
             return
         local_ip, self.family_profiles[fam] = found
         self.ports[fam] = PunchPort(fam, server, local_ip)
@@ -197,9 +190,8 @@ class Peer:
     def _all_profiles(self) -> list[NatProfile]:
         """What we announce: our profiles towards the server's family, and the TCP profile
         of the other family when we have one."""
-        out = list(self.profiles.values())
-        out += [p for f, p in self.family_profiles.items() if f != self._primary]
-        return out
+        return [*self.profiles.values(),
+                *(p for f, p in self.family_profiles.items() if f != self._primary)]
 
     async def close(self) -> None:
         if self._events is not None:
