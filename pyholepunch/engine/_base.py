@@ -12,6 +12,7 @@ loop keeps running.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import math
 import resource
@@ -188,8 +189,8 @@ def family_name(host: str) -> str:
 
 
 def check_ip(host: object, what: str) -> str:
-    """An IPv4 or IPv6 literal in canonical text (a link-local IPv6 with its scope as the
-    interface name, as sockets report it); ValueError naming ``what`` otherwise."""
+    """An IPv4 or IPv6 literal in canonical text (a link-local IPv6 with its scope written as
+    the interface name, ``fe80::1%eth0``); ValueError naming ``what`` otherwise."""
     if not isinstance(host, str):
         raise ValueError(f"{what} host {host!r} is not an IP address")
     if host.startswith("["):
@@ -338,11 +339,26 @@ def check_pairs(pairs: object) -> list[SweepPair]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _scope_index(scope: str) -> int:
+    return int(scope) if scope.isdigit() else socket.if_nametoindex(scope)
+
+
+def sockaddr(addr: Address) -> tuple[str, int] | tuple[str, int, int, int]:
+    """What a Python socket's bind/connect/sendto take for ``addr``. A scoped IPv6 host
+    (``fe80::1%eth0``) becomes the 4-tuple form: CPython's 2-tuple form drops the scope id."""
+    host, port = addr
+    if "%" not in host:
+        return addr
+    base, scope = host.split("%", 1)
+    return (base, port, 0, _scope_index(scope))
+
+
 def route_source(dst_ip: str) -> str:
     """The local address the kernel would use towards ``dst_ip`` (a UDP connect sends nothing)."""
     family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((dst_ip, 9))
+        probe.connect(sockaddr((dst_ip, 9)))
         return str(probe.getsockname()[0])
 
 

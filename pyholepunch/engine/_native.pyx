@@ -38,7 +38,7 @@ cdef hp_addr_t _addr(str host, int port) except *:
 
 
 cdef str _ip(const hp_addr_t *a):
-    """Canonical text, as the checks and Python's sockets write it (scope as interface name)."""
+    """Canonical text, as the checks write it (a scope as the interface name)."""
     if a.family != socket.AF_INET6:
         return socket.inet_ntoa((<char *>&a.ip)[:4])
     text = str(ipaddress.IPv6Address((<char *>a.ip6)[:16]))

@@ -88,7 +88,7 @@ def raw_syn(
         for i in range(count):
             wait_until(start + i * spacing)
             sent_at = time.time()       # the schedule released it: the SYN leaves in sendto()
-            sock.sendto(packet, (dst_a[0], 0))
+            sock.sendto(packet, _base.sockaddr((dst_a[0], 0)))
             if stats.first_send_delay_ns is None:
                 stats.first_send_delay_ns = max(0, int((sent_at - start) * 1e9))
             stats.send_times.append(sent_at)

@@ -6,7 +6,7 @@ import ipaddress
 import socket
 import time
 
-from ._base import Address, PunchStats
+from ._base import Address, PunchStats, sockaddr
 
 IN_PROGRESS = frozenset({0, errno.EINPROGRESS, errno.EALREADY})
 FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -33,7 +33,7 @@ def reuse_socket(ip: str, port: int, *, defer_port: bool = False) -> socket.sock
             if ip in ("0.0.0.0", "::"):
                 return sock
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.bind((ip, port))
+        sock.bind(sockaddr((ip, port)))
     except BaseException:
         sock.close()
         raise
@@ -55,7 +55,7 @@ def start_connect(sock: socket.socket, remote: Address, ttl: int | None) -> tupl
         saved = sock.getsockopt(level, opt)
         sock.setsockopt(level, opt, ttl)
     sent_at = time.time()
-    rc = sock.connect_ex(remote)
+    rc = sock.connect_ex(sockaddr(remote))
     if saved is not None:
         try:
             sock.setsockopt(level, opt, saved)

@@ -83,8 +83,7 @@ def _up(args: argparse.Namespace) -> int:
 
     lab = Lab(a=args.a, b=args.b, rtt_ms=args.rtt_ms, jitter_ms=args.jitter_ms, loss_pct=args.loss,
               same_nat=args.same_nat, hairpin=args.hairpin, conntrack=dict(args.conntrack),
-              v6_a=args.v6_a, v6_b=args.v6_b,
-              portmap_a=args.portmap_a, portmap_b=args.portmap_b)
+              portmap_a=args.portmap_a, portmap_b=args.portmap_b, v6_a=args.v6_a, v6_b=args.v6_b)
 
     def stop(signum: int, frame: Any) -> None:
         raise _Stop

@@ -80,9 +80,8 @@ class Lab:
     def __init__(self, a: str = "port-restricted", b: str = "port-restricted", *, rtt_ms: float = 0,
                  jitter_ms: float = 0, loss_pct: float = 0.0, same_nat: bool = False,
                  hairpin: bool = False, conntrack: dict[str, int] | None = None,
-                 v6_a: str = "none", v6_b: str = "none",
                  portmap_a: bool = False, portmap_b: bool = False,
-                 portmap_min_lifetime: int = 120) -> None:
+                 portmap_min_lifetime: int = 120, v6_a: str = "none", v6_b: str = "none") -> None:
         for label, v in (("rtt_ms", rtt_ms), ("jitter_ms", jitter_ms)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10_000:
                 raise ValueError(f"{label} must be a number in [0, 10000], got {v!r}")
@@ -101,7 +100,7 @@ class Lab:
         if same_nat and len(portmap) > 1:
             raise ValueError("with same_nat both peers share one router: set portmap_a only")
         self._plan = topology.plan(a, b, same_nat=same_nat, hairpin=hairpin, seq_offset=seq_offset,
-                                   v6_a=v6_a, v6_b=v6_b, portmap=portmap)
+                                   portmap=portmap, v6_a=v6_a, v6_b=v6_b)
         self.portmap_min_lifetime = portmap_min_lifetime
         self.routers: dict[str, miniupnpd.Router] = {}   # peer -> the miniupnpd of its NAT
         self.a_type, self.b_type = self._plan.types["a"], self._plan.types["b"]

@@ -85,11 +85,11 @@ class Plan:
 
 
 def plan(a: str, b: str, *, same_nat: bool = False, hairpin: bool = False,
-         seq_offset: int = 0, v6_a: str = "none", v6_b: str = "none",
-         portmap: tuple[str, ...] = ()) -> Plan:
-    """The topology for peers of types `a` and `b` (with same_nat, both behind one NAT of type a)
-    and IPv6 behaviours `v6_a` and `v6_b` (with same_nat one uplink: v6_b must be v6_a);
-    ``portmap``: the peers whose NAT router runs miniupnpd (UPnP IGD, NAT-PMP, PCP)."""
+         seq_offset: int = 0, portmap: tuple[str, ...] = (), v6_a: str = "none",
+         v6_b: str = "none") -> Plan:
+    """The topology for peers of types `a` and `b` (with same_nat, both behind one NAT of type a);
+    ``portmap``: the peers whose NAT router runs miniupnpd (UPnP IGD, NAT-PMP, PCP); IPv6
+    behaviours `v6_a` and `v6_b` (with same_nat one uplink: v6_b must be v6_a)."""
     validate_type(a)
     validate_type(b)
     validate_v6(v6_a)
@@ -159,7 +159,7 @@ def _add_router(p: Plan, peer: str) -> None:
     if peer not in ("a", "b"):
         raise ValueError(f"portmap is for the peers 'a' and 'b', not {peer!r}")
     kind = p.types[peer]
-    if kind in ("none", NO_IPV4, "cgnat"):
+    if kind in ("none", "cgnat", NO_IPV4):
         raise ValueError(f"a port-mapping router needs a single NAT in front of {peer}, "
                          f"not type {kind!r}")
     node = p.nodes["nat"] if "nat" in p.nodes else p.nodes[f"nat_{peer}"]
