@@ -15,7 +15,7 @@ import contextlib
 import logging
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 from . import engine as engine_mod
 from .address import format_address
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
+from .engine import PunchResult
 from .errors import HolePunchError, PunchError, SignalingError
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
@@ -33,7 +34,7 @@ from .punchport import PunchPort, candidates, classify_family, probe, reserve_po
 from .relay.builtin import open_builtin_relay
 from .relay.peering import peer_turn_relay
 from .report import ConnectionReport, Route
-from .security import certificate_for, secure_stream, tls_context
+from .security import Streams, certificate_for, secure_stream, tls_context
 from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, SignalClient
 from .signal.protocol import ErrorCode
 from .strategy import Candidate, Plan, plan_race
@@ -422,8 +423,12 @@ class Peer:
             relay_grant = self._grants.setdefault(instr.session,
                                                   asyncio.get_running_loop().create_future())
             try:
+                def secure(won: PunchResult) -> Awaitable[Streams]:
+                    return secure_stream(won.sock, identity=self.identity, peer_id=peer.peer_id,
+                                         peer_cert=peer.cert, initiator=initiator,
+                                         timeout=TLS_TIMEOUT, insecure_plain=self.insecure_plain)
                 punch = Punch.for_session(self.engine, plan, instr.role, start_at, ends,
-                                          peer.candidates, peer.profiles, report)
+                                          peer.candidates, peer.profiles, report, secure)
                 result = await self._first(punch.run(), relay_grant)
             except (PunchError, OSError) as exc:
                 direct_error = exc
@@ -433,11 +438,9 @@ class Peer:
                     direct_error = PunchError("the peer moved to the relay")
                     cause = "peer_relayed"
                 else:
-                    try:
-                        reader, writer = await secure_stream(
-                            result.sock, identity=self.identity, peer_id=peer.peer_id,
-                            peer_cert=peer.cert, initiator=initiator, timeout=TLS_TIMEOUT,
-                            insecure_plain=self.insecure_plain)
+                    try:   # a dual-stack race has run TLS already (the first mutually
+                        # authenticated connection wins); else the handshake runs now
+                        reader, writer = punch.streams or await secure(result)
                     except (TimeoutError, OSError) as exc:   # not AuthenticationError: an
                         direct_error, cause = exc, "tls_failed"   # impostor gets no relay either
                     else:

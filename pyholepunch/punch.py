@@ -25,7 +25,7 @@ from .engine import Engine, PunchResult, PunchStats
 from .engine._base import count_failure
 from .errors import PunchError, PunchTimeout
 from .nat.profile import NatProfile
-from .race import race_lanes
+from .race import Secure, race_lanes
 from .report import ConnectionReport, Outcome
 from .strategy import (
     Action,
@@ -85,11 +85,14 @@ class Punch:
     report: ConnectionReport
     local_ip: str = "0.0.0.0"
     lanes: dict[str, Lane] = field(default_factory=dict)
+    secure: Secure | None = None               # a race runs the TLS handshake on its pick
+    streams: Any = None                        # ... and keeps the secured streams here
 
     @classmethod
     def for_session(cls, engine: Engine, plan: Plan, role: str, start_at: float,
                     ends: dict[str, Address], peer_candidates: Sequence[Candidate],
-                    peer_profiles: Sequence[dict[str, Any]], report: ConnectionReport) -> Punch:
+                    peer_profiles: Sequence[dict[str, Any]], report: ConnectionReport,
+                    secure: Secure | None = None) -> Punch:
         """A session's punch: per family of the plan, our (local ip, punch port) from
         ``ends`` and the peer's candidates (and router mapping) of that family."""
         profiles = [NatProfile.from_dict(p) for p in peer_profiles]
@@ -100,7 +103,7 @@ class Punch:
         if first is None:
             raise PunchError(f"no {'/'.join(plan.families)} punch port of ours")
         return cls(engine, plan, role, start_at, first.local_port, first.peer, report,
-                   local_ip=first.local_ip, lanes=lanes)
+                   local_ip=first.local_ip, lanes=lanes, secure=secure)
 
     def lane(self, family: str) -> Lane:
         """Our ends for ``family`` (the defaults when the plan has one family only)."""
@@ -126,13 +129,16 @@ class Punch:
 
         A plan with two families races them: both lanes run their steps on their own
         schedules; the initiator keeps the first connection any lane brings up and tells
-        the responder which one with a KEEP byte on it; every other connection is closed
-        (the responder keeps the one that carries KEEP)."""
+        the responder which one with a KEEP byte on it; with ``secure`` the TLS handshake
+        runs on it inside the race (``streams``), and a failed one lets the race go on;
+        every other connection is closed (race.py)."""
         families = self.plan.families
         if len(families) <= 1:
             return await self._run_lane(None)
-        return await race_lanes(self.role, {f: self._run_lane(f) for f in families},
-                                deadline=self._end())
+        won = await race_lanes(self.role, {f: self._run_lane(f) for f in families},
+                               deadline=self._end(), secure=self.secure)
+        self.streams = won.streams
+        return won.result
 
     def _end(self) -> float:
         return max((at + max(s.budget for s in g) for f in self.plan.families

@@ -93,7 +93,7 @@ async def test_the_race_keeps_the_initiators_first_connection_on_both_sides() ->
                    deadline=deadline),
         race_lanes("responder", {"ipv6": _after(0.0, res(r6)), "ipv4": _after(0.05, res(r4))},
                    deadline=deadline))
-    assert ini.sock is i4 and resp.sock is r4
+    assert ini.result.sock is i4 and resp.result.sock is r4 and ini.family == "ipv4"
     await asyncio.sleep(0.2)
     # The responder's IPv6 connection came up, was not chosen, and is closed. (The
     # initiator's IPv6 lane was cancelled before it returned: its own steps close what it
@@ -102,6 +102,33 @@ async def test_the_race_keeps_the_initiators_first_connection_on_both_sides() ->
     i4.sendall(b"x")
     assert r4.recv(1) == b"x"                               # KEEP was consumed, data flows
     for s in (i4, r4, i6):
+        s.close()
+
+
+@pytest.mark.asyncio
+async def test_a_failed_handshake_lets_the_race_go_on() -> None:
+    """The first mutually authenticated connection wins: the IPv6 pair comes up first but
+    its handshake fails (on both sides), so both go on to the IPv4 pair."""
+    (i4, r4), (i6, r6) = _connected_pair(), _connected_pair()
+    res = lambda s: PunchResult(s, PunchStats())   # noqa: E731
+    handshakes: list[socket.socket] = []
+
+    async def secure(result: PunchResult) -> str:
+        handshakes.append(result.sock)
+        if result.sock in (i6, r6):
+            raise ConnectionResetError("handshake failed")
+        return "streams"
+
+    deadline = time.time() + 2
+    ini, resp = await asyncio.gather(
+        race_lanes("initiator", {"ipv6": _after(0.0, res(i6)), "ipv4": _after(0.1, res(i4))},
+                   deadline=deadline, secure=secure),
+        race_lanes("responder", {"ipv6": _after(0.0, res(r6)), "ipv4": _after(0.1, res(r4))},
+                   deadline=deadline, secure=secure))
+    assert (ini.result.sock, ini.family, ini.streams) == (i4, "ipv4", "streams")
+    assert (resp.result.sock, resp.family, resp.streams) == (r4, "ipv4", "streams")
+    assert handshakes[:2] in ([i6, r6], [r6, i6]) and i6.fileno() == r6.fileno() == -1
+    for s in (i4, r4):
         s.close()
 
 
