@@ -75,6 +75,17 @@ def _port_sets(listen: Address | Sequence[Address],
     return [by_family[family_of(a[0])] for a in listens]
 
 
+class _AllStun:
+    """The STUN servers of every family, counted as one (for the metrics)."""
+
+    def __init__(self, stuns: list[Any]) -> None:
+        self.stuns = stuns
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {k: sum(st.stats[k] for st in self.stuns) for k in self.stuns[0].stats}
+
+
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -209,7 +220,8 @@ class Rendezvous:
             except ImportError as exc:
                 raise HolePunchError(f"--metrics needs prometheus_client ({exc}): "
                                      "pip install 'pyholepunch[metrics]'") from None
-            self.prometheus = ServerMetrics(self.signal, relay_hub=self.relay_hub, stun=self.stun,
+            self.prometheus = ServerMetrics(self.signal, relay_hub=self.relay_hub,
+                                            stun=_AllStun(self.stuns) if self.stuns else None,
                                             demux=self.demux)
             host, port = self.prometheus_address
             self.prometheus_address = (host, self.prometheus.serve(host, port))
@@ -325,7 +337,7 @@ class Rendezvous:
         if self.relay_hub is not None:
             out["relay"] = self.relay_hub.metrics.as_dict()
         if self.stuns:
-            out["stun"] = {k: sum(st.stats[k] for st in self.stuns) for k in self.stuns[0].stats}
+            out["stun"] = _AllStun(self.stuns).stats
         return out
 
     async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

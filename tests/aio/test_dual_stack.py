@@ -39,7 +39,9 @@ async def test_serve_listens_on_both_families_and_names_the_other() -> None:
             async with await StunUdpClient.open((local, 0)) as udp:
                 res = await udp.binding(server, timeout=3)
             assert res.mapped[0] == local and res.other_family == other
-        assert app.metrics()["addresses"] == [list(v4), list(v6)]
+        m = app.metrics()
+        assert m["addresses"] == [list(v4), list(v6)]
+        assert m["stun"]["udp_in"] >= 2 and m["demux"]["stun"] == 2   # both families counted
 
 
 @pytest.mark.asyncio
