@@ -91,7 +91,7 @@ def validate_type(name: str) -> str:
     return name
 
 
-# --- IPv6: one behaviour per side, enforced at the side's uplink (the core's port) -------------
+# --- IPv6: one behaviour per side: a firewall on its first hop, a blackhole at the core ----------
 
 V6_BEHAVIOURS: tuple[str, ...] = ("none", "open", "firewall", "firewall-rst", "blackhole")
 
@@ -120,40 +120,39 @@ def validate_v6(name: str) -> str:
     return name
 
 
-def v6_ruleset(uplinks: dict[str, str]) -> str:
-    """A side's IPv6 filter (table ``ip6 hpl_v6``) on its first hop (the router, or the host
-    itself, at the side's end of the uplink): ``uplinks`` maps that node's uplink interface
-    to the side's behaviour. Each side filters with its own conntrack, as two real firewalls
-    do: with both sides filtered in one box, each side's SYN of a simultaneous open would be
-    the other side's unsolicited one, and neither could pass. ``firewall`` is RFC 6092 simple
-    security: only flows the side started pass inbound (its outbound SYN makes the peer's
-    crossing SYN a reply, so simultaneous open passes); ``firewall-rst`` answers an
-    unsolicited TCP segment with a RST (other protocols dropped); ``blackhole`` drops every
-    IPv6 packet on the uplink. ICMPv6 to the node itself passes (neighbour discovery), except
-    on a blackhole. ``open`` and ``none`` add nothing."""
-    rules: list[tuple[str, str]] = []          # (chain, rule)
-    for ifname, behaviour in sorted(uplinks.items()):
-        validate_v6(behaviour)
-        inbound, outbound = f'iifname "{ifname}"', f'oifname "{ifname}"'
-        if behaviour == "blackhole":
-            rules += [("forward", f"{inbound} drop"), ("forward", f"{outbound} drop"),
-                      ("input", f"{inbound} drop"), ("output", f"{outbound} drop")]
-        elif behaviour in ("firewall", "firewall-rst"):
-            rules.append(("input", f"{inbound} meta l4proto ipv6-icmp accept"))
-            for chain in ("forward", "input"):
-                rules.append((chain, f"{inbound} ct state established,related accept"))
-                if behaviour == "firewall-rst":
-                    rules.append((chain, f"{inbound} meta l4proto tcp reject with tcp reset"))
-                rules.append((chain, f"{inbound} counter drop"))
+def v6_firewall_ruleset(behaviour: str, ifname: str, *, host: bool) -> str:
+    """A stateful IPv6 firewall (table ``ip6 hpl_v6``) on a side's first hop, for traffic coming
+    in on its uplink ``ifname``: on the side's router (forward hook) or, for a host alone on the
+    public link, on the host itself (input hook; ICMPv6 stays open for neighbour discovery).
+    ``firewall`` is RFC 6092 simple security: only flows started inside pass inbound; an
+    outbound SYN makes the peer's crossing SYN a reply, so simultaneous open passes (each side's
+    firewall is its own box, as on the Internet: one conntrack for both sides would drop both
+    crossing SYNs). ``firewall-rst`` answers an unsolicited TCP segment with a RST instead."""
+    if behaviour not in ("firewall", "firewall-rst"):
+        raise ValueError(f"not a firewall behaviour: {behaviour!r}")
+    inbound = f'iifname "{ifname}"'
+    rules = [f"{inbound} ct state established,related accept"]
+    if host:
+        rules.append(f"{inbound} meta l4proto ipv6-icmp accept")
+    if behaviour == "firewall-rst":
+        rules.append(f"{inbound} meta l4proto tcp reject with tcp reset")
+    rules.append(f"{inbound} counter drop")
+    hook = "input" if host else "forward"
+    body = "".join(f"    {r}\n" for r in rules)
+    return (f"table ip6 hpl_v6 {{\n  chain inbound {{\n"
+            f"    type filter hook {hook} priority filter; policy accept;\n{body}  }}\n}}\n")
+
+
+def v6_blackhole_ruleset(ifnames: list[str]) -> str:
+    """The core's drop of every IPv6 packet to and from the blackholed sides' uplinks (table
+    ``ip6 hpl_v6``): stateless, silent (the sender's SYNs time out), "" for none."""
+    rules = [r for i in sorted(ifnames) for r in (f'iifname "{i}" drop', f'oifname "{i}" drop')]
     if not rules:
         return ""
-    chains = []
-    for chain in ("forward", "input", "output"):
-        body = "".join(f"    {r}\n" for c, r in rules if c == chain)
-        if body:
-            chains.append(f"  chain {chain} {{\n    type filter hook {chain} priority filter; "
-                          f"policy accept;\n{body}  }}\n")
-    return "table ip6 hpl_v6 {\n" + "".join(chains) + "}\n"
+    body = "".join(f"    {r}\n" for r in rules)
+    return ("table ip6 hpl_v6 {\n  chain blackhole {\n"
+            "    type filter hook forward priority filter; policy accept;\n"
+            f"{body}  }}\n}}\n")
 
 
 def _mapping_rules(c: NatConfig) -> list[str]:

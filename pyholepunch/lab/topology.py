@@ -18,9 +18,9 @@ IPv6 (per side, `v6_a` / `v6_b`; "none" = no IPv6 on that side) has no NAT: ever
 global address inside 2001:db8::/32, routed. The server has 2001:db8:0:10::10 and ::11; side X's
 uplink is 2001:db8:0:X::/64 (core ::1, the side's first router or host ::2); its LAN is
 2001:db8:X:1::/64 (router ::1, hosts ::2, ::3), a carrier link 2001:db8:X:ff::/64; the core
-routes 2001:db8:X::/48 to the side. The side's behaviour is enforced on the side's first hop
-(its router, or the host itself), at its uplink, with that node's own conntrack
-(nat.v6_ruleset), so it is the same whatever the IPv4 type.
+routes 2001:db8:X::/48 to the side. A side's firewall runs on its first hop (its router, or the
+host itself when it sits on the public link), a blackhole at the core's port towards the side
+(nat.v6_firewall_ruleset, nat.v6_blackhole_ruleset), whatever the IPv4 type.
 """
 from __future__ import annotations
 
@@ -35,7 +35,16 @@ from dataclasses import dataclass, field, replace
 
 from . import _ns
 from .miniupnpd import STUN_PORT
-from .nat import NO_IPV4, NatConfig, loss_ruleset, ruleset, v6_ruleset, validate_type, validate_v6
+from .nat import (
+    NO_IPV4,
+    NatConfig,
+    loss_ruleset,
+    ruleset,
+    v6_blackhole_ruleset,
+    v6_firewall_ruleset,
+    validate_type,
+    validate_v6,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +70,8 @@ class Node:
     addrs6: dict[str, list[str]] = field(default_factory=dict)  # ifname -> ["ip6/64", ...]
     gateway6: str | None = None
     routes6: list[tuple[str, str]] = field(default_factory=list)  # (prefix, via)
-    uplinks6: dict[str, str] = field(default_factory=dict)      # uplink ifname -> v6 behaviour
+    firewall6: tuple[str, str] | None = None                     # (behaviour, uplink ifname)
+    blackhole6: list[str] = field(default_factory=list)          # core: sides' uplinks
 
 
 @dataclass(frozen=True)
@@ -139,8 +149,11 @@ def _uplink6(p: Plan, side: str, behaviour: str, first_hop: str, first_if: str,
     core.routes6 += [(f"{_SITE6[s]}::/48", f"{pub6}::2") for s in sites]
     hop = p.nodes[first_hop]
     hop.addrs6[first_if] = [f"{pub6}::2/64"]
-    hop.uplinks6[first_if] = behaviour
     hop.gateway6 = f"{pub6}::1"
+    if behaviour == "blackhole":
+        core.blackhole6.append(f"p{side}")
+    elif behaviour in ("firewall", "firewall-rst"):
+        hop.firewall6 = (behaviour, first_if)
 
 
 def _lan6(p: Plan, router: str, lan_if: str, site: str, hosts: list[str], ifs: list[str]) -> None:
@@ -314,6 +327,9 @@ def _configure(node: Node, conntrack: dict[str, int], loss_pct: float, delay: bo
             ipr.route("add", dst="::/0", gateway=node.gateway6, family=socket.AF_INET6)
         for prefix, via in node.routes6:
             ipr.route("add", dst=prefix, gateway=via, family=socket.AF_INET6)
+    if node.firewall6 is not None:
+        behaviour, ifname = node.firewall6
+        _nft(v6_firewall_ruleset(behaviour, ifname, host=not node.router), f"{node.name} IPv6 firewall")
     if node.nat is not None:
         _nft(ruleset(node.nat), f"{node.name} NAT")
         for key, value in conntrack.items():
@@ -321,11 +337,11 @@ def _configure(node: Node, conntrack: dict[str, int], loss_pct: float, delay: bo
             if not os.path.exists(path):
                 raise RuntimeError(f"unknown conntrack setting {key!r} (no {path})")
             _write(path, int(value))
-    if v6_rules := v6_ruleset(node.uplinks6):
-        _nft(v6_rules, f"{node.name} IPv6 uplink")
     if node.name == "core":
         if loss_pct > 0:
             _nft(loss_ruleset(loss_pct), "loss")
+        if v6_rules := v6_blackhole_ruleset(node.blackhole6):
+            _nft(v6_rules, "IPv6 blackhole")
         if delay:
             # --queue-bypass: packets pass undelayed whenever no delayer is bound to the queue.
             for tool in ("iptables", "ip6tables"):

@@ -11,10 +11,12 @@ import time
 
 import pytest
 
+from pyholepunch.engine import Engine
 from pyholepunch.lab import Lab, verify6
 from pyholepunch.lab import nat as nat_mod
 
 from ..conftest import netns_list
+from ..engine.helpers import punch_side
 
 pytestmark = pytest.mark.lab
 
@@ -151,15 +153,18 @@ def test_bad_v6_arguments() -> None:
 
 
 def test_v6_ruleset_text() -> None:
-    text = nat_mod.v6_ruleset({"pa": "firewall-rst", "pb": "blackhole", "pc": "open"})
-    assert text.startswith("table ip6 hpl_v6")
-    # Inbound on the side's own uplink (its first hop filters, with its own conntrack).
-    assert 'iifname "pa" ct state established,related accept' in text
-    assert 'iifname "pa" meta l4proto tcp reject with tcp reset' in text
-    assert 'iifname "pa" meta l4proto ipv6-icmp accept' in text     # neighbour discovery
-    assert 'iifname "pb" drop' in text and 'oifname "pb" drop' in text and '"pc"' not in text
-    assert "hook forward" in text and "hook input" in text and "hook output" in text
-    assert nat_mod.v6_ruleset({"pa": "open", "pb": "none"}) == ""
+    text = nat_mod.v6_firewall_ruleset("firewall-rst", "wan", host=False)
+    assert text.startswith("table ip6 hpl_v6") and "hook forward" in text
+    assert 'iifname "wan" ct state established,related accept' in text
+    assert 'iifname "wan" meta l4proto tcp reject with tcp reset' in text and "ipv6-icmp" not in text
+    host = nat_mod.v6_firewall_ruleset("firewall", "eth0", host=True)
+    assert "hook input" in host and 'iifname "eth0" meta l4proto ipv6-icmp accept' in host
+    assert "reject" not in host
+    with pytest.raises(ValueError, match="'open'"):
+        nat_mod.v6_firewall_ruleset("open", "wan", host=False)
+    hole = nat_mod.v6_blackhole_ruleset(["pb"])
+    assert 'iifname "pb" drop' in hole and 'oifname "pb" drop' in hole
+    assert nat_mod.v6_blackhole_ruleset([]) == ""
     assert nat_mod.loss_ruleset(5).startswith("table inet ")
 
 
@@ -183,3 +188,33 @@ def test_cli_up_and_verify_v6() -> None:
     assert r.returncode == 0, r.stderr
     (doc,) = json.loads(r.stdout)
     assert doc["v6_behaviour"] == "firewall-rst" and doc["ok"] and doc["unsolicited_syn"] == "rst"
+
+
+@pytest.mark.parametrize("a, v6_a, b, v6_b, connects", [
+    ("symmetric-random", "firewall", "symmetric-random", "firewall", True),
+    ("cgnat", "firewall-rst", "symmetric-seq", "open", True),
+    ("none", "firewall-rst", "no-ipv4", "firewall", True),        # host firewalls
+    ("port-restricted", "blackhole", "port-restricted", "firewall", False),
+], ids=["symrandom-fw--symrandom-fw", "cgnat-fwrst--symseq-open", "none-fwrst--v6only-fw",
+        "prc-blackhole--prc-fw"])
+def test_engine_punches_over_ipv6(engine: Engine, a: str, v6_a: str, b: str, v6_b: str,
+                                  connects: bool) -> None:
+    """Whatever the IPv4 NATs (symmetric-random twice is relayed on IPv4), simultaneous open
+    over IPv6 passes two stateful firewalls: each side's SYN opens its own, the other's is then
+    a reply. A blackholed side gets nowhere."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Lab(a=a, b=b, v6_a=v6_a, v6_b=v6_b) as lab:
+        a6, b6 = lab.public_ip6("a"), lab.public_ip6("b")
+        start_at, budget = time.time() + 0.5, 3.0 if connects else 1.0
+        with ThreadPoolExecutor(2) as pool:
+            fa = pool.submit(lab.call, "a", punch_side, engine.name, (a6, 43210), (b6, 43211),
+                             start_at, budget, True, 0.01, b"from a", timeout=20)
+            fb = pool.submit(lab.call, "b", punch_side, engine.name, (b6, 43211), (a6, 43210),
+                             start_at, budget, True, 0.01, b"from b", timeout=20)
+            ra, rb = fa.result(), fb.result()
+    if connects:
+        assert ra.get("got") == b"from b" and rb.get("got") == b"from a", (ra, rb)
+        assert ra["peername"] == (b6, 43211) and rb["peername"] == (a6, 43210)
+    else:
+        assert "PunchTimeout" in ra["error"] and "PunchTimeout" in rb["error"]
