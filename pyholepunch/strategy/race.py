@@ -4,8 +4,8 @@ Each family both peers announced a public candidate in (strategy/candidates.py) 
 plan :func:`planner.plan` chooses from that family's two TCP profiles (on IPv6 usually two
 stateful firewalls, which punch like port-restricted cones, or an open host); its steps are
 tagged with the family. punch.py runs the families as two lanes of a race: IPv6 at the
-common start, IPv4 ``race_delay`` later (an RTT-derived "connection attempt delay"), the
-first connection the initiator sees wins and every other one is closed. The relay step
+common start, IPv4 ``race_delay`` later (an RTT-derived "connection attempt delay"); the
+first mutually authenticated connection wins and every other one is closed (race.py). The relay step
 comes last, once, when every lane has failed. Peers with no family in common get a relay-only
 plan whose reason says "no common address family". Pure and deterministic, like the planner.
 """
@@ -20,8 +20,10 @@ from .planner import plan as plan_family
 from .steps import Plan, Step, StepKind
 
 # RFC 8305 §5: a "connection attempt delay" of 250 ms by default, at least 100 ms when taken
-# from RTT history, never under 10 ms. Both peers start their lanes on the server's schedule,
-# so the wait only has to cover the first SYN exchange of the IPv6 lane: two RTTs, clamped.
+# from RTT history, never under 10 ms. Both peers start their lanes on the server's common
+# schedule (no DNS, no unilateral connect), so the wait only has to cover the IPv6 lane's
+# first SYN exchange: two RTTs, clamped to 50..250 ms (below the RFC's 100 ms floor on
+# purpose: a blackholed IPv6 must cost IPv4 well under 300 ms).
 MIN_RACE_DELAY = 0.05
 MAX_RACE_DELAY = 0.25
 NO_COMMON_FAMILY = "no common address family"
