@@ -9,7 +9,7 @@ Each case runs the real CLI as the matrix does (a dual-stack `serve`, `listen --
 - (port-restricted + blackhole) x (port-restricted + firewall): direct over IPv4, at most
   300 ms later than the same pair without IPv6 (measured in the same run);
 - an IPv6-only peer x an IPv4-only peer: relayed, "no common address family";
-- two peers behind one NAT that does not hairpin: direct on the LAN.
+- two peers behind one NAT, hairpinning or not: direct on the LAN.
 
 The table (pair -> route, family, step, time) goes to ``$PYHOLEPUNCH_RESULTS/dual_stack.json``
 (default ``build/results``) and is printed at the end.
@@ -50,9 +50,11 @@ def table() -> Iterator[dict[str, Any]]:
 
 
 def _run(table: dict[str, Any], key: str, tmp_path: Path, a: str, b: str, v6_a: str = "none",
-         v6_b: str = "none", *, same_nat: bool = False, connect_args: tuple[str, ...] = (),
+         v6_b: str = "none", *, same_nat: bool = False, hairpin: bool = False,
+         connect_args: tuple[str, ...] = (),
          listen_args: tuple[str, ...] = (), ipv6_only: tuple[str, ...] = ()) -> dict[str, Any]:
-    with Lab(a=a, b=b, v6_a=v6_a, v6_b=v6_b, rtt_ms=40, same_nat=same_nat) as lab:
+    with Lab(a=a, b=b, v6_a=v6_a, v6_b=v6_b, rtt_ms=40, same_nat=same_nat,
+             hairpin=hairpin) as lab:
         v6_server = format_address((lab.server_ip6, PORT))
         dual = (v6_a, v6_b) != ("none", "none")     # an IPv4-only lab has no IPv6 anywhere
         result = run_pair(lab.spawn, lab.server_ip, lab.server_alt_ip, tmp_path, timeout=30,
@@ -103,10 +105,11 @@ def test_ipv6_only_and_ipv4_only_peers_relay_and_say_why(
     assert NO_COMMON_FAMILY in r["relay_reason"], r["relay_reason"]
 
 
-def test_two_peers_behind_one_non_hairpinning_nat_connect_on_the_lan(
-        table: dict[str, Any], tmp_path: Path) -> None:
-    r = _run(table, "port-restricted, one NAT, no hairpin", tmp_path, "port-restricted",
-             "port-restricted", same_nat=True)
+@pytest.mark.parametrize("hairpin", [False, True], ids=["no-hairpin", "hairpin"])
+def test_two_peers_behind_one_nat_connect_on_the_lan(
+        table: dict[str, Any], tmp_path: Path, hairpin: bool) -> None:
+    r = _run(table, f"port-restricted, one NAT, {'hairpin' if hairpin else 'no hairpin'}",
+             tmp_path, "port-restricted", "port-restricted", same_nat=True, hairpin=hairpin)
     assert (r["route"], r["winning_step"], r["winning_family"]) == ("direct", "lan", "ipv4")
     lan = r["pairs"][0]
     assert lan["step"] == "lan" and lan["outcome"] == "success"
