@@ -221,3 +221,15 @@ def test_candidates_put_the_server_observed_address_first_then_the_bound_one() -
 def test_a_peer_refuses_unknown_families(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="families must be among"):
         Peer(("127.0.0.1", 1), name="x", config_dir=tmp_path, families=["ipx"])
+
+
+def test_serve_listen_text_takes_bracketed_ipv6_and_names_the_form_otherwise() -> None:
+    import argparse
+
+    from pyholepunch.serve import _parse_hostport
+    assert _parse_hostport("[2001:db8::10]:3478") == ("2001:db8::10", 3478)
+    assert _parse_hostport(":3478") == ("0.0.0.0", 3478)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"needs brackets.*\[2001:db8::10\]:3478"):
+        _parse_hostport("2001:db8::10:3478")
+    with pytest.raises(argparse.ArgumentTypeError, match="needs a scope id"):
+        _parse_hostport("[fe80::1]:3478")
