@@ -109,7 +109,7 @@ def _punch(msg: Punch) -> PunchInstruction:
                       tuple(parse_candidates(p["candidates"])), tuple(p["profiles"])))
 
 
-def _candidates(candidates: Sequence[Candidate | Address]) -> list[dict[str, Any]]:
+def _candidates(candidates: Sequence[Candidate | Address]) -> list[list[Any]]:
     """Candidates in their wire form; a bare (ip, port) counts as in a v1 list (the first
     is the server-observed address, the others host addresses)."""
     return [c.to_wire() if isinstance(c, Candidate) else Candidate.from_wire(list(c), i).to_wire()

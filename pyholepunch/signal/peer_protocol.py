@@ -54,8 +54,8 @@ class Refusal(Exception):
 
 
 def make_plan(initiator: list[dict[str, Any]], responder: list[dict[str, Any]],
-              initiator_candidates: list[dict[str, Any]] | None = None,
-              responder_candidates: list[dict[str, Any]] | None = None, *,
+              initiator_candidates: list[list[Any]] | None = None,
+              responder_candidates: list[list[Any]] | None = None, *,
               rtt: float = 0.1) -> dict[str, Any] | None:
     """The session's plan (strategy.plan_race: a lane per common address family, raced)."""
     try:
@@ -255,7 +255,7 @@ class PeerProtocol(asyncio.Protocol):
         elif isinstance(msg, Update):
             assert self.record is not None
             if msg.candidates is not None:
-                self.record.candidates = list(msg.candidates)
+                self.record.candidates = [list(c) for c in msg.candidates]
             if msg.profiles is not None:
                 self.record.profiles = msg.profiles
             if msg.cert is not None:
@@ -288,7 +288,7 @@ class PeerProtocol(asyncio.Protocol):
             raise Refusal(ErrorCode.NAME_TAKEN, f"name {msg.name!r} belongs to another key")
         self.record = PeerRecord(peer_id=peer_id_of(msg.public_key), name=msg.name,
                                  public_key=msg.public_key, node=srv.node_id, cert=msg.cert,
-                                 candidates=list(msg.candidates), profiles=msg.profiles)
+                                 candidates=[list(c) for c in msg.candidates], profiles=msg.profiles)
         await self._sync_step()
 
     async def _sync_step(self) -> None:
@@ -327,7 +327,7 @@ class PeerProtocol(asyncio.Protocol):
                                                          "responder": target.peer_id}):
             raise Refusal(ErrorCode.SESSION_EXISTS, "session id already used",
                           session=msg.session, fatal=False)
-        initiator = replace(me, candidates=list(msg.candidates) or me.candidates,
+        initiator = replace(me, candidates=[list(c) for c in msg.candidates] or me.candidates,
                             profiles=msg.profiles or me.profiles)
         plan = make_plan(initiator.profiles, target.profiles, initiator.candidates,
                          target.candidates, rtt=max(me.rtt, target.rtt))

@@ -12,7 +12,7 @@ The body is a msgpack map with string keys; key ``"t"`` names the message type, 
 are that type's fields (table below). Unknown keys are ignored (forward compatibility);
 missing required fields, wrong types, extension types and trailing bytes are errors.
 Binary fields are msgpack bin, times are float64 seconds (Unix epoch, *sender's* clock unless
-stated), candidates are maps ``{ip, port, family, iface, origin}`` (strategy/candidates.py;
+stated), candidates are ``[[ip, port, family, iface, origin], ...]`` (strategy/candidates.py;
 v1 ``[ip, port]`` pairs are still read), NAT profiles are ``NatProfile.to_dict()`` maps.
 
 ==============  =====  =============================================================
@@ -110,9 +110,9 @@ class ErrorCode(enum.IntEnum):
 # ---------------------------------------------------------------------------------------------
 # field checks: one function per field *name* (shared meaning across messages)
 
-def _check_candidates(value: Any) -> list[dict[str, Any]]:
-    """Candidate maps (strategy/candidates.py); v1 ``[ip, port]`` pairs are read and
-    normalised to maps, so everything past this check sees one form."""
+def _check_candidates(value: Any) -> list[list[Any]]:
+    """Candidates ``[ip, port, family, iface, origin]`` (strategy/candidates.py); v1
+    ``[ip, port]`` pairs are read and extended, so everything past this check sees one form."""
     if not isinstance(value, list) or len(value) > MAX_CANDIDATES:
         raise ValueError(f"at most {MAX_CANDIDATES} candidates")
     return [c.to_wire() for c in parse_candidates(value)]
@@ -310,7 +310,7 @@ class Register(Message):
     token: str | None = None
     cert: bytes | None = None
     profiles: list[dict[str, Any]] = field(default_factory=list)
-    candidates: list[dict[str, Any]] = field(default_factory=list)
+    candidates: list[list[Any]] = field(default_factory=list)
 
 
 @message("registered", Direction.TO_CLIENT)
@@ -340,7 +340,7 @@ class Pong(Message):
 @message("update", Direction.TO_SERVER)
 @dataclass(frozen=True, slots=True)
 class Update(Message):
-    candidates: list[dict[str, Any]] | None = None
+    candidates: list[list[Any]] | None = None
     profiles: list[dict[str, Any]] | None = None
     cert: bytes | None = None
 
@@ -350,7 +350,7 @@ class Update(Message):
 class Connect(Message):
     session: str
     target: str
-    candidates: list[dict[str, Any]] = field(default_factory=list)
+    candidates: list[list[Any]] = field(default_factory=list)
     profiles: list[dict[str, Any]] = field(default_factory=list)
 
 

@@ -54,7 +54,7 @@ class PeerRecord:
     def peer_info(self) -> dict[str, Any]:
         """The PUNCH ``peer`` map: what the other side needs to reach and authenticate us."""
         return {"peer_id": self.peer_id, "name": self.name, "public_key": self.public_key,
-                "cert": self.cert, "candidates": list(self.candidates),
+                "cert": self.cert, "candidates": [list(c) for c in self.candidates],
                 "profiles": self.profiles}
 
 

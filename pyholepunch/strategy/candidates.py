@@ -6,11 +6,12 @@ may have rewritten) and every usable address of every interface with that family
 port (origin ``host``: LAN addresses for a peer behind the same NAT, other global IPv6
 addresses). A router port mapping (origin ``portmap``) is a public address too.
 
-Wire form (signaling, inside REGISTER/UPDATE/CONNECT and PUNCH's peer info), one map each::
+Wire form (signaling, inside REGISTER/UPDATE/CONNECT and PUNCH's peer info): the v1 pair
+``[ip, port]`` extended to five items, one list each::
 
-    {"ip": "2001:db8:0:2::10", "port": 40001, "family": "ipv6", "iface": "eth0", "origin": "stun"}
+    ["2001:db8:0:2::10", 40001, "ipv6", "eth0", "stun"]      # ip, port, family, iface, origin
 
-``family`` must agree with ``ip``; ``iface`` may be empty. The v1 form ``[ip, port]`` is still
+``family`` must agree with ``ip``; ``iface`` may be empty. A v1 pair ``[ip, port]`` is still
 read: the first entry as the ``stun`` candidate, the others as ``host`` ones (what v1 peers
 announced). Pure data: no sockets.
 """
@@ -54,28 +55,23 @@ class Candidate:
     def public(self) -> bool:
         return self.origin in PUBLIC_ORIGINS
 
-    def to_wire(self) -> dict[str, Any]:
-        return {"ip": self.ip, "port": self.port, "family": self.family, "iface": self.iface,
-                "origin": self.origin}
+    def to_wire(self) -> list[Any]:
+        return [self.ip, self.port, self.family, self.iface, self.origin]
 
     @classmethod
     def from_wire(cls, value: Any, index: int = 0) -> Candidate:
-        """One wire entry (map, or v1 ``[ip, port]`` at position ``index``); ValueError
-        names what is wrong. The IP is only checked to be a literal here: whether a remote
-        peer may announce it is the signaling check's call (address.unusable_peer_ip)."""
-        origin: Any
-        iface: Any
+        """One wire entry (``[ip, port, family, iface, origin]``, or a v1 ``[ip, port]`` at
+        position ``index``); ValueError names what is wrong. The IP is only checked to be a
+        literal here: whether a remote peer may announce it is the signaling check's call
+        (address.unusable_peer_ip)."""
+        if not isinstance(value, (list, tuple)) or len(value) not in (2, 5):
+            raise ValueError(f"a candidate is [ip, port, family, iface, origin], got {value!r:.60}")
+        ip, port = value[0], value[1]
         family: Any
-        if isinstance(value, (list, tuple)):
-            if len(value) != 2:
-                raise ValueError(f"bad candidate {value!r:.60}")
-            ip, port = value
-            origin, iface, family = ("stun" if index == 0 else "host"), "", None
-        elif isinstance(value, dict):
-            ip, port = value.get("ip"), value.get("port")
-            origin, iface, family = value.get("origin"), value.get("iface", ""), value.get("family")
+        if len(value) == 2:
+            family, iface, origin = None, "", ("stun" if index == 0 else "host")
         else:
-            raise ValueError(f"a candidate is a map, got {type(value).__name__}")
+            family, iface, origin = value[2], value[3], value[4]
         if not isinstance(ip, str) or type(port) is not int or not 0 < port < 65536:
             raise ValueError(f"bad candidate address {ip!r:.50}:{port!r:.10}")
         try:
@@ -93,7 +89,7 @@ class Candidate:
 
 
 def parse_candidates(values: Iterable[Any]) -> list[Candidate]:
-    """Wire entries (maps or v1 pairs) -> candidates, in order."""
+    """Wire entries (five-item lists or v1 pairs) -> candidates, in order."""
     return [Candidate.from_wire(v, i) for i, v in enumerate(values)]
 
 

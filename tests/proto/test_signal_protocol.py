@@ -38,9 +38,8 @@ from pyholepunch.signal.protocol import (
 )
 
 
-def _cand(ip: str, port: int, origin: str = "stun", iface: str = "") -> dict[str, object]:
-    return {"ip": ip, "port": port, "family": "ipv6" if ":" in ip else "ipv4", "iface": iface,
-            "origin": origin}
+def _cand(ip: str, port: int, origin: str = "stun", iface: str = "") -> list[object]:
+    return [ip, port, "ipv6" if ":" in ip else "ipv4", iface, origin]
 
 
 PEER = {"peer_id": "a" * 32, "name": "bob", "public_key": b"k" * 32, "cert": b"der",
