@@ -1,13 +1,25 @@
-"""Child processes the demo, the coturn wrapper, the lab tests and the benches start: reading
-their output as it comes, and stopping them."""
+"""Processes: the children the demo, the coturn wrapper, the lab tests and the benches start
+(reading their output as it comes, stopping them), and this process's descriptor limit."""
 from __future__ import annotations
 
+import contextlib
+import resource
 import subprocess
 import threading
 import time
 from typing import Any
 
 from .errors import ProcessError
+
+
+def raise_fd_limit(want: int | None = None) -> None:
+    """Lift the soft RLIMIT_NOFILE to ``want`` (None: to the hard limit), never above the hard
+    limit and never down; a limit the system refuses is left as it is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if want is None or (hard != resource.RLIM_INFINITY and want > hard) else want
+    if soft != resource.RLIM_INFINITY and (target == resource.RLIM_INFINITY or soft < target):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def stop_processes(*procs: subprocess.Popen[bytes] | subprocess.Popen[str],

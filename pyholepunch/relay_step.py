@@ -18,12 +18,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import replace
 
 from .address import Address, parse_address
 from .errors import AddressError, RelayError, SignalingError, TransactionError
 from .relay.builtin import open_builtin_relay
 from .relay.turn import TurnClient, TurnCredentials, accept_relayed, connect_relayed, offer_relayed
 from .signal.client import PunchInstruction, RelayInstruction, SignalClient
+from .strategy.candidates import family_name
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +89,38 @@ async def turn_relay(signal: SignalClient, session: str, *, initiator: bool,
     return await _join(grant, timeout)
 
 
+async def peer_relay(signal: SignalClient, instr: PunchInstruction, *, initiator: bool, relay: str,
+                     turn: tuple[str | None, str | None, str | None],
+                     grants: dict[str, asyncio.Future[RelayInstruction]], server: Address,
+                     timeout: float) -> Streams:
+    """Streams to the peer through a relay. The initiator picks it (built-in: asks the server,
+    which it reaches at ``server``; TURN: allocates and offers it); the responder joins
+    whatever its grant names."""
+    if initiator and not relay.startswith("turn:"):
+        try:
+            grant = await signal.request_relay(instr.session, timeout=timeout)
+        finally:
+            grants.pop(instr.session, None)
+        grant = reachable_grant(grant, server)
+        return await open_builtin_relay(grant.relay, grant.token, timeout=timeout)
+    return await peer_turn_relay(signal, instr, initiator=initiator, relay=relay, turn=turn,
+                                 grants=grants, timeout=timeout)
+
+
+def reachable_grant(grant: RelayInstruction, server: Address) -> RelayInstruction:
+    """A built-in relay grant names the server's address in the initiator's family; a peer of
+    the other family joins it at ``server``, the address it signals through (the relay shares
+    the server's port set in every family)."""
+    if grant.via == "builtin" and family_name(grant.relay[0]) != family_name(server[0]):
+        return replace(grant, relay=server)
+    return grant
+
+
 async def peer_turn_relay(signal: SignalClient, instr: PunchInstruction, *, initiator: bool,
                           relay: str, turn: tuple[str | None, str | None, str | None],
                           grants: dict[str, asyncio.Future[RelayInstruction]],
                           timeout: float) -> Streams:
-    """``Peer._relay`` for ``relay="turn:HOST:PORT"``; ``turn`` is (user, password, secret),
+    """``peer_relay`` for ``relay="turn:HOST:PORT"``; ``turn`` is (user, password, secret),
     ``grants`` the peer's per-session RELAY_GRANT futures (this session's is consumed)."""
     session = instr.session
     try:
@@ -108,7 +137,7 @@ async def peer_turn_relay(signal: SignalClient, instr: PunchInstruction, *, init
                              "nothing to permit on the TURN relay")
         return await turn_relay(signal, session, initiator=True, turn_server=server,
                                 credentials=turn_credentials(*turn, now=time.time()),
-                                peer_ips=[ip for ip, _port in instr.peer.candidates],
+                                peer_ips=[c.ip for c in instr.peer.candidates],
                                 timeout=timeout)
     finally:
         grants.pop(session, None)
