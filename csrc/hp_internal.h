@@ -3,7 +3,6 @@
 #define HP_INTERNAL_H
 
 #include <stdint.h>
-#include <sys/epoll.h>
 
 #include "hp_engine.h"
 
@@ -38,9 +37,6 @@ int hp_sock_local_port(int fd);
 
 /* Absolute waits sleep until this long before the target and spin the rest (clock.c). */
 #define HP_SPIN_NS 150000LL
-
-/* epoll_pwait2 with a nanosecond timeout (millisecond epoll_wait before Linux 5.11). */
-int hp_epoll_wait_ns(int ep, struct epoll_event *evs, int max, int64_t wait_ns);
 
 /* ---- punches as state machines --------------------------------------------------------
  * A simultaneous open or a sweep is begun (validated, sockets ready: only connect() is left

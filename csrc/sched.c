@@ -9,6 +9,7 @@
  * looked at here: the punches own them, whatever their family. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,7 +23,8 @@
 
 /* ---- one punch ------------------------------------------------------------------------- */
 
-int hp_epoll_wait_ns(int ep, struct epoll_event *evs, int max, int64_t wait_ns)
+/* epoll_pwait2 with a nanosecond timeout (< 0: none; millisecond epoll_wait before 5.11). */
+static int hp_epoll_wait_ns(int ep, struct epoll_event *evs, int max, int64_t wait_ns)
 {
     struct timespec ts;
     int n;
@@ -60,19 +62,26 @@ void hp_punch_end(hp_punch_t *p)
 
 int hp_punch_run(hp_punch_t *p, int64_t start_at_ns, int *out_fd)
 {
-    struct epoll_event ev;
     int64_t wake = start_at_ns, now;
     int rc;
 
     *out_fd = -1;
     hp_clock_wait_until(start_at_ns);
     for (;;) {
+        struct pollfd pfd;
+        struct timespec ts;
         rc = hp_punch_step(p, hp_clock_now_ns(), out_fd, &wake);
         if (rc != 0)
             break;
         now = hp_clock_now_ns();
-        if (hp_epoll_wait_ns(hp_punch_fd(p), &ev, 1, wake > now ? wake - now : 0) < 0
-            && errno != EINTR) {
+        now = wake > now ? wake - now : 0;
+        ts.tv_sec = (time_t)(now / HP_NS_PER_S);
+        ts.tv_nsec = (long)(now % HP_NS_PER_S);
+        /* poll, not epoll_wait: reading the punch's epoll would requeue what it reports
+         * behind the rest, and the step must see its sockets' events in arrival order. */
+        pfd.fd = hp_punch_fd(p);
+        pfd.events = POLLIN;
+        if (ppoll(&pfd, 1, &ts, NULL) < 0 && errno != EINTR) {
             rc = -errno;
             break;
         }
@@ -132,6 +141,7 @@ struct hp_sched {
     size_t hash_cap, nlive;
     hp_sched_timer_t *heap;
     size_t heap_len, heap_cap;
+    int notify;                /* events posted since the last eventfd write */
 };
 
 static int hp_grow(void **buf, size_t *cap, size_t need, size_t elem)
@@ -292,7 +302,7 @@ static void hp_sched_post(hp_sched_t *s, hp_sched_punch_t *p, int rc, int fd)
     e->fd = fd;
     e->st = p->st;
     pthread_mutex_unlock(&s->lock);
-    hp_sched_wake(s->events_fd);
+    s->notify = 1; /* one eventfd write per loop round, not one wake-up per completion */
 }
 
 static void hp_sched_finish(hp_sched_t *s, hp_sched_punch_t *p, int rc, int fd)
@@ -548,8 +558,14 @@ static void *hp_sched_main(void *arg)
     prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
     for (;;) {
         int n, k, stop = 0;
+        int64_t timeout;
         hp_sched_run_timers(s);
-        n = hp_epoll_wait_ns(s->ep, evs, HP_SCHED_EVENTS, hp_sched_timeout(s));
+        timeout = hp_sched_timeout(s);
+        if (s->notify) {
+            s->notify = 0;
+            hp_sched_wake(s->events_fd);
+        }
+        n = hp_epoll_wait_ns(s->ep, evs, HP_SCHED_EVENTS, timeout);
         if (n < 0)
             n = 0; /* EINTR; nothing else can fail on a valid epoll fd */
         for (k = 0; k < n; k++) {
@@ -567,6 +583,7 @@ static void *hp_sched_main(void *arg)
         hp_sched_begin_pending(s);
     }
     hp_sched_shutdown(s);
+    hp_sched_wake(s->events_fd);
     return NULL;
 }
 

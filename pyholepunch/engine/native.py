@@ -2,12 +2,20 @@
 
 Arguments are validated here with the same checks (and messages) as the pure engine, so the
 C code only ever sees well-formed values; ``_native`` converts them, releases the GIL for the
-whole blocking call and maps C error codes to exceptions. Run any method from asyncio with
-``await asyncio.to_thread(engine.method, ...)``: the event loop keeps running meanwhile.
+whole blocking call and maps C error codes to exceptions.
+
+The ``*_async`` methods hand the punch to the C scheduler (csrc/sched.c): one thread per
+event loop runs every punch of that loop, and its eventfd is a reader of the loop, which
+drains the completions. No Python thread per punch; the scheduler thread ends once the loop
+has had no punch for ``LINGER`` seconds.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+import itertools
+import weakref
+from collections.abc import Callable, Sequence
 
 from . import _base, _native
 from ._base import (
@@ -23,6 +31,91 @@ from ._base import (
 __all__ = ["NativeEngine"]
 
 _INT_MAX = 2**31 - 1
+
+LINGER = 0.5
+"""Seconds an event loop's scheduler thread outlives its last punch (bursts reuse it)."""
+
+
+class _LoopScheduler:
+    """The C scheduler serving one event loop: its completions are drained on the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.sched = _native.Scheduler()
+        self.fd = self.sched.fileno()
+        self.waiting: dict[int, asyncio.Future[object]] = {}
+        self.ids = itertools.count(1)
+        self.idle: asyncio.TimerHandle | None = None
+        self.closed = False
+        loop.add_reader(self.fd, self._drain)
+
+    def submit(self, start: Callable[[_native.Scheduler, int], None]
+               ) -> tuple[int, asyncio.Future[object]]:
+        pid = next(self.ids)
+        start(self.sched, pid)
+        fut: asyncio.Future[object] = self.loop.create_future()
+        self.waiting[pid] = fut
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+        return pid, fut
+
+    def _drain(self) -> None:
+        for pid, outcome in self.sched.drain():
+            fut = self.waiting.pop(pid, None)
+            if fut is None or fut.done():       # its caller is gone: nothing may leak
+                if isinstance(outcome, PunchResult):
+                    outcome.sock.close()
+                continue
+            fut.set_result(outcome)
+        if not self.waiting and self.idle is None and not self.closed:
+            self.idle = self.loop.call_later(LINGER, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        self.idle = None
+        if not self.waiting:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if _SCHEDULERS.get(self.loop) is self:
+            del _SCHEDULERS[self.loop]
+        with contextlib.suppress(Exception):     # the loop may be closed already
+            self.loop.remove_reader(self.fd)
+        self.sched.close()                       # joins the thread, closes every socket
+        for fut in self.waiting.values():
+            fut.cancel()
+        self.waiting.clear()
+
+
+_SCHEDULERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopScheduler] = \
+    weakref.WeakKeyDictionary()
+
+
+async def _punch(start: Callable[[_native.Scheduler, int], None]) -> PunchResult:
+    """Run one punch on the running loop's scheduler; cancelling closes its sockets first."""
+    loop = asyncio.get_running_loop()
+    ls = _SCHEDULERS.get(loop)
+    if ls is None:
+        ls = _SCHEDULERS[loop] = _LoopScheduler(loop)
+    pid, fut = ls.submit(start)
+    try:
+        outcome = await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        if not ls.closed:
+            ls.sched.cancel(pid)
+            with contextlib.suppress(asyncio.CancelledError):   # a second cancel: _drain closes
+                late = await fut                                # the scheduler confirms: closed
+                if isinstance(late, PunchResult):               # it had just won
+                    late.sock.close()
+        raise
+    if isinstance(outcome, PunchResult):
+        return outcome
+    if isinstance(outcome, BaseException):
+        raise outcome
+    raise asyncio.CancelledError()                              # cancelled by the scheduler
 
 
 class NativeEngine:
@@ -67,6 +160,44 @@ class NativeEngine:
         every = min(a.interval, a.timeout + 1.0)
         return _native.sweep(a.pairs, a.local_ip, a.start, a.timeout, every, a.max_inflight,
                              a.rate, a.syn_ttl or 0)
+
+    async def simultaneous_open_async(
+        self,
+        local: Address,
+        remote: Address,
+        start_at: float | None,
+        timeout: float,
+        *,
+        interval: float = 0.01,
+        syn_ttl: int | None = None,
+        ttl_syns: int = 1,
+        listen: bool = True,
+    ) -> PunchResult:
+        a = _base.check_simopen_args(local, remote, start_at, timeout, interval, syn_ttl,
+                                     ttl_syns, listen)
+        every = min(a.interval, a.timeout + 1.0)
+        return await _punch(lambda sched, pid: sched.simultaneous_open(
+            pid, a.local[0], a.local[1], a.remote[0], a.remote[1], a.start, a.timeout, every,
+            a.syn_ttl or 0, min(a.ttl_syns, _INT_MAX), a.listen))
+
+    async def sweep_async(
+        self,
+        pairs: Sequence[SweepPair],
+        start_at: float | None,
+        timeout: float,
+        *,
+        local_ip: str = "0.0.0.0",
+        max_inflight: int = 1024,
+        rate: float = 0.0,
+        interval: float = 0.0,
+        syn_ttl: int | None = None,
+    ) -> PunchResult:
+        a = _base.check_sweep_args(pairs, start_at, timeout, local_ip, max_inflight, rate,
+                                   interval, syn_ttl)
+        every = min(a.interval, a.timeout + 1.0)
+        return await _punch(lambda sched, pid: sched.sweep(
+            pid, a.pairs, a.local_ip, a.start, a.timeout, every, a.max_inflight, a.rate,
+            a.syn_ttl or 0))
 
     def raw_syn(
         self,
