@@ -5,8 +5,9 @@ the server), so no further signaling is needed: step groups run back to back, ea
 at ``start_at`` + the budgets of the groups before it. A side that fails a step early waits
 for the next slot; a side that wins stops. Steps of one ``parallel`` group start together.
 
-This module only turns instructions into engine calls (in worker threads, so the loop keeps
-running) and plain accepts; TLS and the relay step belong to the peer layer.
+This module only turns instructions into engine calls (the engine's async entry points: no
+thread per punch, and cancelling a step closes its sockets at once) and plain accepts; TLS and
+the relay step belong to the peer layer.
 """
 from __future__ import annotations
 
@@ -133,13 +134,13 @@ class Punch:
             return await follow(self.local_ip, pairs, self._peer_ips(ins), start=start,
                                 deadline=start + timeout, syn_ttl=ins.syn_ttl)
         if ins.action is Action.SIMOPEN:
-            return await asyncio.to_thread(eng.simultaneous_open, (self.local_ip, self.local_port),
-                                    remotes[0], start, timeout, interval=REARM_INTERVAL,
-                                    syn_ttl=ins.syn_ttl, listen=True)
+            return await eng.simultaneous_open_async(
+                (self.local_ip, self.local_port), remotes[0], start, timeout,
+                interval=REARM_INTERVAL, syn_ttl=ins.syn_ttl, listen=True)
         if ins.action is Action.CONNECT:
-            return await asyncio.to_thread(eng.simultaneous_open, (self.local_ip, 0), remotes[0], start,
-                                    timeout, interval=REARM_INTERVAL, syn_ttl=ins.syn_ttl,
-                                    listen=False)
+            return await eng.simultaneous_open_async(
+                (self.local_ip, 0), remotes[0], start, timeout, interval=REARM_INTERVAL,
+                syn_ttl=ins.syn_ttl, listen=False)
         if ins.action is Action.SWEEP_LOCAL_PORTS:
             pairs = [(0, remotes[0])] * ins.count
         elif ins.action is Action.SWEEP_REMOTE_PORTS:
@@ -148,9 +149,9 @@ class Punch:
             pairs = [(0, r) for r in remotes]
         else:
             raise PunchError(f"action {ins.action} is not a direct punch")
-        result = await asyncio.to_thread(eng.sweep, pairs, start, timeout, local_ip=self.local_ip,
-                                         max_inflight=max(len(pairs), 1), rate=ins.rate,
-                                         syn_ttl=ins.syn_ttl)
+        result = await eng.sweep_async(pairs, start, timeout, local_ip=self.local_ip,
+                                       max_inflight=max(len(pairs), 1), rate=ins.rate,
+                                       syn_ttl=ins.syn_ttl)
         try:   # we chose: tell the follower which of the connections that came up is the one
             result.sock.sendall(MARK)
         except OSError:

@@ -37,10 +37,12 @@ LINGER = 0.5
 
 
 class _LoopScheduler:
-    """The C scheduler serving one event loop: its completions are drained on the loop."""
+    """The C scheduler serving one event loop: its completions are drained on the loop.
+
+    It holds no reference to its loop (every method runs on it), so the registry's entry, and
+    with it the thread, goes when the loop is collected even if it never went idle."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
         self.sched = _native.Scheduler()
         self.fd = self.sched.fileno()
         self.waiting: dict[int, asyncio.Future[object]] = {}
@@ -53,7 +55,7 @@ class _LoopScheduler:
                ) -> tuple[int, asyncio.Future[object]]:
         pid = next(self.ids)
         start(self.sched, pid)
-        fut: asyncio.Future[object] = self.loop.create_future()
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self.waiting[pid] = fut
         if self.idle is not None:
             self.idle.cancel()
@@ -69,7 +71,7 @@ class _LoopScheduler:
                 continue
             fut.set_result(outcome)
         if not self.waiting and self.idle is None and not self.closed:
-            self.idle = self.loop.call_later(LINGER, self._close_if_idle)
+            self.idle = asyncio.get_running_loop().call_later(LINGER, self._close_if_idle)
 
     def _close_if_idle(self) -> None:
         self.idle = None
@@ -77,13 +79,14 @@ class _LoopScheduler:
             self.close()
 
     def close(self) -> None:
+        """On the loop, once idle: stop watching, join the thread, forget this scheduler."""
         if self.closed:
             return
         self.closed = True
-        if _SCHEDULERS.get(self.loop) is self:
-            del _SCHEDULERS[self.loop]
-        with contextlib.suppress(Exception):     # the loop may be closed already
-            self.loop.remove_reader(self.fd)
+        loop = asyncio.get_running_loop()
+        if _SCHEDULERS.get(loop) is self:
+            del _SCHEDULERS[loop]
+        loop.remove_reader(self.fd)
         self.sched.close()                       # joins the thread, closes every socket
         for fut in self.waiting.values():
             fut.cancel()
