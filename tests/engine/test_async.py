@@ -223,7 +223,7 @@ async def test_cancelling_a_thousand_in_flight_leaves_nothing(engine: Engine) ->
     fds, sockets, threads = len(open_fds()), socket_fds(), os_threads()
     with silent_port(B_IP) as port:
         fds, sockets = fds + 4, sockets + 4      # the silent port's listener and fillers
-        start = time.time() + 0.3
+        start = time.time() + 1.0
         tasks = [asyncio.ensure_future(engine.simultaneous_open_async(
             (A_IP, 0), (B_IP, port), start, 60.0, listen=i % 2 == 0)) for i in range(1000)]
         await asyncio.sleep(start + 0.3 - time.time())
