@@ -111,6 +111,10 @@ typedef struct hp_sched_event {
 
 int hp_sched_new(hp_sched_t **out);
 int hp_sched_event_fd(const hp_sched_t *s);
+/* Run the scheduler thread under SCHED_FIFO at priority 1..99 (0: back to SCHED_OTHER), so a
+ * busy machine does not delay a first SYN by a time slice; -EPERM without CAP_SYS_NICE. Its
+ * work is bounded (no spin longer than HP_SPIN_NS), it sleeps between deadlines. */
+int hp_sched_set_priority(hp_sched_t *s, int priority);
 /* Submit; sockets are opened on the scheduler's thread, so a failure to open them (bad
  * arguments included) is the punch's event, not this return value. -ESHUTDOWN once freed. */
 int hp_sched_simopen(hp_sched_t *s, uint64_t id, const hp_simopen_args_t *args);

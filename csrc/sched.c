@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -95,6 +96,7 @@ int hp_punch_run(hp_punch_t *p, int64_t start_at_ns, int *out_fd)
 #define HP_SCHED_EVENTS 256
 #define HP_SCHED_BEGIN_BATCH 64 /* begins between two looks at the timers */
 #define HP_SCHED_INBOX UINT64_MAX
+#define HP_SCHED_RETRY_NS 50000LL /* a busy lock is tried again this soon */
 
 typedef struct hp_sched_punch {
     uint64_t id;
@@ -141,7 +143,9 @@ struct hp_sched {
     size_t hash_cap, nlive;
     hp_sched_timer_t *heap;
     size_t heap_len, heap_cap;
-    int notify;                /* events posted since the last eventfd write */
+    hp_sched_event_t *out;     /* posted, not yet flushed to events */
+    size_t nout, out_cap;
+    int inbox_busy;            /* the inbox was locked: look again soon */
 };
 
 static int hp_grow(void **buf, size_t *cap, size_t need, size_t elem)
@@ -281,28 +285,53 @@ static void hp_sched_free_punch(hp_sched_punch_t *p)
     free(p);
 }
 
-/* Post p's outcome and forget it: its sockets (but a winner) are closed by then. If even
- * the event cannot be stored, the winner is closed: nothing may leak. */
+/* Post p's outcome: kept on the thread's own list until hp_sched_flush hands it over. If
+ * even the event cannot be stored, the winner is closed: nothing may leak. */
 static void hp_sched_post(hp_sched_t *s, hp_sched_punch_t *p, int rc, int fd)
 {
     hp_sched_event_t *e;
-    pthread_mutex_lock(&s->lock);
-    if (s->ev_head > 0 && s->ev_head == s->ev_count) {
-        s->ev_head = 0;
-        s->ev_count = 0;
-    }
-    if (hp_grow((void **)&s->events, &s->ev_cap, s->ev_count + 1, sizeof(*s->events)) < 0) {
-        pthread_mutex_unlock(&s->lock);
+    if (hp_grow((void **)&s->out, &s->out_cap, s->nout + 1, sizeof(*s->out)) < 0) {
         hp_close(fd);
         return;
     }
-    e = &s->events[s->ev_count++];
+    e = &s->out[s->nout++];
     e->id = p->id;
     e->rc = rc;
     e->fd = fd;
     e->st = p->st;
+}
+
+/* Move the thread's events to the shared queue and wake the reader (one eventfd write per
+ * round, not one wake-up per completion). Without wait, a lock held by the draining thread is
+ * not waited for (it may be descheduled holding it; this thread may be real-time): 0 = try
+ * again soon. */
+static int hp_sched_flush(hp_sched_t *s, int wait)
+{
+    size_t i;
+    if (s->nout == 0)
+        return 1;
+    if (wait)
+        pthread_mutex_lock(&s->lock);
+    else if (pthread_mutex_trylock(&s->lock) != 0)
+        return 0;
+    if (s->ev_head > 0 && s->ev_head == s->ev_count) {
+        s->ev_head = 0;
+        s->ev_count = 0;
+    }
+    if (hp_grow((void **)&s->events, &s->ev_cap, s->ev_count + s->nout, sizeof(*s->events))
+        < 0) {
+        pthread_mutex_unlock(&s->lock);
+        for (i = 0; i < s->nout; i++)
+            hp_close(s->out[i].fd);
+        s->nout = 0;
+        return 1;
+    }
+    memcpy(s->events + s->ev_count, s->out, s->nout * sizeof(*s->out));
+    s->ev_count += s->nout;
+    s->nout = 0;
     pthread_mutex_unlock(&s->lock);
-    s->notify = 1; /* one eventfd write per loop round, not one wake-up per completion */
+    hp_sched_wake(s->events_fd);
+    return 1;
 }
 
 static void hp_sched_finish(hp_sched_t *s, hp_sched_punch_t *p, int rc, int fd)
@@ -430,7 +459,11 @@ static int hp_sched_take_inbox(hp_sched_t *s)
     ssize_t r = read(s->inbox_fd, &drained, sizeof(drained));
     (void)r;
 
-    pthread_mutex_lock(&s->lock);
+    if (pthread_mutex_trylock(&s->lock) != 0) { /* as in hp_sched_flush */
+        s->inbox_busy = 1;
+        return 0;
+    }
+    s->inbox_busy = 0;
     head = s->inbox_head;
     if (head != NULL) {
         if (s->pending_tail != NULL)
@@ -559,12 +592,13 @@ static void *hp_sched_main(void *arg)
     for (;;) {
         int n, k, stop = 0;
         int64_t timeout;
+        if (s->inbox_busy && hp_sched_take_inbox(s))
+            break;
         hp_sched_run_timers(s);
         timeout = hp_sched_timeout(s);
-        if (s->notify) {
-            s->notify = 0;
-            hp_sched_wake(s->events_fd);
-        }
+        if ((!hp_sched_flush(s, 0) || s->inbox_busy)
+            && (timeout < 0 || timeout > HP_SCHED_RETRY_NS))
+            timeout = HP_SCHED_RETRY_NS;
         n = hp_epoll_wait_ns(s->ep, evs, HP_SCHED_EVENTS, timeout);
         if (n < 0)
             n = 0; /* EINTR; nothing else can fail on a valid epoll fd */
@@ -583,7 +617,7 @@ static void *hp_sched_main(void *arg)
         hp_sched_begin_pending(s);
     }
     hp_sched_shutdown(s);
-    hp_sched_wake(s->events_fd);
+    hp_sched_flush(s, 1);
     return NULL;
 }
 
@@ -632,6 +666,18 @@ fail:
     pthread_mutex_destroy(&s->lock);
     free(s);
     return rc;
+}
+
+int hp_sched_set_priority(hp_sched_t *s, int priority)
+{
+    struct sched_param sp;
+    int rc;
+    if (s == NULL || priority < 0 || priority > sched_get_priority_max(SCHED_FIFO))
+        return -EINVAL;
+    memset(&sp, 0, sizeof(sp));
+    sp.sched_priority = priority;
+    rc = pthread_setschedparam(s->thread, priority ? SCHED_FIFO : SCHED_OTHER, &sp);
+    return -rc;
 }
 
 int hp_sched_event_fd(const hp_sched_t *s)
@@ -760,6 +806,7 @@ void hp_sched_free(hp_sched_t *s)
     pthread_mutex_destroy(&s->lock);
     free(s->cancels);
     free(s->events);
+    free(s->out);
     free(s->tab);
     free(s->free_slots);
     free(s->hash);

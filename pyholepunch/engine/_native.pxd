@@ -70,6 +70,7 @@ cdef extern from "hp_engine.h" nogil:
 
     int hp_sched_new(hp_sched_t **out)
     int hp_sched_event_fd(const hp_sched_t *s)
+    int hp_sched_set_priority(hp_sched_t *s, int priority)
     int hp_sched_simopen(hp_sched_t *s, uint64_t id, const hp_simopen_args_t *args)
     int hp_sched_sweep(hp_sched_t *s, uint64_t id, const hp_sweep_args_t *args)
     int hp_sched_cancel(hp_sched_t *s, uint64_t id)

@@ -227,6 +227,14 @@ cdef class Scheduler:
     def fileno(self):
         return hp_sched_event_fd(self._live())
 
+    def set_priority(self, int priority):
+        """SCHED_FIFO at priority (1..99) for the scheduler thread, 0 = normal."""
+        rc = hp_sched_set_priority(self._live(), priority)
+        if rc == -EPERM:
+            raise PermissionError(-rc, "a real-time scheduler thread needs CAP_SYS_NICE")
+        if rc < 0:
+            _raise(rc, "set_priority")
+
     def simultaneous_open(self, uint64_t id, str local_ip, int local_port, str remote_ip,
                           int remote_port, double start_at, double timeout, double interval,
                           int syn_ttl, int ttl_syns, bint listen):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
+import os
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -30,10 +32,16 @@ from ._base import (
 
 __all__ = ["NativeEngine"]
 
+log = logging.getLogger(__name__)
+
 _INT_MAX = 2**31 - 1
 
 LINGER = 0.5
 """Seconds an event loop's scheduler thread outlives its last punch (bursts reuse it)."""
+
+PRIORITY_ENV = "PYHOLEPUNCH_SCHED_PRIORITY"
+"""1..99: run the scheduler thread under SCHED_FIFO at that priority (needs CAP_SYS_NICE), so
+other busy processes cannot delay a first SYN by a time slice; unset or 0: a normal thread."""
 
 
 class _LoopScheduler:
@@ -44,6 +52,12 @@ class _LoopScheduler:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.sched = _native.Scheduler()
+        prio = os.environ.get(PRIORITY_ENV, "0")
+        if prio not in ("", "0"):
+            try:
+                self.sched.set_priority(int(prio))
+            except (PermissionError, ValueError) as exc:
+                log.warning("%s=%s ignored: %s", PRIORITY_ENV, prio, exc)
         self.fd = self.sched.fileno()
         self.waiting: dict[int, asyncio.Future[object]] = {}
         self.ids = itertools.count(1)
