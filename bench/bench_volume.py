@@ -8,12 +8,16 @@ before the first start_at, in two shapes:
           a burst leaves N x that cost after start_at whatever the engine does.
   spread  pair k starts at start_at + k ms (two first SYNs per ms, every call still in flight
           at once): each first SYN's delay is the scheduler's own timing.
+  spread_rt  the same with the native scheduler thread under SCHED_FIFO
+          (PYHOLEPUNCH_SCHED_PRIORITY; needs CAP_SYS_NICE): what the engine does when other
+          busy processes cannot preempt it for a time slice. Native only.
 Per case (group ``volume`` in bench/results/report.json): first-SYN delay median/p99/max,
 connected count, wall time, CPU seconds (process: the scheduler thread's included), peak RSS
 and peak OS thread count. ``volume.ratios``: pure / native p99 per case.
 
-Target (asserted): native, 1,000 calls spread: p99 <= 1 ms, every pair connected. Timing on
-a shared machine is noisy: a run under heavy load from other processes can miss it.
+Target (asserted): native, 1,000 calls spread: first-SYN p99 <= 1 ms (spread_rt where the
+process may raise the priority, else spread), every pair connected in every case. On a
+machine loaded by other processes a normal-priority thread can miss it by a time slice.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ from pyholepunch.peer import _raise_fd_limit
 
 A_IP, B_IP = "127.0.0.2", "127.0.0.3"
 SIZES = (100, 1000, 5000)
-MODES = ("burst", "spread")
+MODES = ("burst", "spread", "spread_rt")
+RT_PRIORITY = "10"
 PAIR_SPACING = 0.001        # spread: one pair's start every ms
 LEAD = 0.5                  # s from the first submission to the first start_at, plus
 LEAD_PER_CALL = 0.0005      # per call: each is validated and readied before its start_at
@@ -73,6 +78,18 @@ def _reset_peak_rss() -> None:
         pass
 
 
+def _may_raise_priority() -> bool:
+    return os.geteuid() == 0 or bool(_status_hex("CapEff") & (1 << 23))      # CAP_SYS_NICE
+
+
+def _status_hex(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1], 16)
+    return 0
+
+
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
@@ -81,7 +98,7 @@ def _pct(values: list[float], q: float) -> float:
 async def _volume(engine: Engine, calls: int, mode: str) -> dict[str, Any]:
     ports = _ports(calls // 2)
     first = time.time() + LEAD + calls * LEAD_PER_CALL
-    spacing = PAIR_SPACING if mode == "spread" else 0.0
+    spacing = PAIR_SPACING if mode.startswith("spread") else 0.0
     threads = peak_threads = len(os.listdir("/proc/self/task"))
 
     async def watch() -> None:
@@ -126,8 +143,15 @@ async def _volume(engine: Engine, calls: int, mode: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("calls", SIZES)
-def test_volume(benchmark: Any, engine: Engine, bench_report: Any, calls: int, mode: str) -> None:
-    need = calls * 4 + 256
+def test_volume(benchmark: Any, engine: Engine, bench_report: Any, calls: int, mode: str,
+                monkeypatch: pytest.MonkeyPatch) -> None:
+    if mode == "spread_rt":
+        if engine.name != "native":
+            pytest.skip("the pure engine has no scheduler thread")
+        if not _may_raise_priority():
+            pytest.skip("a real-time scheduler thread needs CAP_SYS_NICE")
+        monkeypatch.setenv("PYHOLEPUNCH_SCHED_PRIORITY", RT_PRIORITY)
+    need = calls * 3 + 512     # native: listener, connecting socket, epoll per call
     _raise_fd_limit(need)
     if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < need:
         pytest.skip(f"needs {need} descriptors (RLIMIT_NOFILE hard limit too low)")
@@ -139,7 +163,8 @@ def test_volume(benchmark: Any, engine: Engine, bench_report: Any, calls: int, m
     benchmark.pedantic(run, rounds=1, iterations=1)
     bench_report.record("volume", f"{engine.name}.{mode}.{calls}", **out)
     assert out["connected"] == calls, out["errors"]
-    if engine.name == "native" and mode == "spread" and calls == 1000:
+    target_mode = "spread_rt" if _may_raise_priority() else "spread"
+    if engine.name == "native" and mode == target_mode and calls == 1000:
         assert out["first_syn_p99_ms"] <= P99_TARGET_MS, (
             f"native first-SYN p99 {out['first_syn_p99_ms']:.3f} ms > {P99_TARGET_MS} ms "
             f"(load average {out['load_avg_1min']:.1f})")
@@ -153,7 +178,8 @@ def test_volume_ratios(bench_report: Any) -> None:
     out: dict[str, Any] = {}
     for mode in MODES:
         for calls in SIZES:
-            n, p = g.get(f"native.{mode}.{calls}"), g.get(f"pure.{mode}.{calls}")
+            n = g.get(f"native.{mode}.{calls}")
+            p = g.get(f"pure.{mode.removesuffix('_rt')}.{calls}")
             if n and p and n["first_syn_p99_ms"] and p["first_syn_p99_ms"]:
                 out[f"{mode}.{calls}.p99_pure_over_native"] = \
                     p["first_syn_p99_ms"] / n["first_syn_p99_ms"]

@@ -47,8 +47,9 @@ other busy processes cannot delay a first SYN by a time slice; unset or 0: a nor
 class _LoopScheduler:
     """The C scheduler serving one event loop: its completions are drained on the loop.
 
-    It holds no reference to its loop (every method runs on it), so the registry's entry, and
-    with it the thread, goes when the loop is collected even if it never went idle."""
+    It holds no reference to its loop, not even through a timer handle (every method runs on
+    it), so the registry's entry, and with it the thread, goes when the loop is collected even
+    if it never went idle."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.sched = _native.Scheduler()
@@ -61,7 +62,7 @@ class _LoopScheduler:
         self.fd = self.sched.fileno()
         self.waiting: dict[int, asyncio.Future[object]] = {}
         self.ids = itertools.count(1)
-        self.idle: asyncio.TimerHandle | None = None
+        self.idle = 0               # generation of the pending idle check (handles hold the loop)
         self.closed = False
         loop.add_reader(self.fd, self._drain)
 
@@ -71,9 +72,7 @@ class _LoopScheduler:
         start(self.sched, pid)
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self.waiting[pid] = fut
-        if self.idle is not None:
-            self.idle.cancel()
-            self.idle = None
+        self.idle += 1              # a pending idle check is void
         return pid, fut
 
     def _drain(self) -> None:
@@ -84,12 +83,12 @@ class _LoopScheduler:
                     outcome.sock.close()
                 continue
             fut.set_result(outcome)
-        if not self.waiting and self.idle is None and not self.closed:
-            self.idle = asyncio.get_running_loop().call_later(LINGER, self._close_if_idle)
+        if not self.waiting and not self.closed:
+            self.idle += 1
+            asyncio.get_running_loop().call_later(LINGER, self._close_if_idle, self.idle)
 
-    def _close_if_idle(self) -> None:
-        self.idle = None
-        if not self.waiting:
+    def _close_if_idle(self, generation: int) -> None:
+        if generation == self.idle and not self.waiting:
             self.close()
 
     def close(self) -> None:

@@ -243,7 +243,7 @@ async def test_cancelling_a_thousand_in_flight_leaves_nothing(engine: Engine) ->
 async def test_five_thousand_concurrent_calls(engine: Engine) -> None:
     """5,000 concurrent calls (2,500 loopback pairs) all connect within their timeout, on at
     most one extra thread."""
-    need_fds(5000 * 3 + 500)
+    need_fds(5000 * 3 + 256)
     threads = os_threads()
     ports = pair_ports(2500)
     peak = 0
