@@ -183,9 +183,9 @@ cdef object _outcome(const hp_sched_event_t *ev, str op):
     if ev.rc == -ECANCELED:
         return None
     stats = _stats(&ev.st)
-    if ev.rc == 0:
-        return _result(ev.fd, stats)
-    try:
+    try:    # never raise here: drain() must hand over every event it took from C
+        if ev.rc == 0:
+            return _result(ev.fd, stats)
         _raise(ev.rc, op, stats if ev.rc != -EINVAL else None)
     except Exception as exc:
         return exc
