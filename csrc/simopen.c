@@ -249,6 +249,28 @@ static int hp_simopen_take(hp_simopen_state_t *s, int fd, int accepted, int *out
     return 1;
 }
 
+/* The next attempt's connect(): 1 = won at once (taken), 0 = pending or failed, < 0 = fatal. */
+static int hp_simopen_arm(hp_simopen_state_t *s, int64_t now, int *out_fd)
+{
+    int rc;
+    if (s->cfd < 0) {
+        rc = hp_simopen_prepare(s);
+        if (rc < 0)
+            return rc;
+    }
+    s->next_arm += s->a->interval_ns;
+    if (s->next_arm < now)
+        s->next_arm = now + s->a->interval_ns;
+    rc = hp_simopen_connect(s);
+    if (rc < 0)
+        return rc;
+    if (rc == 1)
+        return hp_simopen_take(s, s->cfd, 0, out_fd);
+    if (s->cfd >= 0 && (rc = hp_simopen_watch(s, s->cfd, EPOLLOUT)) < 0)
+        return rc;
+    return 0;
+}
+
 int hp_simopen_step(hp_simopen_state_t *s, int64_t now, int *out_fd, int64_t *wake_ns)
 {
     struct epoll_event evs[2];
@@ -258,37 +280,35 @@ int hp_simopen_step(hp_simopen_state_t *s, int64_t now, int *out_fd, int64_t *wa
         *wake_ns = s->a->start_at_ns;
         return 0;
     }
-    n = epoll_wait(s->ep, evs, 2, 0);
-    if (n < 0 && errno != EINTR)
-        return -errno;
-    for (k = 0; k < n; k++) {
-        if (evs[k].data.fd == s->cfd && s->armed) {
-            if (hp_simopen_finish(s) == 1)
-                return hp_simopen_take(s, s->cfd, 0, out_fd);
-        } else if (evs[k].data.fd == s->lfd && (evs[k].events & EPOLLIN)) {
-            int fd = hp_simopen_accept(s);
-            if (fd >= 0)
-                return hp_simopen_take(s, fd, 1, out_fd);
+    if (now < s->deadline && !s->armed && s->st->attempts == 0) {
+        /* The first connect: only that. What is pending on the sockets (the peer's SYN may
+         * have reached our listener already) is read at the next step, at once: the epoll fd
+         * is readable. A scheduler with many punches starting together thus sends every
+         * first SYN before handling any completion. */
+        rc = hp_simopen_arm(s, now, out_fd);
+        if (rc != 0)
+            return rc;
+    } else {
+        n = epoll_wait(s->ep, evs, 2, 0);
+        if (n < 0 && errno != EINTR)
+            return -errno;
+        for (k = 0; k < n; k++) {
+            if (evs[k].data.fd == s->cfd && s->armed) {
+                if (hp_simopen_finish(s) == 1)
+                    return hp_simopen_take(s, s->cfd, 0, out_fd);
+            } else if (evs[k].data.fd == s->lfd && (evs[k].events & EPOLLIN)) {
+                int fd = hp_simopen_accept(s);
+                if (fd >= 0)
+                    return hp_simopen_take(s, fd, 1, out_fd);
+            }
         }
-    }
-    if (now >= s->deadline)
-        return -ETIMEDOUT;
-    if ((!s->armed || s->cfd < 0) && now >= s->next_arm) {
-        if (s->cfd < 0) {
-            rc = hp_simopen_prepare(s);
-            if (rc < 0)
+        if (now >= s->deadline)
+            return -ETIMEDOUT;
+        if ((!s->armed || s->cfd < 0) && now >= s->next_arm) {
+            rc = hp_simopen_arm(s, now, out_fd);
+            if (rc != 0)
                 return rc;
         }
-        s->next_arm += s->a->interval_ns;
-        if (s->next_arm < now)
-            s->next_arm = now + s->a->interval_ns;
-        rc = hp_simopen_connect(s);
-        if (rc < 0)
-            return rc;
-        if (rc == 1)
-            return hp_simopen_take(s, s->cfd, 0, out_fd);
-        if (s->cfd >= 0 && (rc = hp_simopen_watch(s, s->cfd, EPOLLOUT)) < 0)
-            return rc;
     }
     *wake_ns = s->deadline;
     if ((s->cfd < 0 || !s->armed) && s->next_arm < *wake_ns)
