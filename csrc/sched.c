@@ -1,6 +1,6 @@
-/* Driving punches: the blocking one-punch loop (hp_punch_run) and the scheduler, one thread
- * that owns many punches at once (simultaneous opens and sweeps, each with its re-arms) on one
- * epoll, sends each first SYN at its start_at and reports each completion as an event.
+/* The scheduler: one thread that owns many punches at once (simultaneous opens and sweeps,
+ * each with its re-arms) on one epoll, sends each first SYN at its start_at and reports each
+ * completion as an event.
  *
  * A punch is the state machine of simopen.c or sweep.c; it exposes one epoll fd (its own
  * sockets) and a wake time. The scheduler watches every punch's fd in its epoll and keeps the
@@ -9,7 +9,6 @@
  * looked at here: the punches own them, whatever their family. */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
@@ -21,8 +20,6 @@
 #include <unistd.h>
 
 #include "hp_internal.h"
-
-/* ---- one punch ------------------------------------------------------------------------- */
 
 /* epoll_pwait2 with a nanosecond timeout (< 0: none; millisecond epoll_wait before 5.11). */
 static int hp_epoll_wait_ns(int ep, struct epoll_event *evs, int max, int64_t wait_ns)
@@ -39,56 +36,6 @@ static int hp_epoll_wait_ns(int ep, struct epoll_event *evs, int max, int64_t wa
         n = epoll_wait(ep, evs, max, (int)((wait_ns + 999999) / 1000000));
     }
     return n;
-}
-
-int hp_punch_fd(const hp_punch_t *p)
-{
-    return p->kind == HP_PUNCH_SIMOPEN ? hp_simopen_fd(p->u.simopen) : hp_sweep_fd(p->u.sweep);
-}
-
-int hp_punch_step(hp_punch_t *p, int64_t now, int *out_fd, int64_t *wake_ns)
-{
-    if (p->kind == HP_PUNCH_SIMOPEN)
-        return hp_simopen_step(p->u.simopen, now, out_fd, wake_ns);
-    return hp_sweep_step(p->u.sweep, now, out_fd, wake_ns);
-}
-
-void hp_punch_end(hp_punch_t *p)
-{
-    if (p->kind == HP_PUNCH_SIMOPEN)
-        hp_simopen_end(p->u.simopen);
-    else
-        hp_sweep_end(p->u.sweep);
-}
-
-int hp_punch_run(hp_punch_t *p, int64_t start_at_ns, int *out_fd)
-{
-    int64_t wake = start_at_ns, now;
-    int rc;
-
-    *out_fd = -1;
-    hp_clock_wait_until(start_at_ns);
-    for (;;) {
-        struct pollfd pfd;
-        struct timespec ts;
-        rc = hp_punch_step(p, hp_clock_now_ns(), out_fd, &wake);
-        if (rc != 0)
-            break;
-        now = hp_clock_now_ns();
-        now = wake > now ? wake - now : 0;
-        ts.tv_sec = (time_t)(now / HP_NS_PER_S);
-        ts.tv_nsec = (long)(now % HP_NS_PER_S);
-        /* poll, not epoll_wait: reading the punch's epoll would requeue what it reports
-         * behind the rest, and the step must see its sockets' events in arrival order. */
-        pfd.fd = hp_punch_fd(p);
-        pfd.events = POLLIN;
-        if (ppoll(&pfd, 1, &ts, NULL) < 0 && errno != EINTR) {
-            rc = -errno;
-            break;
-        }
-    }
-    hp_punch_end(p);
-    return rc < 0 ? rc : 0;
 }
 
 /* ---- the scheduler ------------------------------------------------------------------------ */
