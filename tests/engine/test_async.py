@@ -240,6 +240,22 @@ async def test_cancelling_a_thousand_in_flight_leaves_nothing(engine: Engine) ->
 
 
 @pytest.mark.asyncio
+async def test_cancelling_a_sweep_closes_its_sockets(engine: Engine) -> None:
+    """A sweep of 256 SYNs into silence, cancelled: every socket closed when the await ends."""
+    sockets = socket_fds()
+    with silent_port(B_IP) as port:
+        sockets += 4
+        task = asyncio.ensure_future(engine.sweep_async(
+            [(0, (B_IP, port))] * 256, time.time() + 0.2, 30.0, local_ip=A_IP))
+        await asyncio.sleep(0.5)
+        assert not task.done() and socket_fds() >= sockets + 256
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert socket_fds() == sockets
+
+
+@pytest.mark.asyncio
 async def test_five_thousand_concurrent_calls(engine: Engine) -> None:
     """5,000 concurrent calls (2,500 loopback pairs) all connect within their timeout, on at
     most one extra thread."""
