@@ -31,6 +31,7 @@ Address = tuple[str, int]
 
 REARM_INTERVAL = 0.02      # seconds between re-armed attempts after an RST / ICMP error
 MARK = b"\x01"             # a sweep's chooser sends this on the one connection it keeps
+SUBMIT_AHEAD = 0.05        # seconds before its start a step group's engine calls are made
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ class Punch:
                          "the plan has no direct step")
 
     async def _run_group(self, at: float, group: list[Step]) -> PunchResult:
-        await _sleep_until(at)
+        # Engine steps take absolute start times: handed over ahead, their sockets are ready
+        # and the engine sends the first SYN at `at` itself, not after an event-loop wake-up.
+        await _sleep_until(at - SUBMIT_AHEAD)
         tasks = [asyncio.ensure_future(self._run_step(at, step)) for step in group]
         errors: list[BaseException] = []
         won: PunchResult | None = None
@@ -101,7 +104,7 @@ class Punch:
 
     async def _run_step(self, at: float, step: Step) -> PunchResult:
         ins = step.for_role(self.role)
-        record = self.report.step_started(step.kind, at=time.time())
+        record = self.report.step_started(step.kind, at=max(at, time.time()))
         try:
             result = await self._execute(ins, at, step.budget)
         except PunchTimeout as exc:
