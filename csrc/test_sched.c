@@ -186,6 +186,10 @@ static void test_timeouts_and_errors(void)
 
     fds = hp_t_count_fds();
     CHECK_EQ(hp_sched_new(&s), 0);
+    CHECK_EQ(hp_sched_set_priority(s, 1000), -EINVAL);
+    i = hp_sched_set_priority(s, 10); /* real-time where permitted */
+    CHECK(i == 0 || i == -EPERM);
+    CHECK_EQ(hp_sched_set_priority(s, 0), 0);
     for (i = 0; i < N; i++) {
         hp_simopen_args_t a;
         /* Short deadlines differing per punch: each ends on its own. */
