@@ -6,8 +6,8 @@ hosts with synced clocks — can agree on one ``start_at``. Every ``timeout`` co
 
 Calling from asyncio: ``await engine.simultaneous_open_async(...)`` and
 ``await engine.sweep_async(...)`` take the blocking calls' arguments and give their results
-and errors, without a thread per punch (the native engine hands every punch of a loop to one
-C scheduler thread, the pure engine runs them on the loop itself). Cancelling the awaiting
+and errors, without a thread per punch (the native engine hands every punch of a loop to its
+C scheduler threads, one per CPU; the pure engine runs them on the loop itself). Cancelling the awaiting
 task closes every socket of that punch before CancelledError propagates. The other methods
 block: run them in a worker thread (``asyncio.to_thread``); the native engine releases the
 GIL for the whole call and the pure engine blocks only in ``select``/``sleep``.

@@ -4,10 +4,11 @@ Arguments are validated here with the same checks (and messages) as the pure eng
 C code only ever sees well-formed values; ``_native`` converts them, releases the GIL for the
 whole blocking call and maps C error codes to exceptions.
 
-The ``*_async`` methods hand the punch to the C scheduler (csrc/sched.c): one thread per
-event loop runs every punch of that loop, and its eventfd is a reader of the loop, which
-drains the completions. No Python thread per punch; the scheduler thread ends once the loop
-has had no punch for ``LINGER`` seconds.
+The ``*_async`` methods hand the punch to the C scheduler (csrc/sched.c): one scheduler thread
+per CPU (at most ``MAX_THREADS``) runs every punch of an event loop, the punches dealt out in
+turn, and each thread's eventfd is a reader of the loop, which drains the completions. No
+Python thread per punch; the scheduler threads end once the loop has had no punch for
+``LINGER`` seconds.
 """
 from __future__ import annotations
 
@@ -39,44 +40,65 @@ _INT_MAX = 2**31 - 1
 LINGER = 0.5
 """Seconds an event loop's scheduler thread outlives its last punch (bursts reuse it)."""
 
+MAX_THREADS = 4
+THREADS_ENV = "PYHOLEPUNCH_SCHED_THREADS"
+"""Scheduler threads per event loop; default one per CPU this process may run on, at most
+MAX_THREADS. A burst of first SYNs due at one instant is as many serial connect() calls (the
+kernel handles a loopback SYN inside the call): threads on several cores share them."""
+
 PRIORITY_ENV = "PYHOLEPUNCH_SCHED_PRIORITY"
-"""1..99: run the scheduler thread under SCHED_FIFO at that priority (needs CAP_SYS_NICE), so
-other busy processes cannot delay a first SYN by a time slice; unset or 0: a normal thread."""
+"""1..99: run the scheduler threads under SCHED_FIFO at that priority (needs CAP_SYS_NICE), so
+other busy processes cannot delay a first SYN by a time slice; unset or 0: normal threads."""
+
+
+def _threads() -> int:
+    text = os.environ.get(THREADS_ENV, "")
+    if text:
+        try:
+            return max(1, int(text))
+        except ValueError:
+            log.warning("%s=%s ignored: not an integer", THREADS_ENV, text)
+    return min(len(os.sched_getaffinity(0)), MAX_THREADS)
 
 
 class _LoopScheduler:
-    """The C scheduler serving one event loop: its completions are drained on the loop.
+    """The C schedulers serving one event loop: their completions are drained on the loop.
 
     It holds no reference to its loop, not even through a timer handle (every method runs on
-    it), so the registry's entry, and with it the thread, goes when the loop is collected even
+    it), so the registry's entry, and with it the threads, go when the loop is collected even
     if it never went idle."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.sched = _native.Scheduler()
+        self.scheds = [_native.Scheduler() for _ in range(_threads())]
         prio = os.environ.get(PRIORITY_ENV, "0")
-        if prio not in ("", "0"):
-            try:
-                self.sched.set_priority(int(prio))
-            except (PermissionError, ValueError) as exc:
-                log.warning("%s=%s ignored: %s", PRIORITY_ENV, prio, exc)
-        self.fd = self.sched.fileno()
+        for sched in self.scheds:
+            if prio not in ("", "0"):
+                try:
+                    sched.set_priority(int(prio))
+                except (PermissionError, ValueError) as exc:
+                    log.warning("%s=%s ignored: %s", PRIORITY_ENV, prio, exc)
+                    prio = "0"
+            loop.add_reader(sched.fileno(), self._drain, sched)
         self.waiting: dict[int, asyncio.Future[object]] = {}
         self.ids = itertools.count(1)
         self.idle = 0               # generation of the pending idle check (handles hold the loop)
         self.closed = False
-        loop.add_reader(self.fd, self._drain)
+
+    def sched(self, pid: int) -> _native.Scheduler:
+        """The scheduler that runs punch ``pid`` (dealt out in turn)."""
+        return self.scheds[pid % len(self.scheds)]
 
     def submit(self, start: Callable[[_native.Scheduler, int], None]
                ) -> tuple[int, asyncio.Future[object]]:
         pid = next(self.ids)
-        start(self.sched, pid)
+        start(self.sched(pid), pid)
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self.waiting[pid] = fut
         self.idle += 1              # a pending idle check is void
         return pid, fut
 
-    def _drain(self) -> None:
-        for pid, outcome in self.sched.drain():
+    def _drain(self, sched: _native.Scheduler) -> None:
+        for pid, outcome in sched.drain():
             fut = self.waiting.pop(pid, None)
             if fut is None or fut.done():       # its caller is gone: nothing may leak
                 if isinstance(outcome, PunchResult):
@@ -92,15 +114,16 @@ class _LoopScheduler:
             self.close()
 
     def close(self) -> None:
-        """On the loop, once idle: stop watching, join the thread, forget this scheduler."""
+        """On the loop, once idle: stop watching, join the threads, forget these schedulers."""
         if self.closed:
             return
         self.closed = True
         loop = asyncio.get_running_loop()
         if _SCHEDULERS.get(loop) is self:
             del _SCHEDULERS[loop]
-        loop.remove_reader(self.fd)
-        self.sched.close()                       # joins the thread, closes every socket
+        for sched in self.scheds:
+            loop.remove_reader(sched.fileno())
+            sched.close()                        # joins the thread, closes every socket
         for fut in self.waiting.values():
             fut.cancel()
         self.waiting.clear()
@@ -121,7 +144,7 @@ async def _punch(start: Callable[[_native.Scheduler, int], None]) -> PunchResult
         outcome = await asyncio.shield(fut)
     except asyncio.CancelledError:
         if not ls.closed:
-            ls.sched.cancel(pid)
+            ls.sched(pid).cancel(pid)
             with contextlib.suppress(asyncio.CancelledError):   # a second cancel: _drain closes
                 late = await fut                                # the scheduler confirms: closed
                 if isinstance(late, PunchResult):               # it had just won

@@ -23,6 +23,9 @@ from pyholepunch.peer import _raise_fd_limit
 
 from .helpers import A_IP, B_IP, closed_ports, free_port, open_fds, silent_port
 
+HANDFUL = {"native": min(len(os.sched_getaffinity(0)), 4), "pure": 0}
+"""Threads an engine may add: the native one runs a scheduler thread per CPU (at most 4)."""
+
 
 def socket_fds() -> int:
     n = 0
@@ -229,7 +232,7 @@ async def test_cancelling_a_thousand_in_flight_leaves_nothing(engine: Engine) ->
         await asyncio.sleep(start + 0.3 - time.time())
         assert not any(t.done() for t in tasks)
         assert socket_fds() >= sockets + 1000                   # SYNs in flight
-        assert os_threads() <= threads + 1                      # one scheduler thread at most
+        assert os_threads() - threads <= HANDFUL[engine.name]   # scheduler threads
         for t in tasks:
             t.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -257,8 +260,8 @@ async def test_cancelling_a_sweep_closes_its_sockets(engine: Engine) -> None:
 
 @pytest.mark.asyncio
 async def test_five_thousand_concurrent_calls(engine: Engine) -> None:
-    """5,000 concurrent calls (2,500 loopback pairs) all connect within their timeout, on at
-    most one extra thread."""
+    """5,000 concurrent calls (2,500 loopback pairs) all connect within their timeout, on a
+    handful of threads at most (native: one scheduler per CPU, at most 4; pure: none)."""
     need_fds(5000 * 3 + 256)
     threads = os_threads()
     ports = pair_ports(2500)
@@ -278,4 +281,4 @@ async def test_five_thousand_concurrent_calls(engine: Engine) -> None:
     finally:
         watcher.cancel()
     check_all_connected(results, ports)
-    assert peak <= threads + 1, f"{peak - threads} extra threads"
+    assert peak - threads <= HANDFUL[engine.name], f"{peak - threads} extra threads"
