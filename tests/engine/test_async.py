@@ -1,5 +1,6 @@
-"""simultaneous_open_async / sweep_async on both engines: the blocking calls' results and errors,
-a thousand concurrent punches, cancellation that leaves nothing behind, five thousand at once.
+"""simultaneous_open_async / sweep_async on both engines: the blocking calls' results and errors
+(IPv4 and IPv6), a thousand concurrent punches, cancellation that leaves nothing behind, five
+thousand at once.
 
 Timing (first-SYN delay) is asserted in bench/bench_volume.py, not here.
 """
@@ -10,7 +11,6 @@ import os
 import random
 import re
 import resource
-import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -21,7 +21,7 @@ from pyholepunch.engine import Engine, PunchResult
 from pyholepunch.errors import PunchError, PunchTimeout
 from pyholepunch.peer import _raise_fd_limit
 
-from .helpers import A_IP, B_IP, closed_ports, free_port, open_fds, silent_port
+from .helpers import A_IP, B_IP, Family, closed_ports, free_port, open_fds, silent_port
 
 HANDFUL = {"native": min(len(os.sched_getaffinity(0)), 4), "pure": 0}
 """Threads an engine may add: the native one runs a scheduler thread per CPU (at most 4)."""
@@ -91,14 +91,17 @@ def check_all_connected(results: list[PunchResult | BaseException], ports: list[
 # --- same results, same errors as the blocking calls ------------------------------------------
 
 @pytest.mark.asyncio
-async def test_async_pair_connects_and_carries_data(engine: Engine) -> None:
-    p = free_port(A_IP)
+async def test_async_pair_connects_and_carries_data(engine: Engine, fam: Family) -> None:
+    pa = free_port(fam.a)
+    pb = next(p for p in iter(lambda: free_port(fam.b), None) if p != pa)
+    start = time.time() + 0.1
     a, b = await asyncio.gather(
-        engine.simultaneous_open_async((A_IP, p), (B_IP, p), time.time() + 0.1, 5.0),
-        engine.simultaneous_open_async((B_IP, p), (A_IP, p), time.time() + 0.1, 5.0))
+        engine.simultaneous_open_async((fam.a, pa), (fam.b, pb), start, 5.0),
+        engine.simultaneous_open_async((fam.b, pb), (fam.a, pa), start, 5.0))
     try:
         assert a.sock.getblocking() and b.sock.getblocking()
-        assert a.stats.local_port == p and a.stats.remote == (B_IP, p)
+        assert a.sock.family == fam.af
+        assert a.stats.local_port == pa and a.stats.remote == (fam.b, pb)
         assert a.stats.first_syn_delay_ns is not None or a.stats.accepted
         a.sock.sendall(b"ping")
         assert b.sock.recv(4) == b"ping"
@@ -108,15 +111,15 @@ async def test_async_pair_connects_and_carries_data(engine: Engine) -> None:
 
 
 @pytest.mark.asyncio
-async def test_async_stats_equal_blocking(engine: Engine) -> None:
+async def test_async_stats_equal_blocking(engine: Engine, fam: Family) -> None:
     """A connect to a listener: every deterministic stat is the blocking call's."""
-    with socket.socket() as lst:
-        lst.bind((B_IP, 0))
+    with fam.sock() as lst:
+        lst.bind((fam.b, 0))
         lst.listen(4)
-        target = lst.getsockname()
+        target = lst.getsockname()[:2]
         got = []
         for call in ("blocking", "async"):
-            args = ((A_IP, 0), target, None, 2.0)
+            args = ((fam.a, 0), target, None, 2.0)
             if call == "blocking":
                 r = await asyncio.to_thread(engine.simultaneous_open, *args, listen=False)
             else:
@@ -170,19 +173,21 @@ async def test_async_argument_errors_equal_blocking(engine: Engine, case: int) -
 
 
 @pytest.mark.asyncio
-async def test_async_outcome_errors_equal_blocking(engine: Engine) -> None:
+async def test_async_outcome_errors_equal_blocking(engine: Engine, fam: Family) -> None:
     """A refused simultaneous open times out, an all-refused sweep runs out of pairs, a
     sweep that finds the listener wins it: as the blocking calls; nothing is left open."""
     fds = open_fds()
     refused = closed_ports(8, low=21000)
-    with socket.socket() as lst:
-        lst.bind((B_IP, 0))
+    with fam.sock() as lst:
+        lst.bind((fam.b, 0))
         lst.listen(4)
-        found = [(0, (B_IP, p)) for p in refused] + [(0, lst.getsockname())]
+        target = lst.getsockname()[:2]
+        found = [(0, (fam.b, p)) for p in refused] + [(0, target)]
         calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
-            ("simultaneous_open", ((A_IP, 0), (B_IP, refused[0]), None, 0.2), {"listen": False}),
-            ("sweep", ([(0, (B_IP, p)) for p in refused], None, 2.0), {"local_ip": A_IP}),
-            ("sweep", (found, None, 2.0), {"local_ip": A_IP}),
+            ("simultaneous_open", ((fam.a, 0), (fam.b, refused[0]), None, 0.2),
+             {"listen": False}),
+            ("sweep", ([(0, (fam.b, p)) for p in refused], None, 2.0), {"local_ip": fam.a}),
+            ("sweep", (found, None, 2.0), {"local_ip": fam.a}),
         ]
         for name, args, kw in calls:
             outcomes: list[PunchResult | BaseException] = []
@@ -195,7 +200,7 @@ async def test_async_outcome_errors_equal_blocking(engine: Engine) -> None:
             want, got = outcomes
             if isinstance(want, PunchResult):
                 assert isinstance(got, PunchResult)
-                assert want.stats.remote == got.stats.remote == lst.getsockname()
+                assert want.stats.remote == got.stats.remote == target
                 want.sock.close()
                 got.sock.close()
             else:
