@@ -138,37 +138,21 @@ class Engine(Protocol):
         ...
 
     async def simultaneous_open_async(
-        self,
-        local: Address,
-        remote: Address,
-        start_at: float | None,
-        timeout: float,
-        *,
-        interval: float = 0.01,
-        syn_ttl: int | None = None,
-        ttl_syns: int = 1,
+        self, local: Address, remote: Address, start_at: float | None, timeout: float, *,
+        interval: float = 0.01, syn_ttl: int | None = None, ttl_syns: int = 1,
         listen: bool = True,
     ) -> PunchResult:
-        """:meth:`simultaneous_open` on the running event loop: same result, same errors.
-
-        Thousands may run at once; each first SYN still leaves at its ``start_at``.
-        Cancelling the awaiting task closes every socket of the punch."""
+        """:meth:`simultaneous_open` on the running loop: same result, same errors; thousands
+        may run at once, each first SYN at its ``start_at``. Cancelling closes its sockets."""
         ...
 
     async def sweep_async(
-        self,
-        pairs: Sequence[SweepPair],
-        start_at: float | None,
-        timeout: float,
-        *,
-        local_ip: str = "0.0.0.0",
-        max_inflight: int = 1024,
-        rate: float = 0.0,
-        interval: float = 0.0,
-        syn_ttl: int | None = None,
+        self, pairs: Sequence[SweepPair], start_at: float | None, timeout: float, *,
+        local_ip: str = "0.0.0.0", max_inflight: int = 1024, rate: float = 0.0,
+        interval: float = 0.0, syn_ttl: int | None = None,
     ) -> PunchResult:
-        """:meth:`sweep` on the running event loop: same result, same errors; cancelling the
-        awaiting task closes every socket of the sweep."""
+        """:meth:`sweep` on the running loop: same result, same errors. Cancelling closes its
+        sockets."""
         ...
 
     def raw_syn(

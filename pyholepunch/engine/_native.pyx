@@ -178,6 +178,7 @@ def sweep(list pairs, str local_ip, double start_at, double timeout, double inte
     cdef hp_punch_stats_t st
     cdef hp_sweep_pair_t *c_pairs
     cdef int fd = -1, rc
+    cdef size_t n = len(pairs)
     c_pairs = _sweep_args(&a, pairs, local_ip, start_at, timeout, interval, max_inflight,
                           rate, syn_ttl)
     try:
