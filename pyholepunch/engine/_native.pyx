@@ -192,16 +192,17 @@ def sweep(list pairs, str local_ip, double start_at, double timeout, double inte
     return _result(fd, stats)
 
 
-cdef object _outcome(const hp_sched_event_t *ev, str op):
+cdef object _outcome(const hp_sched_event_t *ev, tuple call):
     """An event's outcome as the blocking call would have given it: a PunchResult, the
-    exception it would have raised, or None when the punch was cancelled."""
+    exception it would have raised, or None when the punch was cancelled. ``call`` is the
+    blocking call's name and what its failure message names (Scheduler.calls)."""
     if ev.rc == -ECANCELED:
         return None
     stats = _stats(&ev.st)
     try:    # never raise here: drain() must hand over every event it took from C
         if ev.rc == 0:
             return _result(ev.fd, stats)
-        _raise(ev.rc, op, stats if ev.rc != -EINVAL else None)
+        _raise(ev.rc, call[0], stats if ev.rc != -EINVAL else None)
     except Exception as exc:
         return exc
 
@@ -211,11 +212,11 @@ cdef class Scheduler:
     drained from ``drain()`` when ``fileno()`` (an eventfd) is readable."""
 
     cdef hp_sched_t *s
-    cdef dict ops        # id -> the blocking call's name, for its error messages
+    cdef dict calls      # id -> (the blocking call's name, what its failure message names)
 
     def __cinit__(self):
         cdef int rc = hp_sched_new(&self.s)
-        self.ops = {}
+        self.calls = {}
         if rc < 0:
             self.s = NULL
             _raise(rc, "scheduler")
@@ -260,7 +261,7 @@ cdef class Scheduler:
         rc = hp_sched_simopen(s, id, &a)
         if rc < 0:
             _raise(rc, "simultaneous_open")
-        self.ops[id] = "simultaneous_open"
+        self.calls[id] = ("simultaneous_open", local_ip, local_port, remote_ip, remote_port)
 
     def sweep(self, uint64_t id, list pairs, str local_ip, double start_at, double timeout,
               double interval, unsigned int max_inflight, double rate, int syn_ttl):
@@ -274,7 +275,7 @@ cdef class Scheduler:
             free(c_pairs)
         if rc < 0:
             _raise(rc, "sweep")
-        self.ops[id] = "sweep"
+        self.calls[id] = ("sweep", len(pairs))
 
     def cancel(self, uint64_t id):
         rc = hp_sched_cancel(self._live(), id)
@@ -290,7 +291,7 @@ cdef class Scheduler:
         while True:
             n = hp_sched_drain(s, evs, 64)
             for i in range(n):
-                out.append((evs[i].id, _outcome(&evs[i], self.ops.pop(evs[i].id, "punch"))))
+                out.append((evs[i].id, _outcome(&evs[i], self.calls.pop(evs[i].id, ("punch",)))))
             if n < 64:
                 return out
 
