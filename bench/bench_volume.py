@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 
 from pyholepunch import engine as engine_mod
+from pyholepunch._process import raise_fd_limit
 from pyholepunch.engine import Engine, PunchResult
-from pyholepunch.peer import _raise_fd_limit
 
 A_IP, B_IP = "127.0.0.2", "127.0.0.3"
 SIZES = (100, 1000, 5000)
@@ -152,7 +152,7 @@ def test_volume(benchmark: Any, engine: Engine, bench_report: Any, calls: int, m
             pytest.skip("a real-time scheduler thread needs CAP_SYS_NICE")
         monkeypatch.setenv("PYHOLEPUNCH_SCHED_PRIORITY", RT_PRIORITY)
     need = calls * 3 + 512     # native: listener, connecting socket, epoll per call
-    _raise_fd_limit(need)
+    raise_fd_limit(need)
     if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < need:
         pytest.skip(f"needs {need} descriptors (RLIMIT_NOFILE hard limit too low)")
     out: dict[str, Any] = {}

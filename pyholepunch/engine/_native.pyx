@@ -67,6 +67,18 @@ cdef object _stats(const hp_punch_stats_t *st):
     )
 
 
+cdef str _describe(tuple call, object stats):
+    """What a punch's failure message names (its addresses, its pair count), from the call as
+    the blocking entry points and Scheduler.calls record it."""
+    if call[0] == "simultaneous_open":
+        _, lip, lport, rip, rport = call
+        return (f"{format_address((lip, stats.local_port or lport))} -> "
+                f"{format_address((rip, rport))}")
+    if call[0] == "sweep":
+        return f"over {call[1]} pairs"
+    return ""
+
+
 cdef object _raise(int rc, str op, object stats=None, str what=""):
     """The single place where a negative errno from C becomes a Python exception; a punch's
     end without a connection takes the engines' shared policy (_base.punch_failure)."""
@@ -125,8 +137,8 @@ def simultaneous_open(str local_ip, int local_port, str remote_ip, int remote_po
     stats = _stats(&st)
     if rc < 0:
         _raise(rc, "simultaneous_open", stats if rc != -EINVAL else None,
-               f"{format_address((local_ip, stats.local_port or local_port))} -> "
-               f"{format_address((remote_ip, remote_port))}")
+               _describe(("simultaneous_open", local_ip, local_port, remote_ip, remote_port),
+                         stats))
     return _result(fd, stats)
 
 
@@ -187,7 +199,7 @@ def sweep(list pairs, str local_ip, double start_at, double timeout, double inte
         free(c_pairs)
     stats = _stats(&st)
     if rc < 0:
-        _raise(rc, "sweep", stats if rc != -EINVAL else None, f"over {n} pairs")
+        _raise(rc, "sweep", stats if rc != -EINVAL else None, _describe(("sweep", n), stats))
     return _result(fd, stats)
 
 
@@ -201,7 +213,7 @@ cdef object _outcome(const hp_sched_event_t *ev, tuple call):
     try:    # never raise here: drain() must hand over every event it took from C
         if ev.rc == 0:
             return _result(ev.fd, stats)
-        _raise(ev.rc, call[0], stats if ev.rc != -EINVAL else None)
+        _raise(ev.rc, call[0], stats if ev.rc != -EINVAL else None, _describe(call, stats))
     except Exception as exc:
         return exc
 

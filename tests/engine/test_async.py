@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from pyholepunch._process import raise_fd_limit
 from pyholepunch.engine import Engine, PunchResult
 from pyholepunch.errors import PunchError, PunchTimeout
-from pyholepunch.peer import _raise_fd_limit
 
 from .helpers import A_IP, B_IP, Family, closed_ports, free_port, open_fds, silent_port
 
@@ -53,7 +53,7 @@ async def settle(check: Callable[[], bool], within: float = 3.0) -> bool:
 
 
 def need_fds(n: int) -> None:
-    _raise_fd_limit(n + 256)
+    raise_fd_limit(n + 256)
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < n + 256:
         pytest.skip(f"needs {n + 256} descriptors, RLIMIT_NOFILE hard limit is {soft}")
