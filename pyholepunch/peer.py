@@ -413,10 +413,9 @@ class Peer:
             plan = plan_race(pi, pr, ci, cr)
         report.set_plan(plan.to_dict())
         initiator = instr.role == "initiator"
-        if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile
-            self._spawn(asyncio.to_thread(tls_context, self.identity, peer.cert,
-                                          server_side=not initiator))
         start_at = instr.start_at - (self.clock() - time.time())   # into the engine's clock
+        if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile
+            self._spawn(self._warm_tls(peer.cert, initiator, start_at))
         direct_error: BaseException | None = None
         cause = "no_direct_plan"
         if plan.direct_steps:
@@ -490,6 +489,12 @@ class Peer:
         if grant.via == "builtin" and family_name(grant.relay[0]) != self._primary:
             return replace(grant, relay=self.server)
         return grant
+
+    async def _warm_tls(self, cert: bytes, initiator: bool, start_at: float) -> None:
+        """Build the TLS context once the engines are past the start (a few ms of work that,
+        before it, competes with their preparation), still a round trip before TLS needs it."""
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        await asyncio.to_thread(tls_context, self.identity, cert, server_side=not initiator)
 
     async def _first(self, punch: Any, grant: asyncio.Future[RelayInstruction]) -> Any:
         """The punch result, unless the peer's relay grant arrives first."""

@@ -241,6 +241,7 @@ class PeerProtocol(asyncio.Protocol):
                 await self._sync_step()
             elif self.record is not None and self.clock.best is not None:
                 self.record.offset, self.record.rtt = self.clock.offset, self.clock.rtt or 0.0
+                self.record.spread = self.clock.spread
                 await self.server.store.put_online(self.record)   # also refreshes a Redis TTL
         elif isinstance(msg, Ping):
             self.send(Pong(t1=msg.t1, t2=at, t3=self.server.clock()))
@@ -299,6 +300,7 @@ class PeerProtocol(asyncio.Protocol):
         srv, rec = self.server, self.record
         assert rec is not None
         rec.offset, rec.rtt = self.clock.offset, self.clock.rtt or 0.0
+        rec.spread = self.clock.spread
         previous = await srv.store.get_online(rec.peer_id)
         old_local = srv.peers.get(rec.peer_id)
         if old_local is not None and old_local is not self:
@@ -331,7 +333,8 @@ class PeerProtocol(asyncio.Protocol):
                             profiles=msg.profiles or me.profiles)
         plan = make_plan(initiator.profiles, target.profiles, initiator.candidates,
                          target.candidates, rtt=max(me.rtt, target.rtt))
-        start = common_start(srv.clock(), [me.rtt, target.rtt], self.cfg.margin)
+        start = common_start(srv.clock(), [me.rtt, target.rtt], self.cfg.margin,
+                             [me.spread, target.spread])
         to_b = Punch(session=msg.session, role="responder", start_at=start,
                      peer=initiator.peer_info(), plan=plan)
         if not await srv.push(target, "punch", to_b):

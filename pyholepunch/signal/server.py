@@ -38,7 +38,7 @@ class ServerConfig:
     burst: float = 100.0
     # Added to the common start: absorbs delivery jitter (a PUNCH a few tens of ms late on a
     # busy path), so both peers still start on time; it costs as much connect time.
-    margin: float = 0.05
+    margin: float = 0.01                 # the floor; plus the peers' RTT spread (common_start)
     token: str | None = None
     max_write_buffer: int = 1 << 20      # a peer that does not read is dropped
 

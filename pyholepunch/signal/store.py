@@ -43,6 +43,7 @@ class PeerRecord:
     profiles: list[dict[str, Any]] = field(default_factory=list)
     offset: float = 0.0     # peer clock minus server clock
     rtt: float = 0.0
+    spread: float = 0.0     # its round trips' spread (ClockEstimator.spread): PUNCH margin
 
     def to_wire(self) -> dict[str, Any]:
         return {s: getattr(self, s) for s in self.__slots__}
