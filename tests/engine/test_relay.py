@@ -17,6 +17,8 @@ from pyholepunch import engine as engine_mod
 from pyholepunch.engine import Engine, RelayStats
 from tests.conftest import ENGINE_NAMES
 
+from .helpers import Family
+
 
 @pytest.fixture(params=[*ENGINE_NAMES, "native-splice"])
 def engine(request: pytest.FixtureRequest) -> Engine:
@@ -34,8 +36,6 @@ def engine(request: pytest.FixtureRequest) -> Engine:
     variant = type(base)()
     variant.relay_mover = mover                    # type: ignore[attr-defined]
     return variant
-
-from .helpers import Family
 
 
 def tcp_pair(ip: str = "127.0.0.1") -> tuple[socket.socket, socket.socket]:
