@@ -240,6 +240,32 @@ def test_relay_latency(benchmark: Any, bench_report: Any, name: str) -> None:
                         rtt_p99_us=round(times[int(len(times) * 0.99) - 1] * 1e6, 1), rounds=ROUNDS)
 
 
+def test_relay_movers_interleaved(bench_report: Any) -> None:
+    """The choice of the native mover, made fair on a shared machine: copy, splice and the
+    pure pump (and direct loopback) take turns, round after round, each moving SIZE bytes;
+    medians of throughput and of CPU per GiB. (The per-path throughput tests above run one
+    path after the other, so a neighbour's burst can favour whichever ran in a quiet spell.)"""
+    names = ["direct", "native", "native-splice", "pure"]
+    got: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    gib = SIZE / (1 << 30)
+    for rnd in range(REPEATS * 2):
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:   # rotate the order
+            with path(name) as (a, b):
+                c0 = cpu_seconds()
+                elapsed = throughput(a, b, SIZE)
+                got[name].append((SIZE / 1e6 / elapsed, (cpu_seconds() - c0) / gib))
+    med = {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
+           for n, v in got.items()}
+    out: dict[str, Any] = {}
+    for n, (mb_s, cpu) in med.items():
+        out[f"{n}_mb_s"] = round(mb_s, 1)
+        out[f"{n}_cpu_s_per_gib"] = round(cpu, 3)
+    relay_cpu = {n: max(med[n][1] - med["direct"][1], 1e-9) for n in names[1:]}
+    out["copy_over_splice_mb_s"] = round(med["native"][0] / med["native-splice"][0], 3)
+    out["native_relay_cpu_vs_cheapest_pump"] = round(relay_cpu["native"] / min(relay_cpu.values()), 3)
+    bench_report.record(GROUP, "movers_interleaved", rounds=REPEATS * 2, bytes=SIZE, **out)
+
+
 def test_relay_ratios(bench_report: Any) -> None:
     """The targets (issue 18): the built-in relay (native, its default mover) >= 8 x coturn's
     throughput, and its relay CPU per GiB within 1.2 x of the cheapest pump measured."""
@@ -267,6 +293,9 @@ def test_relay_ratios(bench_report: Any) -> None:
                                                  "throughput_coturn")
     out["pure_vs_coturn"] = bench_report.ratio(GROUP, "mb_s", "throughput_pure", "throughput_coturn")
     rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
+    # The CPU comparison between pumps is taken from the interleaved run when there is one.
+    cpu_ratio = g.get("movers_interleaved", {}).get("native_relay_cpu_vs_cheapest_pump",
+                                                    out.get("native_cpu_vs_cheapest_pump"))
     bench_report.record(GROUP, "ratios", **rounded,
                         target_met=(out["native_vs_coturn"] or 0) >= 8.0
-                        and (out.get("native_cpu_vs_cheapest_pump") or 1e9) <= 1.2)
+                        and (cpu_ratio or 1e9) <= 1.2)
