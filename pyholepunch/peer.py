@@ -44,6 +44,7 @@ Address = tuple[str, int]
 
 TLS_TIMEOUT = 5.0
 RELAY_TIMEOUT = 10.0
+RESPONDER_TIMEOUT = 30.0    # an incoming session (PUNCH received) ends by then, whatever it was told
 PROBE_ATTEMPTS = 3          # STUN over TCP from the punch port (see Peer._probe)
 PROBE_RETRY_PAUSE = 0.2
 
@@ -300,8 +301,9 @@ class Peer:
     async def _respond(self, instr: PunchInstruction) -> None:
         report = ConnectionReport(role="responder", started=time.time())
         report.local_nat = self.tcp_profile.to_dict()
-        try:
-            conn = await self._run_session(instr, report, self.local_port)
+        try:   # bounded like a connect(): an incoming session never holds us longer
+            async with asyncio.timeout(RESPONDER_TIMEOUT):
+                conn = await self._run_session(instr, report, self.local_port)
         except Exception as exc:   # the initiator gets its own error; we log ours
             log.warning("incoming connection from %s failed: %s", instr.peer.name, exc)
             return

@@ -15,16 +15,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import resource
 import signal
 import socket
+import struct
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .signal.admission import SourceBudget, source_key
 from .signal.auth import make_token
 from .signal.server import ServerConfig, SignalServer
 from .signal.store import open_store
@@ -48,6 +52,17 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+async def _readable(sock: socket.socket) -> None:
+    """Wait once until ``sock`` has a byte or EOF to read (one reader callback, no polling)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(sock.fileno(), _wake, fut)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
 def _raise_fd_limit() -> None:
     """Each peer holds a socket: lift the soft descriptor limit to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -62,15 +77,29 @@ class Rendezvous:
     def __init__(self, listen: Address, *, alt_ip: str | None = None, state_dir: str | None = None,
                  token: str | None = None, store: str | None = None, metrics_port: int | None = None,
                  config: ServerConfig | None = None, stun: bool = True, relay: bool = True,
-                 demux_timeout: float = 10.0, max_pending: int = 4096) -> None:
+                 demux_timeout: float = 1.5, max_pending: int = 4096,
+                 max_pending_per_source: int = 32, max_stun_tcp: int = 1024,
+                 max_relay_pending: int = 1024) -> None:
         self.listen, self.alt_ip, self.state_dir = listen, alt_ip, state_dir
         self.metrics_port = metrics_port
-        self.demux_timeout, self.max_pending = demux_timeout, max_pending
+        # Admission on the shared port. ``demux_timeout`` is the first-byte deadline (and for
+        # a relay preamble, the deadline for its magic). Each stage and protocol has its own
+        # budget, in all and per source address (see signal/admission.py): connections still
+        # waiting for a first byte, STUN-over-TCP streams, relay connections not yet paired;
+        # TLS connections go to the signaling server's unregistered budget.
+        self.demux_timeout = demux_timeout
+        per_source = min(max_pending_per_source, max_pending)
+        self.budgets = {
+            "pending": SourceBudget(max_pending, per_source),
+            "stun": SourceBudget(max_stun_tcp, min(per_source, max_stun_tcp)),
+            "relay": SourceBudget(max_relay_pending, min(per_source, max_relay_pending)),
+        }
         cfg = config or ServerConfig()
         if token is not None:
             cfg.token = token
         self.relay_hub = self._make_relay() if relay else None
-        self.signal = SignalServer(load_or_create_credentials(state_dir), open_store(store, state_dir),
+        self.signal = SignalServer(load_or_create_credentials(state_dir),
+                                   open_store(store, state_dir, names=cfg.names),
                                    cfg, relay_hub=self.relay_hub)
         self._want_stun = stun
         self.stun: Any = None
@@ -192,42 +221,46 @@ class Rendezvous:
     # -- demultiplexing ----------------------------------------------------------------------
     async def _accept_loop(self, lsock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        pending = self.budgets["pending"]
         while True:
             try:
-                sock, _ = await loop.sock_accept(lsock)
+                sock, peer = await loop.sock_accept(lsock)
             except OSError as exc:   # EMFILE and friends: back off instead of spinning
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            if len(self._tasks) > self.max_pending + len(self._listeners):
+            source = source_key(str(peer[0]))
+            if not pending.acquire(source):
+                # Over its source's (or everyone's) budget: closed at once, costing nothing.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
                 continue
-            self._spawn(self._demux(sock))
+            self._spawn(self._demux(sock, source))
 
-    async def _peek(self, sock: socket.socket, n: int) -> bytes:
-        """The first bytes, without consuming them; b"" on EOF. Bounded by the caller's timeout."""
-        loop = asyncio.get_running_loop()
-        while True:
-            fut: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(sock.fileno(), _wake, fut)
-            try:
-                await fut
-            finally:
-                loop.remove_reader(sock.fileno())
-            data = sock.recv(n, socket.MSG_PEEK)
-            if (not data or data[0] == TLS_HANDSHAKE or data[0] >> 6 == 0 or len(data) >= n
-                    or not RELAY_MAGIC.startswith(data)):
-                return data
-            await asyncio.sleep(0.01)   # part of a relay preamble: the socket stays readable
-
-    async def _demux(self, sock: socket.socket) -> None:
-        owned = True
+    async def _demux(self, sock: socket.socket, source: str) -> None:
+        """Look at the first byte (within ``demux_timeout``), then hand the connection to its
+        protocol under that protocol's budget. Nothing polls: one wait for readability, and
+        a relay preamble is read (consumed), not re-peeked."""
+        owned, pending = True, True
         try:
             sock.setblocking(False)
+            loop = asyncio.get_running_loop()
             try:
-                head = await asyncio.wait_for(self._peek(sock, len(RELAY_MAGIC)), self.demux_timeout)
+                async with asyncio.timeout(self.demux_timeout):
+                    await _readable(sock)
+                    head = sock.recv(1, socket.MSG_PEEK)
+                    if head[:1] == RELAY_MAGIC[:1] and self.relay_hub is not None:
+                        head = await loop.sock_recv(sock, len(RELAY_MAGIC))
+                        while head and len(head) < len(RELAY_MAGIC) and RELAY_MAGIC.startswith(head):
+                            more = await loop.sock_recv(sock, len(RELAY_MAGIC) - len(head))
+                            if not more:
+                                break
+                            head += more
             except (TimeoutError, OSError):
+                self.demux["unknown"] += 1
                 return
+            self.budgets["pending"].release(source)
+            pending = False
             if head and head[0] == TLS_HANDSHAKE:
                 self.demux["tls"] += 1
                 owned = False
@@ -236,23 +269,41 @@ class Rendezvous:
             elif head and head[0] >> 6 == 0 and self.stun is not None:
                 self.demux["stun"] += 1
                 owned = False
-                reader, writer = await asyncio.open_connection(sock=sock)
-                await self.stun.serve_tcp_stream(reader, writer)
+                await self._serve_budgeted("stun", source, sock, self._serve_stun)
             elif head == RELAY_MAGIC and self.relay_hub is not None:
                 self.demux["relay"] += 1
                 owned = False
-                await self.relay_hub.handle_connection(sock)
+                await self._serve_budgeted("relay", source, sock, functools.partial(
+                    self.relay_hub.handle_connection, preread=head))
             else:
                 self.demux["unknown"] += 1
         except Exception:
             log.exception("demux failed")
         finally:
+            if pending:
+                self.budgets["pending"].release(source)
             if owned:
                 sock.close()
+
+    async def _serve_budgeted(self, kind: str, source: str, sock: socket.socket,
+                              serve: Callable[[socket.socket], Awaitable[None]]) -> None:
+        budget = self.budgets[kind]
+        if not budget.acquire(source):
+            sock.close()
+            return
+        try:
+            await serve(sock)
+        finally:
+            budget.release(source)
+
+    async def _serve_stun(self, sock: socket.socket) -> None:
+        reader, writer = await asyncio.open_connection(sock=sock)
+        await self.stun.serve_tcp_stream(reader, writer)
 
     # -- metrics ---------------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"signal": self.signal.snapshot(), "demux": dict(self.demux),
+                               "admission": {k: b.as_dict() for k, b in self.budgets.items()},
                                "address": list(self.address), "fingerprint": self.fingerprint}
         if self.relay_hub is not None:
             out["relay"] = self.relay_hub.metrics.as_dict()

@@ -20,14 +20,15 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Engine, RelayStats
 from ..engine import get as get_engine
-from ..errors import RelayError
+from ..errors import QuotaError, RelayError
 from ._tap import Tap, tap_pump
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class _Token:
 class _Session:
     waiting: asyncio.Future[tuple[socket.socket, asyncio.Future[RelayStats]]] | None = None
     expires_at: float = 0.0
+    owners: tuple[str, ...] = ()    # quota keys this session counts against until it ends
+    pumping: bool = False
 
 
 @dataclass
@@ -98,12 +101,16 @@ class RelayHub:
     def __init__(self, *, engine: Engine | None = None, token_ttl: float = 30.0,
                  max_bytes: int = 0, idle_timeout: float = 300.0,
                  clock: Callable[[], float] = time.monotonic, pair_timeout: float = 30.0,
-                 handshake_timeout: float = 10.0, max_relays: int = 256,
-                 tap: Tap | None = None) -> None:
-        if min(token_ttl, idle_timeout, pair_timeout, handshake_timeout, max_relays) <= 0 \
-                or max_bytes < 0:
-            raise ValueError("token_ttl, idle_timeout, pair_timeout, handshake_timeout and "
-                             "max_relays must be > 0, max_bytes >= 0")
+                 handshake_timeout: float = 2.0, max_relays: int = 256,
+                 first_byte_timeout: float = 10.0, tap: Tap | None = None) -> None:
+        if min(token_ttl, idle_timeout, pair_timeout, handshake_timeout, max_relays,
+               first_byte_timeout) <= 0 or max_bytes < 0:
+            raise ValueError("token_ttl, idle_timeout, pair_timeout, handshake_timeout, "
+                             "first_byte_timeout and max_relays must be > 0, max_bytes >= 0")
+        # A paired relay in which neither side sends within first_byte_timeout ends: an idle
+        # pair must not hold a slot for the whole idle_timeout.
+        self.first_byte_timeout = float(first_byte_timeout)
+        self._owned: Counter[str] = Counter()     # quota key -> live sessions
         self._engine = engine
         self.token_ttl = float(token_ttl)
         self.max_bytes = int(max_bytes)
@@ -132,19 +139,37 @@ class RelayHub:
 
     # --- tokens ---------------------------------------------------------------------------
 
-    def issue(self, session_id: str) -> tuple[bytes, bytes]:
-        """Two fresh single-use tokens for ``session_id``: one per side, expiring together."""
+    def issue(self, session_id: str,
+              quotas: Sequence[tuple[str, int]] = ()) -> tuple[bytes, bytes]:
+        """Two fresh single-use tokens for ``session_id``: one per side, expiring together.
+
+        ``quotas``: (key, limit) pairs, e.g. the asking peer and its address; QuotaError
+        when a key already holds ``limit`` live sessions (issued, not yet ended or expired).
+        """
         if not session_id:
             raise ValueError("session_id must be a non-empty string")
         if session_id in self._sessions:
             raise ValueError(f"relay session {session_id!r} already issued")
         self._purge()
+        for key, limit in quotas:
+            if self._owned[key] >= limit:
+                raise QuotaError(f"{key.split(':', 1)[0]} holds {limit} relay sessions already")
         expires = self._clock() + self.token_ttl
         pair = (secrets.token_bytes(TOKEN_LEN), secrets.token_bytes(TOKEN_LEN))
         for side, tok in enumerate(pair):
             self._tokens[tok] = _Token(session_id, side, expires)
-        self._sessions[session_id] = _Session(expires_at=expires)
+        owners = tuple(key for key, _ in quotas)
+        self._owned.update(owners)
+        self._sessions[session_id] = _Session(expires_at=expires, owners=owners)
         return pair
+
+    def _end_session(self, session: _Session) -> None:
+        """The session no longer counts against its owners' quotas (idempotent)."""
+        for key in session.owners:
+            self._owned[key] -= 1
+            if self._owned[key] <= 0:
+                del self._owned[key]
+        session.owners = ()
 
     def _purge(self) -> None:
         # Keep spent/expired tokens for one extra TTL so a late client hears "expired" or
@@ -153,9 +178,11 @@ class RelayHub:
         horizon = now - self.token_ttl
         for tok in [t for t, e in self._tokens.items() if e.expires_at < horizon]:
             del self._tokens[tok]
-        for sid in [s for s, e in self._sessions.items()
-                    if e.expires_at < horizon and e.waiting is None]:
-            del self._sessions[sid]
+        for sid, e in list(self._sessions.items()):
+            if e.expires_at < now and e.waiting is None and not e.pumping:
+                self._end_session(e)       # never paired: its tokens are dead now
+                if e.expires_at < horizon:
+                    del self._sessions[sid]
 
     def _check(self, token: bytes) -> tuple[int, _Token | None]:
         entry = self._tokens.get(token)
@@ -170,8 +197,9 @@ class RelayHub:
 
     # --- connections ----------------------------------------------------------------------
 
-    async def handle_connection(self, sock: socket.socket) -> None:
+    async def handle_connection(self, sock: socket.socket, preread: bytes = b"") -> None:
         """Serve one accepted connection whose first bytes are ``HPR1``; closes ``sock``.
+        ``preread``: the preamble bytes a demultiplexer already read from it.
 
         Returns when the relay it joined has ended (or it was refused).
         """
@@ -185,8 +213,11 @@ class RelayHub:
                 return
             try:
                 # Judge the magic first: a stray client is refused without waiting for more.
-                preamble = await asyncio.wait_for(_recv_exactly(loop, sock, len(MAGIC)),
-                                                  self.handshake_timeout)
+                preamble = preread[:PREAMBLE_LEN]
+                if len(preamble) < len(MAGIC):
+                    preamble += await asyncio.wait_for(
+                        _recv_exactly(loop, sock, len(MAGIC) - len(preamble)),
+                        self.handshake_timeout)
                 if preamble == MAGIC:
                     preamble += await asyncio.wait_for(
                         _recv_exactly(loop, sock, TOKEN_LEN), self.handshake_timeout)
@@ -297,9 +328,15 @@ class RelayHub:
         self.metrics.active_relays += 1
         self.metrics.relays_total += 1
         stats = RelayStats(reason="error: not started")
+        session = self._sessions.get(session_id)
+        if session is not None:
+            session.pumping = True
         try:
             ok = bytes([OK])
             await asyncio.gather(loop.sock_sendall(a, ok), loop.sock_sendall(b, ok))
+            if not await _either_readable(loop, a, b, self.first_byte_timeout):
+                stats = RelayStats(reason="idle: no byte within first_byte_timeout")
+                return
             log.info("relay session %s: paired, pumping", session_id)
             if self._tap is None:
                 pump = loop.run_in_executor(self._executor, functools.partial(
@@ -322,6 +359,9 @@ class RelayHub:
         except OSError as exc:
             stats = RelayStats(reason=f"error: {exc}")
         finally:
+            if session is not None:
+                session.pumping = False
+                self._end_session(session)
             self.metrics.active_relays -= 1
             self.metrics.bytes_relayed += stats.bytes_a_to_b + stats.bytes_b_to_a
             key = stats.reason.split(":", 1)[0]
@@ -377,6 +417,29 @@ def _shutdown(*socks: socket.socket) -> None:
     for s in socks:
         with contextlib.suppress(OSError):
             s.shutdown(socket.SHUT_RDWR)
+
+
+async def _either_readable(loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket,
+                           timeout: float) -> bool:
+    """True once ``a`` or ``b`` has a byte (or EOF) to read; False after ``timeout``. One
+    reader callback per socket, no polling."""
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    fds = (a.fileno(), b.fileno())
+    for fd in fds:
+        loop.add_reader(fd, wake)
+    try:
+        await asyncio.wait_for(fut, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:

@@ -61,18 +61,29 @@ from typing import Any, ClassVar, get_type_hints
 
 import msgpack  # type: ignore[import-untyped]
 
+from ..address import unusable_peer_ip
 from ..errors import LocalProtocolError, RemoteProtocolError
 
 VERSION = 1
 HEADER = struct.Struct("!I")
 DEFAULT_MAX_FRAME = 64 * 1024
-MAX_CANDIDATES = 32
-MAX_PROFILES = 4
 REGISTER_CONTEXT = b"pyholepunch/register/v1\x00"
+# Bounds on everything a peer sends that the server stores or forwards. Together they keep
+# the largest PUNCH the server can build (peer info + plan) well inside DEFAULT_MAX_FRAME, so
+# whatever one peer registers can always be delivered to another.
+MAX_CANDIDATES = 16              # [ip, port] pairs in all
+MAX_CANDIDATES_PER_FAMILY = 8
+MAX_PROFILES = 4
+MAX_PROFILE_KEYS = 32
+MAX_PROFILES_BYTES = 4096        # all of a peer's profiles, msgpack-encoded
+MAX_CERT = 4096                  # a peer's DER certificate (ours is ~300 bytes)
+MAX_TEXT = 1024                  # any other string field (tokens, reasons)
+MAX_START_AHEAD = 5.0            # a PUNCH never starts further ahead than this (seconds)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-PEER_ID_RE = re.compile(r"^[a-z2-7]{32}$")
-SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+# Patterns are applied with re.fullmatch: "$" would let "bob\n" pass as a name.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+PEER_ID_RE = re.compile(r"[a-z2-7]{32}")
+SESSION_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 ROLES = ("initiator", "responder")
 RELAY_KINDS = ("builtin", "turn")
 OUTCOMES = ("direct", "relay", "failed")
@@ -99,6 +110,7 @@ class ErrorCode(enum.IntEnum):
     PEER_GAVE_UP = 424         # the session's other peer reported failure: stop waiting
     VERSION = 426
     RATE_LIMITED = 429
+    QUOTA_EXCEEDED = 430       # a per-key/per-address/per-peer bound (names, relays)
     INTERNAL = 500
     RELAY_UNAVAILABLE = 501
     SERVER_FULL = 503
@@ -108,16 +120,30 @@ class ErrorCode(enum.IntEnum):
 # ---------------------------------------------------------------------------------------------
 # field checks: one function per field *name* (shared meaning across messages)
 
-def _check_candidates(value: Any) -> list[tuple[str, int]]:
-    if not isinstance(value, list) or len(value) > MAX_CANDIDATES:
+def check_candidates(value: Any, *, allow_loopback: bool = True) -> list[tuple[str, int]]:
+    """THE candidate check (wire parsing and the server's policy both call it): a list of
+    at most MAX_CANDIDATES ``[ip, port]`` pairs, at most MAX_CANDIDATES_PER_FAMILY per
+    family, each an IP literal a remote peer could really dial (``unusable_peer_ip``);
+    loopback only when ``allow_loopback`` (the server allows it only from a peer that is
+    itself on the server's host). Duplicates are dropped; ValueError names what is wrong."""
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_CANDIDATES:
         raise ValueError(f"at most {MAX_CANDIDATES} [ip, port] pairs")
-    out = []
+    out: list[tuple[str, int]] = []
+    per_family: dict[int, int] = {}
     for item in value:
         if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)
-                and type(item[1]) is int and 0 < item[1] < 65536):
+                and type(item[1]) is int and 0 < item[1] < 65536 and len(item[0]) <= 64):
             raise ValueError(f"bad candidate {item!r:.60}")
-        ipaddress.ip_address(item[0])
-        out.append((item[0], item[1]))
+        ip = ipaddress.ip_address(item[0])     # ValueError names the value
+        why = unusable_peer_ip(item[0])
+        if why is not None and not (why == "loopback" and allow_loopback):
+            raise ValueError(f"candidate {item[0]} is {why}")
+        per_family[ip.version] = per_family.get(ip.version, 0) + 1
+        if per_family[ip.version] > MAX_CANDIDATES_PER_FAMILY:
+            raise ValueError(f"more than {MAX_CANDIDATES_PER_FAMILY} IPv{ip.version} candidates")
+        pair = (item[0], item[1])
+        if pair not in out:
+            out.append(pair)
     return out
 
 
@@ -127,15 +153,49 @@ def _check_profiles(value: Any) -> list[dict[str, Any]]:
     for p in value:
         if not isinstance(p, dict) or not all(isinstance(k, str) for k in p):
             raise ValueError("a profile is a map with string keys")
+        if len(p) > MAX_PROFILE_KEYS:
+            raise ValueError(f"a profile has at most {MAX_PROFILE_KEYS} keys")
+    try:
+        size = len(msgpack.packb(value, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"profiles cannot be encoded: {exc}") from None
+    if size > MAX_PROFILES_BYTES:
+        raise ValueError(f"profiles of {size} bytes exceed {MAX_PROFILES_BYTES}")
+    return value
+
+
+def _check_cert(value: Any) -> bytes:
+    """Shape only (bytes, bounded); the server parses the DER and checks its key."""
+    if not isinstance(value, bytes) or not 0 < len(value) <= MAX_CERT:
+        raise ValueError(f"cert is 1..{MAX_CERT} bytes of DER")
     return value
 
 
 def _check_pattern(regex: re.Pattern[str], what: str) -> Any:
     def check(value: Any) -> str:
-        if not isinstance(value, str) or not regex.match(value):
+        if not isinstance(value, str) or not regex.fullmatch(value):
             raise ValueError(f"bad {what} {value!r:.70}")
         return value
     return check
+
+
+def _check_target(value: Any) -> str:
+    """A CONNECT target: a name or a peer_id."""
+    if not isinstance(value, str) or not (NAME_RE.fullmatch(value) or PEER_ID_RE.fullmatch(value)):
+        raise ValueError(f"bad target {value!r:.70}")
+    return value
+
+
+def _check_text(value: Any) -> str:
+    if type(value) is not str or len(value) > MAX_TEXT:
+        raise ValueError(f"expected a string of at most {MAX_TEXT} characters")
+    return value
+
+
+def clamp_start(start_at: float, now: float) -> float:
+    """A PUNCH start no further ahead than MAX_START_AHEAD (both the server and the peer
+    apply it: neither waits on a start a peer's claimed round trip pushed into the future)."""
+    return min(start_at, now + MAX_START_AHEAD)
 
 
 def _check_choice(choices: tuple[str, ...]) -> Any:
@@ -176,16 +236,18 @@ def _check_peer(value: Any) -> dict[str, Any]:
            "name": _check_pattern(NAME_RE, "name")(value.get("name")),
            "public_key": _check_key32(value.get("public_key")),
            "cert": value.get("cert"),
-           "candidates": _check_candidates(value.get("candidates", [])),
+           "candidates": check_candidates(value.get("candidates", [])),
            "profiles": _check_profiles(value.get("profiles", []))}
-    if out["cert"] is not None and not isinstance(out["cert"], bytes):
-        raise ValueError("cert is DER bytes")
+    if out["cert"] is not None:
+        _check_cert(out["cert"])
     return out
 
 
 _BY_NAME: dict[str, Any] = {
-    "candidates": _check_candidates,
+    "candidates": check_candidates,
     "profiles": _check_profiles,
+    "cert": _check_cert,
+    "target": _check_target,
     "name": _check_pattern(NAME_RE, "name"),
     "peer_id": _check_pattern(PEER_ID_RE, "peer_id"),
     "session": _check_pattern(SESSION_RE, "session id"),
@@ -222,7 +284,9 @@ def _checker_for(name: str, hint: Any) -> tuple[Any, bool]:
     nullable = "None" in text
     if name in _BY_NAME:
         return _BY_NAME[name], nullable
-    for tp in (bytes, str, int, bool):
+    if hint is str or hint == str | None:
+        return _check_text, nullable
+    for tp in (bytes, int, bool):
         if hint is tp or hint == tp | None:
             return _check_type(tp), nullable
     if hint is float or hint == float | None:
