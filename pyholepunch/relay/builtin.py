@@ -423,6 +423,9 @@ async def _either_readable(loop: asyncio.AbstractEventLoop, a: socket.socket, b:
                            timeout: float) -> bool:
     """True once ``a`` or ``b`` has a byte (or EOF) to read; False after ``timeout``. One
     reader callback per socket, no polling."""
+    # One loop turn first: a cancelled sock_recv on these sockets removes "its" reader in a
+    # callback already queued, which would otherwise remove ours.
+    await asyncio.sleep(0)
     fut: asyncio.Future[None] = loop.create_future()
 
     def wake() -> None:

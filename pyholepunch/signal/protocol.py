@@ -192,6 +192,13 @@ def _check_text(value: Any) -> str:
     return value
 
 
+def _check_reason(value: Any) -> str:
+    """Free text explaining a failure: cut to MAX_TEXT rather than refused."""
+    if type(value) is not str:
+        raise ValueError("expected a string")
+    return value[:MAX_TEXT]
+
+
 def clamp_start(start_at: float, now: float) -> float:
     """A PUNCH start no further ahead than MAX_START_AHEAD (both the server and the peer
     apply it: neither waits on a start a peer's claimed round trip pushed into the future)."""
@@ -248,6 +255,7 @@ _BY_NAME: dict[str, Any] = {
     "profiles": _check_profiles,
     "cert": _check_cert,
     "target": _check_target,
+    "reason": _check_reason,
     "name": _check_pattern(NAME_RE, "name"),
     "peer_id": _check_pattern(PEER_ID_RE, "peer_id"),
     "session": _check_pattern(SESSION_RE, "session id"),
