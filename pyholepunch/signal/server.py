@@ -82,6 +82,7 @@ class SignalServer:
                                          self.config.max_unregistered_per_source)
         self._unregistered: dict[TlsTransport, str] = {}   # connection -> its source key
         self._punch_buckets: dict[str, TokenBucket] = {}
+        self.ended_connections = 0
         self.reference_offset = 0.0      # the store's reference clock minus ours
         self._reference_task: asyncio.Task[None] | None = None
 
@@ -132,6 +133,7 @@ class SignalServer:
             self.unregistered.release(source)
 
     def _tls_lost(self, tls: TlsTransport) -> None:
+        self.ended_connections += 1
         self._tls.discard(tls)
         self.registered(tls)
 

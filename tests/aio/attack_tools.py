@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -164,12 +165,30 @@ def within_twice(elapsed: float, idle: float) -> bool:
 
 # -- the server as its own process ---------------------------------------------------------------
 
+_SERVER = """
+import asyncio, json, sys
+from pyholepunch.serve import Rendezvous
+from pyholepunch.signal.server import ServerConfig
+
+async def main():
+    kw = json.loads(sys.argv[1])
+    cfg = ServerConfig(**kw.pop("config", {}))
+    async with Rendezvous(("127.0.0.1", 0), config=cfg, state_dir=sys.argv[2], **kw) as app:
+        print("serve on %s:%d" % app.address, flush=True)
+        print("fingerprint sha256", app.fingerprint, flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
 class ServerProcess:
-    """``python -m pyholepunch.serve`` on 127.0.0.1 (port chosen by the OS): address,
+    """A `Rendezvous` (as `pyholepunch serve` runs it) in its own process on 127.0.0.1,
+    with ``options`` as keyword arguments (``config``: ServerConfig fields): address,
     fingerprint, RSS and CPU seconds of just the server."""
 
-    def __init__(self, tmp: Path, *extra: str) -> None:
-        self.tmp, self.extra = tmp, extra
+    def __init__(self, tmp: Path, options: dict[str, Any] | None = None) -> None:
+        self.tmp, self.options = tmp, options or {}
         self.proc: subprocess.Popen[str] | None = None
         self.address: Address = ("127.0.0.1", 0)
         self.fingerprint = ""
@@ -177,8 +196,7 @@ class ServerProcess:
     def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyholepunch.serve", "--listen", "127.0.0.1:0", "--quiet",
-             "--state-dir", str(self.tmp / "state"), *self.extra],
+            [sys.executable, "-c", _SERVER, json.dumps(self.options), str(self.tmp / "state")],
             stdout=subprocess.PIPE, stderr=open(self.tmp / "server.log", "w"),  # noqa: SIM115
             text=True, env=env)
         assert self.proc.stdout is not None
@@ -186,7 +204,7 @@ class ServerProcess:
         while time.monotonic() < deadline and not self.fingerprint:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"serve exited: {(self.tmp / 'server.log').read_text()[-2000:]}")
+                raise RuntimeError(f"server exited: {self.log()[-2000:]}")
             if m := re.search(r"serve on ([\d.]+):(\d+)", line):
                 self.address = (m.group(1), int(m.group(2)))
             if m := re.search(r"fingerprint sha256 ([0-9a-f]{64})", line):
@@ -218,8 +236,8 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def server_process(tmp: Path, *extra: str) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp, *extra)
+def server_process(tmp: Path, options: dict[str, Any] | None = None) -> Iterator[ServerProcess]:
+    srv = ServerProcess(tmp, options)
     try:
         srv.start()
         yield srv

@@ -278,7 +278,8 @@ async def test_a_name_is_matched_whole(app: Rendezvous) -> None:
 async def test_name_bindings_expire_and_are_capped() -> None:
     """Names were never freed and unlimited: now a binding unused for ``ttl`` is free again,
     one key holds at most ``per_key`` names and one address at most ``per_source``."""
-    cfg = replace(CFG, names=NameLimits(ttl=1.5, per_key=2, per_source=3))
+    cfg = replace(CFG, names=NameLimits(ttl=1.5, per_key=2, per_source=3,
+                                                exempt_loopback=False))
     async with Rendezvous(("127.0.0.1", 0), config=cfg, relay=False) as app:
         key = Identity.generate()
         for i, expected in enumerate((True, True, False)):          # per key
