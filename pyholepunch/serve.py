@@ -91,7 +91,8 @@ class Rendezvous:
                  config: ServerConfig | None = None, stun: bool = True, relay: bool = True,
                  demux_timeout: float = 1.5, max_pending: int = 4096,
                  max_pending_per_source: int = 32, max_stun_tcp: int = 1024,
-                 max_relay_pending: int = 1024) -> None:
+                 max_relay_pending: int = 1024,
+                 relay_options: dict[str, Any] | None = None) -> None:
         self.listen, self.alt_ip, self.state_dir = listen, alt_ip, state_dir
         self.metrics_port = metrics_port
         # Admission on the shared port. ``demux_timeout`` is the first-byte deadline (and for
@@ -109,7 +110,7 @@ class Rendezvous:
         cfg = config or ServerConfig()
         if token is not None:
             cfg.token = token
-        self.relay_hub = self._make_relay() if relay else None
+        self.relay_hub = self._make_relay(relay_options or {}) if relay else None
         self.signal = SignalServer(load_or_create_credentials(state_dir),
                                    open_store(store, state_dir, names=cfg.names),
                                    cfg, relay_hub=self.relay_hub)
@@ -124,13 +125,14 @@ class Rendezvous:
         self.address: Address = listen
 
     @staticmethod
-    def _make_relay() -> Any:
+    def _make_relay(options: dict[str, Any]) -> Any:
+        """The built-in relay; ``options`` are RelayHub's (max_relays, first_byte_timeout...)."""
         try:
             from .relay.builtin import RelayHub
         except ImportError:
             log.warning("built-in relay unavailable")
             return None
-        return RelayHub()
+        return RelayHub(**options)
 
     @property
     def fingerprint(self) -> str:
