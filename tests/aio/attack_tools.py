@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,10 @@ class RawPeer:
                         self.inbox.append(msg)
                         await asyncio.sleep(0.01)
 
-    async def close(self) -> None:
-        if self.writer is not None:
+    async def close(self, *, abort: bool = False) -> None:
+        if self.writer is not None and abort:
+            self.writer.transport.abort()
+        elif self.writer is not None:
             self.writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.writer.wait_closed(), 1)
@@ -173,7 +176,9 @@ from pyholepunch.signal.server import ServerConfig
 async def main():
     kw = json.loads(sys.argv[1])
     cfg = ServerConfig(**kw.pop("config", {}))
-    async with Rendezvous(("127.0.0.1", 0), config=cfg, state_dir=sys.argv[2], **kw) as app:
+    async with Rendezvous(("127.0.0.1", 0), config=cfg, state_dir=sys.argv[2], metrics_port=0,
+                          **kw) as app:
+        print("metrics port", app.metrics_port, flush=True)
         print("serve on %s:%d" % app.address, flush=True)
         print("fingerprint sha256", app.fingerprint, flush=True)
         await asyncio.Event().wait()
@@ -192,6 +197,7 @@ class ServerProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.address: Address = ("127.0.0.1", 0)
         self.fingerprint = ""
+        self.metrics_port = 0
 
     def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -205,6 +211,8 @@ class ServerProcess:
             line = self.proc.stdout.readline()
             if not line:
                 raise RuntimeError(f"server exited: {self.log()[-2000:]}")
+            if m := re.search(r"metrics port (\d+)", line):
+                self.metrics_port = int(m.group(1))
             if m := re.search(r"serve on ([\d.]+):(\d+)", line):
                 self.address = (m.group(1), int(m.group(2)))
             if m := re.search(r"fingerprint sha256 ([0-9a-f]{64})", line):
@@ -218,6 +226,13 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def metrics(self) -> dict[str, Any]:
+        """The server's own counters (its JSON metrics endpoint)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:   # noqa: S310 - loopback
+            doc: dict[str, Any] = json.loads(response.read())
+        return doc
 
     def log(self) -> str:
         return (self.tmp / "server.log").read_text()
