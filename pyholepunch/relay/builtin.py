@@ -1,13 +1,7 @@
 """The built-in relay: two peers introduced by the server, spliced together by the engine.
 
-Wire protocol (on the server's one TCP port, recognised by its first four bytes):
-
-    client -> hub   b"HPR1" + 16-byte token           (the token came over signaling)
-    hub -> client   b"\\x00"                            both sides are here: bytes flow now
-               or   status byte (1..255) + 1-byte length + ASCII reason, then close
-
-A client must not send payload before it has read the OK byte. Tokens are issued in pairs
-per session (one per side), are single-use and expire after ``token_ttl``; the hub pairs a
+The wire protocol and the client are in ``builtin_wire``. Tokens are issued in pairs per
+session (one per side), are single-use and expire after ``token_ttl``; the hub pairs a
 connection only with the other token of the same session, so nobody can splice themselves
 onto a connection the server did not introduce.
 """
@@ -28,31 +22,14 @@ from typing import Any
 
 from ..engine import Engine, RelayStats
 from ..engine import get as get_engine
-from ..errors import QuotaError, RelayError
+from ..errors import QuotaError
+from . import builtin_wire as wire
 from ._tap import Tap, tap_pump
+from .builtin_wire import MAGIC, OK, TOKEN_LEN, open_builtin_relay
 
 log = logging.getLogger(__name__)
-
 Address = tuple[str, int]
-
-MAGIC = b"HPR1"
-TOKEN_LEN = 16
-PREAMBLE_LEN = len(MAGIC) + TOKEN_LEN
-OK = 0
-
-# Status codes of a refusal; the reason text travels with it.
-ERR_BAD_PREAMBLE, ERR_UNKNOWN, ERR_EXPIRED, ERR_REUSED, ERR_NO_PEER, ERR_CLOSING = 1, 2, 3, 4, 5, 6
-ERR_EARLY_DATA, ERR_FULL = 7, 8
-_REASONS = {
-    ERR_BAD_PREAMBLE: "bad preamble",
-    ERR_UNKNOWN: "unknown token",
-    ERR_EXPIRED: "expired token",
-    ERR_REUSED: "token already used",
-    ERR_NO_PEER: "peer did not arrive",
-    ERR_CLOSING: "relay shutting down",
-    ERR_EARLY_DATA: "data before pairing",
-    ERR_FULL: "relay at capacity",
-}
+__all__ = ["MAGIC", "OK", "TOKEN_LEN", "RelayHub", "RelayMetrics", "RelayServer", "open_builtin_relay"]
 
 
 @dataclass(slots=True)
@@ -187,11 +164,11 @@ class RelayHub:
     def _check(self, token: bytes) -> tuple[int, _Token | None]:
         entry = self._tokens.get(token)
         if entry is None:
-            return ERR_UNKNOWN, None
+            return wire.ERR_UNKNOWN, None
         if entry.used:
-            return ERR_REUSED, None
+            return wire.ERR_REUSED, None
         if self._clock() > entry.expires_at:
-            return ERR_EXPIRED, None
+            return wire.ERR_EXPIRED, None
         entry.used = True
         return OK, entry
 
@@ -209,11 +186,11 @@ class RelayHub:
         owned = True
         try:
             if self._closing:
-                await self._refuse(sock, ERR_CLOSING)
+                await self._refuse(sock, wire.ERR_CLOSING)
                 return
             try:
                 # Judge the magic first: a stray client is refused without waiting for more.
-                preamble = preread[:PREAMBLE_LEN]
+                preamble = preread[:wire.PREAMBLE_LEN]
                 if len(preamble) < len(MAGIC):
                     preamble += await asyncio.wait_for(
                         _recv_exactly(loop, sock, len(MAGIC) - len(preamble)),
@@ -223,8 +200,8 @@ class RelayHub:
                         _recv_exactly(loop, sock, TOKEN_LEN), self.handshake_timeout)
             except (TimeoutError, ConnectionError, OSError):
                 preamble = b""
-            if len(preamble) != PREAMBLE_LEN or not preamble.startswith(MAGIC):
-                await self._refuse(sock, ERR_BAD_PREAMBLE)
+            if len(preamble) != wire.PREAMBLE_LEN or not preamble.startswith(MAGIC):
+                await self._refuse(sock, wire.ERR_BAD_PREAMBLE)
                 return
             status, entry = self._check(preamble[len(MAGIC):])
             if entry is None:
@@ -232,7 +209,7 @@ class RelayHub:
                 return
             session = self._sessions.get(entry.session_id)
             if session is None:             # purged under us: treat as expired
-                await self._refuse(sock, ERR_EXPIRED)
+                await self._refuse(sock, wire.ERR_EXPIRED)
                 return
             if session.waiting is None:
                 owned = False               # the second side's coroutine takes it over
@@ -243,7 +220,7 @@ class RelayHub:
             done: asyncio.Future[RelayStats] = loop.create_future()
             if waiter.done():               # the first side gave up a moment ago
                 owned = True
-                await self._refuse(sock, ERR_NO_PEER)
+                await self._refuse(sock, wire.ERR_NO_PEER)
                 return
             waiter.set_result((sock, done))
             owned = False
@@ -288,8 +265,8 @@ class RelayHub:
             self.metrics.unpaired += 1
             self._release(sock)
             return
-        status = ERR_EARLY_DATA if early else ERR_CLOSING if self._closing else ERR_NO_PEER
-        if status == ERR_NO_PEER:
+        status = wire.ERR_EARLY_DATA if early else wire.ERR_CLOSING if self._closing else wire.ERR_NO_PEER
+        if status == wire.ERR_NO_PEER:
             self.metrics.unpaired += 1
             log.info("relay session %s: side %d waited %.1f s, no peer", entry.session_id,
                      entry.side, budget)
@@ -318,7 +295,7 @@ class RelayHub:
             log.warning("relay session %s refused: %d relays active", session_id,
                         self.metrics.active_relays)
             try:
-                await asyncio.gather(self._refuse(a, ERR_FULL), self._refuse(b, ERR_FULL))
+                await asyncio.gather(self._refuse(a, wire.ERR_FULL), self._refuse(b, wire.ERR_FULL))
             finally:
                 self._release(a)
                 self._release(b)
@@ -374,7 +351,7 @@ class RelayHub:
                 done.set_result(stats)
 
     async def _refuse(self, sock: socket.socket, status: int) -> None:
-        reason = _REASONS[status]
+        reason = wire.REASONS[status]
         self.metrics.refused[reason] = self.metrics.refused.get(reason, 0) + 1
         log.info("relay connection refused: %s", reason)
         msg = bytes([status, len(reason)]) + reason.encode("ascii")
@@ -514,44 +491,3 @@ class RelayServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-# --- client side ---------------------------------------------------------------------------
-
-async def open_builtin_relay(
-    server: Address, token: bytes, *, timeout: float = 30.0
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Join a relay session at ``server`` with ``token``; return streams once paired.
-
-    ``timeout`` covers connecting and waiting for the peer. Raises RelayError naming the
-    hub's reason (unknown/expired/reused token, peer did not arrive, unreachable, timeout).
-    """
-    if not isinstance(token, bytes) or len(token) != TOKEN_LEN:
-        raise ValueError(f"relay token must be {TOKEN_LEN} bytes")
-    writer: asyncio.StreamWriter | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            try:
-                reader, writer = await asyncio.open_connection(server[0], server[1])
-            except OSError as exc:
-                raise RelayError(f"relay {server[0]}:{server[1]} unreachable: {exc}") from exc
-            writer.write(MAGIC + token)
-            await writer.drain()
-            status = await reader.read(1)
-            if not status:
-                raise RelayError(f"relay {server[0]}:{server[1]} closed the connection")
-            if status[0] != OK:
-                reason = _REASONS.get(status[0], f"status {status[0]}")
-                with contextlib.suppress(asyncio.IncompleteReadError, OSError):
-                    length = (await reader.readexactly(1))[0]
-                    reason = (await reader.readexactly(length)).decode("ascii", "replace")
-                raise RelayError(f"relay refused: {reason}")
-            return reader, writer
-    except TimeoutError:
-        if writer is not None:
-            writer.close()
-        raise RelayError(f"relay {server[0]}:{server[1]}: no pairing within {timeout} s") from None
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        raise
