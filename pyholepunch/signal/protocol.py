@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import math
 import re
 import struct
 from dataclasses import MISSING, dataclass, field, fields
@@ -63,21 +62,17 @@ import msgpack  # type: ignore[import-untyped]
 
 from ..address import unusable_peer_ip
 from ..errors import LocalProtocolError, RemoteProtocolError
+from . import fields as checks
 
 VERSION = 1
 HEADER = struct.Struct("!I")
 DEFAULT_MAX_FRAME = 64 * 1024
 REGISTER_CONTEXT = b"pyholepunch/register/v1\x00"
-# Bounds on everything a peer sends that the server stores or forwards. Together they keep
-# the largest PUNCH the server can build (peer info + plan) well inside DEFAULT_MAX_FRAME, so
-# whatever one peer registers can always be delivered to another.
+# Bounds on everything a peer sends that the server stores or forwards (the others, with
+# their checks, in fields.py). Together they keep the largest PUNCH the server can build
+# (peer info + plan) well inside DEFAULT_MAX_FRAME: what one peer registers always fits.
 MAX_CANDIDATES = 16              # [ip, port] pairs in all
 MAX_CANDIDATES_PER_FAMILY = 8
-MAX_PROFILES = 4
-MAX_PROFILE_KEYS = 32
-MAX_PROFILES_BYTES = 4096        # all of a peer's profiles, msgpack-encoded
-MAX_CERT = 4096                  # a peer's DER certificate (ours is ~300 bytes)
-MAX_TEXT = 1024                  # any other string field (tokens, reasons)
 MAX_START_AHEAD = 5.0            # a PUNCH never starts further ahead than this (seconds)
 
 # Patterns are applied with re.fullmatch: "$" would let "bob\n" pass as a name.
@@ -147,56 +142,11 @@ def check_candidates(value: Any, *, allow_loopback: bool = True) -> list[tuple[s
     return out
 
 
-def _check_profiles(value: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or len(value) > MAX_PROFILES:
-        raise ValueError(f"at most {MAX_PROFILES} profile maps")
-    for p in value:
-        if not isinstance(p, dict) or not all(isinstance(k, str) for k in p):
-            raise ValueError("a profile is a map with string keys")
-        if len(p) > MAX_PROFILE_KEYS:
-            raise ValueError(f"a profile has at most {MAX_PROFILE_KEYS} keys")
-    try:
-        size = len(msgpack.packb(value, use_bin_type=True))
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ValueError(f"profiles cannot be encoded: {exc}") from None
-    if size > MAX_PROFILES_BYTES:
-        raise ValueError(f"profiles of {size} bytes exceed {MAX_PROFILES_BYTES}")
-    return value
-
-
-def _check_cert(value: Any) -> bytes:
-    """Shape only (bytes, bounded); the server parses the DER and checks its key."""
-    if not isinstance(value, bytes) or not 0 < len(value) <= MAX_CERT:
-        raise ValueError(f"cert is 1..{MAX_CERT} bytes of DER")
-    return value
-
-
-def _check_pattern(regex: re.Pattern[str], what: str) -> Any:
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or not regex.fullmatch(value):
-            raise ValueError(f"bad {what} {value!r:.70}")
-        return value
-    return check
-
-
 def _check_target(value: Any) -> str:
     """A CONNECT target: a name or a peer_id."""
     if not isinstance(value, str) or not (NAME_RE.fullmatch(value) or PEER_ID_RE.fullmatch(value)):
         raise ValueError(f"bad target {value!r:.70}")
     return value
-
-
-def _check_text(value: Any) -> str:
-    if type(value) is not str or len(value) > MAX_TEXT:
-        raise ValueError(f"expected a string of at most {MAX_TEXT} characters")
-    return value
-
-
-def _check_reason(value: Any) -> str:
-    """Free text explaining a failure: cut to MAX_TEXT rather than refused."""
-    if type(value) is not str:
-        raise ValueError("expected a string")
-    return value[:MAX_TEXT]
 
 
 def clamp_start(start_at: float, now: float) -> float:
@@ -205,85 +155,40 @@ def clamp_start(start_at: float, now: float) -> float:
     return min(start_at, now + MAX_START_AHEAD)
 
 
-def _check_choice(choices: tuple[str, ...]) -> Any:
-    def check(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(f"{value!r:.40} is not one of {', '.join(choices)}")
-        return str(value)
-    return check
-
-
-def _check_key32(value: Any) -> bytes:
-    if not isinstance(value, bytes) or len(value) != 32:
-        raise ValueError("expected 32 bytes")
-    return value
-
-
-def _check_address(value: Any) -> tuple[str, int]:
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str)
-            and type(value[1]) is int and 0 < value[1] < 65536):
-        raise ValueError(f"bad address {value!r:.60}")
-    return (value[0], value[1])
-
-
-def _check_relayed(value: Any) -> tuple[str, int]:
-    """A TURN relayed transport address: an IP literal a peer can dial, with a port."""
-    host, port = _check_address(value)
-    ip = ipaddress.ip_address(host)       # ValueError names the value
-    if ip.is_unspecified or ip.is_multicast or (ip.version == 4 and ip == ipaddress.IPv4Address(
-            "255.255.255.255")):
-        raise ValueError(f"relayed address {host} cannot be dialed")
-    return (str(ip), port)
-
-
 def _check_peer(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("peer info is a map")
-    out = {"peer_id": _check_pattern(PEER_ID_RE, "peer_id")(value.get("peer_id")),
-           "name": _check_pattern(NAME_RE, "name")(value.get("name")),
-           "public_key": _check_key32(value.get("public_key")),
+    out = {"peer_id": checks.check_pattern(PEER_ID_RE, "peer_id")(value.get("peer_id")),
+           "name": checks.check_pattern(NAME_RE, "name")(value.get("name")),
+           "public_key": checks.check_key32(value.get("public_key")),
            "cert": value.get("cert"),
            "candidates": check_candidates(value.get("candidates", [])),
-           "profiles": _check_profiles(value.get("profiles", []))}
+           "profiles": checks.check_profiles(value.get("profiles", []))}
     if out["cert"] is not None:
-        _check_cert(out["cert"])
+        checks.check_cert(out["cert"])
     return out
 
 
 _BY_NAME: dict[str, Any] = {
     "candidates": check_candidates,
-    "profiles": _check_profiles,
-    "cert": _check_cert,
+    "profiles": checks.check_profiles,
+    "cert": checks.check_cert,
     "target": _check_target,
-    "reason": _check_reason,
-    "name": _check_pattern(NAME_RE, "name"),
-    "peer_id": _check_pattern(PEER_ID_RE, "peer_id"),
-    "session": _check_pattern(SESSION_RE, "session id"),
-    "role": _check_choice(ROLES),
-    "outcome": _check_choice(OUTCOMES),
-    "public_key": _check_key32,
-    "nonce": _check_key32,
-    "challenge": _check_key32,
-    "server_id": _check_key32,
-    "relay": _check_address,
-    "relayed": _check_relayed,
-    "via": _check_choice(RELAY_KINDS),
+    "reason": checks.check_reason,
+    "name": checks.check_pattern(NAME_RE, "name"),
+    "peer_id": checks.check_pattern(PEER_ID_RE, "peer_id"),
+    "session": checks.check_pattern(SESSION_RE, "session id"),
+    "role": checks.check_choice(ROLES),
+    "outcome": checks.check_choice(OUTCOMES),
+    "public_key": checks.check_key32,
+    "nonce": checks.check_key32,
+    "challenge": checks.check_key32,
+    "server_id": checks.check_key32,
+    "relay": checks.check_address,
+    "relayed": checks.check_relayed,
+    "via": checks.check_choice(RELAY_KINDS),
     "peer": _check_peer,
 }
-
-
-def _check_float(value: Any) -> float:
-    if type(value) not in (int, float) or not math.isfinite(value):
-        raise ValueError(f"expected a finite number, got {value!r:.40}")
-    return float(value)
-
-
-def _check_type(tp: Any) -> Any:
-    def check(value: Any) -> Any:
-        if type(value) is not tp:       # exact: bool is not an int here
-            raise ValueError(f"expected {tp.__name__}, got {type(value).__name__}")
-        return value
-    return check
 
 
 def _checker_for(name: str, hint: Any) -> tuple[Any, bool]:
@@ -293,14 +198,14 @@ def _checker_for(name: str, hint: Any) -> tuple[Any, bool]:
     if name in _BY_NAME:
         return _BY_NAME[name], nullable
     if hint is str or hint == str | None:
-        return _check_text, nullable
+        return checks.check_text, nullable
     for tp in (bytes, int, bool):
         if hint is tp or hint == tp | None:
-            return _check_type(tp), nullable
+            return checks.check_type(tp), nullable
     if hint is float or hint == float | None:
-        return _check_float, nullable
+        return checks.check_float, nullable
     if "dict" in text:
-        return _check_type(dict), nullable
+        return checks.check_type(dict), nullable
     raise TypeError(f"no wire check for field {name}: {hint}")  # pragma: no cover
 
 
