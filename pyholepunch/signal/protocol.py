@@ -48,6 +48,15 @@ Relaying: ``relay`` without ``relayed`` makes the server issue built-in relay to
 holds, RFC 6062), the server sends ``relay_grant`` (via "turn", that address, empty token) to
 the session's other peer and the same frame back to the sender as the acknowledgement; one
 offer per session. v1 peers that predate ``via`` ignore it (unknown keys are ignored).
+
+Bounds (checked on arrival, so whatever one peer registers can be forwarded to another):
+names, ids, sessions and targets match their pattern whole (``re.fullmatch``); candidates
+(``check_candidates``): at most 16, 8 per family, IP literals a peer could have; profiles:
+4 maps, 32 keys each, 4 KiB encoded; a cert: 4 KiB, and the server parses it and checks it
+holds the registering key; other strings 1 KiB (a ``reason`` is cut there). A PUNCH's
+``start_at`` is never more than MAX_START_AHEAD ahead (``clamp_start``, applied by the server
+and again by the peer). Code 430 (QUOTA_EXCEEDED): a per-key, per-peer or per-address bound
+(names one key or address holds, relay sessions one peer or address holds).
 """
 from __future__ import annotations
 
