@@ -144,6 +144,10 @@ async def _one_connection(srv: Any, rng: random.Random, i: int, stats: dict[str,
                 stats["written"] += 1
                 if rng.random() < 0.1:
                     await asyncio.sleep(0)
+            # The server drops what arrived in the same read as a broken frame (by design):
+            # let the handlers see these first.
+            await peer.writer.drain()
+            await asyncio.sleep(0.05)
         peer.writer.write(fuzz_frame(rng))
         peer.writer.write(HEADER.pack(2**31))     # sure to end it: a frame over any limit
         stats["written"] += 1
@@ -187,7 +191,16 @@ def _stun(srv: Any, datagrams: int) -> dict[str, Any]:
         s.setblocking(False)
     replies, sent, started = 0, 0, time.monotonic()
     while sent < datagrams:
-        for _ in range(200):       # paced: a burst, then read what came back
+        # Paced by the server's own count: a burst smaller than a socket buffer, then wait
+        # until the server has read it (its count reaches ours or stops moving).
+        seen, deadline = -1, time.monotonic() + 5
+        while time.monotonic() < deadline:
+            now_seen = srv.metrics()["stun"]["udp_in"]
+            if now_seen >= sent or now_seen == seen:
+                break
+            seen = now_seen
+            time.sleep(0.002)
+        for _ in range(150):
             data = bytearray(base)
             op = rng.random()
             if op < 0.5:
@@ -206,7 +219,6 @@ def _stun(srv: Any, datagrams: int) -> dict[str, Any]:
             except OSError:
                 pass
             sent += 1
-        time.sleep(0.004)
         for s in socks:
             while True:
                 try:
