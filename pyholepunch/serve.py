@@ -67,8 +67,9 @@ async def _readable(sock: socket.socket) -> None:
 
 def _malloc_trim() -> None:
     """Hand freed heap back to the OS (glibc only; elsewhere nothing to do). After a flood
-    of TLS handshakes glibc keeps the freed pages of thousands of OpenSSL objects in its
-    arenas: measured, RSS stays at ~2.2x idle without this and returns to ~1.1x with it."""
+    of TLS handshakes every object is freed, but glibc keeps the pages of thousands of
+    OpenSSL allocations: measured after 2 x 4,000 abandoned handshakes, RSS 144 MB before
+    one malloc_trim and 52 MB after (41 MB idle)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -91,21 +92,21 @@ class Rendezvous:
                  config: ServerConfig | None = None, stun: bool = True, relay: bool = True,
                  demux_timeout: float = 1.5, max_pending: int = 4096,
                  max_pending_per_source: int = 32, max_stun_tcp: int = 1024,
-                 max_relay_pending: int = 1024,
+                 max_relay_connections: int = 1024,
                  relay_options: dict[str, Any] | None = None) -> None:
         self.listen, self.alt_ip, self.state_dir = listen, alt_ip, state_dir
         self.metrics_port = metrics_port
         # Admission on the shared port. ``demux_timeout`` is the first-byte deadline (and for
         # a relay preamble, the deadline for its magic). Each stage and protocol has its own
         # budget, in all and per source address (see signal/admission.py): connections still
-        # waiting for a first byte, STUN-over-TCP streams, relay connections not yet paired;
-        # TLS connections go to the signaling server's unregistered budget.
+        # waiting for a first byte, STUN-over-TCP streams, relay connections (waiting or
+        # pumping); TLS connections go to the signaling server's unregistered budget.
         self.demux_timeout = demux_timeout
         per_source = min(max_pending_per_source, max_pending)
         self.budgets = {
             "pending": SourceBudget(max_pending, per_source),
             "stun": SourceBudget(max_stun_tcp, min(per_source, max_stun_tcp)),
-            "relay": SourceBudget(max_relay_pending, min(per_source, max_relay_pending)),
+            "relay": SourceBudget(max_relay_connections, min(per_source, max_relay_connections)),
         }
         cfg = config or ServerConfig()
         if token is not None:

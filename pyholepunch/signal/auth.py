@@ -57,6 +57,10 @@ class TokenBucket:
         self.rate, self.burst = rate, burst
         self._level, self._at = burst, now
 
+    def is_full(self, now: float) -> bool:
+        """Refilled to its burst by ``now``: it remembers nothing a fresh bucket would not."""
+        return self._level + (now - self._at) * self.rate >= self.burst
+
     def take(self, now: float, n: float = 1.0) -> bool:
         self._level = min(self.burst, self._level + (now - self._at) * self.rate)
         self._at = now

@@ -143,9 +143,7 @@ class SignalServer:
         bucket = self._punch_buckets.get(target_id)
         if bucket is None:
             if len(self._punch_buckets) >= MAX_PUNCH_BUCKETS:
-                # A bucket that has refilled remembers nothing a fresh one would not.
-                full = self.config.punch_burst / max(self.config.punch_rate, 1e-9)
-                for key in [k for k, b in self._punch_buckets.items() if now - b._at > full]:
+                for key in [k for k, b in self._punch_buckets.items() if b.is_full(now)]:
                     del self._punch_buckets[key]
             bucket = TokenBucket(self.config.punch_rate, self.config.punch_burst, now)
             self._punch_buckets[target_id] = bucket
