@@ -20,19 +20,19 @@ from typing import Any
 
 import pytest
 
-from pyholepunch.identity import Identity
-from pyholepunch.signal.client import SignalClient
 from tests.aio.attack_tools import (
     client_hello,
     close_all,
     coordinate,
     idle_time,
     open_raw,
+    register_and_leave,
     server_process,
     source,
 )
 
 SCALE = float(os.environ.get("PYHOLEPUNCH_BENCH_FLOOD_SCALE", "1.0"))
+pytestmark = pytest.mark.timeout(1800)   # full size takes minutes
 GROUP = "server_flood"
 
 
@@ -96,21 +96,6 @@ def test_partial_preambles(benchmark: Any, bench_report: Any, tmp_path: Path) ->
     bench_report.record(GROUP, "partial_relay_preambles", **result)
 
 
-async def _register_and_leave(address: tuple[str, int], fp: str, count: int) -> None:
-    sem = asyncio.Semaphore(16)
-
-    async def one(i: int) -> None:
-        async with sem:
-            c = SignalClient(address, Identity.generate(), name=f"gone-{i}", reconnect=False,
-                             server_fingerprint=fp, connect_timeout=30)
-            try:
-                await c.start()
-            finally:
-                await c.close()
-
-    await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
-
-
 async def _memory(tmp: Path, handshakes: int, peers: int) -> dict[str, Any]:
     hello = client_hello()
     with server_process(tmp) as srv:
@@ -125,12 +110,12 @@ async def _memory(tmp: Path, handshakes: int, peers: int) -> dict[str, Any]:
             close_all(socks)
             await asyncio.sleep(3.0)
             rounds.append({"peak_mb": round(peak, 1), "after_mb": round(srv.rss_mb(), 1)})
-        await _register_and_leave(srv.address, srv.fingerprint, peers)
+        left = await register_and_leave(srv.address, srv.fingerprint, peers)
         await asyncio.sleep(3.0)
         after_peers = srv.rss_mb()
         under = await _timed(coordinate(srv.address, srv.fingerprint))
         return {"handshakes_per_round": handshakes, "idle_rss_mb": round(base, 1),
-                "rounds": rounds, "peers_registered_and_gone": peers,
+                "rounds": rounds, "peers_registered_and_gone": left,
                 "rss_after_peers_left_mb": round(after_peers, 1),
                 "worst_after_over_idle": round(max(
                     [r["after_mb"] for r in rounds] + [after_peers]) / base, 2),

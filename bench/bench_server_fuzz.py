@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
+import pytest
 
 from pyholepunch.signal.protocol import (
     HEADER,
@@ -46,6 +47,7 @@ FRAMES = int(os.environ.get("PYHOLEPUNCH_BENCH_FUZZ_FRAMES", "1000000"))
 DATAGRAMS = int(os.environ.get("PYHOLEPUNCH_BENCH_FUZZ_DATAGRAMS", "1000000"))
 FRAMES_PER_CONNECTION = 90       # under the per-peer burst of 100 messages
 CONCURRENCY = 24
+pytestmark = pytest.mark.timeout(3600)   # full size takes minutes
 GROUP = "server_fuzz"
 
 WEIRD: list[Any] = [None, True, -1, 0, 2**63, -(2**63), 2**64 - 1, 1e308, float("nan"),

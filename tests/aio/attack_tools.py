@@ -157,6 +157,24 @@ async def coordinate(server: Address, fingerprint: bytes | str, *, tag: str = ""
     return time.monotonic() - started
 
 
+async def register_and_leave(server: Address, fingerprint: bytes | str, count: int) -> int:
+    """``count`` peers register (16 at a time) and disconnect; how many registered."""
+    sem, done = asyncio.Semaphore(16), [0]
+
+    async def one(i: int) -> None:
+        async with sem:
+            c = SignalClient(server, Identity.generate(), name=f"gone-{i}", reconnect=False,
+                             server_fingerprint=fingerprint, connect_timeout=30)
+            try:
+                await c.start()
+                done[0] += 1
+            finally:
+                await c.close()
+
+    await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+    return done[0]
+
+
 async def idle_time(server: Address, fingerprint: bytes | str, rounds: int = 3) -> float:
     """The yardstick: the best of a few coordinations with nothing else going on."""
     return min([await coordinate(server, fingerprint) for _ in range(rounds)])

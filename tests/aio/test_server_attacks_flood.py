@@ -15,6 +15,7 @@ from tests.aio.attack_tools import (
     held,
     idle_time,
     open_raw,
+    register_and_leave,
     server_process,
     source,
     within_twice,
@@ -66,8 +67,9 @@ async def test_partial_relay_preambles_do_not_spin_the_server(tmp_path: Path) ->
 
 @pytest.mark.asyncio
 async def test_memory_returns_after_abandoned_handshakes(tmp_path: Path) -> None:
-    """Abandoned TLS handshakes grew RSS 39 -> 240 -> 316 -> 331 MB and kept it. Now after
-    each of three rounds the server is back within 2 x its idle RSS."""
+    """Abandoned TLS handshakes grew RSS 39 -> 240 -> 316 -> 331 MB and kept it, and peers
+    that registered and left kept theirs. Now after each of three rounds, and after peers
+    left, the server is back within 2 x its idle RSS."""
     hello = client_hello()
     with server_process(tmp_path) as srv:
         idle = await idle_time(srv.address, srv.fingerprint)
@@ -79,6 +81,9 @@ async def test_memory_returns_after_abandoned_handshakes(tmp_path: Path) -> None
                 await asyncio.sleep(1.0)      # the server answered every ClientHello
             await asyncio.sleep(1.0)
             after.append(srv.rss_mb())
+        await register_and_leave(srv.address, srv.fingerprint, 300)    # peers that left
+        await asyncio.sleep(2.5)
+        after.append(srv.rss_mb())
         elapsed = await coordinate(srv.address, srv.fingerprint)
         assert max(after) <= 2 * base, f"idle {base:.0f} MB, after rounds {after}"
         assert within_twice(elapsed, idle), (elapsed, idle)
