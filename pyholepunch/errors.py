@@ -89,17 +89,49 @@ class AddressError(HolePunchError, ValueError):
     """Text or a tuple that is not a usable ``host:port`` / ``[v6]:port`` address."""
 
 
+class PortMapError(HolePunchError):
+    """A router refused a port mapping or failed to make one (NAT-PMP, PCP, UPnP IGD).
+
+    ``protocol`` is "pcp", "nat-pmp" or "upnp"; ``code`` the router's result/error code
+    (PCP/NAT-PMP result code, UPnP errorCode, HTTP status), None when it did not answer."""
+
+    def __init__(self, message: str, *, protocol: str = "", code: int | None = None) -> None:
+        super().__init__(message)
+        self.protocol = protocol
+        self.code = code
+
+
+class PortMapUnavailable(PortMapError, TimeoutError):
+    """No router on the path answered any port-mapping protocol within the budget."""
+
+
 class LabError(HolePunchError):
     """The NAT lab cannot be built here (not root, no nft, no netns) or failed to build."""
 
 
+class ApiSetupError(HolePunchError):
+    """The HTTP API cannot start as configured (listen address, token file)."""
+
+
+class ApiError(HolePunchError):
+    """An HTTP API request fails: ``status`` (4xx/5xx) and a short ``code`` for the JSON body."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
 __all__ = [
     "AddressError",
+    "ApiError",
+    "ApiSetupError",
     "AuthenticationError",
     "HolePunchError",
     "LabError",
     "LocalProtocolError",
     "NatNotTraversable",
+    "PortMapError",
+    "PortMapUnavailable",
     "ProtocolError",
     "PunchError",
     "QuotaError",

@@ -28,6 +28,7 @@ from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.profile import Allocation, Mapping, NatProfile
 from .punch import Punch, close_late_result, peer_target
+from .punch_mapping import PunchPortMapping
 from .relay.builtin import open_builtin_relay
 from .relay.peering import peer_turn_relay
 from .report import ConnectionReport, Route
@@ -82,6 +83,7 @@ class Peer:
         clock: Callable[[], float] = time.time,
         classify_udp: bool = False,
         keepalive: KeepAlive | None = DEFAULT_KEEPALIVE,
+        portmap: bool = True,
     ) -> None:
         self.server = parse_address(server)
         self.config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
@@ -102,6 +104,8 @@ class Peer:
         self.local_port = 0                     # our punch port (reserved while we live)
         self.announced: Address | None = None   # what it maps to outside
         self._reservation: socket.socket | None = None
+        self.portmap = portmap                  # ask the router to map the punch port
+        self.port_mapping: PunchPortMapping | None = None
         self._signal = SignalClient(
             self.server, self.identity, name=self.name, server_fingerprint=server_fingerprint,
             known_hosts=self.config_dir / "known_servers", token=token, clock=clock,
@@ -113,6 +117,9 @@ class Peer:
         self._events: asyncio.Task[None] | None = None
         self._announcing = asyncio.Lock()
         self.last_report: ConnectionReport | None = None   # of the latest connect(), even failed
+        # Called with every new ConnectionReport (connect and accept) before anything is
+        # recorded in it, so a caller can observe it as it grows (the HTTP API's events).
+        self.report_hooks: list[Callable[[ConnectionReport], None]] = []
 
     # -- identity --------------------------------------------------------------------------
     @property
@@ -127,6 +134,11 @@ class Peer:
     async def start(self) -> None:
         _raise_fd_limit()
         self.local_ip = await asyncio.to_thread(route_source_ip, self.server[0])
+        if self.portmap:     # its probe runs while we classify
+            self.port_mapping = PunchPortMapping(
+                self.server[0], self.local_ip,
+                on_change=lambda: self._spawn(self._reannounce(new_port=False)))
+            self.port_mapping.probe_task()
         kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
         for kind in kinds:    # one after the other: allocation probes must not interleave
             self.profiles[kind] = await classify_nat(self.server, transport=kind,
@@ -150,6 +162,8 @@ class Peer:
         await asyncio.gather(*self._tasks, *([self._events] if self._events else []),
                              return_exceptions=True)
         await self._signal.close()
+        if self.port_mapping is not None:
+            await self.port_mapping.close()
         if self._reservation is not None:
             self._reservation.close()
             self._reservation = None
@@ -180,7 +194,8 @@ class Peer:
     async def announce(self, *, new_port: bool = False) -> None:
         """Learn and announce our external punch address (see ``_learn_punch_address``)."""
         await self._learn_punch_address(new_port=new_port)
-        await self._signal.update(candidates=self._candidates())
+        await self._signal.update(candidates=self._candidates(),
+                                  profiles=list(self.profiles.values()))
 
     async def _learn_punch_address(self, *, new_port: bool) -> None:
         """STUN over TCP from the punch port: what it maps to outside.
@@ -205,6 +220,9 @@ class Peer:
                     self._reservation.close()
                 self._reservation, self.local_port = reservation, port
             self.announced = mapped
+            if self.port_mapping is not None:
+                await self.port_mapping.follow(self.local_port)
+                self.profiles["tcp"] = self.port_mapping.profile(self.tcp_profile)
 
     async def _probe(self, port: int) -> Address:
         """Our mapping for ``port``, asked again (PROBE_ATTEMPTS in all) when the server's
@@ -243,8 +261,7 @@ class Peer:
     # -- connecting ------------------------------------------------------------------------
     async def connect(self, target: str, *, timeout: float = 15.0) -> Connection:
         """A connection to ``target`` (name or peer_id): direct if possible, else relayed."""
-        report = ConnectionReport(role="initiator", started=time.time())
-        report.local_nat = self.tcp_profile.to_dict()
+        report = self._new_report("initiator")
         self.last_report = report
         try:
             async with asyncio.timeout(timeout):
@@ -299,8 +316,7 @@ class Peer:
                     abort.set_result(event.reason)
 
     async def _respond(self, instr: PunchInstruction) -> None:
-        report = ConnectionReport(role="responder", started=time.time())
-        report.local_nat = self.tcp_profile.to_dict()
+        report = self._new_report("responder")
         try:   # bounded like a connect(): an incoming session never holds us longer
             async with asyncio.timeout(RESPONDER_TIMEOUT):
                 conn = await self._run_session(instr, report, self.local_port)
@@ -308,6 +324,13 @@ class Peer:
             log.warning("incoming connection from %s failed: %s", instr.peer.name, exc)
             return
         self._accepted.put_nowait(conn)
+
+    def _new_report(self, role: str) -> ConnectionReport:
+        report = ConnectionReport(role=role, started=time.time())
+        report.local_nat = self.tcp_profile.to_dict()
+        for hook in self.report_hooks:
+            hook(report)
+        return report
 
     def _abort_of(self, session: str) -> asyncio.Future[str]:
         return self._aborts.setdefault(session, asyncio.get_running_loop().create_future())
@@ -371,25 +394,29 @@ class Peer:
         plan = Plan.from_dict(instr.plan) if instr.plan else make_plan(
             *((self.tcp_profile, peer.tcp_profile) if instr.role == "initiator"
               else (peer.tcp_profile, self.tcp_profile)))
-        report.plan = plan.to_dict()
+        report.set_plan(plan.to_dict())
         initiator = instr.role == "initiator"
         if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile
             self._spawn(asyncio.to_thread(tls_context, self.identity, peer.cert,
                                           server_side=not initiator))
         start_at = instr.start_at - (self.clock() - time.time())   # into the engine's clock
         direct_error: BaseException | None = None
+        cause = "no_direct_plan"
         if plan.direct_steps:
             relay_grant = self._grants.setdefault(instr.session,
                                                   asyncio.get_running_loop().create_future())
             try:
                 punch = Punch(self.engine, plan, instr.role, start_at, local_port,
-                              peer_target(peer.candidates), report, local_ip=self.local_ip)
+                              peer_target(peer.candidates, peer.tcp_profile.port_mapping), report,
+                              local_ip=self.local_ip)
                 result = await self._first(punch.run(), relay_grant)
             except (PunchError, OSError) as exc:
                 direct_error = exc
+                cause = "punch_failed" if isinstance(exc, PunchError) else "socket_error"
             else:
                 if isinstance(result, RelayInstruction):   # the initiator gave up first
                     direct_error = PunchError("the peer moved to the relay")
+                    cause = "peer_relayed"
                 else:
                     try:
                         reader, writer = await secure_stream(
@@ -397,7 +424,7 @@ class Peer:
                             peer_cert=peer.cert, initiator=initiator, timeout=TLS_TIMEOUT,
                             insecure_plain=self.insecure_plain)
                     except (TimeoutError, OSError) as exc:   # not AuthenticationError: an
-                        direct_error = exc                   # impostor gets no relay either
+                        direct_error, cause = exc, "tls_failed"   # impostor gets no relay either
                     else:
                         report.finish(Route.DIRECT)
                         await self._report(instr.session, "direct", report)
@@ -406,7 +433,10 @@ class Peer:
             raise PunchError(f"no direct path to {peer.name} ({direct_error or plan.reason}) "
                              "and relaying is off")
         reason = str(direct_error) if direct_error else plan.reason
+        # The one WARNING of this connection's fallback (its reason also goes to the report,
+        # the server's metrics and the API's events).
         log.warning("falling back to the relay for %s: %s", peer.name, reason)
+        report.fallback(reason, cause)
         record = report.step_started("relay")
         try:
             streams = await self._relay(instr, initiator)
@@ -458,7 +488,8 @@ class Peer:
         with contextlib.suppress(ConnectionError, SignalingError):
             await self._signal.report_result(session, outcome, {
                 "time": report.total_time, "route": outcome,
-                "step": (w.kind if (w := report.winning_step) else None)},
+                "step": (w.kind if (w := report.winning_step) else None),
+                "relay_cause": report.relay_cause or None},
                 reason=None if reason is None else str(reason) or type(reason).__name__)
 
 

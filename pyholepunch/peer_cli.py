@@ -38,6 +38,8 @@ def add_peer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--turn-secret", help="TURN shared secret (coturn use-auth-secret)")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="write the connection report as JSON to FILE (default stderr)")
+    p.add_argument("--no-portmap", action="store_true",
+                   help="do not ask the router to map the punch port (NAT-PMP, PCP, UPnP)")
     p.add_argument("--insecure-plain", action="store_true",
                    help="no end-to-end TLS: for benchmarks only, never for real traffic")
 
@@ -72,6 +74,7 @@ def peer_from_args(args: argparse.Namespace) -> Peer:
         turn_password=args.turn_password,
         turn_secret=args.turn_secret,
         insecure_plain=args.insecure_plain,
+        portmap=not args.no_portmap,
     )
 
 

@@ -30,6 +30,16 @@ def source_key(host: str) -> str:
     return str(ip)
 
 
+def is_loopback(host: str) -> bool:
+    """A peer connected from the server's own host (IPv4-mapped loopback included)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
+
+
 @dataclass
 class SourceBudget:
     """``total`` slots, at most ``per_source`` of them held by one source."""

@@ -14,10 +14,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..address import ip_of
 from ..errors import AuthenticationError, ProtocolError, QuotaError
 from ..identity import peer_id_of, verify_signature
-from .admission import source_key
+from .admission import is_loopback, source_key
 from .auth import TokenBucket, check_token
 from .connection import ClockEstimator, ConnectionClosed, Role, SignalConnection, State, common_start
 from .protocol import (
@@ -113,9 +112,7 @@ class PeerProtocol(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        self.source = source_key(host)
-        ip = ip_of(host.split("%", 1)[0])
-        self.loopback = bool(ip is not None and (getattr(ip, "ipv4_mapped", None) or ip).is_loopback)
+        self.source, self.loopback = source_key(host), is_loopback(host)
         now = self.server.clock()
         self._last_rx = now
         self.bucket = TokenBucket(self.cfg.rate, self.cfg.burst, now)
@@ -189,7 +186,7 @@ class PeerProtocol(asyncio.Protocol):
         """Answer a fatal ERROR and close; the server carries on with everyone else."""
         if self._closing:
             return
-        self.server.metrics["refused"] += 1
+        self.server.refuse(code.name)
         log.info("refusing %s: %s %s", self.name, code.name, reason)
         if self.conn.state is not State.CLOSED:
             self.send(Error(code=int(code), reason=reason[:200], session=session, fatal=True))
@@ -242,7 +239,7 @@ class PeerProtocol(asyncio.Protocol):
                     if r.fatal:
                         self.fail(r.code, r.reason, r.session)
                     else:
-                        self.server.metrics["refused"] += 1
+                        self.server.refuse(r.code.name)
                         self.send(Error(code=int(r.code), reason=r.reason, session=r.session,
                                         fatal=False))
                 except asyncio.CancelledError:
@@ -300,8 +297,7 @@ class PeerProtocol(asyncio.Protocol):
 
     def _candidates(self, value: list[tuple[str, int]], session: str | None = None,
                     fatal: bool = False) -> list[tuple[str, int]]:
-        """The server's candidate policy: the one check in protocol.py, loopback admitted
-        only from a peer on the server's own host (or as configured)."""
+        """protocol.check_candidates; loopback only from a peer on the server's own host."""
         policy = self.cfg.loopback_candidates
         try:
             return check_candidates(value, allow_loopback=self.loopback if policy is None
@@ -409,6 +405,8 @@ class PeerProtocol(asyncio.Protocol):
         self.send(Punch(session=msg.session, role="initiator", start_at=start + self.clock.offset,
                         peer=target.peer_info(), plan=plan))
         srv.metrics["punches"] += 1
+        srv.emit("coordination", session=msg.session,
+                 profiles=(initiator.profiles, target.profiles))
         log.info("punch %s: %s -> %s start in %.1f ms", msg.session, me.name, target.name,
                  (start - srv.clock()) * 1e3)
 
@@ -424,6 +422,9 @@ class PeerProtocol(asyncio.Protocol):
         info = await self._session_of(msg.session)
         key = {"direct": "successes", "relay": "relayed", "failed": "failures"}[msg.outcome]
         self.server.metrics[key] += 1
+        assert self.record is not None
+        self.server.emit("result", session=msg.session, outcome=msg.outcome, stats=msg.stats,
+                         initiator=info["initiator"] == self.record.peer_id)
         log.info("result %s from %s: %s", msg.session, self.name, msg.outcome)
         if msg.outcome == "failed":
             await self._tell_gave_up(msg, info)
@@ -476,7 +477,6 @@ class PeerProtocol(asyncio.Protocol):
             await srv.push(rec, "grant", RelayGrant(session=msg.session, token=token,
                                                     relay=(host, port)))
 
-
     async def _turn_offer(self, msg: Relay, info: dict[str, Any]) -> None:
         """Hand the sender's TURN relayed address to the session's other peer; echo it back
         as the acknowledgement. One offer per session, so a peer cannot make the other dial
@@ -496,5 +496,3 @@ class PeerProtocol(asyncio.Protocol):
         srv.metrics["turn_offers"] += 1
         log.info("relay %s: %s offers TURN address %s:%d", msg.session, self.name, *msg.relayed)
         self.send(grant)
-
-

@@ -76,6 +76,9 @@ class SignalServer:
         self.metrics: dict[str, int] = dict.fromkeys(
             ("registrations", "punches", "successes", "failures", "relayed", "relays",
              "turn_offers", "refused", "frames_in", "frames_out"), 0)
+        # Who wants to hear about events the counters above cannot carry (metrics.py):
+        # observer(event, fields) for "coordination", "result", "refused", "tls_failed".
+        self.observers: list[Callable[[str, dict[str, Any]], None]] = []
         self._servers: list[asyncio.Server] = []
         self._tls: set[TlsTransport] = set()      # every live connection, registered or not
         self.unregistered = SourceBudget(self.config.max_unregistered,
@@ -120,7 +123,7 @@ class SignalServer:
         """Count a new connection against the unregistered budget until it registers."""
         source = source_key(str(peername[0])) if isinstance(peername, tuple) and peername else "?"
         if not self.unregistered.acquire(source):
-            self.metrics["refused"] += 1
+            self.refuse("UNREGISTERED_LIMIT")   # a connection flood must not grow memory
             return False
         self._unregistered[tls] = source
         self._tls.add(tls)
@@ -132,10 +135,6 @@ class SignalServer:
         if source is not None:
             self.unregistered.release(source)
 
-    def _tls_lost(self, tls: TlsTransport) -> None:
-        self.ended_connections += 1
-        self._tls.discard(tls)
-        self.registered(tls)
 
     def punch_allowed(self, target_id: str) -> bool:
         """Per-target PUNCH rate: however many senders, a target gets at most punch_rate/s."""
@@ -148,6 +147,27 @@ class SignalServer:
             bucket = TokenBucket(self.config.punch_rate, self.config.punch_burst, now)
             self._punch_buckets[target_id] = bucket
         return bucket.take(now)
+
+    def _tls_lost(self, tls: TlsTransport) -> None:
+        self.ended_connections += 1
+        self._tls.discard(tls)
+        self.registered(tls)
+        ssl_object = tls.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.version() is None:   # never got through
+            self.emit("tls_failed")
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """Tell the observers; an observer's bug never breaks the server."""
+        for observer in self.observers:
+            try:
+                observer(event, fields)
+            except Exception:
+                log.exception("metrics observer failed on %s", event)
+
+    def refuse(self, reason: str) -> None:
+        """Count one refusal (``reason``: an ErrorCode name or another fixed word)."""
+        self.metrics["refused"] += 1
+        self.emit("refused", reason=reason)
 
     async def close(self) -> None:
         if self._reference_task is not None:
