@@ -40,7 +40,7 @@ from .signal.tls import format_fingerprint, load_or_create_credentials
 log = logging.getLogger(__name__)
 Address = tuple[str, int]
 RELAY_MAGIC = b"HPR1"
-TRIM_INTERVAL, TRIM_AFTER = 2.0, 256
+TRIM_INTERVAL, TRIM_AFTER = 1.0, 256
 TLS_HANDSHAKE = 0x16
 
 
