@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from pyholepunch.errors import QuotaError
 from pyholepunch.identity import Identity
 from pyholepunch.security import certificate_for
 from pyholepunch.serve import Rendezvous
@@ -30,8 +31,9 @@ from pyholepunch.signal.protocol import (
     Registered,
 )
 from pyholepunch.signal.server import ServerConfig
-from pyholepunch.signal.store import NameLimits
+from pyholepunch.signal.store import NameLimits, RedisStore
 from tests.aio.attack_tools import RawPeer, coordinate, idle_time, within_twice
+from tests.aio.test_signal_redis import redis_url  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(60)
 CFG = ServerConfig(sync_pings=2, keepalive=3600, handshake_timeout=3.0)
@@ -304,3 +306,27 @@ async def test_name_bindings_expire_and_are_capped() -> None:
         thief = RawPeer(app.address, app.fingerprint, "k0", bind="127.0.0.6")
         assert isinstance(await thief.register(), Registered)
         await thief.close()
+
+
+@pytest.mark.skipif(not __import__("shutil").which("redis-server"), reason="needs redis-server")
+@pytest.mark.asyncio
+async def test_name_bindings_expire_and_are_capped_in_redis(redis_url: str) -> None:  # noqa: F811
+    """The same rules for nodes sharing a REAL redis-server."""
+    store = RedisStore(redis_url, names=NameLimits(ttl=1.0, per_key=2, per_source=2,
+                                                   exempt_loopback=False))
+    a, b, c = (Identity.generate().public_key for _ in range(3))
+    try:
+        await store.start("n1", lambda push: asyncio.sleep(0, True))
+        assert await store.bind_name("r1", a, "198.51.100.1") is None
+        assert await store.bind_name("r2", a, "198.51.100.2") is None
+        with pytest.raises(QuotaError, match="this key"):
+            await store.bind_name("r3", a, "198.51.100.3")
+        assert await store.bind_name("r3", b, "198.51.100.1") is None
+        with pytest.raises(QuotaError, match="198.51.100.1"):
+            await store.bind_name("r4", c, "198.51.100.1")
+        assert await store.bind_name("r1", c, "198.51.100.9") == a
+        await asyncio.sleep(1.2)                      # every binding past its ttl
+        assert await store.key_of("r1") is None
+        assert await store.bind_name("r1", c, "198.51.100.1") is None
+    finally:
+        await store.close()
