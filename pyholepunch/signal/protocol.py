@@ -12,7 +12,8 @@ The body is a msgpack map with string keys; key ``"t"`` names the message type, 
 are that type's fields (table below). Unknown keys are ignored (forward compatibility);
 missing required fields, wrong types, extension types and trailing bytes are errors.
 Binary fields are msgpack bin, times are float64 seconds (Unix epoch, *sender's* clock unless
-stated), candidates are ``[[ip, port], ...]``, NAT profiles are ``NatProfile.to_dict()`` maps.
+stated), candidates are ``[[ip, port, family, iface, origin], ...]`` (strategy/candidates.py;
+v1 ``[ip, port]`` pairs are still read), NAT profiles are ``NatProfile.to_dict()`` maps.
 
 ==============  =====  =============================================================
 type            dir    fields
@@ -51,7 +52,7 @@ offer per session. v1 peers that predate ``via`` ignore it (unknown keys are ign
 
 Bounds (checked on arrival, so whatever one peer registers can be forwarded to another):
 names, ids, sessions and targets match their pattern whole (``re.fullmatch``); candidates
-(``check_candidates``): at most 16, 8 per family, IP literals a peer could have; profiles:
+(``check_candidates``): at most 32, 16 per family, addresses a peer could have; profiles:
 4 maps, 32 keys each, 4 KiB encoded; a cert: 4 KiB, and the server parses it and checks it
 holds the registering key; other strings 1 KiB (a ``reason`` is cut there). A PUNCH's
 ``start_at`` is never more than MAX_START_AHEAD ahead (``clamp_start``, applied by the server
@@ -61,7 +62,6 @@ and again by the peer). Code 430 (QUOTA_EXCEEDED): a per-key, per-peer or per-ad
 from __future__ import annotations
 
 import enum
-import ipaddress
 import re
 import struct
 from dataclasses import MISSING, dataclass, field, fields
@@ -71,6 +71,7 @@ import msgpack  # type: ignore[import-untyped]
 
 from ..address import unusable_peer_ip
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ..strategy.candidates import parse_candidates
 from . import fields as checks
 
 VERSION = 1
@@ -80,8 +81,8 @@ REGISTER_CONTEXT = b"pyholepunch/register/v1\x00"
 # Bounds on everything a peer sends that the server stores or forwards (the others, with
 # their checks, in fields.py). Together they keep the largest PUNCH the server can build
 # (peer info + plan) well inside DEFAULT_MAX_FRAME: what one peer registers always fits.
-MAX_CANDIDATES = 16              # [ip, port] pairs in all
-MAX_CANDIDATES_PER_FAMILY = 8
+MAX_CANDIDATES = 32              # in all (every interface's, every family's)
+MAX_CANDIDATES_PER_FAMILY = 16
 MAX_START_AHEAD = 5.0            # a PUNCH never starts further ahead than this (seconds)
 
 # Patterns are applied with re.fullmatch: "$" would let "bob\n" pass as a name.
@@ -124,30 +125,29 @@ class ErrorCode(enum.IntEnum):
 # ---------------------------------------------------------------------------------------------
 # field checks: one function per field *name* (shared meaning across messages)
 
-def check_candidates(value: Any, *, allow_loopback: bool = True) -> list[tuple[str, int]]:
-    """THE candidate check (wire parsing and the server's policy both call it): a list of
-    at most MAX_CANDIDATES ``[ip, port]`` pairs, at most MAX_CANDIDATES_PER_FAMILY per
-    family, each an IP literal a remote peer could really dial (``unusable_peer_ip``);
-    loopback only when ``allow_loopback`` (the server allows it only from a peer that is
-    itself on the server's host). Duplicates are dropped; ValueError names what is wrong."""
+def check_candidates(value: Any, *, allow_loopback: bool = True) -> list[list[Any]]:
+    """THE candidate check (wire parsing and the server's policy both call it). Candidates
+    are ``[ip, port, family, iface, origin]`` (strategy/candidates.py parses the form; v1
+    ``[ip, port]`` pairs are read and extended, so everything past this check sees one
+    form): at most MAX_CANDIDATES, MAX_CANDIDATES_PER_FAMILY per family, each an address a
+    remote peer could really dial (``unusable_peer_ip``), loopback only when
+    ``allow_loopback`` (the server allows it only from a peer on its own host). Duplicate
+    addresses are dropped; ValueError names what is wrong."""
     if not isinstance(value, (list, tuple)) or len(value) > MAX_CANDIDATES:
-        raise ValueError(f"at most {MAX_CANDIDATES} [ip, port] pairs")
-    out: list[tuple[str, int]] = []
-    per_family: dict[int, int] = {}
-    for item in value:
-        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)
-                and type(item[1]) is int and 0 < item[1] < 65536 and len(item[0]) <= 64):
-            raise ValueError(f"bad candidate {item!r:.60}")
-        ip = ipaddress.ip_address(item[0])     # ValueError names the value
-        why = unusable_peer_ip(item[0])
+        raise ValueError(f"at most {MAX_CANDIDATES} candidates")
+    out: list[list[Any]] = []
+    seen: set[tuple[str, int]] = set()
+    per_family: dict[str, int] = {}
+    for c in parse_candidates(value):
+        why = unusable_peer_ip(c.ip)
         if why is not None and not (why == "loopback" and allow_loopback):
-            raise ValueError(f"candidate {item[0]} is {why}")
-        per_family[ip.version] = per_family.get(ip.version, 0) + 1
-        if per_family[ip.version] > MAX_CANDIDATES_PER_FAMILY:
-            raise ValueError(f"more than {MAX_CANDIDATES_PER_FAMILY} IPv{ip.version} candidates")
-        pair = (item[0], item[1])
-        if pair not in out:
-            out.append(pair)
+            raise ValueError(f"candidate {c.ip} is {why}")
+        per_family[c.family] = per_family.get(c.family, 0) + 1
+        if per_family[c.family] > MAX_CANDIDATES_PER_FAMILY:
+            raise ValueError(f"more than {MAX_CANDIDATES_PER_FAMILY} {c.family} candidates")
+        if c.address not in seen:
+            seen.add(c.address)
+            out.append(c.to_wire())
     return out
 
 
@@ -299,7 +299,7 @@ class Register(Message):
     token: str | None = None
     cert: bytes | None = None
     profiles: list[dict[str, Any]] = field(default_factory=list)
-    candidates: list[tuple[str, int]] = field(default_factory=list)
+    candidates: list[list[Any]] = field(default_factory=list)
 
 
 @message("registered", Direction.TO_CLIENT)
@@ -329,7 +329,7 @@ class Pong(Message):
 @message("update", Direction.TO_SERVER)
 @dataclass(frozen=True, slots=True)
 class Update(Message):
-    candidates: list[tuple[str, int]] | None = None
+    candidates: list[list[Any]] | None = None
     profiles: list[dict[str, Any]] | None = None
     cert: bytes | None = None
 
@@ -339,7 +339,7 @@ class Update(Message):
 class Connect(Message):
     session: str
     target: str
-    candidates: list[tuple[str, int]] = field(default_factory=list)
+    candidates: list[list[Any]] = field(default_factory=list)
     profiles: list[dict[str, Any]] = field(default_factory=list)
 
 

@@ -14,6 +14,7 @@ from pyholepunch.signal.auth import check_token, make_token
 from pyholepunch.signal.fields import MAX_CERT, MAX_PROFILES_BYTES, check_profiles
 from pyholepunch.signal.protocol import (
     MAX_CANDIDATES,
+    MAX_CANDIDATES_PER_FAMILY,
     MAX_START_AHEAD,
     Connect,
     ErrorCode,
@@ -37,17 +38,21 @@ def test_unusable_candidates_are_refused(host: str, why: str) -> None:
 
 
 def test_candidate_counts_families_and_duplicates() -> None:
-    assert check_candidates([["127.0.0.1", 1]]) == [("127.0.0.1", 1)]     # loopback if allowed
-    assert check_candidates([["10.0.0.1", 1], ("10.0.0.1", 1)]) == [("10.0.0.1", 1)]
-    v4 = [(f"198.51.100.{i}", 1000) for i in range(9)]
-    with pytest.raises(ValueError, match="more than 8 IPv4"):
+    assert check_candidates([["127.0.0.1", 1]]) == [["127.0.0.1", 1, "ipv4", "", "stun"]]
+    assert check_candidates([["10.0.0.1", 1], ("10.0.0.1", 1)]) == [
+        ["10.0.0.1", 1, "ipv4", "", "stun"]]                 # a v1 pair, extended; no duplicate
+    full = ["2001:db8::1", 7, "ipv6", "eth0", "host"]
+    assert check_candidates([full]) == [full]
+    v4 = [(f"198.51.100.{i}", 1000) for i in range(MAX_CANDIDATES_PER_FAMILY + 1)]
+    with pytest.raises(ValueError, match=f"more than {MAX_CANDIDATES_PER_FAMILY} ipv4"):
         check_candidates(v4)
-    mixed = v4[:8] + [(f"2001:db8::{i}", 1000) for i in range(8)]
+    mixed = v4[:-1] + [(f"2001:db8::{i}", 1000) for i in range(MAX_CANDIDATES_PER_FAMILY)]
     assert len(check_candidates(mixed)) == MAX_CANDIDATES
     with pytest.raises(ValueError, match=f"at most {MAX_CANDIDATES}"):
         check_candidates(mixed + [("203.0.113.1", 1)])
     for bad in (["10.0.0.1", 0], ["10.0.0.1", 65536], ["10.0.0.1", True], ["host.example", 1],
-                ["1" * 100, 1], "10.0.0.1:1"):
+                ["1" * 100, 1], "10.0.0.1:1", ["10.0.0.1", 1, "ipv6", "", "host"],
+                ["10.0.0.1", 1, "ipv4", "x" * 40, "host"], ["10.0.0.1", 1, "ipv4", "", "guess"]):
         with pytest.raises(ValueError):
             check_candidates([bad])
 
