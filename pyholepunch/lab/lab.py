@@ -24,12 +24,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any
 
 from ..errors import LabError
-from . import _ns, miniupnpd, state, topology
+from . import _ns, background, miniupnpd, state, topology
 from .topology import SERVER_ALT_IP, SERVER_IP
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class Lab:
                  jitter_ms: float = 0, loss_pct: float = 0.0, same_nat: bool = False,
                  hairpin: bool = False, conntrack: dict[str, int] | None = None,
                  portmap_a: bool = False, portmap_b: bool = False,
-                 portmap_min_lifetime: int = 120) -> None:
+                 portmap_min_lifetime: int = 120,
+                 background_rate: float | Mapping[str, float] = 0.0) -> None:
         for label, v in (("rtt_ms", rtt_ms), ("jitter_ms", jitter_ms)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10_000:
                 raise ValueError(f"{label} must be a number in [0, 10000], got {v!r}")
@@ -95,6 +96,7 @@ class Lab:
         self._plan = topology.plan(a, b, same_nat=same_nat, hairpin=hairpin, seq_offset=seq_offset,
                                    portmap=portmap)
         self.portmap_min_lifetime = portmap_min_lifetime
+        self.background_rate = background.rates(background_rate, self._plan)
         self.routers: dict[str, miniupnpd.Router] = {}   # peer -> the miniupnpd of its NAT
         self.a_type, self.b_type = self._plan.types["a"], self._plan.types["b"]
         self.name = ""
@@ -128,6 +130,8 @@ class Lab:
                 self._await_delayer()
             if self._plan.routers:
                 self._start_routers()
+            if self.background_rate:
+                background.start(self, self._plan, self.background_rate)
         except BaseException as exc:
             self.close()
             if isinstance(exc, LabError):
@@ -290,7 +294,7 @@ class Lab:
                 "private": dict(self._plan.private), "public": dict(self._plan.public),
                 "rtt_ms": self.rtt_ms, "jitter_ms": self.jitter_ms, "loss_pct": self.loss_pct,
                 "same_nat": self.same_nat, "hairpin": self.hairpin,
-                "portmap": dict(self._plan.routers)}
+                "portmap": dict(self._plan.routers), "background_rate": dict(self.background_rate)}
 
     # --- running things inside ------------------------------------------------------------
     def _argv(self, node: str, argv: Sequence[str]) -> list[str]:
