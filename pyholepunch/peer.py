@@ -29,6 +29,7 @@ from .nat.classify import classify_nat
 from .nat.profile import Allocation, Mapping, NatProfile
 from .punch import Punch, close_late_result, peer_target
 from .punch_mapping import PunchPortMapping
+from .punch_sequential import AllocationTracker, sequential_side, tracker_for
 from .relay.builtin import open_builtin_relay
 from .relay.peering import peer_turn_relay
 from .report import ConnectionReport, Route
@@ -116,6 +117,7 @@ class Peer:
         self._events: asyncio.Task[None] | None = None
         self._announcing = asyncio.Lock()
         self.last_report: ConnectionReport | None = None   # of the latest connect(), even failed
+        self._tracker: AllocationTracker | None = None     # our sequential NAT's positions
 
     # -- identity --------------------------------------------------------------------------
     @property
@@ -139,6 +141,7 @@ class Peer:
         for kind in kinds:    # one after the other: allocation probes must not interleave
             self.profiles[kind] = await classify_nat(self.server, transport=kind,
                                                      local_ip=self.local_ip)
+        self._tracker = tracker_for(self.tcp_profile)    # None unless the NAT is sequential
         await self._learn_punch_address(new_port=True)
         # Registered with its address already: no CONNECT can find us without one.
         self._signal.profiles = [p.to_dict() for p in self.profiles.values()]
@@ -205,8 +208,11 @@ class Peer:
         async with self._announcing:
             reservation = self._reserve_port() if new_port or self._reservation is None else None
             port = reservation.getsockname()[1] if reservation is not None else self.local_port
+            t = time.time()
             try:
                 mapped = await self._probe(port)
+                if self._tracker is not None:
+                    self._tracker.observe(t, mapped[1], announced=True, took=time.time() - t)
             except BaseException:
                 if reservation is not None:
                     reservation.close()
@@ -397,7 +403,8 @@ class Peer:
             try:
                 punch = Punch(self.engine, plan, instr.role, start_at, local_port,
                               peer_target(peer.candidates, peer.tcp_profile.port_mapping), report,
-                              local_ip=self.local_ip)
+                              local_ip=self.local_ip, sequential=sequential_side(
+                                  self._tracker, lambda: self._probe_once(0)))
                 result = await self._first(punch.run(), relay_grant)
             except (PunchError, OSError) as exc:
                 direct_error = exc

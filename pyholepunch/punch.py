@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from .engine import Engine, PunchResult, PunchStats
 from .engine._base import count_failure
 from .errors import PunchError, PunchTimeout
+from .punch_sequential import SequentialSide
 from .report import ConnectionReport, Outcome
 from .strategy import Action, Plan, RoleInstruction, Step, StepKind, Target, remote_ports
 
@@ -54,6 +55,7 @@ class Punch:
     peer: PunchTarget
     report: ConnectionReport
     local_ip: str = "0.0.0.0"
+    sequential: SequentialSide | None = None   # our NAT is sequential: re-measure before sweeps
     _late: list[asyncio.Future[PunchResult]] = field(default_factory=list)
 
     def schedule(self) -> Iterator[tuple[float, list[Step]]]:
@@ -125,7 +127,13 @@ class Punch:
         if ins.action is Action.LISTEN:
             return await accept_from(self.local_ip, self.local_port, self._peer_ips(ins),
                                      deadline=at + budget)
-        remotes = self._remotes(ins)
+        if self.sequential is not None and ins.action is Action.SWEEP_PAIRS \
+                and ins.target is Target.PUBLIC:
+            remotes = await self.sequential.mutual_remotes(
+                ins, sweep_at=at + ins.start_delay, peer_ip=self.peer.public_ip,
+                peer_port=self.peer.port, chooser=not self._follows(ins))
+        else:
+            remotes = self._remotes(ins)
         start, timeout = _window(at + ins.start_delay, budget - ins.start_delay)
         if self._follows(ins):
             local_ports = ([self.local_port] * len(remotes)

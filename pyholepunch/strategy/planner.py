@@ -314,17 +314,27 @@ class _Context:
                   f"fresh ports towards the {cone}, which targets the predicted ports")
         return self.step(StepKind.PREDICT_SWEEP, 2.5, reason, {cone: cone_ins, sym: sym_ins})
 
+    def probe_allowance(self) -> float:
+        """Time for a sequential side's STUN probe (TCP handshake + binding) before its sweep."""
+        return round(2.5 * self.rtt + 0.04, 3)
+
     def _mutual(self) -> Step:
-        n = self.predict_count
-        # The responder follows (punch.py): its SYNs open its NAT first, the initiator's
-        # arrive after them and the initiator chooses the connection.
-        by_role = {role: RoleInstruction(Action.SWEEP_PAIRS, ports=PortChoice.PREDICTED, count=n,
-                                         delta=self.profile(other_role(role)).delta,
-                                         start_delay=self.first_delay(n) if role == "initiator" else 0.0)
-                   for role in ROLES}
-        return self.step(StepKind.PREDICT_SWEEP, 3.0,
-                         f"both NATs allocate sequentially: each opens {n} fresh ports in order, "
-                         "the i-th aimed at the peer's i-th predicted port", by_role)
+        n = 2 * self.predict_count
+        probe = self.probe_allowance()
+        # Each side first re-measures its own NAT's position (other hosts take ports too) and
+        # aims from there (strategy/sequential.py). The responder follows (punch.py): its SYNs
+        # open its NAT first; the initiator's arrive after them, cycling through offsets for
+        # the allocations nobody saw, over n/2 more sockets so every offset meets every shift.
+        by_role = {role: RoleInstruction(
+            Action.SWEEP_PAIRS, ports=PortChoice.PREDICTED,
+            count=n + n // 2 if role == "initiator" else n,
+            delta=self.profile(other_role(role)).delta,
+            start_delay=round(probe + (self.first_delay(n) if role == "initiator" else 0.0), 3))
+            for role in ROLES}
+        return self.step(StepKind.PREDICT_SWEEP, 3.0 + probe,
+                         f"both NATs allocate sequentially: each re-measures its position, then "
+                         f"opens {n} fresh ports in order, aimed at the peer's predicted ports "
+                         "shifted by its own drift", by_role)
 
     def _birthday(self, sym: str) -> Step:
         cone = other_role(sym)
