@@ -5,7 +5,7 @@ for symmetric-seq x symmetric-seq and port-restricted (cone) x symmetric-seq, 40
 whole CLI flow (serve, `listen --echo` on b, `connect` on a) per run, one lab per (pair, rate)
 with its background hosts running throughout.
 
-    HPL_HARD_REPS=20 HPL_HARD_RATES=0,2,10,50 python -m pytest bench/bench_hard_pairs.py -p no:cacheprovider -s
+    HPL_HARD_REPS=20 HPL_HARD_RATES=0,2,10,50 python -m pytest bench/bench_hard_pairs.py -s
 
 Group ``hard_pairs`` in bench/results/report.json, one entry per pair and rate: runs, direct,
 relayed, failed, direct_rate, median time to connect (direct runs and all), the winning steps,

@@ -32,7 +32,8 @@ SINK_TCP_PORT = 9       # "discard": accepted and closed
 SINK_UDP_PORT = 9       # no listener: the datagram only has to open a flow at the NAT
 MAX_RATE = 1000.0       # flows per second per kind
 MAX_DURATION_S = 3600.0
-HOLD_S = 0.5            # a background connection stays open this long, then RST-closes
+HOLD_S = 0.5
+CATCH_UP_S = 1.0            # a background connection stays open this long, then RST-closes
 BACKGROUND_HOST = 200   # the background host's address on a peer's LAN: x.y.z.200
 
 
@@ -94,19 +95,21 @@ def generate(source: str, target: str, rate: float, duration: float, max_flows: 
              udp: bool = True) -> int:
     """Open one TCP connection (and one UDP flow) every 1/rate s from ``source`` to ``target``.
 
-    Ticks are scheduled on absolute times (no drift from slow iterations); a connection that
+    Ticks are scheduled on absolute times (no drift from slow iterations; a stall is made up
+    for up to CATCH_UP_S); a connection that
     has not finished by HOLD_S is dropped (its SYN already made the NAT allocate). Returns the
     number of TCP connections started."""
     interval = 1.0 / rate
     held: list[tuple[float, socket.socket]] = []
-    t0 = time.monotonic()
+    t0 = next_at = time.monotonic()
     n = 0
     try:
         while n < max_flows and time.monotonic() - t0 < duration:
-            due = t0 + n * interval
-            while (left := due - time.monotonic()) > 0:
+            while (left := next_at - time.monotonic()) > 0:
                 time.sleep(min(left, 0.05))
                 _expire(held, time.monotonic())
+            # Late ticks (a loaded machine) are made up for, but never more than CATCH_UP_S of them.
+            next_at = max(next_at + interval, time.monotonic() - CATCH_UP_S)
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             s.bind((source, 0))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
+from pyholepunch.demo import run_pair
 from pyholepunch.lab import Lab
 from pyholepunch.lab.background import host_ip
 
@@ -44,7 +46,10 @@ def test_sequential_port_advances_at_the_background_rate() -> None:
             tsrv.settimeout(3)
             usrv.bind((lab.server_ip, 7001))
             usrv.settimeout(3)
-            time.sleep(0.3)                        # the generator's python start-up
+            start = time.monotonic()               # the generator's python start-up
+            p0 = _tcp_port(lab, tsrv)
+            while _tcp_port(lab, tsrv) - p0 < 3 and time.monotonic() - start < 15:
+                time.sleep(0.1)
             t1, p1, u1 = time.monotonic(), _tcp_port(lab, tsrv), _udp_port(lab, usrv)
             time.sleep(GAP_S)
             t2, p2, u2 = time.monotonic(), _tcp_port(lab, tsrv), _udp_port(lab, usrv)
@@ -62,3 +67,18 @@ def test_background_rate_is_validated() -> None:
         Lab(a="symmetric-seq", background_rate=-1)
     with pytest.raises(ValueError, match="per peer"):
         Lab(a="symmetric-seq", background_rate={"c": 1.0})
+
+
+@pytest.mark.parametrize(("a", "b", "rate"), [("symmetric-seq", "symmetric-seq", 10.0),
+                                              ("port-restricted", "symmetric-seq", 50.0)])
+def test_sequential_pairs_stay_direct_under_background(a: str, b: str, rate: float,
+                                                       tmp_path: Path) -> None:
+    """The CI slice of bench/bench_hard_pairs.py: 3 runs of the whole CLI flow in one lab whose
+    NATs carry `rate` other connections/s (before #19: 0/4 direct for both)."""
+    routes = []
+    with Lab(a=a, b=b, rtt_ms=40, background_rate=rate) as lab:
+        for i in range(3):
+            res = run_pair(lab.spawn, lab.server_ip, lab.server_alt_ip, tmp_path / str(i), timeout=20)
+            assert res["echo_ok"]
+            routes.append((res["report"]["route"], res["report"]["winning_step"]))
+    assert sum(r == ("direct", "predict-sweep") for r in routes) >= 2, routes
