@@ -4,14 +4,15 @@
 the NAT against the server's STUN service, reserves a punch port and announces the external
 port it maps to, and registers. ``await peer.connect("bob")`` sends ONE request; the server
 pushes PUNCH (plan + common start time) to both sides, which run the plan's direct steps on
-the same schedule (punch.py), then TLS 1.3 pinned to the peer ids. Only when every direct
-step fails does the relay step run — with a WARNING saying why, in the report and in the
-server's metrics.
+the same schedule (punch.py), then TLS 1.3 pinned to the peer ids. The relay is joined
+alongside the punch and takes over when no direct connection is up within ~0.5 s of the
+start (relay_race.py), saying why in the report and in the server's metrics.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import resource
 import socket
@@ -27,11 +28,12 @@ from .errors import HolePunchError, PunchError, SignalingError
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.profile import Allocation, Mapping, NatProfile
-from .punch import Punch, close_late_result, peer_target
+from .punch import Punch, peer_target
 from .punch_mapping import PunchPortMapping
 from .punch_sequential import AllocationTracker, sequential_side, tracker_for
 from .relay.builtin import open_builtin_relay
 from .relay.peering import peer_turn_relay
+from .relay_race import direct_or_relay, first_of
 from .report import ConnectionReport, Route
 from .security import certificate_for, secure_stream, tls_context
 from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, SignalClient
@@ -397,6 +399,9 @@ class Peer:
                                           server_side=not initiator))
         start_at = instr.start_at - (self.clock() - time.time())   # into the engine's clock
         direct_error: BaseException | None = None
+        secure = functools.partial(secure_stream, identity=self.identity, peer_id=peer.peer_id,
+                                   peer_cert=peer.cert, initiator=initiator, timeout=TLS_TIMEOUT,
+                                   insecure_plain=self.insecure_plain)
         if plan.direct_steps:
             relay_grant = self._grants.setdefault(instr.session,
                                                   asyncio.get_running_loop().create_future())
@@ -405,7 +410,14 @@ class Peer:
                               peer_target(peer.candidates, peer.tcp_profile.port_mapping), report,
                               local_ip=self.local_ip, sequential=sequential_side(
                                   self._tracker, lambda: self._probe_once(0)))
-                result = await self._first(punch.run(), relay_grant)
+                if plan.has_relay and self.relay != "none":    # the relay ready alongside
+                    route, (reader, writer), why = await direct_or_relay(
+                        punch=punch.run(), secure=secure, initiator=initiator, start_at=start_at,
+                        join_relay=lambda: self._relay(instr, initiator), report=report)
+                    report.finish(route, relay_reason=str(why or plan.reason) if why else "")
+                    await self._report(instr.session, str(route), report)
+                    return self._connection(reader, writer, peer, route, report)
+                result = await first_of(punch.run(), relay_grant)
             except (PunchError, OSError) as exc:
                 direct_error = exc
             else:
@@ -413,10 +425,7 @@ class Peer:
                     direct_error = PunchError("the peer moved to the relay")
                 else:
                     try:
-                        reader, writer = await secure_stream(
-                            result.sock, identity=self.identity, peer_id=peer.peer_id,
-                            peer_cert=peer.cert, initiator=initiator, timeout=TLS_TIMEOUT,
-                            insecure_plain=self.insecure_plain)
+                        reader, writer = await secure(result.sock)
                     except (TimeoutError, OSError) as exc:   # not AuthenticationError: an
                         direct_error = exc                   # impostor gets no relay either
                     else:
@@ -430,10 +439,7 @@ class Peer:
         log.warning("falling back to the relay for %s: %s", peer.name, reason)
         record = report.step_started("relay")
         try:
-            streams = await self._relay(instr, initiator)
-            reader, writer = await secure_stream(
-                streams, identity=self.identity, peer_id=peer.peer_id, peer_cert=peer.cert,
-                initiator=initiator, timeout=TLS_TIMEOUT, insecure_plain=self.insecure_plain)
+            reader, writer = await secure(await self._relay(instr, initiator))
         except BaseException as exc:
             report.step_finished(record, "error", error=exc)
             raise
@@ -454,20 +460,6 @@ class Peer:
             return await open_builtin_relay(grant.relay, grant.token, timeout=RELAY_TIMEOUT)
         return await peer_turn_relay(self._signal, instr, initiator=initiator, relay=self.relay,
                                      turn=self.turn, grants=self._grants, timeout=RELAY_TIMEOUT)
-
-    async def _first(self, punch: Any, grant: asyncio.Future[RelayInstruction]) -> Any:
-        """The punch result, unless the peer's relay grant arrives first."""
-        task = asyncio.ensure_future(punch)
-        try:
-            done, _ = await asyncio.wait({task, grant}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:      # the session is over (the peer gave up, timeout)
-            task.cancel()
-            task.add_done_callback(close_late_result)
-            raise
-        if task in done:
-            return task.result()
-        task.add_done_callback(close_late_result)
-        return grant.result()
 
     def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any,
                     route: Route, report: ConnectionReport) -> Connection:

@@ -99,6 +99,7 @@ class ConnectionReport:
     steps: list[StepRecord] = field(default_factory=list)
     route: Route | None = None
     relay_reason: str = ""
+    direct_after_relay_s: float | None = None   # a direct path came up while relayed (relay_race)
     established: float | None = None            # TLS established
     ended: float | None = None                  # established, or the attempt failed
     tls: bool = True                            # False only with insecure_plain
@@ -181,6 +182,7 @@ class ConnectionReport:
         return _json_safe({  # type: ignore[no-any-return]
             "role": self.role, "peer_id": self.peer_id, "peer_name": self.peer_name,
             "route": self.route, "relay_reason": self.relay_reason, "tls": self.tls,
+            "direct_after_relay_s": self.direct_after_relay_s,
             "started": self.started, "established": self.established, "ended": self.ended,
             "total_time": self.total_time, "winning_step": win.kind if win else None,
             "error": self.error, "local_nat": self.local_nat, "remote_nat": self.remote_nat,

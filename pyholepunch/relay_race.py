@@ -1,0 +1,156 @@
+"""Direct and relay side by side: the relay is ready before the direct steps run out (#19).
+
+Before, the relay step ran only after every direct step had failed: 3.7 s after connect() for
+a sequential pair whose sweep missed. Now, for a plan with both direct steps and a relay:
+
+- the initiator starts joining the relay PREPARE_AFTER s after the common start, while the
+  punch goes on (asking the server for a relay grant, which also reaches the responder);
+- the responder joins the relay as soon as a grant arrives, and keeps punching too;
+- the initiator decides: a direct connection up before DECIDE_AFTER wins; after that, with
+  the relay joined, it runs TLS over the relay (the relay then carries data) and stops
+  waiting for the punch; when every direct step fails earlier, the relay is taken at once;
+- the responder takes whichever of the two its peer completes a TLS handshake on (the
+  initiator speaks first and only on the path it chose; the other path is closed).
+
+A direct connection that comes up after the relay was chosen is recorded in the report
+(``direct_after_relay_s``) and closed: moving a live stream (libp2p's DCUtR upgrade) is not
+built yet.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .engine import PunchResult
+from .errors import PunchError
+from .punch import close_late_result
+from .report import ConnectionReport, Route
+
+log = logging.getLogger(__name__)
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+PREPARE_AFTER = 0.2     # s after start_at: the initiator starts joining the relay
+DECIDE_AFTER = 0.55     # s after start_at: no direct connection yet -> TLS over the relay
+
+
+async def direct_or_relay(*, punch: Awaitable[PunchResult],
+                          secure: Callable[[Any], Awaitable[Streams]],
+                          join_relay: Callable[[], Awaitable[Streams]],
+                          initiator: bool, start_at: float,
+                          report: ConnectionReport) -> tuple[Route, Streams, BaseException | None]:
+    """(route, TLS streams, why not direct) for a plan with direct steps and a relay.
+    Raises the relay's error when neither path comes up."""
+    direct = asyncio.ensure_future(punch)
+    join: asyncio.Future[Streams] | None = None
+    tasks: list[asyncio.Future[Any]] = []
+    route: Route | None = None
+    try:
+        if initiator:
+            await asyncio.wait({direct}, timeout=max(0.0, start_at + PREPARE_AFTER - time.time()))
+            if not (direct.done() and direct.exception() is None):
+                join = asyncio.ensure_future(join_relay())
+            await asyncio.wait({direct}, timeout=max(0.0, start_at + DECIDE_AFTER - time.time()))
+            why: BaseException | None = None
+            if direct.done() and direct.exception() is None:
+                try:
+                    streams = await secure(direct.result().sock)
+                except (TimeoutError, OSError) as exc:
+                    why = exc
+                else:
+                    route = Route.DIRECT
+                    return route, streams, None
+            elif direct.done():
+                why = direct.exception()
+            else:
+                why = PunchError(f"no direct connection {DECIDE_AFTER:g} s after the common start: "
+                                 "the relay carries the data")
+                direct.add_done_callback(_note_late_direct(report))
+            if join is None:
+                join = asyncio.ensure_future(join_relay())
+            streams = await _secure_relay(join, secure, report)
+            route = Route.RELAY
+            return route, streams, why
+        join = asyncio.ensure_future(join_relay())
+
+        async def direct_tls() -> Streams:
+            return await secure((await asyncio.shield(direct)).sock)
+
+        paths = {Route.DIRECT: asyncio.ensure_future(direct_tls()),
+                 Route.RELAY: asyncio.ensure_future(_secure_relay(join, secure, report, record=False))}
+        tasks += paths.values()
+        errors: dict[Route, BaseException] = {}
+        pending = set(paths.values())
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for path, fut in paths.items():
+                if fut not in done:
+                    continue
+                if fut.exception() is None:
+                    route = path
+                    if path is Route.RELAY:
+                        report.step_finished(report.step_started("relay"), "success")
+                    return path, fut.result(), errors.get(Route.DIRECT)
+                errors[path] = fut.exception() or PunchError(f"the {path} path ended")
+        raise errors.get(Route.RELAY) or errors.get(Route.DIRECT) or PunchError("no path came up")
+    finally:
+        for task in tasks:
+            task.cancel()
+        if route is not Route.DIRECT:      # its connection, if it comes, is not used
+            direct.add_done_callback(close_late_result)
+        if join is not None and route is not Route.RELAY:
+            join.cancel()
+            join.add_done_callback(_close_streams)
+
+
+async def _secure_relay(join: asyncio.Future[Streams], secure: Callable[[Any], Awaitable[Streams]],
+                        report: ConnectionReport, *, record: bool = True) -> Streams:
+    record_ = report.step_started("relay") if record else None
+    try:
+        streams = await secure(await join)
+    except BaseException as exc:
+        if record_ is not None:
+            report.step_finished(record_, "error", error=exc)
+        raise
+    if record_ is not None:
+        report.step_finished(record_, "success")
+    return streams
+
+
+def _note_late_direct(report: ConnectionReport) -> Callable[[asyncio.Future[PunchResult]], None]:
+    def note(fut: asyncio.Future[PunchResult]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        took = time.time() - report.started
+        report.direct_after_relay_s = round(took, 3)
+        log.info("a direct connection came up %.3f s after connect(), while the relay carried "
+                 "the data (not moved: upgrading a live stream is not built)", took)
+        with contextlib.suppress(OSError):
+            fut.result().sock.close()
+    return note
+
+
+def _close_streams(fut: asyncio.Future[Streams]) -> None:
+    if fut.cancelled() or fut.exception() is not None:
+        return
+    with contextlib.suppress(Exception):
+        fut.result()[1].close()
+
+
+async def first_of(punch: Awaitable[PunchResult], grant: asyncio.Future[Any]) -> Any:
+    """Without a relay of our own to race (relaying off): the punch result, unless the peer's
+    relay grant arrives first (moved here from peer.py)."""
+    task = asyncio.ensure_future(punch)
+    try:
+        done, _ = await asyncio.wait({task, grant}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:      # the session is over (the peer gave up, timeout)
+        task.cancel()
+        task.add_done_callback(close_late_result)
+        raise
+    if task in done:
+        return task.result()
+    task.add_done_callback(close_late_result)
+    return grant.result()
