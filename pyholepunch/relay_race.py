@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 PREPARE_AFTER = 0.2     # s after start_at: the initiator starts joining the relay
-DECIDE_AFTER = 0.55     # s after start_at: no direct connection yet -> TLS over the relay
+DECIDE_AFTER = 0.6      # s after start_at: no direct connection yet -> TLS over the relay
 
 
 async def direct_or_relay(*, punch: Awaitable[PunchResult],
