@@ -408,7 +408,7 @@ class Peer:
             try:
                 punch = Punch(self.engine, plan, instr.role, start_at, local_port,
                               peer_target(peer.candidates, peer.tcp_profile.port_mapping), report,
-                              local_ip=self.local_ip, sequential=sequential_side(
+                              local_ip=self.local_ip, rtt=self._signal.rtt, sequential=sequential_side(
                                   self._tracker, lambda: self._probe_once(0)))
                 if plan.has_relay and self.relay != "none":    # the relay ready alongside
                     route, (reader, writer), why = await direct_or_relay(

@@ -16,7 +16,7 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .engine import Engine, PunchResult, PunchStats
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 
 REARM_INTERVAL = 0.02      # seconds between re-armed attempts after an RST / ICMP error
+SILENCE_REARM_MIN = 0.15   # s: a fresh SYN after this much silence at the least
+SILENCE_REARM_DEFAULT = 0.3   # s: without an RTT estimate
 MARK = b"\x01"             # a sweep's chooser sends this on the one connection it keeps
 
 
@@ -56,6 +58,7 @@ class Punch:
     report: ConnectionReport
     local_ip: str = "0.0.0.0"
     sequential: SequentialSide | None = None   # our NAT is sequential: re-measure before sweeps
+    rtt: float | None = None                   # round trip estimate: a silent simopen re-arms
     _late: list[asyncio.Future[PunchResult]] = field(default_factory=list)
 
     def schedule(self) -> Iterator[tuple[float, list[Step]]]:
@@ -141,14 +144,12 @@ class Punch:
             pairs = list(zip(local_ports, remotes, strict=True))
             return await follow(self.local_ip, pairs, self._peer_ips(ins), start=start,
                                 deadline=start + timeout, syn_ttl=ins.syn_ttl)
-        if ins.action is Action.SIMOPEN:
-            return await asyncio.to_thread(eng.simultaneous_open, (self.local_ip, self.local_port),
-                                    remotes[0], start, timeout, interval=REARM_INTERVAL,
-                                    syn_ttl=ins.syn_ttl, listen=True)
-        if ins.action is Action.CONNECT:
-            return await asyncio.to_thread(eng.simultaneous_open, (self.local_ip, 0), remotes[0], start,
-                                    timeout, interval=REARM_INTERVAL, syn_ttl=ins.syn_ttl,
-                                    listen=False)
+        if ins.action in (Action.SIMOPEN, Action.CONNECT):
+            listen = ins.action is Action.SIMOPEN
+            local = (self.local_ip, self.local_port if listen else 0)
+            return await rearmed(lambda at, left: asyncio.to_thread(
+                eng.simultaneous_open, local, remotes[0], at, left, interval=REARM_INTERVAL,
+                syn_ttl=ins.syn_ttl, listen=listen), start, timeout, silence_rearm(self.rtt))
         if ins.action is Action.SWEEP_LOCAL_PORTS:
             pairs = [(0, remotes[0])] * ins.count
         elif ins.action is Action.SWEEP_REMOTE_PORTS:
@@ -218,6 +219,33 @@ def _window(start: float, timeout: float) -> tuple[float, float]:
     if timeout <= 0:
         raise PunchTimeout("the step's window passed before it could start", PunchStats())
     return start, timeout
+
+
+def silence_rearm(rtt: float | None) -> float:
+    """Silence after which a simultaneous open sends a fresh SYN: ~3 x RTT (the kernel's own
+    retransmission waits 1 s: a lost SYN on each side cost seconds)."""
+    return max(SILENCE_REARM_MIN, 3 * rtt) if rtt else SILENCE_REARM_DEFAULT
+
+
+async def rearmed(attempt: Callable[[float, float], Awaitable[PunchResult]], start: float,
+                  timeout: float, every: float) -> PunchResult:
+    """``attempt(start, timeout)`` in slices of ``every`` s until one connects or ``timeout``
+    passes: each slice closes the silent socket and sends a new SYN from the same port."""
+    deadline = start + timeout
+    at, tries = start, 0
+    while True:
+        tries += 1
+        left = deadline - at
+        try:
+            return await attempt(at, min(every, left))
+        except PunchTimeout as exc:
+            at = max(time.time(), at + every)
+            if at + 0.01 >= deadline:
+                if tries > 1:
+                    raise PunchTimeout(f"{exc} (re-armed {tries - 1}x after {every * 1e3:.0f} ms "
+                                       "of silence)", exc.stats) from exc
+                raise
+            log.debug("simultaneous open silent for %.0f ms: re-arming", every * 1e3)
 
 
 def close_late_result(task: asyncio.Future[PunchResult]) -> None:
