@@ -27,6 +27,7 @@ from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .errors import HolePunchError, PunchError, SignalingError
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
+from .nat.hops import nat_hops
 from .nat.profile import Allocation, Mapping, NatProfile
 from .punch import Punch, peer_target
 from .punch_mapping import PunchPortMapping
@@ -120,6 +121,7 @@ class Peer:
         self._announcing = asyncio.Lock()
         self.last_report: ConnectionReport | None = None   # of the latest connect(), even failed
         self._tracker: AllocationTracker | None = None     # our sequential NAT's positions
+        self.nat_hops: int | None = None                   # NAT routers in front of us, measured
 
     # -- identity --------------------------------------------------------------------------
     @property
@@ -139,11 +141,13 @@ class Peer:
                 self.server[0], self.local_ip,
                 on_change=lambda: self._spawn(self._reannounce(new_port=False)))
             self.port_mapping.probe_task()
+        hops = asyncio.ensure_future(asyncio.to_thread(nat_hops, self.server[0], local_ip=self.local_ip))
         kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
         for kind in kinds:    # one after the other: allocation probes must not interleave
             self.profiles[kind] = await classify_nat(self.server, transport=kind,
                                                      local_ip=self.local_ip)
         self._tracker = tracker_for(self.tcp_profile)    # None unless the NAT is sequential
+        self.nat_hops = await hops                       # for the low-TTL step
         await self._learn_punch_address(new_port=True)
         # Registered with its address already: no CONNECT can find us without one.
         self._signal.profiles = [p.to_dict() for p in self.profiles.values()]
@@ -408,7 +412,8 @@ class Peer:
             try:
                 punch = Punch(self.engine, plan, instr.role, start_at, local_port,
                               peer_target(peer.candidates, peer.tcp_profile.port_mapping), report,
-                              local_ip=self.local_ip, rtt=self._signal.rtt, sequential=sequential_side(
+                              local_ip=self.local_ip, rtt=self._signal.rtt, nat_hops=self.nat_hops,
+                              sequential=sequential_side(
                                   self._tracker, lambda: self._probe_once(0)))
                 if plan.has_relay and self.relay != "none":    # the relay ready alongside
                     route, (reader, writer), why = await direct_or_relay(

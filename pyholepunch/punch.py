@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import socket
@@ -32,6 +33,7 @@ Address = tuple[str, int]
 REARM_INTERVAL = 0.02      # seconds between re-armed attempts after an RST / ICMP error
 SILENCE_REARM_MIN = 0.15   # s: a fresh SYN after this much silence at the least
 SILENCE_REARM_DEFAULT = 0.3   # s: without an RTT estimate
+SWEEP_AFTER_PROBE = 0.01  # s: a sequential chooser's sweep after its position probe
 MARK = b"\x01"             # a sweep's chooser sends this on the one connection it keeps
 
 
@@ -59,6 +61,7 @@ class Punch:
     local_ip: str = "0.0.0.0"
     sequential: SequentialSide | None = None   # our NAT is sequential: re-measure before sweeps
     rtt: float | None = None                   # round trip estimate: a silent simopen re-arms
+    nat_hops: int | None = None                # measured NAT routers in front of us (nat/hops.py)
     _late: list[asyncio.Future[PunchResult]] = field(default_factory=list)
 
     def schedule(self) -> Iterator[tuple[float, list[Step]]]:
@@ -124,6 +127,9 @@ class Punch:
 
     async def _execute(self, ins: RoleInstruction, at: float, budget: float) -> PunchResult:
         eng = self.engine
+        if ins.syn_ttl is not None and self.nat_hops:
+            # A low TTL passes our own NATs and dies at the next router: measured, not assumed.
+            ins = dataclasses.replace(ins, syn_ttl=self.nat_hops + 1)
         if ins.action is Action.NONE:
             await _sleep_until(at + budget)
             raise PunchTimeout("nothing to do in this step (the peer dials)", PunchStats())
@@ -135,9 +141,13 @@ class Punch:
             remotes = await self.sequential.mutual_remotes(
                 ins, sweep_at=at + ins.start_delay, peer_ip=self.peer.public_ip,
                 peer_port=self.peer.port, chooser=not self._follows(ins))
+            # Sweep as soon as our position is known (see mutual_remotes), the chooser a hair
+            # after: what the plan's start delay allowed for the probe is not waited out.
+            begin = time.time() + (0.0 if self._follows(ins) else SWEEP_AFTER_PROBE)
+            start, timeout = _window(begin, at + budget - begin)
         else:
             remotes = self._remotes(ins)
-        start, timeout = _window(at + ins.start_delay, budget - ins.start_delay)
+            start, timeout = _window(at + ins.start_delay, budget - ins.start_delay)
         if self._follows(ins):
             local_ports = ([self.local_port] * len(remotes)
                            if ins.action is Action.SWEEP_REMOTE_PORTS else [0] * len(remotes))

@@ -31,10 +31,14 @@ class SequentialSide:
 
     async def mutual_remotes(self, ins: RoleInstruction, *, sweep_at: float, peer_ip: str,
                              peer_port: int, chooser: bool) -> list[Address]:
-        """Our sweep's targets: the peer's announced + delta * (our drift + k + offset)."""
+        """Our sweep's targets: the peer's announced + delta * (our drift + k + offset).
+
+        Probes at once and returns as soon as the probe answers (``sweep_at``, the plan's
+        sweep time, bounds the wait): the caller sweeps right away, so the allocations nobody
+        saw are those of one probe's duration. Behind NATs that drop unsolicited SYNs (the
+        sequential ones we know) the two sweeps need not start together: the SYNs of the
+        earlier side die at the other NAT, but its own NAT keeps them open for the later one."""
         assert ins.delta is not None
-        lead = self.tracker.probe_lead(max(0.0, sweep_at - time.time()))
-        await asyncio.sleep(max(0.0, sweep_at - lead - time.time()))   # probe as late as we can
         t = time.time()
         own = 0
         try:
@@ -46,7 +50,7 @@ class SequentialSide:
             self.tracker.observe(t, port, took=time.time() - t)
             own = self.tracker.drift(port)
         rate = self.tracker.rate()
-        offsets = window(rate, sweep_at - t) if chooser else 1
+        offsets = window(rate, time.time() - t + 0.02) if chooser else 1
         self.last = {"drift": own, "rate": round(rate, 2), "offsets": offsets}
         log.info("sequential: drift %d since the announcement, %.1f other flows/s, %d offsets",
                  own, rate, offsets)

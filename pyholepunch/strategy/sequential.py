@@ -90,13 +90,6 @@ class AllocationTracker:
         if took is not None and took >= 0:
             self.probe_s = took if self.probe_s is None else 0.7 * self.probe_s + 0.3 * took
 
-    def probe_lead(self, available: float) -> float:
-        """How long before the sweep to start the probe: 1.5 x its usual duration + 20 ms
-        (all of ``available`` when no probe was timed yet)."""
-        if self.probe_s is None:
-            return available
-        return min(available, 1.5 * self.probe_s + 0.02)
-
     def drift(self, port: int) -> int:
         """Allocations since the announced mapping up to ``port`` (its own flow included)."""
         if self.announced is None:

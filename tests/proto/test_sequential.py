@@ -69,6 +69,6 @@ def test_tracker_rate_counts_only_other_flows() -> None:
     t.observe(102.0, 30_021)             # 21 allocations: our probe + 20 others in 2 s
     assert t.rate() == pytest.approx(10.0)
     assert t.drift(30_021) == 21
-    assert t.probe_lead(1.0) == pytest.approx(1.5 * 0.08 + 0.02)
+    assert t.probe_s == pytest.approx(0.08)
     with pytest.raises(ValueError):
         AllocationTracker(0)
