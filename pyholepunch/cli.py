@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "listen": ("pyholepunch.peer_cli", "register and accept peer connections (netcat-like)"),
     "connect": ("pyholepunch.peer_cli", "connect to a peer by name or id (netcat-like)"),
     "lab": ("pyholepunch.lab.cli", "build, verify and tear down the netns NAT lab"),
+    "api": ("pyholepunch.api.cli", "HTTP API for other programs on 127.0.0.1:12333 (extra [api])"),
 }
 
 

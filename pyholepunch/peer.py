@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import resource
 import socket
 import struct
 import time
@@ -29,7 +28,7 @@ from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.hops import nat_hops
 from .nat.profile import Allocation, Mapping, NatProfile
-from .punch import Punch, peer_target
+from .punch import Punch, peer_target, raise_fd_limit
 from .punch_mapping import PunchPortMapping
 from .punch_sequential import AllocationTracker, sequential_side, tracker_for
 from .relay.builtin import open_builtin_relay
@@ -120,8 +119,9 @@ class Peer:
         self._events: asyncio.Task[None] | None = None
         self._announcing = asyncio.Lock()
         self.last_report: ConnectionReport | None = None   # of the latest connect(), even failed
-        self._tracker: AllocationTracker | None = None     # our sequential NAT's positions
-        self.nat_hops: int | None = None                   # NAT routers in front of us, measured
+        # Called with every new ConnectionReport (connect and accept) before anything is
+        # recorded in it, so a caller can observe it as it grows (the HTTP API's events).
+        self.report_hooks: list[Callable[[ConnectionReport], None]] = []
 
     # -- identity --------------------------------------------------------------------------
     @property
@@ -134,7 +134,7 @@ class Peer:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        _raise_fd_limit()
+        raise_fd_limit()
         self.local_ip = await asyncio.to_thread(route_source_ip, self.server[0])
         if self.portmap:     # its probe runs while we classify
             self.port_mapping = PunchPortMapping(
@@ -146,8 +146,9 @@ class Peer:
         for kind in kinds:    # one after the other: allocation probes must not interleave
             self.profiles[kind] = await classify_nat(self.server, transport=kind,
                                                      local_ip=self.local_ip)
-        self._tracker = tracker_for(self.tcp_profile)    # None unless the NAT is sequential
-        self.nat_hops = await hops                       # for the low-TTL step
+        # Our sequential NAT's positions (None for other NATs); NAT routers in front of us.
+        self._tracker: AllocationTracker | None = tracker_for(self.tcp_profile)
+        self.nat_hops: int | None = await hops
         await self._learn_punch_address(new_port=True)
         # Registered with its address already: no CONNECT can find us without one.
         self._signal.profiles = [p.to_dict() for p in self.profiles.values()]
@@ -269,8 +270,7 @@ class Peer:
     # -- connecting ------------------------------------------------------------------------
     async def connect(self, target: str, *, timeout: float = 15.0) -> Connection:
         """A connection to ``target`` (name or peer_id): direct if possible, else relayed."""
-        report = ConnectionReport(role="initiator", started=time.time())
-        report.local_nat = self.tcp_profile.to_dict()
+        report = self._new_report("initiator")
         self.last_report = report
         try:
             async with asyncio.timeout(timeout):
@@ -325,14 +325,20 @@ class Peer:
                     abort.set_result(event.reason)
 
     async def _respond(self, instr: PunchInstruction) -> None:
-        report = ConnectionReport(role="responder", started=time.time())
-        report.local_nat = self.tcp_profile.to_dict()
+        report = self._new_report("responder")
         try:
             conn = await self._run_session(instr, report, self.local_port)
         except Exception as exc:   # the initiator gets its own error; we log ours
             log.warning("incoming connection from %s failed: %s", instr.peer.name, exc)
             return
         self._accepted.put_nowait(conn)
+
+    def _new_report(self, role: str) -> ConnectionReport:
+        report = ConnectionReport(role=role, started=time.time())
+        report.local_nat = self.tcp_profile.to_dict()
+        for hook in self.report_hooks:
+            hook(report)
+        return report
 
     def _abort_of(self, session: str) -> asyncio.Future[str]:
         return self._aborts.setdefault(session, asyncio.get_running_loop().create_future())
@@ -396,13 +402,14 @@ class Peer:
         plan = Plan.from_dict(instr.plan) if instr.plan else make_plan(
             *((self.tcp_profile, peer.tcp_profile) if instr.role == "initiator"
               else (peer.tcp_profile, self.tcp_profile)))
-        report.plan = plan.to_dict()
+        report.set_plan(plan.to_dict())
         initiator = instr.role == "initiator"
         if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile
             self._spawn(asyncio.to_thread(tls_context, self.identity, peer.cert,
                                           server_side=not initiator))
         start_at = instr.start_at - (self.clock() - time.time())   # into the engine's clock
         direct_error: BaseException | None = None
+        cause = "no_direct_plan"
         secure = functools.partial(secure_stream, identity=self.identity, peer_id=peer.peer_id,
                                    peer_cert=peer.cert, initiator=initiator, timeout=TLS_TIMEOUT,
                                    insecure_plain=self.insecure_plain)
@@ -416,23 +423,24 @@ class Peer:
                               sequential=sequential_side(
                                   self._tracker, lambda: self._probe_once(0)))
                 if plan.has_relay and self.relay != "none":    # the relay ready alongside
-                    route, (reader, writer), why = await direct_or_relay(
+                    route, (reader, writer) = await direct_or_relay(
                         punch=punch.run(), secure=secure, initiator=initiator, start_at=start_at,
                         join_relay=lambda: self._relay(instr, initiator), report=report)
-                    report.finish(route, relay_reason=str(why or plan.reason) if why else "")
                     await self._report(instr.session, str(route), report)
                     return self._connection(reader, writer, peer, route, report)
                 result = await first_of(punch.run(), relay_grant)
             except (PunchError, OSError) as exc:
                 direct_error = exc
+                cause = "punch_failed" if isinstance(exc, PunchError) else "socket_error"
             else:
                 if isinstance(result, RelayInstruction):   # the initiator gave up first
                     direct_error = PunchError("the peer moved to the relay")
+                    cause = "peer_relayed"
                 else:
                     try:
                         reader, writer = await secure(result.sock)
                     except (TimeoutError, OSError) as exc:   # not AuthenticationError: an
-                        direct_error = exc                   # impostor gets no relay either
+                        direct_error, cause = exc, "tls_failed"   # impostor gets no relay either
                     else:
                         report.finish(Route.DIRECT)
                         await self._report(instr.session, "direct", report)
@@ -441,7 +449,10 @@ class Peer:
             raise PunchError(f"no direct path to {peer.name} ({direct_error or plan.reason}) "
                              "and relaying is off")
         reason = str(direct_error) if direct_error else plan.reason
+        # The one WARNING of this connection's fallback (its reason also goes to the report,
+        # the server's metrics and the API's events).
         log.warning("falling back to the relay for %s: %s", peer.name, reason)
+        report.fallback(reason, cause)
         record = report.step_started("relay")
         try:
             reader, writer = await secure(await self._relay(instr, initiator))
@@ -476,17 +487,9 @@ class Peer:
         with contextlib.suppress(ConnectionError, SignalingError):
             await self._signal.report_result(session, outcome, {
                 "time": report.total_time, "route": outcome,
-                "step": (w.kind if (w := report.winning_step) else None)},
+                "step": (w.kind if (w := report.winning_step) else None),
+                "relay_cause": report.relay_cause or None},
                 reason=None if reason is None else str(reason) or type(reason).__name__)
-
-
-def _raise_fd_limit(want: int = 8192) -> None:
-    """Sweeps hold up to a few thousand sockets; the common soft limit of 1024 is too low."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        log.debug("RLIMIT_NOFILE raised from %d to %d for sweeps", soft, target)
 
 
 async def create_peer(server: str | Address, **kwargs: Any) -> Peer:

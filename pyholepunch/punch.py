@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -368,6 +369,15 @@ async def follow(ip: str, pairs: list[tuple[int, Address]], peer_ips: set[str], 
     stats.remote = (peer[0], peer[1])
     stats.time_to_established_ns = int((time.time() - start) * 1e9)
     return PunchResult(winner, stats)
+
+
+def raise_fd_limit(want: int = 8192) -> None:
+    """Sweeps hold up to a few thousand sockets; the common soft limit of 1024 is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.debug("RLIMIT_NOFILE raised from %d to %d for sweeps", soft, target)
 
 
 def _bound(ip: str, port: int) -> socket.socket:

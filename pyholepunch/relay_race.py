@@ -41,9 +41,23 @@ async def direct_or_relay(*, punch: Awaitable[PunchResult],
                           secure: Callable[[Any], Awaitable[Streams]],
                           join_relay: Callable[[], Awaitable[Streams]],
                           initiator: bool, start_at: float,
-                          report: ConnectionReport) -> tuple[Route, Streams, BaseException | None]:
-    """(route, TLS streams, why not direct) for a plan with direct steps and a relay.
-    Raises the relay's error when neither path comes up."""
+                          report: ConnectionReport) -> tuple[Route, Streams]:
+    """(route, TLS streams) for a plan with direct steps and a relay, the report finished
+    (with the reason and cause of a fallback). Raises the relay's error when neither path
+    comes up."""
+    route, streams, why, cause = await _race(punch, secure, join_relay, initiator, start_at, report)
+    if route is Route.RELAY:
+        reason = str(why or "the peer took the relay")
+        # The one WARNING of this connection's fallback, as in peer.py.
+        log.warning("falling back to the relay for %s: %s", report.peer_name, reason)
+        report.fallback(reason, cause)
+    report.finish(route)
+    return route, streams
+
+
+async def _race(punch: Awaitable[PunchResult], secure: Callable[[Any], Awaitable[Streams]],
+                join_relay: Callable[[], Awaitable[Streams]], initiator: bool, start_at: float,
+                report: ConnectionReport) -> tuple[Route, Streams, BaseException | None, str]:
     direct = asyncio.ensure_future(punch)
     join: asyncio.Future[Streams] | None = None
     tasks: list[asyncio.Future[Any]] = []
@@ -55,17 +69,20 @@ async def direct_or_relay(*, punch: Awaitable[PunchResult],
                 join = asyncio.ensure_future(join_relay())
             await asyncio.wait({direct}, timeout=max(0.0, start_at + DECIDE_AFTER - time.time()))
             why: BaseException | None = None
+            cause = "punch_failed"
             if direct.done() and direct.exception() is None:
                 try:
                     streams = await secure(direct.result().sock)
                 except (TimeoutError, OSError) as exc:
-                    why = exc
+                    why, cause = exc, "tls_failed"
                 else:
                     route = Route.DIRECT
-                    return route, streams, None
+                    return route, streams, None, ""
             elif direct.done():
                 why = direct.exception()
+                cause = "punch_failed" if isinstance(why, PunchError) else "socket_error"
             else:
+                cause = "direct_pending"
                 why = PunchError(f"no direct connection {DECIDE_AFTER:g} s after the common start: "
                                  "the relay carries the data")
                 direct.add_done_callback(_note_late_direct(report))
@@ -73,7 +90,7 @@ async def direct_or_relay(*, punch: Awaitable[PunchResult],
                 join = asyncio.ensure_future(join_relay())
             streams = await _secure_relay(join, secure, report)
             route = Route.RELAY
-            return route, streams, why
+            return route, streams, why, cause
         join = asyncio.ensure_future(join_relay())
 
         async def direct_tls() -> Streams:
@@ -91,9 +108,11 @@ async def direct_or_relay(*, punch: Awaitable[PunchResult],
                     continue
                 if fut.exception() is None:
                     route = path
-                    if path is Route.RELAY:
-                        report.step_finished(report.step_started("relay"), "success")
-                    return path, fut.result(), errors.get(Route.DIRECT)
+                    if path is Route.DIRECT:
+                        return path, fut.result(), None, ""
+                    report.step_finished(report.step_started("relay"), "success")
+                    why = errors.get(Route.DIRECT)
+                    return path, fut.result(), why, "punch_failed" if why else "peer_relayed"
                 errors[path] = fut.exception() or PunchError(f"the {path} path ended")
         raise errors.get(Route.RELAY) or errors.get(Route.DIRECT) or PunchError("no path came up")
     finally:

@@ -7,8 +7,9 @@ alt:port+1) accepts raw sockets and looks at the first bytes before deciding who
 * top two bits ``00`` (a STUN header)       -> ``StunServer.serve_tcp_stream(reader, writer)``
 * ``b"HPR1"``                               -> ``RelayHub.handle_connection(sock)``
 
-STUN over UDP listens on the same port numbers. Metrics (JSON) on
-``http://127.0.0.1:<--metrics-port>/metrics``.
+STUN over UDP listens on the same port numbers. Metrics: Prometheus exposition on
+``http://HOST:PORT/metrics`` with ``--metrics HOST:PORT`` (pyholepunch.metrics, extra
+``[metrics]``); the older JSON counters on ``http://127.0.0.1:<--metrics-port>/metrics``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import sys
 import time
 from typing import Any
 
+from .errors import HolePunchError
 from .signal.auth import make_token
 from .signal.server import ServerConfig, SignalServer
 from .signal.store import open_store
@@ -61,7 +63,8 @@ class Rendezvous:
 
     def __init__(self, listen: Address, *, alt_ip: str | None = None, state_dir: str | None = None,
                  token: str | None = None, store: str | None = None, metrics_port: int | None = None,
-                 config: ServerConfig | None = None, stun: bool = True, relay: bool = True,
+                 metrics: Address | None = None, config: ServerConfig | None = None,
+                 stun: bool = True, relay: bool = True,
                  demux_timeout: float = 10.0, max_pending: int = 4096) -> None:
         self.listen, self.alt_ip, self.state_dir = listen, alt_ip, state_dir
         self.metrics_port = metrics_port
@@ -77,6 +80,8 @@ class Rendezvous:
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._metrics_server: asyncio.Server | None = None
+        self.prometheus_address = metrics     # --metrics HOST:PORT (port 0: any; set on start)
+        self.prometheus: Any = None           # metrics.ServerMetrics once started
         self.demux = {"tls": 0, "stun": 0, "relay": 0, "unknown": 0}
         self.address: Address = listen
 
@@ -156,6 +161,16 @@ class Rendezvous:
             self._metrics_server = await asyncio.start_server(
                 self._serve_metrics, "127.0.0.1", self.metrics_port)
             self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
+        if self.prometheus_address is not None:
+            try:
+                from .metrics import ServerMetrics
+            except ImportError as exc:
+                raise HolePunchError(f"--metrics needs prometheus_client ({exc}): "
+                                     "pip install 'pyholepunch[metrics]'") from None
+            self.prometheus = ServerMetrics(self.signal, relay_hub=self.relay_hub, stun=self.stun,
+                                            demux=self.demux)
+            host, port = self.prometheus_address
+            self.prometheus_address = (host, self.prometheus.serve(host, port))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -172,6 +187,8 @@ class Rendezvous:
         if self._metrics_server is not None:
             self._metrics_server.close()
             await self._metrics_server.wait_closed()
+        if self.prometheus is not None:
+            await asyncio.to_thread(self.prometheus.close)
         await self.signal.close()
         if self.stun is not None:
             await self.stun.close()
@@ -288,6 +305,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="URL", help="memory (default) or redis://HOST:PORT")
     parser.add_argument("--metrics-port", type=int, metavar="N",
                         help="JSON metrics on http://127.0.0.1:N/metrics")
+    parser.add_argument("--metrics", type=_parse_hostport, metavar="HOST:PORT",
+                        help="Prometheus metrics on http://HOST:PORT/metrics (extra [metrics])")
     parser.add_argument("--punch-margin", type=float, default=0.05, metavar="SECONDS",
                         help="added to the common punch start to absorb delivery jitter (default 0.05)")
     parser.add_argument("--max-peers", type=int, default=100_000)
@@ -312,7 +331,8 @@ async def run(args: argparse.Namespace) -> int:
         logging.getLogger("pyholepunch").setLevel(logging.INFO)   # one line per registration/punch
     cfg = ServerConfig(margin=args.punch_margin, max_peers=args.max_peers)
     app = Rendezvous(args.listen, alt_ip=args.alt_ip, state_dir=args.state_dir, token=args.token,
-                     store=args.store, metrics_port=args.metrics_port, config=cfg,
+                     store=args.store, metrics_port=args.metrics_port, metrics=args.metrics,
+                     config=cfg,
                      stun=not args.no_stun, relay=not args.no_relay)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -325,6 +345,9 @@ async def run(args: argparse.Namespace) -> int:
         print(f"server fingerprint sha256 {app.fingerprint}", flush=True)  # noqa: T201
         if app.metrics_port is not None:
             print(f"metrics http://127.0.0.1:{app.metrics_port}/metrics", flush=True)  # noqa: T201
+        if app.prometheus_address is not None:
+            mhost, mport = app.prometheus_address
+            print(f"prometheus metrics http://{mhost}:{mport}/metrics", flush=True)  # noqa: T201
         await stop.wait()
     return 0
 
