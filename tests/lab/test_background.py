@@ -16,7 +16,7 @@ from pyholepunch.lab.background import host_ip
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(os.geteuid() != 0, reason="the NAT lab needs root")]
 
 RATE = 20.0
-GAP_S = 1.5
+GAP_S = 2.0
 
 
 def _tcp_port(lab: Lab, srv: socket.socket) -> int:
@@ -56,7 +56,8 @@ def test_sequential_port_advances_at_the_background_rate() -> None:
         # Our own second flow takes one port; everything else in between is the background's.
         expected = RATE * (t2 - t1)
         for kind, moved in (("tcp", p2 - p1 - 1), ("udp", u2 - u1 - 1)):
-            assert 0.7 * expected <= moved <= 1.3 * expected + 2, (kind, moved, expected)
+            # Loose bounds: a loaded CI machine delays the generator (it catches up <= 1 s).
+            assert 0.5 * expected <= moved <= 1.5 * expected + 2, (kind, moved, expected)
         gens = [p for p in lab._procs if "gen" in (getattr(p, "args", None) or [])]
         assert len(gens) == 1
     assert all(p.poll() is not None for p in gens), "background host outlived the lab"
