@@ -6,7 +6,8 @@ a sequential pair whose sweep missed. Now, for a plan with both direct steps and
 - the initiator starts joining the relay PREPARE_AFTER s after the common start, while the
   punch goes on (asking the server for a relay grant, which also reaches the responder);
 - the responder joins the relay as soon as a grant arrives, and keeps punching too;
-- the initiator decides: a direct connection up before DECIDE_AFTER wins; after that, with
+- the initiator decides: a direct connection up before DECIDE_AFTER (DECIDE_BY after
+  connect() at the latest) wins; after that, with
   the relay joined, it runs TLS over the relay (the relay then carries data) and stops
   waiting for the punch; when every direct step fails earlier, the relay is taken at once;
 - the responder takes whichever of the two its peer completes a TLS handshake on (the
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 PREPARE_AFTER = 0.2     # s after start_at: the initiator starts joining the relay
 DECIDE_AFTER = 0.6      # s after start_at: no direct connection yet -> TLS over the relay
+DECIDE_BY = 0.7         # s after connect() at the latest (a sequential initiator announces
+                        # first: its start_at is later), so the relay carries data within ~1 s
+JOIN_ALLOWANCE = 0.3    # s the relay join gets before the decision, at the least
 
 
 async def direct_or_relay(*, punch: Awaitable[PunchResult],
@@ -64,10 +68,12 @@ async def _race(punch: Awaitable[PunchResult], secure: Callable[[Any], Awaitable
     route: Route | None = None
     try:
         if initiator:
-            await asyncio.wait({direct}, timeout=max(0.0, start_at + PREPARE_AFTER - time.time()))
+            decide_at = min(start_at + DECIDE_AFTER, report.started + DECIDE_BY)
+            prepare_at = min(start_at + PREPARE_AFTER, decide_at - JOIN_ALLOWANCE)
+            await asyncio.wait({direct}, timeout=max(0.0, prepare_at - time.time()))
             if not (direct.done() and direct.exception() is None):
                 join = asyncio.ensure_future(join_relay())
-            await asyncio.wait({direct}, timeout=max(0.0, start_at + DECIDE_AFTER - time.time()))
+            await asyncio.wait({direct}, timeout=max(0.0, decide_at - time.time()))
             why: BaseException | None = None
             cause = "punch_failed"
             if direct.done() and direct.exception() is None:
@@ -83,8 +89,8 @@ async def _race(punch: Awaitable[PunchResult], secure: Callable[[Any], Awaitable
                 cause = "punch_failed" if isinstance(why, PunchError) else "socket_error"
             else:
                 cause = "direct_pending"
-                why = PunchError(f"no direct connection {DECIDE_AFTER:g} s after the common start: "
-                                 "the relay carries the data")
+                why = PunchError(f"no direct connection {decide_at - report.started:.2f} s after "
+                                 "connect(): the relay carries the data (the punch went on)")
                 direct.add_done_callback(_note_late_direct(report))
             if join is None:
                 join = asyncio.ensure_future(join_relay())

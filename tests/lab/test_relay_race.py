@@ -41,3 +41,4 @@ def test_relay_carries_data_within_a_second_when_direct_cannot_work(a: str, b: s
     ready = relay[0]["ended"] - report["started"]
     assert ready <= 1.0, f"relay carried data {ready:.3f} s after connect(): {report['steps']}"
     assert "relay carries the data" in report["relay_reason"] or "failed" in report["relay_reason"]
+    assert report["relay_cause"] in ("direct_pending", "punch_failed")
