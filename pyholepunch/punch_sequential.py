@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .nat.profile import Allocation, Mapping, NatProfile
 from .strategy import RoleInstruction
@@ -66,13 +67,13 @@ def tracker_for(profile: NatProfile) -> AllocationTracker | None:
 
 
 def sequential_side(tracker: AllocationTracker | None,
-                    probe: Callable[[], Awaitable[Address]]) -> SequentialSide | None:
+                    probe: Callable[[], Awaitable[Any]]) -> SequentialSide | None:
     """What Punch needs of a sequential side (None for any other NAT); ``probe``: a STUN
-    binding from a fresh local port, its mapped address."""
+    binding from a fresh local port (punchport.probe: its result's ``mapped`` address)."""
     if tracker is None:
         return None
 
     async def port() -> int:
-        return (await probe())[1]
+        return int((await probe()).mapped[1])
 
     return SequentialSide(tracker, port)

@@ -28,7 +28,7 @@ from typing import Any
 
 from .engine import PunchResult
 from .errors import PunchError
-from .punch import close_late_result
+from .punch import Punch, close_late_result
 from .report import ConnectionReport, Route
 
 log = logging.getLogger(__name__)
@@ -41,15 +41,20 @@ DECIDE_BY = 0.7         # s after connect() at the latest (a sequential initiato
 JOIN_ALLOWANCE = 0.3    # s the relay join gets before the decision, at the least
 
 
-async def direct_or_relay(*, punch: Awaitable[PunchResult],
-                          secure: Callable[[Any], Awaitable[Streams]],
+async def direct_or_relay(*, punch: Punch, secure: Callable[[PunchResult], Awaitable[Streams]],
                           join_relay: Callable[[], Awaitable[Streams]],
+                          relay_tls: Callable[[Streams], Awaitable[Streams]],
                           initiator: bool, start_at: float,
                           report: ConnectionReport) -> tuple[Route, Streams]:
     """(route, TLS streams) for a plan with direct steps and a relay, the report finished
     (with the reason and cause of a fallback). Raises the relay's error when neither path
     comes up."""
-    route, streams, why, cause = await _race(punch, secure, join_relay, initiator, start_at, report)
+    async def direct_tls(won: PunchResult) -> Streams:
+        # a dual-stack race (race.py) has run TLS on its pick already
+        return punch.streams or await secure(won)
+
+    route, streams, why, cause = await _race(punch.run(), direct_tls, join_relay, relay_tls,
+                                             initiator, start_at, report)
     if route is Route.RELAY:
         reason = str(why or "the peer took the relay")
         # The one WARNING of this connection's fallback, as in peer.py.
@@ -59,8 +64,9 @@ async def direct_or_relay(*, punch: Awaitable[PunchResult],
     return route, streams
 
 
-async def _race(punch: Awaitable[PunchResult], secure: Callable[[Any], Awaitable[Streams]],
-                join_relay: Callable[[], Awaitable[Streams]], initiator: bool, start_at: float,
+async def _race(punch: Awaitable[PunchResult], secure: Callable[[PunchResult], Awaitable[Streams]],
+                join_relay: Callable[[], Awaitable[Streams]],
+                relay_tls: Callable[[Streams], Awaitable[Streams]], initiator: bool, start_at: float,
                 report: ConnectionReport) -> tuple[Route, Streams, BaseException | None, str]:
     direct = asyncio.ensure_future(punch)
     join: asyncio.Future[Streams] | None = None
@@ -78,7 +84,7 @@ async def _race(punch: Awaitable[PunchResult], secure: Callable[[Any], Awaitable
             cause = "punch_failed"
             if direct.done() and direct.exception() is None:
                 try:
-                    streams = await secure(direct.result().sock)
+                    streams = await secure(direct.result())
                 except (TimeoutError, OSError) as exc:
                     why, cause = exc, "tls_failed"
                 else:
@@ -94,16 +100,17 @@ async def _race(punch: Awaitable[PunchResult], secure: Callable[[Any], Awaitable
                 direct.add_done_callback(_note_late_direct(report))
             if join is None:
                 join = asyncio.ensure_future(join_relay())
-            streams = await _secure_relay(join, secure, report)
+            streams = await _secure_relay(join, relay_tls, report)
             route = Route.RELAY
             return route, streams, why, cause
         join = asyncio.ensure_future(join_relay())
 
         async def direct_tls() -> Streams:
-            return await secure((await asyncio.shield(direct)).sock)
+            return await secure(await asyncio.shield(direct))
 
         paths = {Route.DIRECT: asyncio.ensure_future(direct_tls()),
-                 Route.RELAY: asyncio.ensure_future(_secure_relay(join, secure, report, record=False))}
+                 Route.RELAY: asyncio.ensure_future(_secure_relay(join, relay_tls, report,
+                                                                  record=False))}
         tasks += paths.values()
         errors: dict[Route, BaseException] = {}
         pending = set(paths.values())
@@ -131,7 +138,7 @@ async def _race(punch: Awaitable[PunchResult], secure: Callable[[Any], Awaitable
             join.add_done_callback(_close_streams)
 
 
-async def _secure_relay(join: asyncio.Future[Streams], secure: Callable[[Any], Awaitable[Streams]],
+async def _secure_relay(join: asyncio.Future[Streams], secure: Callable[[Streams], Awaitable[Streams]],
                         report: ConnectionReport, *, record: bool = True) -> Streams:
     record_ = report.step_started("relay") if record else None
     try:
@@ -164,18 +171,3 @@ def _close_streams(fut: asyncio.Future[Streams]) -> None:
     with contextlib.suppress(Exception):
         fut.result()[1].close()
 
-
-async def first_of(punch: Awaitable[PunchResult], grant: asyncio.Future[Any]) -> Any:
-    """Without a relay of our own to race (relaying off): the punch result, unless the peer's
-    relay grant arrives first (moved here from peer.py)."""
-    task = asyncio.ensure_future(punch)
-    try:
-        done, _ = await asyncio.wait({task, grant}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:      # the session is over (the peer gave up, timeout)
-        task.cancel()
-        task.add_done_callback(close_late_result)
-        raise
-    if task in done:
-        return task.result()
-    task.add_done_callback(close_late_result)
-    return grant.result()
