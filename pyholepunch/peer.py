@@ -50,6 +50,7 @@ Address = tuple[str, int]
 
 TLS_TIMEOUT = 5.0
 RELAY_TIMEOUT = 10.0
+RESPONDER_TIMEOUT = 30.0    # an incoming session (PUNCH received) ends by then, whatever it was told
 
 
 def parse_address(value: str | Address, default_port: int = 3478) -> Address:
@@ -338,8 +339,9 @@ class Peer:
 
     async def _respond(self, instr: PunchInstruction) -> None:
         report = self._new_report("responder")
-        try:
-            conn = await self._run_session(instr, report, self._lane_ends())
+        try:   # bounded like a connect(): an incoming session never holds us longer
+            async with asyncio.timeout(RESPONDER_TIMEOUT):
+                conn = await self._run_session(instr, report, self._lane_ends())
         except Exception as exc:   # the initiator gets its own error; we log ours
             log.warning("incoming connection from %s failed: %s", instr.peer.name, exc)
             return
