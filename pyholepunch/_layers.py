@@ -40,9 +40,8 @@ PARTS: tuple[Part, ...] = (
          "frames, state machine, server, client, stores"),
     Part("Relay", ("relay",), ("Stun", "Engine", "Signal.frames"),
          "built-in hub and client, TURN client"),
-    # punch_mapping, punchport, race and metrics come with the port-mapping, IPv6 and API work
-    Part("Core", ("peer", "punch", "relay_step", "connection", "security", "report",
-                  "punch_mapping", "punchport", "race", "metrics"),
+    Part("Core", ("peer", "punch", "punch_mapping", "punch_sequential", "punchport", "race",
+                  "relay_race", "relay_step", "connection", "security", "report", "metrics"),
          ("Engine", "Stun", "Nat", "Portmap", "Strategy", "Signal", "Relay"),
          "the peer, the punch and relay steps, connections, end-to-end TLS, the report"),
     Part("Face", ("", "__main__", "cli", "peer_cli", "serve", "demo", "api",

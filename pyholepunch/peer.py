@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,13 +28,16 @@ from .engine import PunchResult
 from .errors import HolePunchError, PunchError, SignalingError
 from .identity import Identity, default_config_dir
 from .nat.classify import classify_nat
+from .nat.hops import nat_hops
 from .nat.profile import Allocation, Family, Mapping, NatProfile
-from .punch import Punch, close_late_result
+from .punch import Punch
 from .punch_mapping import PunchPortMapping
+from .punch_sequential import AllocationTracker, sequential_side, tracker_for
 from .punchport import PunchPort, candidates, classify_family, probe, reserve_port
+from .relay_race import direct_or_relay, punch_or_grant
 from .relay_step import peer_relay, reachable_grant
 from .report import ConnectionReport, Route
-from .security import Streams, certificate_for, secure_stream, tls_context
+from .security import Streams, certificate_for, secure_stream, warm_tls_context
 from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, SignalClient
 from .signal.protocol import ErrorCode
 from .strategy import Candidate, Plan, plan_race
@@ -45,6 +49,7 @@ TLS_TIMEOUT = 5.0
 RELAY_TIMEOUT = 10.0
 DEFAULT_SERVER_PORT = 3478  # a server address given without a port
 FD_LIMIT = 8192             # the common soft limit of 1024 is too low for sweeps
+RESPONDER_TIMEOUT = 30.0    # an incoming session (PUNCH received) ends by then, whatever it was told
 
 
 class Peer(Service):
@@ -138,12 +143,16 @@ class Peer(Service):
                 self.server[0], local_ip,
                 on_change=lambda: self._spawn(self._reannounce(new_port=False)))
             self.port_mapping.probe_task()
+        hops = asyncio.ensure_future(asyncio.to_thread(nat_hops, self.server[0], local_ip=local_ip))
         kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
         for kind in kinds:    # one after the other: allocation probes must not interleave
             profile = await classify_nat(self.server, transport=kind, local_ip=local_ip)
             self.profiles[kind] = profile.evolve(family=Family(self._primary))
         self.family_profiles[self._primary] = self.profiles["tcp"]
         self.ports[self._primary] = PunchPort(self._primary, self.server, local_ip)
+        # Our sequential NAT's positions (None for other NATs); NAT routers in front of us.
+        self._tracker: AllocationTracker | None = tracker_for(self.tcp_profile)
+        self.nat_hops: int | None = await hops
         await self._learn_punch_address(self._primary, new_port=True)
         await self._add_other_family()
         # Registered with its address already: no CONNECT can find us without one.
@@ -194,7 +203,6 @@ class Peer(Service):
         for pp in self.ports.values():
             pp.close()
 
-
     async def announce(self, *, new_port: bool = False) -> None:
         """Learn and announce our external punch addresses (see ``_learn_punch_address``)
         and our profiles (a router port mapping shows in the TCP one)."""
@@ -221,8 +229,11 @@ class Peer(Service):
             reservation = (reserve_port(pp.local_ip) if new_port or pp.reservation is None
                            else None)
             port = reservation.getsockname()[1] if reservation is not None else pp.port
+            t = time.time()
             try:
                 result = await probe(pp.server, pp.local_ip, port)
+                if self._tracker is not None and family == self._primary:
+                    self._tracker.observe(t, result.mapped[1], announced=True, took=time.time() - t)
             except BaseException:
                 if reservation is not None:
                     reservation.close()
@@ -304,8 +315,9 @@ class Peer(Service):
 
     async def _respond(self, instr: PunchInstruction) -> None:
         report = self._new_report("responder")
-        try:
-            conn = await self._run_session(instr, report, self._lane_ends())
+        try:   # bounded like a connect(): an incoming session never holds us longer
+            async with asyncio.timeout(RESPONDER_TIMEOUT):
+                conn = await self._run_session(instr, report, self._lane_ends())
         except Exception as exc:   # the initiator gets its own error; we log ours
             log.warning("incoming connection from %s failed: %s", instr.peer.name, exc)
             return
@@ -390,10 +402,9 @@ class Peer(Service):
             plan = plan_race(pi, pr, ci, cr)
         report.set_plan(plan.to_dict())
         initiator = instr.role == "initiator"
-        if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile
-            self._spawn(asyncio.to_thread(tls_context, self.identity, peer.cert,
-                                          server_side=not initiator))
         start_at = instr.start_at - (self.clock() - time.time())   # into the engine's clock
+        if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile
+            self._spawn(warm_tls_context(self.identity, peer.cert, initiator, start_at))
         direct_error: BaseException | None = None
         cause = "no_direct_plan"
         if plan.direct_steps:
@@ -406,7 +417,21 @@ class Peer(Service):
                                          timeout=TLS_TIMEOUT, insecure_plain=self.insecure_plain)
                 punch = Punch.for_session(self.engine, plan, instr.role, start_at, ends,
                                           peer.candidates, peer.profiles, report, secure)
-                result = await self._first(punch.run(), relay_grant)
+                pp = self._port()
+                punch.rtt, punch.nat_hops = self._signal.rtt, self.nat_hops
+                punch.sequential = sequential_side(
+                    self._tracker, functools.partial(probe, pp.server, pp.local_ip, 0))
+                if plan.has_relay and self.relay != "none":    # the relay ready alongside
+                    route, (reader, writer) = await direct_or_relay(
+                        punch=punch, secure=secure, initiator=initiator, start_at=start_at,
+                        report=report, join_relay=lambda: self._relay(instr, initiator),
+                        relay_tls=lambda streams: secure_stream(
+                            streams, identity=self.identity, peer_id=peer.peer_id,
+                            peer_cert=peer.cert, initiator=initiator, timeout=TLS_TIMEOUT,
+                            insecure_plain=self.insecure_plain))
+                    await self._report(instr.session, str(route), report)
+                    return self._connection(reader, writer, peer, route, report)
+                result = await punch_or_grant(punch.run(), relay_grant)
             except (PunchError, OSError) as exc:
                 direct_error = exc
                 cause = "punch_failed" if isinstance(exc, PunchError) else "socket_error"
@@ -434,9 +459,7 @@ class Peer(Service):
         report.fallback(reason, cause)
         record = report.step_started("relay")
         try:
-            streams = await peer_relay(self._signal, instr, initiator=initiator,
-                                       relay=self.relay, turn=self.turn, grants=self._grants,
-                                       server=self.server, timeout=RELAY_TIMEOUT)
+            streams = await self._relay(instr, initiator)
             reader, writer = await secure_stream(
                 streams, identity=self.identity, peer_id=peer.peer_id, peer_cert=peer.cert,
                 initiator=initiator, timeout=TLS_TIMEOUT, insecure_plain=self.insecure_plain)
@@ -448,19 +471,11 @@ class Peer(Service):
         await self._report(instr.session, "relay", report)
         return self._connection(reader, writer, peer, Route.RELAY, report)
 
-    async def _first(self, punch: Any, grant: asyncio.Future[RelayInstruction]) -> Any:
-        """The punch result, unless the peer's relay grant arrives first."""
-        task = asyncio.ensure_future(punch)
-        try:
-            done, _ = await asyncio.wait({task, grant}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:      # the session is over (the peer gave up, timeout)
-            task.cancel()
-            task.add_done_callback(close_late_result)
-            raise
-        if task in done:
-            return task.result()
-        task.add_done_callback(close_late_result)
-        return grant.result()
+    def _relay(self, instr: PunchInstruction, initiator: bool) -> Awaitable[Streams]:
+        """Streams to the peer through a relay (relay_step.peer_relay)."""
+        return peer_relay(self._signal, instr, initiator=initiator, relay=self.relay,
+                          turn=self.turn, grants=self._grants, server=self.server,
+                          timeout=RELAY_TIMEOUT)
 
     def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any,
                     route: Route, report: ConnectionReport) -> Connection:
