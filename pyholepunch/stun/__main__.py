@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 
-from ..nat.cli import parse_hostport
+from ..cli.nat import parse_hostport
 from .server import StunServer
 
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyholepunch.nat import cli as nat_cli
-from pyholepunch.nat.cli import parse_hostport
+from pyholepunch.cli import nat as nat_cli
+from pyholepunch.cli.nat import parse_hostport
 
 
 def main(argv: list[str]) -> int:

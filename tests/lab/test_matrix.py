@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from pyholepunch.demo import run_pair
+from pyholepunch.cli.demo import run_pair
 from pyholepunch.lab import NAT_TYPES, Lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]

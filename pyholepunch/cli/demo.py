@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._process import stop_processes
-from .errors import LabError
-from .lab.nat import NAT_TYPES
+from .._process import stop_processes
+from ..errors import LabError
+from ..lab.nat import NAT_TYPES
 
 PORT = 3478
 MESSAGE = b"hello through the NATs\n"
@@ -91,7 +91,7 @@ class _Lines:
 def _environment(args: argparse.Namespace, progress: Progress
                  ) -> Iterator[tuple[Spawner, str, str, dict[str, Any]]]:
     """(spawn(node, argv), server ip, alt ip, description) for the lab or for loopback."""
-    from . import lab as lab_mod
+    from .. import lab as lab_mod
 
     blocker = None if args.loopback else lab_mod.unavailable()
     if args.loopback or blocker:

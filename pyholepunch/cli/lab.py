@@ -15,8 +15,8 @@ import sys
 import threading
 from typing import Any
 
-from . import state
-from .nat import NAT_TYPES
+from ..lab import state
+from ..lab.nat import NAT_TYPES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -70,7 +70,7 @@ class _Stop(Exception):
 
 
 def _up(args: argparse.Namespace) -> int:
-    from .lab import Lab
+    from ..lab import Lab
 
     lab = Lab(a=args.a, b=args.b, rtt_ms=args.rtt_ms, jitter_ms=args.jitter_ms, loss_pct=args.loss,
               same_nat=args.same_nat, hairpin=args.hairpin, conntrack=dict(args.conntrack))
@@ -136,7 +136,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from . import _ns, verify
+    from ..lab import _ns, verify
 
     _ns.require_support()
     results = verify.verify(args.types)

@@ -12,9 +12,9 @@ import sys
 import time
 from typing import Any
 
+from ..nat.classify import classify_nat
+from ..nat.profile import NatProfile
 from ..stun.codec import Address
-from .classify import classify_nat
-from .profile import NatProfile
 
 SCHEMA_VERSION = 1
 

@@ -14,18 +14,18 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .errors import HolePunchError, LabError
+from .. import __version__
+from ..errors import HolePunchError, LabError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNSUPPORTED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("pyholepunch.demo", "two peers behind two lab NATs punch through and echo"),
+    "demo": ("pyholepunch.cli.demo", "two peers behind two lab NATs punch through and echo"),
     "serve": ("pyholepunch.serve", "rendezvous + STUN + relay server on one address"),
-    "nat-type": ("pyholepunch.nat.cli", "classify the NAT in front of this host"),
-    "listen": ("pyholepunch.peer_cli", "register and accept peer connections (netcat-like)"),
-    "connect": ("pyholepunch.peer_cli", "connect to a peer by name or id (netcat-like)"),
-    "lab": ("pyholepunch.lab.cli", "build, verify and tear down the netns NAT lab"),
+    "nat-type": ("pyholepunch.cli.nat", "classify the NAT in front of this host"),
+    "listen": ("pyholepunch.cli.peer", "register and accept peer connections (netcat-like)"),
+    "connect": ("pyholepunch.cli.peer", "connect to a peer by name or id (netcat-like)"),
+    "lab": ("pyholepunch.cli.lab", "build, verify and tear down the netns NAT lab"),
 }
 
 

@@ -15,8 +15,8 @@ import os
 import sys
 from typing import Any
 
-from .connection import Connection
-from .peer import Peer
+from ..connection import Connection
+from ..peer import Peer
 
 log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
