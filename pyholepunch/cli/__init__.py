@@ -1,8 +1,10 @@
-"""The `pyholepunch` command: one sub-command per part, each defined beside its part.
+"""The `pyholepunch` command: every command front end lives in this package.
 
-Every sub-command module exposes ``configure(parser)`` and ``run(args) -> int`` (``run`` may
-be a coroutine function). Exit codes: 0 success, 1 the operation failed, 2 usage error,
-3 this machine cannot do it (not root, missing tool), 4 timed out, 130 interrupted.
+One module per command (``configure(parser)`` and ``run(args) -> int``, ``run`` may be a
+coroutine function); ``args.py`` holds what they share. Exit codes: 0 success, 1 the
+operation failed, 2 usage error, 3 this machine cannot do it (not root, missing tool),
+4 timed out, 130 interrupted (SIGINT). Any failure is one line on stderr, no traceback
+(``-vv`` logs the traceback).
 """
 from __future__ import annotations
 
@@ -15,13 +17,26 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..errors import HolePunchError, LabError
+from ..errors import AddressError, HolePunchError, LabError
+from .args import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_TIMEOUT,
+    EXIT_UNSUPPORTED,
+    EXIT_USAGE,
+    Parser,
+    UsageError,
+    add_global_flags,
+    setup_logging,
+)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNSUPPORTED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+log = logging.getLogger(__name__)
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pyholepunch.cli.demo", "two peers behind two lab NATs punch through and echo"),
-    "serve": ("pyholepunch.serve", "rendezvous + STUN + relay server on one address"),
+    "serve": ("pyholepunch.cli.serve", "rendezvous + STUN + relay server on one address"),
     "nat-type": ("pyholepunch.cli.nat", "classify the NAT in front of this host"),
     "listen": ("pyholepunch.cli.peer", "register and accept peer connections (netcat-like)"),
     "connect": ("pyholepunch.cli.peer", "connect to a peer by name or id (netcat-like)"),
@@ -30,14 +45,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyholepunch", description=__doc__.splitlines()[0])
+    parser = Parser(prog="pyholepunch", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pyholepunch {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-v info, -vv debug)")
+    add_global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
+        add_global_flags(p, top=False)
         configure = getattr(module, f"configure_{name.replace('-', '_')}", None) or module.configure
         configure(p)
         p.set_defaults(_module=module, _name=name)
@@ -46,25 +61,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    name = args._name
+    if getattr(args, "json", False) is True and getattr(args, "json_stream", "-") == "stderr":
+        args.log_format = "json"     # the stream --json writes to carries JSON only
+    setup_logging(args, base=logging.INFO if name == "serve" else logging.WARNING)
     module = args._module
-    run = getattr(module, f"run_{args._name.replace('-', '_')}", None) or module.run
+    run = getattr(module, f"run_{name.replace('-', '_')}", None) or module.run
     try:
         result = asyncio.run(run(args)) if inspect.iscoroutinefunction(run) else run(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except (UsageError, AddressError) as exc:
+        return _fail(name, exc, EXIT_USAGE, "error: ")
     except LabError as exc:
-        print(f"pyholepunch {args._name}: {exc}", file=sys.stderr)
-        return EXIT_UNSUPPORTED
+        return _fail(name, exc, EXIT_UNSUPPORTED)
     except TimeoutError as exc:
-        print(f"pyholepunch {args._name}: timed out: {exc}", file=sys.stderr)
-        return EXIT_TIMEOUT
-    except (HolePunchError, OSError) as exc:
-        print(f"pyholepunch {args._name}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _fail(name, exc, EXIT_TIMEOUT, "timed out: ")
+    except (HolePunchError, OSError, ValueError) as exc:
+        return _fail(name, exc, EXIT_FAILED)
+    except Exception as exc:            # a bug: still one line, the traceback with -vv
+        return _fail(name, exc, EXIT_FAILED, f"internal error ({type(exc).__name__}): ")
     return int(result or 0)
+
+
+def _fail(name: str, exc: BaseException, code: int, prefix: str = "") -> int:
+    log.debug("pyholepunch %s failed", name, exc_info=exc)
+    text = str(exc) or type(exc).__name__
+    sys.stderr.write(f"pyholepunch {name}: {prefix}{text}\n")
+    sys.stderr.flush()
+    return code
 
 
 if __name__ == "__main__":

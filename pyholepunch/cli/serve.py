@@ -1,0 +1,102 @@
+"""`pyholepunch serve`: rendezvous + STUN + built-in relay behind one address.
+
+The server itself is :class:`pyholepunch.serve.Rendezvous`; this is its command line. It
+prints where it listens and its certificate fingerprint (``--json``: one JSON line), then
+serves until SIGINT (exit 130) or SIGTERM (exit 0, an orderly stop).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+
+from ..address import format_address, ip_of
+from ..serve import Rendezvous
+from ..signal.auth import make_token
+from ..signal.server import ServerConfig
+from .args import EXIT_INTERRUPTED, EXIT_OK, UsageError, address, emit_json, port_number, positive_float
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", type=address(3478, allow_zero=True), default=("0.0.0.0", 3478),
+                        metavar="HOST:PORT",
+                        help="the one address users type (default 0.0.0.0:3478; port 0: any free one)")
+    parser.add_argument("--alt-ip", metavar="IP",
+                        help="second address for RFC 5780 STUN (--listen must then name an address)")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="server certificate and name bindings survive restarts here")
+    parser.add_argument("--token", metavar="SECRET", default=os.environ.get("PYHOLEPUNCH_TOKEN"),
+                        help="require this access token (or one made from it) to register")
+    parser.add_argument("--store", metavar="URL", help="memory (default) or redis://HOST:PORT")
+    parser.add_argument("--metrics-port", type=port_number, metavar="N",
+                        help="JSON metrics on http://127.0.0.1:N/metrics (0: any free port)")
+    parser.add_argument("--punch-margin", type=positive_float, default=0.05, metavar="SECONDS",
+                        help="added to the common punch start to absorb delivery jitter (default 0.05)")
+    parser.add_argument("--max-peers", type=int, default=100_000)
+    parser.add_argument("--no-stun", action="store_true", help="do not run the STUN server")
+    parser.add_argument("--no-relay", action="store_true", help="do not run the built-in relay")
+    parser.add_argument("--issue-token", type=positive_float, metavar="SECONDS",
+                        help="print an access token valid this long (made from --token), then exit")
+    parser.add_argument("--json", action="store_true",
+                        help="print the address and fingerprint as one JSON line on stdout")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.max_peers < 1:
+        raise UsageError(f"--max-peers must be at least 1, got {args.max_peers}")
+    if args.store is not None and args.store != "memory" and not args.store.startswith("redis://"):
+        raise UsageError(f"--store is memory or redis://HOST:PORT, got {args.store!r}")
+    if args.alt_ip is None:
+        return
+    listen_ip, alt = ip_of(args.listen[0]), ip_of(args.alt_ip)
+    if alt is None or alt.is_unspecified:
+        raise UsageError(f"--alt-ip needs a specific IP address, got {args.alt_ip!r}")
+    if listen_ip is None or listen_ip.is_unspecified:
+        raise UsageError(f"--alt-ip needs --listen to name a specific IP address, not "
+                         f"{args.listen[0]} (RFC 5780 answers from two known addresses)")
+    if alt.version != listen_ip.version or alt == listen_ip:
+        raise UsageError(f"--alt-ip {args.alt_ip} must be another address of the family of "
+                         f"--listen {args.listen[0]}")
+
+
+async def run(args: argparse.Namespace) -> int:
+    if args.issue_token is not None:
+        if not args.token:
+            raise UsageError("--issue-token needs --token SECRET")
+        print(make_token(args.token, time.time() + args.issue_token), flush=True)
+        return EXIT_OK
+    _check(args)
+    cfg = ServerConfig(margin=args.punch_margin, max_peers=args.max_peers)
+    app = Rendezvous(args.listen, alt_ip=args.alt_ip, state_dir=args.state_dir, token=args.token,
+                     store=args.store, metrics_port=args.metrics_port, config=cfg,
+                     stun=not args.no_stun, relay=not args.no_relay)
+    stopped_by: list[signal.Signals] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        stopped_by.append(sig)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    async with app:
+        where = format_address(app.address)
+        parts = ["signaling"] + (["stun"] if app.stun else []) + (["relay"] if app.relay_hub else [])
+        if args.json:
+            emit_json({"listen": where, "fingerprint": app.fingerprint, "services": parts,
+                       "metrics": (f"http://127.0.0.1:{app.metrics_port}/metrics"
+                                   if app.metrics_port is not None else None)}, "-")
+        else:
+            names = {"signaling": "TLS signaling", "stun": "STUN", "relay": "relay"}
+            print(f"pyholepunch serve on {where} ({', '.join(names[p] for p in parts)} on one port)",
+                  flush=True)
+            print(f"server fingerprint sha256 {app.fingerprint}", flush=True)
+            if app.metrics_port is not None:
+                print(f"metrics http://127.0.0.1:{app.metrics_port}/metrics", flush=True)
+        await stop.wait()
+    sys.stdout.flush()
+    return EXIT_INTERRUPTED if stopped_by and stopped_by[0] == signal.SIGINT else EXIT_OK
