@@ -370,6 +370,7 @@ class Peer:
             *((self.tcp_profile, peer.tcp_profile) if instr.role == "initiator"
               else (peer.tcp_profile, self.tcp_profile)))
         report.plan = plan.to_dict()
+        report.tls = not self.insecure_plain
         initiator = instr.role == "initiator"
         if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile
             self._spawn(asyncio.to_thread(tls_context, self.identity, peer.cert,

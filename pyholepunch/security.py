@@ -164,7 +164,7 @@ async def secure_stream(
     initiator: bool,
     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     insecure_plain: bool = False,
-    limit: int = 2 ** 16,
+    limit: int = 2 ** 20,
 ) -> Streams:
     """Run the pinned TLS 1.3 handshake over ``conn``; return asyncio streams of plaintext.
 
@@ -479,7 +479,7 @@ class _BioTransport(asyncio.Transport):
                         self._protocol.eof_received()  # type: ignore[attr-defined]
                     return
                 await self._reading.wait()
-                data = await self._inner_reader.read(65536)
+                data = await self._inner_reader.read(262144)
                 if data:
                     self._in.write(data)
                 else:

@@ -179,7 +179,7 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
 
     progress("peer b: classifying its NAT and registering as 'bob' (`pyholepunch listen --echo`)")
     bob = spawn("b", _cli("listen", *common, "--name", "bob", "--echo", "--once",
-                          "--config-dir", str(work / "bob"), "--json", str(work / "bob.json")),
+                          "--config-dir", str(work / "bob"), "--json-file", str(work / "bob.json")),
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     procs.append(bob)
     _Lines(bob, "stderr", "peer b").wait_for("listening as", timeout)
@@ -187,7 +187,7 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
     progress("peer a: classifying its NAT, registering as 'alice' and connecting to 'bob'")
     t = time.monotonic()
     alice = spawn("a", _cli("connect", *common, *connect_args, "--name", "alice", "bob",
-                            "--config-dir", str(work / "alice"), "--json", str(work / "alice.json"),
+                            "--config-dir", str(work / "alice"), "--json-file", str(work / "alice.json"),
                             "--timeout", str(timeout)),
                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     procs.append(alice)
