@@ -85,6 +85,15 @@ class AddressError(HolePunchError, ValueError):
     """Text or a tuple that is not a usable ``host:port`` / ``[v6]:port`` address."""
 
 
+class ConfigDirInUse(HolePunchError):
+    """Another running Peer (in this process or another) uses the same config directory:
+    they would share one identity, and the server would let the second replace the first."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class LabError(HolePunchError):
     """The NAT lab cannot be built here (not root, no nft, no netns) or failed to build."""
 
@@ -92,6 +101,7 @@ class LabError(HolePunchError):
 __all__ = [
     "AddressError",
     "AuthenticationError",
+    "ConfigDirInUse",
     "HolePunchError",
     "LabError",
     "LocalProtocolError",

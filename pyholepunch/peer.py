@@ -17,14 +17,14 @@ import resource
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from . import engine as engine_mod
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .errors import HolePunchError, PunchError, SignalingError
-from .identity import Identity, default_config_dir
+from .identity import ConfigLock, Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.profile import Allocation, Mapping, NatProfile
 from .punch import Punch, close_late_result, peer_target
@@ -85,6 +85,7 @@ class Peer:
         self.server = parse_address(server)
         self.config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
         self.identity = identity or Identity.load_or_create(self.config_dir)
+        self._lock = ConfigLock(self.config_dir)
         self.name = name or f"peer-{self.identity.peer_id[:8]}"
         self.engine = engine if isinstance(engine, engine_mod.Engine) else engine_mod.get(engine)
         if relay not in ("builtin", "none") and not relay.startswith("turn:"):
@@ -124,12 +125,21 @@ class Peer:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        self._lock.acquire()        # ConfigDirInUse: one running peer per config dir
         _raise_fd_limit()
         self.local_ip = await asyncio.to_thread(route_source_ip, self.server[0])
-        kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
-        for kind in kinds:    # one after the other: allocation probes must not interleave
-            self.profiles[kind] = await classify_nat(self.server, transport=kind,
-                                                     local_ip=self.local_ip)
+        # Is it our server at all? Asked alongside the classification, whose probes would
+        # otherwise wait out their timeouts against a server of another kind.
+        check = asyncio.ensure_future(self._signal.check_server())
+        classify = asyncio.ensure_future(self._classify())
+        try:
+            await asyncio.wait([check, classify], return_when=asyncio.FIRST_EXCEPTION)
+            await check
+            await classify
+        finally:
+            for task in (check, classify):
+                task.cancel()
+            await asyncio.gather(check, classify, return_exceptions=True)
         await self._learn_punch_address(new_port=True)
         # Registered with its address already: no CONNECT can find us without one.
         self._signal.profiles = [p.to_dict() for p in self.profiles.values()]
@@ -141,6 +151,12 @@ class Peer:
         await self.announce()
         self._events = asyncio.create_task(self._dispatch_events())
 
+    async def _classify(self) -> None:
+        kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
+        for kind in kinds:    # one after the other: allocation probes must not interleave
+            self.profiles[kind] = await classify_nat(self.server, transport=kind,
+                                                     local_ip=self.local_ip)
+
     async def close(self) -> None:
         if self._events is not None:
             self._events.cancel()
@@ -149,9 +165,14 @@ class Peer:
         await asyncio.gather(*self._tasks, *([self._events] if self._events else []),
                              return_exceptions=True)
         await self._signal.close()
+        while not self._accepted.empty():    # accepted, never handed out: nobody else closes them
+            item = self._accepted.get_nowait()
+            if isinstance(item, Connection):
+                await item.close()
         if self._reservation is not None:
             self._reservation.close()
             self._reservation = None
+        self._lock.release()
 
     async def __aenter__(self) -> Peer:
         try:
@@ -269,7 +290,15 @@ class Peer:
             raise item
         return item
 
-    # seed-style names (DESIGN §7)
+    def __aiter__(self) -> AsyncIterator[Connection]:
+        """``async for conn in peer:``: every connection another peer makes to us."""
+        return self._incoming()
+
+    async def _incoming(self) -> AsyncIterator[Connection]:
+        while True:
+            yield await self.accept()
+
+    # seed-style names
     async def connect_to_peer(self, target: str, **kwargs: Any) -> Connection:
         return await self.connect(target, **kwargs)
 

@@ -58,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("name", nargs="?")
     g.add_argument("--all-mine", action="store_true",
                    help="remove every hpl* lab whose owning process is gone")
-    ver = sub.add_parser("verify", help="measure every NAT type and compare with DESIGN.md §8")
+    ver = sub.add_parser("verify", help="measure every NAT type and compare with the table in docs/lab.md")
     ver.add_argument("--type", action="append", choices=NAT_TYPES, dest="types",
                      help="only this type (repeatable); default: all eight")
     ver.add_argument("--json", action="store_true")

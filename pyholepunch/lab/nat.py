@@ -1,4 +1,4 @@
-"""nftables rulesets for the lab's NAT routers, one behaviour per type (DESIGN.md §8).
+"""nftables rulesets for the lab's NAT routers, one behaviour per type (docs/lab.md).
 
 Pure text generation (no I/O): ``ruleset(NatConfig)`` returns what ``nft -f -`` loads inside a
 router namespace. Linux conntrack gives the building blocks:
@@ -33,7 +33,7 @@ MAP_TIMEOUT_S = {"tcp": 600, "udp": 180}
 
 @dataclass(frozen=True)
 class TypeRow:
-    """What DESIGN.md §8 promises for one type; `lab verify` checks measurements against it."""
+    """What docs/lab.md promises for one type; `lab verify` checks measurements against it."""
 
     mapping: str          # "public" | "endpoint-independent" | "address-and-port-dependent"
     allocation: str       # "public" | "preserving" | "sequential" | "random"

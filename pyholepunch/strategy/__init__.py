@@ -1,4 +1,4 @@
-"""Punch strategy: from two TCP NAT profiles to an ordered plan of steps (DESIGN.md §5).
+"""Punch strategy: from two TCP NAT profiles to an ordered plan of steps (docs/architecture.md, "Strategy").
 
 Pure and deterministic: no sockets, no clock, no randomness. The rendezvous server calls
 :func:`plan` once per CONNECT and sends ``plan.to_dict()`` to both peers inside PUNCH, so both
