@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from . import address
 from . import engine as engine_mod
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .errors import HolePunchError, PunchError, SignalingError
@@ -49,15 +50,9 @@ PROBE_RETRY_PAUSE = 0.2
 
 
 def parse_address(value: str | Address, default_port: int = 3478) -> Address:
-    """``"host:port"`` / ``"host"`` / ``(host, port)`` -> ``(host, port)``."""
-    if isinstance(value, tuple):
-        return (str(value[0]), int(value[1]))
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        return (value, default_port)
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in server address {value!r}")
-    return (host.strip("[]"), int(port))
+    """``"host:port"`` / ``"[v6]:port"`` / ``"host"`` / ``(host, port)`` -> ``(host, port)``:
+    the package's one parser (address.parse_address); AddressError when it is not one."""
+    return address.parse_address(value, default_port=default_port)
 
 
 class Peer:
