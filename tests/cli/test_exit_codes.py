@@ -64,10 +64,13 @@ def usage(server: Server, tmp: Path) -> None:
         cli("--log-format", "xml", "serve"),
         cli("no-such-command"),
     ]
-    for argv in cases:
-        r = run(argv, stdin=subprocess.DEVNULL, env=os.environ | {"PYHOLEPUNCH_TOKEN": ""})
-        assert r.returncode == 2, (argv, r.stderr)
-        assert "error" in _one_line(r.stderr), argv
+    env = os.environ | {"PYHOLEPUNCH_TOKEN": ""}
+    procs = [(argv, subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env)) for argv in cases]
+    for argv, proc in procs:          # all at once: each is a Python start-up, nothing more
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, (argv, err)
+        assert "error" in _one_line(err), argv
 
 
 def unsupported(server: Server, tmp: Path) -> None:
