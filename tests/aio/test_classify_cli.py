@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from pyholepunch.cli import nat as nat_cli
-from pyholepunch.cli.nat import parse_hostport
+from pyholepunch.cli.args import address
 
 
 def main(argv: list[str]) -> int:
@@ -73,6 +73,7 @@ def test_unreachable_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_parse_hostport() -> None:
+    parse_hostport = address(3478)
     assert parse_hostport("example.org") == ("example.org", 3478)
     assert parse_hostport("1.2.3.4:5") == ("1.2.3.4", 5)
     assert parse_hostport("[2001:db8::1]:99") == ("2001:db8::1", 99)
