@@ -94,6 +94,22 @@ class ConfigDirInUse(HolePunchError):
         self.path = path
 
 
+class PortMapError(HolePunchError):
+    """A router refused a port mapping or failed to make one (NAT-PMP, PCP, UPnP IGD).
+
+    ``protocol`` is "pcp", "nat-pmp" or "upnp"; ``code`` the router's result/error code
+    (PCP/NAT-PMP result code, UPnP errorCode, HTTP status), None when it did not answer."""
+
+    def __init__(self, message: str, *, protocol: str = "", code: int | None = None) -> None:
+        super().__init__(message)
+        self.protocol = protocol
+        self.code = code
+
+
+class PortMapUnavailable(PortMapError, TimeoutError):
+    """No router on the path answered any port-mapping protocol within the budget."""
+
+
 class LabError(HolePunchError):
     """The NAT lab cannot be built here (not root, no nft, no netns) or failed to build."""
 
@@ -106,6 +122,8 @@ __all__ = [
     "LabError",
     "LocalProtocolError",
     "NatNotTraversable",
+    "PortMapError",
+    "PortMapUnavailable",
     "ProtocolError",
     "PunchError",
     "PunchTimeout",

@@ -29,6 +29,7 @@ from .identity import ConfigLock, Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.profile import Allocation, Mapping, NatProfile
 from .punch import Punch, close_late_result, peer_target
+from .punch_mapping import PunchPortMapping
 from .relay.builtin import open_builtin_relay
 from .relay.peering import peer_turn_relay
 from .report import ConnectionReport, Route
@@ -76,6 +77,7 @@ class Peer:
         clock: Callable[[], float] = time.time,
         classify_udp: bool = False,
         keepalive: KeepAlive | None = DEFAULT_KEEPALIVE,
+        portmap: bool = True,
     ) -> None:
         self.server = parse_address(server)
         self.config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
@@ -97,6 +99,8 @@ class Peer:
         self.local_port = 0                     # our punch port (reserved while we live)
         self.announced: Address | None = None   # what it maps to outside
         self._reservation: socket.socket | None = None
+        self.portmap = portmap                  # ask the router to map the punch port
+        self.port_mapping: PunchPortMapping | None = None
         self._signal = SignalClient(
             self.server, self.identity, name=self.name, server_fingerprint=server_fingerprint,
             known_hosts=self.config_dir / "known_servers", token=token, clock=clock,
@@ -123,6 +127,11 @@ class Peer:
         self._lock.acquire()        # ConfigDirInUse: one running peer per config dir
         _raise_fd_limit()
         self.local_ip = await asyncio.to_thread(route_source_ip, self.server[0])
+        if self.portmap:     # its probe runs while we classify
+            self.port_mapping = PunchPortMapping(
+                self.server[0], self.local_ip,
+                on_change=lambda: self._spawn(self._reannounce(new_port=False)))
+            self.port_mapping.probe_task()
         # Is it our server at all? Asked alongside the classification, whose probes would
         # otherwise wait out their timeouts against a server of another kind.
         check = asyncio.ensure_future(self._signal.check_server())
@@ -164,6 +173,8 @@ class Peer:
             item = self._accepted.get_nowait()
             if isinstance(item, Connection):
                 await item.close()
+        if self.port_mapping is not None:
+            await self.port_mapping.close()
         if self._reservation is not None:
             self._reservation.close()
             self._reservation = None
@@ -195,7 +206,8 @@ class Peer:
     async def announce(self, *, new_port: bool = False) -> None:
         """Learn and announce our external punch address (see ``_learn_punch_address``)."""
         await self._learn_punch_address(new_port=new_port)
-        await self._signal.update(candidates=self._candidates())
+        await self._signal.update(candidates=self._candidates(),
+                                  profiles=list(self.profiles.values()))
 
     async def _learn_punch_address(self, *, new_port: bool) -> None:
         """STUN over TCP from the punch port: what it maps to outside.
@@ -220,6 +232,9 @@ class Peer:
                     self._reservation.close()
                 self._reservation, self.local_port = reservation, port
             self.announced = mapped
+            if self.port_mapping is not None:
+                await self.port_mapping.follow(self.local_port)
+                self.profiles["tcp"] = self.port_mapping.profile(self.tcp_profile)
 
     async def _probe(self, port: int) -> Address:
         """Our mapping for ``port``, asked again (PROBE_ATTEMPTS in all) when the server's
@@ -406,7 +421,8 @@ class Peer:
                                                   asyncio.get_running_loop().create_future())
             try:
                 punch = Punch(self.engine, plan, instr.role, start_at, local_port,
-                              peer_target(peer.candidates), report, local_ip=self.local_ip)
+                              peer_target(peer.candidates, peer.tcp_profile.port_mapping), report,
+                              local_ip=self.local_ip)
                 result = await self._first(punch.run(), relay_grant)
             except (PunchError, OSError) as exc:
                 direct_error = exc

@@ -39,6 +39,7 @@ class PunchTarget:
     public_ip: str
     port: int                                  # its announced port (see strategy/)
     lan: tuple[Address, ...] = ()              # its local addresses and local punch port
+    mapped: Address | None = None              # its router port mapping (NAT-PMP/PCP/UPnP)
 
 
 @dataclass
@@ -171,6 +172,10 @@ class Punch:
             if not self.peer.lan:
                 raise PunchError("the peer announced no LAN address")
             return list(self.peer.lan)
+        if ins.target is Target.MAPPED:
+            if self.peer.mapped is None:
+                raise PunchError("the peer announced no router port mapping")
+            return [self.peer.mapped]
         return [(self.peer.public_ip, port) for port in remote_ports(ins, self.peer.port)]
 
     def _peer_ips(self, ins: RoleInstruction) -> set[str]:
@@ -331,9 +336,10 @@ def _bound(ip: str, port: int) -> socket.socket:
     return sock
 
 
-def peer_target(candidates: Sequence[Address]) -> PunchTarget:
-    """The first candidate is the announced public address, the rest LAN addresses."""
+def peer_target(candidates: Sequence[Address], mapped: Address | None = None) -> PunchTarget:
+    """The first candidate is the announced public address, the rest LAN addresses;
+    ``mapped``: the router port mapping in the peer's NAT profile, if any."""
     if not candidates:
         raise PunchError("the peer announced no address")
     (ip, port), lan = candidates[0], tuple(candidates[1:])
-    return PunchTarget(ip, int(port), lan)
+    return PunchTarget(ip, int(port), lan, mapped)

@@ -48,6 +48,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--hairpin", action="store_true", help="with --same-nat: the NAT hairpins")
     up.add_argument("--conntrack", type=_conntrack_arg, action="append", default=[], metavar="KEY=S",
                     help="per-NAT conntrack sysctl, e.g. tcp_timeout_established=30 (repeatable)")
+    up.add_argument("--portmap-a", action="store_true",
+                    help="run miniupnpd (UPnP IGD, NAT-PMP, PCP) on peer a's NAT router")
+    up.add_argument("--portmap-b", action="store_true", help="the same on peer b's NAT router")
     up.add_argument("--json", action="store_true", help="print the lab description as JSON")
     ex = sub.add_parser("exec", help="run a command inside a lab node")
     ex.add_argument("name")
@@ -73,7 +76,8 @@ def _up(args: argparse.Namespace) -> int:
     from ..lab import Lab
 
     lab = Lab(a=args.a, b=args.b, rtt_ms=args.rtt_ms, jitter_ms=args.jitter_ms, loss_pct=args.loss,
-              same_nat=args.same_nat, hairpin=args.hairpin, conntrack=dict(args.conntrack))
+              same_nat=args.same_nat, hairpin=args.hairpin, conntrack=dict(args.conntrack),
+              portmap_a=args.portmap_a, portmap_b=args.portmap_b)
 
     def stop(signum: int, frame: Any) -> None:
         raise _Stop
@@ -91,6 +95,8 @@ def _up(args: argparse.Namespace) -> int:
                 for peer in ("a", "b"):
                     _say(f"  {peer}       {lab.private_ip(peer)} -> public {lab.public_ip(peer)}")
                 _say(f"  nodes   {' '.join(lab.nodes)}")
+                for peer, router in lab.routers.items():
+                    _say(f"  {peer}'s router {router.node} runs miniupnpd (UPnP IGD, NAT-PMP, PCP)")
                 _say(f"  try:    pyholepunch lab exec {lab.name} a -- ip addr")
                 _say(f"  stop:   Ctrl-C or `pyholepunch lab down {lab.name}`")
             threading.Event().wait()  # until a signal

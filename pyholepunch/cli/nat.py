@@ -30,6 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=positive_float, default=3.0,
                         help="seconds to wait for the server's first answer (default 3)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--no-portmap", action="store_true",
+                        help="do not ask the router for a port mapping (NAT-PMP, PCP, UPnP)")
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -54,16 +56,56 @@ async def run(args: argparse.Namespace) -> int:
         profiles[kind] = await classify_nat(server, transport=kind, local_ip=args.local_ip,
                                             alt_server=alt, timeout=args.timeout)
         took[kind] = round(time.monotonic() - start, 3)
+    portmap = None if args.no_portmap else await _try_portmap(server[0], args.local_ip, profiles)
     if args.json:
         doc: dict[str, Any] = {"schema": SCHEMA_VERSION,
                                "profiles": {k: p.to_dict() for k, p in profiles.items()},
-                               "seconds": took}
+                               "seconds": took, "portmap": portmap}
         print(json.dumps(doc, indent=2, sort_keys=True))  # noqa: T201  (CLI output)
     else:
         print(render_table(profiles, took))  # noqa: T201  (CLI output)
+        print(_portmap_line(portmap))  # noqa: T201  (CLI output)
     failed = [k for k, p in profiles.items() if p.not_learned[:1] and
               p.not_learned[0].startswith("everything:")]
     return 1 if failed else 0
+
+
+async def _try_portmap(server_ip: str, local_ip: str | None,
+                       profiles: dict[str, NatProfile]) -> dict[str, Any]:
+    """Ask the router on the path to map a TCP port for a moment (then delete it): the TCP
+    profile says "via PCP/NAT-PMP/UPnP" when one did. Returns what the probe found."""
+    import socket
+
+    from ..punch_mapping import PunchPortMapping
+    from ..stun.probe import route_source_ip
+
+    ip = local_ip or route_source_ip(server_ip)
+    pm = PunchPortMapping(server_ip, ip, on_change=lambda: None)
+    if pm.mapper is None:
+        return {"gateway": None, "available": [], "mapped_by": None}
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((ip, 0))
+        try:
+            await pm.follow(sock.getsockname()[1])
+            if "tcp" in profiles:
+                profiles["tcp"] = pm.profile(profiles["tcp"])
+        finally:
+            await pm.close()
+    probed = pm.mapper.probed
+    return {"gateway": pm.mapper.gateway, "available": list(probed.available if probed else ()),
+            "mapped_by": pm.mapping.label if pm.mapping is not None else None}
+
+
+def _portmap_line(portmap: dict[str, Any] | None) -> str:
+    if portmap is None:
+        return "port mapping: not asked (--no-portmap)"
+    if portmap["gateway"] is None:
+        return "port mapping: no router on the path to the server"
+    from ..portmap import LABELS
+
+    answered = ", ".join(LABELS[p] for p in portmap["available"]) or "nothing answered"
+    got = f"mapped via {portmap['mapped_by']}" if portmap["mapped_by"] else "no mapping granted"
+    return f"port mapping: router {portmap['gateway']}: {answered}; {got}"
 
 
 def render_table(profiles: dict[str, NatProfile], took: dict[str, float] | None = None) -> str:

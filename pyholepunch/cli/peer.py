@@ -63,6 +63,8 @@ def add_peer_options(p: argparse.ArgumentParser) -> None:
                    help="JSON lines on stderr: the connection report, the transfer, and the log")
     p.add_argument("--json-file", metavar="FILE",
                    help="write the connection report (with the transfer once done) to FILE")
+    p.add_argument("--no-portmap", action="store_true",
+                   help="do not ask the router to map the punch port (NAT-PMP, PCP, UPnP)")
     p.add_argument("--insecure-plain", action="store_true",
                    help="no end-to-end TLS: for benchmarks only, never for real traffic")
     p.set_defaults(json_stream="stderr")
@@ -99,6 +101,7 @@ def peer_from_args(args: argparse.Namespace) -> Peer:
         turn_password=args.turn_password,
         turn_secret=args.turn_secret,
         insecure_plain=args.insecure_plain,
+        portmap=not args.no_portmap,
     )
 
 

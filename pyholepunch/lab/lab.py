@@ -29,7 +29,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from ..errors import LabError
-from . import _ns, state, topology
+from . import _ns, miniupnpd, state, topology
 from .topology import SERVER_ALT_IP, SERVER_IP
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,9 @@ class Lab:
 
     def __init__(self, a: str = "port-restricted", b: str = "port-restricted", *, rtt_ms: float = 0,
                  jitter_ms: float = 0, loss_pct: float = 0.0, same_nat: bool = False,
-                 hairpin: bool = False, conntrack: dict[str, int] | None = None) -> None:
+                 hairpin: bool = False, conntrack: dict[str, int] | None = None,
+                 portmap_a: bool = False, portmap_b: bool = False,
+                 portmap_min_lifetime: int = 120) -> None:
         for label, v in (("rtt_ms", rtt_ms), ("jitter_ms", jitter_ms)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10_000:
                 raise ValueError(f"{label} must be a number in [0, 10000], got {v!r}")
@@ -87,7 +89,13 @@ class Lab:
         self.rtt_ms, self.jitter_ms, self.loss_pct = float(rtt_ms), float(jitter_ms), float(loss_pct)
         self.same_nat, self.hairpin = same_nat, hairpin
         seq_offset = secrets.randbelow(10_000)
-        self._plan = topology.plan(a, b, same_nat=same_nat, hairpin=hairpin, seq_offset=seq_offset)
+        portmap = tuple(p for p, on in (("a", portmap_a), ("b", portmap_b)) if on)
+        if same_nat and len(portmap) > 1:
+            raise ValueError("with same_nat both peers share one router: set portmap_a only")
+        self._plan = topology.plan(a, b, same_nat=same_nat, hairpin=hairpin, seq_offset=seq_offset,
+                                   portmap=portmap)
+        self.portmap_min_lifetime = portmap_min_lifetime
+        self.routers: dict[str, miniupnpd.Router] = {}   # peer -> the miniupnpd of its NAT
         self.a_type, self.b_type = self._plan.types["a"], self._plan.types["b"]
         self.name = ""
         self.server_ip, self.server_alt_ip = SERVER_IP, SERVER_ALT_IP
@@ -118,6 +126,8 @@ class Lab:
                            delay=delay, after_namespaces=self._spawn_delayer if delay else None)
             if delay:
                 self._await_delayer()
+            if self._plan.routers:
+                self._start_routers()
         except BaseException as exc:
             self.close()
             if isinstance(exc, LabError):
@@ -152,6 +162,35 @@ class Lab:
             err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
             raise LabError(f"the NFQUEUE delayer did not start: {line.strip()} {err.strip()}")
 
+    def _start_routers(self) -> None:
+        """Our STUN server (for the routers' forwarding check), then miniupnpd on each router."""
+        blocker = miniupnpd.available()
+        if blocker:
+            raise LabError(blocker)
+        stun = self.spawn("server", miniupnpd.stun_argv(sys.executable, SERVER_IP, SERVER_ALT_IP),
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert stun.stdout is not None
+        ready, _, _ = select.select([stun.stdout], [], [], DELAYER_START_TIMEOUT_S)
+        line = stun.stdout.readline() if ready else ""
+        if not line.startswith("ready"):
+            raise LabError(f"the STUN server for the routers did not start: {line.strip()!r}")
+        for peer, node in self._plan.routers.items():
+            nat = self._plan.nodes[node].nat
+            assert nat is not None
+            router = miniupnpd.Router(node, run=self.run, spawn=self.spawn, wan_if=nat.wan_if,
+                                      lan_if=nat.lan_if, lan_net=nat.lan_net, stun_host=SERVER_IP,
+                                      min_lifetime=self.portmap_min_lifetime)
+            self.routers[peer] = router
+            router.install_tables()
+            router.start()
+
+    def router(self, peer: str) -> miniupnpd.Router:
+        """The miniupnpd in front of ``peer`` (Lab(portmap_a=True) for "a")."""
+        if peer not in self.routers:
+            raise ValueError(f"no port-mapping router in front of {peer!r} "
+                             f"(Lab(portmap_{peer}=True)); routers: {sorted(self.routers)}")
+        return self.routers[peer]
+
     def close(self) -> None:
         """Tear everything down; idempotent, and a no-op in forked children."""
         if self._closed or not self.name or os.getpid() != self._owner:
@@ -159,6 +198,11 @@ class Lab:
         self._closed = True
         with _live_lock:
             _live.discard(self)
+        for router in self.routers.values():
+            try:
+                router.close()
+            except (OSError, subprocess.SubprocessError, LabError) as exc:
+                log.warning("lab %s: stopping %r failed: %s", self.name, router, exc)
         for proc in self._procs:
             try:
                 proc.kill()
@@ -245,7 +289,8 @@ class Lab:
                 "server_ip": self.server_ip, "server_alt_ip": self.server_alt_ip,
                 "private": dict(self._plan.private), "public": dict(self._plan.public),
                 "rtt_ms": self.rtt_ms, "jitter_ms": self.jitter_ms, "loss_pct": self.loss_pct,
-                "same_nat": self.same_nat, "hairpin": self.hairpin}
+                "same_nat": self.same_nat, "hairpin": self.hairpin,
+                "portmap": dict(self._plan.routers)}
 
     # --- running things inside ------------------------------------------------------------
     def _argv(self, node: str, argv: Sequence[str]) -> list[str]:

@@ -68,6 +68,9 @@ class NatConfig:
     lan_net: str          # e.g. "10.0.1.0/24"
     hairpin: bool = False
     seq_offset: int = 0   # symmetric-seq: first external port = SEQ_PORT_BASE + seq_offset
+    # miniupnpd on this router (lab/miniupnpd.py): (server ip, alt ip, port) of the STUN server
+    # its forwarding check asks; None = no port-mapping router.
+    portmap_stun: tuple[str, str, int] | None = None
 
 
 HOP_KINDS = ("full-cone", "restricted-cone", "port-restricted", "port-restricted-rst",
@@ -106,6 +109,10 @@ def ruleset(c: NatConfig) -> str:
     track: list[str] = []
     pre: list[str] = []
     post = _mapping_rules(c)
+    if c.portmap_stun is not None:
+        # miniupnpd's STUN check must see the router's own WAN address and port unchanged,
+        # or it calls the NAT restrictive and stops forwarding: its own traffic is not SNATed.
+        post.insert(0, f"ip saddr {c.wan_ip} accept")
     want_port_map = c.kind == "full-cone" or c.hairpin
     if c.kind == "symmetric-seq":  # counter value -> port; shared by the TCP and UDP rules
         first = SEQ_PORT_BASE + c.seq_offset
@@ -138,6 +145,12 @@ def ruleset(c: NatConfig) -> str:
         post.append(f'oifname "{c.lan_if}" ip saddr {c.lan_net} ct status dnat snat ip to {c.wan_ip}')
     # Unsolicited traffic to the router itself: the row says drop or RST.
     inp = [f"{wan} ct state established,related accept"]
+    if c.portmap_stun is not None:
+        # The three answers of miniupnpd's STUN check that come from the server's other
+        # address or port match no flow of ours: admit exactly those (before the drop).
+        ip, alt, port = c.portmap_stun
+        inp.append(f"{wan} ip saddr . udp sport {{ {ip} . {port + 1}, {alt} . {port}, "
+                   f"{alt} . {port + 1} }} accept")
     if c.kind == "port-restricted-rst":
         inp += [f"{wan} meta l4proto tcp reject with tcp reset",
                 f"{wan} meta l4proto udp reject with icmp type port-unreachable",

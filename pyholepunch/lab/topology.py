@@ -20,9 +20,10 @@ import logging
 import os
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import _ns
+from .miniupnpd import STUN_PORT
 from .nat import NatConfig, loss_ruleset, ruleset, validate_type
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,13 @@ class Plan:
     private: dict[str, str]     # peer -> its own address
     public: dict[str, str]      # peer -> outermost public address
     types: dict[str, str]       # peer -> NAT type
+    routers: dict[str, str] = field(default_factory=dict)   # peer -> its NAT node running miniupnpd
 
 
 def plan(a: str, b: str, *, same_nat: bool = False, hairpin: bool = False,
-         seq_offset: int = 0) -> Plan:
-    """The topology for peers of types `a` and `b` (with same_nat, both behind one NAT of type a)."""
+         seq_offset: int = 0, portmap: tuple[str, ...] = ()) -> Plan:
+    """The topology for peers of types `a` and `b` (with same_nat, both behind one NAT of type a);
+    ``portmap``: the peers whose NAT router runs miniupnpd (UPnP IGD, NAT-PMP, PCP)."""
     validate_type(a)
     validate_type(b)
     if same_nat and a == "none":
@@ -85,7 +88,24 @@ def plan(a: str, b: str, *, same_nat: bool = False, hairpin: bool = False,
     else:
         _side(p, "a", ["a"], a, False, seq_offset, shared=False)
         _side(p, "b", ["b"], b, False, seq_offset + 7, shared=False)
+    for peer in portmap:
+        _add_router(p, peer)
     return p
+
+
+def _add_router(p: Plan, peer: str) -> None:
+    """Mark the peer's own NAT router for miniupnpd (a carrier NAT in front would make its
+    STUN check fail, and a public peer has no router)."""
+    if peer not in ("a", "b"):
+        raise ValueError(f"portmap is for the peers 'a' and 'b', not {peer!r}")
+    kind = p.types[peer]
+    if kind in ("none", "cgnat"):
+        raise ValueError(f"a port-mapping router needs a single NAT in front of {peer}, "
+                         f"not type {kind!r}")
+    node = p.nodes["nat"] if "nat" in p.nodes else p.nodes[f"nat_{peer}"]
+    assert node.nat is not None
+    node.nat = replace(node.nat, portmap_stun=(SERVER_IP, SERVER_ALT_IP, STUN_PORT))
+    p.routers[peer] = node.name
 
 
 def _side(p: Plan, side: str, hosts: list[str], kind: str, hairpin: bool, seq_offset: int,

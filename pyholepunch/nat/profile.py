@@ -66,6 +66,10 @@ class NatProfile:
     confidence: dict[str, float] = field(default_factory=dict)   # finding -> 0..1
     not_learned: tuple[str, ...] = ()            # findings that could not be measured, with why
     server: str = ""                             # what it was measured against
+    # A router port mapping of the punch port (NAT-PMP/PCP/UPnP, DESIGN §10): the external
+    # address anyone can dial, and the protocol that made it ("PCP", "NAT-PMP", "UPnP").
+    port_mapping: tuple[str, int] | None = None
+    mapped_by: str = ""
 
     @property
     def nat_type(self) -> str:
@@ -87,11 +91,12 @@ class NatProfile:
     def label(self) -> str:
         """nat_type with the allocation detail, e.g. ``symmetric (sequential +1)``."""
         name = self.nat_type
+        via = f" via {self.mapped_by}" if self.port_mapping is not None and self.mapped_by else ""
         if self.allocation is Allocation.SEQUENTIAL and self.delta is not None:
-            return f"{name} (sequential {self.delta:+d})"
+            return f"{name} (sequential {self.delta:+d}){via}"
         if self.allocation is not Allocation.UNKNOWN and name != "open":
-            return f"{name} ({self.allocation})"
-        return name
+            return f"{name} ({self.allocation}){via}"
+        return name + via
 
     @property
     def accepts_unsolicited(self) -> bool:
@@ -107,6 +112,7 @@ class NatProfile:
             unsolicited_syn=str(self.unsolicited_syn),
             public_ips=list(self.public_ips), local_ips=list(self.local_ips),
             not_learned=list(self.not_learned), nat_type=self.nat_type, label=self.label,
+            port_mapping=None if self.port_mapping is None else list(self.port_mapping),
         )
         return d
 
@@ -129,9 +135,21 @@ class NatProfile:
                 confidence={str(k): float(v) for k, v in dict(data.get("confidence", {})).items()},
                 not_learned=tuple(str(x) for x in data.get("not_learned", ())),
                 server=str(data.get("server", "")),
+                port_mapping=_mapping_of(data.get("port_mapping")),
+                mapped_by=str(data.get("mapped_by", "")),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"bad NAT profile: {exc}") from None
 
     def evolve(self, **changes: Any) -> NatProfile:
         return replace(self, **changes)
+
+
+def _mapping_of(value: Any) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, port = value
+    if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int) \
+            or not 0 < port < 65536:
+        raise ValueError(f"bad port_mapping {value!r}")
+    return (host, port)

@@ -159,6 +159,11 @@ def plan(
     steps: list[Step] = []
     if same_public_ip:
         steps.append(ctx.lan_step())
+    # A router mapping makes its side as good as open: the other dials it first, and the
+    # punching tactics of the pair stay behind it as the fallback.
+    mapped = ctx.mapped_step()
+    if mapped is not None:
+        steps.append(mapped)
     for t in tactics:
         step = ctx.build(t, side_role)
         if step is not None:
@@ -169,7 +174,7 @@ def plan(
 
     labels = f"{initiator.label} -> {responder.label}"
     no_direct = _NO_DIRECT_REASON.get(frozenset({bi, br}))
-    if no_direct and not tactics:
+    if no_direct and not tactics and mapped is None:
         reason = (f"{labels}: no direct method short of brute force: {no_direct}; "
                   + ("relay" if relay else "no relay allowed, the pair cannot connect"))
     elif not steps:
@@ -180,7 +185,7 @@ def plan(
         if bi is _B.UNKNOWN or br is _B.UNKNOWN:
             reason += " (a NAT could not be classified: conservative plan)"
     if relay:
-        steps.append(ctx.relay_step(no_direct if not tactics else None))
+        steps.append(ctx.relay_step(no_direct if not tactics and mapped is None else None))
     return Plan(tuple(steps), reason, initiator.label, responder.label)
 
 
@@ -211,6 +216,22 @@ class _Context:
     def step(self, kind: StepKind, base: float, reason: str,
              by_role: dict[str, RoleInstruction]) -> Step:
         return Step(kind, self.budget(base), reason, by_role["initiator"], by_role["responder"])
+
+    def mapped_step(self) -> Step | None:
+        """DIRECT to a router port mapping, when a side has one and is not open already (the
+        responder's first: it would listen in a DIRECT step anyway)."""
+        for role in ROLES[::-1]:
+            p = self.profile(role)
+            if p.port_mapping is None or behaviour(p) is Behaviour.OPEN:
+                continue
+            other = other_role(role)
+            host, port = p.port_mapping
+            reason = (f"the {role}'s router mapped its punch port via {p.mapped_by or 'a port-mapping'} "
+                      f"protocol to {host}:{port}: it listens, the {other} dials the mapping")
+            dial = RoleInstruction(Action.CONNECT, target=Target.MAPPED, start_delay=self.first_delay(1))
+            return self.step(StepKind.DIRECT, 1.0, reason,
+                             {role: RoleInstruction(Action.LISTEN), other: dial})
+        return None
 
     def lan_step(self) -> Step:
         ins = RoleInstruction(Action.SIMOPEN, target=Target.LAN)

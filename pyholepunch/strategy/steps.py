@@ -42,6 +42,7 @@ class Action(StrEnum):
 class Target(StrEnum):
     PUBLIC = "public"                          # the peer's public (server-observed) address
     LAN = "lan"                                # the peer's local addresses
+    MAPPED = "mapped"                          # the peer's router port mapping (NAT-PMP/PCP/UPnP)
 
 
 class PortChoice(StrEnum):
