@@ -63,12 +63,19 @@ class Transfer:
     sent: int = 0
     received: int = 0
     started: float = field(default_factory=time.monotonic)
+    cpu_started: float = field(default_factory=time.process_time)
     seconds: float | None = None
+    cpu_seconds: float | None = None        # this process's CPU time (all threads) meanwhile
+
+    def finish(self) -> None:
+        self.seconds = time.monotonic() - self.started
+        self.cpu_seconds = time.process_time() - self.cpu_started
 
     def as_dict(self) -> dict[str, float | int | None]:
         secs = self.seconds
         return {"sent_bytes": self.sent, "received_bytes": self.received,
                 "seconds": None if secs is None else round(secs, 4),
+                "cpu_seconds": None if self.cpu_seconds is None else round(self.cpu_seconds, 4),
                 "mb_per_s": (round((self.sent + self.received) / secs / 1e6, 1)
                              if secs else None)}
 
@@ -183,7 +190,7 @@ async def run_stream(conn: Connection, source: Source, sink: Sink) -> Transfer:
                 await _tell_peer(session, str(exc))
                 raise StreamFailed(str(exc)) from exc.__cause__
             raise exc
-        session.transfer.seconds = time.monotonic() - session.transfer.started
+        session.transfer.finish()
     finally:
         for t in tasks:
             t.cancel()
