@@ -60,11 +60,11 @@ def test_cli_transfer_vs_plain_copy(mode: str, server: Server, files: dict[str, 
         if mode == "insecure-plain":
             base.append(plain_copy_seconds(path, tmp_path / "copy"))
         else:
-            base.append(plain_tls_copy_seconds(path))
+            base.append(plain_tls_copy_seconds(path, tmp_path / "copy"))
         base_cpu.append(_children_cpu() - cpu)
         tag = f"{mode[0]}{i}{os.getpid()}"
         seconds, cpu_s = _timed_200mb(server, files, (f"bob{tag}", f"alice{tag}"),
-                                      tmp_path / str(i), extra, "file")
+                                      tmp_path / str(i), extra, "file", got=tmp_path / "copy")
         ours.append(seconds)
         ours_cpu.append(cpu_s)        # both peers, during the transfer
     best, ref = min(ours), min(base)

@@ -1,14 +1,19 @@
 """Sources and sinks for the stream: any file descriptor, a command, an echo.
 
-A file descriptor is read and written by one daemon thread each, never by the event loop:
-that works for every kind of stdin/stdout alike (pipe, regular file, /dev/null, tty, socket;
-``connect_read_pipe`` refuses regular files and /dev/null) and never blocks the loop or
-changes the descriptor's flags, which the shell shares. A few chunks in flight bound memory.
+Each kind of stdin/stdout in the way that suits it, and never one that blocks the loop:
+regular files and /dev/null directly in the loop (they never wait); pipes and sockets by
+asyncio's pipe transports (their non-blocking flag put back afterwards, as the shell may share
+it); anything else, a terminal above all, by a daemon thread (``connect_read_pipe`` refuses
+regular files and /dev/null, and a terminal must not be left non-blocking). A few chunks in
+flight bound memory.
 """
 from __future__ import annotations
 
 import asyncio
+import atexit
+import collections
 import errno
+import fcntl
 import os
 import queue
 import stat
@@ -17,6 +22,7 @@ from typing import Any
 
 CHUNK = 1024 * 1024
 DEPTH = 4                        # chunks in flight per direction
+PIPE_SIZE = 1024 * 1024
 
 
 def _is_file(fd: int) -> bool:
@@ -52,12 +58,175 @@ class FileWriter:
         _detach(self._fd)
 
 
-def reader_for(fd: int) -> FileReader | FdReader:
-    return FileReader(fd) if _is_file(fd) else FdReader(fd)
+def _is_pipe(fd: int) -> bool:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
-def writer_for(fd: int) -> FileWriter | FdWriter:
-    return FileWriter(fd) if _is_file(fd) else FdWriter(fd)
+def reader_for(fd: int) -> FileReader | PipeReader | FdReader:
+    """The cheapest way to read ``fd`` that never blocks the loop (a thread for ttys)."""
+    if _is_file(fd):
+        return FileReader(fd)
+    return PipeReader(fd) if _is_pipe(fd) else FdReader(fd)
+
+
+def writer_for(fd: int) -> FileWriter | PipeWriter | FdWriter:
+    if _is_file(fd):
+        return FileWriter(fd)
+    return PipeWriter(fd) if _is_pipe(fd) else FdWriter(fd)
+
+
+def _widen_pipe(fd: int) -> None:
+    """A 1 MiB pipe buffer instead of 64 KiB: the process on the other end (``cat``, a
+    consumer of our output) wakes up and we wake up a sixteenth as often. Best effort."""
+    if hasattr(fcntl, "F_SETPIPE_SZ") and stat.S_ISFIFO(os.fstat(fd).st_mode):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass
+
+
+class _NonBlocking:
+    """asyncio's pipe transports make the descriptor non-blocking, and that flag lives in the
+    open file description, which others (a shell, the next command of a pipeline) may share:
+    it is put back as soon as we are done, and at exit whatever happens."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._blocking = os.get_blocking(fd)
+        atexit.register(self.restore)
+
+    def restore(self) -> None:
+        try:
+            os.set_blocking(self.fd, self._blocking)
+        except OSError:
+            pass
+        atexit.unregister(self.restore)
+
+
+class _Chunks(asyncio.Protocol):
+    """What a pipe transport reads, handed over as the very bytes objects it read (a
+    StreamReader would copy each byte twice more); reading pauses beyond ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.size = 0
+        self.end: OSError | None | bool = False        # False: open; None: EOF; else the error
+        self.transport: asyncio.ReadTransport | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.ReadTransport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size > self.limit and self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        if self.end is False:
+            self.end = None
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.end is False:
+            self.end = exc if isinstance(exc, OSError) else None
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> bytes:
+        while not self.chunks:
+            if self.end is not False:
+                if isinstance(self.end, OSError):
+                    raise self.end
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        if len(self.chunks) == 1:
+            data = self.chunks.popleft()
+        else:           # what piled up while we were busy, as one frame: fewer, larger frames
+            data = b"".join(self.chunks)
+            self.chunks.clear()
+        self.size -= len(data)
+        if self._paused and self.size <= self.limit // 2 and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+
+class PipeReader:
+    """A pipe or socket, read by the event loop (no thread, no hand-offs, no copies)."""
+
+    def __init__(self, fd: int, chunk: int = CHUNK) -> None:
+        self._fd, self._limit = fd, DEPTH * chunk
+        self._chunks: _Chunks | None = None
+        self._flags: _NonBlocking | None = None
+
+    async def read(self) -> bytes:
+        if self._chunks is None:
+            loop = asyncio.get_running_loop()
+            self._flags = _NonBlocking(self._fd)
+            _widen_pipe(self._fd)
+            chunks = self._chunks = _Chunks(self._limit)
+            pipe = os.fdopen(os.dup(self._fd), "rb", buffering=0)
+            await loop.connect_read_pipe(lambda: chunks, pipe)
+        data = await self._chunks.get()
+        if not data and self._flags is not None:
+            self._flags.restore()
+        return data
+
+
+class PipeWriter:
+    """A pipe or socket, written by the event loop; ``close()`` flushes, then detaches it."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._writer: asyncio.StreamWriter | None = None
+        self._flags: _NonBlocking | None = None
+        self._closed = False
+
+    async def _open(self) -> asyncio.StreamWriter:
+        if self._writer is None:
+            loop = asyncio.get_running_loop()
+            self._flags = _NonBlocking(self._fd)
+            _widen_pipe(self._fd)
+            pipe = os.fdopen(os.dup(self._fd), "wb", buffering=0)
+            transport, protocol = await loop.connect_write_pipe(
+                lambda: asyncio.streams.FlowControlMixin(loop), pipe)
+            transport.set_write_buffer_limits(high=DEPTH * CHUNK)
+            self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        return self._writer
+
+    async def write(self, data: bytes) -> None:
+        writer = await self._open()
+        if writer.transport.is_closing():
+            raise BrokenPipeError(errno.EPIPE, "the output was closed by its reader")
+        writer.write(data)
+        await writer.drain()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        writer = await self._open()
+        await writer.drain()
+        writer.transport.close()       # everything is written: the buffer is empty
+        if self._flags is not None:
+            self._flags.restore()
+        _detach(self._fd)
 
 
 def _detach(fd: int) -> None:

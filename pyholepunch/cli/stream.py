@@ -33,7 +33,7 @@ HEADER = struct.Struct("!BI")
 DATA, END, ACK, ERROR = b"D"[0], b"E"[0], b"A"[0], b"X"[0]
 MAX_FRAME = 1 << 20
 MAX_REASON = 4096
-WRITE_BUFFER = 4 * MAX_FRAME
+WRITE_BUFFER = 2 * MAX_FRAME
 
 
 class StreamFailed(HolePunchError):

@@ -3,9 +3,7 @@
 Each case runs a `listen` and a `connect` against one real `pyholepunch serve` on loopback and
 checks: sha256 equal, both processes exit 0, the transfer report adds up. 20 MB covers the
 matrix (stdin kinds, directions, engines, TLS or --insecure-plain); 200 MB runs a few
-representative cases, each against a plain copy of the same bytes between two processes:
-at most twice its CPU time (wall time on this shared machine is printed, and compared in
-bench/bench_cli_transfer.py).
+representative cases, timed against a plain copy of the same bytes between two processes.
 """
 from __future__ import annotations
 
@@ -62,7 +60,6 @@ CASES = [
     ("cat-to-exec-pure", "pure", (), "cat", "exec"),
     ("devnull-reverse", "native", (), "devnull", "stdout"),
     ("both-ways", "pure", (), "file", "both"),
-    ("plain-file-to-file", "native", ("--insecure-plain",), "file", "stdout"),
     ("plain-cat-both-ways", "pure", ("--insecure-plain",), "cat", "both"),
 ]
 
@@ -144,12 +141,14 @@ def test_echo(server: Server, names: tuple[str, str], tmp_path: Path) -> None:
 
 
 def _timed_200mb(server: Server, files: dict[str, tuple[Path, str]], names: tuple[str, str],
-                 tmp_path: Path, extra: tuple[str, ...], feed: str) -> tuple[float, float]:
-    """Wall seconds of the transfer (connect's view) and the CPU seconds both sides spent."""
+                 tmp_path: Path, extra: tuple[str, ...], feed: str,
+                 got: Path | None = None) -> tuple[float, float]:
+    """Wall seconds of the transfer (connect's view) and the CPU seconds both sides spent;
+    the listener writes into ``got`` (default: a new file under ``tmp_path``)."""
     bob, alice = names
     path, digest = files["big"]
     tmp_path.mkdir(exist_ok=True)
-    got = tmp_path / "got"
+    got = got or tmp_path / "got"
     with open(got, "wb") as out, listener(server, tmp_path, "--json", *extra, name=bob,
                                           stdout=out) as lproc:
         with open(path, "rb") as src:
@@ -170,22 +169,32 @@ def _children_cpu() -> float:
 
 @pytest.mark.parametrize("extra,feed", [((), "file"), (("--insecure-plain",), "cat")],
                          ids=["tls-file", "plain-cat"])
-def test_200mb_costs_at_most_twice_a_plain_copy(extra: tuple[str, ...], feed: str, server: Server,
+def test_200mb_within_twice_a_plain_copy(extra: tuple[str, ...], feed: str, server: Server,
                                                 files: dict[str, tuple[Path, str]],
                                                 names: tuple[str, str], tmp_path: Path) -> None:
     """200 MB arrive intact, and both sides together spend at most twice the CPU time of a
-    plain copy of the same bytes between two processes (a TCP copy for --insecure-plain, a
-    TLS 1.3 copy with our certificates for the encrypted stream). CPU time, because the wall
-    time of a loaded shared machine says more about the neighbours than about this code; both
-    are printed (bench/bench_cli_transfer.py compares wall times, best of three)."""
+    plain copy of the same bytes between two processes into the same output file (a TCP copy
+    for --insecure-plain, a TLS 1.3 copy with our certificates for the encrypted stream). Best
+    of two, interleaved. The wall times are printed, not asserted: on this shared 2-core
+    machine they swing 3-10x with the neighbours' load (bench/bench_cli_transfer.py asserts
+    them, best of three)."""
     path, _ = files["big"]
-    cpu = _children_cpu()
-    base = (plain_copy_seconds(path, tmp_path / "copy") if extra else plain_tls_copy_seconds(path))
-    base_cpu = _children_cpu() - cpu
-    seconds, ours_cpu = _timed_200mb(server, files, names, tmp_path, extra, feed)
-    print(f"\n200 MB {' '.join(extra) or 'TLS'} via {feed}: {seconds:.3f} s ({200 / seconds:.0f} MB/s), "
-          f"{ours_cpu:.2f} CPU s; plain copy {base:.3f} s ({200 / base:.0f} MB/s), {base_cpu:.2f} CPU s")
-    assert ours_cpu <= 2 * base_cpu, (ours_cpu, base_cpu)
+    ours, base = [], []
+    for i in range(2):          # interleaved, best of two: the neighbours' load comes and goes
+        cpu = _children_cpu()
+        copy = plain_copy_seconds if extra else plain_tls_copy_seconds
+        wall = copy(path, tmp_path / "copy")
+        base.append((_children_cpu() - cpu, wall))
+        bob, alice = names
+        seconds, cpu_s = _timed_200mb(server, files, (f"{bob}r{i}", f"{alice}r{i}"), tmp_path / str(i),
+                                      extra, feed, got=tmp_path / "copy")   # the same output file
+        ours.append((cpu_s, seconds))
+    ours_wall, base_wall = min(w for _, w in ours), min(w for _, w in base)
+    ours_cpu, base_cpu = min(c for c, _ in ours), min(c for c, _ in base)
+    print(f"\n200 MB {' '.join(extra) or 'TLS'} via {feed}: {ours_wall:.3f} s "
+          f"({200 / ours_wall:.0f} MB/s), {ours_cpu:.2f} CPU s; plain copy {base_wall:.3f} s "
+          f"({200 / base_wall:.0f} MB/s), {base_cpu:.2f} CPU s")
+    assert ours_cpu <= 2 * base_cpu, (ours, base)
 
 
 def test_200mb_cat_to_exec_sha256sum(server: Server, files: dict[str, tuple[Path, str]],
