@@ -24,6 +24,7 @@ from typing import Any
 from .._process import stop_processes
 from ..errors import LabError
 from ..lab.nat import NAT_TYPES
+from .args import positive_float
 
 PORT = 3478
 MESSAGE = b"hello through the NATs\n"
@@ -37,7 +38,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtt-ms", type=float, default=40.0, help="round trip across the lab")
     p.add_argument("--engine", choices=("native", "pure"), help="punching engine (default: best)")
     p.add_argument("--loopback", action="store_true", help="skip the lab: run on loopback")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds for each stage")
+    p.add_argument("--timeout", type=positive_float, default=30.0, help="seconds for each stage")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
