@@ -34,6 +34,7 @@ DATA, END, ACK, ERROR = b"D"[0], b"E"[0], b"A"[0], b"X"[0]
 MAX_FRAME = 1 << 20
 MAX_REASON = 4096
 WRITE_BUFFER = 2 * MAX_FRAME
+LOSS_GRACE = 5.0
 
 
 class StreamFailed(HolePunchError):
@@ -179,10 +180,19 @@ async def run_stream(conn: Connection, source: Source, sink: Sink) -> Transfer:
         conn.writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)
     except NotImplementedError:
         pass
-    tasks = [asyncio.ensure_future(session.send_input()), asyncio.ensure_future(session.receive())]
+    sending = asyncio.ensure_future(session.send_input())
+    receiving = asyncio.ensure_future(session.receive())
+    tasks = [sending, receiving]
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        if _failed(sending) and not isinstance(sending.exception(), _Local) and not receiving.done():
+            # The connection went away under our writes: what the peer said last (its X
+            # frame, already on its way) or how the reading side saw the loss says more.
+            # The reader ends soon on a closed connection; the bound is only a backstop.
+            await asyncio.wait([receiving], timeout=LOSS_GRACE)
+        failed = next((t for t in (receiving, sending) if _failed(t)), None)
+        if _failed(sending) and isinstance(sending.exception(), _Local):
+            failed = sending
         if failed is not None:
             exc = failed.exception()
             assert exc is not None
@@ -197,6 +207,10 @@ async def run_stream(conn: Connection, source: Source, sink: Sink) -> Transfer:
         await asyncio.gather(*tasks, return_exceptions=True)
     await conn.close()
     return session.transfer
+
+
+def _failed(task: asyncio.Future[None]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is not None
 
 
 async def _tell_peer(session: _Session, reason: str) -> None:

@@ -157,3 +157,19 @@ def test_peer_killed_mid_transfer(victim: str, plain: bool, server: Server, tmp_
     assert line.startswith(f"pyholepunch {'connect' if victim == 'listen' else 'listen'}: "), err
     assert "before its end-of-stream" in line or "broke" in line, line
     assert took < 10, took
+
+
+def test_a_failing_exec_command_fails_both_sides(server: Server, tmp_path: Path,
+                                                 names: tuple[str, str]) -> None:
+    """`listen --exec` whose command exits 3: the peer is told (an error frame) and both exit 1,
+    each saying which command failed; a command that stops reading early is a loss too."""
+    bob, alice = names
+    for command, says in (("exit 3", "exited with status 3"),
+                          ("head -c 10 >/dev/null", "stopped reading its input")):
+        with listener(server, tmp_path, "--exec", command, "--once", name=bob) as lproc:
+            r = run(cli("connect", *server.peer_args(alice, tmp_path), bob),
+                    input=os.urandom(8 << 20))
+            _, lerr = lproc.communicate(timeout=30)
+        assert r.returncode == 1 and lproc.returncode == 1, (r.stderr, lerr)
+        assert says in _one_line(r.stderr), r.stderr
+        assert says in lerr.decode().strip().splitlines()[-1], lerr
