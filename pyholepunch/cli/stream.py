@@ -197,6 +197,9 @@ async def run_stream(conn: Connection, source: Source, sink: Sink) -> Transfer:
             exc = failed.exception()
             assert exc is not None
             if isinstance(exc, _Local):
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
                 await _tell_peer(session, str(exc))
                 raise StreamFailed(str(exc)) from exc.__cause__
             raise exc
@@ -214,9 +217,16 @@ def _failed(task: asyncio.Future[None]) -> bool:
 
 
 async def _tell_peer(session: _Session, reason: str) -> None:
-    """Best effort: an X frame, so the peer exits with our reason instead of a bare loss."""
+    """Best effort: an X frame, so the peer exits with our reason instead of a bare loss.
+
+    Then a lingering close: what the peer still sends is read and dropped until it closes
+    (it does on our X). Closing at once with its bytes unread would make our kernel answer
+    with a reset, which can destroy the X frame before the peer reads it.
+    """
     try:
-        async with asyncio.timeout(2.0):
+        async with asyncio.timeout(LOSS_GRACE):
             await session._send(ERROR, reason.encode()[:MAX_REASON])
+            while await session.conn.reader.read(1 << 20):
+                pass
     except (StreamFailed, ConnectionError, OSError, TimeoutError):
         pass
