@@ -3,6 +3,7 @@
 Groups in bench/results/report.json:
   engine.sweep_launch        1024-socket sweep on loopback, 1023 refused + the last listening:
                              call time (target: native >= 10x faster than pure)
+  engine.sweep_launch_v6     the same over IPv6 (::1)
   engine.sweep_launch_silent the same with 1023 SYNs silently dropped (no RST work in the kernel)
   engine.first_syn_delay     first SYN after start_at, median / p99 over 200 punches (native <= 200 us)
   engine.simopen_latency     loopback simultaneous open of two peers (threads), start_at -> both up
@@ -62,15 +63,25 @@ def _reserve_port(ip: str) -> Iterator[int]:
         yield s.getsockname()[1]
 
 
-@pytest.fixture
-def listener() -> Iterator[tuple[socket.socket, int]]:
-    s = socket.socket()
-    s.bind((C_IP, 0))
+@contextlib.contextmanager
+def _listen(ip: str) -> Iterator[tuple[socket.socket, int]]:
+    s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+    s.bind((ip, 0))
     s.listen(1024)
     try:
         yield s, s.getsockname()[1]
     finally:
         s.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[socket.socket, int]]:
+    with _listen(C_IP) as lst:
+        yield lst
+
+
+# The sweep's address family: IPv6 has one loopback address, so local and remote are both ::1.
+FAMILIES = {"v4": (A_IP, C_IP, "engine.sweep_launch"), "v6": ("::1", "::1", "engine.sweep_launch_v6")}
 
 
 def _drain(lst: socket.socket) -> None:
@@ -82,22 +93,24 @@ def _drain(lst: socket.socket) -> None:
         pass
 
 
-def test_sweep_launch(benchmark: Any, engine: Engine, bench_report: Any,
-                      listener: tuple[socket.socket, int]) -> None:
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sweep_launch(benchmark: Any, engine: Engine, bench_report: Any, family: str) -> None:
     """1024 pairs, the last one listening: the call returns once every SYN has left."""
-    lst, port = listener
-    busy = _listening()
-    closed = [p for p in range(20000, 22000) if p not in busy][: SWEEP_SIZE - 1]
-    pairs = [(0, (C_IP, p)) for p in closed] + [(0, (C_IP, port))]
+    local, remote, group = FAMILIES[family]
+    with _listen(remote) as (lst, port):
+        busy = _listening()
+        closed = [p for p in range(20000, 22000) if p not in busy][: SWEEP_SIZE - 1]
+        pairs = [(0, (remote, p)) for p in closed] + [(0, (remote, port))]
 
-    def run() -> None:
-        res = engine.sweep(pairs, None, 10.0, local_ip=A_IP)
-        res.sock.close()
-        assert res.stats.attempts == SWEEP_SIZE
+        def run() -> None:
+            res = engine.sweep(pairs, None, 10.0, local_ip=local)
+            res.sock.close()
+            assert res.stats.attempts == SWEEP_SIZE
 
-    benchmark.pedantic(run, setup=lambda: _drain(lst), rounds=15, iterations=1, warmup_rounds=2)
+        benchmark.pedantic(run, setup=lambda: _drain(lst), rounds=15, iterations=1,
+                           warmup_rounds=2)
     st = benchmark.stats.stats
-    bench_report.record("engine.sweep_launch", engine.name, sockets=SWEEP_SIZE,
+    bench_report.record(group, engine.name, sockets=SWEEP_SIZE, family=family,
                         median_s=st.median, min_s=st.min, mean_s=st.mean)
 
 
@@ -267,6 +280,8 @@ def test_ratios(bench_report: Any) -> None:
     r = bench_report.ratio
     out = {
         "sweep_launch_pure_over_native": r("engine.sweep_launch", "median_s", "pure", "native"),
+        "sweep_launch_v6_pure_over_native": r("engine.sweep_launch_v6", "median_s", "pure",
+                                              "native"),
         "sweep_launch_silent_pure_over_native": r("engine.sweep_launch_silent", "median_s", "pure",
                                                   "native"),
         "first_syn_median_pure_over_native": r("engine.first_syn_delay", "median_us", "pure", "native"),
@@ -277,3 +292,7 @@ def test_ratios(bench_report: Any) -> None:
     out["target_sweep_10x_met"] = (out["sweep_launch_pure_over_native"] or 0) >= 10
     out["target_native_first_syn_200us_met"] = native_syn.get("median_us", 1e9) <= 200
     bench_report.record("engine.ratios", "pure_vs_native", **out)
+    g4, g6 = (bench_report.groups.get(g, {}) for g in ("engine.sweep_launch", "engine.sweep_launch_v6"))
+    bench_report.record("engine.ratios", "v6_vs_v4_sweep_launch", **{
+        f"{name}_v6_over_v4": g6[name]["median_s"] / g4[name]["median_s"]
+        for name in ("native", "pure") if name in g4 and name in g6})

@@ -2,8 +2,9 @@
  *
  * Conventions: every function returns 0 or a negative errno; results go to out-structs;
  * nothing prints, exits or calls back. Times are absolute CLOCK_REALTIME nanoseconds
- * (int64) below 2^62, durations are nanoseconds below 2^60. Addresses: IPv4 in network byte order, ports in host
- * byte order. Every call is blocking and thread-safe (no global state).
+ * (int64) below 2^62, durations are nanoseconds below 2^60. Addresses (hp_addr_t): IPv4 or
+ * IPv6, in network byte order, ports in host byte order; a call's addresses are all of one
+ * family. Every call is blocking and thread-safe (no global state).
  */
 #ifndef HP_ENGINE_H
 #define HP_ENGINE_H
@@ -16,12 +17,25 @@ extern "C" {
 #endif
 
 typedef struct hp_addr {
-    uint32_t ip;   /* network byte order */
-    uint16_t port; /* host byte order */
+    uint32_t ip;        /* IPv4, network byte order */
+    uint16_t port;      /* host byte order */
+    uint16_t family;    /* AF_INET or AF_INET6; 0 is taken as AF_INET (a zeroed IPv4 address) */
+    uint8_t ip6[16];    /* IPv6, network byte order */
+    uint32_t scope_id;  /* IPv6 link-local: the interface index; else 0 */
 } hp_addr_t;
 
-/* Parse dotted-quad text; -EINVAL if it is not an IPv4 address. */
+/* Parse an IPv4 or IPv6 literal (IPv6 may end in %scope: an interface name or index);
+ * -EINVAL if it is neither, -ENODEV for an unknown scope interface. */
 int hp_addr_parse(const char *text, uint16_t port, hp_addr_t *out);
+
+/* AF_INET or AF_INET6. */
+int hp_addr_family(const hp_addr_t *a);
+
+/* 1 for the unspecified address (0.0.0.0 or ::) of either family. */
+int hp_addr_is_any(const hp_addr_t *a);
+
+/* 1 when a and b are the same family, address and port (the scope id is not compared). */
+int hp_addr_equal(const hp_addr_t *a, const hp_addr_t *b);
 
 /* ---- clock ------------------------------------------------------------------------- */
 
@@ -55,7 +69,7 @@ void hp_punch_stats_init(hp_punch_stats_t *st);
 
 typedef struct hp_simopen_args {
     hp_addr_t local;      /* port 0: pick one on the first attempt, then keep it */
-    hp_addr_t remote;
+    hp_addr_t remote;     /* the same family as local */
     int64_t start_at_ns;  /* absolute */
     int64_t timeout_ns;   /* deadline = start_at + timeout */
     int64_t interval_ns;  /* re-arm spacing after RST / unreachable, > 0 */
@@ -78,7 +92,8 @@ typedef struct hp_sweep_pair {
 typedef struct hp_sweep_args {
     const hp_sweep_pair_t *pairs;
     size_t npairs;
-    uint32_t local_ip;    /* network order; 0 = any */
+    hp_addr_t local;      /* the source address (port ignored), any = the wildcard of its
+                           * family; every pair's remote is of this family */
     int64_t start_at_ns;
     int64_t timeout_ns;
     int64_t interval_ns;  /* 0 = a failed pair is not retried */
@@ -95,25 +110,28 @@ int hp_sweep(const hp_sweep_args_t *args, int *out_fd, hp_punch_stats_t *st);
 
 /* ---- raw SYN ------------------------------------------------------------------------------ */
 
-#define HP_SYN_LEN 44 /* 20 IPv4 + 20 TCP + 4 (MSS option) */
+#define HP_SYN_LEN 44     /* 20 IPv4 + 20 TCP + 4 (MSS option) */
+#define HP_SYN6_LEN 64    /* 40 IPv6 + 20 TCP + 4 (MSS option) */
 
 /* RFC 1071 Internet checksum over len bytes, plus an initial 32-bit partial sum. */
 uint16_t hp_inet_checksum(const void *data, size_t len, uint32_t initial);
 
-/* Write one IPv4/TCP SYN (DF, MSS 1460) with both checksums into buf (>= HP_SYN_LEN). */
+/* Write one TCP SYN (MSS 1460) with its IP header into buf: IPv4 (DF, both checksums,
+ * HP_SYN_LEN bytes) or IPv6 (flow label 0, HP_SYN6_LEN bytes; ip_id unused), by the family of
+ * src and dst (which must agree). Returns the packet's length or -EINVAL. */
 int hp_build_syn(uint8_t *buf, size_t len, hp_addr_t src, hp_addr_t dst, int ttl,
                  uint32_t seq, uint16_t ip_id);
 
 typedef struct hp_rawsyn_args {
-    hp_addr_t src;        /* ip 0 = the route's source address towards dst */
-    hp_addr_t dst;
-    int ttl;              /* 1..255 */
+    hp_addr_t src;        /* any = the route's source address towards dst */
+    hp_addr_t dst;        /* the same family as src */
+    int ttl;              /* 1..255: IPv4 TTL or IPv6 hop limit */
     uint32_t count;       /* >= 1 */
     int64_t spacing_ns;   /* between SYNs, >= 0 */
     int64_t start_at_ns;  /* 0 = now */
 } hp_rawsyn_args_t;
 
-/* Send count SYNs through an IP_HDRINCL raw socket on an absolute schedule
+/* Send count SYNs through a header-including raw socket (IPPROTO_RAW) on an absolute schedule
  * (start_at + i * spacing). send_times_ns (may be NULL) gets count entries. *sent counts the
  * SYNs sent even on error. -EPERM / -EACCES without CAP_NET_RAW. */
 int hp_rawsyn(const hp_rawsyn_args_t *args, int64_t *send_times_ns, uint32_t *sent);

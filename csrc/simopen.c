@@ -26,7 +26,8 @@ static int hp_simopen_validate(const hp_simopen_args_t *a, const int *out_fd,
 {
     if (a == NULL || out_fd == NULL || st == NULL)
         return -EINVAL;
-    if (a->remote.ip == 0 || a->remote.port == 0)
+    if (hp_addr_is_any(&a->remote) || a->remote.port == 0
+        || hp_addr_family(&a->local) != hp_addr_family(&a->remote))
         return -EINVAL;
     if (a->timeout_ns <= 0 || a->interval_ns <= 0 || a->start_at_ns <= 0)
         return -EINVAL;
@@ -42,7 +43,7 @@ static int hp_simopen_validate(const hp_simopen_args_t *a, const int *out_fd,
 static int hp_simopen_prepare(hp_simopen_state_t *s)
 {
     int fd, rc;
-    rc = hp_sock_tcp_bound(s->a->local.ip, s->port, 1, 1, &fd);
+    rc = hp_sock_tcp_bound(&s->a->local, s->port, 1, 1, &fd);
     if (rc < 0)
         return rc;
     s->st->sockets_opened++;
@@ -70,20 +71,17 @@ static int hp_simopen_prepare(hp_simopen_state_t *s)
  * (cfd closed, counted), < 0 = fatal. */
 static int hp_simopen_connect(hp_simopen_state_t *s)
 {
-    struct sockaddr_in sa;
+    struct sockaddr_storage sa;
+    socklen_t salen = hp_addr_sockaddr(&s->a->remote, s->a->remote.port, &sa);
     int rc, err, low_ttl;
     int64_t t;
 
-    memset(&sa, 0, sizeof(sa));
-    sa.sin_family = AF_INET;
-    sa.sin_addr.s_addr = s->a->remote.ip;
-    sa.sin_port = htons(s->a->remote.port);
     low_ttl = s->a->syn_ttl > 0 && s->st->attempts < (uint64_t)s->a->ttl_syns;
 
     /* The SYN leaves early inside connect(); on loopback the rest of the call is the peer's
      * processing, so the timestamp is read as connect() is entered. */
     t = hp_clock_now_ns();
-    rc = connect(s->cfd, (struct sockaddr *)&sa, sizeof(sa));
+    rc = connect(s->cfd, (struct sockaddr *)&sa, salen);
     err = rc < 0 ? errno : 0;
     s->st->attempts++;
     s->armed = 1;
@@ -133,14 +131,15 @@ static int hp_simopen_finish(hp_simopen_state_t *s)
 static int hp_simopen_accept(hp_simopen_state_t *s)
 {
     for (;;) {
-        struct sockaddr_in peer;
+        struct sockaddr_storage peer;
         socklen_t len = sizeof(peer);
+        hp_addr_t from;
         int fd = accept4(s->lfd, (struct sockaddr *)&peer, &len, SOCK_CLOEXEC);
         if (fd < 0)
             return -1; /* EAGAIN, or a connection reset before we took it */
         s->st->sockets_opened++;
         /* Only the peer we punch towards wins; anything else is a stray. */
-        if (peer.sin_addr.s_addr == s->a->remote.ip && ntohs(peer.sin_port) == s->a->remote.port)
+        if (hp_addr_from_sockaddr(&peer, &from) == 0 && hp_addr_equal(&from, &s->a->remote))
             return fd;
         hp_close(fd);
     }
@@ -148,18 +147,12 @@ static int hp_simopen_accept(hp_simopen_state_t *s)
 
 static void hp_simopen_win(hp_simopen_state_t *s, int fd, int accepted)
 {
-    struct sockaddr_in peer;
-    socklen_t len = sizeof(peer);
     hp_punch_stats_t *st = s->st;
 
     st->time_to_established_ns = hp_clock_now_ns() - s->a->start_at_ns;
     st->accepted = accepted;
     st->local_port = hp_sock_local_port(fd);
-    if (getpeername(fd, (struct sockaddr *)&peer, &len) == 0) {
-        st->have_remote = 1;
-        st->remote.ip = peer.sin_addr.s_addr;
-        st->remote.port = ntohs(peer.sin_port);
-    }
+    st->have_remote = hp_sock_peer(fd, &st->remote) == 0;
 }
 
 int hp_simopen(const hp_simopen_args_t *a, int *out_fd, hp_punch_stats_t *st)
@@ -182,7 +175,7 @@ int hp_simopen(const hp_simopen_args_t *a, int *out_fd, hp_punch_stats_t *st)
     deadline = a->start_at_ns + a->timeout_ns;
 
     if (a->listen) {
-        rc = hp_sock_tcp_bound(a->local.ip, s.port, 1, 1, &s.lfd);
+        rc = hp_sock_tcp_bound(&a->local, s.port, 1, 1, &s.lfd);
         if (rc < 0)
             goto out;
         st->sockets_opened++;

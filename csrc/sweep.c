@@ -52,7 +52,8 @@ static int hp_sweep_validate(const hp_sweep_args_t *a, const int *out_fd,
     if (!(a->rate >= 0.0) || isinf(a->rate) || a->syn_ttl < 0 || a->syn_ttl > 255)
         return -EINVAL;
     for (i = 0; i < a->npairs; i++)
-        if (a->pairs[i].remote.ip == 0 || a->pairs[i].remote.port == 0)
+        if (hp_addr_is_any(&a->pairs[i].remote) || a->pairs[i].remote.port == 0
+            || hp_addr_family(&a->pairs[i].remote) != hp_addr_family(&a->local))
             return -EINVAL;
     return 0;
 }
@@ -85,8 +86,8 @@ static int hp_sweep_open(hp_sweep_state_t *s, uint32_t pair, int first, int *out
     int fd, rc;
 
     /* SO_REUSEPORT only matters for a fixed local port shared by several pairs. */
-    rc = hp_sock_tcp_bound(s->a->local_ip, p->local_port, p->local_port != 0,
-                           s->a->local_ip != 0 || p->local_port != 0 ? 2 : 0, &fd);
+    rc = hp_sock_tcp_bound(&s->a->local, p->local_port, p->local_port != 0,
+                           !hp_addr_is_any(&s->a->local) || p->local_port != 0 ? 2 : 0, &fd);
     if (rc == -EMFILE || rc == -ENFILE || rc == -ENOBUFS || rc == -ENOMEM)
         return rc;
     if (rc < 0)
@@ -103,7 +104,8 @@ static int hp_sweep_open(hp_sweep_state_t *s, uint32_t pair, int first, int *out
 static int hp_sweep_launch(hp_sweep_state_t *s, uint32_t pair, int first, int *won)
 {
     const hp_sweep_pair_t *p = &s->a->pairs[pair];
-    struct sockaddr_in sa;
+    struct sockaddr_storage sa;
+    socklen_t salen;
     struct epoll_event ev;
     int fd, rc, err, low_ttl = first && s->a->syn_ttl > 0;
     uint32_t slot;
@@ -115,12 +117,9 @@ static int hp_sweep_launch(hp_sweep_state_t *s, uint32_t pair, int first, int *w
     } else if ((rc = hp_sweep_open(s, pair, first, &fd)) <= 0) {
         return rc;
     }
-    memset(&sa, 0, sizeof(sa));
-    sa.sin_family = AF_INET;
-    sa.sin_addr.s_addr = p->remote.ip;
-    sa.sin_port = htons(p->remote.port);
+    salen = hp_addr_sockaddr(&p->remote, p->remote.port, &sa);
     t = hp_clock_now_ns(); /* as connect() is entered: the SYN leaves early inside it */
-    rc = connect(fd, (struct sockaddr *)&sa, sizeof(sa));
+    rc = connect(fd, (struct sockaddr *)&sa, salen);
     err = rc < 0 ? errno : 0;
     s->st->attempts++;
     if (rc < 0 && err != EINPROGRESS) {
@@ -222,15 +221,9 @@ static int hp_sweep_wait(int ep, struct epoll_event *evs, int64_t wait_ns)
 
 static void hp_sweep_win(hp_sweep_state_t *s, int fd)
 {
-    struct sockaddr_in peer;
-    socklen_t len = sizeof(peer);
     s->st->time_to_established_ns = hp_clock_now_ns() - s->a->start_at_ns;
     s->st->local_port = hp_sock_local_port(fd);
-    if (getpeername(fd, (struct sockaddr *)&peer, &len) == 0) {
-        s->st->have_remote = 1;
-        s->st->remote.ip = peer.sin_addr.s_addr;
-        s->st->remote.port = ntohs(peer.sin_port);
-    }
+    s->st->have_remote = hp_sock_peer(fd, &s->st->remote) == 0;
 }
 
 int hp_sweep(const hp_sweep_args_t *a, int *out_fd, hp_punch_stats_t *st)

@@ -21,14 +21,19 @@ static void *simopen_thread(void *p)
     return NULL;
 }
 
+static int t_v6; /* 1: the simultaneous-open tests run over ::1 */
+
+static void loopback_addr(hp_addr_t *a, uint16_t port)
+{
+    CHECK_EQ(hp_addr_parse(t_v6 ? "::1" : "127.0.0.1", port, a), 0);
+}
+
 static void simopen_args(hp_simopen_args_t *a, uint16_t lport, uint16_t rport, int64_t start,
                          int64_t timeout, int listen)
 {
     memset(a, 0, sizeof(*a));
-    a->local.ip = hp_t_loopback();
-    a->local.port = lport;
-    a->remote.ip = hp_t_loopback();
-    a->remote.port = rport;
+    loopback_addr(&a->local, lport);
+    loopback_addr(&a->remote, rport);
     a->start_at_ns = start;
     a->timeout_ns = timeout;
     a->interval_ns = 10 * MS;
@@ -82,6 +87,65 @@ static void simopen_pair(int listen)
 
 static void test_simopen_connect_only(void) { simopen_pair(0); }
 static void test_simopen_with_listen(void) { simopen_pair(1); }
+
+/* Over ::1 (with listen: connect-only pairs on a plain loopback race each other's RSTs in
+ * lockstep and time out under load, in either family). */
+static void test_simopen_ipv6(void)
+{
+    t_v6 = 1;
+    simopen_pair(1);
+    t_v6 = 0;
+}
+
+/* A listener on [::1]:0; *port gets its port. */
+static int listener6(uint16_t *port)
+{
+    struct sockaddr_in6 sa;
+    socklen_t len = sizeof(sa);
+    int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    memset(&sa, 0, sizeof(sa));
+    sa.sin6_family = AF_INET6;
+    sa.sin6_addr = in6addr_loopback;
+    if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 64) < 0
+        || getsockname(fd, (struct sockaddr *)&sa, &len) < 0) {
+        perror("listener6");
+        exit(2);
+    }
+    *port = ntohs(sa.sin6_port);
+    return fd;
+}
+
+/* A sweep over ::1 from an explicit local address: the one listening port wins. */
+static void test_sweep_ipv6(void)
+{
+    hp_sweep_pair_t pairs[64];
+    hp_sweep_args_t a;
+    hp_punch_stats_t st;
+    uint16_t lport = 0;
+    int lfd = listener6(&lport), fd = -1, i, fds = hp_t_count_fds();
+    memset(pairs, 0, sizeof(pairs));
+    for (i = 0; i < 64; i++)
+        CHECK_EQ(hp_addr_parse("::1", (uint16_t)(25000 + i), &pairs[i].remote), 0);
+    pairs[40].remote.port = lport;
+    memset(&a, 0, sizeof(a));
+    CHECK_EQ(hp_addr_parse("::1", 0, &a.local), 0);
+    a.pairs = pairs;
+    a.npairs = 64;
+    a.start_at_ns = hp_clock_now_ns();
+    a.timeout_ns = 3000 * MS;
+    a.max_inflight = 64;
+    CHECK_EQ(hp_sweep(&a, &fd, &st), 0);
+    CHECK_EQ(st.remote.family, AF_INET6);
+    CHECK_EQ(st.remote.port, lport);
+    CHECK(memcmp(st.remote.ip6, &in6addr_loopback, 16) == 0);
+    CHECK(st.rsts_seen >= 40);
+    close(fd);
+    /* A pair of the other family than the local address: refused up front. */
+    CHECK_EQ(hp_addr_parse("127.0.0.1", 9, &pairs[3].remote), 0);
+    CHECK_EQ(hp_sweep(&a, &fd, &st), -EINVAL);
+    CHECK_EQ(hp_t_count_fds(), fds);
+    close(lfd);
+}
 
 typedef struct late_listener {
     uint16_t port;
@@ -159,6 +223,12 @@ static void test_simopen_bad_args(void)
     a.syn_ttl = 0;
     a.remote.port = 0;
     CHECK_EQ(hp_simopen(&a, &fd, &st), -EINVAL);
+    a.remote.port = 80;
+    CHECK_EQ(hp_addr_parse("::1", 80, &a.remote), 0); /* IPv4 local, IPv6 remote */
+    CHECK_EQ(hp_simopen(&a, &fd, &st), -EINVAL);
+    CHECK_EQ(hp_addr_parse("::", 80, &a.remote), 0);
+    a.local = a.remote;
+    CHECK_EQ(hp_simopen(&a, &fd, &st), -EINVAL);      /* unspecified remote */
 }
 
 /* The local port is taken by a socket without SO_REUSEPORT: a clear error, nothing leaked. */
@@ -327,9 +397,22 @@ static void test_addr_parse(void)
     CHECK_EQ(hp_addr_parse("127.0.0.1", 5, &a), 0);
     CHECK_EQ(a.ip, htonl(INADDR_LOOPBACK));
     CHECK_EQ(a.port, 5);
+    CHECK_EQ(a.family, AF_INET);
     CHECK_EQ(hp_addr_parse("300.1.1.1", 5, &a), -EINVAL);
-    CHECK_EQ(hp_addr_parse("::1", 5, &a), -EINVAL);
+    CHECK_EQ(hp_addr_parse("::1", 5, &a), 0);
+    CHECK_EQ(a.family, AF_INET6);
+    CHECK(memcmp(a.ip6, &in6addr_loopback, 16) == 0);
+    CHECK_EQ(a.scope_id, 0);
+    CHECK_EQ(hp_addr_parse("fe80::1%1", 5, &a), 0);
+    CHECK_EQ(a.scope_id, 1);
+    CHECK_EQ(hp_addr_parse("fe80::1%lo", 5, &a), 0);
+    CHECK(a.scope_id > 0);
+    CHECK_EQ(hp_addr_parse("fe80::1%no-such-if0", 5, &a), -ENODEV);
+    CHECK_EQ(hp_addr_parse("fe80::1%", 5, &a), -EINVAL);
+    CHECK_EQ(hp_addr_parse("[::1]", 5, &a), -EINVAL);
     CHECK_EQ(hp_addr_parse(NULL, 5, &a), -EINVAL);
+    CHECK_EQ(hp_addr_parse("::", 5, &a), 0);
+    CHECK_EQ(hp_addr_is_any(&a), 1);
 }
 
 int main(void)
@@ -341,11 +424,13 @@ int main(void)
     RUN(test_simopen_connect_only);
     RUN(test_simopen_with_listen);
     RUN(test_simopen_rearm_after_rst);
+    RUN(test_simopen_ipv6);
     RUN(test_simopen_timeout);
     RUN(test_sweep_bad_args);
     RUN(test_sweep_finds_the_listener);
     RUN(test_sweep_all_refused);
     RUN(test_sweep_out_of_fds);
+    RUN(test_sweep_ipv6);
     if (hp_t_failures) {
         fprintf(stderr, "%d check(s) failed\n", hp_t_failures);
         return 1;

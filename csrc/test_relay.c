@@ -200,7 +200,7 @@ static void test_checksum_vectors(void)
     CHECK_EQ(hp_inet_checksum(v, sizeof(v), 0), 0xffff & ~0xddf2);
     hp_addr_parse("192.0.2.1", 40000, &src);
     hp_addr_parse("203.0.113.7", 443, &dst);
-    CHECK_EQ(hp_build_syn(pkt, sizeof(pkt), src, dst, 3, 0x01020304, 77), 0);
+    CHECK_EQ(hp_build_syn(pkt, sizeof(pkt), src, dst, 3, 0x01020304, 77), HP_SYN_LEN);
     CHECK_EQ(pkt[8], 3);                       /* TTL */
     CHECK_EQ(pkt[9], 6);                       /* TCP */
     CHECK_EQ(pkt[33], 0x02);                   /* SYN only */
@@ -213,6 +213,34 @@ static void test_checksum_vectors(void)
     CHECK_EQ(hp_inet_checksum(pkt + 20, HP_SYN_LEN - 20, pseudo), 0);
     CHECK_EQ(hp_build_syn(pkt, 10, src, dst, 3, 0, 0), -EINVAL);
     CHECK_EQ(hp_build_syn(pkt, sizeof(pkt), src, dst, 0, 0, 0), -EINVAL);
+}
+
+/* IPv6: 40-byte header (hop limit, next header TCP), TCP checksum over the RFC 8200
+ * pseudo-header; mixed families refused. */
+static void test_checksum_ipv6(void)
+{
+    uint8_t pkt[HP_SYN6_LEN];
+    hp_addr_t src, dst, v4;
+    uint32_t pseudo = 0;
+    int i;
+
+    hp_addr_parse("2001:db8::1", 40000, &src);
+    hp_addr_parse("2001:db8:1::7", 443, &dst);
+    CHECK_EQ(hp_build_syn(pkt, sizeof(pkt), src, dst, 9, 0x01020304, 0), HP_SYN6_LEN);
+    CHECK_EQ(pkt[0] >> 4, 6);
+    CHECK_EQ((pkt[4] << 8) | pkt[5], HP_SYN6_LEN - 40); /* payload length */
+    CHECK_EQ(pkt[6], 6);                                 /* next header: TCP */
+    CHECK_EQ(pkt[7], 9);                                 /* hop limit */
+    CHECK(memcmp(pkt + 8, src.ip6, 16) == 0 && memcmp(pkt + 24, dst.ip6, 16) == 0);
+    CHECK_EQ((pkt[40] << 8) | pkt[41], 40000);
+    CHECK_EQ(pkt[53], 0x02);
+    for (i = 8; i < 40; i += 2)
+        pseudo += (uint32_t)((pkt[i] << 8) | pkt[i + 1]);
+    pseudo += 6 + (HP_SYN6_LEN - 40);
+    CHECK_EQ(hp_inet_checksum(pkt + 40, HP_SYN6_LEN - 40, pseudo), 0);
+    CHECK_EQ(hp_build_syn(pkt, HP_SYN_LEN, src, dst, 9, 0, 0), -EINVAL); /* too short */
+    hp_addr_parse("192.0.2.1", 40000, &v4);
+    CHECK_EQ(hp_build_syn(pkt, sizeof(pkt), v4, dst, 9, 0, 0), -EINVAL);
 }
 
 /* Root only: send SYNs to loopback and catch them with a raw TCP socket. */
@@ -275,6 +303,7 @@ static void test_rawsyn_on_the_wire(void)
 int main(void)
 {
     RUN(test_checksum_vectors);
+    RUN(test_checksum_ipv6);
     RUN(test_relay_both_ways_and_half_close);
     RUN(test_relay_byte_limit);
     RUN(test_relay_idle_and_errors);

@@ -114,8 +114,22 @@ class LabError(HolePunchError):
     """The NAT lab cannot be built here (not root, no nft, no netns) or failed to build."""
 
 
+class ApiSetupError(HolePunchError):
+    """The HTTP API cannot start as configured (listen address, token file)."""
+
+
+class ApiError(HolePunchError):
+    """An HTTP API request fails: ``status`` (4xx/5xx) and a short ``code`` for the JSON body."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
 __all__ = [
     "AddressError",
+    "ApiError",
+    "ApiSetupError",
     "AuthenticationError",
     "ConfigDirInUse",
     "HolePunchError",

@@ -112,6 +112,9 @@ class Peer:
         self._events: asyncio.Task[None] | None = None
         self._announcing = asyncio.Lock()
         self.last_report: ConnectionReport | None = None   # of the latest connect(), even failed
+        # Called with every new ConnectionReport (connect and accept) before anything is
+        # recorded in it, so a caller can observe it as it grows (the HTTP API's events).
+        self.report_hooks: list[Callable[[ConnectionReport], None]] = []
 
     # -- identity --------------------------------------------------------------------------
     @property
@@ -273,8 +276,7 @@ class Peer:
     # -- connecting ------------------------------------------------------------------------
     async def connect(self, target: str, *, timeout: float = 15.0) -> Connection:
         """A connection to ``target`` (name or peer_id): direct if possible, else relayed."""
-        report = ConnectionReport(role="initiator", started=time.time())
-        report.local_nat = self.tcp_profile.to_dict()
+        report = self._new_report("initiator")
         self.last_report = report
         try:
             async with asyncio.timeout(timeout):
@@ -337,14 +339,20 @@ class Peer:
                     abort.set_result(event.reason)
 
     async def _respond(self, instr: PunchInstruction) -> None:
-        report = ConnectionReport(role="responder", started=time.time())
-        report.local_nat = self.tcp_profile.to_dict()
+        report = self._new_report("responder")
         try:
             conn = await self._run_session(instr, report, self.local_port)
         except Exception as exc:   # the initiator gets its own error; we log ours
             log.warning("incoming connection from %s failed: %s", instr.peer.name, exc)
             return
         self._accepted.put_nowait(conn)
+
+    def _new_report(self, role: str) -> ConnectionReport:
+        report = ConnectionReport(role=role, started=time.time())
+        report.local_nat = self.tcp_profile.to_dict()
+        for hook in self.report_hooks:
+            hook(report)
+        return report
 
     def _abort_of(self, session: str) -> asyncio.Future[str]:
         return self._aborts.setdefault(session, asyncio.get_running_loop().create_future())
@@ -408,7 +416,7 @@ class Peer:
         plan = Plan.from_dict(instr.plan) if instr.plan else make_plan(
             *((self.tcp_profile, peer.tcp_profile) if instr.role == "initiator"
               else (peer.tcp_profile, self.tcp_profile)))
-        report.plan = plan.to_dict()
+        report.set_plan(plan.to_dict())
         report.tls = not self.insecure_plain
         initiator = instr.role == "initiator"
         if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile
@@ -416,6 +424,7 @@ class Peer:
                                           server_side=not initiator))
         start_at = instr.start_at - (self.clock() - time.time())   # into the engine's clock
         direct_error: BaseException | None = None
+        cause = "no_direct_plan"
         if plan.direct_steps:
             relay_grant = self._grants.setdefault(instr.session,
                                                   asyncio.get_running_loop().create_future())
@@ -426,9 +435,11 @@ class Peer:
                 result = await self._first(punch.run(), relay_grant)
             except (PunchError, OSError) as exc:
                 direct_error = exc
+                cause = "punch_failed" if isinstance(exc, PunchError) else "socket_error"
             else:
                 if isinstance(result, RelayInstruction):   # the initiator gave up first
                     direct_error = PunchError("the peer moved to the relay")
+                    cause = "peer_relayed"
                 else:
                     try:
                         reader, writer = await secure_stream(
@@ -436,7 +447,7 @@ class Peer:
                             peer_cert=peer.cert, initiator=initiator, timeout=TLS_TIMEOUT,
                             insecure_plain=self.insecure_plain)
                     except (TimeoutError, OSError) as exc:   # not AuthenticationError: an
-                        direct_error = exc                   # impostor gets no relay either
+                        direct_error, cause = exc, "tls_failed"   # impostor gets no relay either
                     else:
                         report.finish(Route.DIRECT)
                         await self._report(instr.session, "direct", report)
@@ -445,7 +456,10 @@ class Peer:
             raise PunchError(f"no direct path to {peer.name} ({direct_error or plan.reason}) "
                              "and relaying is off")
         reason = str(direct_error) if direct_error else plan.reason
+        # The one WARNING of this connection's fallback (its reason also goes to the report,
+        # the server's metrics and the API's events).
         log.warning("falling back to the relay for %s: %s", peer.name, reason)
+        report.fallback(reason, cause)
         record = report.step_started("relay")
         try:
             streams = await self._relay(instr, initiator)
@@ -497,7 +511,8 @@ class Peer:
         with contextlib.suppress(ConnectionError, SignalingError):
             await self._signal.report_result(session, outcome, {
                 "time": report.total_time, "route": outcome,
-                "step": (w.kind if (w := report.winning_step) else None)},
+                "step": (w.kind if (w := report.winning_step) else None),
+                "relay_cause": report.relay_cause or None},
                 reason=None if reason is None else str(reason) or type(reason).__name__)
 
 

@@ -6,16 +6,26 @@ Built incrementally by the peer while it connects (:meth:`ConnectionReport.step_
 matrix tests. Times are absolute wall-clock seconds (``time.time()``) supplied by the caller
 (``None`` = now), so reports from two peers line up with each other and with the engine's
 ``start_at``. Plain data: no I/O.
+
+``to_dict()`` follows a written, versioned JSON Schema shipped with the package
+(``pyholepunch/schemas/report-1.json``, ``SCHEMA_ID``); a change that breaks a reader gets a new
+version. Observers (``report.observers``) hear each change as it happens — the HTTP API turns
+them into server-sent events.
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from .engine._base import PunchStats
+
+log = logging.getLogger(__name__)
 
 
 class Outcome(StrEnum):
@@ -29,6 +39,15 @@ class Outcome(StrEnum):
 class Route(StrEnum):
     DIRECT = "direct"
     RELAY = "relay"
+
+
+SCHEMA_VERSION = 1
+SCHEMA_ID = f"https://pyholepunch.invalid/schemas/report-{SCHEMA_VERSION}.json"
+# Why a connection fell back to the relay, as a closed set (metrics label it; the text of the
+# reason is in relay_reason): the plan had no direct step; every direct step failed; TLS over
+# the punched socket failed; the other peer moved to the relay first; a socket error.
+RELAY_CAUSES = ("no_direct_plan", "punch_failed", "tls_failed", "peer_relayed", "socket_error")
+ReportObserver = Callable[[str, dict[str, Any]], None]
 
 
 def parse_route(route: object) -> Route:
@@ -99,20 +118,31 @@ class ConnectionReport:
     steps: list[StepRecord] = field(default_factory=list)
     route: Route | None = None
     relay_reason: str = ""
+    relay_cause: str = ""                       # one of RELAY_CAUSES when route is relay
     established: float | None = None            # TLS established
     ended: float | None = None                  # established, or the attempt failed
     tls: bool = True                            # False only with insecure_plain
     error: str = ""                             # why the whole connect failed, if it did
+    observers: list[ReportObserver] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.role not in ("initiator", "responder"):
             raise ValueError(f"role must be 'initiator' or 'responder', got {self.role!r}")
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        """Tell the observers (``plan``, ``step``, ``fallback``, ``route``, ``failed``)."""
+        for observer in list(self.observers):
+            try:
+                observer(event, data)
+            except Exception:      # a listener's bug must never break a connection
+                log.exception("report observer failed on %s", event)
 
     # --- building --------------------------------------------------------------------------
 
     def step_started(self, kind: str, at: float | None = None) -> StepRecord:
         record = StepRecord(len(self.steps), str(kind), _now(at))
         self.steps.append(record)
+        self.emit("step", record.to_dict())
         return record
 
     def step_finished(self, record: StepRecord, outcome: Outcome | str, *, at: float | None = None,
@@ -136,11 +166,24 @@ class ConnectionReport:
             record.local_port = record.stats.get("local_port")
             remote = record.stats.get("remote")
             record.remote = (str(remote[0]), int(remote[1])) if remote else None
+        self.emit("step", record.to_dict())
         return record
 
     def step_skipped(self, kind: str, reason: str = "", at: float | None = None) -> StepRecord:
         record = self.step_started(kind, at)
         return self.step_finished(record, Outcome.SKIPPED, at=record.started, error=reason)
+
+    def set_plan(self, plan: dict[str, Any]) -> None:
+        self.plan = plan
+        self.emit("plan", plan)
+
+    def fallback(self, reason: str, cause: str) -> None:
+        """No direct path: the relay comes next, because of ``reason`` (``cause``: one of
+        RELAY_CAUSES)."""
+        if cause not in RELAY_CAUSES:
+            raise ValueError(f"relay cause must be one of {', '.join(RELAY_CAUSES)}, got {cause!r}")
+        self.relay_reason, self.relay_cause = reason, cause
+        self.emit("fallback", {"reason": reason, "cause": cause})
 
     def finish(self, route: Route | str, *, at: float | None = None, relay_reason: str = "") -> None:
         """The connection is up (TLS established) over ``route``."""
@@ -148,10 +191,13 @@ class ConnectionReport:
         self.established = self.ended = _now(at)
         if self.route is Route.RELAY:
             self.relay_reason = relay_reason or self.relay_reason or "every direct step failed"
+            self.relay_cause = self.relay_cause or "punch_failed"
         for record in self.steps:          # parallel losers still running when the winner won
             if record.outcome is Outcome.RUNNING:
                 self.step_finished(record, Outcome.SKIPPED, at=self.established,
                                    error="abandoned: another step won")
+        self.emit("route", {"route": str(self.route), "total_time": self.total_time,
+                            "relay_reason": self.relay_reason, "relay_cause": self.relay_cause})
 
     def fail(self, error: str | BaseException, *, at: float | None = None) -> None:
         """The connection attempt failed as a whole."""
@@ -161,6 +207,7 @@ class ConnectionReport:
         for record in self.steps:
             if record.outcome is Outcome.RUNNING:
                 self.step_finished(record, Outcome.ERROR, at=end, error="attempt abandoned")
+        self.emit("failed", {"error": self.error})
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -179,8 +226,10 @@ class ConnectionReport:
     def to_dict(self) -> dict[str, Any]:
         win = self.winning_step
         return _json_safe({  # type: ignore[no-any-return]
+            "schema": SCHEMA_ID,
             "role": self.role, "peer_id": self.peer_id, "peer_name": self.peer_name,
-            "route": self.route, "relay_reason": self.relay_reason, "tls": self.tls,
+            "route": self.route, "relay_reason": self.relay_reason,
+            "relay_cause": self.relay_cause or None, "tls": self.tls,
             "started": self.started, "established": self.established, "ended": self.ended,
             "total_time": self.total_time, "winning_step": win.kind if win else None,
             "error": self.error, "local_nat": self.local_nat, "remote_nat": self.remote_nat,
@@ -220,6 +269,14 @@ class ConnectionReport:
         return "\n".join(lines)
 
 
+def load_schema() -> dict[str, Any]:
+    """The JSON Schema ``to_dict()`` follows (pyholepunch/schemas/report-1.json)."""
+    from importlib.resources import files
+    text = files("pyholepunch").joinpath(f"schemas/report-{SCHEMA_VERSION}.json").read_text()
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
 def _ms(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -232,4 +289,5 @@ def _nat(profile: dict[str, Any] | None) -> str:
     return str(profile.get("label") or profile.get("nat_type") or "unknown")
 
 
-__all__ = ["ConnectionReport", "Outcome", "Route", "StepRecord", "parse_route"]
+__all__ = ["RELAY_CAUSES", "SCHEMA_ID", "SCHEMA_VERSION", "ConnectionReport", "Outcome", "Route",
+           "StepRecord", "load_schema", "parse_route"]

@@ -7,8 +7,9 @@ alt:port+1) accepts raw sockets and looks at the first bytes before deciding who
 * top two bits ``00`` (a STUN header)       -> ``StunServer.serve_tcp_stream(reader, writer)``
 * ``b"HPR1"``                               -> ``RelayHub.handle_connection(sock)``
 
-STUN over UDP listens on the same port numbers. Metrics (JSON) on
-``http://127.0.0.1:<--metrics-port>/metrics``.
+STUN over UDP listens on the same port numbers. Metrics: Prometheus exposition on
+``http://HOST:PORT/metrics`` with ``--metrics HOST:PORT`` (pyholepunch.metrics, extra
+``[metrics]``); the older JSON counters on ``http://127.0.0.1:<--metrics-port>/metrics``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import resource
 import socket
 from typing import Any
 
+from .errors import HolePunchError
 from .signal.server import ServerConfig, SignalServer
 from .signal.store import open_store
 from .signal.tls import format_fingerprint, load_or_create_credentials
@@ -48,7 +50,8 @@ class Rendezvous:
 
     def __init__(self, listen: Address, *, alt_ip: str | None = None, state_dir: str | None = None,
                  token: str | None = None, store: str | None = None, metrics_port: int | None = None,
-                 config: ServerConfig | None = None, stun: bool = True, relay: bool = True,
+                 metrics: Address | None = None, config: ServerConfig | None = None,
+                 stun: bool = True, relay: bool = True,
                  demux_timeout: float = 10.0, max_pending: int = 4096) -> None:
         self.listen, self.alt_ip, self.state_dir = listen, alt_ip, state_dir
         self.metrics_port = metrics_port
@@ -64,6 +67,8 @@ class Rendezvous:
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._metrics_server: asyncio.Server | None = None
+        self.prometheus_address = metrics     # --metrics HOST:PORT (port 0: any; set on start)
+        self.prometheus: Any = None           # metrics.ServerMetrics once started
         self.demux = {"tls": 0, "stun": 0, "relay": 0, "unknown": 0}
         self.address: Address = listen
 
@@ -143,6 +148,16 @@ class Rendezvous:
             self._metrics_server = await asyncio.start_server(
                 self._serve_metrics, "127.0.0.1", self.metrics_port)
             self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
+        if self.prometheus_address is not None:
+            try:
+                from .metrics import ServerMetrics
+            except ImportError as exc:
+                raise HolePunchError(f"--metrics needs prometheus_client ({exc}): "
+                                     "pip install 'pyholepunch[metrics]'") from None
+            self.prometheus = ServerMetrics(self.signal, relay_hub=self.relay_hub, stun=self.stun,
+                                            demux=self.demux)
+            host, port = self.prometheus_address
+            self.prometheus_address = (host, self.prometheus.serve(host, port))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -159,6 +174,8 @@ class Rendezvous:
         if self._metrics_server is not None:
             self._metrics_server.close()
             await self._metrics_server.wait_closed()
+        if self.prometheus is not None:
+            await asyncio.to_thread(self.prometheus.close)
         await self.signal.close()
         if self.stun is not None:
             await self.stun.close()

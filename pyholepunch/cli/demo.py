@@ -27,6 +27,7 @@ from ..lab.nat import NAT_TYPES
 from .args import positive_float
 
 PORT = 3478
+METRICS_PORT = 9464      # `serve --metrics` inside the server's namespace (run_pair's server_metrics)
 MESSAGE = b"hello through the NATs\n"
 
 Spawner = Callable[..., "subprocess.Popen[bytes]"]
@@ -144,18 +145,24 @@ def run(args: argparse.Namespace) -> int:
 
 def run_pair(spawn: Spawner, server_ip: str, alt_ip: str, work: Path, *,
              engine: str | None = None, timeout: float = 30.0, connect_args: Sequence[str] = (),
-             progress: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+             progress: Callable[[str], None] = lambda text: None,
+             server_metrics: bool = False) -> dict[str, Any]:
     """serve on node "server", `listen --echo` on "b", `connect` on "a": the echo and reports.
 
     ``spawn(node, argv, **popen_kwargs)`` starts a process on a node (``Lab.spawn``, or a
     plain Popen on loopback); ``connect_args`` go to `connect` only (e.g. its --relay).
     Returns ``report`` (a's), ``responder_report`` (b's, if it wrote one), ``echo``,
-    ``echo_ok``, ``exit_code``. Every process is stopped before this returns.
+    ``echo_ok``, ``exit_code``; with ``server_metrics``, ``server_metrics`` too: the server's
+    Prometheus exposition once it has counted the session. Every process is stopped before
+    this returns.
     """
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        return _flow(spawn, server_ip, alt_ip, work, procs, engine, timeout, list(connect_args),
-                     progress)
+        result = _flow(spawn, server_ip, alt_ip, work, procs, engine, timeout, list(connect_args),
+                       progress, server_metrics)
+        if server_metrics:
+            result["server_metrics"] = _scrape(spawn, f"http://127.0.0.1:{METRICS_PORT}/metrics")
+        return result
     finally:
         stop_processes(*procs)
         for p in procs:
@@ -166,12 +173,14 @@ def run_pair(spawn: Spawner, server_ip: str, alt_ip: str, work: Path, *,
 
 def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
           procs: list[subprocess.Popen[bytes]], engine: str | None, timeout: float,
-          connect_args: list[str], progress: Callable[[str], None]) -> dict[str, Any]:
+          connect_args: list[str], progress: Callable[[str], None],
+          server_metrics: bool = False) -> dict[str, Any]:
     server = f"{server_ip}:{PORT}"
     engine_opt = ["--engine", engine] if engine else []
+    metrics_opt = ["--metrics", f"127.0.0.1:{METRICS_PORT}"] if server_metrics else []
     progress(f"starting `pyholepunch serve` on {server} (alt {alt_ip})")
     srv = spawn("server", _cli("serve", "--listen", server, "--alt-ip", alt_ip,
-                               "--state-dir", str(work / "server")),
+                               "--state-dir", str(work / "server"), *metrics_opt),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     procs.append(srv)
     line = _Lines(srv, "stdout", "the server").wait_for("fingerprint", timeout)
@@ -208,6 +217,21 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
         responder = json.loads((work / "bob.json").read_text())
     return {"report": report, "responder_report": responder, "echo": out.decode(errors="replace"),
             "echo_ok": out == MESSAGE, "exit_code": alice.returncode}
+
+
+def _scrape(spawn: Spawner, url: str, deadline: float = 5.0) -> str:
+    """The server's metrics once the session's outcome is in (the initiator's RESULT may
+    still be on its way when the echo is done)."""
+    end = time.monotonic() + deadline
+    text = ""
+    while time.monotonic() < end:
+        proc = spawn("server", ["curl", "-sS", "--max-time", "2", url],
+                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        text = proc.communicate(timeout=10)[0].decode(errors="replace")
+        if "pyholepunch_server_punch_outcomes_total{" in text:
+            break
+        time.sleep(0.1)
+    return text
 
 
 def _show(result: dict[str, Any]) -> None:

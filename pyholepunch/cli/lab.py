@@ -1,9 +1,10 @@
 """`pyholepunch lab up|exec|down|verify|list`: the NAT lab from the command line.
 
     pyholepunch lab up --a port-restricted --b symmetric-seq --rtt-ms 40   # runs until Ctrl-C
+    pyholepunch lab up --a cgnat --v6-a firewall --b no-ipv4 --v6-b open   # dual stack
     pyholepunch lab exec hpl1a2b3 a -- ip addr
     pyholepunch lab down hpl1a2b3          # or: lab down --all-mine (leftovers of crashed runs)
-    pyholepunch lab verify [--type T ...] [--json]
+    pyholepunch lab verify [--type T ...] [--v6 B ...] [--json]
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import threading
 from typing import Any
 
 from ..lab import state
-from ..lab.nat import NAT_TYPES
+from ..lab.nat import NAT_TYPES, V4_TYPES, V6_BEHAVIOURS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -39,8 +40,10 @@ def _conntrack_arg(text: str) -> tuple[str, int]:
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
     up = sub.add_parser("up", help="build a lab and keep it until Ctrl-C or `lab down NAME`")
-    up.add_argument("--a", default="port-restricted", choices=NAT_TYPES, help="NAT type of peer a")
-    up.add_argument("--b", default="port-restricted", choices=NAT_TYPES, help="NAT type of peer b")
+    up.add_argument("--a", default="port-restricted", choices=V4_TYPES, help="NAT type of peer a")
+    up.add_argument("--b", default="port-restricted", choices=V4_TYPES, help="NAT type of peer b")
+    up.add_argument("--v6-a", default="none", choices=V6_BEHAVIOURS, help="IPv6 behaviour of a's side")
+    up.add_argument("--v6-b", default="none", choices=V6_BEHAVIOURS, help="IPv6 behaviour of b's side")
     up.add_argument("--rtt-ms", type=float, default=0.0, help="RTT between any two hosts")
     up.add_argument("--jitter-ms", type=float, default=0.0, help="± per crossing of the core")
     up.add_argument("--loss", type=float, default=0.0, metavar="PCT", help="packet loss in the core, percent")
@@ -64,6 +67,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ver = sub.add_parser("verify", help="measure every NAT type and compare with the table in docs/lab.md")
     ver.add_argument("--type", action="append", choices=NAT_TYPES, dest="types",
                      help="only this type (repeatable); default: all eight")
+    ver.add_argument("--v6", action="append", choices=V6_BEHAVIOURS, dest="v6",
+                     help="only this IPv6 behaviour (repeatable); default: all five "
+                          "(none of them when only --type is given)")
     ver.add_argument("--json", action="store_true")
     sub.add_parser("list", help="labs on this machine and whether their owner is alive")
 
@@ -77,7 +83,7 @@ def _up(args: argparse.Namespace) -> int:
 
     lab = Lab(a=args.a, b=args.b, rtt_ms=args.rtt_ms, jitter_ms=args.jitter_ms, loss_pct=args.loss,
               same_nat=args.same_nat, hairpin=args.hairpin, conntrack=dict(args.conntrack),
-              portmap_a=args.portmap_a, portmap_b=args.portmap_b)
+              portmap_a=args.portmap_a, portmap_b=args.portmap_b, v6_a=args.v6_a, v6_b=args.v6_b)
 
     def stop(signum: int, frame: Any) -> None:
         raise _Stop
@@ -92,8 +98,14 @@ def _up(args: argparse.Namespace) -> int:
             else:
                 _say(f"lab {lab.name} up in {info['startup_s']:.3f} s (a={lab.a_type}, b={lab.b_type})")
                 _say(f"  server  {lab.server_ip} + {lab.server_alt_ip}")
+                if info["public6"]:
+                    _say(f"  server  {lab.server_ip6} + {lab.server_alt_ip6}")
                 for peer in ("a", "b"):
-                    _say(f"  {peer}       {lab.private_ip(peer)} -> public {lab.public_ip(peer)}")
+                    v4 = (f"{lab.private_ip(peer)} -> public {lab.public_ip(peer)}"
+                          if peer in info["public"] else "no IPv4")
+                    v6 = (f"; IPv6 {info['public6'][peer]} ({lab.v6_behaviour(peer)})"
+                          if peer in info["public6"] else "")
+                    _say(f"  {peer}       {v4}{v6}")
                 _say(f"  nodes   {' '.join(lab.nodes)}")
                 for peer, router in lab.routers.items():
                     _say(f"  {peer}'s router {router.node} runs miniupnpd (UPnP IGD, NAT-PMP, PCP)")
@@ -142,15 +154,18 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from ..lab import _ns, verify
+    from ..lab import _ns, verify, verify6
 
     _ns.require_support()
-    results = verify.verify(args.types)
+    results = [] if args.v6 and not args.types else verify.verify(args.types)
+    results6 = [] if args.types and not args.v6 else verify6.verify6(args.v6)
     if args.json:
-        _say(json.dumps(verify.as_json(results), indent=2))
+        _say(json.dumps(verify.as_json(results) + verify6.as_json6(results6), indent=2))
     else:
-        _say(verify.table(results))
-    return EXIT_OK if all(m.ok for m in results) else EXIT_FAILED
+        _say("\n\n".join(t for t in (results and verify.table(results),
+                                      results6 and verify6.table6(results6)) if t))
+    ok = all(m.ok for m in results) and all(m.ok for m in results6)
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -33,6 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="URL", help="memory (default) or redis://HOST:PORT")
     parser.add_argument("--metrics-port", type=port_number, metavar="N",
                         help="JSON metrics on http://127.0.0.1:N/metrics (0: any free port)")
+    parser.add_argument("--metrics", type=address(allow_zero=True), metavar="HOST:PORT",
+                        help="Prometheus metrics on http://HOST:PORT/metrics (extra [metrics])")
     parser.add_argument("--punch-margin", type=positive_float, default=0.05, metavar="SECONDS",
                         help="added to the common punch start to absorb delivery jitter (default 0.05)")
     parser.add_argument("--max-peers", type=int, default=100_000)
@@ -71,7 +73,8 @@ async def run(args: argparse.Namespace) -> int:
     _check(args)
     cfg = ServerConfig(margin=args.punch_margin, max_peers=args.max_peers)
     app = Rendezvous(args.listen, alt_ip=args.alt_ip, state_dir=args.state_dir, token=args.token,
-                     store=args.store, metrics_port=args.metrics_port, config=cfg,
+                     store=args.store, metrics_port=args.metrics_port, metrics=args.metrics,
+                     config=cfg,
                      stun=not args.no_stun, relay=not args.no_relay)
     stopped_by: list[signal.Signals] = []
     stop = asyncio.Event()
@@ -87,9 +90,12 @@ async def run(args: argparse.Namespace) -> int:
         where = format_address(app.address)
         parts = ["signaling"] + (["stun"] if app.stun else []) + (["relay"] if app.relay_hub else [])
         if args.json:
+            prometheus = (f"http://{format_address(app.prometheus_address)}/metrics"
+                          if app.prometheus_address is not None else None)
             emit_json({"listen": where, "fingerprint": app.fingerprint, "services": parts,
                        "metrics": (f"http://127.0.0.1:{app.metrics_port}/metrics"
-                                   if app.metrics_port is not None else None)}, "-")
+                                   if app.metrics_port is not None else None),
+                       "prometheus": prometheus}, "-")
         else:
             names = {"signaling": "TLS signaling", "stun": "STUN", "relay": "relay"}
             print(f"pyholepunch serve on {where} ({', '.join(names[p] for p in parts)} on one port)",
@@ -97,6 +103,9 @@ async def run(args: argparse.Namespace) -> int:
             print(f"server fingerprint sha256 {app.fingerprint}", flush=True)
             if app.metrics_port is not None:
                 print(f"metrics http://127.0.0.1:{app.metrics_port}/metrics", flush=True)
+            if app.prometheus_address is not None:
+                print(f"prometheus metrics http://{format_address(app.prometheus_address)}/metrics",
+                      flush=True)
         await stop.wait()
     sys.stdout.flush()
     return EXIT_INTERRUPTED if stopped_by and stopped_by[0] == signal.SIGINT else EXIT_OK

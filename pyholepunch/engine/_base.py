@@ -12,6 +12,7 @@ loop keeps running.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import math
 import resource
@@ -21,8 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Protocol, runtime_checkable
 
-Address = tuple[str, int]
-"""An IPv4 ``(host, port)``; port 0 means "any" where a local port is allowed."""
+from ..address import Address as Address
+from ..address import check_host, ip_of
+
+# Address: ``(host, port)``, the host an IPv4 or IPv6 literal (link-local IPv6 with its scope,
+# ``fe80::1%eth0``); port 0 means "any" where a local port is allowed. One call's addresses
+# are all of one family.
 
 SweepPair = tuple[int, Address]
 """One sweep socket: ``(local_port, (remote_ip, remote_port))``; local port 0 = ephemeral."""
@@ -113,7 +118,7 @@ class Engine(Protocol):
         start_at: float | None,
         timeout: float,
         *,
-        local_ip: str = "0.0.0.0",
+        local_ip: str | None = None,
         max_inflight: int = 1024,
         rate: float = 0.0,
         interval: float = 0.0,
@@ -121,9 +126,11 @@ class Engine(Protocol):
     ) -> PunchResult:
         """Many concurrent non-blocking connects, first established wins, the rest closed.
 
-        ``rate`` paces SYNs per second (0 = as fast as possible); at most ``max_inflight``
-        sockets are open at once. ``interval`` > 0 re-arms a pair after RST/unreachable.
-        ``syn_ttl`` sends each pair's first SYN with that TTL. Raises PunchTimeout.
+        Every pair's remote is of one family; ``local_ip`` (the source address, of that family)
+        defaults to the family's wildcard. ``rate`` paces SYNs per second (0 = as fast as
+        possible); at most ``max_inflight`` sockets are open at once. ``interval`` > 0 re-arms
+        a pair after RST/unreachable. ``syn_ttl`` sends each pair's first SYN with that TTL.
+        Raises PunchTimeout.
         """
         ...
 
@@ -137,9 +144,9 @@ class Engine(Protocol):
         spacing: float = 0.0,
         start_at: float | None = None,
     ) -> RawSynStats:
-        """Send ``count`` hand-built IPv4/TCP SYNs ``src`` → ``dst`` through a raw socket.
-
-        Needs CAP_NET_RAW: PermissionError naming it otherwise.
+        """Send ``count`` hand-built TCP SYNs ``src`` → ``dst`` (IPv4 or IPv6, with the IP
+        header) through a raw socket. Needs CAP_NET_RAW: PermissionError naming it otherwise.
+        ``ttl`` is the IPv4 TTL or the IPv6 hop limit.
         """
         ...
 
@@ -177,27 +184,72 @@ def sweep_pairs(
 
 # --- argument checks shared by both engines: one place, one message per mistake ----------
 
+def family_name(host: str) -> str:
+    return "IPv6" if ":" in host else "IPv4"
+
+
+def check_ip(host: object, what: str) -> str:
+    """An IPv4 or IPv6 literal in canonical text (a link-local IPv6 with its scope written as
+    the interface name, ``fe80::1%eth0``); ValueError naming ``what`` otherwise."""
+    if not isinstance(host, str):
+        raise ValueError(f"{what} host {host!r} is not an IP address")
+    if host.startswith("["):
+        raise ValueError(f"{what} host {host!r}: no brackets around an IPv6 address in a "
+                         f"(host, port) tuple, e.g. ({host.strip('[]')!r}, port)")
+    ip = ip_of(host)
+    if ip is None:
+        raise ValueError(f"{what} host {host!r} is not an IP address (an IPv4 or IPv6 literal)")
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    try:
+        check_host(host)                    # link-local without a scope id
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    if ip.ipv4_mapped is not None:
+        raise ValueError(f"{what} host {host!r} is an IPv4-mapped IPv6 address; "
+                         f"give the IPv4 address {ip.ipv4_mapped}")
+    text = str(ip)
+    if ip.scope_id:
+        base, scope = text.split("%", 1)
+        try:
+            name = socket.if_indextoname(int(scope)) if scope.isdigit() else scope
+            socket.if_nametoindex(name)
+        except OSError:
+            raise ValueError(f"{what} host {host!r}: no interface {scope!r} here") from None
+        text = f"{base}%{name}"
+    return text
+
+
 def check_address(addr: object, what: str, *, allow_any_port: bool) -> Address:
     if not (isinstance(addr, tuple) and len(addr) == 2):
         raise ValueError(f"{what} must be a (host, port) tuple, got {addr!r}")
     host, port = addr
-    try:
-        ip = ipaddress.IPv4Address(host)
-    except (ipaddress.AddressValueError, ValueError):
-        raise ValueError(f"{what} host {host!r} is not an IPv4 address") from None
+    ip = check_ip(host, what)
     if not isinstance(port, int) or isinstance(port, bool):
         raise ValueError(f"{what} port {port!r} is not an integer")
     low = 0 if allow_any_port else 1
     if not low <= port <= 65535:
         raise ValueError(f"{what} port {port} is out of range {low}..65535")
-    return (str(ip), port)
+    return (ip, port)
 
 
 def check_remote(addr: object, what: str = "remote") -> Address:
     host, port = check_address(addr, what, allow_any_port=False)
-    if ipaddress.IPv4Address(host).is_unspecified:
+    if ipaddress.ip_address(host.split("%")[0]).is_unspecified:
         raise ValueError(f"{what} host {host} is unspecified")
     return (host, port)
+
+
+def check_same_family(local: str, remote: str, what: str = "local", other: str = "remote") -> None:
+    """One connection, one family: ValueError naming both addresses otherwise."""
+    if family_name(local) != family_name(remote):
+        raise ValueError(f"mixed address families: {what} {local} is {family_name(local)} but "
+                         f"{other} {remote} is {family_name(remote)}")
+
+
+def wildcard(family_of_host: str) -> str:
+    """The unspecified address of ``family_of_host``'s family."""
+    return "::" if ":" in family_of_host else "0.0.0.0"
 
 
 def check_timing(start_at: float | None, timeout: float, *, now: float | None = None) -> float:
@@ -257,6 +309,7 @@ def check_pairs(pairs: object) -> list[SweepPair]:
         raise ValueError("sweep needs at least one (local_port, (ip, port)) pair")
     out: list[SweepPair] = []
     hosts: dict[object, str] = {}      # validate each distinct remote host once
+    first = ""
     for i, pair in enumerate(pairs):
         if not (isinstance(pair, tuple) and len(pair) == 2):
             raise ValueError(f"pairs[{i}] must be (local_port, (ip, port)), got {pair!r}")
@@ -276,14 +329,36 @@ def check_pairs(pairs: object) -> list[SweepPair]:
                 pass
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
             raise ValueError(f"pairs[{i}] remote port {port!r} is out of range 1..65535")
+        if not first:
+            first = canon
+        elif (":" in canon) != (":" in first):
+            raise ValueError(f"mixed address families: pairs[{i}] remote {canon} is "
+                             f"{family_name(canon)} but pairs[0] remote {first} is "
+                             f"{family_name(first)}; a sweep runs in one family")
         out.append((lport, (canon, port)))
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _scope_index(scope: str) -> int:
+    return int(scope) if scope.isdigit() else socket.if_nametoindex(scope)
+
+
+def sockaddr(addr: Address) -> tuple[str, int] | tuple[str, int, int, int]:
+    """What a Python socket's bind/connect/sendto take for ``addr``. A scoped IPv6 host
+    (``fe80::1%eth0``) becomes the 4-tuple form: CPython's 2-tuple form drops the scope id."""
+    host, port = addr
+    if "%" not in host:
+        return addr
+    base, scope = host.split("%", 1)
+    return (base, port, 0, _scope_index(scope))
+
+
 def route_source(dst_ip: str) -> str:
     """The local address the kernel would use towards ``dst_ip`` (a UDP connect sends nothing)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((dst_ip, 9))
+    family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(sockaddr((dst_ip, 9)))
         return str(probe.getsockname()[0])
 
 
@@ -309,6 +384,7 @@ def check_simopen_args(
     """Validate simultaneous_open's arguments, for both engines, in one order."""
     local_a = check_address(local, "local", allow_any_port=True)
     remote_a = check_remote(remote)
+    check_same_family(local_a[0], remote_a[0])
     start = check_timing(start_at, timeout)
     every = check_seconds(interval, "interval", allow_zero=False)
     check_ttl(syn_ttl)
@@ -335,8 +411,12 @@ def check_sweep_args(
     max_inflight: object, rate: object, interval: object, syn_ttl: int | None,
 ) -> SweepArgs:
     """Validate sweep's arguments, for both engines, in one order."""
-    lip = check_address((local_ip, 0), "local_ip", allow_any_port=True)[0]
+    lip = None if local_ip is None else check_ip(local_ip, "local_ip")
     todo = check_pairs(pairs)
+    if lip is None:
+        lip = wildcard(todo[0][1][0])
+    else:
+        check_same_family(lip, todo[0][1][0], "local_ip", "pairs[0] remote")
     start = check_timing(start_at, timeout)
     inflight = min(check_count(max_inflight, "max_inflight", 1), len(todo))
     pace = check_seconds(rate, "rate", allow_zero=True)
@@ -356,7 +436,8 @@ def check_raw_args(
     """
     src_a = check_address(src, "src", allow_any_port=False)
     dst_a = check_remote(dst, "dst")
-    if src_a[0] == "0.0.0.0":
+    check_same_family(src_a[0], dst_a[0], "src", "dst")
+    if src_a[0] in ("0.0.0.0", "::"):
         src_a = (route_source(dst_a[0]), src_a[1])
     if ttl is None:
         raise ValueError("ttl None is out of range 1..255")

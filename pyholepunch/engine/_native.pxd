@@ -6,6 +6,9 @@ cdef extern from "hp_engine.h" nogil:
     ctypedef struct hp_addr_t:
         uint32_t ip
         uint16_t port
+        uint16_t family
+        uint8_t ip6[16]
+        uint32_t scope_id
 
     int hp_addr_parse(const char *text, uint16_t port, hp_addr_t *out)
     int64_t hp_clock_now_ns()
@@ -44,7 +47,7 @@ cdef extern from "hp_engine.h" nogil:
     ctypedef struct hp_sweep_args_t:
         const hp_sweep_pair_t *pairs
         size_t npairs
-        uint32_t local_ip
+        hp_addr_t local
         int64_t start_at_ns
         int64_t timeout_ns
         int64_t interval_ns
@@ -65,6 +68,7 @@ cdef extern from "hp_engine.h" nogil:
     int hp_rawsyn(const hp_rawsyn_args_t *args, int64_t *send_times_ns, uint32_t *sent)
 
     int HP_SYN_LEN
+    int HP_SYN6_LEN
     uint16_t hp_inet_checksum(const void *data, size_t len, uint32_t initial)
     int hp_build_syn(uint8_t *buf, size_t len, hp_addr_t src, hp_addr_t dst, int ttl,
                      uint32_t seq, uint16_t ip_id)

@@ -4,15 +4,16 @@ blocking call, and maps C error codes to exceptions in one place (``_raise``).
 
 Arguments arrive validated by :mod:`pyholepunch.engine.native`; nothing here is public API.
 """
+import ipaddress
 import os
 import socket
 
-from libc.errno cimport (EACCES, ECONNREFUSED, EINVAL, EMFILE, ENFILE, EPERM, EPROTOTYPE,
-                         ETIMEDOUT)
+from libc.errno cimport (EACCES, ECONNREFUSED, EINVAL, EMFILE, ENFILE, ENODEV, EPERM,
+                         EPROTOTYPE, ETIMEDOUT)
 from libc.math cimport llround
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 from pyholepunch.engine._native cimport *
 
@@ -28,13 +29,25 @@ cdef int64_t _ns(double seconds):
 
 cdef hp_addr_t _addr(str host, int port) except *:
     cdef hp_addr_t out
-    if hp_addr_parse(host.encode("ascii"), <uint16_t>port, &out) != 0:
-        raise ValueError(f"{host!r} is not an IPv4 address")
+    cdef int rc = hp_addr_parse(host.encode("ascii"), <uint16_t>port, &out)
+    if rc == -ENODEV:
+        raise ValueError(f"{host!r}: no such interface for its scope")
+    if rc != 0:
+        raise ValueError(f"{host!r} is not an IP address")
     return out
 
 
-cdef str _ip(uint32_t ip):
-    return socket.inet_ntoa((<char *>&ip)[:4])
+cdef str _ip(const hp_addr_t *a):
+    """Canonical text, as the checks write it (a scope as the interface name)."""
+    if a.family != socket.AF_INET6:
+        return socket.inet_ntoa((<char *>&a.ip)[:4])
+    text = str(ipaddress.IPv6Address((<char *>a.ip6)[:16]))
+    if a.scope_id:
+        try:
+            text += "%" + socket.if_indextoname(a.scope_id)
+        except OSError:
+            text += f"%{a.scope_id}"
+    return text
 
 
 cdef object _stats(const hp_punch_stats_t *st):
@@ -48,7 +61,7 @@ cdef object _stats(const hp_punch_stats_t *st):
         time_to_established_ns=(st.time_to_established_ns
                                 if st.time_to_established_ns >= 0 else None),
         local_port=st.local_port if st.local_port >= 0 else None,
-        remote=(_ip(st.remote.ip), st.remote.port) if st.have_remote else None,
+        remote=(_ip(&st.remote), st.remote.port) if st.have_remote else None,
         accepted=bool(st.accepted),
         first_syn_at=st.first_syn_at_ns / 1e9 if st.first_syn_at_ns else None,
     )
@@ -65,7 +78,7 @@ cdef object _raise(int rc, str op, object stats=None):
         raise PunchTimeout(what + " by the deadline", stats)
     if op == "raw_syn" and err in (EPERM, EACCES):
         raise PermissionError(
-            err, "raw_syn needs CAP_NET_RAW to open a raw IPv4 socket "
+            err, "raw_syn needs CAP_NET_RAW to open a raw IP socket "
             "(run as root or `setcap cap_net_raw+ep` the interpreter)")
     if err in (EMFILE, ENFILE):
         raise OSError(err, f"{op} ran out of file descriptors ({os.strerror(err)}); "
@@ -119,6 +132,7 @@ def sweep(list pairs, str local_ip, double start_at, double timeout, double inte
     cdef int fd = -1, rc
     cdef dict hosts = {}
     cdef hp_addr_t addr
+    cdef bytes packed
     if n == 0:
         raise ValueError("sweep needs at least one pair")
     c_pairs = <hp_sweep_pair_t *>malloc(n * sizeof(hp_sweep_pair_t))
@@ -127,17 +141,17 @@ def sweep(list pairs, str local_ip, double start_at, double timeout, double inte
     try:
         for i in range(n):
             lport, (host, port) = pairs[i]
-            ip = hosts.get(host)
-            if ip is None:
+            packed = hosts.get(host)
+            if packed is None:
                 addr = _addr(host, 0)
-                ip = hosts[host] = addr.ip
+                packed = hosts[host] = (<char *>&addr)[:sizeof(hp_addr_t)]
             c_pairs[i].local_port = <uint16_t>lport
-            c_pairs[i].remote.ip = <uint32_t>ip
+            memcpy(&c_pairs[i].remote, <char *>packed, sizeof(hp_addr_t))
             c_pairs[i].remote.port = <uint16_t>port
         memset(&a, 0, sizeof(a))
         a.pairs = c_pairs
         a.npairs = n
-        a.local_ip = _addr(local_ip, 0).ip
+        a.local = _addr(local_ip, 0)
         a.start_at_ns = _ns(start_at)
         a.timeout_ns = _ns(timeout)
         a.interval_ns = _ns(interval)
@@ -191,7 +205,7 @@ def build_syn(str src_ip, int src_port, str dst_ip, int dst_port, int ttl, uint3
                       ttl, seq, ip_id)
     if rc < 0:
         _raise(rc, "build_syn")
-    return bytes(buf[:HP_SYN_LEN])
+    return bytes(buf[:rc])
 
 
 def relay_pump(int fd_a, int fd_b, double idle_timeout, unsigned long long max_bytes):

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 import time
 
-from ._base import Address, PunchStats
+from ._base import Address, PunchStats, sockaddr
 
 IN_PROGRESS = frozenset({0, errno.EINPROGRESS, errno.EALREADY})
 FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -18,17 +19,21 @@ def reuse_socket(ip: str, port: int, *, defer_port: bool = False) -> socket.sock
     Port 0 on the wildcard address is left unbound (connect picks the port); with
     ``defer_port`` a concrete ip with port 0 uses IP_BIND_ADDRESS_NO_PORT so that thousands
     of sweep sockets share ephemeral ports by 4-tuple instead of exhausting them at bind().
+    The family is ``ip``'s; an IPv6 socket is IPV6_V6ONLY, so it never takes IPv4 traffic.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    v6 = ":" in ip
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setblocking(False)
         if port == 0 and defer_port:
-            if ip == "0.0.0.0":
+            if ip in ("0.0.0.0", "::"):
                 return sock
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.bind((ip, port))
+        sock.bind(sockaddr((ip, port)))
     except BaseException:
         sock.close()
         raise
@@ -44,17 +49,33 @@ def start_connect(sock: socket.socket, remote: Address, ttl: int | None) -> tupl
     since the SYN leaves inside the call.
     """
     saved = None
+    level, opt = ((socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS)
+                  if sock.family == socket.AF_INET6 else (socket.IPPROTO_IP, socket.IP_TTL))
     if ttl is not None:
-        saved = sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+        saved = sock.getsockopt(level, opt)
+        sock.setsockopt(level, opt, ttl)
     sent_at = time.time()
-    rc = sock.connect_ex(remote)
+    rc = sock.connect_ex(sockaddr(remote))
     if saved is not None:
         try:
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, saved)
+            sock.setsockopt(level, opt, saved)
         except OSError:
             pass
     return rc, sent_at
+
+
+def same_endpoint(peer: tuple[object, ...], remote: Address) -> bool:
+    """Is an accepted peer (a 2- or 4-tuple, as the family reports it) ``remote``?"""
+    host, port = peer[0], peer[1]
+    if port != remote[1] or not isinstance(host, str):
+        return False
+    if host == remote[0]:
+        return True
+    try:
+        return (ipaddress.ip_address(host.split("%")[0])
+                == ipaddress.ip_address(remote[0].split("%")[0]))
+    except ValueError:
+        return False
 
 
 def connect_outcome(sock: socket.socket) -> int:

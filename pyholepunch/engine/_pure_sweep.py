@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def run_sweep(
-    pairs: Sequence[SweepPair], start_at: float | None, timeout: float, *, local_ip: str,
+    pairs: Sequence[SweepPair], start_at: float | None, timeout: float, *, local_ip: str | None,
     max_inflight: int, rate: float, interval: float, syn_ttl: int | None,
 ) -> PunchResult:
     a = _base.check_sweep_args(pairs, start_at, timeout, local_ip, max_inflight, rate,

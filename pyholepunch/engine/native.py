@@ -56,7 +56,7 @@ class NativeEngine:
         start_at: float | None,
         timeout: float,
         *,
-        local_ip: str = "0.0.0.0",
+        local_ip: str | None = None,
         max_inflight: int = 1024,
         rate: float = 0.0,
         interval: float = 0.0,

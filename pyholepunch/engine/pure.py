@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Sequence
 
+from ..address import format_address
 from ..errors import PunchTimeout
 from . import _base
 from ._base import (
@@ -36,6 +37,7 @@ from ._pure_sock import (
     note_syn,
     note_won,
     reuse_socket,
+    same_endpoint,
     start_connect,
 )
 from ._pure_sweep import run_sweep
@@ -75,7 +77,7 @@ class PureEngine:
         start_at: float | None,
         timeout: float,
         *,
-        local_ip: str = "0.0.0.0",
+        local_ip: str | None = None,
         max_inflight: int = 1024,
         rate: float = 0.0,
         interval: float = 0.0,
@@ -139,7 +141,8 @@ class _SimOpen:
         if winner is None:
             s = self.stats
             raise PunchTimeout(
-                f"no connection {self.lip}:{self.lport} -> {self.remote[0]}:{self.remote[1]} "
+                f"no connection {format_address((self.lip, self.lport))} -> "
+                f"{format_address(self.remote)} "
                 f"by the deadline ({s.attempts} attempts, {s.rsts_seen} RST, "
                 f"{s.icmp_errors} ICMP)", s)
         return PunchResult(winner, self.stats)
@@ -203,7 +206,7 @@ class _SimOpen:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise
                 return None
-            if peer == self.remote:
+            if same_endpoint(peer, self.remote):
                 self.stats.accepted = True
                 self.stats.sockets_opened += 1
                 note_won(self.stats, sock, self.remote, self.start)

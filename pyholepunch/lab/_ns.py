@@ -293,8 +293,9 @@ def require_support(delay: bool = False) -> None:
     except ImportError as exc:
         raise LabError("the NAT lab needs pyroute2 (pip install pyholepunch[lab])") from exc
     if delay:
-        if shutil.which("iptables") is None:
-            raise LabError("lab delay needs `iptables` for its NFQUEUE rule (apt-get install iptables)")
+        for tool in ("iptables", "ip6tables"):
+            if shutil.which(tool) is None:
+                raise LabError(f"lab delay needs `{tool}` for its NFQUEUE rule (apt-get install iptables)")
         try:
             import netfilterqueue  # noqa: F401
         except ImportError as exc:

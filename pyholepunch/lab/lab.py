@@ -1,6 +1,6 @@
 """`Lab`: a NAT lab as a (sync or async) context manager.
 
-    with Lab(a="port-restricted", b="symmetric-seq", rtt_ms=40) as lab:
+    with Lab(a="port-restricted", b="symmetric-seq", rtt_ms=40, v6_a="firewall") as lab:
         lab.run("a", ["ip", "route"])
         lab.call("b", some_picklable_function, arg)
 
@@ -30,7 +30,7 @@ from typing import Any
 
 from ..errors import LabError
 from . import _ns, miniupnpd, state, topology
-from .topology import SERVER_ALT_IP, SERVER_IP
+from .topology import SERVER_ALT_IP, SERVER_ALT_IP6, SERVER_IP, SERVER_IP6
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,20 @@ _CONNTRACK_KEY = re.compile(r"^[a-z0-9_]+$")
 
 
 class Lab:
-    """Peers `a` and `b` behind NATs of the given types, a two-address server, one core router."""
+    """Peers `a` and `b` behind NATs of the given types, a two-address server, one core router.
+
+    `v6_a` / `v6_b`: each side's IPv6 behaviour beside its IPv4 type (nat.V6_BEHAVIOURS):
+    "none" (no IPv6, the default), "open", "firewall" (stateful, RFC 6092), "firewall-rst",
+    "blackhole" (an address and a route, every IPv6 packet dropped at the uplink). With IPv6 on
+    either side the server has two IPv6 addresses too (`server_ip6`, `server_alt_ip6`). An IPv4
+    type "no-ipv4" makes an IPv6-only peer.
+    """
 
     def __init__(self, a: str = "port-restricted", b: str = "port-restricted", *, rtt_ms: float = 0,
                  jitter_ms: float = 0, loss_pct: float = 0.0, same_nat: bool = False,
                  hairpin: bool = False, conntrack: dict[str, int] | None = None,
                  portmap_a: bool = False, portmap_b: bool = False,
-                 portmap_min_lifetime: int = 120) -> None:
+                 portmap_min_lifetime: int = 120, v6_a: str = "none", v6_b: str = "none") -> None:
         for label, v in (("rtt_ms", rtt_ms), ("jitter_ms", jitter_ms)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10_000:
                 raise ValueError(f"{label} must be a number in [0, 10000], got {v!r}")
@@ -93,12 +100,14 @@ class Lab:
         if same_nat and len(portmap) > 1:
             raise ValueError("with same_nat both peers share one router: set portmap_a only")
         self._plan = topology.plan(a, b, same_nat=same_nat, hairpin=hairpin, seq_offset=seq_offset,
-                                   portmap=portmap)
+                                   portmap=portmap, v6_a=v6_a, v6_b=v6_b)
         self.portmap_min_lifetime = portmap_min_lifetime
         self.routers: dict[str, miniupnpd.Router] = {}   # peer -> the miniupnpd of its NAT
         self.a_type, self.b_type = self._plan.types["a"], self._plan.types["b"]
+        self.v6_a, self.v6_b = self._plan.v6["a"], self._plan.v6["b"]
         self.name = ""
         self.server_ip, self.server_alt_ip = SERVER_IP, SERVER_ALT_IP
+        self.server_ip6, self.server_alt_ip6 = SERVER_IP6, SERVER_ALT_IP6
         self.nodes: tuple[str, ...] = tuple(self._plan.nodes)
         self.startup_s: float | None = None
         self._procs: list[subprocess.Popen[Any] | asyncio.subprocess.Process] = []
@@ -136,7 +145,8 @@ class Lab:
                 raise LabError(f"building lab failed: {exc}") from exc
             raise
         self.startup_s = time.monotonic() - t0
-        log.info("lab %s up in %.3f s: a=%s b=%s", self.name, self.startup_s, self.a_type, self.b_type)
+        log.info("lab %s up in %.3f s: a=%s b=%s v6_a=%s v6_b=%s", self.name, self.startup_s,
+                 self.a_type, self.b_type, self.v6_a, self.v6_b)
         return self
 
     @staticmethod
@@ -270,24 +280,45 @@ class Lab:
     def private_ip(self, node: str) -> str:
         if node == "server":
             return self.server_ip
-        if node not in self._plan.private:
+        if node not in self._plan.types:
             raise ValueError(f"private_ip is for the peers 'a' and 'b', not {node!r}")
+        if node not in self._plan.private:
+            raise ValueError(f"peer {node} has no IPv4 (type {self._plan.types[node]!r})")
         return self._plan.private[node]
 
     def public_ip(self, node: str) -> str:
         if node == "server":
             return self.server_ip
-        if node not in self._plan.public:
+        if node not in self._plan.types:
             raise ValueError(f"public_ip is for the peers 'a' and 'b', not {node!r}")
+        if node not in self._plan.public:
+            raise ValueError(f"peer {node} has no IPv4 (type {self._plan.types[node]!r})")
         return self._plan.public[node]
+
+    def public_ip6(self, node: str) -> str:
+        """The peer's global IPv6 address (no NAT on IPv6: the host's own), or the server's."""
+        if not self._plan.public6:
+            raise ValueError("this lab has no IPv6 (v6_a and v6_b are 'none')")
+        if node == "server":
+            return self.server_ip6
+        if node not in self._plan.types:
+            raise ValueError(f"public_ip6 is for the peers 'a' and 'b', not {node!r}")
+        if node not in self._plan.public6:
+            raise ValueError(f"peer {node} has no IPv6 (v6 behaviour 'none')")
+        return self._plan.public6[node]
 
     def nat_type(self, node: str) -> str:
         return self._plan.types[node]
+
+    def v6_behaviour(self, node: str) -> str:
+        return self._plan.v6[node]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "a": self.a_type, "b": self.b_type, "nodes": list(self.nodes),
                 "server_ip": self.server_ip, "server_alt_ip": self.server_alt_ip,
                 "private": dict(self._plan.private), "public": dict(self._plan.public),
+                "v6_a": self.v6_a, "v6_b": self.v6_b, "server_ip6": self.server_ip6,
+                "server_alt_ip6": self.server_alt_ip6, "public6": dict(self._plan.public6),
                 "rtt_ms": self.rtt_ms, "jitter_ms": self.jitter_ms, "loss_pct": self.loss_pct,
                 "same_nat": self.same_nat, "hairpin": self.hairpin,
                 "portmap": dict(self._plan.routers)}
@@ -343,4 +374,5 @@ class Lab:
         return await asyncio.to_thread(_ns.call, self.netns(node), fn, args, kwargs, timeout)
 
     def __repr__(self) -> str:
-        return f"<Lab {self.name or '(not started)'} a={self.a_type} b={self.b_type}>"
+        v6 = f" v6_a={self.v6_a} v6_b={self.v6_b}" if (self.v6_a, self.v6_b) != ("none", "none") else ""
+        return f"<Lab {self.name or '(not started)'} a={self.a_type} b={self.b_type}{v6}>"

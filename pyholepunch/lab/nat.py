@@ -1,4 +1,6 @@
-"""nftables rulesets for the lab's NAT routers, one behaviour per type (docs/lab.md).
+"""nftables rulesets for the lab's NAT routers, one behaviour per type (docs/lab.md), and for
+the IPv6 behaviour of each side's uplink (no NAT on IPv6: open, a stateful firewall, a
+blackhole).
 
 Pure text generation (no I/O): ``ruleset(NatConfig)`` returns what ``nft -f -`` loads inside a
 router namespace. Linux conntrack gives the building blocks:
@@ -77,10 +79,80 @@ HOP_KINDS = ("full-cone", "restricted-cone", "port-restricted", "port-restricted
              "symmetric-seq", "symmetric-random")
 
 
+NO_IPV4 = "no-ipv4"
+"""An IPv4 "type" beside the eight: the peer has no IPv4 at all (an IPv6-only host)."""
+
+V4_TYPES: tuple[str, ...] = (*NAT_TYPES, NO_IPV4)
+
+
 def validate_type(name: str) -> str:
-    if name not in NAT_TYPES:
-        raise ValueError(f"unknown NAT type {name!r}; choose one of {', '.join(NAT_TYPES)}")
+    if name not in V4_TYPES:
+        raise ValueError(f"unknown NAT type {name!r}; choose one of {', '.join(V4_TYPES)}")
     return name
+
+
+# --- IPv6: one behaviour per side: a firewall on its first hop, a blackhole at the core ----------
+
+V6_BEHAVIOURS: tuple[str, ...] = ("none", "open", "firewall", "firewall-rst", "blackhole")
+
+
+@dataclass(frozen=True)
+class V6Row:
+    """What one IPv6 behaviour promises; `lab verify` checks measurements against it."""
+
+    outbound: str           # a TCP connect to the server: "ok" | "timeout" | "unreachable"
+    unsolicited_syn: str    # from the server: "reaches-host" | "drop" | "rst" | "n/a"
+    simultaneous_open: str  # crossing SYNs with the server: "pass" | "fail" | "n/a"
+
+
+V6_ROWS: dict[str, V6Row] = {
+    "none": V6Row("unreachable", "n/a", "n/a"),            # no IPv6 address, no route
+    "open": V6Row("ok", "reaches-host", "pass"),
+    "firewall": V6Row("ok", "drop", "pass"),                # RFC 6092 simple security
+    "firewall-rst": V6Row("ok", "rst", "pass"),
+    "blackhole": V6Row("timeout", "drop", "fail"),          # address and route, no path
+}
+
+
+def validate_v6(name: str) -> str:
+    if name not in V6_BEHAVIOURS:
+        raise ValueError(f"unknown IPv6 behaviour {name!r}; choose one of {', '.join(V6_BEHAVIOURS)}")
+    return name
+
+
+def v6_firewall_ruleset(behaviour: str, ifname: str, *, host: bool) -> str:
+    """A stateful IPv6 firewall (table ``ip6 hpl_v6``) on a side's first hop, for traffic coming
+    in on its uplink ``ifname``: on the side's router (forward hook) or, for a host alone on the
+    public link, on the host itself (input hook; ICMPv6 stays open for neighbour discovery).
+    ``firewall`` is RFC 6092 simple security: only flows started inside pass inbound; an
+    outbound SYN makes the peer's crossing SYN a reply, so simultaneous open passes (each side's
+    firewall is its own box, as on the Internet: one conntrack for both sides would drop both
+    crossing SYNs). ``firewall-rst`` answers an unsolicited TCP segment with a RST instead."""
+    if behaviour not in ("firewall", "firewall-rst"):
+        raise ValueError(f"not a firewall behaviour: {behaviour!r}")
+    inbound = f'iifname "{ifname}"'
+    rules = [f"{inbound} ct state established,related accept"]
+    if host:
+        rules.append(f"{inbound} meta l4proto ipv6-icmp accept")
+    if behaviour == "firewall-rst":
+        rules.append(f"{inbound} meta l4proto tcp reject with tcp reset")
+    rules.append(f"{inbound} counter drop")
+    hook = "input" if host else "forward"
+    body = "".join(f"    {r}\n" for r in rules)
+    return (f"table ip6 hpl_v6 {{\n  chain inbound {{\n"
+            f"    type filter hook {hook} priority filter; policy accept;\n{body}  }}\n}}\n")
+
+
+def v6_blackhole_ruleset(ifnames: list[str]) -> str:
+    """The core's drop of every IPv6 packet to and from the blackholed sides' uplinks (table
+    ``ip6 hpl_v6``): stateless, silent (the sender's SYNs time out), "" for none."""
+    rules = [r for i in sorted(ifnames) for r in (f'iifname "{i}" drop', f'oifname "{i}" drop')]
+    if not rules:
+        return ""
+    body = "".join(f"    {r}\n" for r in rules)
+    return ("table ip6 hpl_v6 {\n  chain blackhole {\n"
+            "    type filter hook forward priority filter; policy accept;\n"
+            f"{body}  }}\n}}\n")
 
 
 def _mapping_rules(c: NatConfig) -> list[str]:
@@ -179,10 +251,11 @@ def ruleset(c: NatConfig) -> str:
 
 
 def loss_ruleset(loss_pct: float) -> str:
-    """Random loss on every packet forwarded by the core router (per direction, per crossing)."""
+    """Random loss on every packet forwarded by the core router (per direction, per crossing),
+    IPv4 and IPv6 alike."""
     per_10k = round(loss_pct * 100)
     if per_10k <= 0:
         return ""
-    return ("table ip hpl_loss {\n  chain forward_loss {\n"
+    return ("table inet hpl_loss {\n  chain forward_loss {\n"
             "    type filter hook forward priority -200; policy accept;\n"
             f"    numgen random mod 10000 < {per_10k} drop\n  }}\n}}\n")

@@ -28,6 +28,10 @@ P1, P2 = 3478, 3479
 Address = tuple[str, int]
 
 
+def _family(ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
 def _reuse(s: socket.socket) -> socket.socket:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -53,7 +57,10 @@ class ProbeServer:
 
     def __init__(self, lab: Lab, back_timeout: float) -> None:
         self.lab, self.back_timeout = lab, back_timeout
-        self.endpoints = [(ip, p) for ip in (lab.server_ip, lab.server_alt_ip) for p in (P1, P2)]
+        ips = [lab.server_ip, lab.server_alt_ip]
+        if lab.describe()["public6"]:           # the lab has IPv6: serve it too
+            ips += [lab.server_ip6, lab.server_alt_ip6]
+        self.endpoints = [(ip, p) for ip in ips for p in (P1, P2)]
         self._sel = selectors.DefaultSelector()
         self._udp: dict[Address, socket.socket] = {}
         self._socks: list[socket.socket] = []
@@ -62,9 +69,10 @@ class ProbeServer:
 
     def __enter__(self) -> ProbeServer:
         for ep in self.endpoints:
-            u = _reuse(self.lab.socket("server", socket.AF_INET, socket.SOCK_DGRAM))
+            family = _family(ep[0])
+            u = _reuse(self.lab.socket("server", family, socket.SOCK_DGRAM))
             u.bind(ep)
-            t = _reuse(self.lab.socket("server"))
+            t = _reuse(self.lab.socket("server", family))
             t.bind(ep)
             t.listen(64)
             self._udp[ep] = u
@@ -111,7 +119,7 @@ class ProbeServer:
                     if line[:1] == ["MAP"]:
                         conn.sendall(f"{peer[0]} {peer[1]}\n".encode())
                     elif line[:1] == ["BACK"] and len(line) == 3:
-                        with _reuse(self.lab.socket("server")) as s:
+                        with _reuse(self.lab.socket("server", _family(line[1]))) as s:
                             s.bind((line[1], int(line[2])))
                             conn.sendall((_connect(s, peer, self.back_timeout) + "\n").encode())
                     else:
@@ -138,17 +146,19 @@ class Measured:
 
 
 class _Client:
-    def __init__(self, lab: Lab, node: str, wait: float) -> None:
-        self.lab, self.node, self.wait = lab, node, wait
+    """Sockets in `node`, bound to `ip` (its family; default the IPv4 wildcard)."""
+
+    def __init__(self, lab: Lab, node: str, wait: float, ip: str = "0.0.0.0") -> None:
+        self.lab, self.node, self.wait, self.ip = lab, node, wait, ip
 
     def udp(self, port: int) -> socket.socket:
-        s = self.lab.socket(self.node, socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("0.0.0.0", port))
+        s = self.lab.socket(self.node, _family(self.ip), socket.SOCK_DGRAM)
+        s.bind((self.ip, port))
         return s
 
     def tcp(self, port: int) -> socket.socket:
-        s = _reuse(self.lab.socket(self.node))
-        s.bind(("0.0.0.0", port))
+        s = _reuse(self.lab.socket(self.node, _family(self.ip)))
+        s.bind((self.ip, port))
         return s
 
     @staticmethod
@@ -163,9 +173,9 @@ class _Client:
                 continue
         raise TimeoutError(f"no UDP MAP answer from {dst}")
 
-    def tcp_map(self, local: int, dst: Address) -> tuple[Address, socket.socket]:
+    def tcp_map(self, local: int, dst: Address, timeout: float = 3) -> tuple[Address, socket.socket]:
         s = self.tcp(local)
-        res = _connect(s, dst, 3)
+        res = _connect(s, dst, timeout)
         if res != "ok":
             s.close()
             raise OSError(f"TCP to {dst} from port {local}: {res}")

@@ -174,7 +174,7 @@ class PeerProtocol(asyncio.Protocol):
         """Answer a fatal ERROR and close; the server carries on with everyone else."""
         if self._closing:
             return
-        self.server.metrics["refused"] += 1
+        self.server.refuse(code.name)
         log.info("refusing %s: %s %s", self.name, code.name, reason)
         if self.conn.state is not State.CLOSED:
             self.send(Error(code=int(code), reason=reason[:200], session=session, fatal=True))
@@ -223,7 +223,7 @@ class PeerProtocol(asyncio.Protocol):
                     if r.fatal:
                         self.fail(r.code, r.reason, r.session)
                     else:
-                        self.server.metrics["refused"] += 1
+                        self.server.refuse(r.code.name)
                         self.send(Error(code=int(r.code), reason=r.reason, session=r.session,
                                         fatal=False))
                 except asyncio.CancelledError:
@@ -339,6 +339,8 @@ class PeerProtocol(asyncio.Protocol):
         self.send(Punch(session=msg.session, role="initiator", start_at=start + self.clock.offset,
                         peer=target.peer_info(), plan=plan))
         srv.metrics["punches"] += 1
+        srv.emit("coordination", session=msg.session,
+                 profiles=(initiator.profiles, target.profiles))
         log.info("punch %s: %s -> %s start in %.1f ms", msg.session, me.name, target.name,
                  (start - srv.clock()) * 1e3)
 
@@ -354,6 +356,9 @@ class PeerProtocol(asyncio.Protocol):
         info = await self._session_of(msg.session)
         key = {"direct": "successes", "relay": "relayed", "failed": "failures"}[msg.outcome]
         self.server.metrics[key] += 1
+        assert self.record is not None
+        self.server.emit("result", session=msg.session, outcome=msg.outcome, stats=msg.stats,
+                         initiator=info["initiator"] == self.record.peer_id)
         log.info("result %s from %s: %s", msg.session, self.name, msg.outcome)
         if msg.outcome == "failed":
             await self._tell_gave_up(msg, info)

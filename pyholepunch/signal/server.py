@@ -60,6 +60,9 @@ class SignalServer:
         self.metrics: dict[str, int] = dict.fromkeys(
             ("registrations", "punches", "successes", "failures", "relayed", "relays",
              "turn_offers", "refused", "frames_in", "frames_out"), 0)
+        # Who wants to hear about events the counters above cannot carry (metrics.py):
+        # observer(event, fields) for "coordination", "result", "refused", "tls_failed".
+        self.observers: list[Callable[[str, dict[str, Any]], None]] = []
         self._servers: list[asyncio.Server] = []
         self._tls: set[TlsTransport] = set()      # every live connection, registered or not
         self.reference_offset = 0.0      # the store's reference clock minus ours
@@ -93,12 +96,31 @@ class SignalServer:
     def protocol_factory(self) -> asyncio.Protocol:
         """TLS (our MemoryBIO layer, see tlsproto) carrying one PeerProtocol."""
         if len(self._tls) - len(self.peers) >= self.config.max_unregistered:
-            self.metrics["refused"] += 1
+            self.refuse("UNREGISTERED_LIMIT")
             return _Reject()     # a connection flood must not grow memory without bound
         tls = TlsTransport(self.ssl_context, lambda: PeerProtocol(self),
-                           self.config.handshake_timeout, self._tls.discard)
+                           self.config.handshake_timeout, self._tls_lost)
         self._tls.add(tls)
         return tls
+
+    def _tls_lost(self, tls: TlsTransport) -> None:
+        self._tls.discard(tls)
+        ssl_object = tls.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.version() is None:   # never got through
+            self.emit("tls_failed")
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """Tell the observers; an observer's bug never breaks the server."""
+        for observer in self.observers:
+            try:
+                observer(event, fields)
+            except Exception:
+                log.exception("metrics observer failed on %s", event)
+
+    def refuse(self, reason: str) -> None:
+        """Count one refusal (``reason``: an ErrorCode name or another fixed word)."""
+        self.metrics["refused"] += 1
+        self.emit("refused", reason=reason)
 
     async def close(self) -> None:
         if self._reference_task is not None:

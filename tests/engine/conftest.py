@@ -1,4 +1,5 @@
-"""Engine test fixtures: every test may take `no_fd_leak` to prove it left no descriptor open."""
+"""Engine test fixtures: `fam` runs a test over IPv4 and IPv6 loopback; every test may take
+`no_fd_leak` to prove it left no descriptor open."""
 from __future__ import annotations
 
 import gc
@@ -6,7 +7,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from .helpers import open_fds
+from .helpers import V4, V6, Family, open_fds
+
+
+@pytest.fixture(params=[V4, V6], ids=["v4", "v6"])
+def fam(request: pytest.FixtureRequest) -> Family:
+    """The address family under test: 127.0.0.2/.3/.4, or ::1 for every side."""
+    param: Family = request.param
+    return param
 
 
 @pytest.fixture

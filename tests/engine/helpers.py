@@ -12,11 +12,32 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyholepunch import engine as engine_mod
+from pyholepunch.address import family_of
 from pyholepunch.errors import PunchError
 
 A_IP, B_IP, C_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
+
+
+@dataclass(frozen=True)
+class Family:
+    """The loopback addresses a test uses in one address family (fixture ``fam``)."""
+
+    name: str
+    af: socket.AddressFamily
+    a: str
+    b: str
+    c: str
+    any: str
+
+    def sock(self, type: int = socket.SOCK_STREAM) -> socket.socket:
+        return socket.socket(self.af, type)
+
+
+# IPv6 has one loopback address: the sides differ by port only.
+V4 = Family("v4", socket.AF_INET, A_IP, B_IP, C_IP, "0.0.0.0")
+V6 = Family("v6", socket.AF_INET6, "::1", "::1", "::1", "::")
 
 
 def open_fds() -> set[str]:
@@ -41,7 +62,7 @@ def listening_ports() -> set[int]:
 
 def free_port(ip: str) -> int:
     """A port nothing is bound to on ``ip`` right now (bound then released)."""
-    with socket.socket() as s:
+    with socket.socket(family_of(ip)) as s:
         s.bind((ip, 0))
         return int(s.getsockname()[1])
 
@@ -57,14 +78,14 @@ def closed_ports(n: int, low: int = 20000) -> list[int]:
 @contextlib.contextmanager
 def silent_port(ip: str) -> Iterator[int]:
     """A port whose SYNs vanish: a listener with a full accept queue drops them, no RST."""
-    lst = socket.socket()
+    lst = socket.socket(family_of(ip))
     fillers: list[socket.socket] = []
     try:
         lst.bind((ip, 0))
         lst.listen(0)
         port = lst.getsockname()[1]
         for _ in range(3):          # backlog 0 admits one; the rest fill it for sure
-            c = socket.socket()
+            c = socket.socket(family_of(ip))
             c.setblocking(False)
             c.connect_ex((ip, port))
             fillers.append(c)
@@ -116,19 +137,49 @@ def parse_ipv4_tcp(pkt: bytes) -> Seen | None:
     )
 
 
-# Classic BPF: keep only IPv4 TCP segments with SYN set and ACK clear, so the bulk traffic of
-# other tests on a shared ``lo`` cannot overflow the capture buffer and hide our SYNs.
+def parse_ipv6_tcp(pkt: bytes) -> Seen | None:
+    """An IPv6 packet whose next header is TCP (no extension headers), checksums checked."""
+    if len(pkt) < 60 or pkt[0] >> 4 != 6 or pkt[6] != socket.IPPROTO_TCP:
+        return None
+    plen = struct.unpack("!H", pkt[4:6])[0]
+    tcp = pkt[40:40 + plen]
+    pseudo = pkt[8:40] + struct.pack("!I3xB", len(tcp), socket.IPPROTO_TCP)
+    sport, dport = struct.unpack("!HH", tcp[:4])
+    return Seen(
+        ttl=pkt[7], src=(socket.inet_ntop(socket.AF_INET6, pkt[8:24]), sport),
+        dst=(socket.inet_ntop(socket.AF_INET6, pkt[24:40]), dport), flags=tcp[13],
+        ip_ok=True, tcp_ok=checksum(pseudo + tcp) == 0, raw=pkt[:40 + plen],
+    )
+
+
+def parse_ip_tcp(frame: bytes) -> Seen | None:
+    """An Ethernet frame carrying IPv4 or IPv6 TCP, or None."""
+    if frame[12:14] == b"\x08\x00":
+        return parse_ipv4_tcp(frame[14:])
+    if frame[12:14] == b"\x86\xdd":
+        return parse_ipv6_tcp(frame[14:])
+    return None
+
+
+# Classic BPF: keep only IPv4 or IPv6 TCP segments with SYN set and ACK clear, so the bulk
+# traffic of other tests on a shared ``lo`` cannot overflow the capture buffer and hide our SYNs.
 _SYN_ONLY_BPF = [
     (0x28, 0, 0, 12),          # ldh [12]            ethertype
-    (0x15, 0, 6, 0x0800),      # jne IPv4 -> drop
+    (0x15, 0, 6, 0x0800),      # jne IPv4 -> try IPv6
     (0x30, 0, 0, 23),          # ldb [23]            IP protocol
-    (0x15, 0, 4, 6),           # jne TCP -> drop
+    (0x15, 0, 11, 6),          # jne TCP -> drop
     (0xB1, 0, 0, 14),          # ldxb 4*([14]&0xf)   IP header length
     (0x50, 0, 0, 27),          # ldb [x+27]          TCP flags
     (0x54, 0, 0, 0x12),        # and #(SYN|ACK)
-    (0x15, 1, 0, 0x02),        # jeq SYN -> keep
-    (0x06, 0, 0, 0),           # drop
+    (0x15, 6, 7, 0x02),        # jeq SYN -> keep, else drop
+    (0x15, 0, 6, 0x86DD),      # IPv6? else drop
+    (0x30, 0, 0, 20),          # ldb [20]            next header
+    (0x15, 0, 4, 6),           # jne TCP -> drop
+    (0x30, 0, 0, 67),          # ldb [14+40+13]      TCP flags
+    (0x54, 0, 0, 0x12),        # and #(SYN|ACK)
+    (0x15, 0, 1, 0x02),        # jne SYN -> drop
     (0x06, 0, 0, 0x40000),     # keep
+    (0x06, 0, 0, 0),           # drop
 ]
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
@@ -160,7 +211,7 @@ def capture_socket(ifname: str | None = None) -> socket.socket:
 
 
 class LoCapture:
-    """Outgoing IPv4/TCP SYNs on ``lo`` (each loopback packet is seen once, as outgoing)."""
+    """Outgoing TCP SYNs (IPv4 and IPv6) on ``lo`` (each loopback packet is seen once, as outgoing)."""
 
     def __init__(self, ifname: str = "lo") -> None:
         self.sock = capture_socket(ifname)
@@ -179,9 +230,9 @@ class LoCapture:
                 frame, addr = self.sock.recvfrom(65535)
             except BlockingIOError:
                 return out
-            if addr[2] != PACKET_OUTGOING or frame[12:14] != b"\x08\x00":
+            if addr[2] != PACKET_OUTGOING:
                 continue
-            seen = parse_ipv4_tcp(frame[14:])
+            seen = parse_ip_tcp(frame)
             if seen and seen.flags & 0x12 == 0x02 and match(seen):
                 out.append(seen)
 
@@ -208,7 +259,7 @@ def punch_side(engine_name: str, local: tuple[str, int], remote: tuple[str, int]
                 break
             got += chunk
         return {"stats": res.stats.as_dict(), "got": got, "blocking": s.getblocking(),
-                "sockname": s.getsockname(), "peername": s.getpeername()}
+                "sockname": s.getsockname()[:2], "peername": s.getpeername()[:2]}
 
 
 def run_in_processes(*calls: tuple[Callable[..., Any], tuple[Any, ...]],

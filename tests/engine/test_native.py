@@ -184,8 +184,13 @@ def test_c_argument_errors_are_value_errors(_native_mod: object) -> None:
         n.simultaneous_open(A_IP, 0, B_IP, 9, now, 0.0, 0.01, 0, 1, False)  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="EINVAL"):
         n.simultaneous_open(A_IP, 0, B_IP, 0, now, 1.0, 0.01, 0, 1, False)  # type: ignore[attr-defined]
-    with pytest.raises(ValueError, match="IPv4"):
+    with pytest.raises(ValueError, match="not an IP address"):
         n.simultaneous_open("nope", 0, B_IP, 9, now, 1.0, 0.01, 0, 1, False)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="EINVAL"):    # mixed families reach C: refused there too
+        n.simultaneous_open("::1", 0, B_IP, 9, now, 1.0, 0.01, 0, 1, False)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="no such interface"):
+        n.simultaneous_open("fe80::1%nosuchif9", 0, "fe80::2%nosuchif9", 9, now, 1.0, 0.01, 0, 1,  # type: ignore[attr-defined]
+                            False)
     with pytest.raises(ValueError, match="EINVAL"):
         n.sweep([(0, (B_IP, 9))], "0.0.0.0", now, 1.0, 0.0, 0, 0.0, 0)  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="EINVAL"):
@@ -242,6 +247,8 @@ def test_c_syn_matches_the_pure_builder(_native_mod: object) -> None:
         (("192.0.2.1", 40000), ("203.0.113.7", 443), 3, 0x01020304, 77),
         (("10.0.0.1", 1), ("10.255.255.254", 65535), 255, 0xFFFFFFFF, 0xFFFF),
         (("127.0.0.2", 5555), ("127.0.0.3", 6666), 1, 0, 0),
+        (("2001:db8::1", 40000), ("2001:db8:1::7", 443), 9, 0x01020304, 0),
+        (("fd00::1:2", 1), ("fe80::ffff:1%lo", 65535), 255, 0xFFFFFFFF, 0),
     ]:
         c = _native_mod.build_syn(src[0], src[1], dst[0], dst[1], ttl, seq, ip_id)  # type: ignore[attr-defined]
         assert c == build_syn(src, dst, ttl=ttl, seq=seq, ip_id=ip_id)

@@ -15,23 +15,25 @@ import pytest
 
 from pyholepunch.engine import Engine, RelayStats
 
+from .helpers import Family
 
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as lst:
-        lst.bind(("127.0.0.1", 0))
+
+def tcp_pair(ip: str = "127.0.0.1") -> tuple[socket.socket, socket.socket]:
+    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as lst:
+        lst.bind((ip, 0))
         lst.listen(1)
-        c = socket.create_connection(lst.getsockname())
+        c = socket.create_connection(lst.getsockname()[:2])
         s, _ = lst.accept()
     return c, s
 
 
 @contextlib.contextmanager
 def relayed(
-    engine: Engine, **kw: Any
+    engine: Engine, ip_a: str = "127.0.0.1", ip_b: str = "127.0.0.1", **kw: Any
 ) -> Iterator[tuple[socket.socket, socket.socket, Callable[[], RelayStats]]]:
     """client_a <-> [a_side ==pump== b_side] <-> client_b; yields the two clients."""
-    client_a, a_side = tcp_pair()
-    client_b, b_side = tcp_pair()
+    client_a, a_side = tcp_pair(ip_a)
+    client_b, b_side = tcp_pair(ip_b)
     flags = [fcntl.fcntl(s.fileno(), fcntl.F_GETFL) for s in (a_side, b_side)]
     out: dict[str, Any] = {}
 
@@ -74,9 +76,9 @@ def recv_all(s: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def test_bytes_both_ways_and_eof(engine: Engine) -> None:
+def test_bytes_both_ways_and_eof(engine: Engine, fam: Family) -> None:
     data_a, data_b = os.urandom(3 << 20), os.urandom(5 << 20) + b"end"
-    with relayed(engine, idle_timeout=10) as (ca, cb, result):
+    with relayed(engine, fam.a, fam.b, idle_timeout=10) as (ca, cb, result):
         got: dict[str, bytes] = {}
 
         def side(me: socket.socket, data: bytes, key: str) -> None:
@@ -98,8 +100,9 @@ def test_bytes_both_ways_and_eof(engine: Engine) -> None:
     assert stats.reason == "eof"
 
 
-def test_half_close_is_propagated(engine: Engine) -> None:
-    with relayed(engine, idle_timeout=10) as (ca, cb, result):
+def test_half_close_is_propagated(engine: Engine, fam: Family) -> None:
+    """Also across families: an IPv4 peer relayed to a peer of ``fam``."""
+    with relayed(engine, "127.0.0.1", fam.b, idle_timeout=10) as (ca, cb, result):
         ca.sendall(b"request")
         ca.shutdown(socket.SHUT_WR)                 # a is done talking, still listening
         assert recv_all(cb) == b"request"           # b sees a's FIN after the data

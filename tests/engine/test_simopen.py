@@ -12,8 +12,7 @@ from pyholepunch.engine import Engine
 from pyholepunch.errors import PunchError, PunchTimeout
 
 from .helpers import (
-    A_IP,
-    B_IP,
+    Family,
     LoCapture,
     free_port,
     in_netns,
@@ -25,32 +24,32 @@ from .helpers import (
 
 
 @pytest.mark.root
-def test_two_processes_simultaneous_open(engine: Engine, no_fd_leak: None) -> None:
+def test_two_processes_simultaneous_open(engine: Engine, fam: Family, no_fd_leak: None) -> None:
     """listen=False on both sides: only a true simultaneous open (crossing SYNs) can connect.
 
     Runs on a private loopback whose RSTs are dropped, like a NAT dropping an unsolicited SYN
     (see helpers.private_loopback): on a plain lo the first SYN is refused and the sides race.
     """
-    pa, pb = free_port(A_IP), free_port(B_IP)
+    pa, pb = free_port(fam.a), free_port(fam.b)
     with private_loopback((pa, pb)) as ns:
-        a, b, *rest = _punch_pair_at(engine, False, pa, pb, ns)
-    _check_pair(engine, a, b, *rest, listen=False)
+        a, b, *rest = _punch_pair_at(engine, fam, False, pa, pb, ns)
+    _check_pair(fam, a, b, *rest, listen=False)
     # Each side's one SYN met the other's: no refusal, no re-arm, crossing SYNs did it.
     for side in (a, b):
         assert side["stats"]["attempts"] == 1 and side["stats"]["rsts_seen"] == 0, side
 
 
-def test_two_processes_punch_with_listen(engine: Engine, no_fd_leak: None) -> None:
+def test_two_processes_punch_with_listen(engine: Engine, fam: Family, no_fd_leak: None) -> None:
     """listen=True on both sides, plain loopback: connect or accept, one connection either way."""
-    pa, pb = free_port(A_IP), free_port(B_IP)
-    _check_pair(engine, *_punch_pair_at(engine, True, pa, pb, None), listen=True)
+    pa, pb = free_port(fam.a), free_port(fam.b)
+    _check_pair(fam, *_punch_pair_at(engine, fam, True, pa, pb, None), listen=True)
 
 
-def _punch_pair_at(engine: Engine, listen: bool, pa: int, pb: int,
+def _punch_pair_at(engine: Engine, fam: Family, listen: bool, pa: int, pb: int,
                    netns: str | None) -> tuple[Any, Any, int, int, float]:
     start_at = time.time() + 0.3
-    side_a = (engine.name, (A_IP, pa), (B_IP, pb), start_at, 8.0, listen, 0.005, b"hello from a")
-    side_b = (engine.name, (B_IP, pb), (A_IP, pa), start_at, 8.0, listen, 0.005, b"hello from b")
+    side_a = (engine.name, (fam.a, pa), (fam.b, pb), start_at, 8.0, listen, 0.005, b"hello from a")
+    side_b = (engine.name, (fam.b, pb), (fam.a, pa), start_at, 8.0, listen, 0.005, b"hello from b")
     if netns is None:
         a, b = run_in_processes((punch_side, side_a), (punch_side, side_b))
     else:
@@ -59,15 +58,15 @@ def _punch_pair_at(engine: Engine, listen: bool, pa: int, pb: int,
     return a, b, pa, pb, start_at
 
 
-def _check_pair(engine: Engine, a: Any, b: Any, pa: int, pb: int, start_at: float, *,
+def _check_pair(fam: Family, a: Any, b: Any, pa: int, pb: int, start_at: float, *,
                 listen: bool) -> None:
     assert "error" not in a, a
     assert "error" not in b, b
     assert a["got"] == b"hello from b" and b["got"] == b"hello from a"
-    assert a["sockname"] == (A_IP, pa) and a["peername"] == (B_IP, pb)
-    assert b["sockname"] == (B_IP, pb) and b["peername"] == (A_IP, pa)
+    assert a["sockname"] == (fam.a, pa) and a["peername"] == (fam.b, pb)
+    assert b["sockname"] == (fam.b, pb) and b["peername"] == (fam.a, pa)
     assert a["blocking"] and b["blocking"]
-    for side, port, peer in ((a, pa, (B_IP, pb)), (b, pb, (A_IP, pa))):
+    for side, port, peer in ((a, pa, (fam.b, pb)), (b, pb, (fam.a, pa))):
         st = side["stats"]
         assert st["local_port"] == port and tuple(st["remote"]) == peer
         assert st["attempts"] >= st["syns_sent"] and st["time_to_established_ns"] >= 0
@@ -83,21 +82,22 @@ def _check_pair(engine: Engine, a: Any, b: Any, pa: int, pb: int, start_at: floa
 
 
 @pytest.mark.parametrize("listen", [False, True])
-def test_rst_rearm_until_peer_comes_up(engine: Engine, listen: bool, no_fd_leak: None) -> None:
+def test_rst_rearm_until_peer_comes_up(engine: Engine, fam: Family, listen: bool,
+                                       no_fd_leak: None) -> None:
     """The peer's port answers RST for a while; re-arming every interval wins once it listens."""
-    pa, pb = free_port(A_IP), free_port(B_IP)
-    server = socket.socket()
+    pa, pb = free_port(fam.a), free_port(fam.b)
+    server = fam.sock()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
     def come_up_later() -> None:
         time.sleep(0.3)
-        server.bind((B_IP, pb))
+        server.bind((fam.b, pb))
         server.listen(1)
 
     t = threading.Thread(target=come_up_later)
     t.start()
     try:
-        res = engine.simultaneous_open((A_IP, pa), (B_IP, pb), None, 5.0, interval=0.02,
+        res = engine.simultaneous_open((fam.a, pa), (fam.b, pb), None, 5.0, interval=0.02,
                                        listen=listen)
         t.join()
         with res.sock:
@@ -105,26 +105,26 @@ def test_rst_rearm_until_peer_comes_up(engine: Engine, listen: bool, no_fd_leak:
             with peer:
                 res.sock.sendall(b"x")
                 assert peer.recv(1) == b"x"
-            assert res.sock.getsockname() == (A_IP, pa)
+            assert res.sock.getsockname()[:2] == (fam.a, pa)
         st = res.stats
         assert st.rsts_seen > 0
         assert st.attempts == st.rsts_seen + 1          # every refused attempt was re-armed
-        assert st.local_port == pa and st.remote == (B_IP, pb) and not st.accepted
+        assert st.local_port == pa and st.remote == (fam.b, pb) and not st.accepted
         assert st.time_to_established_ns is not None and st.time_to_established_ns >= 0.25e9
     finally:
         t.join()
         server.close()
 
 
-def test_rst_rearm_until_peer_engine_comes_up(engine: Engine, no_fd_leak: None) -> None:
+def test_rst_rearm_until_peer_engine_comes_up(engine: Engine, fam: Family, no_fd_leak: None) -> None:
     """The late side is itself an engine punching back (listen=True) 0.3 s after us."""
-    pa, pb = free_port(A_IP), free_port(B_IP)
+    pa, pb = free_port(fam.a), free_port(fam.b)
     late: dict[str, Any] = {}
 
     def peer() -> None:
         time.sleep(0.3)
         try:
-            late["res"] = engine.simultaneous_open((B_IP, pb), (A_IP, pa), None, 5.0,
+            late["res"] = engine.simultaneous_open((fam.b, pb), (fam.a, pa), None, 5.0,
                                                    interval=0.02, listen=True)
         except BaseException as exc:
             late["err"] = exc
@@ -132,7 +132,7 @@ def test_rst_rearm_until_peer_engine_comes_up(engine: Engine, no_fd_leak: None) 
     t = threading.Thread(target=peer)
     t.start()
     try:
-        res = engine.simultaneous_open((A_IP, pa), (B_IP, pb), None, 5.0, interval=0.02,
+        res = engine.simultaneous_open((fam.a, pa), (fam.b, pb), None, 5.0, interval=0.02,
                                        listen=False)
     finally:
         t.join()
@@ -144,11 +144,11 @@ def test_rst_rearm_until_peer_engine_comes_up(engine: Engine, no_fd_leak: None) 
     assert res.stats.rsts_seen > 0 and res.stats.attempts > res.stats.rsts_seen
 
 
-def test_refused_peer_times_out_with_stats(engine: Engine, no_fd_leak: None) -> None:
-    pa, pb = free_port(A_IP), free_port(B_IP)
+def test_refused_peer_times_out_with_stats(engine: Engine, fam: Family, no_fd_leak: None) -> None:
+    pa, pb = free_port(fam.a), free_port(fam.b)
     t0 = time.time()
     with pytest.raises(PunchTimeout) as info:
-        engine.simultaneous_open((A_IP, pa), (B_IP, pb), None, 0.3, interval=0.02)
+        engine.simultaneous_open((fam.a, pa), (fam.b, pb), None, 0.3, interval=0.02)
     assert time.time() - t0 >= 0.29
     st = info.value.stats
     assert st is not None and st.attempts >= 3 and st.rsts_seen >= 2
@@ -156,39 +156,39 @@ def test_refused_peer_times_out_with_stats(engine: Engine, no_fd_leak: None) -> 
     assert isinstance(info.value, PunchError) and isinstance(info.value, TimeoutError)
 
 
-def test_silent_peer_times_out_with_one_syn(engine: Engine, no_fd_leak: None) -> None:
+def test_silent_peer_times_out_with_one_syn(engine: Engine, fam: Family, no_fd_leak: None) -> None:
     """A peer that drops SYNs: no RST, no re-arm (the kernel retransmits), PunchTimeout."""
-    pa = free_port(A_IP)
-    with silent_port(B_IP) as pb:
+    pa = free_port(fam.a)
+    with silent_port(fam.b) as pb:
         with pytest.raises(PunchTimeout) as info:
-            engine.simultaneous_open((A_IP, pa), (B_IP, pb), time.time() + 0.05, 0.4,
+            engine.simultaneous_open((fam.a, pa), (fam.b, pb), time.time() + 0.05, 0.4,
                                      listen=False)
     st = info.value.stats
     assert st is not None and st.attempts == 1 and st.rsts_seen == 0 and st.icmp_errors == 0
     assert st.first_syn_delay_ns is not None
 
 
-def test_start_at_is_honoured(engine: Engine, no_fd_leak: None) -> None:
-    pa, pb = free_port(A_IP), free_port(B_IP)
+def test_start_at_is_honoured(engine: Engine, fam: Family, no_fd_leak: None) -> None:
+    pa, pb = free_port(fam.a), free_port(fam.b)
     start_at = time.time() + 0.2
     with pytest.raises(PunchTimeout) as info:
-        engine.simultaneous_open((A_IP, pa), (B_IP, pb), start_at, 0.1, interval=0.05)
+        engine.simultaneous_open((fam.a, pa), (fam.b, pb), start_at, 0.1, interval=0.05)
     st = info.value.stats
     assert st is not None and st.first_syn_at is not None and st.first_syn_at >= start_at - 1e-5
     assert st.first_syn_delay_ns is not None and st.first_syn_delay_ns >= 0
 
 
-def test_port_zero_picks_one_port_for_every_attempt(engine: Engine, no_fd_leak: None) -> None:
-    pb = free_port(B_IP)
-    with socket.socket() as server:
+def test_port_zero_picks_one_port_for_every_attempt(engine: Engine, fam: Family, no_fd_leak: None) -> None:
+    pb = free_port(fam.b)
+    with fam.sock() as server:
         def later() -> None:
             time.sleep(0.1)
-            server.bind((B_IP, pb))
+            server.bind((fam.b, pb))
             server.listen(1)
         t = threading.Thread(target=later)
         t.start()
         try:
-            res = engine.simultaneous_open((A_IP, 0), (B_IP, pb), None, 5.0, interval=0.01,
+            res = engine.simultaneous_open((fam.a, 0), (fam.b, pb), None, 5.0, interval=0.01,
                                            listen=False)
         finally:
             t.join()
@@ -196,10 +196,10 @@ def test_port_zero_picks_one_port_for_every_attempt(engine: Engine, no_fd_leak: 
             assert res.stats.attempts > 1 and res.stats.local_port == res.sock.getsockname()[1]
             peer, addr = server.accept()
             peer.close()
-            assert addr == (A_IP, res.stats.local_port)
+            assert addr[:2] == (fam.a, res.stats.local_port)
 
 
-def test_usable_from_asyncio_without_blocking_the_loop(engine: Engine) -> None:
+def test_usable_from_asyncio_without_blocking_the_loop(engine: Engine, fam: Family) -> None:
     import asyncio
 
     async def main() -> int:
@@ -212,9 +212,9 @@ def test_usable_from_asyncio_without_blocking_the_loop(engine: Engine) -> None:
                 ticks += 1
 
         task = asyncio.create_task(ticker())
-        pa, pb = free_port(A_IP), free_port(B_IP)
+        pa, pb = free_port(fam.a), free_port(fam.b)
         with pytest.raises(PunchTimeout):
-            await asyncio.to_thread(engine.simultaneous_open, (A_IP, pa), (B_IP, pb), None, 0.4)
+            await asyncio.to_thread(engine.simultaneous_open, (fam.a, pa), (fam.b, pb), None, 0.4)
         task.cancel()
         return ticks
 
@@ -222,17 +222,18 @@ def test_usable_from_asyncio_without_blocking_the_loop(engine: Engine) -> None:
 
 
 @pytest.mark.root
-def test_low_ttl_first_syn_on_the_wire(engine: Engine, no_fd_leak: None) -> None:
+def test_low_ttl_first_syn_on_the_wire(engine: Engine, fam: Family, no_fd_leak: None) -> None:
     """syn_ttl=2: the first SYN leaves with TTL 2, every later one with the default TTL."""
-    with open("/proc/sys/net/ipv4/ip_default_ttl") as f:
+    with open("/proc/sys/net/ipv6/conf/lo/hop_limit" if fam.name == "v6"
+              else "/proc/sys/net/ipv4/ip_default_ttl") as f:
         default_ttl = int(f.read())
-    pa, pb = free_port(A_IP), free_port(B_IP)
+    pa, pb = free_port(fam.a), free_port(fam.b)
     with LoCapture() as cap:
         with pytest.raises(PunchTimeout) as info:
-            engine.simultaneous_open((A_IP, pa), (B_IP, pb), None, 0.25, interval=0.03,
+            engine.simultaneous_open((fam.a, pa), (fam.b, pb), None, 0.25, interval=0.03,
                                      syn_ttl=2, listen=False)
         time.sleep(0.02)
-        syns = cap.syns(lambda s: s.src == (A_IP, pa) and s.dst == (B_IP, pb))
+        syns = cap.syns(lambda s: s.src == (fam.a, pa) and s.dst == (fam.b, pb))
     assert info.value.stats is not None
     assert len(syns) == info.value.stats.syns_sent >= 3
     assert syns[0].ttl == 2
@@ -242,12 +243,12 @@ def test_low_ttl_first_syn_on_the_wire(engine: Engine, no_fd_leak: None) -> None
 
 
 @pytest.mark.root
-def test_low_ttl_for_the_first_n_attempts(engine: Engine, no_fd_leak: None) -> None:
-    pa, pb = free_port(A_IP), free_port(B_IP)
+def test_low_ttl_for_the_first_n_attempts(engine: Engine, fam: Family, no_fd_leak: None) -> None:
+    pa, pb = free_port(fam.a), free_port(fam.b)
     with LoCapture() as cap:
         with pytest.raises(PunchTimeout):
-            engine.simultaneous_open((A_IP, pa), (B_IP, pb), None, 0.3, interval=0.03,
+            engine.simultaneous_open((fam.a, pa), (fam.b, pb), None, 0.3, interval=0.03,
                                      syn_ttl=5, ttl_syns=3, listen=False)
         time.sleep(0.02)
-        ttls = [s.ttl for s in cap.syns(lambda s: s.src == (A_IP, pa))]
+        ttls = [s.ttl for s in cap.syns(lambda s: s.src == (fam.a, pa))]
     assert len(ttls) >= 5 and ttls[:3] == [5, 5, 5] and 5 not in ttls[3:]

@@ -5,6 +5,11 @@ NAT b, `connect` behind NAT a — the demo's flow) and must connect and echo. Di
 pair except symmetric-random with symmetric-random / symmetric-seq, which must relay and say
 why. The matrix (pair -> route, winning step, time to connect) is written as JSON to
 ``$PYHOLEPUNCH_RESULTS/matrix.json`` (default ``build/results``) and printed at the end.
+
+Each pair's server runs with ``--metrics``; its Prometheus exposition, parsed with
+prometheus_client's parser, must count exactly that pair's outcome (route, winning step,
+relay cause), and over the whole matrix 34 direct sessions by step and 2 relayed with their
+reason.
 """
 from __future__ import annotations
 
@@ -15,10 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pyholepunch.cli.demo import run_pair
 from pyholepunch.lab import NAT_TYPES, Lab
+from pyholepunch.report import load_schema
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -48,6 +56,40 @@ def matrix() -> Iterator[dict[str, Any]]:
                      f"{row['step'] or '-':16s} {ms:>7s}")
     print("\n" + "\n".join(lines))
     assert _open_fds() <= fds + 2, "file descriptors leaked across the matrix"
+    _check_matrix_metrics(rows)
+
+
+def _outcomes(exposition: str) -> dict[tuple[str, str], float]:
+    """(route, step) -> sessions, and ("relay-cause", cause) -> fallbacks, from a scrape."""
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(exposition):
+        for s in family.samples:
+            if s.name == "pyholepunch_server_punch_outcomes_total" and s.value:
+                key = (s.labels["route"], s.labels["step"])
+                out[key] = out.get(key, 0) + s.value
+            elif s.name == "pyholepunch_server_relay_fallbacks_total" and s.value:
+                out[("relay-cause", s.labels["reason"])] = s.value
+    return out
+
+
+def _check_matrix_metrics(rows: dict[str, Any]) -> None:
+    """The servers' counts, summed, are the matrix's outcomes: every direct session by its
+    winning step, every relayed one with its cause."""
+    defaults = [r for r in rows.values() if r["engine"] == "default"]
+    counted: dict[tuple[str, str], float] = {}
+    for row in defaults:
+        for key, n in row["server_outcomes"].items():
+            counted[tuple(key.split("|"))] = counted.get(tuple(key.split("|")), 0) + n  # type: ignore[index]
+    expected: dict[tuple[str, str], float] = {}
+    for row in defaults:
+        for key in ((row["route"], row["step"]),) + ((("relay-cause", row["relay_cause"]),)
+                                                     if row["route"] == "relay" else ()):
+            expected[key] = expected.get(key, 0) + 1
+    assert counted == expected
+    if len(defaults) == len(PAIRS):
+        direct = sum(n for (route, _), n in counted.items() if route == "direct")
+        assert direct == 34 and counted[("relay", "relay")] == 2
+        assert counted[("relay-cause", "no_direct_plan")] == 2
 
 
 def _expected_route(a: str, b: str) -> str:
@@ -57,12 +99,15 @@ def _expected_route(a: str, b: str) -> str:
 def _run(a: str, b: str, engine: str | None, tmp_path: Path, matrix: dict[str, Any]) -> None:
     with Lab(a=a, b=b, rtt_ms=40) as lab:
         result = run_pair(lab.spawn, lab.server_ip, lab.server_alt_ip, tmp_path, engine=engine,
-                          timeout=30)
+                          timeout=30, server_metrics=True)
     report = result["report"]
+    jsonschema.Draft202012Validator(load_schema()).validate(report)   # `connect --json` output
     matrix[f"{a} <-> {b}" + (f" [{engine}]" if engine else "")] = {
         "a": a, "b": b, "engine": engine or "default", "route": report.get("route"),
         "step": report.get("winning_step"), "time_to_connect": report.get("total_time"),
         "relay_reason": report.get("relay_reason"), "echo_ok": result["echo_ok"],
+        "relay_cause": report.get("relay_cause"),
+        "server_outcomes": {"|".join(k): v for k, v in _outcomes(result["server_metrics"]).items()},
         "nat_a": (report.get("local_nat") or {}).get("label"),
         "nat_b": (report.get("remote_nat") or {}).get("label"),
     }
@@ -71,8 +116,15 @@ def _run(a: str, b: str, engine: str | None, tmp_path: Path, matrix: dict[str, A
     assert report["route"] == expected, f"{a} <-> {b}: {report['route']}, plan {report['plan']}"
     if expected == "relay":
         assert "brute force" in report["relay_reason"]
+        assert report["relay_cause"] == "no_direct_plan"
     else:
         assert report["winning_step"] not in (None, "relay")
+    # this pair's server counted exactly this session
+    counted = _outcomes(result["server_metrics"])
+    want = {(report["route"], report["winning_step"]): 1.0}
+    if expected == "relay":
+        want[("relay-cause", "no_direct_plan")] = 1.0
+    assert counted == want, f"server metrics {counted} != report {want}"
 
 
 @pytest.mark.parametrize(("a", "b"), PAIRS, ids=[f"{a}--{b}" for a, b in PAIRS])
