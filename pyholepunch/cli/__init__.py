@@ -41,7 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "listen": ("pyholepunch.cli.peer", "register and accept peer connections (netcat-like)"),
     "connect": ("pyholepunch.cli.peer", "connect to a peer by name or id (netcat-like)"),
     "lab": ("pyholepunch.cli.lab", "build, verify and tear down the netns NAT lab"),
-    "api": ("pyholepunch.api.cli", "HTTP API for other programs on 127.0.0.1:12333 (extra [api])"),
+    "api": ("pyholepunch.cli.api", "HTTP API for other programs on 127.0.0.1:12333 (extra [api])"),
 }
 
 
