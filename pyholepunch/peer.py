@@ -14,31 +14,32 @@ import asyncio
 import contextlib
 import logging
 import resource
-import socket
-import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from . import address
 from . import engine as engine_mod
+from .address import format_address
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
+from .engine import PunchResult
 from .errors import HolePunchError, PunchError, SignalingError
 from .identity import ConfigLock, Identity, default_config_dir
 from .nat.classify import classify_nat
-from .nat.profile import Allocation, Mapping, NatProfile
-from .punch import Punch, close_late_result, peer_target
+from .nat.profile import Allocation, Family, Mapping, NatProfile
+from .punch import Punch, close_late_result
 from .punch_mapping import PunchPortMapping
+from .punchport import PunchPort, candidates, classify_family, probe, reserve_port
 from .relay.builtin import open_builtin_relay
 from .relay.peering import peer_turn_relay
 from .report import ConnectionReport, Route
-from .security import certificate_for, secure_stream, tls_context
+from .security import Streams, certificate_for, secure_stream, tls_context
 from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, SignalClient
 from .signal.protocol import ErrorCode
-from .strategy import Plan
-from .strategy import plan as make_plan
-from .stun.client import StunTcpConnection
+from .strategy import Candidate, Plan, plan_race
+from .strategy.candidates import FAMILIES, family_name
 from .stun.probe import route_source_ip
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,6 @@ Address = tuple[str, int]
 
 TLS_TIMEOUT = 5.0
 RELAY_TIMEOUT = 10.0
-PROBE_ATTEMPTS = 3          # STUN over TCP from the punch port (see Peer._probe)
-PROBE_RETRY_PAUSE = 0.2
 
 
 def parse_address(value: str | Address, default_port: int = 3478) -> Address:
@@ -77,9 +76,13 @@ class Peer:
         clock: Callable[[], float] = time.time,
         classify_udp: bool = False,
         keepalive: KeepAlive | None = DEFAULT_KEEPALIVE,
+        families: Sequence[str] | None = None,
         portmap: bool = True,
     ) -> None:
         self.server = parse_address(server)
+        self.families = tuple(families) if families else FAMILIES
+        if not self.families or any(f not in FAMILIES for f in self.families):
+            raise ValueError(f"families must be among {', '.join(FAMILIES)}, got {families!r}")
         self.config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
         self.identity = identity or Identity.load_or_create(self.config_dir)
         self._lock = ConfigLock(self.config_dir)
@@ -94,12 +97,11 @@ class Peer:
         self.classify_udp = classify_udp
         self.keepalive = keepalive
         self.cert = certificate_for(self.identity)
-        self.profiles: dict[str, NatProfile] = {}
-        self.local_ip = "0.0.0.0"
-        self.local_port = 0                     # our punch port (reserved while we live)
-        self.announced: Address | None = None   # what it maps to outside
-        self._reservation: socket.socket | None = None
-        self.portmap = portmap                  # ask the router to map the punch port
+        self.profiles: dict[str, NatProfile] = {}          # "tcp" / "udp": the server's family
+        self.family_profiles: dict[str, NatProfile] = {}   # "ipv4" / "ipv6": TCP, per family
+        self.ports: dict[str, PunchPort] = {}              # per family: our punch port
+        self._primary = family_name(self.server[0])
+        self.portmap = portmap                  # ask the router to map the (IPv4) punch port
         self.port_mapping: PunchPortMapping | None = None
         self._signal = SignalClient(
             self.server, self.identity, name=self.name, server_fingerprint=server_fingerprint,
@@ -125,20 +127,31 @@ class Peer:
     def tcp_profile(self) -> NatProfile:
         return self.profiles.get("tcp") or NatProfile()
 
+    # The server's family's punch port (what a one-family peer had): kept for callers.
+    local_ip = property(lambda self: self._port().local_ip)
+    local_port = property(lambda self: self._port().port)
+    announced = property(lambda self: self._port().announced)
+
+    def _port(self) -> PunchPort:
+        return self.ports.get(self._primary) or PunchPort(self._primary, self.server, "0.0.0.0")
+
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         self._lock.acquire()        # ConfigDirInUse: one running peer per config dir
         _raise_fd_limit()
-        self.local_ip = await asyncio.to_thread(route_source_ip, self.server[0])
-        if self.portmap:     # its probe runs while we classify
+        if self._primary not in self.families:
+            raise ValueError(f"the server {format_address(self.server)} is {self._primary} "
+                             f"but this peer uses {', '.join(self.families)} only")
+        local_ip = await asyncio.to_thread(route_source_ip, self.server[0])
+        if self.portmap and self._primary == "ipv4":  # its probe runs while we classify
             self.port_mapping = PunchPortMapping(
-                self.server[0], self.local_ip,
+                self.server[0], local_ip,
                 on_change=lambda: self._spawn(self._reannounce(new_port=False)))
             self.port_mapping.probe_task()
         # Is it our server at all? Asked alongside the classification, whose probes would
         # otherwise wait out their timeouts against a server of another kind.
         check = asyncio.ensure_future(self._signal.check_server())
-        classify = asyncio.ensure_future(self._classify())
+        classify = asyncio.ensure_future(self._classify(local_ip))
         try:
             await asyncio.wait([check, classify], return_when=asyncio.FIRST_EXCEPTION)
             await check
@@ -147,10 +160,13 @@ class Peer:
             for task in (check, classify):
                 task.cancel()
             await asyncio.gather(check, classify, return_exceptions=True)
-        await self._learn_punch_address(new_port=True)
+        self.family_profiles[self._primary] = self.profiles["tcp"]
+        self.ports[self._primary] = PunchPort(self._primary, self.server, local_ip)
+        await self._learn_punch_address(self._primary, new_port=True)
+        await self._add_other_family()
         # Registered with its address already: no CONNECT can find us without one.
-        self._signal.profiles = [p.to_dict() for p in self.profiles.values()]
-        self._signal.candidates = self._candidates()
+        self._signal.profiles = [p.to_dict() for p in self._all_profiles()]
+        self._signal.candidates = [c.to_wire() for c in self._candidates()]
         await self._signal.start()
         # Learned again now that the signaling connection has taken its own mapping: a
         # sequential NAT's prediction base has moved. (Without this round trip a CONNECT
@@ -158,11 +174,36 @@ class Peer:
         await self.announce()
         self._events = asyncio.create_task(self._dispatch_events())
 
-    async def _classify(self) -> None:
+    async def _classify(self, local_ip: str) -> None:
         kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
         for kind in kinds:    # one after the other: allocation probes must not interleave
-            self.profiles[kind] = await classify_nat(self.server, transport=kind,
-                                                     local_ip=self.local_ip)
+            profile = await classify_nat(self.server, transport=kind, local_ip=local_ip)
+            self.profiles[kind] = profile.evolve(family=Family(self._primary))
+
+    async def _add_other_family(self) -> None:
+        """Dual stack: the server named its address in the other family (STUN
+        OTHER-FAMILY-ADDRESS); if we have a route there and its STUN answers, classify that
+        family too and keep a punch port in it. A family the server cannot be reached in
+        (no route, or a blackholed uplink: no answer) is left out, and said so."""
+        server = self.ports[self._primary].other_family
+        fam = family_name(server[0]) if server else ""
+        if server is None or fam not in self.families or fam in self.ports or \
+                (found := await classify_family(server)) is None:
+            return
+        local_ip, self.family_profiles[fam] = found
+        self.ports[fam] = PunchPort(fam, server, local_ip)
+        try:
+            await self._learn_punch_address(fam, new_port=True)
+        except (OSError, HolePunchError) as exc:
+            log.info("%s left out: no STUN answer for its punch port (%s)", fam, exc)
+            self.ports.pop(fam).close()
+            self.family_profiles.pop(fam, None)
+
+    def _all_profiles(self) -> list[NatProfile]:
+        """What we announce: our profiles towards the server's family, and the TCP profile
+        of the other family when we have one."""
+        return [*self.profiles.values(),
+                *(p for f, p in self.family_profiles.items() if f != self._primary)]
 
     async def close(self) -> None:
         if self._events is not None:
@@ -178,9 +219,8 @@ class Peer:
                 await item.close()
         if self.port_mapping is not None:
             await self.port_mapping.close()
-        if self._reservation is not None:
-            self._reservation.close()
-            self._reservation = None
+        for pp in self.ports.values():
+            pp.close()
         self._lock.release()
 
     async def __aenter__(self) -> Peer:
@@ -194,26 +234,20 @@ class Peer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _reserve_port(self) -> socket.socket:
-        """A fresh local port held for punching, so the kernel never hands it to anyone else."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((self.local_ip, 0))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
     async def announce(self, *, new_port: bool = False) -> None:
-        """Learn and announce our external punch address (see ``_learn_punch_address``)."""
-        await self._learn_punch_address(new_port=new_port)
-        await self._signal.update(candidates=self._candidates(),
-                                  profiles=list(self.profiles.values()))
+        """Learn and announce our external punch addresses (see ``_learn_punch_address``)
+        and our profiles (a router port mapping shows in the TCP one)."""
+        for fam in list(self.ports):
+            try:
+                await self._learn_punch_address(fam, new_port=new_port)
+            except (OSError, HolePunchError):
+                if fam == self._primary:
+                    raise
+                log.info("%s punch port: no STUN answer; announcing the previous mapping", fam)
+        await self._signal.update(candidates=self._candidates(), profiles=self._all_profiles())
 
-    async def _learn_punch_address(self, *, new_port: bool) -> None:
-        """STUN over TCP from the punch port: what it maps to outside.
+    async def _learn_punch_address(self, family: str, *, new_port: bool) -> None:
+        """STUN over TCP from ``family``'s punch port: what it maps to outside.
 
         For an endpoint-independent mapping that is where the peer will find us; for a
         sequential symmetric NAT it is the latest mapping, the base of the peer's prediction.
@@ -221,52 +255,29 @@ class Peer:
         mapping, so the port and the announced address always agree. The probe ends with an
         RST (SO_LINGER 0): a TIME_WAIT would block the next probe from that port.
         """
+        pp = self.ports[family]
         async with self._announcing:
-            reservation = self._reserve_port() if new_port or self._reservation is None else None
-            port = reservation.getsockname()[1] if reservation is not None else self.local_port
+            reservation = (reserve_port(pp.local_ip) if new_port or pp.reservation is None
+                           else None)
+            port = reservation.getsockname()[1] if reservation is not None else pp.port
             try:
-                mapped = await self._probe(port)
+                result = await probe(pp.server, pp.local_ip, port)
             except BaseException:
                 if reservation is not None:
                     reservation.close()
                 raise
             if reservation is not None:
-                if self._reservation is not None:
-                    self._reservation.close()
-                self._reservation, self.local_port = reservation, port
-            self.announced = mapped
-            if self.port_mapping is not None:
-                await self.port_mapping.follow(self.local_port)
+                pp.close()
+                pp.reservation, pp.port = reservation, port
+            pp.announced = result.mapped
+            pp.other_family = result.other_family or pp.other_family
+            if self.port_mapping is not None and family == self._primary:
+                await self.port_mapping.follow(pp.port)
                 self.profiles["tcp"] = self.port_mapping.profile(self.tcp_profile)
+                self.family_profiles[family] = self.profiles["tcp"]
 
-    async def _probe(self, port: int) -> Address:
-        """Our mapping for ``port``, asked again (PROBE_ATTEMPTS in all) when the server's
-        connection breaks: one unlucky connection on a lossy path must not fail a peer's
-        start. A timeout is not retried: it has waited long enough (connect() may be
-        waiting for this probe)."""
-        for attempt in range(1, PROBE_ATTEMPTS + 1):
-            try:
-                return await self._probe_once(port)
-            except ConnectionError as exc:
-                if attempt == PROBE_ATTEMPTS:
-                    raise
-                log.info("STUN probe from punch port %d failed (%s): asking again", port, exc)
-                await asyncio.sleep(PROBE_RETRY_PAUSE)
-        raise AssertionError("unreachable")
-
-    async def _probe_once(self, port: int) -> Address:
-        conn = await StunTcpConnection.open(self.server, local=(self.local_ip, port))
-        try:
-            return (await conn.binding()).mapped
-        finally:
-            sock = conn.writer.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.writer.transport.abort()
-
-    def _candidates(self) -> list[Address]:
-        assert self.announced is not None
-        return [self.announced, (self.local_ip, self.local_port)]
+    def _candidates(self) -> list[Candidate]:
+        return candidates(self.ports)
 
     def _predictable_symmetric(self) -> bool:
         p = self.tcp_profile
@@ -283,10 +294,9 @@ class Peer:
                 if self._predictable_symmetric():
                     await self.announce()   # the prediction needs our latest mapping
                 async with self._announcing:    # a port rotation in flight ends first
-                    port, candidates = self.local_port, self._candidates()
-                instr = await self._signal.connect(target, candidates,
-                                                   list(self.profiles.values()))
-                return await self._run_session(instr, report, port)
+                    ports, candidates = self._lane_ends(), self._candidates()
+                instr = await self._signal.connect(target, candidates, self._all_profiles())
+                return await self._run_session(instr, report, ports)
         except TimeoutError as exc:
             report.fail(f"connect to {target} took longer than {timeout} s")
             raise TimeoutError(report.error) from exc
@@ -324,6 +334,7 @@ class Peer:
         while True:
             event = await self._signal.incoming.get()
             if isinstance(event, RelayInstruction):
+                event = self._reachable(event)
                 fut = self._grants.setdefault(event.session,
                                               asyncio.get_running_loop().create_future())
                 if not fut.done():
@@ -341,7 +352,7 @@ class Peer:
     async def _respond(self, instr: PunchInstruction) -> None:
         report = self._new_report("responder")
         try:
-            conn = await self._run_session(instr, report, self.local_port)
+            conn = await self._run_session(instr, report, self._lane_ends())
         except Exception as exc:   # the initiator gets its own error; we log ours
             log.warning("incoming connection from %s failed: %s", instr.peer.name, exc)
             return
@@ -357,12 +368,16 @@ class Peer:
     def _abort_of(self, session: str) -> asyncio.Future[str]:
         return self._aborts.setdefault(session, asyncio.get_running_loop().create_future())
 
+    def _lane_ends(self) -> dict[str, Address]:
+        """Our (local ip, punch port) per family, as they are now."""
+        return {f: (pp.local_ip, pp.port) for f, pp in self.ports.items()}
+
     async def _run_session(self, instr: PunchInstruction, report: ConnectionReport,
-                           local_port: int) -> Connection:
+                           ends: dict[str, Address]) -> Connection:
         """Punch or relay, until done or the other peer gives up; either side's failure is
         reported to the server, which tells the other peer so it stops at once."""
         abort = self._abort_of(instr.session)
-        work = asyncio.ensure_future(self._punch_or_relay(instr, report, local_port))
+        work = asyncio.ensure_future(self._punch_or_relay(instr, report, ends))
         try:
             pending: list[asyncio.Future[Any]] = [work, abort]
             await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -409,13 +424,17 @@ class Peer:
         task.add_done_callback(self._tasks.discard)
 
     async def _punch_or_relay(self, instr: PunchInstruction, report: ConnectionReport,
-                              local_port: int) -> Connection:
+                              ends: dict[str, Address]) -> Connection:
         peer = instr.peer
         report.peer_id, report.peer_name = peer.peer_id, peer.name
         report.remote_nat = peer.tcp_profile.to_dict()
-        plan = Plan.from_dict(instr.plan) if instr.plan else make_plan(
-            *((self.tcp_profile, peer.tcp_profile) if instr.role == "initiator"
-              else (peer.tcp_profile, self.tcp_profile)))
+        if instr.plan:
+            plan = Plan.from_dict(instr.plan)
+        else:       # a server without the strategy module: plan it here, the same way
+            ours = (self._all_profiles(), self._candidates())
+            theirs = ([NatProfile.from_dict(p) for p in peer.profiles], list(peer.candidates))
+            (pi, ci), (pr, cr) = (ours, theirs) if instr.role == "initiator" else (theirs, ours)
+            plan = plan_race(pi, pr, ci, cr)
         report.set_plan(plan.to_dict())
         report.tls = not self.insecure_plain
         initiator = instr.role == "initiator"
@@ -429,9 +448,12 @@ class Peer:
             relay_grant = self._grants.setdefault(instr.session,
                                                   asyncio.get_running_loop().create_future())
             try:
-                punch = Punch(self.engine, plan, instr.role, start_at, local_port,
-                              peer_target(peer.candidates, peer.tcp_profile.port_mapping), report,
-                              local_ip=self.local_ip)
+                def secure(won: PunchResult) -> Awaitable[Streams]:
+                    return secure_stream(won.sock, identity=self.identity, peer_id=peer.peer_id,
+                                         peer_cert=peer.cert, initiator=initiator,
+                                         timeout=TLS_TIMEOUT, insecure_plain=self.insecure_plain)
+                punch = Punch.for_session(self.engine, plan, instr.role, start_at, ends,
+                                          peer.candidates, peer.profiles, report, secure)
                 result = await self._first(punch.run(), relay_grant)
             except (PunchError, OSError) as exc:
                 direct_error = exc
@@ -441,11 +463,9 @@ class Peer:
                     direct_error = PunchError("the peer moved to the relay")
                     cause = "peer_relayed"
                 else:
-                    try:
-                        reader, writer = await secure_stream(
-                            result.sock, identity=self.identity, peer_id=peer.peer_id,
-                            peer_cert=peer.cert, initiator=initiator, timeout=TLS_TIMEOUT,
-                            insecure_plain=self.insecure_plain)
+                    try:   # a dual-stack race has run TLS already (the first mutually
+                        # authenticated connection wins); else the handshake runs now
+                        reader, writer = punch.streams or await secure(result)
                     except (TimeoutError, OSError) as exc:   # not AuthenticationError: an
                         direct_error, cause = exc, "tls_failed"   # impostor gets no relay either
                     else:
@@ -483,9 +503,18 @@ class Peer:
                 grant = await self._signal.request_relay(instr.session, timeout=RELAY_TIMEOUT)
             finally:
                 self._grants.pop(instr.session, None)
+            grant = self._reachable(grant)
             return await open_builtin_relay(grant.relay, grant.token, timeout=RELAY_TIMEOUT)
         return await peer_turn_relay(self._signal, instr, initiator=initiator, relay=self.relay,
                                      turn=self.turn, grants=self._grants, timeout=RELAY_TIMEOUT)
+
+    def _reachable(self, grant: RelayInstruction) -> RelayInstruction:
+        """A built-in relay grant names the server's address in the initiator's family; a
+        peer of the other family joins it at the address it signals through (the relay
+        shares the server's port set in every family)."""
+        if grant.via == "builtin" and family_name(grant.relay[0]) != self._primary:
+            return replace(grant, relay=self.server)
+        return grant
 
     async def _first(self, punch: Any, grant: asyncio.Future[RelayInstruction]) -> Any:
         """The punch result, unless the peer's relay grant arrives first."""

@@ -18,12 +18,28 @@ import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from .address import family_of, format_address
 from .engine import Engine, PunchResult, PunchStats
 from .engine._base import count_failure
 from .errors import PunchError, PunchTimeout
+from .nat.profile import NatProfile
+from .race import Secure, race_lanes
 from .report import ConnectionReport, Outcome
-from .strategy import Action, Plan, RoleInstruction, Step, StepKind, Target, remote_ports
+from .strategy import (
+    Action,
+    Candidate,
+    Plan,
+    PortChoice,
+    RoleInstruction,
+    Step,
+    StepKind,
+    Target,
+    remote_ports,
+)
+from .strategy.candidates import host_candidates, public_candidate
+from .strategy.race import tcp_profile
 
 log = logging.getLogger(__name__)
 Address = tuple[str, int]
@@ -34,7 +50,7 @@ MARK = b"\x01"             # a sweep's chooser sends this on the one connection 
 
 @dataclass(frozen=True)
 class PunchTarget:
-    """Where the peer can be reached, from its PUNCH candidates."""
+    """Where the peer can be reached in one address family, from its PUNCH candidates."""
 
     public_ip: str
     port: int                                  # its announced port (see strategy/)
@@ -42,9 +58,23 @@ class PunchTarget:
     mapped: Address | None = None              # its router port mapping (NAT-PMP/PCP/UPnP)
 
 
+@dataclass(frozen=True)
+class Lane:
+    """Both ends of one address family: our local address and punch port, and the peer."""
+
+    local_ip: str
+    local_port: int
+    peer: PunchTarget
+
+
 @dataclass
 class Punch:
-    """One role's execution of ``plan`` (direct steps only)."""
+    """One role's execution of ``plan`` (direct steps only).
+
+    ``local_ip``/``local_port``/``peer`` are the IPv4 ends (and those of a one-family plan);
+    ``lanes`` gives each family's own ends for a dual-stack plan, whose families race
+    (RFC 8305): see :meth:`run`.
+    """
 
     engine: Engine
     plan: Plan
@@ -54,27 +84,77 @@ class Punch:
     peer: PunchTarget
     report: ConnectionReport
     local_ip: str = "0.0.0.0"
-    _late: list[asyncio.Future[PunchResult]] = field(default_factory=list)
+    lanes: dict[str, Lane] = field(default_factory=dict)
+    secure: Secure | None = None               # a race runs the TLS handshake on its pick
+    streams: Any = None                        # ... and keeps the secured streams here
 
-    def schedule(self) -> Iterator[tuple[float, list[Step]]]:
-        """(start time, steps) per group, in order; the relay step is not included."""
-        at = self.start_at
-        for group in _groups(self.plan.steps):
+    @classmethod
+    def for_session(cls, engine: Engine, plan: Plan, role: str, start_at: float,
+                    ends: dict[str, Address], peer_candidates: Sequence[Candidate],
+                    peer_profiles: Sequence[dict[str, Any]], report: ConnectionReport,
+                    secure: Secure | None = None) -> Punch:
+        """A session's punch: per family of the plan, our (local ip, punch port) from
+        ``ends`` and the peer's candidates (and router mapping) of that family."""
+        profiles = [NatProfile.from_dict(p) for p in peer_profiles]
+        lanes = {f: Lane(ip, port, peer_target(peer_candidates, f,
+                                               tcp_profile(profiles, f).port_mapping))
+                 for f, (ip, port) in ends.items() if f in plan.families}
+        first = lanes.get(plan.families[0]) if plan.families else None
+        if first is None:
+            raise PunchError(f"no {'/'.join(plan.families)} punch port of ours")
+        return cls(engine, plan, role, start_at, first.local_port, first.peer, report,
+                   local_ip=first.local_ip, lanes=lanes, secure=secure)
+
+    def lane(self, family: str) -> Lane:
+        """Our ends for ``family`` (the defaults when the plan has one family only)."""
+        if family in self.lanes:
+            return self.lanes[family]
+        if family == "ipv4" or len(self.plan.families) <= 1:
+            return Lane(self.local_ip, self.local_port, self.peer)
+        raise PunchError(f"no {family} address on one side for this plan")
+
+    def schedule(self, family: str | None = None) -> Iterator[tuple[float, list[Step]]]:
+        """(start time, steps) per group, in order; the relay step is not included. With
+        ``family``: that family's lane only, from its own start (IPv4 waits race_delay)."""
+        steps = self.plan.steps if family is None else self.plan.track(family)
+        at = self.start_at + (0.0 if family is None else self.plan.track_offset(family))
+        for group in _groups(steps):
             if group[0].kind is StepKind.RELAY:
                 return
             yield at, group
             at += max(s.budget for s in group)
 
     async def run(self) -> PunchResult:
-        """The first established connection, or PunchError when every direct step failed."""
+        """The first established connection, or PunchError when every direct step failed.
+
+        A plan with two families races them: both lanes run their steps on their own
+        schedules; the initiator keeps the first connection any lane brings up and tells
+        the responder which one with a KEEP byte on it; with ``secure`` the TLS handshake
+        runs on it inside the race (``streams``), and a failed one lets the race go on;
+        every other connection is closed (race.py)."""
+        families = self.plan.families
+        if len(families) <= 1:
+            return await self._run_lane(None)
+        won = await race_lanes(self.role, {f: self._run_lane(f) for f in families},
+                               deadline=self._end(), secure=self.secure)
+        self.streams = won.streams
+        return won.result
+
+    def _end(self) -> float:
+        return max((at + max(s.budget for s in g) for f in self.plan.families
+                    for at, g in self.schedule(f)), default=self.start_at)
+
+    async def _run_lane(self, family: str | None) -> PunchResult:
         last: BaseException | None = None
-        for at, group in self.schedule():
+        for at, group in self.schedule(family):
             try:
                 return await self._run_group(at, group)
             except (PunchError, OSError) as exc:
                 last = exc
-                log.info("%s: %s failed: %s", self.role, "+".join(s.kind for s in group), exc)
-        raise PunchError(f"every direct step failed; last: {last}" if last else
+                log.info("%s: %s%s failed: %s", self.role, f"{family} " if family else "",
+                         "+".join(s.kind for s in group), exc)
+        where = f" over {family}" if family else ""
+        raise PunchError(f"every direct step{where} failed; last: {last}" if last else
                          "the plan has no direct step")
 
     async def _run_group(self, at: float, group: list[Step]) -> PunchResult:
@@ -100,9 +180,12 @@ class Punch:
 
     async def _run_step(self, at: float, step: Step) -> PunchResult:
         ins = step.for_role(self.role)
-        record = self.report.step_started(step.kind, at=time.time())
+        lane = self.lane(step.family)
+        record = self.report.step_started(step.kind, at=time.time(), family=step.family,
+                                          local=(lane.local_ip, lane.local_port),
+                                          remote=_describe_remotes(ins, lane.peer))
         try:
-            result = await self._execute(ins, at, step.budget)
+            result = await self._execute(ins, at, step.budget, lane)
         except PunchTimeout as exc:
             self.report.step_finished(record, Outcome.TIMEOUT, stats=exc.stats, error=exc)
             raise
@@ -117,39 +200,40 @@ class Punch:
         self.report.step_finished(record, Outcome.SUCCESS, stats=result.stats)
         return result
 
-    async def _execute(self, ins: RoleInstruction, at: float, budget: float) -> PunchResult:
+    async def _execute(self, ins: RoleInstruction, at: float, budget: float,
+                       lane: Lane) -> PunchResult:
         eng = self.engine
+        ip, port = lane.local_ip, lane.local_port
         if ins.action is Action.NONE:
             await _sleep_until(at + budget)
             raise PunchTimeout("nothing to do in this step (the peer dials)", PunchStats())
         if ins.action is Action.LISTEN:
-            return await accept_from(self.local_ip, self.local_port, self._peer_ips(ins),
-                                     deadline=at + budget)
-        remotes = self._remotes(ins)
+            return await accept_from(ip, port, _peer_ips(ins, lane.peer), deadline=at + budget)
+        remotes = _remotes(ins, lane.peer)
         start, timeout = _window(at + ins.start_delay, budget - ins.start_delay)
         if self._follows(ins):
-            local_ports = ([self.local_port] * len(remotes)
+            local_ports = ([port] * len(remotes)
                            if ins.action is Action.SWEEP_REMOTE_PORTS else [0] * len(remotes))
             pairs = list(zip(local_ports, remotes, strict=True))
-            return await follow(self.local_ip, pairs, self._peer_ips(ins), start=start,
+            return await follow(ip, pairs, _peer_ips(ins, lane.peer), start=start,
                                 deadline=start + timeout, syn_ttl=ins.syn_ttl)
         if ins.action is Action.SIMOPEN:
-            return await asyncio.to_thread(eng.simultaneous_open, (self.local_ip, self.local_port),
-                                    remotes[0], start, timeout, interval=REARM_INTERVAL,
-                                    syn_ttl=ins.syn_ttl, listen=True)
+            return await asyncio.to_thread(eng.simultaneous_open, (ip, port), remotes[0], start,
+                                           timeout, interval=REARM_INTERVAL,
+                                           syn_ttl=ins.syn_ttl, listen=True)
         if ins.action is Action.CONNECT:
-            return await asyncio.to_thread(eng.simultaneous_open, (self.local_ip, 0), remotes[0], start,
-                                    timeout, interval=REARM_INTERVAL, syn_ttl=ins.syn_ttl,
-                                    listen=False)
+            return await asyncio.to_thread(eng.simultaneous_open, (ip, 0), remotes[0], start,
+                                           timeout, interval=REARM_INTERVAL, syn_ttl=ins.syn_ttl,
+                                           listen=False)
         if ins.action is Action.SWEEP_LOCAL_PORTS:
             pairs = [(0, remotes[0])] * ins.count
         elif ins.action is Action.SWEEP_REMOTE_PORTS:
-            pairs = [(self.local_port, r) for r in remotes]
+            pairs = [(port, r) for r in remotes]
         elif ins.action is Action.SWEEP_PAIRS:
             pairs = [(0, r) for r in remotes]
         else:
             raise PunchError(f"action {ins.action} is not a direct punch")
-        result = await asyncio.to_thread(eng.sweep, pairs, start, timeout, local_ip=self.local_ip,
+        result = await asyncio.to_thread(eng.sweep, pairs, start, timeout, local_ip=ip,
                                          max_inflight=max(len(pairs), 1), rate=ins.rate,
                                          syn_ttl=ins.syn_ttl)
         try:   # we chose: tell the follower which of the connections that came up is the one
@@ -167,21 +251,37 @@ class Punch:
         return ins.action is Action.SWEEP_REMOTE_PORTS or (
             ins.action is Action.SWEEP_PAIRS and self.role == "responder")
 
-    def _remotes(self, ins: RoleInstruction) -> list[Address]:
-        if ins.target is Target.LAN:
-            if not self.peer.lan:
-                raise PunchError("the peer announced no LAN address")
-            return list(self.peer.lan)
-        if ins.target is Target.MAPPED:
-            if self.peer.mapped is None:
-                raise PunchError("the peer announced no router port mapping")
-            return [self.peer.mapped]
-        return [(self.peer.public_ip, port) for port in remote_ports(ins, self.peer.port)]
 
-    def _peer_ips(self, ins: RoleInstruction) -> set[str]:
-        if ins.target is Target.LAN:
-            return {ip for ip, _ in self.peer.lan}
-        return {self.peer.public_ip} | {ip for ip, _ in self.peer.lan}
+def _remotes(ins: RoleInstruction, peer: PunchTarget) -> list[Address]:
+    if ins.target is Target.LAN:
+        if not peer.lan:
+            raise PunchError("the peer announced no LAN address")
+        return list(peer.lan)
+    if ins.target is Target.MAPPED:
+        if peer.mapped is None:
+            raise PunchError("the peer announced no router port mapping")
+        return [peer.mapped]
+    return [(peer.public_ip, port) for port in remote_ports(ins, peer.port)]
+
+
+def _peer_ips(ins: RoleInstruction, peer: PunchTarget) -> set[str]:
+    if ins.target is Target.LAN:
+        return {ip for ip, _ in peer.lan}
+    return {peer.public_ip} | {ip for ip, _ in peer.lan}
+
+
+def _describe_remotes(ins: RoleInstruction, peer: PunchTarget) -> str:
+    """The remote side of the candidate pair a step tries, for the report."""
+    if ins.action in (Action.LISTEN, Action.NONE, Action.RELAY):
+        return f"{peer.public_ip} (any port)" if ins.action is Action.LISTEN else ""
+    if ins.target is Target.LAN:
+        dialled = peer.lan[:1] if ins.action in (Action.SIMOPEN, Action.CONNECT) else peer.lan
+        return ", ".join(format_address(a) for a in dialled)
+    if ins.target is Target.MAPPED:
+        return format_address(peer.mapped) + " (port mapping)" if peer.mapped else ""
+    if ins.ports is PortChoice.ANNOUNCED:
+        return format_address((peer.public_ip, peer.port))
+    return f"{format_address((peer.public_ip, peer.port))} ({ins.ports}, {ins.count} ports)"
 
 
 def _groups(steps: Sequence[Step]) -> Iterator[list[Step]]:
@@ -225,7 +325,7 @@ def close_late_result(task: asyncio.Future[PunchResult]) -> None:
 async def accept_from(ip: str, port: int, peer_ips: set[str], *, deadline: float) -> PunchResult:
     """Listen on (ip, port) and accept the first connection from one of ``peer_ips``."""
     stats = PunchStats(local_port=port)
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock = socket.socket(family_of(ip), socket.SOCK_STREAM)
     try:
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -289,12 +389,14 @@ async def follow(ip: str, pairs: list[tuple[int, Address]], peer_ips: set[str], 
         for lport, remote in pairs:
             sock = _bound(ip, lport)
             sock.setblocking(False)
+            ttl_opt = ((socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS)
+                       if sock.family == socket.AF_INET6 else (socket.IPPROTO_IP, socket.IP_TTL))
             if syn_ttl is not None:
-                default_ttl = sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, syn_ttl)
+                default_ttl = sock.getsockopt(*ttl_opt)
+                sock.setsockopt(*ttl_opt, syn_ttl)
             err = sock.connect_ex(remote)
             if syn_ttl is not None:
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, default_ttl)
+                sock.setsockopt(*ttl_opt, default_ttl)
             stats.attempts += 1
             stats.sockets_opened += 1
             if err not in (0, errno.EINPROGRESS):
@@ -325,7 +427,7 @@ async def follow(ip: str, pairs: list[tuple[int, Address]], peer_ips: set[str], 
 
 
 def _bound(ip: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(family_of(ip), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -336,10 +438,12 @@ def _bound(ip: str, port: int) -> socket.socket:
     return sock
 
 
-def peer_target(candidates: Sequence[Address], mapped: Address | None = None) -> PunchTarget:
-    """The first candidate is the announced public address, the rest LAN addresses;
-    ``mapped``: the router port mapping in the peer's NAT profile, if any."""
-    if not candidates:
-        raise PunchError("the peer announced no address")
-    (ip, port), lan = candidates[0], tuple(candidates[1:])
-    return PunchTarget(ip, int(port), lan, mapped)
+def peer_target(candidates: Sequence[Candidate], family: str = "ipv4",
+                mapped: Address | None = None) -> PunchTarget:
+    """The peer's ``family`` ends: its public candidate and its host (LAN) addresses;
+    ``mapped``: the router port mapping in the peer's NAT profile of that family, if any."""
+    public = public_candidate(candidates, family)
+    if public is None:
+        raise PunchError(f"the peer announced no {family} address")
+    return PunchTarget(public.ip, public.port,
+                       tuple(c.address for c in host_candidates(candidates, family)), mapped)

@@ -92,6 +92,9 @@ class StepRecord:
     stats: dict[str, Any] = field(default_factory=dict)   # engine PunchStats.as_dict()
     local_port: int | None = None                          # winning ports, on success
     remote: tuple[str, int] | None = None
+    family: str = ""                                       # "ipv6" | "ipv4" ("" = relay)
+    pair: tuple[str, str] | None = None                    # the candidate pair tried:
+                                                           # (our address, the peer's)
 
     @property
     def duration(self) -> float | None:
@@ -101,7 +104,8 @@ class StepRecord:
         return _json_safe({  # type: ignore[no-any-return]
             "index": self.index, "kind": self.kind, "started": self.started, "ended": self.ended,
             "duration": self.duration, "outcome": self.outcome, "error": self.error,
-            "stats": self.stats, "local_port": self.local_port, "remote": self.remote})
+            "stats": self.stats, "local_port": self.local_port, "remote": self.remote,
+            "family": self.family, "pair": self.pair})
 
 
 @dataclass
@@ -139,8 +143,15 @@ class ConnectionReport:
 
     # --- building --------------------------------------------------------------------------
 
-    def step_started(self, kind: str, at: float | None = None) -> StepRecord:
-        record = StepRecord(len(self.steps), str(kind), _now(at))
+    def step_started(self, kind: str, at: float | None = None, *, family: str = "",
+                     local: tuple[str, int] | None = None, remote: str = "") -> StepRecord:
+        """A step begins; ``family``, ``local`` (our address and punch port) and ``remote``
+        (the peer's candidate(s) it aims at, as text) name the candidate pair it tries."""
+        record = StepRecord(len(self.steps), str(kind), _now(at), family=family)
+        if local is not None:
+            host, port = local
+            ours = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            record.pair = (ours, remote)
         self.steps.append(record)
         self.emit("step", record.to_dict())
         return record
@@ -217,6 +228,14 @@ class ConnectionReport:
         return None if self.established is None else max(0.0, self.established - self.started)
 
     @property
+    def pairs(self) -> list[dict[str, Any]]:
+        """Every candidate pair tried: family, step, pair, outcome, time (s) — the race's
+        record (DESIGN §9)."""
+        return [{"family": r.family, "step": r.kind, "local": r.pair[0], "remote": r.pair[1],
+                 "outcome": str(r.outcome), "started": r.started, "duration": r.duration}
+                for r in self.steps if r.pair is not None]
+
+    @property
     def winning_step(self) -> StepRecord | None:
         for record in self.steps:
             if record.outcome is Outcome.SUCCESS:
@@ -232,6 +251,7 @@ class ConnectionReport:
             "relay_cause": self.relay_cause or None, "tls": self.tls,
             "started": self.started, "established": self.established, "ended": self.ended,
             "total_time": self.total_time, "winning_step": win.kind if win else None,
+            "winning_family": (win.family or None) if win else None, "pairs": self.pairs,
             "error": self.error, "local_nat": self.local_nat, "remote_nat": self.remote_nat,
             "plan": self.plan, "steps": [r.to_dict() for r in self.steps]})
 
@@ -256,13 +276,16 @@ class ConnectionReport:
         if self.plan and self.plan.get("reason"):
             lines.append(f"  plan: {self.plan['reason']}")
         for r in self.steps:
-            line = f"  {r.index + 1}. {r.kind:<16} {r.outcome:<8} {_ms(r.duration):>8}"
+            kind = f"{r.family} {r.kind}" if r.family else r.kind
+            line = f"  {r.index + 1}. {kind:<21} {r.outcome:<8} {_ms(r.duration):>8}"
             s = r.stats
             if s:
                 line += f"  SYNs {s.get('syns_sent', 0)} RSTs {s.get('rsts_seen', 0)} " \
                         f"ICMP {s.get('icmp_errors', 0)}"
             if r.outcome is Outcome.SUCCESS and r.remote:
-                line += f"  :{r.local_port} -> {r.remote[0]}:{r.remote[1]}"
+                host, port = r.remote
+                line += f"  :{r.local_port} -> " + (f"[{host}]:{port}" if ":" in host
+                                                    else f"{host}:{port}")
             if r.error:
                 line += f"  ({r.error})"
             lines.append(line)

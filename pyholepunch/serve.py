@@ -19,8 +19,10 @@ import json
 import logging
 import resource
 import socket
+from collections.abc import Sequence
 from typing import Any
 
+from .address import family_of, format_address
 from .errors import HolePunchError
 from .signal.server import ServerConfig, SignalServer
 from .signal.store import open_store
@@ -30,6 +32,44 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 RELAY_MAGIC = b"HPR1"
 TLS_HANDSHAKE = 0x16
+
+
+def _port_sets(listen: Address | Sequence[Address],
+               alt_ip: str | Sequence[str] | None) -> list[tuple[Address, str | None]]:
+    """(listen address, alternate IP) per family: at most one of each per family, and an
+    alternate IP only for a family that has a listen address. ValueError names the problem."""
+    listens: list[Address] = ([listen] if isinstance(listen, tuple) and isinstance(listen[0], str)
+                              else list(listen))  # type: ignore[arg-type]
+    alts = [] if alt_ip is None else [alt_ip] if isinstance(alt_ip, str) else list(alt_ip)
+    if not listens:
+        raise ValueError("serve needs a listen address")
+    by_family: dict[int, tuple[Address, str | None]] = {}
+    for addr in listens:
+        host, port = addr[0], addr[1]
+        fam = family_of(host)
+        if fam in by_family:
+            raise ValueError(f"one listen address per IP family: {format_address(by_family[fam][0])} "
+                             f"and {format_address((host, port))}")
+        by_family[fam] = ((host, port), None)
+    for ip in alts:
+        fam = family_of(ip)
+        if fam not in by_family:
+            raise ValueError(f"alternate IP {ip} has no listen address of its family")
+        if by_family[fam][1] is not None:
+            raise ValueError(f"one alternate IP per IP family: {by_family[fam][1]} and {ip}")
+        by_family[fam] = (by_family[fam][0], ip)
+    return [by_family[family_of(a[0])] for a in listens]
+
+
+class _AllStun:
+    """The STUN servers of every family, counted as one (for the metrics)."""
+
+    def __init__(self, stuns: list[Any]) -> None:
+        self.stuns = stuns
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {k: sum(st.stats[k] for st in self.stuns) for k in self.stuns[0].stats}
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -48,12 +88,16 @@ def _raise_fd_limit() -> None:
 class Rendezvous:
     """The combined server application (usable in-process from tests and the lab)."""
 
-    def __init__(self, listen: Address, *, alt_ip: str | None = None, state_dir: str | None = None,
+    def __init__(self, listen: Address | Sequence[Address], *,
+                 alt_ip: str | Sequence[str] | None = None, state_dir: str | None = None,
                  token: str | None = None, store: str | None = None, metrics_port: int | None = None,
                  metrics: Address | None = None, config: ServerConfig | None = None,
                  stun: bool = True, relay: bool = True,
                  demux_timeout: float = 10.0, max_pending: int = 4096) -> None:
-        self.listen, self.alt_ip, self.state_dir = listen, alt_ip, state_dir
+        self.port_sets = _port_sets(listen, alt_ip)
+        self.listen = self.port_sets[0][0]
+        self.alt_ip = self.port_sets[0][1]
+        self.state_dir = state_dir
         self.metrics_port = metrics_port
         self.demux_timeout, self.max_pending = demux_timeout, max_pending
         cfg = config or ServerConfig()
@@ -63,14 +107,16 @@ class Rendezvous:
         self.signal = SignalServer(load_or_create_credentials(state_dir), open_store(store, state_dir),
                                    cfg, relay_hub=self.relay_hub)
         self._want_stun = stun
-        self.stun: Any = None
+        self.stun: Any = None                    # the first family's STUN server
+        self.stuns: list[Any] = []               # one per family
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._metrics_server: asyncio.Server | None = None
         self.prometheus_address = metrics     # --metrics HOST:PORT (port 0: any; set on start)
         self.prometheus: Any = None           # metrics.ServerMetrics once started
         self.demux = {"tls": 0, "stun": 0, "relay": 0, "unknown": 0}
-        self.address: Address = listen
+        self.address: Address = self.listen
+        self.addresses: list[Address] = []       # the one address per family users type
 
     @staticmethod
     def _make_relay() -> Any:
@@ -95,52 +141,58 @@ class Rendezvous:
         s.setblocking(False)
         return s
 
-    async def _open_port_set(self, port: int) -> None:
+    async def _open_port_set(self, listen: Address, alt_ip: str | None, port: int) -> None:
         """STUN first (it picks port numbers free for UDP and TCP on every address), then
         our TCP listeners on exactly its addresses; without STUN, just ip:port."""
-        host = self.listen[0]
-        if self._want_stun:
-            self.stun = self._make_stun((host, port))
+        host = listen[0]
+        stun = self._make_stun((host, port), alt_ip) if self._want_stun else None
         socks: list[socket.socket] = []
         try:
-            if self.stun is not None:
-                await self.stun.start_udp()
-                addresses = list(self.stun.addresses)
+            if stun is not None:
+                await stun.start_udp()
+                addresses = list(stun.addresses)
             else:
                 addresses = [(host, port)]
-                if self.alt_ip:
+                if alt_ip:
                     log.warning("--alt-ip without the STUN server has no effect")
             for h, p in addresses:
                 socks.append(self._bind(h, p))
         except BaseException:
             for s in socks:
                 s.close()
-            if self.stun is not None:
-                await self.stun.close()
-                self.stun = None
+            if stun is not None:
+                await stun.close()
             raise
-        self._listeners = socks
-        self.address = (host, socks[0].getsockname()[1])
+        self._listeners += socks
+        if stun is not None:
+            self.stuns.append(stun)
+        self.addresses.append((host, socks[0].getsockname()[1]))
 
-    def _make_stun(self, primary: Address) -> Any:
+    def _make_stun(self, primary: Address, alt_ip: str | None) -> Any:
         try:
             from .stun.server import StunServer
         except ImportError:
             log.warning("STUN server unavailable")
             return None
         # alt port: port + 1 (StunServer's default), an ephemeral one when port is 0
-        return StunServer(primary, self.alt_ip)
+        return StunServer(primary, alt_ip)
 
     async def start(self) -> None:
         _raise_fd_limit()
-        port = self.listen[1]
-        for attempt in range(20):      # port 0: the same number must be free for TCP and UDP
-            try:
-                await self._open_port_set(port)
-                break
-            except OSError:
-                if port or attempt == 19:
-                    raise
+        for listen, alt_ip in self.port_sets:
+            port = listen[1]
+            for attempt in range(20):  # port 0: the same number must be free for TCP and UDP
+                try:
+                    await self._open_port_set(listen, alt_ip, port)
+                    break
+                except OSError:
+                    if port or attempt == 19:
+                        raise
+        self.address = self.addresses[0]
+        self.stun = self.stuns[0] if self.stuns else None
+        if len(self.stuns) == 2:       # dual stack: each family's STUN names the other's address
+            for stun, other in zip(self.stuns, reversed(self.addresses), strict=True):
+                stun.set_other_family(other)
         await self.signal.start()
         for lsock in self._listeners:
             self._spawn(self._accept_loop(lsock))
@@ -154,7 +206,8 @@ class Rendezvous:
             except ImportError as exc:
                 raise HolePunchError(f"--metrics needs prometheus_client ({exc}): "
                                      "pip install 'pyholepunch[metrics]'") from None
-            self.prometheus = ServerMetrics(self.signal, relay_hub=self.relay_hub, stun=self.stun,
+            self.prometheus = ServerMetrics(self.signal, relay_hub=self.relay_hub,
+                                            stun=_AllStun(self.stuns) if self.stuns else None,
                                             demux=self.demux)
             host, port = self.prometheus_address
             self.prometheus_address = (host, self.prometheus.serve(host, port))
@@ -177,8 +230,8 @@ class Rendezvous:
         if self.prometheus is not None:
             await asyncio.to_thread(self.prometheus.close)
         await self.signal.close()
-        if self.stun is not None:
-            await self.stun.close()
+        for stun in self.stuns:
+            await stun.close()
         if self.relay_hub is not None:
             await self.relay_hub.close()
 
@@ -224,6 +277,13 @@ class Rendezvous:
                 return data
             await asyncio.sleep(0.01)   # part of a relay preamble: the socket stays readable
 
+    def _stun_for(self, sock: socket.socket) -> Any:
+        """The STUN server of the family ``sock`` arrived in (None without STUN)."""
+        for stun in self.stuns:
+            if family_of(stun.primary[0]) == sock.family:
+                return stun
+        return None
+
     async def _demux(self, sock: socket.socket) -> None:
         owned = True
         try:
@@ -237,11 +297,11 @@ class Rendezvous:
                 owned = False
                 with contextlib.suppress(OSError, TimeoutError, ConnectionError):
                     await self.signal.accept(sock)
-            elif head and head[0] >> 6 == 0 and self.stun is not None:
+            elif head and head[0] >> 6 == 0 and (stun := self._stun_for(sock)) is not None:
                 self.demux["stun"] += 1
                 owned = False
                 reader, writer = await asyncio.open_connection(sock=sock)
-                await self.stun.serve_tcp_stream(reader, writer)
+                await stun.serve_tcp_stream(reader, writer)
             elif head == RELAY_MAGIC and self.relay_hub is not None:
                 self.demux["relay"] += 1
                 owned = False
@@ -257,11 +317,13 @@ class Rendezvous:
     # -- metrics ---------------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"signal": self.signal.snapshot(), "demux": dict(self.demux),
-                               "address": list(self.address), "fingerprint": self.fingerprint}
+                               "address": list(self.address),
+                               "addresses": [list(a) for a in self.addresses],
+                               "fingerprint": self.fingerprint}
         if self.relay_hub is not None:
             out["relay"] = self.relay_hub.metrics.as_dict()
-        if self.stun is not None:
-            out["stun"] = dict(self.stun.stats)
+        if self.stuns:
+            out["stun"] = _AllStun(self.stuns).stats
         return out
 
     async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .._process import stop_processes
+from ..address import format_address
 from ..errors import LabError
 from ..lab.nat import NAT_TYPES
 from .args import positive_float
@@ -146,11 +147,16 @@ def run(args: argparse.Namespace) -> int:
 def run_pair(spawn: Spawner, server_ip: str, alt_ip: str, work: Path, *,
              engine: str | None = None, timeout: float = 30.0, connect_args: Sequence[str] = (),
              progress: Callable[[str], None] = lambda text: None,
-             server_metrics: bool = False) -> dict[str, Any]:
+             server_metrics: bool = False, serve_args: Sequence[str] = (),
+             listen_args: Sequence[str] = (),
+             peer_servers: dict[str, str] | None = None) -> dict[str, Any]:
     """serve on node "server", `listen --echo` on "b", `connect` on "a": the echo and reports.
 
     ``spawn(node, argv, **popen_kwargs)`` starts a process on a node (``Lab.spawn``, or a
-    plain Popen on loopback); ``connect_args`` go to `connect` only (e.g. its --relay).
+    plain Popen on loopback); ``connect_args`` go to `connect` only (e.g. its --relay),
+    ``listen_args`` to `listen`, ``serve_args`` to `serve` (e.g. a second family's --listen
+    and --alt-ip); ``peer_servers`` gives a peer ("a"/"b") another server address to use
+    (e.g. the server's IPv6 address for an IPv6-only peer).
     Returns ``report`` (a's), ``responder_report`` (b's, if it wrote one), ``echo``,
     ``echo_ok``, ``exit_code``; with ``server_metrics``, ``server_metrics`` too: the server's
     Prometheus exposition once it has counted the session. Every process is stopped before
@@ -159,7 +165,8 @@ def run_pair(spawn: Spawner, server_ip: str, alt_ip: str, work: Path, *,
     procs: list[subprocess.Popen[bytes]] = []
     try:
         result = _flow(spawn, server_ip, alt_ip, work, procs, engine, timeout, list(connect_args),
-                       progress, server_metrics)
+                       progress, server_metrics, list(serve_args), list(listen_args),
+                       dict(peer_servers or {}))
         if server_metrics:
             result["server_metrics"] = _scrape(spawn, f"http://127.0.0.1:{METRICS_PORT}/metrics")
         return result
@@ -174,21 +181,26 @@ def run_pair(spawn: Spawner, server_ip: str, alt_ip: str, work: Path, *,
 def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
           procs: list[subprocess.Popen[bytes]], engine: str | None, timeout: float,
           connect_args: list[str], progress: Callable[[str], None],
-          server_metrics: bool = False) -> dict[str, Any]:
-    server = f"{server_ip}:{PORT}"
+          server_metrics: bool = False, serve_args: tuple[str, ...] | list[str] = (),
+          listen_args: tuple[str, ...] | list[str] = (),
+          peer_servers: dict[str, str] | None = None) -> dict[str, Any]:
+    server = format_address((server_ip, PORT))
+    peer_servers = peer_servers or {}
     engine_opt = ["--engine", engine] if engine else []
     metrics_opt = ["--metrics", f"127.0.0.1:{METRICS_PORT}"] if server_metrics else []
     progress(f"starting `pyholepunch serve` on {server} (alt {alt_ip})")
-    srv = spawn("server", _cli("serve", "--listen", server, "--alt-ip", alt_ip,
+    srv = spawn("server", _cli("serve", "--listen", server, "--alt-ip", alt_ip, *serve_args,
                                "--state-dir", str(work / "server"), *metrics_opt),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     procs.append(srv)
     line = _Lines(srv, "stdout", "the server").wait_for("fingerprint", timeout)
     fingerprint = line.split()[-1]
-    common = ["--server", server, "--server-fingerprint", fingerprint, *engine_opt]
+    common = ["--server-fingerprint", fingerprint, *engine_opt]
+    server_a, server_b = (["--server", peer_servers.get(n, server)] for n in ("a", "b"))
 
     progress("peer b: classifying its NAT and registering as 'bob' (`pyholepunch listen --echo`)")
-    bob = spawn("b", _cli("listen", *common, "--name", "bob", "--echo", "--once",
+    bob = spawn("b", _cli("listen", *server_b, *common, *listen_args, "--name", "bob", "--echo",
+                          "--once",
                           "--config-dir", str(work / "bob"), "--json-file", str(work / "bob.json")),
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     procs.append(bob)
@@ -196,7 +208,7 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
 
     progress("peer a: classifying its NAT, registering as 'alice' and connecting to 'bob'")
     t = time.monotonic()
-    alice = spawn("a", _cli("connect", *common, *connect_args, "--name", "alice", "bob",
+    alice = spawn("a", _cli("connect", *server_a, *common, *connect_args, "--name", "alice", "bob",
                             "--config-dir", str(work / "alice"), "--json-file", str(work / "alice.json"),
                             "--timeout", str(timeout)),
                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

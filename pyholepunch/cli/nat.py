@@ -1,8 +1,12 @@
 """`pyholepunch nat-type`: classify the NAT in front of this host.
 
-Human table by default; ``--json`` prints ``{"profiles": {"udp": NatProfile.to_dict(), ...}}``
-(the stable schema documented in the README). Exit code 0 when every requested transport
-was classified at least partly, 1 when the server could not be used at all.
+Human table by default; ``--json`` prints ``{"schema": 2, "profiles": {"ipv4": {"udp":
+NatProfile.to_dict(), ...}, "ipv6": {...}}, ...}`` (the stable schema documented in the
+README): one profile per transport and address family. The family of ``--server`` is
+classified first; a dual-stack server names its address in the other family (STUN
+OTHER-FAMILY-ADDRESS), which is then classified too (a family this host cannot reach it in
+gets a profile whose ``not_learned`` says why). Exit code 0 when every requested transport
+was classified at least partly in the server's family, 1 when the server could not be used.
 """
 from __future__ import annotations
 
@@ -12,11 +16,14 @@ import sys
 import time
 from typing import Any
 
+from ..address import format_address
+from ..errors import HolePunchError
 from ..nat.classify import classify_nat
-from ..nat.profile import NatProfile
+from ..nat.profile import Family, NatProfile
+from ..stun.codec import Address
 from .args import address, positive_float
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2           # 2: profiles per address family, then per transport
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -47,27 +54,70 @@ async def run(args: argparse.Namespace) -> int:
         print(f"pyholepunch nat-type: cannot resolve {host!r}: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     kinds = ("udp", "tcp") if args.transport == "both" else (args.transport,)
-    profiles: dict[str, NatProfile] = {}
-    took: dict[str, float] = {}
-    for kind in kinds:
-        start = time.monotonic()
-        if not args.json:
-            print(f"probing {kind.upper()} via {host}:{port} ...", file=sys.stderr)  # noqa: T201
-        profiles[kind] = await classify_nat(server, transport=kind, local_ip=args.local_ip,
-                                            alt_server=alt, timeout=args.timeout)
-        took[kind] = round(time.monotonic() - start, 3)
-    portmap = None if args.no_portmap else await _try_portmap(server[0], args.local_ip, profiles)
+    servers: dict[str, Address] = {Family.of(server[0]): server}
+    profiles: dict[str, dict[str, NatProfile]] = {}
+    took: dict[str, dict[str, float]] = {}
+    for fam in _families_as_found(servers):
+        srv = servers[fam]
+        local_ip = args.local_ip if fam == Family.of(server[0]) else None
+        profiles[fam], took[fam] = {}, {}
+        for kind in kinds:
+            start = time.monotonic()
+            if not args.json:
+                print(f"probing {kind.upper()} over {fam} via {format_address(srv)} ...",  # noqa: T201
+                      file=sys.stderr)
+            profile = await classify_nat(srv, transport=kind, local_ip=local_ip,
+                                         alt_server=alt if srv is server else None,
+                                         timeout=args.timeout)
+            profiles[fam][kind] = profile.evolve(family=Family(fam))
+            took[fam][kind] = round(time.monotonic() - start, 3)
+        if srv is server and not _failed(profiles[fam][kinds[0]]):
+            other = await _other_family(server, kinds[0], local_ip)
+            if other is not None:
+                servers[Family.of(other[0])] = other
+    portmap = None
+    if not args.no_portmap and "ipv4" in profiles:   # a router's mapping: IPv4 behind its NAT
+        portmap = await _try_portmap(servers["ipv4"][0], args.local_ip if servers["ipv4"] is server
+                                     else None, profiles["ipv4"])
     if args.json:
-        doc: dict[str, Any] = {"schema": SCHEMA_VERSION,
-                               "profiles": {k: p.to_dict() for k, p in profiles.items()},
-                               "seconds": took, "portmap": portmap}
+        doc: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "profiles": {f: {k: p.to_dict() for k, p in by.items()} for f, by in profiles.items()},
+            "servers": {f: format_address(a) for f, a in servers.items()},
+            "seconds": took, "portmap": portmap}
         print(json.dumps(doc, indent=2, sort_keys=True))  # noqa: T201  (CLI output)
     else:
-        print(render_table(profiles, took))  # noqa: T201  (CLI output)
+        flat = {(f"{k} {f}" if len(profiles) > 1 else k): p
+                for f, by in profiles.items() for k, p in by.items()}
+        flat_took = {(f"{k} {f}" if len(profiles) > 1 else k): t
+                     for f, by in took.items() for k, t in by.items()}
+        print(render_table(flat, flat_took))  # noqa: T201  (CLI output)
         print(_portmap_line(portmap))  # noqa: T201  (CLI output)
-    failed = [k for k, p in profiles.items() if p.not_learned[:1] and
-              p.not_learned[0].startswith("everything:")]
+    failed = [k for k, p in profiles[Family.of(server[0])].items() if _failed(p)]
     return 1 if failed else 0
+
+
+def _families_as_found(servers: dict[str, Address]) -> Any:
+    """The families in ``servers`` as it grows: the given server's first."""
+    done: set[str] = set()
+    while (todo := [f for f in servers if f not in done]):
+        done.add(todo[0])
+        yield todo[0]
+
+
+def _failed(p: NatProfile) -> bool:
+    return bool(p.not_learned[:1]) and p.not_learned[0].startswith("everything:")
+
+
+async def _other_family(server: Address, transport: str, local_ip: str | None) -> Address | None:
+    """The server's address in the other family (OTHER-FAMILY-ADDRESS), if it names one."""
+    from ..stun.client import any_address, stun_binding
+    try:
+        result = await stun_binding(server, transport=transport,
+                                    local=((local_ip, 0) if local_ip else any_address(server)))
+    except (OSError, HolePunchError):
+        return None
+    return result.other_family
 
 
 async def _try_portmap(server_ip: str, local_ip: str | None,
@@ -115,6 +165,9 @@ def render_table(profiles: dict[str, NatProfile], took: dict[str, float] | None 
     def row(name: str, fn: Any) -> None:
         rows.append((name, *[fn(profiles[k]) for k in kinds]))
 
+    def row_by_key(name: str, fn: Any) -> None:
+        rows.append((name, *[fn(k) for k in kinds]))
+
     def conf(p: NatProfile, key: str, value: str) -> str:
         c = p.confidence.get(key)
         return f"{value} ({c:.0%})" if c is not None and value != "unknown" else value
@@ -129,7 +182,7 @@ def render_table(profiles: dict[str, NatProfile], took: dict[str, float] | None 
     row("public IPs", lambda p: ", ".join(p.public_ips) or "-")
     row("local IPs", lambda p: ", ".join(p.local_ips) or "-")
     if took:
-        row("took", lambda p: f"{took.get(str(p.transport), 0):.3f} s")
+        row_by_key("took", lambda k: f"{took.get(k, 0):.3f} s")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     notes = [f"{k.upper()}: {n}" for k, p in profiles.items() for n in p.not_learned]

@@ -54,6 +54,9 @@ def add_peer_options(p: argparse.ArgumentParser) -> None:
                    help="identity and known servers (default $PYHOLEPUNCH_HOME or "
                         "~/.config/pyholepunch); one running peer per directory")
     p.add_argument("--engine", choices=("native", "pure"), help="punching engine (default: best)")
+    p.add_argument("--family", action="append", choices=("ipv4", "ipv6"), dest="families",
+                   help="use only this address family (repeatable; default: every family the "
+                        "server is reachable in)")
     p.add_argument("--relay", default="builtin", type=_relay, metavar="builtin|turn:HOST:PORT|none",
                    help="relay used when no direct path exists (default: builtin)")
     p.add_argument("--turn-user", help="TURN username (long-term credentials)")
@@ -101,6 +104,7 @@ def peer_from_args(args: argparse.Namespace) -> Peer:
         turn_password=args.turn_password,
         turn_secret=args.turn_secret,
         insecure_plain=args.insecure_plain,
+        families=args.families,
         portmap=not args.no_portmap,
     )
 

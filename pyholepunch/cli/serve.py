@@ -13,19 +13,25 @@ import signal
 import sys
 import time
 
-from ..address import format_address, ip_of
-from ..serve import Rendezvous
+from ..address import Address, format_address, ip_of
+from ..serve import Rendezvous, _port_sets
 from ..signal.auth import make_token
 from ..signal.server import ServerConfig
 from .args import EXIT_INTERRUPTED, EXIT_OK, UsageError, address, emit_json, port_number, positive_float
 
 
+def _parse_hostport(text: str) -> Address:
+    """--listen: HOST:PORT, [V6]:PORT, HOST (port 3478) or :PORT (0.0.0.0)."""
+    return address(3478, allow_zero=True)("0.0.0.0" + text if text.startswith(":") else text)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", type=address(3478, allow_zero=True), default=("0.0.0.0", 3478),
-                        metavar="HOST:PORT",
-                        help="the one address users type (default 0.0.0.0:3478; port 0: any free one)")
-    parser.add_argument("--alt-ip", metavar="IP",
-                        help="second address for RFC 5780 STUN (--listen must then name an address)")
+    parser.add_argument("--listen", type=_parse_hostport, action="append", metavar="HOST:PORT",
+                        help="the one address users type (default 0.0.0.0:3478; port 0: any free "
+                             "one); once per IP family for dual stack, e.g. --listen [2001:db8::10]:3478")
+    parser.add_argument("--alt-ip", metavar="IP", action="append",
+                        help="second address for RFC 5780 STUN, once per IP family (--listen must "
+                             "then name an address of that family)")
     parser.add_argument("--state-dir", metavar="DIR",
                         help="server certificate and name bindings survive restarts here")
     parser.add_argument("--token", metavar="SECRET", default=os.environ.get("PYHOLEPUNCH_TOKEN"),
@@ -51,17 +57,22 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-peers must be at least 1, got {args.max_peers}")
     if args.store is not None and args.store != "memory" and not args.store.startswith("redis://"):
         raise UsageError(f"--store is memory or redis://HOST:PORT, got {args.store!r}")
-    if args.alt_ip is None:
-        return
-    listen_ip, alt = ip_of(args.listen[0]), ip_of(args.alt_ip)
-    if alt is None or alt.is_unspecified:
-        raise UsageError(f"--alt-ip needs a specific IP address, got {args.alt_ip!r}")
-    if listen_ip is None or listen_ip.is_unspecified:
-        raise UsageError(f"--alt-ip needs --listen to name a specific IP address, not "
-                         f"{args.listen[0]} (RFC 5780 answers from two known addresses)")
-    if alt.version != listen_ip.version or alt == listen_ip:
-        raise UsageError(f"--alt-ip {args.alt_ip} must be another address of the family of "
-                         f"--listen {args.listen[0]}")
+    args.listen = args.listen or [("0.0.0.0", 3478)]
+    try:
+        port_sets = _port_sets(args.listen, args.alt_ip)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for (host, _), alt_text in port_sets:
+        if alt_text is None:
+            continue
+        listen_ip, alt = ip_of(host), ip_of(alt_text)
+        if alt is None or alt.is_unspecified:
+            raise UsageError(f"--alt-ip needs a specific IP address, got {alt_text!r}")
+        if listen_ip is None or listen_ip.is_unspecified:
+            raise UsageError(f"--alt-ip needs --listen to name a specific IP address, not "
+                             f"{host} (RFC 5780 answers from two known addresses)")
+        if alt == listen_ip:
+            raise UsageError(f"--alt-ip {alt_text} must be another address than --listen {host}")
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -87,12 +98,14 @@ async def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     async with app:
-        where = format_address(app.address)
+        where = " and ".join(format_address(a) for a in app.addresses)
         parts = ["signaling"] + (["stun"] if app.stun else []) + (["relay"] if app.relay_hub else [])
         if args.json:
             prometheus = (f"http://{format_address(app.prometheus_address)}/metrics"
                           if app.prometheus_address is not None else None)
-            emit_json({"listen": where, "fingerprint": app.fingerprint, "services": parts,
+            emit_json({"listen": format_address(app.address),
+                       "addresses": [format_address(a) for a in app.addresses],
+                       "fingerprint": app.fingerprint, "services": parts,
                        "metrics": (f"http://127.0.0.1:{app.metrics_port}/metrics"
                                    if app.metrics_port is not None else None),
                        "prometheus": prometheus}, "-")

@@ -49,7 +49,18 @@ class Transport(StrEnum):
     UDP = "udp"
 
 
-NAT_TYPES = ("open", "full-cone", "restricted-cone", "port-restricted", "symmetric", "unknown")
+class Family(StrEnum):
+    IPV4 = "ipv4"
+    IPV6 = "ipv6"
+
+    @classmethod
+    def of(cls, ip: str) -> Family:
+        """The family of an IP literal (host names count as IPv4, as address.family_of)."""
+        return cls.IPV6 if ":" in ip else cls.IPV4
+
+
+NAT_TYPES = ("open", "full-cone", "restricted-cone", "port-restricted", "symmetric", "unknown",
+             "firewall", "nptv6")
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,7 @@ class NatProfile:
     confidence: dict[str, float] = field(default_factory=dict)   # finding -> 0..1
     not_learned: tuple[str, ...] = ()            # findings that could not be measured, with why
     server: str = ""                             # what it was measured against
+    family: Family = Family.IPV4
     # A router port mapping of the punch port (NAT-PMP/PCP/UPnP, docs/architecture.md): the external
     # address anyone can dial, and the protocol that made it ("PCP", "NAT-PMP", "UPnP").
     port_mapping: tuple[str, int] | None = None
@@ -73,9 +85,17 @@ class NatProfile:
 
     @property
     def nat_type(self) -> str:
-        """The classic name: open, full-cone, restricted-cone, port-restricted, symmetric."""
+        """The classic name: open, full-cone, restricted-cone, port-restricted, symmetric;
+        for IPv6 also ``firewall`` (no translation, a stateful filter: RFC 6092) and ``nptv6``
+        (the prefix is rewritten, the port kept: RFC 6296)."""
         if self.mapping is Mapping.NONE:
+            if self.family is Family.IPV6 and self.filtering in (
+                    Filtering.ADDRESS_DEPENDENT, Filtering.ADDRESS_AND_PORT_DEPENDENT):
+                return "firewall"
             return "open"
+        if self.family is Family.IPV6 and self.mapping is Mapping.ENDPOINT_INDEPENDENT \
+                and self.allocation is Allocation.PRESERVING:
+            return "nptv6"
         if self.mapping in (Mapping.ADDRESS_DEPENDENT, Mapping.ADDRESS_AND_PORT_DEPENDENT):
             return "symmetric"
         if self.mapping is Mapping.ENDPOINT_INDEPENDENT:
@@ -92,6 +112,8 @@ class NatProfile:
         """nat_type with the allocation detail, e.g. ``symmetric (sequential +1)``."""
         name = self.nat_type
         via = f" via {self.mapped_by}" if self.port_mapping is not None and self.mapped_by else ""
+        if name == "firewall":
+            return f"firewall (unsolicited SYN {self.unsolicited_syn}){via}"
         if self.allocation is Allocation.SEQUENTIAL and self.delta is not None:
             return f"{name} (sequential {self.delta:+d}){via}"
         if self.allocation is not Allocation.UNKNOWN and name != "open":
@@ -109,7 +131,7 @@ class NatProfile:
         d.update(
             transport=str(self.transport), mapping=str(self.mapping),
             filtering=str(self.filtering), allocation=str(self.allocation),
-            unsolicited_syn=str(self.unsolicited_syn),
+            unsolicited_syn=str(self.unsolicited_syn), family=str(self.family),
             public_ips=list(self.public_ips), local_ips=list(self.local_ips),
             not_learned=list(self.not_learned), nat_type=self.nat_type, label=self.label,
             port_mapping=None if self.port_mapping is None else list(self.port_mapping),
@@ -135,6 +157,7 @@ class NatProfile:
                 confidence={str(k): float(v) for k, v in dict(data.get("confidence", {})).items()},
                 not_learned=tuple(str(x) for x in data.get("not_learned", ())),
                 server=str(data.get("server", "")),
+                family=Family(data.get("family", "ipv4")),
                 port_mapping=_mapping_of(data.get("port_mapping")),
                 mapped_by=str(data.get("mapped_by", "")),
             )

@@ -108,7 +108,7 @@ async def peer_turn_relay(signal: SignalClient, instr: PunchInstruction, *, init
                              "nothing to permit on the TURN relay")
         return await turn_relay(signal, session, initiator=True, turn_server=server,
                                 credentials=turn_credentials(*turn, now=time.time()),
-                                peer_ips=[ip for ip, _port in instr.peer.candidates],
+                                peer_ips=[c.ip for c in instr.peer.candidates],
                                 timeout=timeout)
     finally:
         grants.pop(session, None)

@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import AuthenticationError, ProtocolError, SignalingError
 from ..identity import Identity, default_config_dir
 from ..nat.profile import NatProfile
+from ..strategy.candidates import Candidate, parse_candidates
 from .connection import ConnectionClosed, Role, SignalConnection, State
 from .protocol import (
     DEFAULT_MAX_FRAME,
@@ -60,7 +61,7 @@ class PeerInfo:
     name: str
     public_key: bytes
     cert: bytes | None
-    candidates: tuple[Address, ...]
+    candidates: tuple[Candidate, ...]
     profiles: tuple[dict[str, Any], ...]
 
     @property
@@ -109,7 +110,14 @@ def _punch(msg: Punch) -> PunchInstruction:
     return PunchInstruction(
         session=msg.session, role=msg.role, start_at=msg.start_at, plan=msg.plan,
         peer=PeerInfo(p["peer_id"], p["name"], p["public_key"], p["cert"],
-                      tuple((c[0], c[1]) for c in p["candidates"]), tuple(p["profiles"])))
+                      tuple(parse_candidates(p["candidates"])), tuple(p["profiles"])))
+
+
+def _candidates(candidates: Sequence[Candidate | Address]) -> list[list[Any]]:
+    """Candidates in their wire form; a bare (ip, port) counts as in a v1 list (the first
+    is the server-observed address, the others host addresses)."""
+    return [c.to_wire() if isinstance(c, Candidate) else Candidate.from_wire(list(c), i).to_wire()
+            for i, c in enumerate(candidates)]
 
 
 def _profiles(profiles: Sequence[NatProfile | dict[str, Any]]) -> list[dict[str, Any]]:
@@ -122,7 +130,7 @@ class SignalClient:
                  known_hosts: str | Path | None = None, token: str | None = None,
                  clock: Callable[[], float] = time.time,
                  profiles: Sequence[NatProfile | dict[str, Any]] = (),
-                 candidates: Sequence[Address] = (), cert: bytes | None = None,
+                 candidates: Sequence[Candidate | Address] = (), cert: bytes | None = None,
                  reconnect: bool = True, connect_timeout: float = 10.0,
                  idle_timeout: float = 90.0, backoff: tuple[float, float] = (0.25, 15.0),
                  max_frame: int = DEFAULT_MAX_FRAME) -> None:
@@ -136,7 +144,7 @@ class SignalClient:
         self.token = token
         self.clock = clock
         self.profiles = _profiles(profiles)
-        self.candidates = [(h, p) for h, p in candidates]
+        self.candidates = _candidates(candidates)
         self.cert = cert
         self.reconnect = reconnect
         self.connect_timeout, self.idle_timeout, self.backoff = connect_timeout, idle_timeout, backoff
@@ -177,14 +185,15 @@ class SignalClient:
         await self.close()
 
     # -- requests ----------------------------------------------------------------------------
-    async def connect(self, target: str, candidates: Sequence[Address] | None = None,
+    async def connect(self, target: str, candidates: Sequence[Candidate | Address] | None = None,
                       profiles: Sequence[NatProfile | dict[str, Any]] | None = None, *,
                       session: str | None = None, timeout: float = 10.0) -> PunchInstruction:
         """Ask the server to coordinate a punch with ``target`` (name or peer_id)."""
         session = session or secrets.token_urlsafe(12)
         fut = self._expect("punch", session)
         self._send(Connect(session=session, target=target,
-                           candidates=list(candidates if candidates is not None else self.candidates),
+                           candidates=(_candidates(candidates) if candidates is not None
+                                       else self.candidates),
                            profiles=_profiles(profiles) if profiles is not None else self.profiles))
         result: PunchInstruction = await self._await(fut, ("punch", session), timeout)
         return result
@@ -217,16 +226,16 @@ class SignalClient:
         self._send(Result(session=session, outcome=outcome, stats=dict(stats or {}),
                           reason=reason))
 
-    async def update(self, candidates: Sequence[Address] | None = None,
+    async def update(self, candidates: Sequence[Candidate | Address] | None = None,
                      profiles: Sequence[NatProfile | dict[str, Any]] | None = None,
                      cert: bytes | None = None) -> None:
         if candidates is not None:
-            self.candidates = list(candidates)
+            self.candidates = _candidates(candidates)
         if profiles is not None:
             self.profiles = _profiles(profiles)
         if cert is not None:
             self.cert = cert
-        self._send(Update(candidates=None if candidates is None else list(candidates),
+        self._send(Update(candidates=None if candidates is None else self.candidates,
                           profiles=None if profiles is None else self.profiles, cert=cert))
 
     async def next_event(self, timeout: float | None = None) -> Event:

@@ -53,22 +53,22 @@ class Refusal(Exception):
         self.code, self.reason, self.session, self.fatal = code, reason, session, fatal
 
 
-def _tcp_profile(profiles: list[dict[str, Any]]) -> Any:
-    from ..nat.profile import NatProfile
-    for p in profiles:
-        if p.get("transport", "tcp") == "tcp":
-            return NatProfile.from_dict(p)
-    return NatProfile()
-
-
-def make_plan(initiator: list[dict[str, Any]], responder: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """strategy.plan(initiator TCP profile, responder TCP profile) when that module exists."""
+def make_plan(initiator: list[dict[str, Any]], responder: list[dict[str, Any]],
+              initiator_candidates: list[list[Any]] | None = None,
+              responder_candidates: list[list[Any]] | None = None, *,
+              rtt: float = 0.1) -> dict[str, Any] | None:
+    """The session's plan (strategy.plan_race: a lane per common address family, raced)."""
     try:
         from .. import strategy
+        from ..nat.profile import NatProfile
     except ImportError:
         return None
     try:
-        result: dict[str, Any] = strategy.plan(_tcp_profile(initiator), _tcp_profile(responder)).to_dict()
+        result: dict[str, Any] = strategy.plan_race(
+            [NatProfile.from_dict(p) for p in initiator],
+            [NatProfile.from_dict(p) for p in responder],
+            strategy.parse_candidates(initiator_candidates or []),
+            strategy.parse_candidates(responder_candidates or []), rtt=rtt).to_dict()
         return result
     except Exception:
         log.warning("strategy.plan failed; sending no plan", exc_info=True)
@@ -329,7 +329,8 @@ class PeerProtocol(asyncio.Protocol):
                           session=msg.session, fatal=False)
         initiator = replace(me, candidates=[list(c) for c in msg.candidates] or me.candidates,
                             profiles=msg.profiles or me.profiles)
-        plan = make_plan(initiator.profiles, target.profiles)
+        plan = make_plan(initiator.profiles, target.profiles, initiator.candidates,
+                         target.candidates, rtt=max(me.rtt, target.rtt))
         start = common_start(srv.clock(), [me.rtt, target.rtt], self.cfg.margin)
         to_b = Punch(session=msg.session, role="responder", start_at=start,
                      peer=initiator.peer_info(), plan=plan)

@@ -12,7 +12,8 @@ The body is a msgpack map with string keys; key ``"t"`` names the message type, 
 are that type's fields (table below). Unknown keys are ignored (forward compatibility);
 missing required fields, wrong types, extension types and trailing bytes are errors.
 Binary fields are msgpack bin, times are float64 seconds (Unix epoch, *sender's* clock unless
-stated), candidates are ``[[ip, port], ...]``, NAT profiles are ``NatProfile.to_dict()`` maps.
+stated), candidates are ``[[ip, port, family, iface, origin], ...]`` (strategy/candidates.py;
+v1 ``[ip, port]`` pairs are still read), NAT profiles are ``NatProfile.to_dict()`` maps.
 
 ==============  =====  =============================================================
 type            dir    fields
@@ -62,6 +63,7 @@ from typing import Any, ClassVar, get_type_hints
 import msgpack  # type: ignore[import-untyped]
 
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ..strategy.candidates import parse_candidates
 
 VERSION = 1
 HEADER = struct.Struct("!I")
@@ -108,17 +110,12 @@ class ErrorCode(enum.IntEnum):
 # ---------------------------------------------------------------------------------------------
 # field checks: one function per field *name* (shared meaning across messages)
 
-def _check_candidates(value: Any) -> list[tuple[str, int]]:
+def _check_candidates(value: Any) -> list[list[Any]]:
+    """Candidates ``[ip, port, family, iface, origin]`` (strategy/candidates.py); v1
+    ``[ip, port]`` pairs are read and extended, so everything past this check sees one form."""
     if not isinstance(value, list) or len(value) > MAX_CANDIDATES:
-        raise ValueError(f"at most {MAX_CANDIDATES} [ip, port] pairs")
-    out = []
-    for item in value:
-        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)
-                and type(item[1]) is int and 0 < item[1] < 65536):
-            raise ValueError(f"bad candidate {item!r:.60}")
-        ipaddress.ip_address(item[0])
-        out.append((item[0], item[1]))
-    return out
+        raise ValueError(f"at most {MAX_CANDIDATES} candidates")
+    return [c.to_wire() for c in parse_candidates(value)]
 
 
 def _check_profiles(value: Any) -> list[dict[str, Any]]:
@@ -313,7 +310,7 @@ class Register(Message):
     token: str | None = None
     cert: bytes | None = None
     profiles: list[dict[str, Any]] = field(default_factory=list)
-    candidates: list[tuple[str, int]] = field(default_factory=list)
+    candidates: list[list[Any]] = field(default_factory=list)
 
 
 @message("registered", Direction.TO_CLIENT)
@@ -343,7 +340,7 @@ class Pong(Message):
 @message("update", Direction.TO_SERVER)
 @dataclass(frozen=True, slots=True)
 class Update(Message):
-    candidates: list[tuple[str, int]] | None = None
+    candidates: list[list[Any]] | None = None
     profiles: list[dict[str, Any]] | None = None
     cert: bytes | None = None
 
@@ -353,7 +350,7 @@ class Update(Message):
 class Connect(Message):
     session: str
     target: str
-    candidates: list[tuple[str, int]] = field(default_factory=list)
+    candidates: list[list[Any]] = field(default_factory=list)
     profiles: list[dict[str, Any]] = field(default_factory=list)
 
 

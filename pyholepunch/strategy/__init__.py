@@ -21,11 +21,17 @@ Steps in the same ``parallel`` group may run at the same time (each on its own l
 the first success wins and the others are abandoned. Running them one after another instead
 is always correct, only slower. :func:`plan` emits no groups today (see the LAN step).
 
+Dual stack (DESIGN §9): :func:`plan_race` plans each address family both peers can be
+dialled in (strategy/candidates.py) with :func:`plan` and tags the steps with the family;
+the families run as lanes of an RFC 8305 race, IPv6 first, IPv4 ``race_delay`` later.
+
 Checked in the NAT lab (40 ms RTT, native engine, pyholepunch.punch executing the plans): the
 first step of every one of the 34 traversable lab pairs connected; birthday 1024 x 1024
 connected 20/20 (port-restricted-rst, cgnat), also with the cone side 100 ms late.
 """
+from .candidates import Candidate, parse_candidates
 from .planner import Behaviour, answers_unsolicited, behaviour, birthday_probability, plan
+from .race import NO_COMMON_FAMILY, plan_race, race_delay
 from .steps import (
     MAX_BUDGET,
     MAX_COUNT,
@@ -43,6 +49,7 @@ from .steps import (
     remote_ports,
 )
 
-__all__ = ["MAX_BUDGET", "MAX_COUNT", "MAX_STEPS", "PLAN_VERSION", "PORT_RANGE", "ROLES", "Action",
+__all__ = ["NO_COMMON_FAMILY", "Candidate", "parse_candidates", "plan_race", "race_delay",
+           "MAX_BUDGET", "MAX_COUNT", "MAX_STEPS", "PLAN_VERSION", "PORT_RANGE", "ROLES", "Action",
            "Behaviour", "Plan", "PortChoice", "RoleInstruction", "Step", "StepKind", "Target",
            "answers_unsolicited", "behaviour", "birthday_probability", "plan", "remote_ports"]

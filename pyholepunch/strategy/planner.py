@@ -35,11 +35,14 @@ class Behaviour(Enum):
 
 
 def behaviour(p: NatProfile) -> Behaviour:
-    if p.mapping is Mapping.NONE or (p.mapping is Mapping.ENDPOINT_INDEPENDENT and (
-            p.filtering in (Filtering.NONE, Filtering.ENDPOINT_INDEPENDENT)
-            or p.unsolicited_syn is SynResponse.ACCEPT)):
+    # No translation but a stateful filter (an IPv6 firewall, RFC 6092) punches like a cone.
+    filtered = p.filtering in (Filtering.ADDRESS_DEPENDENT, Filtering.ADDRESS_AND_PORT_DEPENDENT)
+    if (p.mapping is Mapping.NONE and (not filtered or p.unsolicited_syn is SynResponse.ACCEPT)) \
+            or (p.mapping is Mapping.ENDPOINT_INDEPENDENT and (
+                p.filtering in (Filtering.NONE, Filtering.ENDPOINT_INDEPENDENT)
+                or p.unsolicited_syn is SynResponse.ACCEPT)):
         return Behaviour.OPEN
-    if p.mapping is Mapping.ENDPOINT_INDEPENDENT:
+    if p.mapping in (Mapping.NONE, Mapping.ENDPOINT_INDEPENDENT):
         # Unknown filtering: assume the strictest cone, whose tactics also work for the others.
         return Behaviour.ADDR_CONE if p.filtering is Filtering.ADDRESS_DEPENDENT else Behaviour.PORT_CONE
     if p.mapping in (Mapping.ADDRESS_DEPENDENT, Mapping.ADDRESS_AND_PORT_DEPENDENT):

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2                    # 2: steps carry a family, the plan a race_delay
+READABLE_VERSIONS = (1, 2)          # a v1 plan is all IPv4, no race
+FAMILIES = ("ipv6", "ipv4")
+MAX_RACE_DELAY = 2.0
 ROLES = ("initiator", "responder")
 PORT_RANGE = (1024, 65535)          # where NATs allocate ports; birthday targets are drawn here
 MAX_STEPS = 16
@@ -104,6 +107,7 @@ class Step:
     initiator: RoleInstruction
     responder: RoleInstruction
     parallel: int | None = None      # steps sharing a group number may run concurrently
+    family: str = "ipv4"             # the address family of both ends ("ipv6" | "ipv4")
 
     def for_role(self, role: str) -> RoleInstruction:
         if role == "initiator":
@@ -114,13 +118,13 @@ class Step:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": str(self.kind), "budget": self.budget, "reason": self.reason,
-                "parallel": self.parallel, "initiator": self.initiator.to_dict(),
-                "responder": self.responder.to_dict()}
+                "parallel": self.parallel, "family": self.family,
+                "initiator": self.initiator.to_dict(), "responder": self.responder.to_dict()}
 
     @classmethod
     def from_dict(cls, data: object, where: str = "step") -> Step:
         d = _mapping(data, where, required={"kind", "budget", "initiator", "responder"},
-                     optional={"reason", "parallel"})
+                     optional={"reason", "parallel", "family"})
         kind = _enum(StepKind, d["kind"], f"{where}.kind")
         budget = _float(d["budget"], f"{where}.budget", 0.0, MAX_BUDGET)
         if budget <= 0:
@@ -131,6 +135,9 @@ class Step:
         parallel = d.get("parallel")
         if parallel is not None:
             parallel = _int(parallel, f"{where}.parallel", 0, MAX_STEPS)
+        family = d.get("family", "ipv4")
+        if family not in FAMILIES:
+            raise ValueError(f"{where}.family {family!r} is not one of {', '.join(FAMILIES)}")
         ini = RoleInstruction.from_dict(d["initiator"], f"{where}.initiator")
         res = RoleInstruction.from_dict(d["responder"], f"{where}.responder")
         for role, ins in (("initiator", ini), ("responder", res)):
@@ -142,7 +149,7 @@ class Step:
             raise ValueError(f"{where}: the action 'relay' belongs to relay steps, and only it")
         if ini.action not in _DIALS and res.action not in _DIALS and kind is not StepKind.RELAY:
             raise ValueError(f"{where}: neither role dials the other, the step cannot connect")
-        return cls(kind, budget, reason, ini, res, parallel)
+        return cls(kind, budget, reason, ini, res, parallel, family)
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,22 @@ class Plan:
     reason: str                       # summary; says why relay when no direct path exists
     initiator_nat: str = ""           # profile labels, for reports
     responder_nat: str = ""
+    race_delay: float = 0.0           # Happy Eyeballs: the IPv4 steps start this much later
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The families of the direct steps, in race order (IPv6 first)."""
+        have = {s.family for s in self.direct_steps}
+        return tuple(f for f in FAMILIES if f in have)
+
+    def track(self, family: str) -> tuple[Step, ...]:
+        """The direct steps of one family, in order: one lane of the race."""
+        return tuple(s for s in self.direct_steps if s.family == family)
+
+    def track_offset(self, family: str) -> float:
+        """When ``family``'s lane starts, after the common start: IPv4 waits ``race_delay``
+        when IPv6 races it (RFC 8305), else nothing."""
+        return self.race_delay if family == "ipv4" and len(self.families) > 1 else 0.0
 
     @property
     def relay_only(self) -> bool:
@@ -174,15 +197,16 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {"version": PLAN_VERSION, "reason": self.reason,
                 "initiator_nat": self.initiator_nat, "responder_nat": self.responder_nat,
-                "steps": [s.to_dict() for s in self.steps]}
+                "race_delay": self.race_delay, "steps": [s.to_dict() for s in self.steps]}
 
     @classmethod
     def from_dict(cls, data: object) -> Plan:
         """Inverse of to_dict; raises ValueError naming the bad field."""
         d = _mapping(data, "plan", required={"version", "steps"},
-                     optional={"reason", "initiator_nat", "responder_nat"})
-        if d["version"] != PLAN_VERSION:
+                     optional={"reason", "initiator_nat", "responder_nat", "race_delay"})
+        if d["version"] not in READABLE_VERSIONS:
             raise ValueError(f"plan.version {d['version']!r} is not supported (want {PLAN_VERSION})")
+        race_delay = _float(d.get("race_delay", 0.0), "plan.race_delay", 0.0, MAX_RACE_DELAY)
         raw_steps = d["steps"]
         if not isinstance(raw_steps, (list, tuple)):
             raise ValueError(f"plan.steps must be a list, got {type(raw_steps).__name__}")
@@ -196,7 +220,8 @@ class Plan:
         for k, v in texts.items():
             if not isinstance(v, str):
                 raise ValueError(f"plan.{k} must be text, got {type(v).__name__}")
-        return cls(steps, texts["reason"], texts["initiator_nat"], texts["responder_nat"])
+        return cls(steps, texts["reason"], texts["initiator_nat"], texts["responder_nat"],
+                   race_delay)
 
 
 

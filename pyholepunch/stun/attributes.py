@@ -94,6 +94,10 @@ class AttrType(IntEnum):
     # Private (comprehension-optional) range: how the server's TCP connect-back ended,
     # sent on the original connection when it did not succeed. See stun/server.py.
     CONNECT_BACK_RESULT = 0xC0CB
+    # Private: the server's primary address in the *other* IP family (a dual-stack server
+    # answering over IPv4 names its IPv6 address and vice versa), so a peer given one address
+    # learns the other from the server itself. Comprehension-optional: other clients skip it.
+    OTHER_FAMILY_ADDRESS = 0xC0AF
 
 
 class ConnectBack(IntEnum):
@@ -300,6 +304,7 @@ _TABLE: list[tuple[int, str, tuple[Encoder, Decoder]]] = [
     (AttrType.RESPONSE_ORIGIN, "RESPONSE-ORIGIN", _plain_address("RESPONSE-ORIGIN")),
     (AttrType.OTHER_ADDRESS, "OTHER-ADDRESS", _plain_address("OTHER-ADDRESS")),
     (AttrType.ALTERNATE_SERVER, "ALTERNATE-SERVER", _plain_address("ALTERNATE-SERVER")),
+    (AttrType.OTHER_FAMILY_ADDRESS, "OTHER-FAMILY-ADDRESS", _plain_address("OTHER-FAMILY-ADDRESS")),
     (AttrType.CHANGE_REQUEST, "CHANGE-REQUEST", (_enc_change, _dec_change)),
     (AttrType.ERROR_CODE, "ERROR-CODE", (_enc_error, _dec_error)),
     (AttrType.UNKNOWN_ATTRIBUTES, "UNKNOWN-ATTRIBUTES", (_enc_unknown, _dec_unknown)),

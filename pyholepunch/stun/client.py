@@ -61,6 +61,12 @@ class BindingResult:
     rtt: float                            # first send to answer, seconds
     response: StunMessage
 
+    @property
+    def other_family(self) -> Address | None:
+        """OTHER-FAMILY-ADDRESS: the server's primary address in the other IP family."""
+        value: Address | None = self.response.get(AttrType.OTHER_FAMILY_ADDRESS)
+        return value
+
 
 def _result(resp: StunMessage, local: Address, source: Address, rtt: float) -> BindingResult:
     if resp.cls is MessageClass.ERROR:

@@ -102,9 +102,11 @@ class Reply:
 
 
 class Responder:
-    def __init__(self, layout: Layout, *, software: str | None = "pyholepunch") -> None:
+    def __init__(self, layout: Layout, *, software: str | None = "pyholepunch",
+                 other_family: Address | None = None) -> None:
         self.layout = layout
         self.software = software
+        self.other_family = other_family   # sent as OTHER-FAMILY-ADDRESS (dual-stack server)
 
     def answer(self, data: bytes, local: Address, remote: Address) -> Reply | None:
         """The reply to one datagram/frame, or None to drop it silently."""
@@ -136,6 +138,8 @@ class Responder:
         other = self.layout.other(source)
         if other is not None:
             resp.add(AttrType.OTHER_ADDRESS, other)
+        if self.other_family is not None:
+            resp.add(AttrType.OTHER_FAMILY_ADDRESS, self.other_family)
         if self.software:
             resp.add(AttrType.SOFTWARE, self.software)
         return Reply(resp.encode(fingerprint=True), source, source != local, req)

@@ -62,7 +62,7 @@ class StunServer:
     def __init__(self, primary: Address, alt_ip: str | None = None, alt_port: int | None = None, *,
                  software: str | None = DEFAULT_SOFTWARE, connect_back_timeout: float = 0.6,
                  idle_timeout: float = 30.0, max_connect_backs: int = 64,
-                 max_tcp_connections: int = 1024) -> None:
+                 max_tcp_connections: int = 1024, other_family: Address | None = None) -> None:
         host, port = primary
         if alt_ip is not None and _unspecified_ip(host):
             raise ValueError(f"an alternate IP ({alt_ip}) needs a specific primary address, not {host}: "
@@ -72,6 +72,7 @@ class StunServer:
         self._want = (host, alt_ip, port, alt_port)
         self.layout: Layout | None = None
         self.software = software
+        self.other_family = other_family   # our address in the other IP family, if dual stack
         self.connect_back_timeout = connect_back_timeout
         self.idle_timeout = idle_timeout
         self._udp: dict[Address, _UdpEndpoint] = {}
@@ -97,6 +98,12 @@ class StunServer:
     def addresses(self) -> list[Address]:
         return self._layout().all()
 
+    def set_other_family(self, address: Address | None) -> None:
+        """Our address in the other IP family (OTHER-FAMILY-ADDRESS), once it is bound."""
+        self.other_family = address
+        if self._responder is not None:
+            self._responder.other_family = address
+
     def _layout(self) -> Layout:
         if self.layout is None:
             raise RuntimeError("StunServer not started")
@@ -105,7 +112,8 @@ class StunServer:
     def _resolve(self, port: int, alt_port: int | None) -> None:
         host, alt_ip, _, _ = self._want
         self.layout = Layout((host, alt_ip), (port, alt_port))
-        self._responder = Responder(self.layout, software=self.software)
+        self._responder = Responder(self.layout, software=self.software,
+                                    other_family=self.other_family)
 
     # -- UDP -----------------------------------------------------------------------------
     async def start_udp(self) -> None:

@@ -44,13 +44,39 @@ def test_json_schema(stun_process: tuple[str, int], capsys: pytest.CaptureFixtur
     rc = main(["nat-type", "--server", f"{host}:{port}", "--local-ip", "127.0.0.1", "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0
-    assert doc["schema"] == 1 and set(doc["profiles"]) == {"udp", "tcp"}
-    assert set(doc["seconds"]) == {"udp", "tcp"}
-    tcp = doc["profiles"]["tcp"]
+    assert doc["schema"] == 2 and set(doc["profiles"]) == {"ipv4"}   # a one-family server
+    assert set(doc["profiles"]["ipv4"]) == set(doc["seconds"]["ipv4"]) == {"udp", "tcp"}
+    assert doc["servers"] == {"ipv4": f"{host}:{port}"}
+    tcp = doc["profiles"]["ipv4"]["tcp"]
     assert {"transport", "mapping", "filtering", "allocation", "delta", "hairpin", "unsolicited_syn",
             "public_ips", "local_ips", "confidence", "not_learned", "server", "nat_type",
-            "label"} <= set(tcp)
+            "label", "family"} <= set(tcp)
     assert tcp["nat_type"] == "open" and tcp["unsolicited_syn"] == "accept"
+    assert tcp["family"] == "ipv4"
+
+
+def test_json_has_a_profile_per_family_against_a_dual_stack_server(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Given the IPv4 address of a dual-stack `serve`, nat-type learns its IPv6 address from
+    the server (OTHER-FAMILY-ADDRESS) and classifies both families."""
+    proc = subprocess.Popen([sys.executable, "-m", "pyholepunch", "serve", "--listen", "127.0.0.1:0",
+                             "--listen", "[::1]:0", "--no-relay", "--quiet"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("pyholepunch serve on "), line
+        v4, _, v6 = line.split()[3:6]
+        rc = main(["nat-type", "--server", v4, "--transport", "tcp", "--json"])
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and doc["schema"] == 2
+    assert doc["servers"] == {"ipv4": v4, "ipv6": v6}
+    v6tcp = doc["profiles"]["ipv6"]["tcp"]
+    assert v6tcp["family"] == "ipv6" and v6tcp["public_ips"] == ["::1"]
+    assert v6tcp["nat_type"] == "open" and doc["profiles"]["ipv4"]["tcp"]["nat_type"] == "open"
 
 
 def test_human_table(stun_process: tuple[str, int], capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from pyholepunch import peer as peer_mod
+from pyholepunch import punchport
 from pyholepunch.errors import TransactionTimeout
 from pyholepunch.peer import Peer
 from pyholepunch.serve import Rendezvous
@@ -16,15 +16,15 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def failing_first(times: int, exc: BaseException) -> tuple[Any, list[int]]:
-    """A Peer._probe_once that fails ``times`` times with ``exc``, then probes for real."""
-    real = Peer._probe_once
+    """A punchport.probe_once that fails ``times`` times with ``exc``, then probes for real."""
+    real = punchport.probe_once
     calls: list[int] = []
 
-    async def probe_once(self: Peer, port: int) -> Any:
+    async def probe_once(server: Any, local_ip: str, port: int) -> Any:
         calls.append(port)
         if len(calls) <= times:
             raise exc
-        return await real(self, port)
+        return await real(server, local_ip, port)
     return probe_once, calls
 
 
@@ -32,7 +32,7 @@ def failing_first(times: int, exc: BaseException) -> tuple[Any, list[int]]:
 async def test_start_survives_a_reset_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     probe_once, calls = failing_first(2, ConnectionResetError("203.0.113.10:3478 closed the "
                                                               "connection"))
-    monkeypatch.setattr(Peer, "_probe_once", probe_once)
+    monkeypatch.setattr(punchport, "probe_once", probe_once)
     async with Rendezvous(("127.0.0.1", 0)) as app:
         alice = Peer(app.address, name="alice", config_dir=tmp_path / "alice",
                      server_fingerprint=app.fingerprint)
@@ -48,13 +48,13 @@ async def test_start_survives_a_reset_probe(tmp_path: Path, monkeypatch: pytest.
 # A broken connection is asked again; a timeout is not: it waited its whole timeout already,
 # and a connect() may be waiting for this probe.
 @pytest.mark.parametrize(("exc", "attempts"), [
-    (ConnectionResetError("closed the connection"), peer_mod.PROBE_ATTEMPTS),
+    (ConnectionResetError("closed the connection"), punchport.PROBE_ATTEMPTS),
     (TransactionTimeout("TCP connect timed out"), 1)], ids=["reset", "timeout"])
 @pytest.mark.asyncio
 async def test_start_fails_with_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           exc: BaseException, attempts: int) -> None:
     probe_once, calls = failing_first(99, exc)
-    monkeypatch.setattr(Peer, "_probe_once", probe_once)
+    monkeypatch.setattr(punchport, "probe_once", probe_once)
     async with Rendezvous(("127.0.0.1", 0)) as app:
         alice = Peer(app.address, name="alice", config_dir=tmp_path / "alice",
                      server_fingerprint=app.fingerprint)

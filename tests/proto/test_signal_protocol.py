@@ -37,17 +37,24 @@ from pyholepunch.signal.protocol import (
     encode_frame,
 )
 
+
+def _cand(ip: str, port: int, origin: str = "stun", iface: str = "") -> list[object]:
+    return [ip, port, "ipv6" if ":" in ip else "ipv4", iface, origin]
+
+
 PEER = {"peer_id": "a" * 32, "name": "bob", "public_key": b"k" * 32, "cert": b"der",
-        "candidates": [("198.51.100.7", 4000)], "profiles": [{"transport": "tcp"}]}
+        "candidates": [_cand("198.51.100.7", 4000), _cand("2001:db8::7", 4000, "stun", "eth0")],
+        "profiles": [{"transport": "tcp"}]}
 SAMPLES = [
     Hello(nonce=b"n" * 32, server_time=1.5, server_id=b"s" * 32),
     Register(name="alice", public_key=b"k" * 32, challenge=b"n" * 32, signature=b"x" * 64,
              token="tok", cert=b"der", profiles=[{"transport": "tcp", "mapping": "none"}],
-             candidates=[("10.0.0.2", 5000)]),
+             candidates=[_cand("10.0.0.2", 5000, "host")]),
     Registered(peer_id="b" * 32, offset=-0.25, rtt=0.04),
     Ping(t1=10.0, offset=0.1, rtt=0.02), Pong(t1=1.0, t2=2.0, t3=2.5),
-    Update(candidates=[("192.0.2.1", 1)]),
-    Connect(session="sess-0001", target="bob", candidates=[("10.1.2.3", 999)]),
+    Update(candidates=[_cand("192.0.2.1", 1)]),
+    Connect(session="sess-0001", target="bob",
+            candidates=[_cand("10.1.2.3", 999), _cand("2001:db8::3", 999)]),
     Punch(session="sess-0001", role="responder", start_at=123.25, peer=PEER, plan={"steps": []}),
     Result(session="sess-0001", outcome="direct", stats={"syns": 3}),
     Relay(session="sess-0001"),

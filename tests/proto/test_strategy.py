@@ -263,7 +263,7 @@ _DELETE = object()
 
 @pytest.mark.parametrize(("data", "message"), [
     ([], "plan must be a mapping"),
-    (_set("version", 2), "version 2 is not supported"),
+    (_set("version", 3), "version 3 is not supported"),
     (_set("steps", _DELETE), "plan lacks steps"),
     (_set("steps", "simopen"), "plan.steps must be a list"),
     (_set("steps", [_good()["steps"][0]] * 17), "at most 16"),
