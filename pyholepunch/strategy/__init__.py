@@ -21,7 +21,7 @@ Steps in the same ``parallel`` group may run at the same time (each on its own l
 the first success wins and the others are abandoned. Running them one after another instead
 is always correct, only slower. :func:`plan` emits no groups today (see the LAN step).
 
-Dual stack (DESIGN §9): :func:`plan_race` plans each address family both peers can be
+Dual stack (docs/architecture.md): :func:`plan_race` plans each address family both peers can be
 dialled in (strategy/candidates.py) with :func:`plan` and tags the steps with the family;
 the families run as lanes of an RFC 8305 race, IPv6 first, IPv4 ``race_delay`` later.
 

@@ -73,4 +73,4 @@ def test_nat_type_json_is_only_json(server: Server) -> None:
                 "--local-ip", "127.0.0.1", "-v"))
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["profiles"]["tcp"]["nat_type"] == "open"
+    assert doc["schema"] == 2 and doc["profiles"]["ipv4"]["tcp"]["nat_type"] == "open"
