@@ -5,9 +5,9 @@
 
 #include "hp_internal.h"
 
-/* The kernel's default timer slack is 50 us and a wake-up adds tens of microseconds more;
- * sleeping until this much before the target and spinning the rest keeps the error small. */
-#define HP_SPIN_NS 150000LL
+/* HP_SPIN_NS: the kernel's default timer slack is 50 us and a wake-up adds tens of
+ * microseconds more; sleeping until this much before the target and spinning the rest keeps
+ * the error small. */
 
 static int64_t hp_ts_ns(const struct timespec *ts)
 {

@@ -4,7 +4,7 @@
  * nothing prints, exits or calls back. Times are absolute CLOCK_REALTIME nanoseconds
  * (int64) below 2^62, durations are nanoseconds below 2^60. Addresses (hp_addr_t): IPv4 or
  * IPv6, in network byte order, ports in host byte order; a call's addresses are all of one
- * family. Every call is blocking and thread-safe (no global state).
+ * family. Every call but the scheduler's is blocking; all are thread-safe (no global state).
  */
 #ifndef HP_ENGINE_H
 #define HP_ENGINE_H
@@ -107,6 +107,39 @@ typedef struct hp_sweep_args {
  * descriptors ran out; -EINVAL for bad arguments. A pair whose local port cannot be bound
  * is skipped. No descriptor leaks on any path. */
 int hp_sweep(const hp_sweep_args_t *args, int *out_fd, hp_punch_stats_t *st);
+
+/* ---- scheduler: many punches on one thread ------------------------------------------------
+ * One thread owns every punch submitted to it (simultaneous opens and sweeps, each with its
+ * re-arms and deadline) on one epoll: each first SYN leaves at its start_at, each punch ends
+ * on its own. Outcomes come back as events: when hp_sched_event_fd() (an eventfd) is
+ * readable, hp_sched_drain() them. The scheduler never calls back. Every function here is
+ * thread-safe; args are copied at submit (pairs included), ids are the caller's. */
+
+typedef struct hp_sched hp_sched_t;
+
+typedef struct hp_sched_event {
+    uint64_t id;
+    int rc;               /* 0, -ECANCELED, or what the blocking call would have returned */
+    int fd;               /* rc == 0: the connected blocking socket, now the caller's; else -1 */
+    hp_punch_stats_t st;
+} hp_sched_event_t;
+
+int hp_sched_new(hp_sched_t **out);
+int hp_sched_event_fd(const hp_sched_t *s);
+/* Run the scheduler thread under SCHED_FIFO at priority 1..99 (0: back to SCHED_OTHER), so a
+ * busy machine does not delay a first SYN by a time slice; -EPERM without CAP_SYS_NICE. Its
+ * work is bounded (no spin longer than HP_SPIN_NS), it sleeps between deadlines. */
+int hp_sched_set_priority(hp_sched_t *s, int priority);
+/* Submit; sockets are opened on the scheduler's thread, so a failure to open them (bad
+ * arguments included) is the punch's event, not this return value. -ESHUTDOWN once freed. */
+int hp_sched_simopen(hp_sched_t *s, uint64_t id, const hp_simopen_args_t *args);
+int hp_sched_sweep(hp_sched_t *s, uint64_t id, const hp_sweep_args_t *args);
+/* Close every socket of punch id at once; its event says -ECANCELED (unless it ended first). */
+int hp_sched_cancel(hp_sched_t *s, uint64_t id);
+/* Copy up to max waiting events to out; the eventfd stays readable while more wait. */
+size_t hp_sched_drain(hp_sched_t *s, hp_sched_event_t *out, size_t max);
+/* Cancel everything, join the thread, close every socket and undrained winner, free. */
+void hp_sched_free(hp_sched_t *s);
 
 /* ---- raw SYN ------------------------------------------------------------------------------ */
 

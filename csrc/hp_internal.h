@@ -48,4 +48,46 @@ void hp_close(int fd);
 /* Local port of a bound socket, or -errno. */
 int hp_sock_local_port(int fd);
 
+/* Absolute waits sleep until this long before the target and spin the rest (clock.c). */
+#define HP_SPIN_NS 150000LL
+
+/* ---- punches as state machines --------------------------------------------------------
+ * A simultaneous open or a sweep is begun (validated, sockets ready: only connect() is left
+ * for start_at), stepped whenever its epoll fd is readable or its wake time has come, and
+ * ended (every socket it still holds closed, the state freed). One driver runs a single punch
+ * to completion for the blocking calls (hp_punch_run), the scheduler runs many (sched.c).
+ * step returns 0 = not done (*wake_ns: step again by then, or when the fd is readable),
+ * 1 = won (*out_fd: a connected blocking socket, stats filled), < 0 = failed (-errno). */
+
+typedef struct hp_simopen_state hp_simopen_state_t;
+typedef struct hp_sweep_state hp_sweep_state_t;
+
+int hp_simopen_begin(const hp_simopen_args_t *a, hp_punch_stats_t *st,
+                     hp_simopen_state_t **out);
+int hp_simopen_fd(const hp_simopen_state_t *s);
+int hp_simopen_step(hp_simopen_state_t *s, int64_t now, int *out_fd, int64_t *wake_ns);
+void hp_simopen_end(hp_simopen_state_t *s);
+
+int hp_sweep_begin(const hp_sweep_args_t *a, hp_punch_stats_t *st, hp_sweep_state_t **out);
+int hp_sweep_fd(const hp_sweep_state_t *s);
+int hp_sweep_step(hp_sweep_state_t *s, int64_t now, int *out_fd, int64_t *wake_ns);
+void hp_sweep_end(hp_sweep_state_t *s);
+
+typedef enum hp_punch_kind { HP_PUNCH_SIMOPEN = 1, HP_PUNCH_SWEEP = 2 } hp_punch_kind_t;
+
+typedef struct hp_punch {
+    hp_punch_kind_t kind;
+    union {
+        hp_simopen_state_t *simopen;
+        hp_sweep_state_t *sweep;
+    } u;
+} hp_punch_t;
+
+int hp_punch_fd(const hp_punch_t *p);
+int hp_punch_step(hp_punch_t *p, int64_t now, int *out_fd, int64_t *wake_ns);
+void hp_punch_end(hp_punch_t *p);
+
+/* The blocking driver: wait for start_at, step until done, end. 0 + *out_fd, or -errno. */
+int hp_punch_run(hp_punch_t *p, int64_t start_at_ns, int *out_fd);
+
 #endif

@@ -3,28 +3,30 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <netinet/in.h>
-#include <poll.h>
-#include <signal.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "hp_internal.h"
 
-typedef struct hp_simopen_state {
-    const hp_simopen_args_t *a;
+struct hp_simopen_state {
+    const hp_simopen_args_t *a; /* the caller's: it outlives the state */
     hp_punch_stats_t *st;
     uint16_t port;      /* the one local port, fixed after the first bind */
     int lfd;            /* listener, -1 if none */
     int cfd;            /* connecting socket, -1 between attempts */
     int armed;          /* cfd has called connect() */
-} hp_simopen_state_t;
+    int ep;             /* epoll over lfd and the armed cfd: what the driver waits on */
+    int64_t deadline;
+    int64_t next_arm;   /* when the next connect() is due while none is pending */
+};
 
-static int hp_simopen_validate(const hp_simopen_args_t *a, const int *out_fd,
-                               const hp_punch_stats_t *st)
+static int hp_simopen_validate(const hp_simopen_args_t *a, const hp_punch_stats_t *st)
 {
-    if (a == NULL || out_fd == NULL || st == NULL)
+    if (a == NULL || st == NULL)
         return -EINVAL;
     if (hp_addr_is_any(&a->remote) || a->remote.port == 0
         || hp_addr_family(&a->local) != hp_addr_family(&a->remote))
@@ -155,127 +157,179 @@ static void hp_simopen_win(hp_simopen_state_t *s, int fd, int accepted)
     st->have_remote = hp_sock_peer(fd, &st->remote) == 0;
 }
 
-int hp_simopen(const hp_simopen_args_t *a, int *out_fd, hp_punch_stats_t *st)
+static int hp_simopen_watch(hp_simopen_state_t *s, int fd, uint32_t events)
 {
-    hp_simopen_state_t s;
-    int64_t deadline, next_arm;
-    int rc, winner = -1, accepted = 0;
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = events;
+    ev.data.fd = fd;
+    return epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+}
 
-    rc = hp_simopen_validate(a, out_fd, st);
+int hp_simopen_begin(const hp_simopen_args_t *a, hp_punch_stats_t *st,
+                     hp_simopen_state_t **out)
+{
+    hp_simopen_state_t *s;
+    int rc;
+
+    rc = hp_simopen_validate(a, st);
     if (rc < 0)
         return rc;
-    *out_fd = -1;
     hp_punch_stats_init(st);
-    memset(&s, 0, sizeof(s));
-    s.a = a;
-    s.st = st;
-    s.port = a->local.port;
-    s.lfd = -1;
-    s.cfd = -1;
-    deadline = a->start_at_ns + a->timeout_ns;
-
+    s = calloc(1, sizeof(*s));
+    if (s == NULL)
+        return -ENOMEM;
+    s->a = a;
+    s->st = st;
+    s->port = a->local.port;
+    s->lfd = -1;
+    s->cfd = -1;
+    s->deadline = a->start_at_ns + a->timeout_ns;
+    s->next_arm = a->start_at_ns;
+    s->ep = epoll_create1(EPOLL_CLOEXEC);
+    if (s->ep < 0) {
+        rc = -errno;
+        goto fail;
+    }
     if (a->listen) {
-        rc = hp_sock_tcp_bound(&a->local, s.port, 1, 1, &s.lfd);
+        rc = hp_sock_tcp_bound(&a->local, s->port, 1, 1, &s->lfd);
         if (rc < 0)
-            goto out;
+            goto fail;
         st->sockets_opened++;
-        if (listen(s.lfd, 16) < 0) {
+        if (listen(s->lfd, 16) < 0) {
             rc = -errno;
-            goto out;
+            goto fail;
         }
-        rc = hp_sock_local_port(s.lfd);
+        rc = hp_sock_local_port(s->lfd);
         if (rc < 0)
-            goto out;
-        s.port = (uint16_t)rc;
+            goto fail;
+        s->port = (uint16_t)rc;
+        rc = hp_simopen_watch(s, s->lfd, EPOLLIN);
+        if (rc < 0)
+            goto fail;
     }
     /* Everything but connect() happens before start_at, so the first SYN leaves on time. */
-    rc = hp_simopen_prepare(&s);
+    rc = hp_simopen_prepare(s);
     if (rc < 0)
-        goto out;
-    hp_clock_wait_until(a->start_at_ns);
-    next_arm = a->start_at_ns;
-
-    for (;;) {
-        struct pollfd pfd[2];
-        struct timespec ts;
-        int64_t now = hp_clock_now_ns(), until;
-        nfds_t n = 0;
-        int ci = -1, li = -1;
-
-        if (now >= deadline) {
-            rc = -ETIMEDOUT;
-            goto out;
-        }
-        if (!s.armed || s.cfd < 0) {
-            if (now >= next_arm) {
-                if (s.cfd < 0) {
-                    rc = hp_simopen_prepare(&s);
-                    if (rc < 0)
-                        goto out;
-                }
-                next_arm += a->interval_ns;
-                if (next_arm < now)
-                    next_arm = now + a->interval_ns;
-                rc = hp_simopen_connect(&s);
-                if (rc < 0)
-                    goto out;
-                if (rc == 1) {
-                    winner = s.cfd;
-                    s.cfd = -1;
-                    break;
-                }
-                continue;
-            }
-        }
-        if (s.cfd >= 0 && s.armed) {
-            pfd[n].fd = s.cfd;
-            pfd[n].events = POLLOUT;
-            ci = (int)n++;
-        }
-        if (s.lfd >= 0) {
-            pfd[n].fd = s.lfd;
-            pfd[n].events = POLLIN;
-            li = (int)n++;
-        }
-        until = deadline;
-        if ((s.cfd < 0 || !s.armed) && next_arm < until)
-            until = next_arm;
-        ts.tv_sec = (time_t)((until - now) / HP_NS_PER_S);
-        ts.tv_nsec = (long)((until - now) % HP_NS_PER_S);
-        rc = ppoll(pfd, n, &ts, NULL);
-        if (rc < 0) {
-            if (errno == EINTR)
-                continue;
-            rc = -errno;
-            goto out;
-        }
-        if (ci >= 0 && pfd[ci].revents) {
-            if (hp_simopen_finish(&s) == 1) {
-                winner = s.cfd;
-                s.cfd = -1;
-                break;
-            }
-        }
-        if (li >= 0 && (pfd[li].revents & POLLIN)) {
-            int fd = hp_simopen_accept(&s);
-            if (fd >= 0) {
-                winner = fd;
-                accepted = 1;
-                break;
-            }
-        }
-    }
-
-    rc = hp_sock_set_blocking(winner);
-    if (rc < 0) {
-        hp_close(winner);
-        goto out;
-    }
-    hp_simopen_win(&s, winner, accepted);
-    *out_fd = winner;
-    rc = 0;
-out:
-    hp_close(s.cfd);
-    hp_close(s.lfd);
+        goto fail;
+    *out = s;
+    return 0;
+fail:
+    hp_simopen_end(s);
     return rc;
+}
+
+int hp_simopen_fd(const hp_simopen_state_t *s)
+{
+    return s->ep;
+}
+
+/* fd won the punch: blocking, stats filled, out of the epoll set and the state. */
+static int hp_simopen_take(hp_simopen_state_t *s, int fd, int accepted, int *out_fd)
+{
+    int rc;
+    if (fd == s->cfd) {
+        epoll_ctl(s->ep, EPOLL_CTL_DEL, fd, NULL);
+        s->cfd = -1;
+    }
+    rc = hp_sock_set_blocking(fd);
+    if (rc < 0) {
+        hp_close(fd);
+        return rc;
+    }
+    hp_simopen_win(s, fd, accepted);
+    *out_fd = fd;
+    return 1;
+}
+
+/* The next attempt's connect(): 1 = won at once (taken), 0 = pending or failed, < 0 = fatal. */
+static int hp_simopen_arm(hp_simopen_state_t *s, int64_t now, int *out_fd)
+{
+    int rc;
+    if (s->cfd < 0) {
+        rc = hp_simopen_prepare(s);
+        if (rc < 0)
+            return rc;
+    }
+    s->next_arm += s->a->interval_ns;
+    if (s->next_arm < now)
+        s->next_arm = now + s->a->interval_ns;
+    rc = hp_simopen_connect(s);
+    if (rc < 0)
+        return rc;
+    if (rc == 1)
+        return hp_simopen_take(s, s->cfd, 0, out_fd);
+    if (s->cfd >= 0 && (rc = hp_simopen_watch(s, s->cfd, EPOLLOUT)) < 0)
+        return rc;
+    return 0;
+}
+
+int hp_simopen_step(hp_simopen_state_t *s, int64_t now, int *out_fd, int64_t *wake_ns)
+{
+    struct epoll_event evs[2];
+    int n, k, rc;
+
+    if (now < s->a->start_at_ns) {
+        *wake_ns = s->a->start_at_ns;
+        return 0;
+    }
+    if (now < s->deadline && !s->armed && s->st->attempts == 0) {
+        /* The first connect: only that. What is pending on the sockets (the peer's SYN may
+         * have reached our listener already) is read at the next step, at once: the epoll fd
+         * is readable. A scheduler with many punches starting together thus sends every
+         * first SYN before handling any completion. */
+        rc = hp_simopen_arm(s, now, out_fd);
+        if (rc != 0)
+            return rc;
+    } else {
+        n = epoll_wait(s->ep, evs, 2, 0);
+        if (n < 0 && errno != EINTR)
+            return -errno;
+        for (k = 0; k < n; k++) {
+            if (evs[k].data.fd == s->cfd && s->armed) {
+                if (hp_simopen_finish(s) == 1)
+                    return hp_simopen_take(s, s->cfd, 0, out_fd);
+            } else if (evs[k].data.fd == s->lfd && (evs[k].events & EPOLLIN)) {
+                int fd = hp_simopen_accept(s);
+                if (fd >= 0)
+                    return hp_simopen_take(s, fd, 1, out_fd);
+            }
+        }
+        if (now >= s->deadline)
+            return -ETIMEDOUT;
+        if ((!s->armed || s->cfd < 0) && now >= s->next_arm) {
+            rc = hp_simopen_arm(s, now, out_fd);
+            if (rc != 0)
+                return rc;
+        }
+    }
+    *wake_ns = s->deadline;
+    if ((s->cfd < 0 || !s->armed) && s->next_arm < *wake_ns)
+        *wake_ns = s->next_arm;
+    return 0;
+}
+
+void hp_simopen_end(hp_simopen_state_t *s)
+{
+    if (s == NULL)
+        return;
+    hp_close(s->cfd);
+    hp_close(s->lfd);
+    hp_close(s->ep);
+    free(s);
+}
+
+int hp_simopen(const hp_simopen_args_t *a, int *out_fd, hp_punch_stats_t *st)
+{
+    hp_punch_t p;
+    int rc;
+
+    if (out_fd == NULL)
+        return -EINVAL;
+    *out_fd = -1;
+    rc = hp_simopen_begin(a, st, &p.u.simopen);
+    if (rc < 0)
+        return rc;
+    p.kind = HP_PUNCH_SIMOPEN;
+    return hp_punch_run(&p, a->start_at_ns, out_fd);
 }

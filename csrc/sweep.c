@@ -20,8 +20,8 @@ typedef struct hp_sweep_slot {
     uint32_t pair;   /* index into args->pairs */
 } hp_sweep_slot_t;
 
-typedef struct hp_sweep_state {
-    const hp_sweep_args_t *a;
+struct hp_sweep_state {
+    const hp_sweep_args_t *a; /* the caller's: it outlives the state */
     hp_punch_stats_t *st;
     int ep;
     hp_sweep_slot_t *slots;   /* max_inflight entries */
@@ -34,13 +34,15 @@ typedef struct hp_sweep_state {
     int64_t next_syn_at;      /* pacing: earliest time of the next SYN */
     int64_t period_ns;        /* 0 = unpaced */
     int spare_fd;             /* pair 0's socket, ready before start_at; -1 once used */
-} hp_sweep_state_t;
+    uint32_t ninflight;       /* slots */
+    int64_t deadline;
+    struct epoll_event *evs;  /* HP_SWEEP_EVENTS */
+};
 
-static int hp_sweep_validate(const hp_sweep_args_t *a, const int *out_fd,
-                             const hp_punch_stats_t *st)
+static int hp_sweep_validate(const hp_sweep_args_t *a, const hp_punch_stats_t *st)
 {
     size_t i;
-    if (a == NULL || out_fd == NULL || st == NULL || a->pairs == NULL || a->npairs == 0)
+    if (a == NULL || st == NULL || a->pairs == NULL || a->npairs == 0)
         return -EINVAL;
     if (a->npairs > UINT32_MAX || a->max_inflight == 0)
         return -EINVAL;
@@ -205,20 +207,6 @@ static int64_t hp_sweep_next_launch(const hp_sweep_state_t *s)
     return t;
 }
 
-static int hp_sweep_wait(int ep, struct epoll_event *evs, int64_t wait_ns)
-{
-    struct timespec ts;
-    int n;
-    ts.tv_sec = (time_t)(wait_ns / HP_NS_PER_S);
-    ts.tv_nsec = (long)(wait_ns % HP_NS_PER_S);
-    n = epoll_pwait2(ep, evs, HP_SWEEP_EVENTS, &ts, NULL);
-    if (n < 0 && errno == ENOSYS) {
-        /* Kernels before 5.11: millisecond resolution, rounded up. */
-        n = epoll_wait(ep, evs, HP_SWEEP_EVENTS, (int)((wait_ns + 999999) / 1000000));
-    }
-    return n;
-}
-
 static void hp_sweep_win(hp_sweep_state_t *s, int fd)
 {
     s->st->time_to_established_ns = hp_clock_now_ns() - s->a->start_at_ns;
@@ -226,125 +214,149 @@ static void hp_sweep_win(hp_sweep_state_t *s, int fd)
     s->st->have_remote = hp_sock_peer(fd, &s->st->remote) == 0;
 }
 
-int hp_sweep(const hp_sweep_args_t *a, int *out_fd, hp_punch_stats_t *st)
+int hp_sweep_begin(const hp_sweep_args_t *a, hp_punch_stats_t *st, hp_sweep_state_t **out)
 {
-    hp_sweep_state_t s;
-    struct epoll_event *evs = NULL;
-    uint32_t ninflight, i;
-    int64_t deadline;
-    int rc, winner = -1;
+    hp_sweep_state_t *s;
+    uint32_t i;
+    int rc;
 
-    rc = hp_sweep_validate(a, out_fd, st);
+    rc = hp_sweep_validate(a, st);
     if (rc < 0)
         return rc;
-    *out_fd = -1;
     hp_punch_stats_init(st);
-    memset(&s, 0, sizeof(s));
-    s.a = a;
-    s.st = st;
-    s.ep = -1;
-    s.spare_fd = -1;
-    ninflight = a->max_inflight;
-    if ((size_t)ninflight > a->npairs)
-        ninflight = (uint32_t)a->npairs;
-    s.slots = calloc(ninflight, sizeof(*s.slots));
-    s.free_slots = calloc(ninflight, sizeof(*s.free_slots));
-    s.retry = calloc(a->npairs, sizeof(*s.retry));
-    s.retry_at = calloc(a->npairs, sizeof(*s.retry_at));
-    evs = calloc(HP_SWEEP_EVENTS, sizeof(*evs));
-    if (!s.slots || !s.free_slots || !s.retry || !s.retry_at || !evs) {
+    s = calloc(1, sizeof(*s));
+    if (s == NULL)
+        return -ENOMEM;
+    s->a = a;
+    s->st = st;
+    s->ep = -1;
+    s->spare_fd = -1;
+    s->ninflight = a->max_inflight;
+    if ((size_t)s->ninflight > a->npairs)
+        s->ninflight = (uint32_t)a->npairs;
+    s->slots = calloc(s->ninflight, sizeof(*s->slots));
+    s->free_slots = calloc(s->ninflight, sizeof(*s->free_slots));
+    s->retry = calloc(a->npairs, sizeof(*s->retry));
+    s->retry_at = calloc(a->npairs, sizeof(*s->retry_at));
+    s->evs = calloc(HP_SWEEP_EVENTS, sizeof(*s->evs));
+    if (!s->slots || !s->free_slots || !s->retry || !s->retry_at || !s->evs) {
         rc = -ENOMEM;
-        goto out;
+        goto fail;
     }
-    for (i = 0; i < ninflight; i++) {
-        s.slots[i].fd = -1;
-        s.free_slots[s.nfree++] = ninflight - 1 - i;
+    for (i = 0; i < s->ninflight; i++) {
+        s->slots[i].fd = -1;
+        s->free_slots[s->nfree++] = s->ninflight - 1 - i;
     }
-    s.ep = epoll_create1(EPOLL_CLOEXEC);
-    if (s.ep < 0) {
+    s->ep = epoll_create1(EPOLL_CLOEXEC);
+    if (s->ep < 0) {
         rc = -errno;
-        goto out;
+        goto fail;
     }
     if (a->rate > 0.0) {
         double p = 1e9 / a->rate;
         /* A rate so low that one period outlasts any deadline: one SYN, then nothing. */
-        s.period_ns = p < 1.0 ? 1 : p > 4e18 ? (int64_t)4e18 : (int64_t)p;
+        s->period_ns = p < 1.0 ? 1 : p > 4e18 ? (int64_t)4e18 : (int64_t)p;
     }
-    s.next_syn_at = a->start_at_ns;
-    deadline = a->start_at_ns + a->timeout_ns;
-    rc = hp_sweep_open(&s, 0, 1, &s.spare_fd);
+    s->next_syn_at = a->start_at_ns;
+    s->deadline = a->start_at_ns + a->timeout_ns;
+    rc = hp_sweep_open(s, 0, 1, &s->spare_fd);
     if (rc < 0)
-        goto out;
-    hp_clock_wait_until(a->start_at_ns);
-
-    for (;;) {
-        int64_t now = hp_clock_now_ns(), until;
-        int n, k;
-
-        if (now >= deadline) {
-            rc = -ETIMEDOUT;
-            goto out;
-        }
-        rc = hp_sweep_launch_due(&s, now, &winner);
-        if (rc < 0)
-            goto out;
-        if (rc == 1)
-            break;
-        if (s.nfree == ninflight && s.rcount == 0 && s.next_pair >= a->npairs) {
-            rc = -ECONNREFUSED; /* every pair failed, nothing left to try */
-            goto out;
-        }
-        until = hp_sweep_next_launch(&s);
-        if (until > deadline)
-            until = deadline;
-        now = hp_clock_now_ns();
-        n = hp_sweep_wait(s.ep, evs, until > now ? until - now : 0);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            rc = -errno;
-            goto out;
-        }
-        now = hp_clock_now_ns();
-        for (k = 0; k < n; k++) {
-            uint32_t slot = evs[k].data.u32;
-            int err = 0;
-            socklen_t len = sizeof(err);
-            if (s.slots[slot].fd < 0)
-                continue;
-            if (getsockopt(s.slots[slot].fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-                err = errno;
-            if (err == 0) {
-                /* Established: by our SYN being answered or by simultaneous open. */
-                winner = s.slots[slot].fd;
-                s.slots[slot].fd = -1;
-                break;
-            }
-            hp_sweep_count_failure(&s, err, s.slots[slot].pair, now);
-            hp_sweep_release(&s, slot);
-        }
-        if (winner >= 0)
-            break;
-    }
-    rc = hp_sock_set_blocking(winner);
-    if (rc < 0) {
-        hp_close(winner);
-        goto out;
-    }
-    hp_sweep_win(&s, winner);
-    *out_fd = winner;
-    rc = 0;
-out:
-    if (s.slots != NULL) {
-        for (i = 0; i < ninflight; i++)
-            hp_close(s.slots[i].fd);
-    }
-    hp_close(s.spare_fd);
-    hp_close(s.ep);
-    free(s.slots);
-    free(s.free_slots);
-    free(s.retry);
-    free(s.retry_at);
-    free(evs);
+        goto fail;
+    *out = s;
+    return 0;
+fail:
+    hp_sweep_end(s);
     return rc;
+}
+
+int hp_sweep_fd(const hp_sweep_state_t *s)
+{
+    return s->ep;
+}
+
+int hp_sweep_step(hp_sweep_state_t *s, int64_t now, int *out_fd, int64_t *wake_ns)
+{
+    int rc, n, k, winner = -1;
+    int64_t until;
+
+    if (now < s->a->start_at_ns) {
+        *wake_ns = s->a->start_at_ns;
+        return 0;
+    }
+    n = epoll_wait(s->ep, s->evs, HP_SWEEP_EVENTS, 0);
+    if (n < 0 && errno != EINTR)
+        return -errno;
+    for (k = 0; k < n; k++) {
+        uint32_t slot = s->evs[k].data.u32;
+        int err = 0;
+        socklen_t len = sizeof(err);
+        if (s->slots[slot].fd < 0)
+            continue;
+        if (getsockopt(s->slots[slot].fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+            err = errno;
+        if (err == 0) {
+            /* Established: by our SYN being answered or by simultaneous open. */
+            winner = s->slots[slot].fd;
+            s->slots[slot].fd = -1;
+            break;
+        }
+        hp_sweep_count_failure(s, err, s->slots[slot].pair, now);
+        hp_sweep_release(s, slot);
+    }
+    if (winner < 0) {
+        if (now >= s->deadline)
+            return -ETIMEDOUT;
+        rc = hp_sweep_launch_due(s, now, &winner);
+        if (rc < 0)
+            return rc;
+    }
+    if (winner >= 0) {
+        rc = hp_sock_set_blocking(winner);
+        if (rc < 0) {
+            hp_close(winner);
+            return rc;
+        }
+        hp_sweep_win(s, winner);
+        *out_fd = winner;
+        return 1;
+    }
+    if (s->nfree == s->ninflight && s->rcount == 0 && s->next_pair >= s->a->npairs)
+        return -ECONNREFUSED; /* every pair failed, nothing left to try */
+    until = hp_sweep_next_launch(s);
+    *wake_ns = until > s->deadline ? s->deadline : until;
+    return 0;
+}
+
+void hp_sweep_end(hp_sweep_state_t *s)
+{
+    uint32_t i;
+    if (s == NULL)
+        return;
+    if (s->slots != NULL) {
+        for (i = 0; i < s->ninflight; i++)
+            hp_close(s->slots[i].fd);
+    }
+    hp_close(s->spare_fd);
+    hp_close(s->ep);
+    free(s->slots);
+    free(s->free_slots);
+    free(s->retry);
+    free(s->retry_at);
+    free(s->evs);
+    free(s);
+}
+
+int hp_sweep(const hp_sweep_args_t *a, int *out_fd, hp_punch_stats_t *st)
+{
+    hp_punch_t p;
+    int rc;
+
+    if (out_fd == NULL)
+        return -EINVAL;
+    *out_fd = -1;
+    rc = hp_sweep_begin(a, st, &p.u.sweep);
+    if (rc < 0)
+        return rc;
+    p.kind = HP_PUNCH_SWEEP;
+    return hp_punch_run(&p, a->start_at_ns, out_fd);
 }

@@ -5,8 +5,9 @@ the server), so no further signaling is needed: step groups run back to back, ea
 at ``start_at`` + the budgets of the groups before it. A side that fails a step early waits
 for the next slot; a side that wins stops. Steps of one ``parallel`` group start together.
 
-This module only turns instructions into engine calls (in worker threads, so the loop keeps
-running) and plain accepts; TLS and the relay step belong to the peer layer.
+This module only turns instructions into engine calls (the engine's async entry points: no
+thread per punch, and cancelling a step closes its sockets at once) and plain accepts; TLS and
+the relay step belong to the peer layer.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ Address = tuple[str, int]
 
 REARM_INTERVAL = 0.02      # seconds between re-armed attempts after an RST / ICMP error
 MARK = b"\x01"             # a sweep's chooser sends this on the one connection it keeps
+SUBMIT_AHEAD = 0.05        # seconds before its start a step group's engine calls are made
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,9 @@ class Punch:
                          "the plan has no direct step")
 
     async def _run_group(self, at: float, group: list[Step]) -> PunchResult:
-        await _sleep_until(at)
+        # Engine steps take absolute start times: handed over ahead, their sockets are ready
+        # and the engine sends the first SYN at `at` itself, not after an event-loop wake-up.
+        await _sleep_until(at - SUBMIT_AHEAD)
         tasks = [asyncio.ensure_future(self._run_step(at, step)) for step in group]
         errors: list[BaseException] = []
         won: PunchResult | None = None
@@ -181,7 +185,7 @@ class Punch:
     async def _run_step(self, at: float, step: Step) -> PunchResult:
         ins = step.for_role(self.role)
         lane = self.lane(step.family)
-        record = self.report.step_started(step.kind, at=time.time(), family=step.family,
+        record = self.report.step_started(step.kind, at=max(at, time.time()), family=step.family,
                                           local=(lane.local_ip, lane.local_port),
                                           remote=_describe_remotes(ins, lane.peer))
         try:
@@ -218,13 +222,13 @@ class Punch:
             return await follow(ip, pairs, _peer_ips(ins, lane.peer), start=start,
                                 deadline=start + timeout, syn_ttl=ins.syn_ttl)
         if ins.action is Action.SIMOPEN:
-            return await asyncio.to_thread(eng.simultaneous_open, (ip, port), remotes[0], start,
-                                           timeout, interval=REARM_INTERVAL,
-                                           syn_ttl=ins.syn_ttl, listen=True)
+            return await eng.simultaneous_open_async(
+                (ip, port), remotes[0], start, timeout, interval=REARM_INTERVAL,
+                syn_ttl=ins.syn_ttl, listen=True)
         if ins.action is Action.CONNECT:
-            return await asyncio.to_thread(eng.simultaneous_open, (ip, 0), remotes[0], start,
-                                           timeout, interval=REARM_INTERVAL, syn_ttl=ins.syn_ttl,
-                                           listen=False)
+            return await eng.simultaneous_open_async(
+                (ip, 0), remotes[0], start, timeout, interval=REARM_INTERVAL,
+                syn_ttl=ins.syn_ttl, listen=False)
         if ins.action is Action.SWEEP_LOCAL_PORTS:
             pairs = [(0, remotes[0])] * ins.count
         elif ins.action is Action.SWEEP_REMOTE_PORTS:
@@ -233,9 +237,9 @@ class Punch:
             pairs = [(0, r) for r in remotes]
         else:
             raise PunchError(f"action {ins.action} is not a direct punch")
-        result = await asyncio.to_thread(eng.sweep, pairs, start, timeout, local_ip=ip,
-                                         max_inflight=max(len(pairs), 1), rate=ins.rate,
-                                         syn_ttl=ins.syn_ttl)
+        result = await eng.sweep_async(pairs, start, timeout, local_ip=ip,
+                                       max_inflight=max(len(pairs), 1), rate=ins.rate,
+                                       syn_ttl=ins.syn_ttl)
         try:   # we chose: tell the follower which of the connections that came up is the one
             result.sock.sendall(MARK)
         except OSError:

@@ -4,10 +4,13 @@ Times are absolute CLOCK_REALTIME seconds (``time.time()``), so two processes â€
 hosts with synced clocks â€” can agree on one ``start_at``. Every ``timeout`` counts from
 ``start_at``: the punch window is ``[start_at, start_at + timeout]``.
 
-Calling from asyncio: every method blocks, so run it in a worker thread,
-``await asyncio.to_thread(engine.simultaneous_open, ...)``. The native engine releases the
-GIL for the whole call and the pure engine blocks only in ``select``/``sleep``, so the event
-loop keeps running.
+Calling from asyncio: ``await engine.simultaneous_open_async(...)`` and
+``await engine.sweep_async(...)`` take the blocking calls' arguments and give their results
+and errors, without a thread per punch (the native engine hands every punch of a loop to its
+C scheduler threads, one per CPU; the pure engine runs them on the loop itself). Cancelling the awaiting
+task closes every socket of that punch before CancelledError propagates. The other methods
+block: run them in a worker thread (``asyncio.to_thread``); the native engine releases the
+GIL for the whole call and the pure engine blocks only in ``select``/``sleep``.
 """
 from __future__ import annotations
 
@@ -132,6 +135,24 @@ class Engine(Protocol):
         a pair after RST/unreachable. ``syn_ttl`` sends each pair's first SYN with that TTL.
         Raises PunchTimeout.
         """
+        ...
+
+    async def simultaneous_open_async(
+        self, local: Address, remote: Address, start_at: float | None, timeout: float, *,
+        interval: float = 0.01, syn_ttl: int | None = None, ttl_syns: int = 1,
+        listen: bool = True,
+    ) -> PunchResult:
+        """:meth:`simultaneous_open` on the running loop: same result, same errors; thousands
+        may run at once, each first SYN at its ``start_at``. Cancelling closes its sockets."""
+        ...
+
+    async def sweep_async(
+        self, pairs: Sequence[SweepPair], start_at: float | None, timeout: float, *,
+        local_ip: str = "0.0.0.0", max_inflight: int = 1024, rate: float = 0.0,
+        interval: float = 0.0, syn_ttl: int | None = None,
+    ) -> PunchResult:
+        """:meth:`sweep` on the running loop: same result, same errors. Cancelling closes its
+        sockets."""
         ...
 
     def raw_syn(
@@ -374,7 +395,7 @@ class SimOpenArgs:
     listen: bool
 
 
-SIMOPEN_FDS = 3   # listener + connecting socket + the accepted one
+SIMOPEN_FDS = 4   # listener + connecting socket + the accepted one + the native engine's epoll
 
 
 def check_simopen_args(

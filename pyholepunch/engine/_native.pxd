@@ -2,6 +2,11 @@
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t, uint8_t, int32_t
 
 
+cdef extern from "<errno.h>":
+    enum:
+        ECANCELED     # not in Cython's libc.errno
+
+
 cdef extern from "hp_engine.h" nogil:
     ctypedef struct hp_addr_t:
         uint32_t ip
@@ -56,6 +61,24 @@ cdef extern from "hp_engine.h" nogil:
         int syn_ttl
 
     int hp_sweep(const hp_sweep_args_t *args, int *out_fd, hp_punch_stats_t *st)
+
+    ctypedef struct hp_sched_t:
+        pass
+
+    ctypedef struct hp_sched_event_t:
+        uint64_t id
+        int rc
+        int fd
+        hp_punch_stats_t st
+
+    int hp_sched_new(hp_sched_t **out)
+    int hp_sched_event_fd(const hp_sched_t *s)
+    int hp_sched_set_priority(hp_sched_t *s, int priority)
+    int hp_sched_simopen(hp_sched_t *s, uint64_t id, const hp_simopen_args_t *args)
+    int hp_sched_sweep(hp_sched_t *s, uint64_t id, const hp_sweep_args_t *args)
+    int hp_sched_cancel(hp_sched_t *s, uint64_t id)
+    size_t hp_sched_drain(hp_sched_t *s, hp_sched_event_t *out, size_t max)
+    void hp_sched_free(hp_sched_t *s)
 
     ctypedef struct hp_rawsyn_args_t:
         hp_addr_t src

@@ -11,7 +11,7 @@ import socket
 from libc.errno cimport (EACCES, ECONNREFUSED, EINVAL, EMFILE, ENFILE, ENODEV, EPERM,
                          EPROTOTYPE, ETIMEDOUT)
 from libc.math cimport llround
-from libc.stdint cimport int64_t, uint8_t, uint32_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -100,13 +100,10 @@ cdef object _result(int fd, object stats):
     return PunchResult(sock, stats)
 
 
-def simultaneous_open(str local_ip, int local_port, str remote_ip, int remote_port,
-                      double start_at, double timeout, double interval, int syn_ttl,
-                      int ttl_syns, bint listen):
-    cdef hp_simopen_args_t a
-    cdef hp_punch_stats_t st
-    cdef int fd = -1, rc
-    memset(&a, 0, sizeof(a))
+cdef int _simopen_args(hp_simopen_args_t *a, str local_ip, int local_port, str remote_ip,
+                       int remote_port, double start_at, double timeout, double interval,
+                       int syn_ttl, int ttl_syns, bint listen) except -1:
+    memset(a, 0, sizeof(a[0]))
     a.local = _addr(local_ip, local_port)
     a.remote = _addr(remote_ip, remote_port)
     a.start_at_ns = _ns(start_at)
@@ -115,6 +112,17 @@ def simultaneous_open(str local_ip, int local_port, str remote_ip, int remote_po
     a.syn_ttl = syn_ttl
     a.ttl_syns = ttl_syns
     a.listen = listen
+    return 0
+
+
+def simultaneous_open(str local_ip, int local_port, str remote_ip, int remote_port,
+                      double start_at, double timeout, double interval, int syn_ttl,
+                      int ttl_syns, bint listen):
+    cdef hp_simopen_args_t a
+    cdef hp_punch_stats_t st
+    cdef int fd = -1, rc
+    _simopen_args(&a, local_ip, local_port, remote_ip, remote_port, start_at, timeout,
+                  interval, syn_ttl, ttl_syns, listen)
     with nogil:
         rc = hp_simopen(&a, &fd, &st)
     stats = _stats(&st)
@@ -123,13 +131,13 @@ def simultaneous_open(str local_ip, int local_port, str remote_ip, int remote_po
     return _result(fd, stats)
 
 
-def sweep(list pairs, str local_ip, double start_at, double timeout, double interval,
-          unsigned int max_inflight, double rate, int syn_ttl):
-    cdef hp_sweep_args_t a
-    cdef hp_punch_stats_t st
+cdef hp_sweep_pair_t *_sweep_args(hp_sweep_args_t *a, list pairs, str local_ip,
+                                  double start_at, double timeout, double interval,
+                                  unsigned int max_inflight, double rate,
+                                  int syn_ttl) except NULL:
+    """Fill a; the returned pairs (a.pairs) are the caller's to free."""
     cdef hp_sweep_pair_t *c_pairs
     cdef size_t i, n = len(pairs)
-    cdef int fd = -1, rc
     cdef dict hosts = {}
     cdef hp_addr_t addr
     cdef bytes packed
@@ -148,7 +156,7 @@ def sweep(list pairs, str local_ip, double start_at, double timeout, double inte
             c_pairs[i].local_port = <uint16_t>lport
             memcpy(&c_pairs[i].remote, <char *>packed, sizeof(hp_addr_t))
             c_pairs[i].remote.port = <uint16_t>port
-        memset(&a, 0, sizeof(a))
+        memset(a, 0, sizeof(a[0]))
         a.pairs = c_pairs
         a.npairs = n
         a.local = _addr(local_ip, 0)
@@ -158,6 +166,22 @@ def sweep(list pairs, str local_ip, double start_at, double timeout, double inte
         a.max_inflight = max_inflight
         a.rate = rate
         a.syn_ttl = syn_ttl
+    except BaseException:
+        free(c_pairs)
+        raise
+    return c_pairs
+
+
+def sweep(list pairs, str local_ip, double start_at, double timeout, double interval,
+          unsigned int max_inflight, double rate, int syn_ttl):
+    cdef hp_sweep_args_t a
+    cdef hp_punch_stats_t st
+    cdef hp_sweep_pair_t *c_pairs
+    cdef int fd = -1, rc
+    cdef size_t n = len(pairs)
+    c_pairs = _sweep_args(&a, pairs, local_ip, start_at, timeout, interval, max_inflight,
+                          rate, syn_ttl)
+    try:
         with nogil:
             rc = hp_sweep(&a, &fd, &st)
     finally:
@@ -166,6 +190,110 @@ def sweep(list pairs, str local_ip, double start_at, double timeout, double inte
     if rc < 0:
         _raise(rc, "sweep", stats if rc != -EINVAL else None)
     return _result(fd, stats)
+
+
+cdef object _outcome(const hp_sched_event_t *ev, tuple call):
+    """An event's outcome as the blocking call would have given it: a PunchResult, the
+    exception it would have raised, or None when the punch was cancelled. ``call`` is the
+    blocking call's name and what its failure message names (Scheduler.calls)."""
+    if ev.rc == -ECANCELED:
+        return None
+    stats = _stats(&ev.st)
+    try:    # never raise here: drain() must hand over every event it took from C
+        if ev.rc == 0:
+            return _result(ev.fd, stats)
+        _raise(ev.rc, call[0], stats if ev.rc != -EINVAL else None)
+    except Exception as exc:
+        return exc
+
+
+cdef class Scheduler:
+    """The C scheduler (csrc/sched.c): one thread running many punches; completions are
+    drained from ``drain()`` when ``fileno()`` (an eventfd) is readable."""
+
+    cdef hp_sched_t *s
+    cdef dict calls      # id -> (the blocking call's name, what its failure message names)
+
+    def __cinit__(self):
+        cdef int rc = hp_sched_new(&self.s)
+        self.calls = {}
+        if rc < 0:
+            self.s = NULL
+            _raise(rc, "scheduler")
+
+    def __dealloc__(self):
+        self._free()
+
+    cdef void _free(self):
+        cdef hp_sched_t *s = self.s
+        self.s = NULL
+        if s != NULL:
+            with nogil:
+                hp_sched_free(s)
+
+    def close(self):
+        """Cancel every punch, close every socket (undrained winners too), join the thread."""
+        self._free()
+
+    cdef hp_sched_t *_live(self) except NULL:
+        if self.s == NULL:
+            raise ValueError("the scheduler is closed")
+        return self.s
+
+    def fileno(self):
+        return hp_sched_event_fd(self._live())
+
+    def set_priority(self, int priority):
+        """SCHED_FIFO at priority (1..99) for the scheduler thread, 0 = normal."""
+        rc = hp_sched_set_priority(self._live(), priority)
+        if rc == -EPERM:
+            raise PermissionError(-rc, "a real-time scheduler thread needs CAP_SYS_NICE")
+        if rc < 0:
+            _raise(rc, "set_priority")
+
+    def simultaneous_open(self, uint64_t id, str local_ip, int local_port, str remote_ip,
+                          int remote_port, double start_at, double timeout, double interval,
+                          int syn_ttl, int ttl_syns, bint listen):
+        cdef hp_simopen_args_t a
+        cdef hp_sched_t *s = self._live()
+        _simopen_args(&a, local_ip, local_port, remote_ip, remote_port, start_at, timeout,
+                      interval, syn_ttl, ttl_syns, listen)
+        rc = hp_sched_simopen(s, id, &a)
+        if rc < 0:
+            _raise(rc, "simultaneous_open")
+        self.calls[id] = ("simultaneous_open", local_ip, local_port, remote_ip, remote_port)
+
+    def sweep(self, uint64_t id, list pairs, str local_ip, double start_at, double timeout,
+              double interval, unsigned int max_inflight, double rate, int syn_ttl):
+        cdef hp_sweep_args_t a
+        cdef hp_sched_t *s = self._live()
+        cdef hp_sweep_pair_t *c_pairs = _sweep_args(&a, pairs, local_ip, start_at, timeout,
+                                                    interval, max_inflight, rate, syn_ttl)
+        try:
+            rc = hp_sched_sweep(s, id, &a)    # copies the pairs
+        finally:
+            free(c_pairs)
+        if rc < 0:
+            _raise(rc, "sweep")
+        self.calls[id] = ("sweep", len(pairs))
+
+    def cancel(self, uint64_t id):
+        rc = hp_sched_cancel(self._live(), id)
+        if rc < 0:
+            _raise(rc, "cancel")
+
+    def drain(self):
+        """[(id, PunchResult | exception | None for cancelled)] of every punch that ended."""
+        cdef hp_sched_event_t evs[64]
+        cdef hp_sched_t *s = self._live()
+        cdef size_t n, i
+        out = []
+        while True:
+            n = hp_sched_drain(s, evs, 64)
+            for i in range(n):
+                out.append((evs[i].id, _outcome(&evs[i], self.calls.pop(evs[i].id, ("punch",)))))
+            if n < 64:
+                return out
 
 
 def raw_syn(str src_ip, int src_port, str dst_ip, int dst_port, int ttl, unsigned int count,

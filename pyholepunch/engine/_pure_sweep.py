@@ -1,6 +1,7 @@
 """The pure engine's sweep: many concurrent non-blocking connects over one epoll, first wins."""
 from __future__ import annotations
 
+import asyncio
 import errno
 import heapq
 import logging
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from ..errors import PunchError, PunchTimeout
 from . import _base
 from ._base import PunchResult, PunchStats, SweepPair, count_failure
-from ._pure_clock import wait_until
+from ._pure_drive import LoopSelector, run, run_async
 from ._pure_sock import (
     FD_ERRNOS,
     IN_PROGRESS,
@@ -34,37 +35,49 @@ def run_sweep(
 ) -> PunchResult:
     a = _base.check_sweep_args(pairs, start_at, timeout, local_ip, max_inflight, rate,
                                interval, syn_ttl)
-    return _Sweep(a.pairs, a.local_ip, a.start, a.start + a.timeout, a.max_inflight, a.rate,
-                  a.interval, a.syn_ttl).run()
+    return run(_Sweep(a.pairs, a.local_ip, a.start, a.start + a.timeout, a.max_inflight, a.rate,
+                      a.interval, a.syn_ttl))
+
+
+async def run_sweep_async(
+    pairs: Sequence[SweepPair], start_at: float | None, timeout: float, *, local_ip: str,
+    max_inflight: int, rate: float, interval: float, syn_ttl: int | None,
+) -> PunchResult:
+    a = _base.check_sweep_args(pairs, start_at, timeout, local_ip, max_inflight, rate,
+                               interval, syn_ttl)
+    return await run_async(_Sweep(a.pairs, a.local_ip, a.start, a.start + a.timeout,
+                                  a.max_inflight, a.rate, a.interval, a.syn_ttl,
+                                  sel=LoopSelector(asyncio.get_running_loop())))
 
 
 class _Sweep:
     def __init__(self, pairs: list[SweepPair], lip: str, start: float, deadline: float,
-                 max_inflight: int, rate: float, interval: float, syn_ttl: int | None) -> None:
+                 max_inflight: int, rate: float, interval: float, syn_ttl: int | None,
+                 sel: selectors.BaseSelector | None = None) -> None:
         self.pairs, self.lip = pairs, lip
         self.start, self.deadline = start, deadline
         self.max_inflight, self.rate, self.interval, self.syn_ttl = max_inflight, rate, interval, syn_ttl
         self.stats = PunchStats()
-        self.sel = selectors.DefaultSelector()
+        self.sel = sel if sel is not None else selectors.DefaultSelector()
         self.inflight: dict[int, tuple[socket.socket, int, float]] = {}   # fd -> (sock, pair, sent)
         self.fresh: deque[int] = deque(range(len(pairs)))   # never tried yet (first SYN: syn_ttl)
         self.rearm: list[tuple[float, int]] = []            # (due, pair) heap
         self.launched = 0                                   # SYNs so far: the pacing clock
         self.spare: tuple[socket.socket, int] | None = None  # pre-bound first socket
 
-    def run(self) -> PunchResult:
-        winner: socket.socket | None = None
-        try:
-            self.spare = (self._socket(0), 0)   # the first SYN needs only connect() at start_at
-            wait_until(self.start)
-            winner = self._loop()
-        finally:
-            self.sel.close()
-            rest = [s for s, _, _ in self.inflight.values() if s is not winner]
-            if self.spare is not None:
-                rest.append(self.spare[0])
-            close_all(rest)
-            self.inflight.clear()
+    def open(self) -> None:
+        self.spare = (self._socket(0), 0)   # the first SYN needs only connect() at start_at
+
+    def close(self, winner: socket.socket | None) -> None:
+        self.sel.close()
+        rest = [s for s, _, _ in self.inflight.values() if s is not winner]
+        if self.spare is not None:
+            rest.append(self.spare[0])
+            self.spare = None
+        close_all(rest)
+        self.inflight.clear()
+
+    def outcome(self, winner: socket.socket | None) -> PunchResult:
         s = self.stats
         if winner is None:
             what = (f"sweep over {len(self.pairs)} pairs: no connection ({s.attempts} attempts, "
@@ -127,41 +140,41 @@ class _Sweep:
         if self.interval > 0:
             heapq.heappush(self.rearm, (max(sent_at + self.interval, time.time()), idx))
 
-    def _loop(self) -> socket.socket | None:
+    def tick(self, now: float) -> float | None:
+        """Launch what is due, within the in-flight cap and the pacing schedule; when to tick
+        again, or None when the deadline passed or nothing is left to try."""
+        if now >= self.deadline:
+            return None
         pace = 1.0 / self.rate if self.rate > 0 else 0.0
-        while True:
-            now = time.time()
-            if now >= self.deadline:
-                return None
-            # Launch what is due, within the in-flight cap and the pacing schedule.
-            wake = self.deadline
-            while len(self.inflight) < self.max_inflight:
-                nxt = self._next_pair(now)
-                if nxt is None:
+        wake = self.deadline
+        while len(self.inflight) < self.max_inflight:
+            nxt = self._next_pair(now)
+            if nxt is None:
+                break
+            if pace:
+                due = self.start + self.launched * pace     # absolute: no drift
+                if due > now:
+                    wake = min(wake, due)
                     break
-                if pace:
-                    due = self.start + self.launched * pace     # absolute: no drift
-                    if due > now:
-                        wake = min(wake, due)
-                        break
-                self._launch(*nxt)
-                if pace:
-                    now = time.time()
-            if self.rearm and len(self.inflight) < self.max_inflight:
-                wake = min(wake, max(self.rearm[0][0], now))
-            if not self.inflight and not self.fresh and not self.rearm:
-                return None                                     # nothing left to try
-            for key, _ev in self.sel.select(max(0.0, wake - time.time())):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                entry = self.inflight.get(sock.fileno())
-                if entry is None:
-                    continue
-                _, idx, sent_at = entry
-                err = connect_outcome(sock)
-                if err == 0:
-                    self.sel.unregister(sock)
-                    del self.inflight[sock.fileno()]
-                    note_won(self.stats, sock, self.pairs[idx][1], self.start)
-                    return sock
-                self._failed(sock, idx, sent_at, err if err else errno.ENOTCONN)
+            self._launch(*nxt)
+            if pace:
+                now = time.time()
+        if self.rearm and len(self.inflight) < self.max_inflight:
+            wake = min(wake, max(self.rearm[0][0], now))
+        if not self.inflight and not self.fresh and not self.rearm:
+            return None                                     # nothing left to try
+        return wake
+
+    def on_ready(self, sock: socket.socket) -> socket.socket | None:
+        entry = self.inflight.get(sock.fileno())
+        if entry is None:
+            return None
+        _, idx, sent_at = entry
+        err = connect_outcome(sock)
+        if err == 0:
+            self.sel.unregister(sock)
+            del self.inflight[sock.fileno()]
+            note_won(self.stats, sock, self.pairs[idx][1], self.start)
+            return sock
+        self._failed(sock, idx, sent_at, err if err else errno.ENOTCONN)
+        return None

@@ -1,18 +1,19 @@
 """The pure-Python engine: the native engine's twin, same contract (``_base.Engine``), same stats.
 
-Each call runs one selectors loop (epoll on Linux) over non-blocking sockets and blocks only
-in select()/sleep() (plus a <= 2 ms spin before ``start_at``), so it can run under
-``asyncio.to_thread`` without stalling the event loop. Split by concern:
-``_pure_sweep`` (sweep), ``_pure_raw`` (raw SYNs), ``_pure_relay`` (relay pump),
-``_pure_sock`` / ``_pure_clock`` (shared plumbing).
+Each blocking call runs one selectors loop (epoll on Linux) over non-blocking sockets and
+blocks only in select()/sleep() (plus a <= 2 ms spin before ``start_at``); each ``*_async``
+call runs the same punch on the event loop itself (loop readers/writers and timers, no
+thread, no spin). Split by concern: ``_pure_drive`` (the two drivers), ``_pure_sweep``
+(sweep), ``_pure_raw`` (raw SYNs), ``_pure_relay`` (relay pump), ``_pure_sock`` /
+``_pure_clock`` (shared plumbing).
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import selectors
 import socket
-import time
 from collections.abc import Sequence
 
 from ..address import format_address
@@ -27,7 +28,7 @@ from ._base import (
     SweepPair,
     count_failure,
 )
-from ._pure_clock import wait_until
+from ._pure_drive import LoopSelector, run, run_async
 from ._pure_raw import raw_syn as _raw_syn
 from ._pure_relay import relay_pump as _relay_pump
 from ._pure_sock import (
@@ -40,7 +41,7 @@ from ._pure_sock import (
     same_endpoint,
     start_connect,
 )
-from ._pure_sweep import run_sweep
+from ._pure_sweep import run_sweep, run_sweep_async
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ class PureEngine:
     ) -> PunchResult:
         a = _base.check_simopen_args(local, remote, start_at, timeout, interval, syn_ttl,
                                      ttl_syns, listen)
-        return _SimOpen(a.local[0], a.local[1], a.remote, a.start, a.start + a.timeout,
-                        a.interval, a.syn_ttl, a.ttl_syns, a.listen).run()
+        return run(_SimOpen(a.local[0], a.local[1], a.remote, a.start, a.start + a.timeout,
+                            a.interval, a.syn_ttl, a.ttl_syns, a.listen))
 
     def sweep(
         self,
@@ -85,6 +86,40 @@ class PureEngine:
     ) -> PunchResult:
         return run_sweep(pairs, start_at, timeout, local_ip=local_ip, max_inflight=max_inflight,
                          rate=rate, interval=interval, syn_ttl=syn_ttl)
+
+    async def simultaneous_open_async(
+        self,
+        local: Address,
+        remote: Address,
+        start_at: float | None,
+        timeout: float,
+        *,
+        interval: float = 0.01,
+        syn_ttl: int | None = None,
+        ttl_syns: int = 1,
+        listen: bool = True,
+    ) -> PunchResult:
+        a = _base.check_simopen_args(local, remote, start_at, timeout, interval, syn_ttl,
+                                     ttl_syns, listen)
+        return await run_async(_SimOpen(
+            a.local[0], a.local[1], a.remote, a.start, a.start + a.timeout, a.interval,
+            a.syn_ttl, a.ttl_syns, a.listen, sel=LoopSelector(asyncio.get_running_loop())))
+
+    async def sweep_async(
+        self,
+        pairs: Sequence[SweepPair],
+        start_at: float | None,
+        timeout: float,
+        *,
+        local_ip: str = "0.0.0.0",
+        max_inflight: int = 1024,
+        rate: float = 0.0,
+        interval: float = 0.0,
+        syn_ttl: int | None = None,
+    ) -> PunchResult:
+        return await run_sweep_async(pairs, start_at, timeout, local_ip=local_ip,
+                                     max_inflight=max_inflight, rate=rate, interval=interval,
+                                     syn_ttl=syn_ttl)
 
     def raw_syn(
         self,
@@ -108,36 +143,37 @@ class _SimOpen:
     """One simultaneous_open call: a connecting socket re-armed on one port, plus a listener."""
 
     def __init__(self, lip: str, lport: int, remote: Address, start: float, deadline: float,
-                 interval: float, syn_ttl: int | None, ttl_syns: int, listen: bool) -> None:
+                 interval: float, syn_ttl: int | None, ttl_syns: int, listen: bool,
+                 sel: selectors.BaseSelector | None = None) -> None:
         self.lip, self.lport, self.remote = lip, lport, remote
         self.start, self.deadline, self.interval = start, deadline, interval
         self.syn_ttl, self.ttl_syns, self.listen = syn_ttl, ttl_syns, listen
         self.stats = PunchStats()
-        self.sel = selectors.DefaultSelector()
+        self.sel = sel if sel is not None else selectors.DefaultSelector()
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None     # bound, connecting or about to
         self.connecting = False
+        self.next_at = start
 
     def _new_conn(self) -> None:
         self.conn = reuse_socket(self.lip, self.lport)
         self.stats.sockets_opened += 1
         self.lport = self.conn.getsockname()[1]    # port 0: every later attempt reuses it
 
-    def run(self) -> PunchResult:
-        winner: socket.socket | None = None
-        try:
-            if self.listen:
-                self.listener = reuse_socket(self.lip, self.lport)
-                self.stats.sockets_opened += 1
-                self.listener.listen(LISTEN_BACKLOG)
-                self.lport = self.listener.getsockname()[1]
-                self.sel.register(self.listener, selectors.EVENT_READ)
-            self._new_conn()                       # ready before start_at: only connect() is left
-            wait_until(self.start)
-            winner = self._loop()
-        finally:
-            self.sel.close()
-            close_all(s for s in (self.listener, self.conn) if s is not None and s is not winner)
+    def open(self) -> None:
+        if self.listen:
+            self.listener = reuse_socket(self.lip, self.lport)
+            self.stats.sockets_opened += 1
+            self.listener.listen(LISTEN_BACKLOG)
+            self.lport = self.listener.getsockname()[1]
+            self.sel.register(self.listener, selectors.EVENT_READ)
+        self._new_conn()                           # ready before start_at: only connect() is left
+
+    def close(self, winner: socket.socket | None) -> None:
+        self.sel.close()
+        close_all(s for s in (self.listener, self.conn) if s is not None and s is not winner)
+
+    def outcome(self, winner: socket.socket | None) -> PunchResult:
         if winner is None:
             s = self.stats
             raise PunchTimeout(
@@ -171,29 +207,26 @@ class _SimOpen:
         self.conn = None
         self._new_conn()                           # bound now, connects at next_at
 
-    def _loop(self) -> socket.socket | None:
-        self.next_at = self.start
-        while True:
-            now = time.time()
-            if now >= self.deadline:
-                return None
-            if not self.connecting and now >= self.next_at:
-                self._arm(now)
-                continue
-            wake = self.deadline if self.connecting else min(self.deadline, self.next_at)
-            for key, _ev in self.sel.select(max(0.0, wake - time.time())):
-                if key.fileobj is self.listener:
-                    won = self._accept()
-                    if won is not None:
-                        return won
-                elif key.fileobj is self.conn and self.connecting:
-                    err = connect_outcome(self.conn)
-                    if err == 0:
-                        won, self.conn = self.conn, None
-                        self.sel.unregister(won)
-                        note_won(self.stats, won, self.remote, self.start)
-                        return won
-                    self._failed(err)
+    def tick(self, now: float) -> float | None:
+        """Connect if due; when to tick again, or None at the deadline."""
+        if now >= self.deadline:
+            return None
+        if not self.connecting and now >= self.next_at:
+            self._arm(now)
+        return self.deadline if self.connecting else min(self.deadline, self.next_at)
+
+    def on_ready(self, fileobj: object) -> socket.socket | None:
+        if fileobj is self.listener:
+            return self._accept()
+        if self.conn is not None and fileobj is self.conn and self.connecting:
+            err = connect_outcome(self.conn)
+            if err == 0:
+                won, self.conn = self.conn, None
+                self.sel.unregister(won)
+                note_won(self.stats, won, self.remote, self.start)
+                return won
+            self._failed(err)
+        return None
 
     def _accept(self) -> socket.socket | None:
         assert self.listener is not None

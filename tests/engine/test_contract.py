@@ -9,7 +9,9 @@ from pyholepunch import engine as engine_mod
 from pyholepunch.engine import _base
 from pyholepunch.engine.pure import PureEngine
 
-METHODS = ("simultaneous_open", "sweep", "raw_syn", "relay_pump")
+METHODS = ("simultaneous_open", "sweep", "raw_syn", "relay_pump", "simultaneous_open_async",
+           "sweep_async")
+ASYNC = ("simultaneous_open_async", "sweep_async")
 
 
 def _sig(fn: object) -> inspect.Signature:
@@ -41,6 +43,12 @@ def test_engines_have_identical_signatures(method: str) -> None:
     n, p = _sig(getattr(native, method)), _sig(getattr(pure, method))
     assert [(x.name, x.kind, x.default) for x in n.parameters.values()] == \
         [(x.name, x.kind, x.default) for x in p.parameters.values()]
+
+
+@pytest.mark.parametrize("method", ASYNC)
+def test_async_methods_are_coroutines(engine: _base.Engine, method: str) -> None:
+    assert inspect.iscoroutinefunction(getattr(_base.Engine, method))
+    assert inspect.iscoroutinefunction(getattr(engine, method))
 
 
 def test_pure_is_always_available(monkeypatch: pytest.MonkeyPatch) -> None:
