@@ -54,7 +54,9 @@ async def _worker_main(pipe: Connection, port: int, fp: str, names: list[str],
     clients = [SignalClient(("127.0.0.1", port), Identity.generate(), name=n,
                             server_fingerprint=fp, connect_timeout=60, idle_timeout=600)
                for n in names]
-    sem = asyncio.Semaphore(64)
+    # 16 registrations in flight per worker: the server admits 32 unregistered connections
+    # per source address (ServerConfig.max_unregistered_per_source) and all come from one.
+    sem = asyncio.Semaphore(16)
 
     async def reg(c: SignalClient) -> None:
         async with sem:

@@ -186,13 +186,19 @@ typedef struct hp_relay_stats {
     int error;            /* errno for HP_RELAY_ERROR */
 } hp_relay_stats_t;
 
-/* Copy both ways between two connected stream sockets with splice(2), until both EOFs, idle,
+/* Copy both ways between two connected stream sockets (recv/send), until both EOFs, idle,
  * the byte limit (0 = none) or an error (reported in stats, return 0). Half-closes are
  * propagated with shutdown(SHUT_WR). The caller's fds stay open with their flags restored.
  * idle_timeout_ns 0 = none. Returns -EINVAL / -EBADF / -ENOTSOCK for bad fds, -EPROTOTYPE for
  * a socket that is not a stream, -errno on setup failure. */
 int hp_relay_pump(int fd_a, int fd_b, int64_t idle_timeout_ns, uint64_t max_bytes,
                   hp_relay_stats_t *st);
+
+/* How hp_relay_pump_mode moves bytes: recv/send through a buffer (hp_relay_pump's choice,
+ * measured faster on loopback) or splice(2) through a pipe. -EINVAL for another mode. */
+enum hp_relay_mode { HP_RELAY_COPY = 0, HP_RELAY_SPLICE = 1 };
+int hp_relay_pump_mode(int fd_a, int fd_b, int64_t idle_timeout_ns, uint64_t max_bytes,
+                       int mode, hp_relay_stats_t *st);
 
 #ifdef __cplusplus
 }

@@ -81,6 +81,10 @@ class AuthenticationError(HolePunchError):
     """A key, signature, token or certificate did not match what was expected."""
 
 
+class QuotaError(HolePunchError):
+    """A per-key or per-address bound was reached (e.g. names one key may hold)."""
+
+
 class AddressError(HolePunchError, ValueError):
     """Text or a tuple that is not a usable ``host:port`` / ``[v6]:port`` address."""
 
@@ -140,6 +144,7 @@ __all__ = [
     "PortMapUnavailable",
     "ProtocolError",
     "PunchError",
+    "QuotaError",
     "PunchTimeout",
     "RelayError",
     "RemoteProtocolError",

@@ -47,6 +47,7 @@ Address = tuple[str, int]
 
 TLS_TIMEOUT = 5.0
 RELAY_TIMEOUT = 10.0
+RESPONDER_TIMEOUT = 30.0    # an incoming session (PUNCH received) ends by then, whatever it was told
 
 
 def parse_address(value: str | Address, default_port: int = 3478) -> Address:
@@ -351,8 +352,9 @@ class Peer:
 
     async def _respond(self, instr: PunchInstruction) -> None:
         report = self._new_report("responder")
-        try:
-            conn = await self._run_session(instr, report, self._lane_ends())
+        try:   # bounded like a connect(): an incoming session never holds us longer
+            async with asyncio.timeout(RESPONDER_TIMEOUT):
+                conn = await self._run_session(instr, report, self._lane_ends())
         except Exception as exc:   # the initiator gets its own error; we log ours
             log.warning("incoming connection from %s failed: %s", instr.peer.name, exc)
             return
@@ -438,10 +440,9 @@ class Peer:
         report.set_plan(plan.to_dict())
         report.tls = not self.insecure_plain
         initiator = instr.role == "initiator"
-        if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile
-            self._spawn(asyncio.to_thread(tls_context, self.identity, peer.cert,
-                                          server_side=not initiator))
         start_at = instr.start_at - (self.clock() - time.time())   # into the engine's clock
+        if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile
+            self._spawn(self._warm_tls(peer.cert, initiator, start_at))
         direct_error: BaseException | None = None
         cause = "no_direct_plan"
         if plan.direct_steps:
@@ -515,6 +516,12 @@ class Peer:
         if grant.via == "builtin" and family_name(grant.relay[0]) != self._primary:
             return replace(grant, relay=self.server)
         return grant
+
+    async def _warm_tls(self, cert: bytes, initiator: bool, start_at: float) -> None:
+        """Build the TLS context once the engines are past the start (a few ms of work that,
+        before it, competes with their preparation), still a round trip before TLS needs it."""
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        await asyncio.to_thread(tls_context, self.identity, cert, server_side=not initiator)
 
     async def _first(self, punch: Any, grant: asyncio.Future[RelayInstruction]) -> Any:
         """The punch result, unless the peer's relay grant arrives first."""

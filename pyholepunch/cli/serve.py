@@ -41,8 +41,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="JSON metrics on http://127.0.0.1:N/metrics (0: any free port)")
     parser.add_argument("--metrics", type=address(allow_zero=True), metavar="HOST:PORT",
                         help="Prometheus metrics on http://HOST:PORT/metrics (extra [metrics])")
-    parser.add_argument("--punch-margin", type=positive_float, default=0.05, metavar="SECONDS",
-                        help="added to the common punch start to absorb delivery jitter (default 0.05)")
+    parser.add_argument("--punch-margin", type=positive_float, default=ServerConfig.margin,
+                        metavar="SECONDS",
+                        help="least time added to the common punch start, before the peers' "
+                             f"measured RTT spread (default {ServerConfig.margin:g})")
     parser.add_argument("--max-peers", type=int, default=100_000)
     parser.add_argument("--no-stun", action="store_true", help="do not run the STUN server")
     parser.add_argument("--no-relay", action="store_true", help="do not run the built-in relay")

@@ -111,3 +111,10 @@ cdef extern from "hp_engine.h" nogil:
 
     int hp_relay_pump(int fd_a, int fd_b, int64_t idle_timeout_ns, uint64_t max_bytes,
                       hp_relay_stats_t *st)
+
+    enum hp_relay_mode:
+        HP_RELAY_COPY
+        HP_RELAY_SPLICE
+
+    int hp_relay_pump_mode(int fd_a, int fd_b, int64_t idle_timeout_ns, uint64_t max_bytes,
+                           int mode, hp_relay_stats_t *st)

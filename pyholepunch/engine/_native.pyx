@@ -336,12 +336,13 @@ def build_syn(str src_ip, int src_port, str dst_ip, int dst_port, int ttl, uint3
     return bytes(buf[:rc])
 
 
-def relay_pump(int fd_a, int fd_b, double idle_timeout, unsigned long long max_bytes):
+def relay_pump(int fd_a, int fd_b, double idle_timeout, unsigned long long max_bytes,
+               int mode=HP_RELAY_COPY):
     cdef hp_relay_stats_t st
     cdef int rc
     cdef int64_t idle = _ns(idle_timeout)
     with nogil:
-        rc = hp_relay_pump(fd_a, fd_b, idle, max_bytes, &st)
+        rc = hp_relay_pump_mode(fd_a, fd_b, idle, max_bytes, mode, &st)
     if rc < 0:
         _raise(rc, "relay_pump")
     if st.reason == HP_RELAY_ERROR:

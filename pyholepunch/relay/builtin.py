@@ -1,13 +1,7 @@
 """The built-in relay: two peers introduced by the server, spliced together by the engine.
 
-Wire protocol (on the server's one TCP port, recognised by its first four bytes):
-
-    client -> hub   b"HPR1" + 16-byte token           (the token came over signaling)
-    hub -> client   b"\\x00"                            both sides are here: bytes flow now
-               or   status byte (1..255) + 1-byte length + ASCII reason, then close
-
-A client must not send payload before it has read the OK byte. Tokens are issued in pairs
-per session (one per side), are single-use and expire after ``token_ttl``; the hub pairs a
+The wire protocol and the client are in ``builtin_wire``. Tokens are issued in pairs per
+session (one per side), are single-use and expire after ``token_ttl``; the hub pairs a
 connection only with the other token of the same session, so nobody can splice themselves
 onto a connection the server did not introduce.
 """
@@ -20,38 +14,22 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Engine, RelayStats
 from ..engine import get as get_engine
-from ..errors import RelayError
+from ..errors import QuotaError
+from . import builtin_wire as wire
 from ._tap import Tap, tap_pump
+from .builtin_wire import MAGIC, OK, TOKEN_LEN, open_builtin_relay
 
 log = logging.getLogger(__name__)
-
 Address = tuple[str, int]
-
-MAGIC = b"HPR1"
-TOKEN_LEN = 16
-PREAMBLE_LEN = len(MAGIC) + TOKEN_LEN
-OK = 0
-
-# Status codes of a refusal; the reason text travels with it.
-ERR_BAD_PREAMBLE, ERR_UNKNOWN, ERR_EXPIRED, ERR_REUSED, ERR_NO_PEER, ERR_CLOSING = 1, 2, 3, 4, 5, 6
-ERR_EARLY_DATA, ERR_FULL = 7, 8
-_REASONS = {
-    ERR_BAD_PREAMBLE: "bad preamble",
-    ERR_UNKNOWN: "unknown token",
-    ERR_EXPIRED: "expired token",
-    ERR_REUSED: "token already used",
-    ERR_NO_PEER: "peer did not arrive",
-    ERR_CLOSING: "relay shutting down",
-    ERR_EARLY_DATA: "data before pairing",
-    ERR_FULL: "relay at capacity",
-}
+__all__ = ["MAGIC", "OK", "TOKEN_LEN", "RelayHub", "RelayMetrics", "RelayServer", "open_builtin_relay"]
 
 
 @dataclass(slots=True)
@@ -66,6 +44,8 @@ class _Token:
 class _Session:
     waiting: asyncio.Future[tuple[socket.socket, asyncio.Future[RelayStats]]] | None = None
     expires_at: float = 0.0
+    owners: tuple[str, ...] = ()    # quota keys this session counts against until it ends
+    pumping: bool = False
 
 
 @dataclass
@@ -98,12 +78,16 @@ class RelayHub:
     def __init__(self, *, engine: Engine | None = None, token_ttl: float = 30.0,
                  max_bytes: int = 0, idle_timeout: float = 300.0,
                  clock: Callable[[], float] = time.monotonic, pair_timeout: float = 30.0,
-                 handshake_timeout: float = 10.0, max_relays: int = 256,
-                 tap: Tap | None = None) -> None:
-        if min(token_ttl, idle_timeout, pair_timeout, handshake_timeout, max_relays) <= 0 \
-                or max_bytes < 0:
-            raise ValueError("token_ttl, idle_timeout, pair_timeout, handshake_timeout and "
-                             "max_relays must be > 0, max_bytes >= 0")
+                 handshake_timeout: float = 2.0, max_relays: int = 256,
+                 first_byte_timeout: float = 10.0, tap: Tap | None = None) -> None:
+        if min(token_ttl, idle_timeout, pair_timeout, handshake_timeout, max_relays,
+               first_byte_timeout) <= 0 or max_bytes < 0:
+            raise ValueError("token_ttl, idle_timeout, pair_timeout, handshake_timeout, "
+                             "first_byte_timeout and max_relays must be > 0, max_bytes >= 0")
+        # A paired relay in which neither side sends within first_byte_timeout ends: an idle
+        # pair must not hold a slot for the whole idle_timeout.
+        self.first_byte_timeout = float(first_byte_timeout)
+        self._owned: Counter[str] = Counter()     # quota key -> live sessions
         self._engine = engine
         self.token_ttl = float(token_ttl)
         self.max_bytes = int(max_bytes)
@@ -132,19 +116,37 @@ class RelayHub:
 
     # --- tokens ---------------------------------------------------------------------------
 
-    def issue(self, session_id: str) -> tuple[bytes, bytes]:
-        """Two fresh single-use tokens for ``session_id``: one per side, expiring together."""
+    def issue(self, session_id: str,
+              quotas: Sequence[tuple[str, int]] = ()) -> tuple[bytes, bytes]:
+        """Two fresh single-use tokens for ``session_id``: one per side, expiring together.
+
+        ``quotas``: (key, limit) pairs, e.g. the asking peer and its address; QuotaError
+        when a key already holds ``limit`` live sessions (issued, not yet ended or expired).
+        """
         if not session_id:
             raise ValueError("session_id must be a non-empty string")
         if session_id in self._sessions:
             raise ValueError(f"relay session {session_id!r} already issued")
         self._purge()
+        for key, limit in quotas:
+            if self._owned[key] >= limit:
+                raise QuotaError(f"{key.split(':', 1)[0]} holds {limit} relay sessions already")
         expires = self._clock() + self.token_ttl
         pair = (secrets.token_bytes(TOKEN_LEN), secrets.token_bytes(TOKEN_LEN))
         for side, tok in enumerate(pair):
             self._tokens[tok] = _Token(session_id, side, expires)
-        self._sessions[session_id] = _Session(expires_at=expires)
+        owners = tuple(key for key, _ in quotas)
+        self._owned.update(owners)
+        self._sessions[session_id] = _Session(expires_at=expires, owners=owners)
         return pair
+
+    def _end_session(self, session: _Session) -> None:
+        """The session no longer counts against its owners' quotas (idempotent)."""
+        for key in session.owners:
+            self._owned[key] -= 1
+            if self._owned[key] <= 0:
+                del self._owned[key]
+        session.owners = ()
 
     def _purge(self) -> None:
         # Keep spent/expired tokens for one extra TTL so a late client hears "expired" or
@@ -153,25 +155,28 @@ class RelayHub:
         horizon = now - self.token_ttl
         for tok in [t for t, e in self._tokens.items() if e.expires_at < horizon]:
             del self._tokens[tok]
-        for sid in [s for s, e in self._sessions.items()
-                    if e.expires_at < horizon and e.waiting is None]:
-            del self._sessions[sid]
+        for sid, e in list(self._sessions.items()):
+            if e.expires_at < now and e.waiting is None and not e.pumping:
+                self._end_session(e)       # never paired: its tokens are dead now
+                if e.expires_at < horizon:
+                    del self._sessions[sid]
 
     def _check(self, token: bytes) -> tuple[int, _Token | None]:
         entry = self._tokens.get(token)
         if entry is None:
-            return ERR_UNKNOWN, None
+            return wire.ERR_UNKNOWN, None
         if entry.used:
-            return ERR_REUSED, None
+            return wire.ERR_REUSED, None
         if self._clock() > entry.expires_at:
-            return ERR_EXPIRED, None
+            return wire.ERR_EXPIRED, None
         entry.used = True
         return OK, entry
 
     # --- connections ----------------------------------------------------------------------
 
-    async def handle_connection(self, sock: socket.socket) -> None:
+    async def handle_connection(self, sock: socket.socket, preread: bytes = b"") -> None:
         """Serve one accepted connection whose first bytes are ``HPR1``; closes ``sock``.
+        ``preread``: the preamble bytes a demultiplexer already read from it.
 
         Returns when the relay it joined has ended (or it was refused).
         """
@@ -181,19 +186,22 @@ class RelayHub:
         owned = True
         try:
             if self._closing:
-                await self._refuse(sock, ERR_CLOSING)
+                await self._refuse(sock, wire.ERR_CLOSING)
                 return
             try:
                 # Judge the magic first: a stray client is refused without waiting for more.
-                preamble = await asyncio.wait_for(_recv_exactly(loop, sock, len(MAGIC)),
-                                                  self.handshake_timeout)
+                preamble = preread[:wire.PREAMBLE_LEN]
+                if len(preamble) < len(MAGIC):
+                    preamble += await asyncio.wait_for(
+                        _recv_exactly(loop, sock, len(MAGIC) - len(preamble)),
+                        self.handshake_timeout)
                 if preamble == MAGIC:
                     preamble += await asyncio.wait_for(
                         _recv_exactly(loop, sock, TOKEN_LEN), self.handshake_timeout)
             except (TimeoutError, ConnectionError, OSError):
                 preamble = b""
-            if len(preamble) != PREAMBLE_LEN or not preamble.startswith(MAGIC):
-                await self._refuse(sock, ERR_BAD_PREAMBLE)
+            if len(preamble) != wire.PREAMBLE_LEN or not preamble.startswith(MAGIC):
+                await self._refuse(sock, wire.ERR_BAD_PREAMBLE)
                 return
             status, entry = self._check(preamble[len(MAGIC):])
             if entry is None:
@@ -201,7 +209,7 @@ class RelayHub:
                 return
             session = self._sessions.get(entry.session_id)
             if session is None:             # purged under us: treat as expired
-                await self._refuse(sock, ERR_EXPIRED)
+                await self._refuse(sock, wire.ERR_EXPIRED)
                 return
             if session.waiting is None:
                 owned = False               # the second side's coroutine takes it over
@@ -212,7 +220,7 @@ class RelayHub:
             done: asyncio.Future[RelayStats] = loop.create_future()
             if waiter.done():               # the first side gave up a moment ago
                 owned = True
-                await self._refuse(sock, ERR_NO_PEER)
+                await self._refuse(sock, wire.ERR_NO_PEER)
                 return
             waiter.set_result((sock, done))
             owned = False
@@ -257,8 +265,8 @@ class RelayHub:
             self.metrics.unpaired += 1
             self._release(sock)
             return
-        status = ERR_EARLY_DATA if early else ERR_CLOSING if self._closing else ERR_NO_PEER
-        if status == ERR_NO_PEER:
+        status = wire.ERR_EARLY_DATA if early else wire.ERR_CLOSING if self._closing else wire.ERR_NO_PEER
+        if status == wire.ERR_NO_PEER:
             self.metrics.unpaired += 1
             log.info("relay session %s: side %d waited %.1f s, no peer", entry.session_id,
                      entry.side, budget)
@@ -287,7 +295,7 @@ class RelayHub:
             log.warning("relay session %s refused: %d relays active", session_id,
                         self.metrics.active_relays)
             try:
-                await asyncio.gather(self._refuse(a, ERR_FULL), self._refuse(b, ERR_FULL))
+                await asyncio.gather(self._refuse(a, wire.ERR_FULL), self._refuse(b, wire.ERR_FULL))
             finally:
                 self._release(a)
                 self._release(b)
@@ -297,9 +305,15 @@ class RelayHub:
         self.metrics.active_relays += 1
         self.metrics.relays_total += 1
         stats = RelayStats(reason="error: not started")
+        session = self._sessions.get(session_id)
+        if session is not None:
+            session.pumping = True
         try:
             ok = bytes([OK])
             await asyncio.gather(loop.sock_sendall(a, ok), loop.sock_sendall(b, ok))
+            if not await _either_readable(loop, a, b, self.first_byte_timeout):
+                stats = RelayStats(reason="idle: no byte within first_byte_timeout")
+                return
             log.info("relay session %s: paired, pumping", session_id)
             if self._tap is None:
                 pump = loop.run_in_executor(self._executor, functools.partial(
@@ -322,6 +336,9 @@ class RelayHub:
         except OSError as exc:
             stats = RelayStats(reason=f"error: {exc}")
         finally:
+            if session is not None:
+                session.pumping = False
+                self._end_session(session)
             self.metrics.active_relays -= 1
             self.metrics.bytes_relayed += stats.bytes_a_to_b + stats.bytes_b_to_a
             key = stats.reason.split(":", 1)[0]
@@ -334,7 +351,7 @@ class RelayHub:
                 done.set_result(stats)
 
     async def _refuse(self, sock: socket.socket, status: int) -> None:
-        reason = _REASONS[status]
+        reason = wire.REASONS[status]
         self.metrics.refused[reason] = self.metrics.refused.get(reason, 0) + 1
         log.info("relay connection refused: %s", reason)
         msg = bytes([status, len(reason)]) + reason.encode("ascii")
@@ -377,6 +394,32 @@ def _shutdown(*socks: socket.socket) -> None:
     for s in socks:
         with contextlib.suppress(OSError):
             s.shutdown(socket.SHUT_RDWR)
+
+
+async def _either_readable(loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket,
+                           timeout: float) -> bool:
+    """True once ``a`` or ``b`` has a byte (or EOF) to read; False after ``timeout``. One
+    reader callback per socket, no polling."""
+    # One loop turn first: a cancelled sock_recv on these sockets removes "its" reader in a
+    # callback already queued, which would otherwise remove ours.
+    await asyncio.sleep(0)
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    fds = (a.fileno(), b.fileno())
+    for fd in fds:
+        loop.add_reader(fd, wake)
+    try:
+        await asyncio.wait_for(fut, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
@@ -448,44 +491,3 @@ class RelayServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-# --- client side ---------------------------------------------------------------------------
-
-async def open_builtin_relay(
-    server: Address, token: bytes, *, timeout: float = 30.0
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Join a relay session at ``server`` with ``token``; return streams once paired.
-
-    ``timeout`` covers connecting and waiting for the peer. Raises RelayError naming the
-    hub's reason (unknown/expired/reused token, peer did not arrive, unreachable, timeout).
-    """
-    if not isinstance(token, bytes) or len(token) != TOKEN_LEN:
-        raise ValueError(f"relay token must be {TOKEN_LEN} bytes")
-    writer: asyncio.StreamWriter | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            try:
-                reader, writer = await asyncio.open_connection(server[0], server[1])
-            except OSError as exc:
-                raise RelayError(f"relay {server[0]}:{server[1]} unreachable: {exc}") from exc
-            writer.write(MAGIC + token)
-            await writer.drain()
-            status = await reader.read(1)
-            if not status:
-                raise RelayError(f"relay {server[0]}:{server[1]} closed the connection")
-            if status[0] != OK:
-                reason = _REASONS.get(status[0], f"status {status[0]}")
-                with contextlib.suppress(asyncio.IncompleteReadError, OSError):
-                    length = (await reader.readexactly(1))[0]
-                    reason = (await reader.readexactly(length)).decode("ascii", "replace")
-                raise RelayError(f"relay refused: {reason}")
-            return reader, writer
-    except TimeoutError:
-        if writer is not None:
-            writer.close()
-        raise RelayError(f"relay {server[0]}:{server[1]}: no pairing within {timeout} s") from None
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        raise

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 
 from .protocol import ErrorCode
 
 TOKEN_PREFIX = "hp1"
+# ASCII digits only (str.isdigit also admits "²"), at most 12 of them (int() of thousands
+# of digits raises), and the MAC's exact hex shape: anything else is TOKEN_INVALID.
+TOKEN_RE = re.compile(r"hp1\.([0-9]{1,12})\.([0-9a-f]{32})")
 
 
 def _mac(secret: str, expiry: int) -> str:
@@ -33,11 +37,11 @@ def check_token(secret: str | None, token: str | None, now: float) -> ErrorCode 
         return ErrorCode.TOKEN_REQUIRED
     if hmac.compare_digest(token.encode(), secret.encode()):
         return None
-    parts = token.split(".")
-    if len(parts) != 3 or parts[0] != TOKEN_PREFIX or not parts[1].isdigit():
+    match = TOKEN_RE.fullmatch(token)
+    if match is None:
         return ErrorCode.TOKEN_INVALID
-    expiry = int(parts[1])
-    if not hmac.compare_digest(parts[2].encode(), _mac(secret, expiry).encode()):
+    expiry = int(match.group(1))
+    if not hmac.compare_digest(match.group(2).encode(), _mac(secret, expiry).encode()):
         return ErrorCode.TOKEN_INVALID
     if now > expiry:
         return ErrorCode.TOKEN_EXPIRED
@@ -52,6 +56,10 @@ class TokenBucket:
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate, self.burst = rate, burst
         self._level, self._at = burst, now
+
+    def is_full(self, now: float) -> bool:
+        """Refilled to its burst by ``now``: it remembers nothing a fresh bucket would not."""
+        return self._level + (now - self._at) * self.rate >= self.burst
 
     def take(self, now: float, n: float = 1.0) -> bool:
         self._level = min(self.burst, self._level + (now - self._at) * self.rate)

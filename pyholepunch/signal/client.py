@@ -41,6 +41,7 @@ from .protocol import (
     RelayGrant,
     Result,
     Update,
+    clamp_start,
     registration_message,
 )
 from .tls import KNOWN_SERVERS, KnownServers, client_context, parse_fingerprint, verify_server
@@ -105,10 +106,10 @@ class RelayInstruction:
 Event = PunchInstruction | RelayInstruction | SessionAborted   # what ``incoming`` carries
 
 
-def _punch(msg: Punch) -> PunchInstruction:
+def _punch(msg: Punch, now: float) -> PunchInstruction:
     p = msg.peer
-    return PunchInstruction(
-        session=msg.session, role=msg.role, start_at=msg.start_at, plan=msg.plan,
+    return PunchInstruction(    # a start far ahead is not waited for (protocol.clamp_start)
+        session=msg.session, role=msg.role, start_at=clamp_start(msg.start_at, now), plan=msg.plan,
         peer=PeerInfo(p["peer_id"], p["name"], p["public_key"], p["cert"],
                       tuple(parse_candidates(p["candidates"])), tuple(p["profiles"])))
 
@@ -454,9 +455,9 @@ class SignalClient:
             fut = self._pending.get(("punch", msg.session))
             if fut is not None and msg.role == "initiator":
                 if not fut.done():
-                    fut.set_result(_punch(msg))
+                    fut.set_result(_punch(msg, at))
             else:
-                self.incoming.put_nowait(_punch(msg))
+                self.incoming.put_nowait(_punch(msg, at))
         elif isinstance(msg, RelayGrant):
             grant = RelayInstruction(msg.session, msg.token, msg.relay, msg.via)
             fut = self._pending.get(("relay_grant", msg.session))

@@ -174,7 +174,31 @@ class ClockEstimator:
         best = self.best
         return best.rtt if best else None
 
+    @property
+    def spread(self) -> float:
+        """How far the window's round trips reach above the best one (max - min), seconds.
 
-def common_start(now: float, rtts: list[float], margin: float) -> float:
-    """Earliest common start (local clock): every PUNCH has arrived, plus ``margin``."""
-    return now + max(rtts, default=0.0) / 2 + margin
+        The best round trip halved is the one-way time a PUNCH is expected to take; with
+        jitter or queueing a message can take up to the spread longer than that (each
+        direction of a round trip may carry all of it)."""
+        if not self._samples:
+            return 0.0
+        rtts = [s.rtt for s in self._samples]
+        return max(rtts) - min(rtts)
+
+
+MAX_SPREAD_MARGIN = 0.25     # seconds: a peer's jitter never delays a punch by more than this
+
+
+def common_start(now: float, rtts: list[float], margin: float,
+                 spreads: list[float] | None = None) -> float:
+    """Earliest common start (local clock): every PUNCH has arrived, plus a margin.
+
+    The margin is derived from what was measured: ``margin`` (the floor: a peer's own time
+    from PUNCH to its engine waiting on the start) plus the larger RTT spread of the two
+    peers (how much later than rtt/2 a PUNCH may arrive), capped at MAX_SPREAD_MARGIN. On a
+    steady path the spread is a few ms, so a punch starts a few ms after the slower PUNCH
+    arrives; a jittery path pays for its jitter only.
+    """
+    jitter = min(max(spreads or [0.0], default=0.0), MAX_SPREAD_MARGIN)
+    return now + max(rtts, default=0.0) / 2 + margin + max(0.0, jitter)

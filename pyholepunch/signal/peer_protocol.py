@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AuthenticationError, ProtocolError
+from ..errors import AuthenticationError, ProtocolError, QuotaError
 from ..identity import peer_id_of, verify_signature
+from .admission import is_loopback, source_key
 from .auth import TokenBucket, check_token
 from .connection import ClockEstimator, ConnectionClosed, Role, SignalConnection, State, common_start
 from .protocol import (
@@ -34,9 +35,12 @@ from .protocol import (
     RelayGrant,
     Result,
     Update,
+    check_candidates,
+    clamp_start,
     registration_message,
 )
 from .store import PeerRecord
+from .tls import check_peer_cert
 from .tlsproto import TlsTransport
 
 if TYPE_CHECKING:
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_GAVE_UP_REASON = 200     # characters of a peer's failure reason passed on to the other
+MAX_OUTSTANDING_PINGS = 4    # pings whose pong we still accept (a pong must echo one of them)
 
 
 class Refusal(Exception):
@@ -97,11 +102,17 @@ class PeerProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self._closing = False
+        self._pings: deque[float] = deque(maxlen=MAX_OUTSTANDING_PINGS)   # t1 values sent
+        self.source = ""           # the peer's address as admission counts it
+        self.loopback = False      # connected over loopback (from the server's own host)
 
     # -- transport callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, TlsTransport)
         self.transport = transport
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self.source, self.loopback = source_key(host), is_loopback(host)
         now = self.server.clock()
         self._last_rx = now
         self.bucket = TokenBucket(self.cfg.rate, self.cfg.burst, now)
@@ -160,9 +171,10 @@ class PeerProtocol(asyncio.Protocol):
             return
         try:
             data = self.conn.send(msg)
-        except ProtocolError as exc:     # e.g. a push racing this peer's disconnect
+        except ProtocolError as exc:
+            # Nothing was sent and the state did not move: drop this message, keep the peer
+            # (a push that cannot be framed is refused to its sender in SignalServer.push).
             log.warning("cannot send %s to %s: %s", msg.TYPE, self.name, exc)
-            self.close()
             return
         self.transport.write(data)
         self.server.metrics["frames_out"] += 1
@@ -209,8 +221,12 @@ class PeerProtocol(asyncio.Protocol):
         if now - self._last_rx > self.cfg.idle_timeout:
             self.fail(ErrorCode.TIMEOUT, f"idle for {self.cfg.idle_timeout:g}s")
             return
-        self.send(Ping(t1=now, offset=self.clock.offset, rtt=self.clock.rtt))
+        self._ping(now, offset=self.clock.offset, rtt=self.clock.rtt)
         self._arm(self.cfg.keepalive, self._keepalive)
+
+    def _ping(self, now: float, **estimate: float | None) -> None:
+        self._pings.append(now)
+        self.send(Ping(t1=now, **estimate))
 
     # -- message handling ------------------------------------------------------------------
     async def _drain(self) -> None:
@@ -236,11 +252,12 @@ class PeerProtocol(asyncio.Protocol):
 
     async def _handle(self, msg: Message, at: float) -> None:
         if isinstance(msg, Pong):
-            self._on_pong(msg, at)
+            sampled = self._on_pong(msg, at)
             if self.conn.state is State.SYNCING:
                 await self._sync_step()
-            elif self.record is not None and self.clock.best is not None:
+            elif sampled and self.record is not None and self.clock.best is not None:
                 self.record.offset, self.record.rtt = self.clock.offset, self.clock.rtt or 0.0
+                self.record.spread = self.clock.spread
                 await self.server.store.put_online(self.record)   # also refreshes a Redis TTL
         elif isinstance(msg, Ping):
             self.send(Pong(t1=msg.t1, t2=at, t3=self.server.clock()))
@@ -255,15 +272,47 @@ class PeerProtocol(asyncio.Protocol):
         elif isinstance(msg, Update):
             assert self.record is not None
             if msg.candidates is not None:
-                self.record.candidates = [list(c) for c in msg.candidates]
+                self.record.candidates = [list(c) for c in self._candidates(msg.candidates)]
             if msg.profiles is not None:
                 self.record.profiles = msg.profiles
             if msg.cert is not None:
+                self._check_cert(msg.cert, self.record.public_key)
                 self.record.cert = msg.cert
             await self.server.store.put_online(self.record)
 
-    def _on_pong(self, msg: Pong, at: float) -> None:
+    def _on_pong(self, msg: Pong, at: float) -> bool:
+        """Take a clock sample only from a pong that echoes a ping we sent (once) and whose
+        times make sense: the peer's hold time within our measured round trip, the round
+        trip within max_rtt. Anything else is discarded: a peer cannot claim its RTT."""
+        if msg.t1 not in self._pings:
+            log.debug("pong from %s echoes no ping of ours; ignored", self.name)
+            return False
+        self._pings.remove(msg.t1)
+        held, measured = msg.t3 - msg.t2, at - msg.t1
+        if not (0.0 <= held <= measured and measured - held <= self.cfg.max_rtt):
+            log.info("discarding clock sample from %s: held %.3f s of a %.3f s round trip",
+                     self.name, held, measured)
+            return False
         self.clock.add(msg.t1, msg.t2, msg.t3, at)
+        return True
+
+    def _candidates(self, value: list[list[Any]], session: str | None = None,
+                    fatal: bool = False) -> list[list[Any]]:
+        """protocol.check_candidates; loopback only from a peer on the server's own host."""
+        policy = self.cfg.loopback_candidates
+        try:
+            return check_candidates(value, allow_loopback=self.loopback if policy is None
+                                    else policy)
+        except ValueError as exc:
+            raise Refusal(ErrorCode.BAD_REQUEST, f"candidates: {exc}", session=session,
+                          fatal=fatal) from None
+
+    @staticmethod
+    def _check_cert(cert: bytes, public_key: bytes, fatal: bool = False) -> None:
+        try:
+            check_peer_cert(cert, public_key)
+        except AuthenticationError as exc:
+            raise Refusal(ErrorCode.BAD_REQUEST, f"cert: {exc}", fatal=fatal) from None
 
     async def _register(self, msg: Register) -> None:
         srv = self.server
@@ -279,26 +328,34 @@ class PeerProtocol(asyncio.Protocol):
                              registration_message(self.nonce, srv.server_id, msg.name, msg.public_key))
         except AuthenticationError:
             raise Refusal(ErrorCode.BAD_SIGNATURE, "registration signature does not verify") from None
-        if PEER_ID_RE.match(msg.name):
+        if PEER_ID_RE.fullmatch(msg.name):
             raise Refusal(ErrorCode.BAD_NAME, "a name must not look like a peer_id")
+        if msg.cert is not None:
+            self._check_cert(msg.cert, msg.public_key, fatal=True)
+        candidates = self._candidates(msg.candidates, fatal=True)
         if len(srv.peers) >= self.cfg.max_peers:
             raise Refusal(ErrorCode.SERVER_FULL, f"server full ({self.cfg.max_peers} peers)")
-        owner = await srv.store.bind_name(msg.name, msg.public_key)
+        try:
+            owner = await srv.store.bind_name(msg.name, msg.public_key, self.source)
+        except QuotaError as exc:
+            raise Refusal(ErrorCode.QUOTA_EXCEEDED, str(exc)) from None
         if owner is not None:
             raise Refusal(ErrorCode.NAME_TAKEN, f"name {msg.name!r} belongs to another key")
         self.record = PeerRecord(peer_id=peer_id_of(msg.public_key), name=msg.name,
                                  public_key=msg.public_key, node=srv.node_id, cert=msg.cert,
-                                 candidates=[list(c) for c in msg.candidates], profiles=msg.profiles)
+                                 candidates=[list(c) for c in candidates], profiles=msg.profiles,
+                                 source=self.source)
         await self._sync_step()
 
     async def _sync_step(self) -> None:
         """Registration clock sync: ping/pong rounds, one at a time, then REGISTERED."""
         if self.clock.count < self.cfg.sync_pings:
-            self.send(Ping(t1=self.server.clock()))
+            self._ping(self.server.clock())
             return
         srv, rec = self.server, self.record
         assert rec is not None
         rec.offset, rec.rtt = self.clock.offset, self.clock.rtt or 0.0
+        rec.spread = self.clock.spread
         previous = await srv.store.get_online(rec.peer_id)
         old_local = srv.peers.get(rec.peer_id)
         if old_local is not None and old_local is not self:
@@ -306,6 +363,7 @@ class PeerProtocol(asyncio.Protocol):
         elif previous is not None and previous.node != srv.node_id:
             await srv.store.route(previous.node, {"kind": "kick", "to": rec.peer_id, "conn": ""})
         srv.peers[rec.peer_id] = self
+        srv.registered(self.transport)       # leaves the unregistered budget of its source
         await srv.store.put_online(rec)
         srv.metrics["registrations"] += 1
         self.send(Registered(peer_id=rec.peer_id, offset=rec.offset, rtt=rec.rtt))
@@ -323,18 +381,29 @@ class PeerProtocol(asyncio.Protocol):
         if target.peer_id == me.peer_id:
             raise Refusal(ErrorCode.BAD_REQUEST, "cannot connect to yourself",
                           session=msg.session, fatal=False)
+        candidates = self._candidates(msg.candidates, session=msg.session)
+        if not srv.punch_allowed(target.peer_id):
+            raise Refusal(ErrorCode.RATE_LIMITED, f"peer {msg.target!r} is being asked too often; "
+                          "try again shortly", session=msg.session, fatal=False)
         if not await srv.store.put_session(msg.session, {"initiator": me.peer_id,
                                                          "responder": target.peer_id}):
             raise Refusal(ErrorCode.SESSION_EXISTS, "session id already used",
                           session=msg.session, fatal=False)
-        initiator = replace(me, candidates=[list(c) for c in msg.candidates] or me.candidates,
+        initiator = replace(me, candidates=[list(c) for c in candidates] or me.candidates,
                             profiles=msg.profiles or me.profiles)
         plan = make_plan(initiator.profiles, target.profiles, initiator.candidates,
                          target.candidates, rtt=max(me.rtt, target.rtt))
-        start = common_start(srv.clock(), [me.rtt, target.rtt], self.cfg.margin)
+        now = srv.clock()
+        start = clamp_start(common_start(now, [me.rtt, target.rtt], self.cfg.margin,
+                                          [me.spread, target.spread]), now)
         to_b = Punch(session=msg.session, role="responder", start_at=start,
                      peer=initiator.peer_info(), plan=plan)
-        if not await srv.push(target, "punch", to_b):
+        try:
+            delivered = await srv.push(target, "punch", to_b)
+        except ProtocolError as exc:     # refused to the sender; the target never hears of it
+            raise Refusal(ErrorCode.BAD_REQUEST, f"cannot build the punch: {exc}",
+                          session=msg.session, fatal=False) from None
+        if not delivered:
             raise Refusal(ErrorCode.UNKNOWN_TARGET, f"peer {msg.target!r} is no longer reachable",
                           session=msg.session, fatal=False)
         self.send(Punch(session=msg.session, role="initiator", start_at=start + self.clock.offset,
@@ -391,8 +460,15 @@ class PeerProtocol(asyncio.Protocol):
         if any(rec is None for rec in records):   # a relay the other side can never join
             raise Refusal(ErrorCode.UNKNOWN_TARGET, "the other peer of this session is offline",
                           session=msg.session, fatal=False)
+        # Quotas count against the peer asking (and its address), never the other side.
+        assert self.record is not None
+        quotas = ((f"peer:{self.record.peer_id}", self.cfg.relays_per_peer),
+                  (f"source:{self.source}", self.cfg.relays_per_source))
         try:
-            token_a, token_b = hub.issue(msg.session)
+            token_a, token_b = hub.issue(msg.session, quotas=quotas)
+        except QuotaError as exc:
+            raise Refusal(ErrorCode.QUOTA_EXCEEDED, f"relay: {exc}", session=msg.session,
+                          fatal=False) from None
         except ValueError:      # the hub issues one token pair per session
             raise Refusal(ErrorCode.SESSION_EXISTS, "relay already granted for this session",
                           session=msg.session, fatal=False) from None
@@ -404,7 +480,6 @@ class PeerProtocol(asyncio.Protocol):
             assert rec is not None
             await srv.push(rec, "grant", RelayGrant(session=msg.session, token=token,
                                                     relay=(host, port)))
-
 
     async def _turn_offer(self, msg: Relay, info: dict[str, Any]) -> None:
         """Hand the sender's TURN relayed address to the session's other peer; echo it back
@@ -425,5 +500,3 @@ class PeerProtocol(asyncio.Protocol):
         srv.metrics["turn_offers"] += 1
         log.info("relay %s: %s offers TURN address %s:%d", msg.session, self.name, *msg.relayed)
         self.send(grant)
-
-

@@ -49,12 +49,19 @@ Relaying: ``relay`` without ``relayed`` makes the server issue built-in relay to
 holds, RFC 6062), the server sends ``relay_grant`` (via "turn", that address, empty token) to
 the session's other peer and the same frame back to the sender as the acknowledgement; one
 offer per session. v1 peers that predate ``via`` ignore it (unknown keys are ignored).
+
+Bounds (checked on arrival, so whatever one peer registers can be forwarded to another):
+names, ids, sessions and targets match their pattern whole (``re.fullmatch``); candidates
+(``check_candidates``): at most 32, 16 per family, addresses a peer could have; profiles:
+4 maps, 32 keys each, 4 KiB encoded; a cert: 4 KiB, and the server parses it and checks it
+holds the registering key; other strings 1 KiB (a ``reason`` is cut there). A PUNCH's
+``start_at`` is never more than MAX_START_AHEAD ahead (``clamp_start``, applied by the server
+and again by the peer). Code 430 (QUOTA_EXCEEDED): a per-key, per-peer or per-address bound
+(names one key or address holds, relay sessions one peer or address holds).
 """
 from __future__ import annotations
 
 import enum
-import ipaddress
-import math
 import re
 import struct
 from dataclasses import MISSING, dataclass, field, fields
@@ -62,19 +69,26 @@ from typing import Any, ClassVar, get_type_hints
 
 import msgpack  # type: ignore[import-untyped]
 
+from ..address import unusable_peer_ip
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ..strategy.candidates import parse_candidates
+from . import fields as checks
 
 VERSION = 1
 HEADER = struct.Struct("!I")
 DEFAULT_MAX_FRAME = 64 * 1024
-MAX_CANDIDATES = 32
-MAX_PROFILES = 4
 REGISTER_CONTEXT = b"pyholepunch/register/v1\x00"
+# Bounds on everything a peer sends that the server stores or forwards (the others, with
+# their checks, in fields.py). Together they keep the largest PUNCH the server can build
+# (peer info + plan) well inside DEFAULT_MAX_FRAME: what one peer registers always fits.
+MAX_CANDIDATES = 32              # in all (every interface's, every family's)
+MAX_CANDIDATES_PER_FAMILY = 16
+MAX_START_AHEAD = 5.0            # a PUNCH never starts further ahead than this (seconds)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-PEER_ID_RE = re.compile(r"^[a-z2-7]{32}$")
-SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+# Patterns are applied with re.fullmatch: "$" would let "bob\n" pass as a name.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+PEER_ID_RE = re.compile(r"[a-z2-7]{32}")
+SESSION_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 ROLES = ("initiator", "responder")
 RELAY_KINDS = ("builtin", "turn")
 OUTCOMES = ("direct", "relay", "failed")
@@ -101,6 +115,7 @@ class ErrorCode(enum.IntEnum):
     PEER_GAVE_UP = 424         # the session's other peer reported failure: stop waiting
     VERSION = 426
     RATE_LIMITED = 429
+    QUOTA_EXCEEDED = 430       # a per-key/per-address/per-peer bound (names, relays)
     INTERNAL = 500
     RELAY_UNAVAILABLE = 501
     SERVER_FULL = 503
@@ -110,107 +125,79 @@ class ErrorCode(enum.IntEnum):
 # ---------------------------------------------------------------------------------------------
 # field checks: one function per field *name* (shared meaning across messages)
 
-def _check_candidates(value: Any) -> list[list[Any]]:
-    """Candidates ``[ip, port, family, iface, origin]`` (strategy/candidates.py); v1
-    ``[ip, port]`` pairs are read and extended, so everything past this check sees one form."""
-    if not isinstance(value, list) or len(value) > MAX_CANDIDATES:
+def check_candidates(value: Any, *, allow_loopback: bool = True) -> list[list[Any]]:
+    """THE candidate check (wire parsing and the server's policy both call it). Candidates
+    are ``[ip, port, family, iface, origin]`` (strategy/candidates.py parses the form; v1
+    ``[ip, port]`` pairs are read and extended, so everything past this check sees one
+    form): at most MAX_CANDIDATES, MAX_CANDIDATES_PER_FAMILY per family, each an address a
+    remote peer could really dial (``unusable_peer_ip``), loopback only when
+    ``allow_loopback`` (the server allows it only from a peer on its own host). Duplicate
+    addresses are dropped; ValueError names what is wrong."""
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_CANDIDATES:
         raise ValueError(f"at most {MAX_CANDIDATES} candidates")
-    return [c.to_wire() for c in parse_candidates(value)]
+    out: list[list[Any]] = []
+    seen: set[tuple[str, int]] = set()
+    per_family: dict[str, int] = {}
+    for c in parse_candidates(value):
+        why = unusable_peer_ip(c.ip)
+        if why is not None and not (why == "loopback" and allow_loopback):
+            raise ValueError(f"candidate {c.ip} is {why}")
+        per_family[c.family] = per_family.get(c.family, 0) + 1
+        if per_family[c.family] > MAX_CANDIDATES_PER_FAMILY:
+            raise ValueError(f"more than {MAX_CANDIDATES_PER_FAMILY} {c.family} candidates")
+        if c.address not in seen:
+            seen.add(c.address)
+            out.append(c.to_wire())
+    return out
 
 
-def _check_profiles(value: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or len(value) > MAX_PROFILES:
-        raise ValueError(f"at most {MAX_PROFILES} profile maps")
-    for p in value:
-        if not isinstance(p, dict) or not all(isinstance(k, str) for k in p):
-            raise ValueError("a profile is a map with string keys")
+def _check_target(value: Any) -> str:
+    """A CONNECT target: a name or a peer_id."""
+    if not isinstance(value, str) or not (NAME_RE.fullmatch(value) or PEER_ID_RE.fullmatch(value)):
+        raise ValueError(f"bad target {value!r:.70}")
     return value
 
 
-def _check_pattern(regex: re.Pattern[str], what: str) -> Any:
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or not regex.match(value):
-            raise ValueError(f"bad {what} {value!r:.70}")
-        return value
-    return check
-
-
-def _check_choice(choices: tuple[str, ...]) -> Any:
-    def check(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(f"{value!r:.40} is not one of {', '.join(choices)}")
-        return str(value)
-    return check
-
-
-def _check_key32(value: Any) -> bytes:
-    if not isinstance(value, bytes) or len(value) != 32:
-        raise ValueError("expected 32 bytes")
-    return value
-
-
-def _check_address(value: Any) -> tuple[str, int]:
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str)
-            and type(value[1]) is int and 0 < value[1] < 65536):
-        raise ValueError(f"bad address {value!r:.60}")
-    return (value[0], value[1])
-
-
-def _check_relayed(value: Any) -> tuple[str, int]:
-    """A TURN relayed transport address: an IP literal a peer can dial, with a port."""
-    host, port = _check_address(value)
-    ip = ipaddress.ip_address(host)       # ValueError names the value
-    if ip.is_unspecified or ip.is_multicast or (ip.version == 4 and ip == ipaddress.IPv4Address(
-            "255.255.255.255")):
-        raise ValueError(f"relayed address {host} cannot be dialed")
-    return (str(ip), port)
+def clamp_start(start_at: float, now: float) -> float:
+    """A PUNCH start no further ahead than MAX_START_AHEAD (both the server and the peer
+    apply it: neither waits on a start a peer's claimed round trip pushed into the future)."""
+    return min(start_at, now + MAX_START_AHEAD)
 
 
 def _check_peer(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("peer info is a map")
-    out = {"peer_id": _check_pattern(PEER_ID_RE, "peer_id")(value.get("peer_id")),
-           "name": _check_pattern(NAME_RE, "name")(value.get("name")),
-           "public_key": _check_key32(value.get("public_key")),
+    out = {"peer_id": checks.check_pattern(PEER_ID_RE, "peer_id")(value.get("peer_id")),
+           "name": checks.check_pattern(NAME_RE, "name")(value.get("name")),
+           "public_key": checks.check_key32(value.get("public_key")),
            "cert": value.get("cert"),
-           "candidates": _check_candidates(value.get("candidates", [])),
-           "profiles": _check_profiles(value.get("profiles", []))}
-    if out["cert"] is not None and not isinstance(out["cert"], bytes):
-        raise ValueError("cert is DER bytes")
+           "candidates": check_candidates(value.get("candidates", [])),
+           "profiles": checks.check_profiles(value.get("profiles", []))}
+    if out["cert"] is not None:
+        checks.check_cert(out["cert"])
     return out
 
 
 _BY_NAME: dict[str, Any] = {
-    "candidates": _check_candidates,
-    "profiles": _check_profiles,
-    "name": _check_pattern(NAME_RE, "name"),
-    "peer_id": _check_pattern(PEER_ID_RE, "peer_id"),
-    "session": _check_pattern(SESSION_RE, "session id"),
-    "role": _check_choice(ROLES),
-    "outcome": _check_choice(OUTCOMES),
-    "public_key": _check_key32,
-    "nonce": _check_key32,
-    "challenge": _check_key32,
-    "server_id": _check_key32,
-    "relay": _check_address,
-    "relayed": _check_relayed,
-    "via": _check_choice(RELAY_KINDS),
+    "candidates": check_candidates,
+    "profiles": checks.check_profiles,
+    "cert": checks.check_cert,
+    "target": _check_target,
+    "reason": checks.check_reason,
+    "name": checks.check_pattern(NAME_RE, "name"),
+    "peer_id": checks.check_pattern(PEER_ID_RE, "peer_id"),
+    "session": checks.check_pattern(SESSION_RE, "session id"),
+    "role": checks.check_choice(ROLES),
+    "outcome": checks.check_choice(OUTCOMES),
+    "public_key": checks.check_key32,
+    "nonce": checks.check_key32,
+    "challenge": checks.check_key32,
+    "server_id": checks.check_key32,
+    "relay": checks.check_address,
+    "relayed": checks.check_relayed,
+    "via": checks.check_choice(RELAY_KINDS),
     "peer": _check_peer,
 }
-
-
-def _check_float(value: Any) -> float:
-    if type(value) not in (int, float) or not math.isfinite(value):
-        raise ValueError(f"expected a finite number, got {value!r:.40}")
-    return float(value)
-
-
-def _check_type(tp: Any) -> Any:
-    def check(value: Any) -> Any:
-        if type(value) is not tp:       # exact: bool is not an int here
-            raise ValueError(f"expected {tp.__name__}, got {type(value).__name__}")
-        return value
-    return check
 
 
 def _checker_for(name: str, hint: Any) -> tuple[Any, bool]:
@@ -219,13 +206,15 @@ def _checker_for(name: str, hint: Any) -> tuple[Any, bool]:
     nullable = "None" in text
     if name in _BY_NAME:
         return _BY_NAME[name], nullable
-    for tp in (bytes, str, int, bool):
+    if hint is str or hint == str | None:
+        return checks.check_text, nullable
+    for tp in (bytes, int, bool):
         if hint is tp or hint == tp | None:
-            return _check_type(tp), nullable
+            return checks.check_type(tp), nullable
     if hint is float or hint == float | None:
-        return _check_float, nullable
+        return checks.check_float, nullable
     if "dict" in text:
-        return _check_type(dict), nullable
+        return checks.check_type(dict), nullable
     raise TypeError(f"no wire check for field {name}: {hint}")  # pragma: no cover
 
 

@@ -12,17 +12,20 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .admission import SourceBudget, source_key
+from .auth import TokenBucket
 from .peer_protocol import PeerProtocol, Refusal, make_plan
-from .protocol import DEFAULT_MAX_FRAME, ErrorCode, Message, Punch, parse_message
-from .store import MemoryStore, PeerRecord, Push, Store
+from .protocol import DEFAULT_MAX_FRAME, ErrorCode, Message, Punch, encode_frame, parse_message
+from .store import MemoryStore, NameLimits, PeerRecord, Push, Store
 from .tls import ServerCredentials
 from .tlsproto import TlsTransport
 
 log = logging.getLogger(__name__)
 REFERENCE_REFRESH = 30.0     # seconds between measurements of the store's reference clock
+MAX_PUNCH_BUCKETS = 10_000   # per-target PUNCH limiters kept before idle ones are dropped
 
 
 @dataclass
@@ -33,12 +36,25 @@ class ServerConfig:
     keepalive: float = 25.0              # server PING interval (refreshes RTT/offset)
     sync_pings: int = 5                  # ping/pong rounds before REGISTERED
     max_peers: int = 100_000
-    max_unregistered: int = 4096         # connections still in TLS/registration at once
+    # Connections still in TLS/registration at once, in all and from one source address
+    # (IPv4 or IPv6 /64): a stranger holds at most its share, never the whole budget.
+    max_unregistered: int = 2048
+    max_unregistered_per_source: int = 32
     rate: float = 50.0                   # messages/s per peer, sustained
     burst: float = 100.0
+    # PUNCHes delivered to one target, whoever sends them (a victim is not flooded by many).
+    punch_rate: float = 2.0
+    punch_burst: float = 10.0
+    max_rtt: float = 3.0                 # a ping round trip longer than this is no sample
+    # Loopback candidates: None = accepted only from peers connected over loopback (the
+    # server's own host: tests, the loopback demo); False/True = never/always.
+    loopback_candidates: bool | None = None
+    relays_per_peer: int = 4             # built-in relay sessions one peer may hold at once
+    relays_per_source: int = 16          # ... and all peers of one source address together
+    names: NameLimits = field(default_factory=NameLimits)
     # Added to the common start: absorbs delivery jitter (a PUNCH a few tens of ms late on a
     # busy path), so both peers still start on time; it costs as much connect time.
-    margin: float = 0.05
+    margin: float = 0.01                 # the floor; plus the peers' RTT spread (common_start)
     token: str | None = None
     max_write_buffer: int = 1 << 20      # a peer that does not read is dropped
 
@@ -50,8 +66,8 @@ class SignalServer:
         self.credentials = credentials
         self.server_id = credentials.fingerprint
         self.ssl_context = credentials.ssl_context()
-        self.store = store or MemoryStore()
         self.config = config or ServerConfig()
+        self.store = store or MemoryStore(names=self.config.names)
         self.relay_hub = relay_hub
         self.clock = clock
         self.node_id = node_id or uuid.uuid4().hex[:12]
@@ -65,6 +81,11 @@ class SignalServer:
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []
         self._servers: list[asyncio.Server] = []
         self._tls: set[TlsTransport] = set()      # every live connection, registered or not
+        self.unregistered = SourceBudget(self.config.max_unregistered,
+                                         self.config.max_unregistered_per_source)
+        self._unregistered: dict[TlsTransport, str] = {}   # connection -> its source key
+        self._punch_buckets: dict[str, TokenBucket] = {}
+        self.ended_connections = 0
         self.reference_offset = 0.0      # the store's reference clock minus ours
         self._reference_task: asyncio.Task[None] | None = None
 
@@ -94,17 +115,43 @@ class SignalServer:
         await asyncio.get_running_loop().connect_accepted_socket(self.protocol_factory, sock)
 
     def protocol_factory(self) -> asyncio.Protocol:
-        """TLS (our MemoryBIO layer, see tlsproto) carrying one PeerProtocol."""
-        if len(self._tls) - len(self.peers) >= self.config.max_unregistered:
-            self.refuse("UNREGISTERED_LIMIT")
-            return _Reject()     # a connection flood must not grow memory without bound
-        tls = TlsTransport(self.ssl_context, lambda: PeerProtocol(self),
-                           self.config.handshake_timeout, self._tls_lost)
+        """TLS (our MemoryBIO layer, see tlsproto) carrying one PeerProtocol; admitted in
+        ``connection_made`` against the unregistered budget of its source address."""
+        return _AdmittedTls(self)
+
+    def admit(self, tls: TlsTransport, peername: Any) -> bool:
+        """Count a new connection against the unregistered budget until it registers."""
+        source = source_key(str(peername[0])) if isinstance(peername, tuple) and peername else "?"
+        if not self.unregistered.acquire(source):
+            self.refuse("UNREGISTERED_LIMIT")   # a connection flood must not grow memory
+            return False
+        self._unregistered[tls] = source
         self._tls.add(tls)
-        return tls
+        return True
+
+    def registered(self, tls: TlsTransport | None) -> None:
+        """Its peer has registered: the connection leaves the unregistered budget."""
+        source = self._unregistered.pop(tls, None) if tls is not None else None
+        if source is not None:
+            self.unregistered.release(source)
+
+
+    def punch_allowed(self, target_id: str) -> bool:
+        """Per-target PUNCH rate: however many senders, a target gets at most punch_rate/s."""
+        now = self.clock()
+        bucket = self._punch_buckets.get(target_id)
+        if bucket is None:
+            if len(self._punch_buckets) >= MAX_PUNCH_BUCKETS:
+                for key in [k for k, b in self._punch_buckets.items() if b.is_full(now)]:
+                    del self._punch_buckets[key]
+            bucket = TokenBucket(self.config.punch_rate, self.config.punch_burst, now)
+            self._punch_buckets[target_id] = bucket
+        return bucket.take(now)
 
     def _tls_lost(self, tls: TlsTransport) -> None:
+        self.ended_connections += 1
         self._tls.discard(tls)
+        self.registered(tls)
         ssl_object = tls.get_extra_info("ssl_object")
         if ssl_object is not None and ssl_object.version() is None:   # never got through
             self.emit("tls_failed")
@@ -143,7 +190,11 @@ class SignalServer:
     async def push(self, record: PeerRecord, kind: str, msg: Message) -> bool:
         """Deliver ``msg`` to the peer's connection, here or on its node; False if that node is
         gone. To another node it travels as wire data, a PUNCH's common start in the store's
-        reference clock (``_on_push`` converts it back)."""
+        reference clock (``_on_push`` converts it back).
+
+        A message that cannot be framed raises LocalProtocolError here, to the caller acting
+        for the SENDER: the recipient is never dropped for what another peer sent."""
+        encode_frame(msg, self.config.max_frame)
         if record.node == self.node_id:
             return await self._on_push({"kind": kind, "to": record.peer_id, "msg": msg})
         if isinstance(msg, Punch):
@@ -177,9 +228,21 @@ class SignalServer:
         return True
 
 
-class _Reject(asyncio.Protocol):
+class _AdmittedTls(TlsTransport):
+    """A TlsTransport that first asks the server's unregistered budget; refused: aborted
+    before any TLS state exists (a connection flood must not grow memory)."""
+
+    def __init__(self, server: SignalServer) -> None:
+        super().__init__(server.ssl_context, lambda: PeerProtocol(server),
+                         server.config.handshake_timeout, server._tls_lost)
+        self._server = server
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()  # type: ignore[attr-defined]
+        if not self._server.admit(self, transport.get_extra_info("peername")):
+            self._on_lost, self._closed = None, True
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        super().connection_made(transport)
 
 
 

@@ -13,6 +13,8 @@ import abc
 import json
 import logging
 import os
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
+from ..errors import QuotaError
 from .protocol import PEER_ID_RE
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,25 @@ Push = dict[str, Any]
 PushHandler = Callable[[Push], Awaitable[bool]]   # True: delivered to a local peer
 NAMES_FILE = "names.jsonl"
 REFERENCE_SAMPLES = 5         # Redis TIME round trips per clock measurement
+NAME_TTL = 90 * 86400.0       # a name its key has not registered for this long is free again
+MAX_NAMES_PER_KEY = 16
+MAX_NAMES_PER_SOURCE = 256    # names first bound from one source address (IPv4 or IPv6 /64)
+SESSION_TTL = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class NameLimits:
+    """How long a name binding lives unused, and how many one key or one address may hold."""
+
+    ttl: float = NAME_TTL
+    per_key: int = MAX_NAMES_PER_KEY
+    per_source: int = MAX_NAMES_PER_SOURCE
+    # Peers on the server's own host (its operator, the loopback demo and benches) are not
+    # counted per source; tests standing in other hosts with 127.0.0.x turn this off.
+    exempt_loopback: bool = True
+
+    def counts_source(self, source: str) -> bool:
+        return bool(source) and not (self.exempt_loopback and source.startswith("127."))
 
 
 @dataclass(slots=True)
@@ -43,6 +65,8 @@ class PeerRecord:
     profiles: list[dict[str, Any]] = field(default_factory=list)
     offset: float = 0.0     # peer clock minus server clock
     rtt: float = 0.0
+    spread: float = 0.0     # its round trips' spread (ClockEstimator.spread): PUNCH margin
+    source: str = ""        # its address as admission counts it (never sent to other peers)
 
     def to_wire(self) -> dict[str, Any]:
         return {s: getattr(self, s) for s in self.__slots__}
@@ -71,8 +95,10 @@ class Store(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
-    async def bind_name(self, name: str, public_key: bytes) -> bytes | None:
-        """Bind ``name`` to ``public_key`` if free; return the other key if it is taken."""
+    async def bind_name(self, name: str, public_key: bytes, source: str = "") -> bytes | None:
+        """Bind ``name`` to ``public_key`` if free (or expired), refreshing its life; return
+        the other key if it is taken. QuotaError when ``public_key`` or ``source`` (the
+        registering address, ``admission.source_key``) already holds its limit of names."""
 
     @abc.abstractmethod
     async def put_online(self, record: PeerRecord) -> None: ...
@@ -110,20 +136,34 @@ class Store(abc.ABC):
     async def find(self, target: str) -> PeerRecord | None:
         """An online peer by peer_id or by name."""
         from ..identity import peer_id_of
-        if PEER_ID_RE.match(target):
+        if PEER_ID_RE.fullmatch(target):
             return await self.get_online(target)
         key = await self.key_of(target)
         return None if key is None else await self.get_online(peer_id_of(key))
 
 
+@dataclass(slots=True)
+class _Binding:
+    key: bytes
+    source: str
+    seen: float         # last registration under this name
+
+
 class MemoryStore(Store):
     def __init__(self, state_dir: str | os.PathLike[str] | None = None, *,
-                 max_sessions: int = 100_000) -> None:
+                 max_sessions: int = 100_000, names: NameLimits | None = None,
+                 session_ttl: float = SESSION_TTL,
+                 clock: Callable[[], float] = time.time) -> None:
         self.node_id = ""
-        self._names: dict[str, bytes] = {}
+        self.limits = names or NameLimits()
+        self._clock = clock
+        self._names: dict[str, _Binding] = {}
+        self._per_key: Counter[bytes] = Counter()
+        self._per_source: Counter[str] = Counter()
         self._online: dict[str, PeerRecord] = {}
-        self._sessions: dict[str, dict[str, Any]] = {}
+        self._sessions: dict[str, tuple[float, dict[str, Any]]] = {}
         self._max_sessions = max_sessions
+        self._session_ttl = session_ttl
         self._on_push: PushHandler | None = None
         self._names_path = Path(state_dir) / NAMES_FILE if state_dir is not None else None
         self._names_file: Any = None
@@ -133,35 +173,98 @@ class MemoryStore(Store):
     def _load_names(self, path: Path) -> None:
         if not path.exists():
             return
+        now = self._clock()
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
             try:
                 entry = json.loads(line)
-                self._names.setdefault(entry["name"], bytes.fromhex(entry["key"]))
-            except (ValueError, KeyError, TypeError):
+                key = bytes.fromhex(entry["key"])
+                seen = float(entry.get("seen", now))       # older files: no time, count from now
+                source = str(entry.get("source", ""))
+            except (ValueError, KeyError, TypeError, AttributeError):
                 # A torn last line after a crash must not lose the other bindings.
                 log.warning("%s:%d: skipping unreadable name binding", path, lineno)
+                continue
+            known = self._names.get(entry["name"])
+            if known is None or (known.key == key or known.seen + self.limits.ttl < seen):
+                self._set_binding(entry["name"], _Binding(key, source, seen))
+        self._expire_names(now)
+
+    def _set_binding(self, name: str, binding: _Binding) -> None:
+        old = self._names.pop(name, None)
+        if old is not None:
+            self._uncount(old)
+        self._names[name] = binding
+        self._per_key[binding.key] += 1
+        self._per_source[binding.source] += 1
+
+    def _uncount(self, b: _Binding) -> None:
+        _decrement(self._per_key, b.key)
+        _decrement(self._per_source, b.source)
+
+    def _expire_names(self, now: float) -> None:
+        horizon = now - self.limits.ttl
+        for name in [n for n, b in self._names.items() if b.seen < horizon]:
+            self._uncount(self._names.pop(name))
 
     async def start(self, node_id: str, on_push: PushHandler) -> None:
         self.node_id, self._on_push = node_id, on_push
         if self._names_path is not None:
             self._names_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Rewritten compact at start (expired and superseded lines gone), then appended.
+            tmp = self._names_path.with_suffix(".tmp")
+            with open(tmp, "w") as f:
+                for name, b in self._names.items():
+                    f.write(self._line(name, b))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._names_path)
             self._names_file = open(self._names_path, "a")  # noqa: SIM115 - kept open for appends
+
+    @staticmethod
+    def _line(name: str, b: _Binding) -> str:
+        return json.dumps({"name": name, "key": b.key.hex(), "source": b.source,
+                           "seen": round(b.seen, 1)}) + "\n"
 
     async def close(self) -> None:
         if self._names_file is not None:
             self._names_file.close()
             self._names_file = None
 
-    async def bind_name(self, name: str, public_key: bytes) -> bytes | None:
+    async def bind_name(self, name: str, public_key: bytes, source: str = "") -> bytes | None:
+        now = self._clock()
         known = self._names.get(name)
+        if known is not None and known.seen + self.limits.ttl < now:
+            self._uncount(self._names.pop(name))      # expired: free for anyone
+            known = None
         if known is not None:
-            return None if known == public_key else known
-        self._names[name] = public_key
+            if known.key != public_key:
+                return known.key
+            # Refresh its life; on disk only when a noticeable part of it has passed.
+            persist = now - known.seen > self.limits.ttl / 100
+            known.seen = now
+            if persist:
+                self._persist(name, known)
+            return None
+        for _ in range(2):         # a bound hit: drop expired bindings once, then judge
+            over_key = self._per_key[public_key] >= self.limits.per_key
+            over_source = (self.limits.counts_source(source)
+                           and self._per_source[source] >= self.limits.per_source)
+            if not (over_key or over_source):
+                break
+            self._expire_names(now)
+        else:
+            raise QuotaError(f"this key already holds {self.limits.per_key} names" if over_key
+                             else f"address {source} already bound {self.limits.per_source} names")
+        binding = _Binding(public_key, source, now)
+        self._set_binding(name, binding)
+        self._persist(name, binding)
+        return None
+
+    def _persist(self, name: str, binding: _Binding) -> None:
         if self._names_file is not None:
-            self._names_file.write(json.dumps({"name": name, "key": public_key.hex()}) + "\n")
+            self._names_file.write(self._line(name, binding))
             self._names_file.flush()
             os.fsync(self._names_file.fileno())
-        return None
 
     async def put_online(self, record: PeerRecord) -> None:
         self._online[record.peer_id] = record
@@ -175,27 +278,40 @@ class MemoryStore(Store):
         return self._online.get(peer_id)
 
     async def key_of(self, name: str) -> bytes | None:
-        return self._names.get(name)
+        b = self._names.get(name)
+        return None if b is None or b.seen + self.limits.ttl < self._clock() else b.key
 
     async def online_count(self) -> int:
         return len(self._online)
 
     async def put_session(self, session: str, info: dict[str, Any]) -> bool:
+        now = self._clock()
+        # Oldest first (dicts keep insertion order): expired ones, then over the count bound.
+        while self._sessions:
+            first = next(iter(self._sessions))
+            if self._sessions[first][0] > now and len(self._sessions) < self._max_sessions:
+                break
+            del self._sessions[first]
         if session in self._sessions:
             return False
-        if len(self._sessions) >= self._max_sessions:   # oldest first: dicts keep order
-            del self._sessions[next(iter(self._sessions))]
-        self._sessions[session] = info
+        self._sessions[session] = (now + self._session_ttl, info)
         return True
 
     async def get_session(self, session: str) -> dict[str, Any] | None:
-        return self._sessions.get(session)
+        entry = self._sessions.get(session)
+        return None if entry is None or entry[0] <= self._clock() else entry[1]
 
     async def route(self, node: str, push: Push) -> bool:
         if node != self.node_id or self._on_push is None:
             log.warning("push for unknown node %s dropped", node)
             return False
         return await self._on_push(push)
+
+
+def _decrement(counter: Counter[Any], key: Any) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 def _pack(obj: Any) -> bytes:
@@ -211,10 +327,11 @@ class RedisStore(Store):
     """Shared state in Redis; pushes between nodes over pub/sub."""
 
     def __init__(self, url: str, *, prefix: str = "hp", online_ttl: float = 120.0,
-                 session_ttl: float = 300.0) -> None:
+                 session_ttl: float = SESSION_TTL, names: NameLimits | None = None) -> None:
         import redis.asyncio as aioredis  # optional dependency: imported only when used
 
         self.node_id = ""
+        self.limits = names or NameLimits()
         self._redis = aioredis.from_url(url)
         self._prefix = prefix
         self._online_ttl = int(online_ttl * 1000)
@@ -263,12 +380,43 @@ class RedisStore(Store):
                 await self._pubsub.aclose()
         await self._redis.aclose()
 
-    async def bind_name(self, name: str, public_key: bytes) -> bytes | None:
-        key = self._k("names")
-        if await self._redis.hsetnx(key, name, public_key):
+    async def bind_name(self, name: str, public_key: bytes, source: str = "") -> bytes | None:
+        """One key per name (``<prefix>:name:<name>``, SET NX, its TTL the name's life,
+        refreshed on each registration); per key and per source a sorted set of names
+        scored by expiry counts the live ones."""
+        ttl_ms = int(self.limits.ttl * 1000)
+        name_key = self._k("name", name)
+        known: Any = await self._redis.get(name_key)
+        if known is not None:
+            if bytes(known) != public_key:
+                return bytes(known)
+            await self._redis.pexpire(name_key, ttl_ms)
+            await self._note_name(name, public_key, source)
             return None
-        known: Any = await self._redis.hget(key, name)
-        return None if known == public_key else bytes(known)
+        now = time.time()
+        by_key, by_source = self._k("keynames", public_key.hex()), self._k("srcnames", source)
+        for zkey, limit, what in ((by_key, self.limits.per_key, "this key"),
+                                  (by_source, self.limits.per_source, f"address {source}")):
+            if zkey == by_source and not self.limits.counts_source(source):
+                continue
+            await self._redis.zremrangebyscore(zkey, "-inf", now)
+            if await self._redis.zcard(zkey) >= limit:
+                raise QuotaError(f"{what} already holds {limit} names")
+        if not await self._redis.set(name_key, public_key, nx=True, px=ttl_ms):
+            known = await self._redis.get(name_key)
+            if known is not None and bytes(known) != public_key:
+                return bytes(known)
+        await self._note_name(name, public_key, source)
+        return None
+
+    async def _note_name(self, name: str, public_key: bytes, source: str) -> None:
+        expires = time.time() + self.limits.ttl
+        ttl_ms = int(self.limits.ttl * 1000)
+        for zkey in (self._k("keynames", public_key.hex()),
+                     self._k("srcnames", source) if self.limits.counts_source(source) else None):
+            if zkey is not None:
+                await self._redis.zadd(zkey, {name: expires})
+                await self._redis.pexpire(zkey, ttl_ms)
 
     async def put_online(self, record: PeerRecord) -> None:
         await self._redis.set(self._k("peer", record.peer_id), _pack(record.to_wire()),
@@ -284,7 +432,7 @@ class RedisStore(Store):
         return None if data is None else PeerRecord.from_wire(_unpack(bytes(data)))
 
     async def key_of(self, name: str) -> bytes | None:
-        value: Any = await self._redis.hget(self._k("names"), name)
+        value: Any = await self._redis.get(self._k("name", name))
         return bytes(value) if value is not None else None
 
     async def online_count(self) -> int:
@@ -322,10 +470,11 @@ class RedisStore(Store):
         return bool(receivers)
 
 
-def open_store(spec: str | None, state_dir: str | os.PathLike[str] | None = None) -> Store:
+def open_store(spec: str | None, state_dir: str | os.PathLike[str] | None = None, *,
+               names: NameLimits | None = None) -> Store:
     """``None``/``memory`` -> MemoryStore; ``redis://host:port[/db]`` -> RedisStore."""
     if spec in (None, "", "memory"):
-        return MemoryStore(state_dir)
+        return MemoryStore(state_dir, names=names)
     if spec.startswith(("redis://", "rediss://", "unix://")):
-        return RedisStore(spec)
+        return RedisStore(spec, names=names)
     raise ValueError(f"unknown store {spec!r}: use memory or redis://HOST:PORT")

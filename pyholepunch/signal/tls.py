@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from ..errors import AuthenticationError
@@ -75,6 +75,22 @@ class ServerCredentials:
                 f.write(self.key_pem + self.cert_pem)
             ctx.load_cert_chain(path)
         return ctx
+
+
+def check_peer_cert(cert_der: bytes, public_key: bytes) -> None:
+    """A peer's registered certificate must be DER X.509 holding the very Ed25519 key it
+    registered with: the server forwards it to other peers as their only trust anchor, so
+    it stores nothing else. AuthenticationError says what is wrong."""
+    try:
+        key = x509.load_der_x509_certificate(cert_der).public_key()
+    except ValueError as exc:
+        raise AuthenticationError(f"certificate is not DER X.509: {str(exc)[:80]}") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise AuthenticationError(f"certificate holds a {type(key).__name__.lstrip('_')}, "
+                                  "not an Ed25519 key")
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if raw != public_key:
+        raise AuthenticationError("certificate key is not the registering key")
 
 
 def generate_credentials(common_name: str = "pyholepunch rendezvous") -> ServerCredentials:

@@ -14,6 +14,7 @@ import pytest_asyncio
 from pyholepunch.errors import SignalingError
 from pyholepunch.identity import Identity
 from pyholepunch.relay.builtin import RelayHub, open_builtin_relay
+from pyholepunch.security import certificate_for
 from pyholepunch.signal.auth import make_token
 from pyholepunch.signal.client import SignalClient
 from pyholepunch.signal.connection import ConnectionClosed, Role, SignalConnection
@@ -129,14 +130,16 @@ async def assert_still_serving(srv: SignalServer) -> None:
 
 @pytest.mark.asyncio
 async def test_register_and_punch_exchange(server: SignalServer) -> None:
+    bob = Identity.generate()
+    bob_cert = certificate_for(bob)      # the server checks it is DER holding bob's key
     async with client(server, "alice", candidates=[("10.0.0.2", 4000)]) as a, \
-            client(server, "bob", cert=b"bob-cert-der") as b:
+            client(server, "bob", identity=bob, cert=bob_cert) as b:
         assert a.rtt is not None and a.registrations == 1
         p = await a.connect("bob", candidates=[("10.0.0.2", 4001)])
         q = await b.next_event(5)
         assert (p.role, q.role) == ("initiator", "responder")
         assert p.peer.peer_id == b.peer_id and p.peer.public_key == b.identity.public_key
-        assert p.peer.cert == b"bob-cert-der"
+        assert p.peer.cert == bob_cert
         assert [c.address for c in q.peer.candidates] == [("10.0.0.2", 4001)]
         p2 = await a.connect(b.peer_id)                     # by peer_id too
         assert (await b.next_event(5)).session == p2.session

@@ -13,9 +13,29 @@ from typing import Any
 
 import pytest
 
+from pyholepunch import engine as engine_mod
 from pyholepunch.engine import Engine, RelayStats
+from tests.conftest import ENGINE_NAMES
 
 from .helpers import Family
+
+
+@pytest.fixture(params=[*ENGINE_NAMES, "native-splice"])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    """Both engines, and the native one moving bytes with splice(2) instead of its default
+    recv/send copy (both movers are kept: bench/bench_relay.py compares them)."""
+    name, _, mover = str(request.param).partition("-")
+    try:
+        base = engine_mod.get(name)
+    except ImportError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"the native engine is not usable under CI: {exc}")
+        pytest.skip(f"native engine not built: {exc}")
+    if not mover:
+        return base
+    variant = type(base)()
+    variant.relay_mover = mover                    # type: ignore[attr-defined]
+    return variant
 
 
 def tcp_pair(ip: str = "127.0.0.1") -> tuple[socket.socket, socket.socket]:

@@ -196,6 +196,22 @@ def test_clock_estimator_keeps_min_rtt_sample() -> None:
 def test_common_start() -> None:
     assert common_start(1000.0, [0.040, 0.100], 0.02) == pytest.approx(1000.07)
     assert common_start(5.0, [], 0.01) == pytest.approx(5.01)
+    # The margin grows with the jitterier peer's RTT spread, and no further than the cap.
+    assert common_start(1000.0, [0.040, 0.040], 0.01, [0.002, 0.030]) == pytest.approx(1000.06)
+    assert common_start(1000.0, [0.040], 0.01, [9.0]) == pytest.approx(1000.0 + 0.02 + 0.01 + 0.25)
+
+
+def test_rtt_spread_measures_jitter() -> None:
+    est = ClockEstimator(window=4)
+    assert est.spread == 0.0
+    for rtt in (0.041, 0.040, 0.043):
+        est.add(100.0, 100.0 + rtt / 2, 100.0 + rtt / 2, 100.0 + rtt)
+    assert est.spread == pytest.approx(0.003)
+    est.add(200.0, 200.03, 200.03, 200.06)           # one 20 ms late round trip
+    assert est.spread == pytest.approx(0.020) and est.rtt == pytest.approx(0.040)
+    for _ in range(4):                               # it leaves the window
+        est.add(300.0, 300.02, 300.02, 300.04)
+    assert est.spread == pytest.approx(0.0)
 
 
 def test_tokens() -> None:
