@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import resource
 import time
@@ -28,12 +29,15 @@ from .engine import PunchResult
 from .errors import HolePunchError, PunchError, SignalingError
 from .identity import ConfigLock, Identity, default_config_dir
 from .nat.classify import classify_nat
+from .nat.hops import nat_hops
 from .nat.profile import Allocation, Family, Mapping, NatProfile
 from .punch import Punch, close_late_result
 from .punch_mapping import PunchPortMapping
+from .punch_sequential import AllocationTracker, sequential_side, tracker_for
 from .punchport import PunchPort, candidates, classify_family, probe, reserve_port
 from .relay.builtin import open_builtin_relay
 from .relay.peering import peer_turn_relay
+from .relay_race import direct_or_relay
 from .report import ConnectionReport, Route
 from .security import Streams, certificate_for, secure_stream, tls_context
 from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, SignalClient
@@ -149,6 +153,7 @@ class Peer:
                 self.server[0], local_ip,
                 on_change=lambda: self._spawn(self._reannounce(new_port=False)))
             self.port_mapping.probe_task()
+        hops = asyncio.ensure_future(asyncio.to_thread(nat_hops, self.server[0], local_ip=local_ip))
         # Is it our server at all? Asked alongside the classification, whose probes would
         # otherwise wait out their timeouts against a server of another kind.
         check = asyncio.ensure_future(self._signal.check_server())
@@ -157,12 +162,18 @@ class Peer:
             await asyncio.wait([check, classify], return_when=asyncio.FIRST_EXCEPTION)
             await check
             await classify
+        except BaseException:
+            hops.cancel()       # nobody will wait for it (its thread ends on its own)
+            raise
         finally:
             for task in (check, classify):
                 task.cancel()
             await asyncio.gather(check, classify, return_exceptions=True)
         self.family_profiles[self._primary] = self.profiles["tcp"]
         self.ports[self._primary] = PunchPort(self._primary, self.server, local_ip)
+        # Our sequential NAT's positions (None for other NATs); NAT routers in front of us.
+        self._tracker: AllocationTracker | None = tracker_for(self.tcp_profile)
+        self.nat_hops: int | None = await hops
         await self._learn_punch_address(self._primary, new_port=True)
         await self._add_other_family()
         # Registered with its address already: no CONNECT can find us without one.
@@ -261,8 +272,11 @@ class Peer:
             reservation = (reserve_port(pp.local_ip) if new_port or pp.reservation is None
                            else None)
             port = reservation.getsockname()[1] if reservation is not None else pp.port
+            t = time.time()
             try:
                 result = await probe(pp.server, pp.local_ip, port)
+                if self._tracker is not None and family == self._primary:
+                    self._tracker.observe(t, result.mapped[1], announced=True, took=time.time() - t)
             except BaseException:
                 if reservation is not None:
                     reservation.close()
@@ -455,6 +469,20 @@ class Peer:
                                          timeout=TLS_TIMEOUT, insecure_plain=self.insecure_plain)
                 punch = Punch.for_session(self.engine, plan, instr.role, start_at, ends,
                                           peer.candidates, peer.profiles, report, secure)
+                pp = self._port()
+                punch.rtt, punch.nat_hops = self._signal.rtt, self.nat_hops
+                punch.sequential = sequential_side(
+                    self._tracker, functools.partial(probe, pp.server, pp.local_ip, 0))
+                if plan.has_relay and self.relay != "none":    # the relay ready alongside
+                    route, (reader, writer) = await direct_or_relay(
+                        punch=punch, secure=secure, initiator=initiator, start_at=start_at,
+                        report=report, join_relay=lambda: self._relay(instr, initiator),
+                        relay_tls=lambda streams: secure_stream(
+                            streams, identity=self.identity, peer_id=peer.peer_id,
+                            peer_cert=peer.cert, initiator=initiator, timeout=TLS_TIMEOUT,
+                            insecure_plain=self.insecure_plain))
+                    await self._report(instr.session, str(route), report)
+                    return self._connection(reader, writer, peer, route, report)
                 result = await self._first(punch.run(), relay_grant)
             except (PunchError, OSError) as exc:
                 direct_error = exc

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from .engine import Engine, PunchResult, PunchStats
 from .engine._base import count_failure
 from .errors import PunchError, PunchTimeout
 from .nat.profile import NatProfile
+from .punch_sequential import SequentialSide
 from .race import Secure, race_lanes
 from .report import ConnectionReport, Outcome
 from .strategy import (
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 
 REARM_INTERVAL = 0.02      # seconds between re-armed attempts after an RST / ICMP error
+SILENCE_REARM_MIN = 0.15   # s: a fresh SYN after this much silence at the least
+SILENCE_REARM_DEFAULT = 0.3   # s: without an RTT estimate
+SWEEP_AFTER_PROBE = 0.01  # s: a sequential chooser's sweep after its position probe
 MARK = b"\x01"             # a sweep's chooser sends this on the one connection it keeps
 SUBMIT_AHEAD = 0.05        # seconds before its start a step group's engine calls are made
 
@@ -89,6 +94,9 @@ class Punch:
     lanes: dict[str, Lane] = field(default_factory=dict)
     secure: Secure | None = None               # a race runs the TLS handshake on its pick
     streams: Any = None                        # ... and keeps the secured streams here
+    sequential: SequentialSide | None = None   # our NAT is sequential: re-measure before sweeps
+    rtt: float | None = None                   # round trip estimate: a silent simopen re-arms
+    nat_hops: int | None = None                # measured NAT routers in front of us (nat/hops.py)
 
     @classmethod
     def for_session(cls, engine: Engine, plan: Plan, role: str, start_at: float,
@@ -208,27 +216,38 @@ class Punch:
                        lane: Lane) -> PunchResult:
         eng = self.engine
         ip, port = lane.local_ip, lane.local_port
+        if ins.syn_ttl is not None and self.nat_hops:
+            # A low TTL passes our own NATs and dies at the next router: measured, not assumed.
+            ins = dataclasses.replace(ins, syn_ttl=self.nat_hops + 1)
         if ins.action is Action.NONE:
             await _sleep_until(at + budget)
             raise PunchTimeout("nothing to do in this step (the peer dials)", PunchStats())
         if ins.action is Action.LISTEN:
             return await accept_from(ip, port, _peer_ips(ins, lane.peer), deadline=at + budget)
-        remotes = _remotes(ins, lane.peer)
-        start, timeout = _window(at + ins.start_delay, budget - ins.start_delay)
+        if self.sequential is not None and ins.action is Action.SWEEP_PAIRS \
+                and ins.target is Target.PUBLIC:
+            remotes = await self.sequential.mutual_remotes(
+                ins, sweep_at=at + ins.start_delay, peer_ip=lane.peer.public_ip,
+                peer_port=lane.peer.port, chooser=not self._follows(ins))
+            # Sweep as soon as our position is known (see mutual_remotes), the chooser a hair
+            # after: what the plan's start delay allowed for the probe is not waited out.
+            begin = time.time() + (0.0 if self._follows(ins) else SWEEP_AFTER_PROBE)
+            start, timeout = _window(begin, at + budget - begin)
+        else:
+            remotes = _remotes(ins, lane.peer)
+            start, timeout = _window(at + ins.start_delay, budget - ins.start_delay)
         if self._follows(ins):
             local_ports = ([port] * len(remotes)
                            if ins.action is Action.SWEEP_REMOTE_PORTS else [0] * len(remotes))
             pairs = list(zip(local_ports, remotes, strict=True))
             return await follow(ip, pairs, _peer_ips(ins, lane.peer), start=start,
                                 deadline=start + timeout, syn_ttl=ins.syn_ttl)
-        if ins.action is Action.SIMOPEN:
-            return await eng.simultaneous_open_async(
-                (ip, port), remotes[0], start, timeout, interval=REARM_INTERVAL,
-                syn_ttl=ins.syn_ttl, listen=True)
-        if ins.action is Action.CONNECT:
-            return await eng.simultaneous_open_async(
-                (ip, 0), remotes[0], start, timeout, interval=REARM_INTERVAL,
-                syn_ttl=ins.syn_ttl, listen=False)
+        if ins.action in (Action.SIMOPEN, Action.CONNECT):
+            listen = ins.action is Action.SIMOPEN
+            local = (ip, port if listen else 0)
+            return await rearmed(lambda at, left: eng.simultaneous_open_async(
+                local, remotes[0], at, left, interval=REARM_INTERVAL, syn_ttl=ins.syn_ttl,
+                listen=listen), start, timeout, silence_rearm(self.rtt))
         if ins.action is Action.SWEEP_LOCAL_PORTS:
             pairs = [(0, remotes[0])] * ins.count
         elif ins.action is Action.SWEEP_REMOTE_PORTS:
@@ -314,6 +333,33 @@ def _window(start: float, timeout: float) -> tuple[float, float]:
     if timeout <= 0:
         raise PunchTimeout("the step's window passed before it could start", PunchStats())
     return start, timeout
+
+
+def silence_rearm(rtt: float | None) -> float:
+    """Silence after which a simultaneous open sends a fresh SYN: ~3 x RTT (the kernel's own
+    retransmission waits 1 s: a lost SYN on each side cost seconds)."""
+    return max(SILENCE_REARM_MIN, 3 * rtt) if rtt else SILENCE_REARM_DEFAULT
+
+
+async def rearmed(attempt: Callable[[float, float], Awaitable[PunchResult]], start: float,
+                  timeout: float, every: float) -> PunchResult:
+    """``attempt(start, timeout)`` in slices of ``every`` s until one connects or ``timeout``
+    passes: each slice closes the silent socket and sends a new SYN from the same port."""
+    deadline = start + timeout
+    at, tries = start, 0
+    while True:
+        tries += 1
+        left = deadline - at
+        try:
+            return await attempt(at, min(every, left))
+        except PunchTimeout as exc:
+            at = max(time.time(), at + every)
+            if at + 0.01 >= deadline:
+                if tries > 1:
+                    raise PunchTimeout(f"{exc} (re-armed {tries - 1}x after {every * 1e3:.0f} ms "
+                                       "of silence)", exc.stats) from exc
+                raise
+            log.debug("simultaneous open silent for %.0f ms: re-arming", every * 1e3)
 
 
 def close_late_result(task: asyncio.Future[PunchResult]) -> None:

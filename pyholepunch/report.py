@@ -46,7 +46,8 @@ SCHEMA_ID = f"https://pyholepunch.invalid/schemas/report-{SCHEMA_VERSION}.json"
 # Why a connection fell back to the relay, as a closed set (metrics label it; the text of the
 # reason is in relay_reason): the plan had no direct step; every direct step failed; TLS over
 # the punched socket failed; the other peer moved to the relay first; a socket error.
-RELAY_CAUSES = ("no_direct_plan", "punch_failed", "tls_failed", "peer_relayed", "socket_error")
+RELAY_CAUSES = ("no_direct_plan", "punch_failed", "tls_failed", "peer_relayed", "socket_error",
+                "direct_pending")   # the relay took over while direct steps still ran (relay_race)
 ReportObserver = Callable[[str, dict[str, Any]], None]
 
 
@@ -123,6 +124,7 @@ class ConnectionReport:
     route: Route | None = None
     relay_reason: str = ""
     relay_cause: str = ""                       # one of RELAY_CAUSES when route is relay
+    direct_after_relay_s: float | None = None   # a direct path came up while relayed (relay_race)
     established: float | None = None            # TLS established
     ended: float | None = None                  # established, or the attempt failed
     tls: bool = True                            # False only with insecure_plain
@@ -249,6 +251,7 @@ class ConnectionReport:
             "role": self.role, "peer_id": self.peer_id, "peer_name": self.peer_name,
             "route": self.route, "relay_reason": self.relay_reason,
             "relay_cause": self.relay_cause or None, "tls": self.tls,
+            "direct_after_relay_s": self.direct_after_relay_s,
             "started": self.started, "established": self.established, "ended": self.ended,
             "total_time": self.total_time, "winning_step": win.kind if win else None,
             "winning_family": (win.family or None) if win else None, "pairs": self.pairs,

@@ -54,6 +54,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--portmap-a", action="store_true",
                     help="run miniupnpd (UPnP IGD, NAT-PMP, PCP) on peer a's NAT router")
     up.add_argument("--portmap-b", action="store_true", help="the same on peer b's NAT router")
+    up.add_argument("--background-rate", type=float, default=0.0, metavar="PER_S",
+                    help="a background host behind each NAT opens this many new TCP connections "
+                         "(and UDP flows) per second to the server host")
     up.add_argument("--json", action="store_true", help="print the lab description as JSON")
     ex = sub.add_parser("exec", help="run a command inside a lab node")
     ex.add_argument("name")
@@ -83,7 +86,8 @@ def _up(args: argparse.Namespace) -> int:
 
     lab = Lab(a=args.a, b=args.b, rtt_ms=args.rtt_ms, jitter_ms=args.jitter_ms, loss_pct=args.loss,
               same_nat=args.same_nat, hairpin=args.hairpin, conntrack=dict(args.conntrack),
-              portmap_a=args.portmap_a, portmap_b=args.portmap_b, v6_a=args.v6_a, v6_b=args.v6_b)
+              portmap_a=args.portmap_a, portmap_b=args.portmap_b, v6_a=args.v6_a, v6_b=args.v6_b,
+              background_rate=args.background_rate)
 
     def stop(signum: int, frame: Any) -> None:
         raise _Stop
@@ -107,6 +111,8 @@ def _up(args: argparse.Namespace) -> int:
                           if peer in info["public6"] else "")
                     _say(f"  {peer}       {v4}{v6}")
                 _say(f"  nodes   {' '.join(lab.nodes)}")
+                for peer, rate in lab.background_rate.items():
+                    _say(f"  {peer}'s LAN has a background host opening {rate:g} flows/s")
                 for peer, router in lab.routers.items():
                     _say(f"  {peer}'s router {router.node} runs miniupnpd (UPnP IGD, NAT-PMP, PCP)")
                 _say(f"  try:    pyholepunch lab exec {lab.name} a -- ip addr")

@@ -24,12 +24,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any
 
 from ..errors import LabError
-from . import _ns, miniupnpd, state, topology
+from . import _ns, background, miniupnpd, state, topology
 from .topology import SERVER_ALT_IP, SERVER_ALT_IP6, SERVER_IP, SERVER_IP6
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ class Lab:
                  jitter_ms: float = 0, loss_pct: float = 0.0, same_nat: bool = False,
                  hairpin: bool = False, conntrack: dict[str, int] | None = None,
                  portmap_a: bool = False, portmap_b: bool = False,
-                 portmap_min_lifetime: int = 120, v6_a: str = "none", v6_b: str = "none") -> None:
+                 portmap_min_lifetime: int = 120, v6_a: str = "none", v6_b: str = "none",
+                 background_rate: float | Mapping[str, float] = 0.0) -> None:
         for label, v in (("rtt_ms", rtt_ms), ("jitter_ms", jitter_ms)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10_000:
                 raise ValueError(f"{label} must be a number in [0, 10000], got {v!r}")
@@ -102,6 +103,7 @@ class Lab:
         self._plan = topology.plan(a, b, same_nat=same_nat, hairpin=hairpin, seq_offset=seq_offset,
                                    portmap=portmap, v6_a=v6_a, v6_b=v6_b)
         self.portmap_min_lifetime = portmap_min_lifetime
+        self.background_rate = background.rates(background_rate, self._plan)
         self.routers: dict[str, miniupnpd.Router] = {}   # peer -> the miniupnpd of its NAT
         self.a_type, self.b_type = self._plan.types["a"], self._plan.types["b"]
         self.v6_a, self.v6_b = self._plan.v6["a"], self._plan.v6["b"]
@@ -137,6 +139,8 @@ class Lab:
                 self._await_delayer()
             if self._plan.routers:
                 self._start_routers()
+            if self.background_rate:
+                background.start(self, self._plan, self.background_rate)
         except BaseException as exc:
             self.close()
             if isinstance(exc, LabError):
@@ -321,7 +325,7 @@ class Lab:
                 "server_alt_ip6": self.server_alt_ip6, "public6": dict(self._plan.public6),
                 "rtt_ms": self.rtt_ms, "jitter_ms": self.jitter_ms, "loss_pct": self.loss_pct,
                 "same_nat": self.same_nat, "hairpin": self.hairpin,
-                "portmap": dict(self._plan.routers)}
+                "portmap": dict(self._plan.routers), "background_rate": dict(self.background_rate)}
 
     # --- running things inside ------------------------------------------------------------
     def _argv(self, node: str, argv: Sequence[str]) -> list[str]:

@@ -308,26 +308,38 @@ class _Context:
         n = self.predict_count
         # The cone aims from its one port at the ports the symmetric NAT will hand out next;
         # its SYNs leave first so the symmetric side's SYNs meet open conntrack entries.
-        # The cone targets 2n ports: up to n foreign mappings may land before the sweep (drift).
+        # The cone targets 8n ports: up to 7n foreign mappings may land between the symmetric
+        # side's announcement and its sweep (drift; 50 other flows/s behind a responder that
+        # announced 3 s earlier is 150, and SYNs from one port cost little; bench_hard_pairs).
         cone_ins = RoleInstruction(Action.SWEEP_REMOTE_PORTS, ports=PortChoice.PREDICTED,
-                                   count=2 * n, delta=sp.delta)
+                                   count=min(MAX_COUNT, 8 * n), delta=sp.delta)
         sym_ins = RoleInstruction(Action.SWEEP_LOCAL_PORTS, count=n,
                                   start_delay=self.first_delay(n))
         reason = (f"the {sym}'s NAT allocates sequentially (delta {sp.delta:+d}): it opens {n} "
                   f"fresh ports towards the {cone}, which targets the predicted ports")
         return self.step(StepKind.PREDICT_SWEEP, 2.5, reason, {cone: cone_ins, sym: sym_ins})
 
+    def probe_allowance(self) -> float:
+        """Time for a sequential side's STUN probe (TCP handshake + binding) before its sweep."""
+        return round(2.5 * self.rtt + 0.04, 3)
+
     def _mutual(self) -> Step:
-        n = self.predict_count
-        # The responder follows (punch.py): its SYNs open its NAT first, the initiator's
-        # arrive after them and the initiator chooses the connection.
-        by_role = {role: RoleInstruction(Action.SWEEP_PAIRS, ports=PortChoice.PREDICTED, count=n,
-                                         delta=self.profile(other_role(role)).delta,
-                                         start_delay=self.first_delay(n) if role == "initiator" else 0.0)
-                   for role in ROLES}
-        return self.step(StepKind.PREDICT_SWEEP, 3.0,
-                         f"both NATs allocate sequentially: each opens {n} fresh ports in order, "
-                         "the i-th aimed at the peer's i-th predicted port", by_role)
+        n = 2 * self.predict_count
+        probe = self.probe_allowance()
+        # Each side first re-measures its own NAT's position (other hosts take ports too) and
+        # aims from there (strategy/sequential.py). The responder follows (punch.py): its SYNs
+        # open its NAT first; the initiator's arrive after them, cycling through offsets for
+        # the allocations nobody saw, over n/2 more sockets so every offset meets every shift.
+        by_role = {role: RoleInstruction(
+            Action.SWEEP_PAIRS, ports=PortChoice.PREDICTED,
+            count=min(MAX_COUNT, n + n // 2) if role == "initiator" else min(MAX_COUNT, n),
+            delta=self.profile(other_role(role)).delta,
+            start_delay=round(probe + (self.first_delay(n) if role == "initiator" else 0.0), 3))
+            for role in ROLES}
+        return self.step(StepKind.PREDICT_SWEEP, 3.0 + probe,
+                         f"both NATs allocate sequentially: each re-measures its position, then "
+                         f"opens {n} fresh ports in order, aimed at the peer's predicted ports "
+                         "shifted by its own drift", by_role)
 
     def _birthday(self, sym: str) -> Step:
         cone = other_role(sym)

@@ -31,6 +31,7 @@ from .codec import (
 )
 
 log = logging.getLogger(__name__)
+CONNECT_REARM = 0.25     # s of silence before a TCP connect sends a fresh SYN (then doubled)
 
 # RFC 8489 §6.2.1 / §6.2.2 defaults.
 DEFAULT_RTO = 0.5
@@ -234,18 +235,29 @@ class StunTcpConnection:
     @classmethod
     async def open(cls, server: Address, *, local: Address | None = None,
                    connect_timeout: float = 5.0, **kwargs: Any) -> StunTcpConnection:
-        sock = reusable_socket(local or any_address(server))
         loop = asyncio.get_running_loop()
         start = time.monotonic()
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, server), connect_timeout)
-        except TimeoutError:
-            sock.close()
-            raise TransactionTimeout(f"TCP connect to {format_address(server)} timed out "
-                                     f"after {connect_timeout:.2f} s") from None
-        except BaseException:
-            sock.close()
-            raise
+        deadline = start + connect_timeout
+        # A lost SYN costs the kernel's 1 s retransmission: after CONNECT_REARM s of silence
+        # (doubling each time, so a long path still gets through) a fresh socket on the same
+        # local address sends a new SYN at once (#19: a lossy start must not cost seconds).
+        slice_s = CONNECT_REARM
+        while True:
+            sock = reusable_socket(local or any_address(server))
+            local = local or sock.getsockname()[:2]    # the same port again: no new mapping
+            left = deadline - time.monotonic()
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, server), min(slice_s, left))
+                break
+            except TimeoutError:
+                sock.close()
+                if left <= slice_s:
+                    raise TransactionTimeout(f"TCP connect to {format_address(server)} timed out "
+                                             f"after {connect_timeout:.2f} s") from None
+                slice_s *= 2
+            except BaseException:
+                sock.close()
+                raise
         reader, writer = await asyncio.open_connection(sock=sock)
         self = cls(reader, writer, **kwargs)
         self.connect_time = time.monotonic() - start

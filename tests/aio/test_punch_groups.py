@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import Any
 
 import pytest
 
@@ -125,3 +126,36 @@ async def test_an_abandoned_group_closes_what_connects_later(engine: str) -> Non
         for c in fillers:
             c.close()
         listener.close()
+
+
+@pytest.mark.asyncio
+async def test_a_silent_simultaneous_open_re_arms_in_slices() -> None:
+    """punch.rearmed: a slice that times out is retried with a fresh SYN until the deadline;
+    the final error says how often it re-armed."""
+    from pyholepunch.engine import PunchStats
+    from pyholepunch.errors import PunchTimeout
+    from pyholepunch.punch import rearmed, silence_rearm
+
+    assert silence_rearm(0.04) == pytest.approx(0.15) and silence_rearm(0.1) == pytest.approx(0.3)
+    assert silence_rearm(None) == pytest.approx(0.3)
+    calls: list[float] = []
+
+    async def silent(at: float, left: float) -> Any:
+        calls.append(left)
+        await asyncio.sleep(left)
+        raise PunchTimeout("no answer", PunchStats())
+
+    t0 = time.time()
+    with pytest.raises(PunchTimeout, match=r"re-armed \d+x after 100 ms of silence"):
+        await rearmed(silent, t0, 0.35, 0.1)
+    assert 3 <= len(calls) <= 4 and all(c <= 0.1 + 1e-9 for c in calls)
+
+    async def third_time_lucky(at: float, left: float) -> Any:
+        calls.append(at)
+        if len(calls) < 3:
+            await asyncio.sleep(left)
+            raise PunchTimeout("no answer", PunchStats())
+        return "connected"
+
+    calls.clear()
+    assert await rearmed(third_time_lucky, time.time(), 1.0, 0.05) == "connected"

@@ -1,0 +1,173 @@
+"""Direct and relay side by side: the relay is ready before the direct steps run out (#19).
+
+Before, the relay step ran only after every direct step had failed: 3.7 s after connect() for
+a sequential pair whose sweep missed. Now, for a plan with both direct steps and a relay:
+
+- the initiator starts joining the relay PREPARE_AFTER s after the common start, while the
+  punch goes on (asking the server for a relay grant, which also reaches the responder);
+- the responder joins the relay as soon as a grant arrives, and keeps punching too;
+- the initiator decides: a direct connection up before DECIDE_AFTER (DECIDE_BY after
+  connect() at the latest) wins; after that, with
+  the relay joined, it runs TLS over the relay (the relay then carries data) and stops
+  waiting for the punch; when every direct step fails earlier, the relay is taken at once;
+- the responder takes whichever of the two its peer completes a TLS handshake on (the
+  initiator speaks first and only on the path it chose; the other path is closed).
+
+A direct connection that comes up after the relay was chosen is recorded in the report
+(``direct_after_relay_s``) and closed: moving a live stream (libp2p's DCUtR upgrade) is not
+built yet.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .engine import PunchResult
+from .errors import PunchError
+from .punch import Punch, close_late_result
+from .report import ConnectionReport, Route
+
+log = logging.getLogger(__name__)
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+PREPARE_AFTER = 0.2     # s after start_at: the initiator starts joining the relay
+DECIDE_AFTER = 0.6      # s after start_at: no direct connection yet -> TLS over the relay
+DECIDE_BY = 0.7         # s after connect() at the latest (a sequential initiator announces
+                        # first: its start_at is later), so the relay carries data within ~1 s
+JOIN_ALLOWANCE = 0.3    # s the relay join gets before the decision, at the least
+
+
+async def direct_or_relay(*, punch: Punch, secure: Callable[[PunchResult], Awaitable[Streams]],
+                          join_relay: Callable[[], Awaitable[Streams]],
+                          relay_tls: Callable[[Streams], Awaitable[Streams]],
+                          initiator: bool, start_at: float,
+                          report: ConnectionReport) -> tuple[Route, Streams]:
+    """(route, TLS streams) for a plan with direct steps and a relay, the report finished
+    (with the reason and cause of a fallback). Raises the relay's error when neither path
+    comes up."""
+    async def direct_tls(won: PunchResult) -> Streams:
+        # a dual-stack race (race.py) has run TLS on its pick already
+        return punch.streams or await secure(won)
+
+    route, streams, why, cause = await _race(punch.run(), direct_tls, join_relay, relay_tls,
+                                             initiator, start_at, report)
+    if route is Route.RELAY:
+        reason = str(why or "the peer took the relay")
+        # The one WARNING of this connection's fallback, as in peer.py.
+        log.warning("falling back to the relay for %s: %s", report.peer_name, reason)
+        report.fallback(reason, cause)
+    report.finish(route)
+    return route, streams
+
+
+async def _race(punch: Awaitable[PunchResult], secure: Callable[[PunchResult], Awaitable[Streams]],
+                join_relay: Callable[[], Awaitable[Streams]],
+                relay_tls: Callable[[Streams], Awaitable[Streams]], initiator: bool, start_at: float,
+                report: ConnectionReport) -> tuple[Route, Streams, BaseException | None, str]:
+    direct = asyncio.ensure_future(punch)
+    join: asyncio.Future[Streams] | None = None
+    tasks: list[asyncio.Future[Any]] = []
+    route: Route | None = None
+    try:
+        if initiator:
+            decide_at = min(start_at + DECIDE_AFTER, report.started + DECIDE_BY)
+            prepare_at = min(start_at + PREPARE_AFTER, decide_at - JOIN_ALLOWANCE)
+            await asyncio.wait({direct}, timeout=max(0.0, prepare_at - time.time()))
+            if not (direct.done() and direct.exception() is None):
+                join = asyncio.ensure_future(join_relay())
+            await asyncio.wait({direct}, timeout=max(0.0, decide_at - time.time()))
+            why: BaseException | None = None
+            cause = "punch_failed"
+            if direct.done() and direct.exception() is None:
+                try:
+                    streams = await secure(direct.result())
+                except (TimeoutError, OSError) as exc:
+                    why, cause = exc, "tls_failed"
+                else:
+                    route = Route.DIRECT
+                    return route, streams, None, ""
+            elif direct.done():
+                why = direct.exception()
+                cause = "punch_failed" if isinstance(why, PunchError) else "socket_error"
+            else:
+                cause = "direct_pending"
+                why = PunchError(f"no direct connection {decide_at - report.started:.2f} s after "
+                                 "connect(): the relay carries the data (the punch went on)")
+                direct.add_done_callback(_note_late_direct(report))
+            if join is None:
+                join = asyncio.ensure_future(join_relay())
+            streams = await _secure_relay(join, relay_tls, report)
+            route = Route.RELAY
+            return route, streams, why, cause
+        join = asyncio.ensure_future(join_relay())
+
+        async def direct_tls() -> Streams:
+            return await secure(await asyncio.shield(direct))
+
+        paths = {Route.DIRECT: asyncio.ensure_future(direct_tls()),
+                 Route.RELAY: asyncio.ensure_future(_secure_relay(join, relay_tls, report,
+                                                                  record=False))}
+        tasks += paths.values()
+        errors: dict[Route, BaseException] = {}
+        pending = set(paths.values())
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for path, fut in paths.items():
+                if fut not in done:
+                    continue
+                if fut.exception() is None:
+                    route = path
+                    if path is Route.DIRECT:
+                        return path, fut.result(), None, ""
+                    report.step_finished(report.step_started("relay"), "success")
+                    why = errors.get(Route.DIRECT)
+                    return path, fut.result(), why, "punch_failed" if why else "peer_relayed"
+                errors[path] = fut.exception() or PunchError(f"the {path} path ended")
+        raise errors.get(Route.RELAY) or errors.get(Route.DIRECT) or PunchError("no path came up")
+    finally:
+        for task in tasks:
+            task.cancel()
+        if route is not Route.DIRECT:      # its connection, if it comes, is not used
+            direct.add_done_callback(close_late_result)
+        if join is not None and route is not Route.RELAY:
+            join.cancel()
+            join.add_done_callback(_close_streams)
+
+
+async def _secure_relay(join: asyncio.Future[Streams], secure: Callable[[Streams], Awaitable[Streams]],
+                        report: ConnectionReport, *, record: bool = True) -> Streams:
+    record_ = report.step_started("relay") if record else None
+    try:
+        streams = await secure(await join)
+    except BaseException as exc:
+        if record_ is not None:
+            report.step_finished(record_, "error", error=exc)
+        raise
+    if record_ is not None:
+        report.step_finished(record_, "success")
+    return streams
+
+
+def _note_late_direct(report: ConnectionReport) -> Callable[[asyncio.Future[PunchResult]], None]:
+    def note(fut: asyncio.Future[PunchResult]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        took = time.time() - report.started
+        report.direct_after_relay_s = round(took, 3)
+        log.info("a direct connection came up %.3f s after connect(), while the relay carried "
+                 "the data (not moved: upgrading a live stream is not built)", took)
+        with contextlib.suppress(OSError):
+            fut.result().sock.close()
+    return note
+
+
+def _close_streams(fut: asyncio.Future[Streams]) -> None:
+    if fut.cancelled() or fut.exception() is not None:
+        return
+    with contextlib.suppress(Exception):
+        fut.result()[1].close()
+
