@@ -89,6 +89,15 @@ class AddressError(HolePunchError, ValueError):
     """Text or a tuple that is not a usable ``host:port`` / ``[v6]:port`` address."""
 
 
+class ConfigDirInUse(HolePunchError):
+    """Another running Peer (in this process or another) uses the same config directory:
+    they would share one identity, and the server would let the second replace the first."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class PortMapError(HolePunchError):
     """A router refused a port mapping or failed to make one (NAT-PMP, PCP, UPnP IGD).
 
@@ -126,6 +135,7 @@ __all__ = [
     "ApiError",
     "ApiSetupError",
     "AuthenticationError",
+    "ConfigDirInUse",
     "HolePunchError",
     "LabError",
     "LocalProtocolError",

@@ -16,17 +16,18 @@ import functools
 import logging
 import resource
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from . import address
 from . import engine as engine_mod
 from .address import format_address
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .engine import PunchResult
 from .errors import HolePunchError, PunchError, SignalingError
-from .identity import Identity, default_config_dir
+from .identity import ConfigLock, Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.hops import nat_hops
 from .nat.profile import Allocation, Family, Mapping, NatProfile
@@ -54,15 +55,9 @@ RESPONDER_TIMEOUT = 30.0    # an incoming session (PUNCH received) ends by then,
 
 
 def parse_address(value: str | Address, default_port: int = 3478) -> Address:
-    """``"host:port"`` / ``"host"`` / ``(host, port)`` -> ``(host, port)``."""
-    if isinstance(value, tuple):
-        return (str(value[0]), int(value[1]))
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        return (value, default_port)
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in server address {value!r}")
-    return (host.strip("[]"), int(port))
+    """``"host:port"`` / ``"[v6]:port"`` / ``"host"`` / ``(host, port)`` -> ``(host, port)``:
+    the package's one parser (address.parse_address); AddressError when it is not one."""
+    return address.parse_address(value, default_port=default_port)
 
 
 class Peer:
@@ -95,6 +90,7 @@ class Peer:
             raise ValueError(f"families must be among {', '.join(FAMILIES)}, got {families!r}")
         self.config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
         self.identity = identity or Identity.load_or_create(self.config_dir)
+        self._lock = ConfigLock(self.config_dir)
         self.name = name or f"peer-{self.identity.peer_id[:8]}"
         self.engine = engine if isinstance(engine, engine_mod.Engine) else engine_mod.get(engine)
         if relay not in ("builtin", "none") and not relay.startswith("turn:"):
@@ -146,6 +142,7 @@ class Peer:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        self._lock.acquire()        # ConfigDirInUse: one running peer per config dir
         _raise_fd_limit()
         if self._primary not in self.families:
             raise ValueError(f"the server {format_address(self.server)} is {self._primary} "
@@ -157,10 +154,21 @@ class Peer:
                 on_change=lambda: self._spawn(self._reannounce(new_port=False)))
             self.port_mapping.probe_task()
         hops = asyncio.ensure_future(asyncio.to_thread(nat_hops, self.server[0], local_ip=local_ip))
-        kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
-        for kind in kinds:    # one after the other: allocation probes must not interleave
-            profile = await classify_nat(self.server, transport=kind, local_ip=local_ip)
-            self.profiles[kind] = profile.evolve(family=Family(self._primary))
+        # Is it our server at all? Asked alongside the classification, whose probes would
+        # otherwise wait out their timeouts against a server of another kind.
+        check = asyncio.ensure_future(self._signal.check_server())
+        classify = asyncio.ensure_future(self._classify(local_ip))
+        try:
+            await asyncio.wait([check, classify], return_when=asyncio.FIRST_EXCEPTION)
+            await check
+            await classify
+        except BaseException:
+            hops.cancel()       # nobody will wait for it (its thread ends on its own)
+            raise
+        finally:
+            for task in (check, classify):
+                task.cancel()
+            await asyncio.gather(check, classify, return_exceptions=True)
         self.family_profiles[self._primary] = self.profiles["tcp"]
         self.ports[self._primary] = PunchPort(self._primary, self.server, local_ip)
         # Our sequential NAT's positions (None for other NATs); NAT routers in front of us.
@@ -177,6 +185,12 @@ class Peer:
         # right after registration was also seen to reach the responder one RTT late.)
         await self.announce()
         self._events = asyncio.create_task(self._dispatch_events())
+
+    async def _classify(self, local_ip: str) -> None:
+        kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
+        for kind in kinds:    # one after the other: allocation probes must not interleave
+            profile = await classify_nat(self.server, transport=kind, local_ip=local_ip)
+            self.profiles[kind] = profile.evolve(family=Family(self._primary))
 
     async def _add_other_family(self) -> None:
         """Dual stack: the server named its address in the other family (STUN
@@ -211,10 +225,15 @@ class Peer:
         await asyncio.gather(*self._tasks, *([self._events] if self._events else []),
                              return_exceptions=True)
         await self._signal.close()
+        while not self._accepted.empty():    # accepted, never handed out: nobody else closes them
+            item = self._accepted.get_nowait()
+            if isinstance(item, Connection):
+                await item.close()
         if self.port_mapping is not None:
             await self.port_mapping.close()
         for pp in self.ports.values():
             pp.close()
+        self._lock.release()
 
     async def __aenter__(self) -> Peer:
         try:
@@ -308,7 +327,15 @@ class Peer:
             raise item
         return item
 
-    # seed-style names (DESIGN §7)
+    def __aiter__(self) -> AsyncIterator[Connection]:
+        """``async for conn in peer:``: every connection another peer makes to us."""
+        return self._incoming()
+
+    async def _incoming(self) -> AsyncIterator[Connection]:
+        while True:
+            yield await self.accept()
+
+    # seed-style names
     async def connect_to_peer(self, target: str, **kwargs: Any) -> Connection:
         return await self.connect(target, **kwargs)
 
@@ -425,6 +452,7 @@ class Peer:
             (pi, ci), (pr, cr) = (ours, theirs) if instr.role == "initiator" else (theirs, ours)
             plan = plan_race(pi, pr, ci, cr)
         report.set_plan(plan.to_dict())
+        report.tls = not self.insecure_plain
         initiator = instr.role == "initiator"
         start_at = instr.start_at - (self.clock() - time.time())   # into the engine's clock
         if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile

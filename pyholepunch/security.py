@@ -1,4 +1,4 @@
-"""End-to-end TLS 1.3 between peers, mutually authenticated and pinned to peer ids (DESIGN §6).
+"""End-to-end TLS 1.3 between peers, mutually authenticated, pinned to peer ids (docs/architecture.md).
 
 Each peer turns its Ed25519 :class:`~pyholepunch.identity.Identity` into a self-signed X.509
 certificate (:func:`certificate_for`) and registers it with the rendezvous server, which
@@ -166,7 +166,7 @@ async def secure_stream(
     initiator: bool,
     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     insecure_plain: bool = False,
-    limit: int = 2 ** 16,
+    limit: int = 2 ** 20,
 ) -> Streams:
     """Run the pinned TLS 1.3 handshake over ``conn``; return asyncio streams of plaintext.
 
@@ -338,6 +338,9 @@ def _abort(writer: asyncio.StreamWriter | None, conn: socket.socket | Streams,
         sock.close()            # nothing left to flush: closed now, not a loop turn later
 
 
+_LIVE_TASKS: set[asyncio.Task[None]] = set()
+
+
 class _BioTransport(asyncio.Transport):
     """The plaintext side of a TLS session run through memory BIOs over inner streams.
 
@@ -370,6 +373,11 @@ class _BioTransport(asyncio.Transport):
         task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # Also held by the module until done: a transport its owner dropped (a cancelled
+        # connect) must not take its pending pump into garbage collection ("Task was
+        # destroyed but it is pending"); _finish cancels them, so they do end.
+        _LIVE_TASKS.add(task)
+        task.add_done_callback(_LIVE_TASKS.discard)
 
     # --- asyncio.Transport ------------------------------------------------------------------
 
@@ -477,11 +485,11 @@ class _BioTransport(asyncio.Transport):
                 eof = self._deliver()       # plaintext that came with earlier ciphertext first
                 self._flush()               # post-handshake messages may want an answer
                 if eof:
-                    if not self._closing:
-                        self._protocol.eof_received()  # type: ignore[attr-defined]
+                    if not self._closing and not self._protocol.eof_received():  # type: ignore[attr-defined]
+                        self.close()    # as asyncio's TLS transport: no half-open TLS left behind
                     return
                 await self._reading.wait()
-                data = await self._inner_reader.read(65536)
+                data = await self._inner_reader.read(262144)
                 if data:
                     self._in.write(data)
                 else:

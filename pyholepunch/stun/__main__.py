@@ -12,8 +12,16 @@ import logging
 import signal
 import sys
 
-from ..nat.cli import parse_hostport
+from ..address import Address, parse_address
+from ..errors import AddressError
 from .server import StunServer
+
+
+def _listen_address(text: str) -> Address:
+    try:
+        return parse_address(text, default_port=3478, allow_zero=True)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -34,7 +42,7 @@ async def _main(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyholepunch.stun", description=__doc__.splitlines()[0])
-    p.add_argument("--listen", type=lambda t: parse_hostport(t, allow_zero=True),
+    p.add_argument("--listen", type=_listen_address,
                    default=("0.0.0.0", 3478), metavar="IP:PORT", help="port 0 picks free ports")
     p.add_argument("--alt-ip", help="second address for RFC 5780 (CHANGE-REQUEST, OTHER-ADDRESS)")
     p.add_argument("--alt-port", type=int, help="alternate port (default: port + 1 with --alt-ip)")

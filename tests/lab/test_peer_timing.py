@@ -198,7 +198,7 @@ class LabServer:
 
 def start_server(lab: Any, work: Path, timeout: float = 20.0) -> LabServer:
     """`pyholepunch serve` on the lab's server node (stopped with the lab)."""
-    from pyholepunch.demo import _Lines
+    from pyholepunch.cli.demo import _Lines
 
     address = f"{lab.server_ip}:{SERVER_PORT}"
     proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch", "serve", "--listen", address,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pyholepunch.demo import _cli, _Lines, run_pair
+from pyholepunch.cli.demo import _cli, _Lines, run_pair
 from pyholepunch.errors import PortMapUnavailable
 from pyholepunch.lab import Lab
 from pyholepunch.portmap import PortMapper
