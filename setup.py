@@ -43,11 +43,15 @@ def extensions() -> list:
     sources = ["pyholepunch/engine/_native.pyx"] + sorted(
         p for p in glob.glob("csrc/*.c") if not os.path.basename(p).startswith("test_")
     )
+    # Shipped stripped: no debug info (-g0 overrides Python's own -g) and, on Linux, no symbol
+    # table beyond the dynamic one (the module's PyInit). PYHOLEPUNCH_DEBUG_BUILD=1 keeps both.
+    debug = bool(os.environ.get("PYHOLEPUNCH_DEBUG_BUILD"))
     ext = Extension(
         "pyholepunch.engine._native",
         sources=sources,
         include_dirs=["csrc"],
-        extra_compile_args=["-std=gnu99", "-O2", "-Wall", "-Wextra"],
+        extra_compile_args=["-std=gnu99", "-O2", "-Wall", "-Wextra"] + ([] if debug else ["-g0"]),
+        extra_link_args=[] if debug or not sys.platform.startswith("linux") else ["-s"],
     )
     return cythonize([ext], language_level=3, compiler_directives={"embedsignature": True})
 

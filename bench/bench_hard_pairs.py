@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from pyholepunch.demo import run_pair
+from pyholepunch.cli.demo import run_pair
 from pyholepunch.lab import Lab
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the NAT lab needs root")

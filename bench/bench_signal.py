@@ -108,7 +108,7 @@ def _worker(pipe: Connection, *args: Any) -> None:
 
 @pytest.fixture
 def server_proc() -> Any:
-    proc = subprocess.Popen([sys.executable, "-m", "pyholepunch.serve", "--listen", "127.0.0.1:0",
+    proc = subprocess.Popen([sys.executable, "-m", "pyholepunch", "serve", "--listen", "127.0.0.1:0",
                              "--quiet", "--no-relay", "--max-peers", str(PEERS * 2)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

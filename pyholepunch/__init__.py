@@ -9,7 +9,9 @@ import logging
 from . import engine
 from .connection import Connection, KeepAlive
 from .errors import (
+    AddressError,
     AuthenticationError,
+    ConfigDirInUse,
     HolePunchError,
     LabError,
     LocalProtocolError,
@@ -36,7 +38,9 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "AddressError",
     "AuthenticationError",
+    "ConfigDirInUse",
     "Connection",
     "ConnectionReport",
     "Identity",

@@ -1,4 +1,4 @@
-"""The parts of pyholepunch and which part may import which: DESIGN.md §1 as data.
+"""The parts of pyholepunch and which part may import which, as data (README: "How it fits").
 
 tests/test_layers.py reads every import in the package (function-level and type-only ones
 too) and fails on an arrow this table does not allow; the README's "Layers" table is printed
@@ -40,12 +40,11 @@ PARTS: tuple[Part, ...] = (
          "frames, state machine, server, client, stores"),
     Part("Relay", ("relay",), ("Stun", "Engine", "Signal.frames"),
          "built-in hub and client, TURN client"),
-    Part("Core", ("peer", "punch", "punch_mapping", "punch_sequential", "punchport", "race",
+    Part("Core", ("peer", "announce", "punch", "punch_mapping", "punch_sequential", "punchport", "race",
                   "relay_race", "relay_step", "connection", "security", "report", "metrics"),
          ("Engine", "Stun", "Nat", "Portmap", "Strategy", "Signal", "Relay"),
          "the peer, the punch and relay steps, connections, end-to-end TLS, the report"),
-    Part("Face", ("", "__main__", "cli", "peer_cli", "serve", "demo", "api",
-                  "nat.cli", "stun.__main__", "lab.cli", "lab.__main__"),
+    Part("Face", ("", "__main__", "cli", "serve", "api", "stun.__main__", "lab.__main__"),
          ("Core", "Engine", "Stun", "Nat", "Portmap", "Strategy", "Signal", "Relay", "Lab"),
          "the public API (`__init__`), the command front ends, the HTTP API"),
     Part("Lab", ("lab",), (),

@@ -1,4 +1,4 @@
-"""Connection: an established, authenticated peer-to-peer byte stream (DESIGN §7).
+"""Connection: an established, authenticated peer-to-peer byte stream (docs/python-api.md).
 
 What ``peer.connect()`` / ``peer.accept()`` return: asyncio streams (``reader``/``writer``)
 over TLS 1.3 pinned to ``peer_id`` (see security.py), plus how the connection was made
@@ -121,7 +121,7 @@ class Connection:
             raise ConnectionResetError(f"TLS failure on the connection to peer {self.peer_id}: "
                                        f"{exc.reason or exc}") from None
 
-    receive = recv                       # seed-style name (DESIGN §7)
+    receive = recv                       # seed-style name (docs/python-api.md)
 
     async def recv_exactly(self, n: int) -> bytes:
         """Exactly ``n`` bytes; asyncio.IncompleteReadError if the peer closes first."""

@@ -107,6 +107,15 @@ class StateError(HolePunchError, RuntimeError):
     already closed): a bug in the caller."""
 
 
+class ConfigDirInUse(HolePunchError):
+    """Another running Peer (in this process or another) uses the same config directory:
+    they would share one identity, and the server would let the second replace the first."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class PortMapError(HolePunchError):
     """A router refused a port mapping or failed to make one (NAT-PMP, PCP, UPnP IGD).
 
@@ -121,6 +130,15 @@ class PortMapError(HolePunchError):
 
 class PortMapUnavailable(PortMapError, TimeoutError):
     """No router on the path answered any port-mapping protocol within the budget."""
+
+
+class UsageError(HolePunchError):
+    """A mistake in a command line found after parsing (the CLI exits 2, with one line)."""
+
+
+class StreamFailed(HolePunchError):
+    """The byte stream between two connect/listen commands did not end cleanly (the message
+    says how)."""
 
 
 class LabError(HolePunchError):
@@ -144,6 +162,7 @@ __all__ = [
     "ApiError",
     "ApiSetupError",
     "AuthenticationError",
+    "ConfigDirInUse",
     "HolePunchError",
     "LabError",
     "LocalProtocolError",
@@ -153,14 +172,16 @@ __all__ = [
     "ProcessError",
     "ProtocolError",
     "PunchError",
-    "QuotaError",
     "PunchTimeout",
+    "QuotaError",
     "Refusal",
     "RelayError",
     "RemoteProtocolError",
     "SignalingError",
     "StateError",
+    "StreamFailed",
     "TransactionError",
     "TransactionFailed",
     "TransactionTimeout",
+    "UsageError",
 ]

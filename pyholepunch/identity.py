@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import AuthenticationError
+from .errors import AuthenticationError, ConfigDirInUse
 
 KEY_FILE = "identity.key"
 
@@ -27,6 +27,47 @@ def default_config_dir() -> Path:
         return Path(home)
     base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
     return Path(base) / "pyholepunch"
+
+
+class ConfigLock:
+    """An exclusive lock on a config directory for as long as one Peer runs from it.
+
+    ``flock`` on ``peer.lock``: it conflicts between two open files even in one process, so
+    the second Peer of one directory fails with ConfigDirInUse instead of registering the same
+    identity again (the server would then drop the first). Released on ``release()`` or exit.
+    """
+
+    FILE = "peer.lock"
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / self.FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigDirInUse(
+                f"config dir {self.path.parent} is in use by another running peer (pid {holder}): "
+                "give each peer its own config_dir= (or $PYHOLEPUNCH_HOME, or --config-dir)",
+                path=str(self.path.parent)) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)      # closing the file drops the flock
+            self._fd = None
 
 
 def peer_id_of(public_key: bytes) -> str:

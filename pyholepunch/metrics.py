@@ -1,4 +1,4 @@
-"""Prometheus metrics for the rendezvous server and for a peer (DESIGN §7), via prometheus_client.
+"""Prometheus metrics for the rendezvous server and for a peer (docs/api.md), via prometheus_client.
 
 Server (:class:`ServerMetrics`, exported by ``serve --metrics HOST:PORT``): a Collector reads
 what the server already keeps (peers online, registrations, coordinations, frames, the relay

@@ -15,32 +15,34 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import address
 from . import engine as engine_mod
 from ._process import raise_fd_limit
 from ._service import Service
-from .address import Address, format_address, parse_address, route_source
+from .address import Address, format_address, route_source
+from .announce import Announcing
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .engine import PunchResult
 from .errors import HolePunchError, PunchError, SignalingError
-from .identity import Identity, default_config_dir
+from .identity import ConfigLock, Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.hops import nat_hops
 from .nat.profile import Allocation, Family, Mapping, NatProfile
 from .punch import Punch
 from .punch_mapping import PunchPortMapping
 from .punch_sequential import AllocationTracker, sequential_side, tracker_for
-from .punchport import PunchPort, candidates, classify_family, probe, reserve_port
+from .punchport import PunchPort, probe
 from .relay_race import direct_or_relay, punch_or_grant
 from .relay_step import peer_relay, reachable_grant
 from .report import ConnectionReport, Route
 from .security import Streams, certificate_for, secure_stream, warm_tls_context
 from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, SignalClient
 from .signal.protocol import ErrorCode
-from .strategy import Candidate, Plan, plan_race
+from .strategy import Plan, plan_race
 from .strategy.candidates import FAMILIES, family_name
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,13 @@ FD_LIMIT = 8192             # the common soft limit of 1024 is too low for sweep
 RESPONDER_TIMEOUT = 30.0    # an incoming session (PUNCH received) ends by then, whatever it was told
 
 
-class Peer(Service):
+def parse_address(value: str | Address, default_port: int = 3478) -> Address:
+    """``"host:port"`` / ``"[v6]:port"`` / ``"host"`` / ``(host, port)`` -> ``(host, port)``:
+    the package's one parser (address.parse_address); AddressError when it is not one."""
+    return address.parse_address(value, default_port=default_port)
+
+
+class Peer(Announcing, Service):
     """A registered peer. See the module docstring; ``connect``/``accept`` give Connections."""
 
     def __init__(
@@ -82,6 +90,7 @@ class Peer(Service):
             raise ValueError(f"families must be among {', '.join(FAMILIES)}, got {families!r}")
         self.config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
         self.identity = identity or Identity.load_or_create(self.config_dir)
+        self._lock = ConfigLock(self.config_dir)
         self.name = name or f"peer-{self.identity.peer_id[:8]}"
         self.engine = engine if isinstance(engine, engine_mod.Engine) else engine_mod.get(engine)
         if relay not in ("builtin", "none") and not relay.startswith("turn:"):
@@ -119,10 +128,6 @@ class Peer(Service):
     def peer_id(self) -> str:
         return self.identity.peer_id
 
-    @property
-    def tcp_profile(self) -> NatProfile:
-        return self.profiles.get("tcp") or NatProfile()
-
     # The server's family's punch port (what a one-family peer had): kept for callers.
     local_ip = property(lambda self: self._port().local_ip)
     local_port = property(lambda self: self._port().port)
@@ -133,6 +138,7 @@ class Peer(Service):
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        self._lock.acquire()        # ConfigDirInUse: one running peer per config dir
         raise_fd_limit(FD_LIMIT)      # sweeps hold up to a few thousand sockets
         if self._primary not in self.families:
             raise ValueError(f"the server {format_address(self.server)} is {self._primary} "
@@ -144,10 +150,21 @@ class Peer(Service):
                 on_change=lambda: self._spawn(self._reannounce(new_port=False)))
             self.port_mapping.probe_task()
         hops = asyncio.ensure_future(asyncio.to_thread(nat_hops, self.server[0], local_ip=local_ip))
-        kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
-        for kind in kinds:    # one after the other: allocation probes must not interleave
-            profile = await classify_nat(self.server, transport=kind, local_ip=local_ip)
-            self.profiles[kind] = profile.evolve(family=Family(self._primary))
+        # Is it our server at all? Asked alongside the classification, whose probes would
+        # otherwise wait out their timeouts against a server of another kind.
+        check = asyncio.ensure_future(self._signal.check_server())
+        classify = asyncio.ensure_future(self._classify(local_ip))
+        try:
+            await asyncio.wait([check, classify], return_when=asyncio.FIRST_EXCEPTION)
+            await check
+            await classify
+        except BaseException:
+            hops.cancel()       # nobody will wait for it (its thread ends on its own)
+            raise
+        finally:
+            for task in (check, classify):
+                task.cancel()
+            await asyncio.gather(check, classify, return_exceptions=True)
         self.family_profiles[self._primary] = self.profiles["tcp"]
         self.ports[self._primary] = PunchPort(self._primary, self.server, local_ip)
         # Our sequential NAT's positions (None for other NATs); NAT routers in front of us.
@@ -165,30 +182,11 @@ class Peer(Service):
         await self.announce()
         self._events = asyncio.create_task(self._dispatch_events())
 
-    async def _add_other_family(self) -> None:
-        """Dual stack: the server named its address in the other family (STUN
-        OTHER-FAMILY-ADDRESS); if we have a route there and its STUN answers, classify that
-        family too and keep a punch port in it. A family the server cannot be reached in
-        (no route, or a blackholed uplink: no answer) is left out, and said so."""
-        server = self.ports[self._primary].other_family
-        fam = family_name(server[0]) if server else ""
-        if server is None or fam not in self.families or fam in self.ports or \
-                (found := await classify_family(server)) is None:
-            return
-        local_ip, self.family_profiles[fam] = found
-        self.ports[fam] = PunchPort(fam, server, local_ip)
-        try:
-            await self._learn_punch_address(fam, new_port=True)
-        except (OSError, HolePunchError) as exc:
-            log.info("%s left out: no STUN answer for its punch port (%s)", fam, exc)
-            self.ports.pop(fam).close()
-            self.family_profiles.pop(fam, None)
-
-    def _all_profiles(self) -> list[NatProfile]:
-        """What we announce: our profiles towards the server's family, and the TCP profile
-        of the other family when we have one."""
-        return [*self.profiles.values(),
-                *(p for f, p in self.family_profiles.items() if f != self._primary)]
+    async def _classify(self, local_ip: str) -> None:
+        kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
+        for kind in kinds:    # one after the other: allocation probes must not interleave
+            profile = await classify_nat(self.server, transport=kind, local_ip=local_ip)
+            self.profiles[kind] = profile.evolve(family=Family(self._primary))
 
     async def close(self) -> None:
         if self._events is not None:
@@ -198,58 +196,15 @@ class Peer(Service):
         await asyncio.gather(*self._tasks, *([self._events] if self._events else []),
                              return_exceptions=True)
         await self._signal.close()
+        while not self._accepted.empty():    # accepted, never handed out: nobody else closes them
+            item = self._accepted.get_nowait()
+            if isinstance(item, Connection):
+                await item.close()
         if self.port_mapping is not None:
             await self.port_mapping.close()
         for pp in self.ports.values():
             pp.close()
-
-    async def announce(self, *, new_port: bool = False) -> None:
-        """Learn and announce our external punch addresses (see ``_learn_punch_address``)
-        and our profiles (a router port mapping shows in the TCP one)."""
-        for fam in list(self.ports):
-            try:
-                await self._learn_punch_address(fam, new_port=new_port)
-            except (OSError, HolePunchError):
-                if fam == self._primary:
-                    raise
-                log.info("%s punch port: no STUN answer; announcing the previous mapping", fam)
-        await self._signal.update(candidates=self._candidates(), profiles=self._all_profiles())
-
-    async def _learn_punch_address(self, family: str, *, new_port: bool) -> None:
-        """STUN over TCP from ``family``'s punch port: what it maps to outside.
-
-        For an endpoint-independent mapping that is where the peer will find us; for a
-        sequential symmetric NAT it is the latest mapping, the base of the peer's prediction.
-        With ``new_port`` a fresh port is probed first and then swapped in together with its
-        mapping, so the port and the announced address always agree. The probe ends with an
-        RST (SO_LINGER 0): a TIME_WAIT would block the next probe from that port.
-        """
-        pp = self.ports[family]
-        async with self._announcing:
-            reservation = (reserve_port(pp.local_ip) if new_port or pp.reservation is None
-                           else None)
-            port = reservation.getsockname()[1] if reservation is not None else pp.port
-            t = time.time()
-            try:
-                result = await probe(pp.server, pp.local_ip, port)
-                if self._tracker is not None and family == self._primary:
-                    self._tracker.observe(t, result.mapped[1], announced=True, took=time.time() - t)
-            except BaseException:
-                if reservation is not None:
-                    reservation.close()
-                raise
-            if reservation is not None:
-                pp.close()
-                pp.reservation, pp.port = reservation, port
-            pp.announced = result.mapped
-            pp.other_family = result.other_family or pp.other_family
-            if self.port_mapping is not None and family == self._primary:
-                await self.port_mapping.follow(pp.port)
-                self.profiles["tcp"] = self.port_mapping.profile(self.tcp_profile)
-                self.family_profiles[family] = self.profiles["tcp"]
-
-    def _candidates(self) -> list[Candidate]:
-        return candidates(self.ports)
+        self._lock.release()
 
     def _predictable_symmetric(self) -> bool:
         p = self.tcp_profile
@@ -284,7 +239,15 @@ class Peer(Service):
             raise item
         return item
 
-    # seed-style names (DESIGN §7)
+    def __aiter__(self) -> AsyncIterator[Connection]:
+        """``async for conn in peer:``: every connection another peer makes to us."""
+        return self._incoming()
+
+    async def _incoming(self) -> AsyncIterator[Connection]:
+        while True:
+            yield await self.accept()
+
+    # seed-style names
     async def connect_to_peer(self, target: str, **kwargs: Any) -> Connection:
         return await self.connect(target, **kwargs)
 
@@ -401,6 +364,7 @@ class Peer(Service):
             (pi, ci), (pr, cr) = (ours, theirs) if instr.role == "initiator" else (theirs, ours)
             plan = plan_race(pi, pr, ci, cr)
         report.set_plan(plan.to_dict())
+        report.tls = not self.insecure_plain
         initiator = instr.role == "initiator"
         start_at = instr.start_at - (self.clock() - time.time())   # into the engine's clock
         if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile

@@ -1,4 +1,4 @@
-"""The punch port's router mapping, for the peer (DESIGN §10): one PortMapper per peer, asked
+"""The punch port's router mapping, for the peer (docs/architecture.md): one PortMapper per peer, asked
 for the gateway on the route to the rendezvous server (none on loopback or on-link: nothing
 is sent), probed while the peer classifies its NAT, following the punch port as it rotates
 (the old port's mapping is given back), and folded into the TCP NAT profile the peer

@@ -1,5 +1,5 @@
 """Our punch port in each address family: reserving it, asking the server what it maps to,
-and the candidates announced from it (DESIGN §9).
+and the candidates announced from it (docs/architecture.md).
 
 A peer keeps one reserved TCP port per family it can reach the server in; STUN over TCP
 from that port tells the server-observed address (the public IPv4 mapping, or the global

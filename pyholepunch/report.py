@@ -232,7 +232,7 @@ class ConnectionReport:
     @property
     def pairs(self) -> list[dict[str, Any]]:
         """Every candidate pair tried: family, step, pair, outcome, time (s) — the race's
-        record (DESIGN §9)."""
+        record (docs/architecture.md)."""
         return [{"family": r.family, "step": r.kind, "local": r.pair[0], "remote": r.pair[1],
                  "outcome": str(r.outcome), "started": r.started, "duration": r.duration}
                 for r in self.steps if r.pair is not None]

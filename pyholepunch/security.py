@@ -1,4 +1,4 @@
-"""End-to-end TLS 1.3 between peers, mutually authenticated and pinned to peer ids (DESIGN §6).
+"""End-to-end TLS 1.3 between peers, mutually authenticated, pinned to peer ids (docs/architecture.md).
 
 Each peer turns its Ed25519 :class:`~pyholepunch.identity.Identity` into a self-signed X.509
 certificate (:func:`certificate_for`) and registers it with the rendezvous server, which
@@ -176,7 +176,7 @@ async def secure_stream(
     initiator: bool,
     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     insecure_plain: bool = False,
-    limit: int = 2 ** 16,
+    limit: int = 2 ** 20,
 ) -> Streams:
     """Run the pinned TLS 1.3 handshake over ``conn``; return asyncio streams of plaintext.
 

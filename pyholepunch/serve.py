@@ -13,28 +13,22 @@ STUN over UDP listens on the same port numbers. Metrics: Prometheus exposition o
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import ctypes
 import functools
 import json
 import logging
-import os
-import signal
 import socket
 import struct
-import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ._process import raise_fd_limit
 from ._service import Service
-from .address import Address, family_of, format_address, parse_address
-from .errors import AddressError, HolePunchError
+from .address import Address, family_of, format_address
+from .errors import HolePunchError
 from .signal.admission import SourceBudget, source_key
-from .signal.auth import make_token
 from .signal.server import ServerConfig, SignalServer
 from .signal.store import open_store
 from .signal.tls import format_fingerprint, load_or_create_credentials
@@ -43,14 +37,6 @@ log = logging.getLogger(__name__)
 RELAY_MAGIC = b"HPR1"
 TRIM_INTERVAL, TRIM_AFTER = 1.0, 256
 TLS_HANDSHAKE = 0x16
-
-
-def _parse_hostport(text: str) -> Address:
-    try:
-        return parse_address(text if not text.startswith(":") else "0.0.0.0" + text,
-                             allow_zero=True)
-    except AddressError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _port_sets(listen: Address | Sequence[Address],
@@ -418,82 +404,3 @@ class Rendezvous(Service):
             pass
         finally:
             writer.close()
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", type=_parse_hostport, action="append", metavar="HOST:PORT",
-                        help="the one address users type (default 0.0.0.0:3478); once per IP "
-                             "family for dual stack, e.g. --listen [2001:db8::10]:3478")
-    parser.add_argument("--alt-ip", metavar="IP", action="append",
-                        help="second address for RFC 5780 STUN; once per IP family")
-    parser.add_argument("--state-dir", metavar="DIR",
-                        help="server certificate and name bindings survive restarts here")
-    parser.add_argument("--token", metavar="SECRET", default=os.environ.get("PYHOLEPUNCH_TOKEN"),
-                        help="require this access token (or one made from it) to register")
-    parser.add_argument("--store", metavar="URL", help="memory (default) or redis://HOST:PORT")
-    parser.add_argument("--metrics-port", type=int, metavar="N",
-                        help="JSON metrics on http://127.0.0.1:N/metrics")
-    parser.add_argument("--metrics", type=_parse_hostport, metavar="HOST:PORT",
-                        help="Prometheus metrics on http://HOST:PORT/metrics (extra [metrics])")
-    parser.add_argument("--punch-margin", type=float, default=ServerConfig.margin, metavar="SECONDS",
-                        help="least time added to the common punch start, before the peers' "
-                             f"measured RTT spread (default {ServerConfig.margin:g})")
-    parser.add_argument("--max-peers", type=int, default=100_000)
-    parser.add_argument("--no-stun", action="store_true", help="do not run the STUN server")
-    parser.add_argument("--no-relay", action="store_true", help="do not run the built-in relay")
-    parser.add_argument("--issue-token", type=float, metavar="SECONDS",
-                        help="print an access token valid this long (made from --token), then exit")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no per-registration/punch INFO lines (warnings only)")
-
-
-async def run(args: argparse.Namespace) -> int:
-    if args.issue_token is not None:
-        if not args.token:
-            print("pyholepunch serve: --issue-token needs --token SECRET", file=sys.stderr)  # noqa: T201
-            return 2
-        print(make_token(args.token, time.time() + args.issue_token))  # noqa: T201
-        return 0
-    if args.quiet:
-        logging.getLogger("pyholepunch").setLevel(logging.WARNING)
-    elif getattr(args, "verbose", 0) == 0:
-        logging.getLogger("pyholepunch").setLevel(logging.INFO)   # one line per registration/punch
-    cfg = ServerConfig(margin=args.punch_margin, max_peers=args.max_peers)
-    app = Rendezvous(args.listen or [("0.0.0.0", 3478)], alt_ip=args.alt_ip,
-                     state_dir=args.state_dir, token=args.token, store=args.store,
-                     metrics_port=args.metrics_port, metrics=args.metrics, config=cfg,
-                     stun=not args.no_stun, relay=not args.no_relay)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with app:
-        parts = "TLS signaling" + (", STUN" if app.stun else "") + (", relay" if app.relay_hub else "")
-        where = " and ".join(format_address(a) for a in app.addresses)
-        print(f"pyholepunch serve on {where} ({parts} on one port)", flush=True)  # noqa: T201
-        print(f"server fingerprint sha256 {app.fingerprint}", flush=True)  # noqa: T201
-        if app.metrics_port is not None:
-            print(f"metrics http://127.0.0.1:{app.metrics_port}/metrics", flush=True)  # noqa: T201
-        if app.prometheus_address is not None:
-            mhost, mport = app.prometheus_address
-            print(f"prometheus metrics http://{mhost}:{mport}/metrics", flush=True)  # noqa: T201
-        await stop.wait()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pyholepunch.serve``: the same command without the other sub-commands."""
-    parser = argparse.ArgumentParser(prog="pyholepunch serve", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    configure(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    try:
-        return asyncio.run(run(args))
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -140,7 +140,7 @@ def test_the_table_allows_what_the_design_says() -> None:
     assert _layers.allowed("relay.turn", "signal.protocol")
     assert not _layers.allowed("lab.lab", "stun.codec")
     assert _layers.allowed("lab.lab", "errors")
-    assert _layers.allowed("nat.cli", "nat.classify") and _layers.part_of("nat.cli").name == "Face"
+    assert _layers.allowed("cli.nat", "nat.classify") and _layers.part_of("cli.nat").name == "Face"
     assert not _layers.allowed("peer", "cli")
 
 

@@ -1,4 +1,4 @@
-"""The NAT lab: real Linux NATs of eight behaviours in network namespaces (DESIGN.md §8).
+"""The NAT lab: real Linux NATs of eight behaviours in network namespaces (docs/lab.md).
 
     from pyholepunch.lab import Lab, NAT_TYPES
     with Lab(a="port-restricted", b="symmetric-seq", rtt_ms=40) as lab:

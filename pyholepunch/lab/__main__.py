@@ -5,9 +5,9 @@ import argparse
 import logging
 import sys
 
+from ..cli import lab as cli
+from ..cli.lab import _say
 from ..errors import LabError
-from . import cli
-from .cli import _say
 
 
 def main(argv: list[str] | None = None) -> int:

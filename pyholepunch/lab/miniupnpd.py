@@ -1,5 +1,5 @@
 """A UPnP IGD / NAT-PMP / PCP router in the lab: Debian's miniupnpd (2.3.1, nftables build)
-on a NAT node (DESIGN.md §8, shared/portmap-lab.md).
+on a NAT node (docs/lab.md).
 
 miniupnpd creates no nftables tables itself: the lab gives it ``table inet miniupnpd`` with a
 forward chain (priority filter - 5) and a prerouting nat chain at dstnat - 10 (the first nat

@@ -1,4 +1,4 @@
-"""nftables rulesets for the lab's NAT routers, one behaviour per type (DESIGN.md §8), and for
+"""nftables rulesets for the lab's NAT routers, one behaviour per type (docs/lab.md), and for
 the IPv6 behaviour of each side's uplink (no NAT on IPv6: open, a stateful firewall, a
 blackhole).
 
@@ -35,7 +35,7 @@ MAP_TIMEOUT_S = {"tcp": 600, "udp": 180}
 
 @dataclass(frozen=True)
 class TypeRow:
-    """What DESIGN.md §8 promises for one type; `lab verify` checks measurements against it."""
+    """What docs/lab.md promises for one type; `lab verify` checks measurements against it."""
 
     mapping: str          # "public" | "endpoint-independent" | "address-and-port-dependent"
     allocation: str       # "public" | "preserving" | "sequential" | "random"

@@ -1,5 +1,5 @@
 """`lab verify`: measure each NAT type's real behaviour from inside the lab and compare it with
-its row in DESIGN.md §8.
+its row in docs/lab.md (the NAT types table).
 
 Deliberately independent of the project's STUN code (which is tested against this): a tiny
 probe server of its own (plain sockets made inside the server namespace) tells a client its

@@ -25,12 +25,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from ..address import Address
+from ..address import Address, parse_address
 from ..stun.codec import ConnectBack
 from .profile import Allocation, Filtering, Mapping, NatProfile, SynResponse, Transport
 
 log = logging.getLogger(__name__)
 
+STUN_PORT = 3478
 ALLOCATION_PROBES = 5
 MAX_SEQUENTIAL_DELTA = 64
 
@@ -257,10 +258,13 @@ def _fmt(addr: Address) -> str:
 
 # --- the driver ---------------------------------------------------------------------------
 
-async def classify_nat(server: Address, *, transport: str = "udp", local_ip: str | None = None,
-                       alt_server: Address | None = None, timeout: float = 3.0,
+async def classify_nat(server: Address | str, *, transport: str = "udp", local_ip: str | None = None,
+                       alt_server: Address | str | None = None, timeout: float = 3.0,
                        allocation_probes: int = ALLOCATION_PROBES) -> NatProfile:
     """Classify the NAT between this host and ``server`` for one transport (udp | tcp).
+
+    ``server`` and ``alt_server`` take the forms ``Peer`` takes: ``"host:port"``,
+    ``"[v6]:port"``, ``"host"`` (port 3478) or a ``(host, port)`` tuple; AddressError if not.
 
     ``timeout`` bounds the first contact with the server; later probes wait in proportion
     to the measured RTT. Never raises for network trouble: an unreachable server gives a
@@ -269,6 +273,9 @@ async def classify_nat(server: Address, *, transport: str = "udp", local_ip: str
     from . import probe  # the I/O half
 
     kind = Transport(transport)
+    server = parse_address(server, default_port=STUN_PORT)
+    if alt_server is not None:
+        alt_server = parse_address(alt_server, default_port=STUN_PORT)
     obs = Observations(kind, server, alt_server=alt_server)
     try:
         if kind is Transport.UDP:
@@ -284,7 +291,7 @@ async def classify_nat(server: Address, *, transport: str = "udp", local_ip: str
     return profile
 
 
-async def classify_both(server: Address, **kwargs: object) -> dict[str, NatProfile]:
+async def classify_both(server: Address | str, **kwargs: object) -> dict[str, NatProfile]:
     """UDP then TCP (one after the other, so allocation probes never interleave)."""
     out: dict[str, NatProfile] = {}
     for kind in ("udp", "tcp"):

@@ -57,7 +57,13 @@ def _answer(sock: socket.socket, deadline: float) -> tuple[int, str] | None:
 
 def nat_hops(server_ip: str, *, local_ip: str = "0.0.0.0", max_hops: int = MAX_HOPS,
              hop_timeout: float = HOP_TIMEOUT) -> int | None:
-    """The routers between us and ``server_ip`` that answer from inside addresses (our NATs)."""
+    """The routers between us and ``server_ip`` that answer from inside addresses (our NATs).
+
+    None towards an IPv6 server: IPv6 has no NAT to count, and the low-TTL step is IPv4's
+    (a hop-limit-expired SYN does not end an IPv6 connect, so the step cannot re-arm there).
+    """
+    if ":" in server_ip:
+        return None
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         sock.setblocking(False)

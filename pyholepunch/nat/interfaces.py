@@ -1,5 +1,5 @@
 """This host's interface addresses (Linux, standard library only): the candidates a peer
-announces besides its server-observed mappings (DESIGN §9).
+announces besides its server-observed mappings (docs/architecture.md).
 
 IPv4: one address per interface (SIOCGIFADDR); IPv6: every address in /proc/net/if_inet6.
 Loopback and link-local addresses are left out (no remote peer can dial them); so is

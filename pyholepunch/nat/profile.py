@@ -78,7 +78,7 @@ class NatProfile:
     not_learned: tuple[str, ...] = ()            # findings that could not be measured, with why
     server: str = ""                             # what it was measured against
     family: Family = Family.IPV4
-    # A router port mapping of the punch port (NAT-PMP/PCP/UPnP, DESIGN §10): the external
+    # A router port mapping of the punch port (NAT-PMP/PCP/UPnP, docs/architecture.md): the external
     # address anyone can dial, and the protocol that made it ("PCP", "NAT-PMP", "UPnP").
     port_mapping: tuple[str, int] | None = None
     mapped_by: str = ""

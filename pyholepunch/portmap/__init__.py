@@ -1,4 +1,4 @@
-"""Router port mapping (DESIGN.md §10): NAT-PMP (RFC 6886), PCP (RFC 6887) and UPnP IGD v1/v2.
+"""Router port mapping (docs/architecture.md): NAT-PMP (RFC 6886), PCP (RFC 6887) and UPnP IGD v1/v2.
 
 Sans-IO codecs (``natpmp``, ``pcp``, ``upnp``), the epoch rule (``epoch``), and an asyncio
 driver (``client.PortMapper``) that probes all three at once, maps a port with the first that

@@ -1,4 +1,4 @@
-"""Rendezvous signaling (DESIGN.md §4, §6).
+"""Rendezvous signaling (docs/protocol.md).
 
 - ``protocol``: the wire format (length-prefixed msgpack frames) and message types, sans-IO
 - ``machine``: the shared sans-IO state machine, NTP-style clock estimation, the common start time

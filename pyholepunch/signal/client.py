@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import secrets
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ from .protocol import (
 from .tls import KNOWN_SERVERS, KnownServers, client_context, parse_fingerprint, verify_server
 
 log = logging.getLogger(__name__)
+CHECK_FLOOR = 1.0           # check_server: seconds a loaded server may take, plus...
+CHECK_RTTS = 8.0            # ...this many round trips (TLS 1.3 and HELLO need about two)
+NOT_A_SERVER = -1           # SignalingError.code: no server of ours at that address (local)
 NO_RETRY = {ErrorCode.BAD_SIGNATURE, ErrorCode.NAME_TAKEN, ErrorCode.TOKEN_REQUIRED,
             ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.BAD_NAME,
             ErrorCode.REPLACED, ErrorCode.VERSION}
@@ -260,6 +264,56 @@ class SignalClient:
         self._writer.write(self._conn.send(msg))
 
     # -- connection --------------------------------------------------------------------------
+    async def check_server(self, *, floor: float = CHECK_FLOOR, rtts: float = CHECK_RTTS) -> float:
+        """Is a pyholepunch rendezvous server at ``server``? Returns the RTT it answered in.
+
+        The TCP connect takes one round trip: that measures the RTT. A pyholepunch server
+        then completes TLS and sends HELLO within a few more; so the whole check is bounded
+        by ``floor + rtts * RTT`` (at most ``connect_timeout``), and anything else — no TLS,
+        another protocol, silence, a TLS server that says nothing — fails here with a
+        SignalingError (code ``NOT_A_SERVER``) naming what was seen, instead of a timeout
+        much later. The certificate is checked like any connection's (pin or known servers).
+        """
+        host, port = self.server
+        where = f"{host}:{port}"
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                                self.connect_timeout)
+        rtt = loop.time() - t0
+        budget = min(self.connect_timeout, floor + rtts * rtt)
+        what = "nothing"
+        try:
+            async with asyncio.timeout(budget):
+                what = "no TLS handshake"
+                await writer.start_tls(client_context(), server_hostname=host,
+                                       ssl_handshake_timeout=budget)
+                ssl_obj = writer.get_extra_info("ssl_object")
+                verify_server(ssl_obj.getpeercert(binary_form=True) if ssl_obj else None,
+                              host, port, pin=self._pin, known=self._known)
+                what = "no HELLO after the TLS handshake"
+                conn = SignalConnection(Role.CLIENT, max_frame=self.max_frame)
+                while True:
+                    data = await reader.read(65536)
+                    for msg in conn.receive_data(data):
+                        if isinstance(msg, Hello):
+                            return rtt
+                        if isinstance(msg, ConnectionClosed):
+                            what = (f"it closed the connection ({msg.error.reason})" if msg.error
+                                    else "it closed the connection before HELLO")
+                            raise ConnectionError(what)
+        except TimeoutError:
+            what = f"{what} within {budget:.2f} s (RTT {rtt * 1e3:.1f} ms)"
+        except (ssl.SSLError, ConnectionError, ProtocolError) as exc:
+            if what == "no TLS handshake":
+                what = f"its answer is not TLS ({exc})"
+            elif not isinstance(exc, ConnectionError) or str(exc) != what:
+                what = f"{what}: {exc}"
+        finally:
+            writer.transport.abort()
+        raise SignalingError(f"{where} is not a pyholepunch rendezvous server: {what}",
+                             code=NOT_A_SERVER)
+
     async def _connect_once(self) -> asyncio.StreamReader:
         host, port = self.server
         reader, writer = await asyncio.wait_for(

@@ -131,12 +131,14 @@ def check_candidates(value: Any, *, allow_loopback: bool = True) -> list[list[An
     ``[ip, port]`` pairs are read and extended, so everything past this check sees one
     form): at most MAX_CANDIDATES, MAX_CANDIDATES_PER_FAMILY per family, each an address a
     remote peer could really dial (``unusable_peer_ip``), loopback only when
-    ``allow_loopback`` (the server allows it only from a peer on its own host). Duplicate
-    addresses are dropped; ValueError names what is wrong."""
+    ``allow_loopback`` (the server allows it only from a peer on its own host). Exact
+    duplicates are dropped; one address under two origins stays (a peer without NAT has its
+    host address as its public one, and the LAN step looks for the host one); ValueError
+    names what is wrong."""
     if not isinstance(value, (list, tuple)) or len(value) > MAX_CANDIDATES:
         raise ValueError(f"at most {MAX_CANDIDATES} candidates")
     out: list[list[Any]] = []
-    seen: set[tuple[str, int]] = set()
+    seen: set[tuple[str, int, str]] = set()
     per_family: dict[str, int] = {}
     for c in parse_candidates(value):
         why = unusable_peer_ip(c.ip)
@@ -145,8 +147,8 @@ def check_candidates(value: Any, *, allow_loopback: bool = True) -> list[list[An
         per_family[c.family] = per_family.get(c.family, 0) + 1
         if per_family[c.family] > MAX_CANDIDATES_PER_FAMILY:
             raise ValueError(f"more than {MAX_CANDIDATES_PER_FAMILY} {c.family} candidates")
-        if c.address not in seen:
-            seen.add(c.address)
+        if (c.ip, c.port, c.origin) not in seen:
+            seen.add((c.ip, c.port, c.origin))
             out.append(c.to_wire())
     return out
 

@@ -1,4 +1,4 @@
-"""Punch strategy: from two TCP NAT profiles to an ordered plan of steps (DESIGN.md §5).
+"""Punch strategy: from two TCP NAT profiles to an ordered plan of steps (docs/architecture.md, "Strategy").
 
 Pure and deterministic: no sockets, no clock, no randomness. The rendezvous server calls
 :func:`plan` once per CONNECT and sends ``plan.to_dict()`` to both peers inside PUNCH, so both
@@ -21,7 +21,7 @@ Steps in the same ``parallel`` group may run at the same time (each on its own l
 the first success wins and the others are abandoned. Running them one after another instead
 is always correct, only slower. :func:`plan` emits no groups today (see the LAN step).
 
-Dual stack (DESIGN §9): :func:`plan_race` plans each address family both peers can be
+Dual stack (docs/architecture.md): :func:`plan_race` plans each address family both peers can be
 dialled in (strategy/candidates.py) with :func:`plan` and tags the steps with the family;
 the families run as lanes of an RFC 8305 race, IPv6 first, IPv4 ``race_delay`` later.
 

@@ -12,12 +12,12 @@ import logging
 import signal
 import sys
 
-from ..address import parse_address
+from ..address import Address, parse_address
 from ..errors import AddressError
 from .server import StunServer
 
 
-def _listen_address(text: str) -> tuple[str, int]:
+def _listen_address(text: str) -> Address:
     try:
         return parse_address(text, default_port=3478, allow_zero=True)
     except AddressError as exc:

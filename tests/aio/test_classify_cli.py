@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyholepunch.nat import cli as nat_cli
-from pyholepunch.nat.cli import parse_hostport
+from pyholepunch.cli import nat as nat_cli
+from pyholepunch.cli.args import address
 
 
 def main(argv: list[str]) -> int:
@@ -59,7 +59,7 @@ def test_json_has_a_profile_per_family_against_a_dual_stack_server(
         capsys: pytest.CaptureFixture[str]) -> None:
     """Given the IPv4 address of a dual-stack `serve`, nat-type learns its IPv6 address from
     the server (OTHER-FAMILY-ADDRESS) and classifies both families."""
-    proc = subprocess.Popen([sys.executable, "-m", "pyholepunch.serve", "--listen", "127.0.0.1:0",
+    proc = subprocess.Popen([sys.executable, "-m", "pyholepunch", "serve", "--listen", "127.0.0.1:0",
                              "--listen", "[::1]:0", "--no-relay", "--quiet"],
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -99,6 +99,7 @@ def test_unreachable_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_parse_hostport() -> None:
+    parse_hostport = address(3478)
     assert parse_hostport("example.org") == ("example.org", 3478)
     assert parse_hostport("1.2.3.4:5") == ("1.2.3.4", 5)
     assert parse_hostport("[2001:db8::1]:99") == ("2001:db8::1", 99)

@@ -226,7 +226,7 @@ def test_a_peer_refuses_unknown_families(tmp_path: Path) -> None:
 def test_serve_listen_text_takes_bracketed_ipv6_and_names_the_form_otherwise() -> None:
     import argparse
 
-    from pyholepunch.serve import _parse_hostport
+    from pyholepunch.cli.serve import _parse_hostport
     assert _parse_hostport("[2001:db8::10]:3478") == ("2001:db8::10", 3478)
     assert _parse_hostport(":3478") == ("0.0.0.0", 3478)
     with pytest.raises(argparse.ArgumentTypeError, match=r"needs brackets.*\[2001:db8::10\]:3478"):

@@ -122,7 +122,7 @@ def test_cli_serve_process(tmp_path: Path) -> None:
     """The real command: prints address + fingerprint, writes the state dir, stops on SIGTERM."""
     state = tmp_path / "state"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyholepunch.serve", "--listen", "127.0.0.1:0",
+        [sys.executable, "-m", "pyholepunch", "serve", "--listen", "127.0.0.1:0",
          "--state-dir", str(state), "--metrics-port", "0", "--token", "s3cret"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -141,7 +141,7 @@ def test_cli_serve_process(tmp_path: Path) -> None:
                 await c.start()
             assert getattr(e.value, "code", None) == ErrorCode.TOKEN_REQUIRED
             issued = subprocess.run(
-                [sys.executable, "-m", "pyholepunch.serve", "--token", "s3cret", "--issue-token", "60"],
+                [sys.executable, "-m", "pyholepunch", "serve", "--token", "s3cret", "--issue-token", "60"],
                 capture_output=True, text=True, check=True, timeout=30).stdout.strip()
             assert issued.startswith("hp1.")
             async with SignalClient(("127.0.0.1", port), Identity.generate(), name="zed",

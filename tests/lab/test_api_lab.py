@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pyholepunch._process import OutputLines, stop_processes
-from pyholepunch.demo import PORT
+from pyholepunch.cli.demo import PORT
 from pyholepunch.lab import Lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(180)]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pyholepunch.demo import run_pair
+from pyholepunch.cli.demo import run_pair
 from pyholepunch.lab import Lab
 from pyholepunch.lab.background import host_ip
 

@@ -175,12 +175,12 @@ def test_cli_json_under_40ms_rtt() -> None:
                                 f"{lab.server_ip}:{OUR_PORT}", "--json"], timeout=30)
             assert out.returncode == 0, out.stderr
             doc = json.loads(out.stdout)
-            assert doc["schema"] == 1
+            assert doc["schema"] == 2
             for transport in ("udp", "tcp"):
-                p = NatProfile.from_dict(doc["profiles"][transport])
+                p = NatProfile.from_dict(doc["profiles"]["ipv4"][transport])
                 assert p.label == "symmetric (sequential +1)", doc
                 assert p.public_ips == (lab.public_ip("a"),) and p.not_learned == ()
-            assert doc["profiles"]["tcp"]["unsolicited_syn"] == "drop"
+            assert doc["profiles"]["ipv4"]["tcp"]["unsolicited_syn"] == "drop"
 
 
 @pytest.mark.parametrize("nat", ["symmetric-seq", "port-restricted-rst"])

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from pyholepunch.address import format_address
-from pyholepunch.demo import PORT, run_pair
+from pyholepunch.cli.demo import PORT, run_pair
 from pyholepunch.lab import Lab
 from pyholepunch.strategy import NO_COMMON_FAMILY
 

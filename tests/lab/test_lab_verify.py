@@ -1,4 +1,4 @@
-"""`lab verify`: every type measures as its DESIGN.md §8 row, and a wrong row is caught."""
+"""`lab verify`: every type measures as its docs/lab.md row, and a wrong row is caught."""
 from __future__ import annotations
 
 import json

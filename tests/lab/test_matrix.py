@@ -24,7 +24,7 @@ import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pyholepunch.demo import run_pair
+from pyholepunch.cli.demo import run_pair
 from pyholepunch.lab import NAT_TYPES, Lab
 from pyholepunch.report import load_schema
 

@@ -312,14 +312,14 @@ def test_nat_type_says_via_which_protocol(lab: Lab) -> None:
     out = lab.run("a", argv, timeout=30)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    tcp = doc["profiles"]["tcp"]
+    tcp = doc["profiles"]["ipv4"]["tcp"]
     assert tcp["mapped_by"] == "PCP" and tcp["label"] == "port-restricted (preserving) via PCP", tcp
     assert tcp["port_mapping"][0] == lab.public_ip("a")
     assert doc["portmap"] == {"gateway": "10.0.1.1", "available": ["pcp", "nat-pmp", "upnp"],
                               "mapped_by": "PCP"}
     assert lab.router("a").redirects() == []
     off = json.loads(lab.run("a", argv + ["--no-portmap"], timeout=30).stdout)
-    assert off["portmap"] is None and off["profiles"]["tcp"]["port_mapping"] is None
+    assert off["portmap"] is None and off["profiles"]["ipv4"]["tcp"]["port_mapping"] is None
 
 
 def _enable_ipv6(lab: Lab) -> tuple[str, str]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pyholepunch._process import OutputLines
-from pyholepunch.demo import run_pair
+from pyholepunch.cli.demo import run_pair
 from pyholepunch.errors import PortMapUnavailable
 from pyholepunch.lab import Lab
 from pyholepunch.portmap import PortMapper

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pyholepunch.demo import run_pair
+from pyholepunch.cli.demo import run_pair
 from pyholepunch.lab import Lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(os.geteuid() != 0, reason="the NAT lab needs root")]

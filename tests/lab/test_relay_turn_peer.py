@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pyholepunch.demo import PORT, run_pair
+from pyholepunch.cli.demo import PORT, run_pair
 from tests.coturn import CoturnConfig, wait_listening
 
 pytestmark = [

@@ -39,8 +39,10 @@ def test_unusable_candidates_are_refused(host: str, why: str) -> None:
 
 def test_candidate_counts_families_and_duplicates() -> None:
     assert check_candidates([["127.0.0.1", 1]]) == [["127.0.0.1", 1, "ipv4", "", "stun"]]
-    assert check_candidates([["10.0.0.1", 1], ("10.0.0.1", 1)]) == [
-        ["10.0.0.1", 1, "ipv4", "", "stun"]]                 # a v1 pair, extended; no duplicate
+    assert check_candidates([["10.0.0.1", 1], ("10.0.0.1", 1)]) == [   # v1 pairs, extended:
+        ["10.0.0.1", 1, "ipv4", "", "stun"], ["10.0.0.1", 1, "ipv4", "", "host"]]  # 2 origins
+    dup = ["10.0.0.1", 1, "ipv4", "", "host"]
+    assert check_candidates([dup, dup, list(dup)]) == [dup]          # exact duplicates dropped
     full = ["2001:db8::1", 7, "ipv6", "eth0", "host"]
     assert check_candidates([full]) == [full]
     v4 = [(f"198.51.100.{i}", 1000) for i in range(MAX_CANDIDATES_PER_FAMILY + 1)]

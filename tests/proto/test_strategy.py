@@ -17,7 +17,7 @@ from pyholepunch.strategy import Action, PortChoice, StepKind, Target
 EIM, APDM = Mapping.ENDPOINT_INDEPENDENT, Mapping.ADDRESS_AND_PORT_DEPENDENT
 APDF = Filtering.ADDRESS_AND_PORT_DEPENDENT
 
-# Ground-truth TCP profile of each lab type (DESIGN.md §8).
+# Ground-truth TCP profile of each lab type (docs/lab.md).
 LAB: dict[str, NatProfile] = {
     "none": NatProfile(mapping=Mapping.NONE, filtering=Filtering.NONE,
                        allocation=Allocation.PRESERVING, unsolicited_syn=SynResponse.ACCEPT,

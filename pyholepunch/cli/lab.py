@@ -16,8 +16,8 @@ import sys
 import threading
 from typing import Any
 
-from . import state
-from .nat import NAT_TYPES, V4_TYPES, V6_BEHAVIOURS
+from ..lab import state
+from ..lab.nat import NAT_TYPES, V4_TYPES, V6_BEHAVIOURS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -67,7 +67,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("name", nargs="?")
     g.add_argument("--all-mine", action="store_true",
                    help="remove every hpl* lab whose owning process is gone")
-    ver = sub.add_parser("verify", help="measure every NAT type and compare with DESIGN.md §8")
+    ver = sub.add_parser("verify", help="measure every NAT type and compare with the table in docs/lab.md")
     ver.add_argument("--type", action="append", choices=NAT_TYPES, dest="types",
                      help="only this type (repeatable); default: all eight")
     ver.add_argument("--v6", action="append", choices=V6_BEHAVIOURS, dest="v6",
@@ -82,7 +82,7 @@ class _Stop(Exception):
 
 
 def _up(args: argparse.Namespace) -> int:
-    from .lab import Lab
+    from ..lab import Lab
 
     lab = Lab(a=args.a, b=args.b, rtt_ms=args.rtt_ms, jitter_ms=args.jitter_ms, loss_pct=args.loss,
               same_nat=args.same_nat, hairpin=args.hairpin, conntrack=dict(args.conntrack),
@@ -160,7 +160,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from . import _ns, verify, verify6
+    from ..lab import _ns, verify, verify6
 
     _ns.require_support()
     results = [] if args.v6 and not args.types else verify.verify(args.types)

@@ -18,47 +18,22 @@ from typing import Any
 
 from ..address import Address, format_address
 from ..errors import HolePunchError
-from .classify import classify_nat
-from .profile import Family, NatProfile
+from ..nat.classify import classify_nat
+from ..nat.profile import Family, NatProfile
+from .args import address, positive_float
 
 SCHEMA_VERSION = 2           # 2: profiles per address family, then per transport
 
 
-def parse_hostport(text: str, default_port: int = 3478, *, allow_zero: bool = False) -> Address:
-    """HOST, HOST:PORT or [V6]:PORT -> (host, port); argparse-friendly errors."""
-    host, port = text, default_port
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise argparse.ArgumentTypeError(f"bad address {text!r}: missing ']'")
-        host, rest = text[1:end], text[end + 1:]
-        if rest:
-            if not rest.startswith(":"):
-                raise argparse.ArgumentTypeError(f"bad address {text!r}")
-            port = _port(rest[1:], text, allow_zero)
-    elif text.count(":") == 1:
-        host, p = text.split(":")
-        port = _port(p, text, allow_zero)
-    if not host:
-        raise argparse.ArgumentTypeError(f"bad address {text!r}: no host")
-    return (host, port)
-
-
-def _port(p: str, text: str, allow_zero: bool) -> int:
-    if not p.isdigit() or not (0 if allow_zero else 1) <= int(p) <= 65535:
-        raise argparse.ArgumentTypeError(f"bad port in {text!r}")
-    return int(p)
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", required=True, type=parse_hostport, metavar="HOST:PORT",
+    parser.add_argument("--server", required=True, type=address(3478), metavar="HOST:PORT",
                         help="STUN server (RFC 5780 with --alt-ip gives the full picture)")
-    parser.add_argument("--alt-server", type=parse_hostport, metavar="HOST:PORT",
+    parser.add_argument("--alt-server", type=address(3478), metavar="HOST:PORT",
                         help="a second plain STUN server on another IP, for the mapping test "
                              "when the first server has no alternate address")
     parser.add_argument("--transport", choices=("udp", "tcp", "both"), default="both")
     parser.add_argument("--local-ip", help="local address to probe from (default: the route's)")
-    parser.add_argument("--timeout", type=float, default=3.0,
+    parser.add_argument("--timeout", type=positive_float, default=3.0,
                         help="seconds to wait for the server's first answer (default 3)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--no-portmap", action="store_true",

@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._process import OutputLines, stop_processes
-from .address import format_address
-from .errors import LabError, ProcessError
-from .lab.nat import NAT_TYPES
+from .._process import OutputLines, stop_processes
+from ..address import format_address
+from ..errors import LabError, ProcessError
+from ..lab.nat import NAT_TYPES
+from .args import positive_float
 
 PORT = 3478
 METRICS_PORT = 9464      # `serve --metrics` inside the server's namespace (run_pair's server_metrics)
@@ -38,7 +39,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtt-ms", type=float, default=40.0, help="round trip across the lab")
     p.add_argument("--engine", choices=("native", "pure"), help="punching engine (default: best)")
     p.add_argument("--loopback", action="store_true", help="skip the lab: run on loopback")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds for each stage")
+    p.add_argument("--timeout", type=positive_float, default=30.0, help="seconds for each stage")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -56,7 +57,7 @@ class Progress:
 def _environment(args: argparse.Namespace, progress: Progress
                  ) -> Iterator[tuple[Spawner, str, str, dict[str, Any]]]:
     """(spawn(node, argv), server ip, alt ip, description) for the lab or for loopback."""
-    from . import lab as lab_mod
+    from .. import lab as lab_mod
 
     blocker = None if args.loopback else lab_mod.unavailable()
     if args.loopback or blocker:
@@ -163,7 +164,7 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
     progress("peer b: classifying its NAT and registering as 'bob' (`pyholepunch listen --echo`)")
     bob = spawn("b", _cli("listen", *server_b, *common, *listen_args, "--name", "bob", "--echo",
                           "--once",
-                          "--config-dir", str(work / "bob"), "--json", str(work / "bob.json")),
+                          "--config-dir", str(work / "bob"), "--json-file", str(work / "bob.json")),
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     procs.append(bob)
     OutputLines(bob, "stderr", "peer b").wait_for("listening as", timeout)
@@ -171,7 +172,7 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
     progress("peer a: classifying its NAT, registering as 'alice' and connecting to 'bob'")
     t = time.monotonic()
     alice = spawn("a", _cli("connect", *server_a, *common, *connect_args, "--name", "alice", "bob",
-                            "--config-dir", str(work / "alice"), "--json", str(work / "alice.json"),
+                            "--config-dir", str(work / "alice"), "--json-file", str(work / "alice.json"),
                             "--timeout", str(timeout)),
                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     procs.append(alice)

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 from ..address import Address, parse_address
+from ..api import DEFAULT_LISTEN
 from ..errors import AddressError, ApiSetupError
 from ..identity import default_config_dir
-from ..peer_cli import add_peer_options, peer_from_args
-from . import DEFAULT_LISTEN
+from .peer import add_peer_options, peer_from_args
 
 
 def _listen(text: str) -> Address:
@@ -44,12 +44,12 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     try:
-        from .app import ApiServer
+        from ..api.app import ApiServer
     except ImportError as exc:
         print(f"pyholepunch api needs the [api] extra ({exc}): pip install 'pyholepunch[api]'",
               file=sys.stderr)
         return 3
-    from .auth import TOKEN_FILE, check_listen, load_or_create_token
+    from ..api.auth import TOKEN_FILE, check_listen, load_or_create_token
 
     try:
         check_listen(args.listen, args.token_file is not None)
