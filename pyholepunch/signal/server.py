@@ -43,8 +43,8 @@ class ServerConfig:
     rate: float = 50.0                   # messages/s per peer, sustained
     burst: float = 100.0
     # PUNCHes delivered to one target, whoever sends them (a victim is not flooded by many).
-    punch_rate: float = 2.0
-    punch_burst: float = 10.0
+    punch_rate: float = 20.0
+    punch_burst: float = 40.0
     max_rtt: float = 3.0                 # a ping round trip longer than this is no sample
     # Loopback candidates: None = accepted only from peers connected over loopback (the
     # server's own host: tests, the loopback demo); False/True = never/always.
