@@ -34,7 +34,7 @@ from .nat.hops import nat_hops
 from .nat.profile import Allocation, Family, Mapping, NatProfile
 from .punch import Punch
 from .punch_mapping import PunchPortMapping
-from .punch_sequential import AllocationTracker, sequential_side, tracker_for
+from .punch_sequential import AllocationTracker, sequential_side, stale, tracker_for
 from .punchport import PunchPort, probe
 from .relay_race import direct_or_relay, punch_or_grant
 from .relay_step import peer_relay, reachable_grant
@@ -218,7 +218,7 @@ class Peer(Announcing, Service):
         self.last_report = report
         try:
             async with asyncio.timeout(timeout):
-                if self._predictable_symmetric():
+                if self._predictable_symmetric() and stale(self._tracker, time.time()):
                     await self.announce()   # the prediction needs our latest mapping
                 async with self._announcing:    # a port rotation in flight ends first
                     ports, candidates = self._lane_ends(), self._candidates()

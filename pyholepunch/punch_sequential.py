@@ -20,8 +20,21 @@ from .nat.profile import Allocation, Mapping, NatProfile
 from .strategy import RoleInstruction
 from .strategy.sequential import AllocationTracker, mutual_targets, window
 
-__all__ = ["AllocationTracker", "SequentialSide", "sequential_side", "tracker_for"]
+__all__ = ["AllocationTracker", "SequentialSide", "sequential_side", "stale", "tracker_for"]
 log = logging.getLogger(__name__)
+
+# An announcement younger than this is the prediction base as it is: a CONNECT goes out at
+# once. An older one is learned again first (a STUN probe over TCP: 2 RTT before CONNECT, the
+# most of a predict-sweep's time to connect over a cone's, issue 18). Other hosts' flows in the
+# meantime are the drift the sweeps absorb: at 50 flows/s, ~50 of the cone's 7 x count spare
+# targets, ~as a responder's announcement ages between sessions.
+FRESH_S = 1.0
+
+
+def stale(tracker: AllocationTracker | None, now: float) -> bool:
+    """Should a sequential initiator re-learn its mapping before CONNECT? (``tracker``: its
+    NAT's positions; None, or no announcement yet: yes.)"""
+    return tracker is None or tracker.announced is None or now - tracker.announced.at > FRESH_S
 
 
 @dataclass
