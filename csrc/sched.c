@@ -283,13 +283,17 @@ static int hp_sched_flush(hp_sched_t *s, int wait)
 
 static void hp_sched_finish(hp_sched_t *s, hp_sched_punch_t *p, int rc, int fd)
 {
+    hp_sched_post(s, p, rc, fd);
+    /* A winner reaches its caller before the losers are closed (a birthday sweep's 1023
+     * closes took milliseconds of the time to connect); a busy lock only defers it. */
+    if (fd >= 0)
+        hp_sched_flush(s, 0);
     if (p->begun) {
         hp_punch_end(&p->p); /* closes its epoll fd: it leaves the scheduler's set */
         hp_hash_del(s, p);
         s->tab[p->slot] = NULL;
         s->free_slots[s->nfree++] = p->slot;
     }
-    hp_sched_post(s, p, rc, fd);
     hp_sched_free_punch(p);
 }
 

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import select
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -25,6 +26,7 @@ from typing import Any
 from .address import Address, family_of, format_address
 from .engine import Engine, PunchResult, PunchStats
 from .engine._base import count_failure
+from .engine._pure_sock import close_all, reuse_socket, start_connect
 from .errors import PunchError, PunchTimeout
 from .nat.profile import NatProfile
 from .punch_sequential import SequentialSide
@@ -414,38 +416,42 @@ async def follow(ip: str, pairs: list[tuple[int, Address]], peer_ips: set[str], 
     loop = asyncio.get_running_loop()
     stats = PunchStats()
     socks: dict[int, socket.socket] = {}
+    ready: list[socket.socket] = []
     found: asyncio.Future[socket.socket] = loop.create_future()
+    # The sockets wait in an epoll set of their own, one reader on the loop: closing the set
+    # drops them all at once (per-socket add_reader/remove_reader was most of a birthday
+    # follower's Python time around its SYNs and before its TLS handshake; issue 18).
+    ep = select.epoll()
 
-    def on_readable(sock: socket.socket) -> None:
-        fd = sock.fileno()
-        try:
-            data = sock.recv(1)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            count_failure(stats, exc.errno)
-            data = b""
-        loop.remove_reader(fd)
-        if data == MARK and not found.done() and sock.getpeername()[0] in peer_ips:
-            found.set_result(socks.pop(fd))
-        else:
-            socks.pop(fd).close()
+    def on_events() -> None:
+        for fd, _ in ep.poll(0):
+            sock = socks.get(fd)
+            if sock is None:
+                continue
+            try:
+                data = sock.recv(1)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                count_failure(stats, exc.errno)
+                data = b""
+            del socks[fd]
+            if data == MARK and not found.done() and sock.getpeername()[0] in peer_ips:
+                ep.unregister(fd)
+                found.set_result(sock)
+            else:
+                sock.close()     # leaves the epoll set with it
 
     try:
+        # Made and bound before the start: only connect() runs after it (issue 18).
+        for lport, _ in pairs:
+            ready.append(reuse_socket(ip, lport))
+        loop.add_reader(ep.fileno(), on_events)
         await _sleep_until(start)
         stats.first_syn_at = time.time()
         stats.first_syn_delay_ns = int((stats.first_syn_at - start) * 1e9)
-        for lport, remote in pairs:
-            sock = _bound(ip, lport)
-            sock.setblocking(False)
-            ttl_opt = ((socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS)
-                       if sock.family == socket.AF_INET6 else (socket.IPPROTO_IP, socket.IP_TTL))
-            if syn_ttl is not None:
-                default_ttl = sock.getsockopt(*ttl_opt)
-                sock.setsockopt(*ttl_opt, syn_ttl)
-            err = sock.connect_ex(remote)
-            if syn_ttl is not None:
-                sock.setsockopt(*ttl_opt, default_ttl)
+        for sock, (_, remote) in zip(ready, pairs, strict=True):
+            err, _ = start_connect(sock, remote, syn_ttl)
             stats.attempts += 1
             stats.sockets_opened += 1
             if err not in (0, errno.EINPROGRESS):
@@ -454,7 +460,8 @@ async def follow(ip: str, pairs: list[tuple[int, Address]], peer_ips: set[str], 
                 continue
             stats.syns_sent += 1
             socks[sock.fileno()] = sock
-            loop.add_reader(sock.fileno(), on_readable, sock)
+            ep.register(sock.fileno(), select.EPOLLIN)
+        ready.clear()
         try:
             winner = await asyncio.wait_for(asyncio.shield(found), max(0.0, deadline - time.time()))
         except TimeoutError:
@@ -462,9 +469,12 @@ async def follow(ip: str, pairs: list[tuple[int, Address]], peer_ips: set[str], 
                                f"({stats.syns_sent} SYNs, {stats.rsts_seen} RST, "
                                f"{stats.icmp_errors} ICMP)", stats) from None
     finally:
-        for fd, sock in socks.items():
-            loop.remove_reader(fd)
-            sock.close()
+        # At once, also on a win (closing them after the TLS handshake would save a few ms,
+        # but a back-to-back session from the same port could then complete on a loser's
+        # 4-tuple, which the old sweep closes).
+        loop.remove_reader(ep.fileno())
+        ep.close()
+        close_all([*socks.values(), *ready])
         if not found.done():
             found.cancel()
     winner.setblocking(True)
@@ -473,18 +483,6 @@ async def follow(ip: str, pairs: list[tuple[int, Address]], peer_ips: set[str], 
     stats.remote = (peer[0], peer[1])
     stats.time_to_established_ns = int((time.time() - start) * 1e9)
     return PunchResult(winner, stats)
-
-
-def _bound(ip: str, port: int) -> socket.socket:
-    sock = socket.socket(family_of(ip), socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((ip, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def peer_target(candidates: Sequence[Candidate], family: str = "ipv4",

@@ -27,7 +27,8 @@ the families run as lanes of an RFC 8305 race, IPv6 first, IPv4 ``race_delay`` l
 
 Checked in the NAT lab (40 ms RTT, native engine, pyholepunch.punch executing the plans): the
 first step of every one of the 34 traversable lab pairs connected; birthday 1024 x 1024
-connected 20/20 (port-restricted-rst, cgnat), also with the cone side 100 ms late.
+connected 20/20 (port-restricted-rst, cgnat), also with the cone side 100 ms late; 1024 x 512
+(the cone side's half: issue 18) 20/20 with each of port-restricted, -rst and cgnat.
 """
 from .candidates import Candidate, parse_candidates
 from .planner import Behaviour, answers_unsolicited, behaviour, birthday_probability, plan
