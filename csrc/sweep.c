@@ -14,6 +14,7 @@
 #include "hp_internal.h"
 
 #define HP_SWEEP_EVENTS 256
+#define HP_SWEEP_PRE_GUARD_NS 1000000 /* stop opening sockets ahead this close to start_at */
 
 typedef struct hp_sweep_slot {
     int fd;          /* -1 = free */
@@ -264,7 +265,8 @@ int hp_sweep_begin(const hp_sweep_args_t *a, hp_punch_stats_t *st, hp_sweep_stat
     s->deadline = a->start_at_ns + a->timeout_ns;
     /* Every first socket a launch can use at once is made and bound now, before start_at,
      * so that only connect() runs after it (a 1024-socket SYN train in half the time). Out
-     * of descriptors part way, the rest are opened at launch, where the error surfaces. */
+     * of descriptors part way, the rest are opened at launch, where the error surfaces;
+     * likewise ... */
     s->pre = malloc(s->ninflight * sizeof(*s->pre));
     if (s->pre == NULL) {
         rc = -ENOMEM;
@@ -272,6 +274,9 @@ int hp_sweep_begin(const hp_sweep_args_t *a, hp_punch_stats_t *st, hp_sweep_stat
     }
     for (i = 0; i < s->ninflight; i++) {
         int fd = -1;
+        /* ... while start_at is ahead: a late call must not hold back its first SYN. */
+        if (i > 0 && (i & 15) == 0 && hp_clock_now_ns() > a->start_at_ns - HP_SWEEP_PRE_GUARD_NS)
+            break;
         rc = hp_sweep_open(s, i, 1, &fd);
         if (rc < 0 && i == 0)
             goto fail;
@@ -310,7 +315,10 @@ int hp_sweep_step(hp_sweep_state_t *s, int64_t now, int *out_fd, int64_t *wake_n
         socklen_t len = sizeof(err);
         if (s->slots[slot].fd < 0)
             continue;
-        if (getsockopt(s->slots[slot].fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        /* Writable without an error or hang-up is established: no SO_ERROR to read; an
+         * error's errno is read, it says RST or ICMP. */
+        if ((s->evs[k].events & (EPOLLERR | EPOLLHUP))
+            && getsockopt(s->slots[slot].fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
             err = errno;
         if (err == 0) {
             /* Established: by our SYN being answered or by simultaneous open. */

@@ -345,6 +345,16 @@ def check_pairs(pairs: object) -> list[SweepPair]:
     hosts: dict[object, str] = {}      # validate each distinct remote host once
     first = ""
     for i, pair in enumerate(pairs):
+        # Fast path (a sweep's thousand pairs cost ~3 % of its launch here): a plain pair
+        # to a host seen and checked already; anything else takes the checks below.
+        if type(pair) is tuple and len(pair) == 2:
+            lport, remote = pair
+            if type(lport) is int and 0 <= lport <= 65535 and type(remote) is tuple \
+                    and len(remote) == 2 and type(remote[1]) is int and 1 <= remote[1] <= 65535:
+                canon = hosts.get(remote[0]) if type(remote[0]) is str else None
+                if canon is not None:
+                    out.append(pair if canon is remote[0] else (lport, (canon, remote[1])))
+                    continue
         if not (isinstance(pair, tuple) and len(pair) == 2):
             raise ValueError(f"pairs[{i}] must be (local_port, (ip, port)), got {pair!r}")
         lport, remote = pair

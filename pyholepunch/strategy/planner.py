@@ -132,7 +132,8 @@ def plan(
     and start delays. ``clock_error``: how far apart the two peers' clocks may be (s).
     ``birthday_size``: sockets on the symmetric side of a birthday sweep, the cone side opens
     half as many (1024 x 1024 measured 20/20 in the lab, 512 x 512 only 16-20/20 when the
-    symmetric side still waited for the cone's SYNs; 1024 x 512 80/80 in bench_punch). ``predict_count``: fresh sockets of a sequential prediction
+    symmetric side still waited for the cone's SYNs; 1024 x 512 80/80 in bench_punch).
+    ``predict_count``: fresh sockets of a sequential prediction
     sweep; the cone side aims at twice as many predicted ports, allowing that many other
     connections through the NAT between the server's observation and the sweep (drift).
     ``low_ttl``: TTL that passes our own NAT but dies before the peer's (2: one NAT hop, then
