@@ -14,7 +14,7 @@ from pyholepunch import engine as engine_mod
 from pyholepunch.errors import RelayError
 from pyholepunch.relay.builtin import RelayHub, RelayServer, open_builtin_relay
 
-from .helpers import fds, settled
+from .helpers import closed, fds, settled
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -70,12 +70,7 @@ async def pair(srv: RelayServer, session: str = "s1", timeout: float = 5.0) -> t
 
 
 async def close(*streams: Any) -> None:
-    for _r, w in streams:
-        w.close()
-        try:
-            await w.wait_closed()
-        except OSError:
-            pass
+    await closed(*(w for _r, w in streams))
 
 
 @pytest.mark.asyncio
