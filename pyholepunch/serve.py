@@ -290,6 +290,10 @@ class Rendezvous(Service):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
                 continue
+            # Small frames (PUNCH, ERROR, a relay's first bytes) must leave at once: with Nagle
+            # one held behind an unacknowledged one waits for the peer's delayed ACK (~40 ms),
+            # and asyncio sets TCP_NODELAY only on sockets created with proto IPPROTO_TCP.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._spawn(self._demux(sock, source))
 
     async def _trim_after_floods(self) -> None:
