@@ -14,6 +14,7 @@ import random
 import secrets
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ from .tls import KNOWN_SERVERS, KnownServers, client_context, parse_fingerprint,
 log = logging.getLogger(__name__)
 CHECK_FLOOR = 1.0           # check_server: seconds a loaded server may take, plus...
 CHECK_RTTS = 8.0            # ...this many round trips (TLS 1.3 and HELLO need about two)
+MAX_ABANDONED = 256         # given-up sessions remembered, to drop a PUNCH that comes late
 NOT_A_SERVER = -1           # SignalingError.code: no server of ours at that address (local)
 NO_RETRY = {ErrorCode.BAD_SIGNATURE, ErrorCode.NAME_TAKEN, ErrorCode.TOKEN_REQUIRED,
             ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.BAD_NAME,
@@ -160,6 +162,7 @@ class SignalClient:
         self._conn: SignalConnection | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._abandoned: OrderedDict[str, None] = OrderedDict()   # connects we gave up on
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.failure: BaseException | None = None
@@ -196,8 +199,24 @@ class SignalClient:
                            candidates=(_candidates(candidates) if candidates is not None
                                        else self.candidates),
                            profiles=_profiles(profiles) if profiles is not None else self.profiles))
-        result: PunchInstruction = await self._await(fut, ("punch", session), timeout)
+        try:
+            result: PunchInstruction = await self._await(fut, ("punch", session), timeout)
+        except (asyncio.CancelledError, TimeoutError):
+            self._abandon(session)
+            raise
         return result
+
+    def _abandon(self, session: str) -> None:
+        """We stopped waiting for ``session``'s PUNCH: tell the server at once (it passes the
+        failure on, so the other peer ends its half instead of holding its punch port until
+        its own timeout), and drop the PUNCH if it still comes."""
+        self._abandoned[session] = None
+        while len(self._abandoned) > MAX_ABANDONED:
+            self._abandoned.popitem(last=False)
+        with contextlib.suppress(ConnectionError):
+            self._send(Result(session=session, outcome="failed", stats={},
+                              reason="stopped waiting before the punch (connect cancelled or "
+                                     "timed out)"))
 
     async def request_relay(self, session: str, timeout: float = 10.0) -> RelayInstruction:
         fut = self._expect("relay_grant", session)
@@ -456,6 +475,8 @@ class SignalClient:
             if fut is not None and msg.role == "initiator":
                 if not fut.done():
                     fut.set_result(_punch(msg, at))
+            elif msg.role == "initiator" and msg.session in self._abandoned:
+                log.debug("PUNCH for %s after we gave up on it: dropped", msg.session)
             else:
                 self.incoming.put_nowait(_punch(msg, at))
         elif isinstance(msg, RelayGrant):
