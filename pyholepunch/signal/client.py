@@ -55,7 +55,16 @@ MAX_ABANDONED = 256         # given-up sessions remembered, to drop a PUNCH that
 NOT_A_SERVER = -1           # SignalingError.code: no server of ours at that address (local)
 NO_RETRY = {ErrorCode.BAD_SIGNATURE, ErrorCode.NAME_TAKEN, ErrorCode.TOKEN_REQUIRED,
             ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.BAD_NAME,
-            ErrorCode.REPLACED, ErrorCode.VERSION}
+            ErrorCode.REPLACED, ErrorCode.VERSION, ErrorCode.QUOTA_EXCEEDED}
+QUOTA_FINAL = ("a quota of this server is used up (the names one key or address may hold, or the "
+               "relays one peer or address may hold); not retried")
+
+
+def refusal(reason: str, code: int, prefix: str = "") -> SignalingError:
+    """A server's ERROR as the exception: ``[prefix: ]reason (code)``; a quota (430) says it
+    is final, since retrying at once would only be refused again."""
+    why = f"{code}: {QUOTA_FINAL}" if code == ErrorCode.QUOTA_EXCEEDED else f"{code}"
+    return SignalingError(f"{prefix}{reason} ({why})", code=code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,8 +371,7 @@ class SignalClient:
                     err = msg.error
                     if err is None:
                         raise ConnectionError("server closed the connection during registration")
-                    raise SignalingError(f"registration refused: {err.reason} ({err.code})",
-                                         code=err.code)
+                    raise refusal(err.reason, err.code, "registration refused: ")
                 if isinstance(msg, Hello):
                     if msg.version != VERSION:
                         raise SignalingError(f"server speaks signaling v{msg.version}, we speak "
@@ -457,7 +465,7 @@ class SignalClient:
                 for msg in conn.receive_data(data):
                     if isinstance(msg, ConnectionClosed):
                         if msg.error is not None:
-                            raise SignalingError(msg.error.reason, code=msg.error.code)
+                            raise refusal(msg.error.reason, msg.error.code)
                         return
                     self._dispatch(msg, at, conn, writer)
         finally:
@@ -488,7 +496,7 @@ class SignalClient:
             else:
                 self.incoming.put_nowait(grant)
         elif isinstance(msg, Error) and msg.session is not None:
-            exc = SignalingError(f"{msg.reason} ({msg.code})", code=msg.code)
+            exc = refusal(msg.reason, msg.code)
             for kind in ("punch", "relay_grant"):
                 fut = self._pending.get((kind, msg.session))
                 if fut is not None and not fut.done():
