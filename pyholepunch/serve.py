@@ -9,7 +9,10 @@ alt:port+1) accepts raw sockets and looks at the first bytes before deciding who
 
 STUN over UDP listens on the same port numbers. Metrics: Prometheus exposition on
 ``http://HOST:PORT/metrics`` with ``--metrics HOST:PORT`` (pyholepunch.metrics, extra
-``[metrics]``); the older JSON counters on ``http://127.0.0.1:<--metrics-port>/metrics``.
+``[metrics]``): the one metrics interface of the command (``--metrics-port N`` is a
+deprecated alias of ``--metrics 127.0.0.1:N``). ``Rendezvous(metrics_port=N)`` also serves
+every internal counter, admission budgets included, as JSON on ``http://127.0.0.1:N/metrics``:
+a debugging aid for programs and tests that run the server in-process, not a stable interface.
 """
 from __future__ import annotations
 
