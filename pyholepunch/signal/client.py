@@ -44,6 +44,7 @@ from .protocol import (
     Result,
     Update,
     clamp_start,
+    refusal,
     registration_message,
 )
 from .tls import KNOWN_SERVERS, KnownServers, client_context, parse_fingerprint, verify_server
@@ -56,15 +57,6 @@ NOT_A_SERVER = -1           # SignalingError.code: no server of ours at that add
 NO_RETRY = {ErrorCode.BAD_SIGNATURE, ErrorCode.NAME_TAKEN, ErrorCode.TOKEN_REQUIRED,
             ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.BAD_NAME,
             ErrorCode.REPLACED, ErrorCode.VERSION, ErrorCode.QUOTA_EXCEEDED}
-QUOTA_FINAL = ("a quota of this server is used up (the names one key or address may hold, or the "
-               "relays one peer or address may hold); not retried")
-
-
-def refusal(reason: str, code: int, prefix: str = "") -> SignalingError:
-    """A server's ERROR as the exception: ``[prefix: ]reason (code)``; a quota (430) says it
-    is final, since retrying at once would only be refused again."""
-    why = f"{code}: {QUOTA_FINAL}" if code == ErrorCode.QUOTA_EXCEEDED else f"{code}"
-    return SignalingError(f"{prefix}{reason} ({why})", code=code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,16 +210,14 @@ class SignalClient:
         return result
 
     def _abandon(self, session: str) -> None:
-        """We stopped waiting for ``session``'s PUNCH: tell the server at once (it passes the
-        failure on, so the other peer ends its half instead of holding its punch port until
-        its own timeout), and drop the PUNCH if it still comes."""
+        """We gave up on ``session`` before its PUNCH: the server hears it now and tells the
+        other peer (which stops punching on its port); a PUNCH still coming is dropped."""
         self._abandoned[session] = None
-        while len(self._abandoned) > MAX_ABANDONED:
+        if len(self._abandoned) > MAX_ABANDONED:
             self._abandoned.popitem(last=False)
         with contextlib.suppress(ConnectionError):
-            self._send(Result(session=session, outcome="failed", stats={},
-                              reason="stopped waiting before the punch (connect cancelled or "
-                                     "timed out)"))
+            self._send(Result(session=session, outcome="failed", stats={}, reason=(
+                "stopped waiting before the punch (connect cancelled or timed out)")))
 
     async def request_relay(self, session: str, timeout: float = 10.0) -> RelayInstruction:
         fut = self._expect("relay_grant", session)
