@@ -73,6 +73,15 @@ async def close(*streams: Any) -> None:
     await closed(*(w for _r, w in streams))
 
 
+async def close_and_settle(srv: RelayServer, *streams: Any) -> None:
+    """Close both ends, then wait (up to 2 s) until the hub has no relay left pumping."""
+    await close(*streams)
+    for _ in range(100):
+        if srv.hub.metrics.active_relays == 0:
+            break
+        await asyncio.sleep(0.02)
+
+
 @pytest.mark.asyncio
 async def test_bytes_both_ways_and_half_close(make_server: HubFactory, pump: dict[str, Any]) -> None:
     before = fds()
@@ -87,11 +96,7 @@ async def test_bytes_both_ways_and_half_close(make_server: HubFactory, pump: dic
     await wb.drain()
     wb.write_eof()
     assert await asyncio.wait_for(ra.read(), 5) == b"reply after half-close"
-    await close((ra, wa), (rb, wb))
-    for _ in range(100):
-        if srv.hub.metrics.active_relays == 0:
-            break
-        await asyncio.sleep(0.02)
+    await close_and_settle(srv, (ra, wa), (rb, wb))
     m = srv.hub.metrics
     assert m.active_relays == 0 and m.relays_total == 1
     assert m.bytes_relayed == len(payload) + len(b"reply after half-close")
@@ -208,11 +213,7 @@ async def test_byte_limit(make_server: HubFactory, pump: dict[str, Any]) -> None
         pass
     got = await asyncio.wait_for(rb.read(), 5)       # EOF comes: the relay ended
     assert len(got) <= 10_000
-    await close((ra, wa), (rb, wb))
-    for _ in range(100):
-        if srv.hub.metrics.active_relays == 0:
-            break
-        await asyncio.sleep(0.02)
+    await close_and_settle(srv, (ra, wa), (rb, wb))
     assert srv.hub.metrics.ended == {"limit": 1}
 
 
@@ -226,11 +227,7 @@ async def test_idle_limit(make_server: HubFactory, pump: dict[str, Any]) -> None
     t0 = loop.time()
     assert await asyncio.wait_for(rb.read(), 5) == b""     # closed for idleness
     assert 0.2 < loop.time() - t0 < 3.0
-    await close((ra, wa), (rb, wb))
-    for _ in range(100):
-        if srv.hub.metrics.active_relays == 0:
-            break
-        await asyncio.sleep(0.02)
+    await close_and_settle(srv, (ra, wa), (rb, wb))
     assert srv.hub.metrics.ended == {"idle": 1}
 
 
