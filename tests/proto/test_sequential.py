@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pyholepunch.punch_sequential import FRESH_S, stale
 from pyholepunch.strategy.sequential import (
     MAX_WINDOW,
     AllocationTracker,
@@ -72,3 +73,15 @@ def test_tracker_rate_counts_only_other_flows() -> None:
     assert t.probe_s == pytest.approx(0.08)
     with pytest.raises(ValueError):
         AllocationTracker(0)
+
+
+def test_a_fresh_announcement_is_not_probed_again_before_connect() -> None:
+    """punch_sequential.stale: a sequential initiator CONNECTs at once on an announcement
+    under FRESH_S old (the re-probe cost 2 RTT, issue 18) and re-learns an older one."""
+    tracker = AllocationTracker(1)
+    assert stale(None, 100.0) and stale(tracker, 100.0)       # nothing announced yet
+    tracker.observe(100.0, 30_000, announced=True)
+    assert not stale(tracker, 100.0 + FRESH_S / 2)
+    assert stale(tracker, 100.0 + FRESH_S + 0.01)
+    tracker.observe(101.0, 30_005)                             # a probe, not an announcement
+    assert stale(tracker, 100.0 + FRESH_S + 0.01)
