@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <math.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -15,6 +16,7 @@
 
 #define HP_SWEEP_EVENTS 256
 #define HP_SWEEP_PRE_GUARD_NS 1000000 /* stop opening sockets ahead this close to start_at */
+#define HP_SWEEP_BATCH_MIN 8 /* fewer fresh sockets than this go straight into the epoll set */
 
 typedef struct hp_sweep_slot {
     int fd;          /* -1 = free */
@@ -40,6 +42,9 @@ struct hp_sweep_state {
     uint32_t ninflight;       /* slots */
     int64_t deadline;
     struct epoll_event *evs;  /* HP_SWEEP_EVENTS */
+    struct pollfd *batch;     /* sockets launched this round, not yet in the epoll set ... */
+    uint32_t *batch_slot;     /* ... and their slots (ninflight entries each) */
+    uint32_t nbatch;
 };
 
 int hp_sweep_validate(const hp_sweep_args_t *a, const hp_punch_stats_t *st)
@@ -111,7 +116,6 @@ static int hp_sweep_launch(hp_sweep_state_t *s, uint32_t pair, int first, int *w
     const hp_sweep_pair_t *p = &s->a->pairs[pair];
     struct sockaddr_storage sa;
     socklen_t salen;
-    struct epoll_event ev;
     int fd, rc, err, low_ttl = first && s->a->syn_ttl > 0;
     uint32_t slot;
     int64_t t;
@@ -152,15 +156,69 @@ static int hp_sweep_launch(hp_sweep_state_t *s, uint32_t pair, int first, int *w
     slot = s->free_slots[--s->nfree];
     s->slots[slot].fd = fd;
     s->slots[slot].pair = pair;
+    s->batch[s->nbatch].fd = fd;
+    s->batch[s->nbatch].events = POLLOUT;
+    s->batch_slot[s->nbatch++] = slot;
+    return 0;
+}
+
+static int hp_sweep_watch(hp_sweep_state_t *s, uint32_t slot)
+{
+    struct epoll_event ev;
+    int rc;
     memset(&ev, 0, sizeof(ev));
     ev.events = EPOLLOUT;
     ev.data.u32 = slot;
-    if (epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+    if (epoll_ctl(s->ep, EPOLL_CTL_ADD, s->slots[slot].fd, &ev) < 0) {
         rc = -errno;
         hp_sweep_release(s, slot);
         return rc;
     }
     return 0;
+}
+
+/* A socket's connect is over (event or poll said so): 1 = established (*won), 0 = failed
+ * (counted, released). An error's errno is read, it says RST or ICMP; writable without an
+ * error or hang-up is established, with no SO_ERROR to read. */
+static int hp_sweep_outcome(hp_sweep_state_t *s, uint32_t slot, int failed, int64_t now,
+                            int *won)
+{
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (failed && getsockopt(s->slots[slot].fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        err = errno;
+    if (err == 0) {
+        /* Established: by our SYN being answered or by simultaneous open. */
+        *won = s->slots[slot].fd;
+        s->slots[slot].fd = -1;
+        return 1;
+    }
+    hp_sweep_count_failure(s, err, s->slots[slot].pair, now);
+    hp_sweep_release(s, slot);
+    return 0;
+}
+
+/* The sockets launched this round into the epoll set, but first one poll() over them all
+ * (timeout 0: no waiting, no wait-queue entries): those already refused or established are
+ * settled without ever entering the set (an insert and a removal each; on loopback, where
+ * RSTs come back inside connect(), that was a sweep's launch cost over the kernel floor). */
+static int hp_sweep_settle(hp_sweep_state_t *s, int64_t now, int *won)
+{
+    uint32_t i, n = s->nbatch;
+    int rc = 0, polled;
+    s->nbatch = 0;
+    polled = n >= HP_SWEEP_BATCH_MIN && poll(s->batch, n, 0) > 0;
+    for (i = 0; i < n; i++) {
+        uint32_t slot = s->batch_slot[i];
+        short re = polled ? s->batch[i].revents : 0;
+        if (rc != 0)
+            continue; /* won or failed: the rest stay in their slots, closed at the end */
+        if (re & (POLLERR | POLLHUP | POLLOUT))
+            rc = hp_sweep_outcome(s, slot, (re & (POLLERR | POLLHUP)) != 0, now, won);
+        else
+            rc = hp_sweep_watch(s, slot);
+    }
+    return rc;
 }
 
 /* Launch whatever is due now: untried pairs first, then due re-arms, within pacing and
@@ -239,7 +297,10 @@ int hp_sweep_begin(const hp_sweep_args_t *a, hp_punch_stats_t *st, hp_sweep_stat
     s->retry = calloc(a->npairs, sizeof(*s->retry));
     s->retry_at = calloc(a->npairs, sizeof(*s->retry_at));
     s->evs = calloc(HP_SWEEP_EVENTS, sizeof(*s->evs));
-    if (!s->slots || !s->free_slots || !s->retry || !s->retry_at || !s->evs) {
+    s->batch = calloc(s->ninflight, sizeof(*s->batch));
+    s->batch_slot = calloc(s->ninflight, sizeof(*s->batch_slot));
+    if (!s->slots || !s->free_slots || !s->retry || !s->retry_at || !s->evs || !s->batch
+        || !s->batch_slot) {
         rc = -ENOMEM;
         goto fail;
     }
@@ -307,29 +368,19 @@ int hp_sweep_step(hp_sweep_state_t *s, int64_t now, int *out_fd, int64_t *wake_n
         return -errno;
     for (k = 0; k < n; k++) {
         uint32_t slot = s->evs[k].data.u32;
-        int err = 0;
-        socklen_t len = sizeof(err);
         if (s->slots[slot].fd < 0)
             continue;
-        /* Writable without an error or hang-up is established: no SO_ERROR to read; an
-         * error's errno is read, it says RST or ICMP. */
-        if ((s->evs[k].events & (EPOLLERR | EPOLLHUP))
-            && getsockopt(s->slots[slot].fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-            err = errno;
-        if (err == 0) {
-            /* Established: by our SYN being answered or by simultaneous open. */
-            winner = s->slots[slot].fd;
-            s->slots[slot].fd = -1;
+        if (hp_sweep_outcome(s, slot, (s->evs[k].events & (EPOLLERR | EPOLLHUP)) != 0, now,
+                             &winner))
             break;
-        }
-        hp_sweep_count_failure(s, err, s->slots[slot].pair, now);
-        hp_sweep_release(s, slot);
     }
     if (winner < 0) {
         if (now >= s->deadline)
             return -ETIMEDOUT;
         rc = hp_sweep_launch_due(s, now, &winner);
         if (rc < 0)
+            return rc;
+        if (winner < 0 && (rc = hp_sweep_settle(s, now, &winner)) < 0)
             return rc;
     }
     if (winner >= 0) {
@@ -367,6 +418,8 @@ void hp_sweep_end(hp_sweep_state_t *s)
     free(s->retry);
     free(s->retry_at);
     free(s->evs);
+    free(s->batch);
+    free(s->batch_slot);
     free(s);
 }
 
