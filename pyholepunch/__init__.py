@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from . import engine
+from .backend import Punch
 from .connection import Connection, KeepAlive
 from .errors import (
     AddressError,
@@ -16,12 +17,15 @@ from .errors import (
     LabError,
     LocalProtocolError,
     NatNotTraversable,
+    OfferError,
     ProtocolError,
     PunchError,
     PunchTimeout,
     RelayError,
     RemoteProtocolError,
     SignalingError,
+    StaleOffer,
+    StrategyError,
     TransactionError,
     TransactionFailed,
     TransactionTimeout,
@@ -48,6 +52,7 @@ __all__ = [
     "NatProfile",
     "Peer",
     "Plan",
+    "Punch",
     "classify_nat",
     "create_peer",
     "plan",
@@ -55,12 +60,15 @@ __all__ = [
     "LabError",
     "LocalProtocolError",
     "NatNotTraversable",
+    "OfferError",
     "ProtocolError",
     "PunchError",
     "PunchTimeout",
     "RelayError",
     "RemoteProtocolError",
     "SignalingError",
+    "StaleOffer",
+    "StrategyError",
     "TransactionError",
     "TransactionFailed",
     "TransactionTimeout",
