@@ -108,3 +108,35 @@ def test_offers_over_files_through_coturn_only(tmp_path: Path) -> None:
                                turn_user=USER, turn_password=PASSWORD)
     _check_direct(alice, bob)
     assert "relay" in [s["kind"] for s in alice["report"]["plan"]["steps"]]
+
+
+@pytest.mark.skipif(shutil.which("turnserver") is None and not os.environ.get("CI"),
+                    reason="coturn (turnserver) is not installed")
+def test_no_direct_path_relays_through_turn_or_fails_loudly(tmp_path: Path) -> None:
+    """Two random symmetric NATs: with a TURN relay the session is relayed (TLS end to end,
+    coturn only carries ciphertext); without one, connect() raises PunchError and the report
+    says why."""
+    from pyholepunch.lab import Lab
+
+    with Lab(a=B, b=B, rtt_ms=40) as lab:
+        turn = CoturnConfig(listen_ip=lab.server_ip, port=TURN_PORT, realm="lab.test",
+                            users={USER: PASSWORD}, extra=["--listening-ip", lab.server_alt_ip])
+        (tmp_path / "coturn").mkdir()
+        lab.spawn("server", turn.argv(tmp_path / "coturn"), stdin=subprocess.DEVNULL,
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lab.call("a", wait_listening, (lab.server_ip, TURN_PORT), 10, timeout=15)
+        address = f"{lab.server_ip}:{TURN_PORT}"
+        (tmp_path / "turn").mkdir()
+        relayed = _run_pair(lab, tmp_path / "turn", address, relay=f"turn:{address}",
+                            turn_user=USER, turn_password=PASSWORD)
+        (tmp_path / "none").mkdir()
+        failed = _run_pair(lab, tmp_path / "none", address)
+    for me, other in (relayed, relayed[::-1]):
+        assert me.get("ok"), me
+        assert me["route"] == "relay" and me["tls"] == "TLSv1.3", me["report"]
+        assert me["peer"] == other["peer_id"] and me["got"] == f"hello from {other['name']}\n"
+        assert me["report"]["steps"][-1]["kind"] == "relay"
+    for me in failed:
+        assert not me["ok"] and me["error"].startswith("PunchError: no direct path"), me
+        assert "relaying is off" in me["error"]
+        assert me["report"]["route"] is None and "relaying is off" in me["report"]["error"]
