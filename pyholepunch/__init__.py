@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from . import engine
+from . import engine, sync
 from .backend import Punch
 from .connection import Connection, KeepAlive
 from .errors import (
@@ -74,4 +74,5 @@ __all__ = [
     "TransactionTimeout",
     "__version__",
     "engine",
+    "sync",
 ]
