@@ -58,6 +58,7 @@ from .relay_step import hold_allocation, parse_turn_relay, turn_credentials
 from .report import ConnectionReport
 from .security import Streams, certificate_for
 from .session import SessionEnd, check_strategies, punch_or_relay, restrict_plan
+from .signal.protocol import NAME_RE
 from .strategy import plan_race
 from .strategy.candidates import FAMILIES, family_name
 
@@ -83,6 +84,9 @@ class Punch(Service):
         self.stun = parse_address(stun, default_port=3478)
         self.identity = identity or Identity.generate()
         self.name = name or f"peer-{self.identity.peer_id[:8]}"
+        if not NAME_RE.fullmatch(self.name):
+            raise ValueError(f"a name is 1-64 of A-Z a-z 0-9 . _ @ - (starting with a letter or "
+                             f"digit), got {self.name!r:.70}")
         if relay is not None:
             parse_turn_relay(relay)     # AddressError (a ValueError) naming the form
         self.relay = relay
