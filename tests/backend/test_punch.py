@@ -111,7 +111,11 @@ async def test_peer_connect_takes_strategies(tmp_path: Path) -> None:
             with pytest.raises(pyholepunch.StrategyError, match="unknown step kind 'tcp'"):
                 await alice.connect("bob", strategies=["tcp"])
             incoming = asyncio.ensure_future(bob.accept())
-            conn = await alice.connect("bob", strategies=["simopen"])
+            try:
+                conn = await alice.connect("bob", strategies=["simopen"])
+            except pyholepunch.PunchError:
+                assert alice.last_report is not None
+                pytest.fail(alice.last_report.summary())
             async with conn, await incoming as theirs:
                 steps = conn.report.to_dict()["plan"]["steps"]
                 left_out = [s["kind"] for s in steps if s["reason"] == "left out by strategies="]
