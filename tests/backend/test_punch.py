@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -78,6 +79,11 @@ async def test_bad_offers_are_refused_before_anything_opens(stun: str) -> None:
         await a.offer()
         with pytest.raises(pyholepunch.StaleOffer, match="used already: a replay"):
             await a.connect(theirs)
+    # The same offer replayed an hour later, to a fresh side that never saw it.
+    async with pyholepunch.Punch(stun, lead=LEAD, clock=lambda: time.time() + 3600) as late:
+        await late.offer()
+        with pytest.raises(pyholepunch.StaleOffer, match=r"created 360\d s ago"):
+            await late.connect(theirs)
 
 
 async def test_strategies_are_validated_and_agreed(stun: str) -> None:
