@@ -18,9 +18,10 @@ time, so nothing measures the offset between two peers that never met a common s
 ours). From there the session runs the one punch path Peer runs too (session.py).
 
 Relay: ``relay="turn:HOST:PORT"`` with credentials allocates on the TURN server at
-``offer()`` and puts the relayed address into the offer; when this side initiates it
-permits the responder's addresses and accepts its connection, the responder dials the
-relayed address with plain TCP (no credentials needed). ``relay=None``: no relay, and a
+``offer()`` and puts the relayed address into the offer. The session uses one allocation,
+the initiator's, else the responder's: its owner permits the other side's addresses and
+accepts its connection, the other side dials the relayed address with plain TCP (no
+credentials needed). ``relay=None``: no relay, and a
 pair without a direct path fails with PunchError (the report in ``punch.last_report``). The
 built-in relay is not offered here: its tokens are issued by the rendezvous server (Peer).
 """
@@ -268,9 +269,12 @@ class Punch(Service):
         if kinds is not None and not kinds:
             raise StrategyError(f"the two offers allow no step kind in common "
                                 f"({', '.join(both[0])} / {', '.join(both[-1])})")
+        # The relay: the initiator's TURN allocation, else the responder's, else none.
+        holder = initiator if initiator.relayed is not None else \
+            responder if responder.relayed is not None else None
         plan = plan_race(initiator.nat_profiles, responder.nat_profiles, initiator.candidates,
                          responder.candidates, rtt=max(initiator.rtt, responder.rtt, 0.01),
-                         relay=initiator.relayed is not None)
+                         relay=holder is not None)
         plan = restrict_plan(plan, kinds, keep_slots=False)
         start = max(initiator.start, responder.start)
         start_at = start - (self.clock() - time.time())        # into the engine's clock
@@ -279,11 +283,11 @@ class Punch(Service):
                         "lead=%g s to arrive; punching late", session, time.time() - start_at,
                         self.lead)
         join = None
-        if initiator.relayed is not None:
-            if role == "initiator":
+        if holder is not None and holder.relayed is not None:
+            if holder is not peer:
                 join = await self._permit(session, peer)
             else:
-                relayed = initiator.relayed
+                relayed = holder.relayed
 
                 async def join(initiator: bool) -> Streams:
                     return await _dial_relayed(relayed, RELAY_TIMEOUT)
@@ -323,7 +327,7 @@ class Punch(Service):
         return relayed
 
     async def _permit(self, session: str, peer: Offer) -> Callable[[bool], Any]:
-        """The initiator's relay: permit the responder's addresses on our allocation now (it
+        """The relay through our allocation: permit the peer's addresses on it now (the peer
         dials when its relay step comes); joining accepts its connection, whose holder task
         then keeps the allocation (else connect() releases it at the end)."""
         client = self._turn
@@ -351,8 +355,8 @@ class Punch(Service):
 
 
 async def _dial_relayed(relayed: Address, timeout: float) -> Streams:
-    """The responder's relay: dial the initiator's relayed address until its permission is
-    there (the initiator creates it when its connect() begins)."""
+    """The relay through the peer's allocation: dial its relayed address until its
+    permission is there (the peer creates it when its connect() begins)."""
     deadline = time.monotonic() + timeout
     while True:
         try:

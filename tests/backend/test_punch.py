@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pyholepunch
 from pyholepunch.errors import StateError
 from pyholepunch.serve import Rendezvous
 from pyholepunch.stun.server import StunServer
+from tests.coturn import Coturn, CoturnConfig
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -130,3 +132,27 @@ async def test_peer_connect_takes_strategies(tmp_path: Path) -> None:
                 assert conn.report.winning_step.kind == "simopen"
                 await conn.send(b"hi")
                 assert await theirs.recv_exactly(2) == b"hi"
+
+
+@pytest.mark.skipif(shutil.which("turnserver") is None and not os.environ.get("CI"),
+                    reason="coturn (turnserver) is not installed")
+async def test_one_side_with_turn_relays_whichever_side_initiates(stun: str) -> None:
+    """strategies=["relay"]: the session goes through coturn's TURN. Only one side brings
+    credentials: once the initiator, once the responder (the lower peer id initiates)."""
+    low, high = sorted((pyholepunch.Identity.generate() for _ in range(2)),
+                       key=lambda i: i.peer_id)
+    with Coturn(CoturnConfig(users={"user": "pw"})) as turn:
+        relay = {"relay": f"turn:127.0.0.1:{turn.address[1]}", "turn_user": "user",
+                 "turn_password": "pw"}
+        for owner in (low, high):
+            async with pyholepunch.Punch(stun, identity=low, lead=LEAD,
+                                         **(relay if owner is low else {})) as a, \
+                    pyholepunch.Punch(stun, identity=high, lead=LEAD,
+                                      **(relay if owner is high else {})) as b:
+                ca, cb = await _pair(a, b, strategies=["relay"])
+                async with ca, cb:
+                    assert ca.route == cb.route == "relay"
+                    assert ca.report.role == "initiator" and cb.report.role == "responder"
+                    assert ca.writer.get_extra_info("ssl_object").version() == "TLSv1.3"
+                    await ca.send(b"via turn")
+                    assert await cb.recv_exactly(8) == b"via turn"

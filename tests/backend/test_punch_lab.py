@@ -28,11 +28,14 @@ USER, PASSWORD = "alice", "lab-password"
 A, B = "port-restricted", "symmetric-random"
 
 
-def _run_pair(lab: Any, tmp: Path, stun: str, **job: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """alice in node a, bob in node b, offers through files in ``tmp``; both results."""
+def _run_pair(lab: Any, tmp: Path, stun: str, bob: dict[str, Any] | None = None,
+              **job: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """alice in node a, bob in node b, offers through files in ``tmp``; both results.
+    ``job``: both sides' further PunchJob fields; ``bob``: bob's only."""
     jobs = {node: PunchJob(name=name, stun=stun, offer_file=str(tmp / f"{name}.offer"),
                            their_offer_file=str(tmp / f"{other}.offer"),
-                           result_file=str(tmp / f"{name}.json"), **job)
+                           result_file=str(tmp / f"{name}.json"),
+                           **job | (bob or {} if name == "bob" else {}))
             for node, name, other in (("a", "alice", "bob"), ("b", "bob", "alice"))}
     procs = {node: lab.spawn(node, job_argv(j), cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=open(tmp / f"{j.name}.log", "wb"))   # noqa: SIM115
@@ -113,9 +116,9 @@ def test_offers_over_files_through_coturn_only(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("turnserver") is None and not os.environ.get("CI"),
                     reason="coturn (turnserver) is not installed")
 def test_no_direct_path_relays_through_turn_or_fails_loudly(tmp_path: Path) -> None:
-    """Two random symmetric NATs: with a TURN relay the session is relayed (TLS end to end,
-    coturn only carries ciphertext); without one, connect() raises PunchError and the report
-    says why."""
+    """Two random symmetric NATs: with a TURN relay (one side's credentials suffice) the
+    session is relayed (TLS end to end, coturn only carries ciphertext); without one,
+    connect() raises PunchError and the report says why."""
     from pyholepunch.lab import Lab
 
     with Lab(a=B, b=B, rtt_ms=40) as lab:
@@ -127,8 +130,9 @@ def test_no_direct_path_relays_through_turn_or_fails_loudly(tmp_path: Path) -> N
         lab.call("a", wait_listening, (lab.server_ip, TURN_PORT), 10, timeout=15)
         address = f"{lab.server_ip}:{TURN_PORT}"
         (tmp_path / "turn").mkdir()
-        relayed = _run_pair(lab, tmp_path / "turn", address, relay=f"turn:{address}",
-                            turn_user=USER, turn_password=PASSWORD)
+        # Only bob has TURN credentials: his allocation is used, whichever side initiates.
+        relayed = _run_pair(lab, tmp_path / "turn", address, bob=dict(
+            relay=f"turn:{address}", turn_user=USER, turn_password=PASSWORD))
         (tmp_path / "none").mkdir()
         failed = _run_pair(lab, tmp_path / "none", address)
     for me, other in (relayed, relayed[::-1]):
