@@ -33,6 +33,7 @@ from .errors import (
 from .identity import Identity
 from .nat.classify import classify_nat
 from .nat.profile import NatProfile
+from .offer import Offer
 from .peer import Peer, create_peer
 from .report import ConnectionReport
 from .strategy import Plan, plan
@@ -50,6 +51,7 @@ __all__ = [
     "Identity",
     "KeepAlive",
     "NatProfile",
+    "Offer",
     "Peer",
     "Plan",
     "Punch",

@@ -153,9 +153,10 @@ async def punch_or_relay(end: SessionEnd, *, plan: Plan, role: str, start_at: fl
                     await record("direct", report)
                     return _connection(end, reader, writer, peer, Route.DIRECT, report)
     if not relay_on:
-        reason = f"no direct path to {peer.name} ({direct_error or plan.reason}) and relaying is off"
-        report.fail(reason)
-        raise PunchError(reason)
+        error = PunchError(f"no direct path to {peer.name} ({direct_error or plan.reason}) "
+                           "and relaying is off")
+        report.fail(error)      # as the caller's connect() would record it
+        raise error
     assert join_relay is not None
     reason = str(direct_error) if direct_error else plan.reason
     # The one WARNING of this connection's fallback (its reason also goes to the report,
