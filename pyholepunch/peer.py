@@ -383,7 +383,7 @@ class Peer(Announcing, Service):
             end, plan=plan, role=instr.role, ends=ends, peer=peer, report=report,
             start_at=instr.start_at - (self.clock() - time.time()),   # into the engine's clock
             join_relay=None if self.relay == "none" else functools.partial(self._relay, instr),
-            record=record, spawn=self._spawn,
+            record=record, spawn=self._spawn, spread=instr.spread,
             relay_grant=self._grants.setdefault(instr.session,
                                                 asyncio.get_running_loop().create_future()))
 

@@ -95,13 +95,15 @@ def restrict_plan(plan: Plan, strategies: Sequence[str] | None, *, keep_slots: b
 async def punch_or_relay(end: SessionEnd, *, plan: Plan, role: str, start_at: float,
                          ends: dict[str, Address], peer: PeerInfo, report: ConnectionReport,
                          join_relay: JoinRelay | None, record: Record, spawn: Spawn,
-                         relay_grant: asyncio.Future[Any] | None = None) -> Connection:
+                         relay_grant: asyncio.Future[Any] | None = None,
+                         spread: float = 0.0) -> Connection:
     """The session from its plan on: a Connection, direct if a direct step works, else
     relayed (``join_relay``; None: no relay, a PunchError with the report's reason).
 
     ``start_at``: the common start in ``time.time()`` terms; ``ends``: our (local ip, punch
     port) per family; ``relay_grant``: resolves when the peer moved to the relay first (the
-    server's grant); ``record(outcome, report)`` tells the signaling how it ended."""
+    server's grant); ``record(outcome, report)`` tells the signaling how it ended;
+    ``spread``: the two peers' round-trip spread as the server measured it (relay_race)."""
     report.peer_id, report.peer_name = peer.peer_id, peer.name
     report.remote_nat = peer.tcp_profile.to_dict()
     report.set_plan(plan.to_dict())
@@ -131,7 +133,8 @@ async def punch_or_relay(end: SessionEnd, *, plan: Plan, role: str, start_at: fl
                 assert join_relay is not None
                 route, (reader, writer) = await direct_or_relay(
                     punch=punch, secure=secure, initiator=initiator, start_at=start_at,
-                    report=report, join_relay=lambda: join_relay(initiator), relay_tls=tls)
+                    spread=spread, report=report, join_relay=lambda: join_relay(initiator),
+                    relay_tls=tls)
                 await record(str(route), report)
                 return _connection(end, reader, writer, peer, route, report)
             result = await punch_or_grant(punch.run(), grant)

@@ -90,6 +90,7 @@ class PunchInstruction:
     start_at: float
     peer: PeerInfo
     plan: dict[str, Any] | None
+    spread: float = 0.0     # how late either PUNCH may arrive (the server's measurement)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,7 @@ def _punch(msg: Punch, now: float) -> PunchInstruction:
     p = msg.peer
     return PunchInstruction(    # a start far ahead is not waited for (protocol.clamp_start)
         session=msg.session, role=msg.role, start_at=clamp_start(msg.start_at, now), plan=msg.plan,
+        spread=max(msg.spread, 0.0),
         peer=PeerInfo(p["peer_id"], p["name"], p["public_key"], p["cert"],
                       tuple(parse_candidates(p["candidates"])), tuple(p["profiles"])))
 
