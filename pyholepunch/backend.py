@@ -112,7 +112,9 @@ class Punch(Service):
         self._tracker: AllocationTracker | None = None
         self._turn: TurnClient | None = None
         self._mine: bytes | None = None        # our latest offer, until a connect uses it
-        self._used: set[bytes] = set()         # nonces of offers connected with (replays)
+        # Nonces of the offers connected with -> their creation: a replay is refused; one
+        # older than max_age is refused as stale anyway, and forgotten.
+        self._used: dict[bytes, float] = {}
         self._fresh_port = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -241,7 +243,9 @@ class Punch(Service):
             raise AuthenticationError(f"the offer is from peer {t.peer_id}, not {peer_id}")
         mine = parse_offer(self._mine, now=self.clock(), max_age=self.max_age,
                            allow_loopback=True)
-        self._used.add(t.nonce)
+        now = self.clock()
+        self._used = {n: c for n, c in self._used.items() if now - c <= self.max_age}
+        self._used[t.nonce] = t.created
         self._mine, self._fresh_port = None, True     # one session per offer
         role = "initiator" if mine.peer_id < t.peer_id else "responder"
         initiator, responder = (mine, t) if role == "initiator" else (t, mine)
