@@ -7,6 +7,7 @@ sans-IO layer. Shared state goes through a ``Store`` (memory or Redis).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import time
@@ -73,6 +74,8 @@ class SignalServer:
         self.clock = clock
         self.node_id = node_id or uuid.uuid4().hex[:12]
         self.peers: dict[str, PeerProtocol] = {}     # registered here, by peer_id
+        # One factory shared by every connection (a lambda each would cost every peer ~400 B).
+        self.peer_factory: Callable[[], PeerProtocol] = functools.partial(PeerProtocol, self)
         self.connections: set[PeerProtocol] = set()
         self.metrics: dict[str, int] = dict.fromkeys(
             ("registrations", "punches", "successes", "failures", "relayed", "relays",
@@ -234,7 +237,7 @@ class _AdmittedTls(TlsTransport):
     before any TLS state exists (a connection flood must not grow memory)."""
 
     def __init__(self, server: SignalServer) -> None:
-        super().__init__(server.ssl_context, lambda: PeerProtocol(server),
+        super().__init__(server.ssl_context, server.peer_factory,
                          server.config.handshake_timeout, server._tls_lost)
         self._server = server
 

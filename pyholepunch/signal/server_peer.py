@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
+
+import msgpack  # type: ignore[import-untyped]
 
 from .. import strategy
 from ..errors import AuthenticationError, ProtocolError, QuotaError, Refusal
@@ -60,14 +61,38 @@ def make_plan(initiator: list[dict[str, Any]], responder: list[dict[str, Any]],
     """The session's plan (strategy.plan_race: a lane per common address family, raced)."""
     try:
         result: dict[str, Any] = strategy.plan_race(
-            [NatProfile.from_dict(p) for p in initiator],
-            [NatProfile.from_dict(p) for p in responder],
-            strategy.parse_candidates(initiator_candidates or []),
-            strategy.parse_candidates(responder_candidates or []), rtt=rtt).to_dict()
+            [_parsed(p, NatProfile.from_dict) for p in initiator],
+            [_parsed(p, NatProfile.from_dict) for p in responder],
+            _parsed(initiator_candidates or [], _candidates_of),
+            _parsed(responder_candidates or [], _candidates_of), rtt=rtt).to_dict()
         return result
     except Exception:
         log.warning("strategy.plan failed; sending no plan", exc_info=True)
         return None
+
+
+PARSE_CACHE = 8192        # profiles and candidate lists remembered parsed (make_plan)
+_parse_cache: dict[Any, Any] = {}
+
+
+def _parsed(value: Any, parse: Callable[[Any], Any]) -> Any:
+    """``parse(value)``, remembered: the same peer's profile and candidates are parsed once,
+    not at every CONNECT that names it (bounded: PARSE_CACHE entries, then forgotten)."""
+    try:    # msgpack keeps the types apart (True, 1 and 1.0 encode differently)
+        key = (parse, msgpack.packb(value, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError):
+        return parse(value)
+    known = _parse_cache.get(key)
+    if known is None:
+        known = parse(value)
+        if len(_parse_cache) >= PARSE_CACHE:
+            _parse_cache.clear()
+        _parse_cache[key] = known
+    return known
+
+
+def _candidates_of(value: list[list[Any]]) -> tuple[strategy.Candidate, ...]:
+    return tuple(strategy.parse_candidates(value))
 
 
 def _other_peer(session: dict[str, Any], peer_id: str) -> str:
@@ -87,12 +112,14 @@ class PeerProtocol(asyncio.Protocol):
         self.clock = ClockEstimator()
         self.record: PeerRecord | None = None
         self.bucket: TokenBucket | None = None
-        self._queue: deque[tuple[Message, float]] = deque()
+        # Plain lists, not deques: a deque allocates a 624-byte block at once, and every
+        # registered peer holds these (a queue of a message or two, at most 4 pings).
+        self._queue: list[tuple[Message, float]] = []
         self._worker: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self._closing = False
-        self._pings: deque[float] = deque(maxlen=MAX_OUTSTANDING_PINGS)   # t1 values sent
+        self._pings: list[float] = []      # t1 of the last MAX_OUTSTANDING_PINGS pings sent
         self.source = ""           # the peer's address as admission counts it
         self.loopback = False      # connected over loopback (from the server's own host)
 
@@ -216,13 +243,15 @@ class PeerProtocol(asyncio.Protocol):
 
     def _ping(self, now: float, **estimate: float | None) -> None:
         self._pings.append(now)
+        if len(self._pings) > MAX_OUTSTANDING_PINGS:
+            del self._pings[0]
         self.send(Ping(t1=now, **estimate))
 
     # -- message handling ------------------------------------------------------------------
     async def _drain(self) -> None:
         try:
             while self._queue and not self._closing:
-                msg, at = self._queue.popleft()
+                msg, at = self._queue.pop(0)
                 try:
                     await self._handle(msg, at)
                 except Refusal as r:

@@ -1,0 +1,217 @@
+"""Rendezvous at volume (#18): registered peers, coordinations/s, memory per peer, and the
+same load through two nodes sharing a real redis-server, counting lost PUNCHes.
+
+``python -m pytest bench/bench_rendezvous.py -p no:cacheprovider -s``
+
+The server is the real ``python -m pyholepunch serve`` process (its RSS and CPU are read from
+/proc alone); the peers come from worker processes running ``bench/rendezvous_load.py``: one
+TCP+TLS connection per registered peer (the protocol's unit, never many peers per connection),
+then a closed loop of CONNECTs, ``INFLIGHT`` outstanding per worker. A coordination is counted
+when BOTH its PUNCHes arrived (the initiator's and the responder's, matched by session across
+workers); its latency is CONNECT sent to the later PUNCH received.
+
+Server, generator and the other engineers' work share two cores, so coordinations/s is what the
+server reached while competing for CPU; ``server_cpu_us_per_coordination`` (server CPU-seconds
+during the stream / coordinations) is the load-independent measure, and
+``server_bound_coordinations_per_s`` = 1e6 / it is what one core given to the server alone
+would carry. Memory: server RSS growth per 1,000 registered peers, and beside it the kernel's
+TCP buffer memory (/proc/net/sockstat, both ends of each loopback connection), which no RSS shows.
+
+Knobs: PYHOLEPUNCH_BENCH_PEERS (default 5000; the #18 target is 50000), PYHOLEPUNCH_BENCH_SECONDS
+(default 5), PYHOLEPUNCH_BENCH_WORKERS (default 2), PYHOLEPUNCH_BENCH_PROFILE=FILE (run the
+single node under cProfile, stats written to FILE), PYHOLEPUNCH_BENCH_SERVER_LOG=FILE (the
+servers' stderr).
+Targets (#18, reported, not asserted except no lost PUNCH): >= 5,000 coordinations/s, >= 50,000
+registered peers, <= 25 MB RSS per 1,000 peers; two nodes over Redis lose no PUNCH.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.connection import Connection
+from typing import Any
+
+from bench.rendezvous_load import (
+    proc_cpu_seconds,
+    proc_rss,
+    summarize,
+    tcp_kernel_memory,
+    worker_main,
+)
+from pyholepunch._process import raise_fd_limit, stop_processes
+from tests import conftest as suite
+
+redis_url = suite.redis_url     # the suite's real redis-server fixture
+PEERS = int(os.environ.get("PYHOLEPUNCH_BENCH_PEERS", "5000"))
+SECONDS = float(os.environ.get("PYHOLEPUNCH_BENCH_SECONDS", "5"))
+WORKERS = int(os.environ.get("PYHOLEPUNCH_BENCH_WORKERS", "2"))
+PROFILE = os.environ.get("PYHOLEPUNCH_BENCH_PROFILE")
+LOG = os.environ.get("PYHOLEPUNCH_BENCH_SERVER_LOG")       # the servers' stderr, appended
+INFLIGHT = 200           # outstanding CONNECTs per worker
+PEERS_PER_WORKER = 19_000    # each connection is a descriptor: under the hard RLIMIT_NOFILE
+
+
+def _lift_fd_limit() -> None:
+    raise_fd_limit()            # to the hard limit (20,000 here: no CAP_SYS_RESOURCE to raise it)
+
+
+@contextmanager
+def serve(peers: int, store: str | None = None, state_dir: str | None = None,
+          profile: str | None = None) -> Iterator[tuple[subprocess.Popen[str], tuple[str, int]]]:
+    """One ``pyholepunch serve`` process (signaling only), its fd limit lifted for ``peers``."""
+    cmd = [sys.executable]
+    if profile:
+        cmd += ["-m", "cProfile", "-o", profile]
+    cmd += ["-m", "pyholepunch", "serve", "--listen", "127.0.0.1:0", "--json", "--quiet",
+            "--no-relay", "--no-stun", "--max-peers", str(peers * 2)]
+    if store:
+        cmd += ["--store", store]
+    if state_dir:
+        cmd += ["--state-dir", state_dir]
+    log = open(LOG, "a") if LOG else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                            preexec_fn=_lift_fd_limit)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        host, port = info["listen"].rsplit(":", 1)
+        yield proc, (host, int(port))
+    finally:
+        stop_processes(proc, grace=30.0)
+        if LOG:
+            log.close()  # type: ignore[union-attr]
+
+
+def run_load(servers: list[tuple[str, int]], peers: int, seconds: float, workers: int,
+             on_registered: Any = None, inflight: int = INFLIGHT,
+             settle: float = 5.0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Register ``peers`` over ``workers`` processes (peer k on servers[k % len]), stream
+    CONNECTs for ``seconds``; (registration facts, joined stream summary)."""
+    names = [f"p{i}" for i in range(peers)]
+    import random
+    order = names[:]
+    random.Random(7).shuffle(order)       # targets: every peer in turn, shuffled
+    ctx = mp.get_context("fork")
+    pipes: list[Connection] = []
+    procs = []
+    workers = max(workers, -(-peers // PEERS_PER_WORKER))
+    per = -(-peers // workers)
+    for w in range(workers):
+        parent, child = ctx.Pipe()
+        mine = names[w * per:(w + 1) * per]
+        p = ctx.Process(target=worker_main, args=(child, w, servers, mine, w * per,
+                                                  order[w::workers], inflight))
+        p.start()
+        pipes.append(parent)
+        procs.append(p)
+    try:
+        regs = [pipe.recv() for pipe in pipes]
+        reg = {"registered": sum(r[1] for r in regs), "registration_failures": sum(r[2] for r in regs),
+               "registration_s": round(max(r[3] for r in regs), 2),
+               "registration_retry_reason": next((r[4] for r in regs if r[4]), "")}
+        reg["registrations_per_s"] = round(reg["registered"] / max(reg["registration_s"], 1e-9), 1)
+        if on_registered is not None:
+            on_registered()
+        for pipe in pipes:
+            pipe.send(("go", seconds, settle))
+        results = [pipe.recv() for pipe in pipes]
+        for pipe in pipes:
+            pipe.send(("responded", 1.0))
+        for pipe, late in zip(pipes, [pipe.recv() for pipe in pipes], strict=True):
+            del pipe
+            results[0][4].update(late[1])
+        return reg, summarize(results, seconds)
+    finally:
+        for pipe in pipes:
+            try:
+                pipe.send(("stop",))
+            except OSError:
+                pass
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+
+
+def _common(summary: dict[str, Any], server_cpu: float) -> dict[str, Any]:
+    done = max(summary["coordinations"], 1)
+    us = server_cpu / done * 1e6
+    return {**summary, "server_cpu_s": round(server_cpu, 2),
+            "server_cpu_us_per_coordination": round(us, 1),
+            "server_bound_coordinations_per_s": round(1e6 / us, 0) if us else None,
+            "load_avg_1min": os.getloadavg()[0], "cpus": os.cpu_count(),
+            "workers": WORKERS, "inflight_per_worker": INFLIGHT}
+
+
+def test_rendezvous_one_node(benchmark: Any, bench_report: Any) -> None:
+    with serve(PEERS, profile=PROFILE) as (proc, addr):
+        time.sleep(0.3)
+        rss0, kmem0 = proc_rss(proc.pid), tcp_kernel_memory()
+        marks: dict[str, float] = {}
+
+        def registered() -> None:
+            time.sleep(0.5)
+            marks.update(rss1=proc_rss(proc.pid), kmem1=tcp_kernel_memory(),
+                         cpu0=proc_cpu_seconds(proc.pid))
+
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            reg, summary = run_load([addr], PEERS, SECONDS, WORKERS, on_registered=registered)
+            out.update(reg=reg, summary=summary, cpu1=proc_cpu_seconds(proc.pid),
+                       rss2=proc_rss(proc.pid))
+
+        benchmark.pedantic(run, rounds=1, iterations=1)
+    reg, summary = out["reg"], out["summary"]
+    peers_k = max(reg["registered"], 1) / 1000
+    values = {
+        **reg, **_common(summary, out["cpu1"] - marks["cpu0"]), "peers": PEERS,
+        "server_rss_base_mb": round(rss0 / 2**20, 1),
+        "server_rss_registered_mb": round(marks["rss1"] / 2**20, 1),
+        "server_rss_after_stream_mb": round(out["rss2"] / 2**20, 1),
+        "rss_mb_per_1000_peers": round((marks["rss1"] - rss0) / peers_k / 2**20, 2),
+        "kernel_tcp_mb_per_1000_peers": round((marks["kmem1"] - kmem0) / peers_k / 2**20, 2),
+        "targets": {"coordinations_per_s": ">= 5000", "registered": ">= 50000",
+                    "rss_mb_per_1000_peers": "<= 25"},
+    }
+    bench_report.record("rendezvous", f"one_node.{PEERS}", **values)
+    print(values)  # noqa: T201 - the headline numbers in the bench log
+    assert reg["registered"] == PEERS and reg["registration_failures"] == 0
+    assert not summary["fatal_errors"] and summary["connections_lost"] == 0
+    assert summary["punch_initiator_only"] == 0 and summary["unanswered"] == 0
+
+
+def test_rendezvous_two_nodes_redis(benchmark: Any, bench_report: Any, redis_url: str,
+                                    tmp_path: Any) -> None:
+    """Half the peers on each node; about half the CONNECTs cross nodes through Redis."""
+    state = str(tmp_path / "cluster")
+    with serve(PEERS, redis_url, state) as (n1, a1), serve(PEERS, redis_url, state) as (n2, a2):
+        time.sleep(0.3)
+        cpu: dict[str, float] = {}
+
+        def registered() -> None:
+            cpu["0"] = proc_cpu_seconds(n1.pid) + proc_cpu_seconds(n2.pid)
+
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            reg, summary = run_load([a1, a2], PEERS, SECONDS, WORKERS, on_registered=registered)
+            out.update(reg=reg, summary=summary,
+                       cpu1=proc_cpu_seconds(n1.pid) + proc_cpu_seconds(n2.pid))
+
+        benchmark.pedantic(run, rounds=1, iterations=1)
+    reg, summary = out["reg"], out["summary"]
+    lost = summary["punch_initiator_only"] + summary["punch_responder_only"] + summary["unanswered"]
+    values = {**reg, **_common(summary, out["cpu1"] - cpu["0"]), "peers": PEERS, "nodes": 2,
+              "lost_punches": lost}
+    bench_report.record("rendezvous", f"two_nodes_redis.{PEERS}", **values)
+    print(values)  # noqa: T201
+    assert reg["registered"] == PEERS
+    assert lost == 0, summary
+    assert not summary["fatal_errors"] and summary["connections_lost"] == 0
