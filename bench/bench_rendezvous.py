@@ -20,7 +20,8 @@ TCP buffer memory (/proc/net/sockstat, both ends of each loopback connection), w
 Knobs: PYHOLEPUNCH_BENCH_PEERS (default 5000; the #18 target is 50000), PYHOLEPUNCH_BENCH_SECONDS
 (default 5), PYHOLEPUNCH_BENCH_WORKERS (default 2), PYHOLEPUNCH_BENCH_PROFILE=FILE (run the
 single node under cProfile, stats written to FILE), PYHOLEPUNCH_BENCH_SERVER_LOG=FILE (the
-servers' stderr).
+servers' stderr), PYHOLEPUNCH_BENCH_SERVER_TREE=DIR (the server from another checkout,
+for before/after numbers with the same generator).
 Targets (#18, reported, not asserted except no lost PUNCH): >= 5,000 coordinations/s, >= 50,000
 registered peers, <= 25 MB RSS per 1,000 peers; two nodes over Redis lose no PUNCH.
 """
@@ -53,6 +54,7 @@ SECONDS = float(os.environ.get("PYHOLEPUNCH_BENCH_SECONDS", "5"))
 WORKERS = int(os.environ.get("PYHOLEPUNCH_BENCH_WORKERS", "2"))
 PROFILE = os.environ.get("PYHOLEPUNCH_BENCH_PROFILE")
 LOG = os.environ.get("PYHOLEPUNCH_BENCH_SERVER_LOG")       # the servers' stderr, appended
+SERVER_TREE = os.environ.get("PYHOLEPUNCH_BENCH_SERVER_TREE")   # run the server from there
 INFLIGHT = 200           # outstanding CONNECTs per worker
 PEERS_PER_WORKER = 19_000    # each connection is a descriptor: under the hard RLIMIT_NOFILE
 
@@ -66,17 +68,25 @@ def serve(peers: int, store: str | None = None, state_dir: str | None = None,
           profile: str | None = None) -> Iterator[tuple[subprocess.Popen[str], tuple[str, int]]]:
     """One ``pyholepunch serve`` process (signaling only), its fd limit lifted for ``peers``."""
     cmd = [sys.executable]
-    if profile:
-        cmd += ["-m", "cProfile", "-o", profile]
-    cmd += ["-m", "pyholepunch", "serve", "--listen", "127.0.0.1:0", "--json", "--quiet",
+    if profile:     # CPU time, not wall time: on shared cores a preempted send() looks slow
+        cmd += ["-c", "import cProfile, runpy, sys, time; sys.argv[0] = 'pyholepunch'; "
+                "p = cProfile.Profile(time.process_time); p.enable()\n"
+                "try: runpy.run_module('pyholepunch', run_name='__main__')\n"
+                f"finally: p.disable(); p.dump_stats({profile!r})"]
+    else:
+        cmd += ["-m", "pyholepunch"]
+    cmd += ["serve", "--listen", "127.0.0.1:0", "--json", "--quiet",
             "--no-relay", "--no-stun", "--max-peers", str(peers * 2)]
     if store:
         cmd += ["--store", store]
     if state_dir:
         cmd += ["--state-dir", state_dir]
     log = open(LOG, "a") if LOG else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                            preexec_fn=_lift_fd_limit)
+    env = dict(os.environ)
+    if SERVER_TREE:             # compare: the server from another checkout (e.g. main)
+        env["PYTHONPATH"] = SERVER_TREE
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                            cwd=SERVER_TREE or None, preexec_fn=_lift_fd_limit)
     try:
         assert proc.stdout is not None
         info = json.loads(proc.stdout.readline())
@@ -139,10 +149,21 @@ def run_load(servers: list[tuple[str, int]], peers: int, seconds: float, workers
                 p.kill()
 
 
-def _common(summary: dict[str, Any], server_cpu: float) -> dict[str, Any]:
+def _cpu(*pids: int) -> tuple[float, float]:
+    """(CPU seconds, of them in the kernel) of the server processes so far."""
+    return (sum(proc_cpu_seconds(p) for p in pids),
+            sum(proc_cpu_seconds(p, kernel_only=True) for p in pids))
+
+
+def _spent(before: tuple[float, float], after: tuple[float, float]) -> tuple[float, float]:
+    return after[0] - before[0], after[1] - before[1]
+
+
+def _common(summary: dict[str, Any], server_cpu: float, server_sys: float) -> dict[str, Any]:
     done = max(summary["coordinations"], 1)
     us = server_cpu / done * 1e6
     return {**summary, "server_cpu_s": round(server_cpu, 2),
+            "server_kernel_share": round(server_sys / server_cpu, 2) if server_cpu else None,
             "server_cpu_us_per_coordination": round(us, 1),
             "server_bound_coordinations_per_s": round(1e6 / us, 0) if us else None,
             "load_avg_1min": os.getloadavg()[0], "cpus": os.cpu_count(),
@@ -153,25 +174,25 @@ def test_rendezvous_one_node(benchmark: Any, bench_report: Any) -> None:
     with serve(PEERS, profile=PROFILE) as (proc, addr):
         time.sleep(0.3)
         rss0, kmem0 = proc_rss(proc.pid), tcp_kernel_memory()
-        marks: dict[str, float] = {}
+        marks: dict[str, Any] = {}
 
         def registered() -> None:
             time.sleep(0.5)
             marks.update(rss1=proc_rss(proc.pid), kmem1=tcp_kernel_memory(),
-                         cpu0=proc_cpu_seconds(proc.pid))
+                         cpu0=_cpu(proc.pid))
 
         out: dict[str, Any] = {}
 
         def run() -> None:
             reg, summary = run_load([addr], PEERS, SECONDS, WORKERS, on_registered=registered)
-            out.update(reg=reg, summary=summary, cpu1=proc_cpu_seconds(proc.pid),
+            out.update(reg=reg, summary=summary, cpu1=_cpu(proc.pid),
                        rss2=proc_rss(proc.pid))
 
         benchmark.pedantic(run, rounds=1, iterations=1)
     reg, summary = out["reg"], out["summary"]
     peers_k = max(reg["registered"], 1) / 1000
     values = {
-        **reg, **_common(summary, out["cpu1"] - marks["cpu0"]), "peers": PEERS,
+        **reg, **_common(summary, *_spent(marks["cpu0"], out["cpu1"])), "peers": PEERS,
         "server_rss_base_mb": round(rss0 / 2**20, 1),
         "server_rss_registered_mb": round(marks["rss1"] / 2**20, 1),
         "server_rss_after_stream_mb": round(out["rss2"] / 2**20, 1),
@@ -193,22 +214,22 @@ def test_rendezvous_two_nodes_redis(benchmark: Any, bench_report: Any, redis_url
     state = str(tmp_path / "cluster")
     with serve(PEERS, redis_url, state) as (n1, a1), serve(PEERS, redis_url, state) as (n2, a2):
         time.sleep(0.3)
-        cpu: dict[str, float] = {}
+        cpu: dict[str, Any] = {}
 
         def registered() -> None:
-            cpu["0"] = proc_cpu_seconds(n1.pid) + proc_cpu_seconds(n2.pid)
+            cpu["0"] = _cpu(n1.pid, n2.pid)
 
         out: dict[str, Any] = {}
 
         def run() -> None:
             reg, summary = run_load([a1, a2], PEERS, SECONDS, WORKERS, on_registered=registered)
             out.update(reg=reg, summary=summary,
-                       cpu1=proc_cpu_seconds(n1.pid) + proc_cpu_seconds(n2.pid))
+                       cpu1=_cpu(n1.pid, n2.pid))
 
         benchmark.pedantic(run, rounds=1, iterations=1)
     reg, summary = out["reg"], out["summary"]
     lost = summary["punch_initiator_only"] + summary["punch_responder_only"] + summary["unanswered"]
-    values = {**reg, **_common(summary, out["cpu1"] - cpu["0"]), "peers": PEERS, "nodes": 2,
+    values = {**reg, **_common(summary, *_spent(cpu["0"], out["cpu1"])), "peers": PEERS, "nodes": 2,
               "lost_punches": lost}
     bench_report.record("rendezvous", f"two_nodes_redis.{PEERS}", **values)
     print(values)  # noqa: T201

@@ -339,10 +339,12 @@ def summarize(results: list[tuple[Any, ...]], duration: float) -> dict[str, Any]
     }
 
 
-def proc_cpu_seconds(pid: int) -> float:
+def proc_cpu_seconds(pid: int, kernel_only: bool = False) -> float:
+    """CPU seconds of process ``pid`` (user + system, or system alone)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[12]) + (0 if kernel_only else int(fields[11]))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def proc_rss(pid: int) -> int:
