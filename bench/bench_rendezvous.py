@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from typing import Any
 
-from bench.rendezvous_load import (
+from tests.signal_load import (
     proc_cpu_seconds,
     proc_rss,
     summarize,
