@@ -27,26 +27,12 @@ registered peers, <= 25 MB RSS per 1,000 peers; two nodes over Redis lose no PUN
 """
 from __future__ import annotations
 
-import json
-import multiprocessing as mp
 import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from multiprocessing.connection import Connection
 from typing import Any
 
-from tests.signal_load import (
-    proc_cpu_seconds,
-    proc_rss,
-    summarize,
-    tcp_kernel_memory,
-    worker_main,
-)
-from pyholepunch._process import raise_fd_limit, stop_processes
 from tests import conftest as suite
+from tests.signal_load import proc_cpu_seconds, proc_rss, run_load, serve, tcp_kernel_memory
 
 redis_url = suite.redis_url     # the suite's real redis-server fixture
 PEERS = int(os.environ.get("PYHOLEPUNCH_BENCH_PEERS", "5000"))
@@ -56,99 +42,6 @@ PROFILE = os.environ.get("PYHOLEPUNCH_BENCH_PROFILE")
 LOG = os.environ.get("PYHOLEPUNCH_BENCH_SERVER_LOG")       # the servers' stderr, appended
 SERVER_TREE = os.environ.get("PYHOLEPUNCH_BENCH_SERVER_TREE")   # run the server from there
 INFLIGHT = 200           # outstanding CONNECTs per worker
-PEERS_PER_WORKER = 19_000    # each connection is a descriptor: under the hard RLIMIT_NOFILE
-
-
-def _lift_fd_limit() -> None:
-    raise_fd_limit()            # to the hard limit (20,000 here: no CAP_SYS_RESOURCE to raise it)
-
-
-@contextmanager
-def serve(peers: int, store: str | None = None, state_dir: str | None = None,
-          profile: str | None = None) -> Iterator[tuple[subprocess.Popen[str], tuple[str, int]]]:
-    """One ``pyholepunch serve`` process (signaling only), its fd limit lifted for ``peers``."""
-    cmd = [sys.executable]
-    if profile:     # CPU time, not wall time: on shared cores a preempted send() looks slow
-        cmd += ["-c", "import cProfile, runpy, sys, time; sys.argv[0] = 'pyholepunch'; "
-                "p = cProfile.Profile(time.process_time); p.enable()\n"
-                "try: runpy.run_module('pyholepunch', run_name='__main__')\n"
-                f"finally: p.disable(); p.dump_stats({profile!r})"]
-    else:
-        cmd += ["-m", "pyholepunch"]
-    cmd += ["serve", "--listen", "127.0.0.1:0", "--json", "--quiet",
-            "--no-relay", "--no-stun", "--max-peers", str(peers * 2)]
-    if store:
-        cmd += ["--store", store]
-    if state_dir:
-        cmd += ["--state-dir", state_dir]
-    log = open(LOG, "a") if LOG else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    env = dict(os.environ)
-    if SERVER_TREE:             # compare: the server from another checkout (e.g. main)
-        env["PYTHONPATH"] = SERVER_TREE
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-                            cwd=SERVER_TREE or None, preexec_fn=_lift_fd_limit)
-    try:
-        assert proc.stdout is not None
-        info = json.loads(proc.stdout.readline())
-        host, port = info["listen"].rsplit(":", 1)
-        yield proc, (host, int(port))
-    finally:
-        stop_processes(proc, grace=30.0)
-        if LOG:
-            log.close()  # type: ignore[union-attr]
-
-
-def run_load(servers: list[tuple[str, int]], peers: int, seconds: float, workers: int,
-             on_registered: Any = None, inflight: int = INFLIGHT,
-             settle: float = 5.0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Register ``peers`` over ``workers`` processes (peer k on servers[k % len]), stream
-    CONNECTs for ``seconds``; (registration facts, joined stream summary)."""
-    names = [f"p{i}" for i in range(peers)]
-    import random
-    order = names[:]
-    random.Random(7).shuffle(order)       # targets: every peer in turn, shuffled
-    ctx = mp.get_context("fork")
-    pipes: list[Connection] = []
-    procs = []
-    workers = max(workers, -(-peers // PEERS_PER_WORKER))
-    per = -(-peers // workers)
-    for w in range(workers):
-        parent, child = ctx.Pipe()
-        mine = names[w * per:(w + 1) * per]
-        p = ctx.Process(target=worker_main, args=(child, w, servers, mine, w * per,
-                                                  order[w::workers], inflight))
-        p.start()
-        pipes.append(parent)
-        procs.append(p)
-    try:
-        regs = [pipe.recv() for pipe in pipes]
-        reg = {"registered": sum(r[1] for r in regs), "registration_failures": sum(r[2] for r in regs),
-               "registration_s": round(max(r[3] for r in regs), 2),
-               "registration_retry_reason": next((r[4] for r in regs if r[4]), "")}
-        reg["registrations_per_s"] = round(reg["registered"] / max(reg["registration_s"], 1e-9), 1)
-        if on_registered is not None:
-            on_registered()
-        for pipe in pipes:
-            pipe.send(("go", seconds, settle))
-        results = [pipe.recv() for pipe in pipes]
-        for pipe in pipes:
-            pipe.send(("responded", 1.0))
-        for pipe, late in zip(pipes, [pipe.recv() for pipe in pipes], strict=True):
-            del pipe
-            results[0][4].update(late[1])
-        return reg, summarize(results, seconds)
-    finally:
-        for pipe in pipes:
-            try:
-                pipe.send(("stop",))
-            except OSError:
-                pass
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
-
-
 def _cpu(*pids: int) -> tuple[float, float]:
     """(CPU seconds, of them in the kernel) of the server processes so far."""
     return (sum(proc_cpu_seconds(p) for p in pids),
@@ -171,7 +64,7 @@ def _common(summary: dict[str, Any], server_cpu: float, server_sys: float) -> di
 
 
 def test_rendezvous_one_node(benchmark: Any, bench_report: Any) -> None:
-    with serve(PEERS, profile=PROFILE) as (proc, addr):
+    with serve(PEERS, profile=PROFILE, log_file=LOG, server_tree=SERVER_TREE) as (proc, addr):
         time.sleep(0.3)
         rss0, kmem0 = proc_rss(proc.pid), tcp_kernel_memory()
         marks: dict[str, Any] = {}
@@ -184,7 +77,8 @@ def test_rendezvous_one_node(benchmark: Any, bench_report: Any) -> None:
         out: dict[str, Any] = {}
 
         def run() -> None:
-            reg, summary = run_load([addr], PEERS, SECONDS, WORKERS, on_registered=registered)
+            reg, summary = run_load([addr], PEERS, SECONDS, WORKERS, on_registered=registered,
+                                    inflight=INFLIGHT)
             out.update(reg=reg, summary=summary, cpu1=_cpu(proc.pid),
                        rss2=proc_rss(proc.pid))
 
@@ -212,7 +106,9 @@ def test_rendezvous_two_nodes_redis(benchmark: Any, bench_report: Any, redis_url
                                     tmp_path: Any) -> None:
     """Half the peers on each node; about half the CONNECTs cross nodes through Redis."""
     state = str(tmp_path / "cluster")
-    with serve(PEERS, redis_url, state) as (n1, a1), serve(PEERS, redis_url, state) as (n2, a2):
+    kw = {"log_file": LOG, "server_tree": SERVER_TREE}
+    with serve(PEERS, redis_url, state, **kw) as (n1, a1), \
+            serve(PEERS, redis_url, state, **kw) as (n2, a2):
         time.sleep(0.3)
         cpu: dict[str, Any] = {}
 
@@ -222,7 +118,8 @@ def test_rendezvous_two_nodes_redis(benchmark: Any, bench_report: Any, redis_url
         out: dict[str, Any] = {}
 
         def run() -> None:
-            reg, summary = run_load([a1, a2], PEERS, SECONDS, WORKERS, on_registered=registered)
+            reg, summary = run_load([a1, a2], PEERS, SECONDS, WORKERS, on_registered=registered,
+                                    inflight=INFLIGHT)
             out.update(reg=reg, summary=summary,
                        cpu1=_cpu(n1.pid, n2.pid))
 

@@ -18,16 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import multiprocessing as mp
 import os
 import random
 import resource
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
-from pyholepunch._process import raise_fd_limit
+from pyholepunch._process import raise_fd_limit, stop_processes
 from pyholepunch.identity import Identity
 from pyholepunch.signal.machine import ConnectionClosed, Role, SignalConnection
 from pyholepunch.signal.protocol import (
@@ -49,6 +55,7 @@ PROFILE = {"transport": "tcp", "family": "ipv4", "mapping": "endpoint-independen
 REG_INFLIGHT = 48            # registrations in flight per worker
 SOURCES = 200                # loopback source addresses the peers are spread over
 CONNECT_TIMEOUT = 10.0
+PEERS_PER_WORKER = 19_000    # each connection is a descriptor: under the hard RLIMIT_NOFILE
 
 
 def source_ip(index: int) -> str:
@@ -291,6 +298,96 @@ async def _worker(pipe: Connection, wid: int, servers: list[tuple[str, int]], na
     finally:
         gen.close()
         await asyncio.sleep(0.1)
+
+
+def _lift_fd_limit() -> None:
+    raise_fd_limit()            # to the hard limit (20,000 here: no CAP_SYS_RESOURCE to raise it)
+
+
+@contextmanager
+def serve(peers: int, store: str | None = None, state_dir: str | None = None,
+          profile: str | None = None, log_file: str | None = None,
+          server_tree: str | None = None) -> Iterator[tuple[subprocess.Popen[str], tuple[str, int]]]:
+    """One ``pyholepunch serve`` process (signaling only), its fd limit lifted for ``peers``."""
+    cmd = [sys.executable]
+    if profile:     # CPU time, not wall time: on shared cores a preempted send() looks slow
+        cmd += ["-c", "import cProfile, runpy, sys, time; sys.argv[0] = 'pyholepunch'; "
+                "p = cProfile.Profile(time.process_time); p.enable()\n"
+                "try: runpy.run_module('pyholepunch', run_name='__main__')\n"
+                f"finally: p.disable(); p.dump_stats({profile!r})"]
+    else:
+        cmd += ["-m", "pyholepunch"]
+    cmd += ["serve", "--listen", "127.0.0.1:0", "--json", "--quiet",
+            "--no-relay", "--no-stun", "--max-peers", str(peers * 2)]
+    if store:
+        cmd += ["--store", store]
+    if state_dir:
+        cmd += ["--state-dir", state_dir]
+    log = open(log_file, "a") if log_file else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    env = dict(os.environ)
+    if server_tree:             # compare: the server from another checkout (e.g. main)
+        env["PYTHONPATH"] = server_tree
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                            cwd=server_tree or None, preexec_fn=_lift_fd_limit)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        host, port = info["listen"].rsplit(":", 1)
+        yield proc, (host, int(port))
+    finally:
+        stop_processes(proc, grace=30.0)
+        if log_file:
+            log.close()  # type: ignore[union-attr]
+
+
+def run_load(servers: list[tuple[str, int]], peers: int, seconds: float, workers: int,
+             on_registered: Any = None, inflight: int = 200,
+             settle: float = 5.0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Register ``peers`` over ``workers`` processes (peer k on servers[k % len]), stream
+    CONNECTs for ``seconds``; (registration facts, joined stream summary)."""
+    names = [f"p{i}" for i in range(peers)]
+    order = names[:]
+    random.Random(7).shuffle(order)       # targets: every peer in turn, shuffled
+    ctx = mp.get_context("fork")
+    pipes: list[Connection] = []
+    procs = []
+    workers = max(workers, -(-peers // PEERS_PER_WORKER))
+    per = -(-peers // workers)
+    for w in range(workers):
+        parent, child = ctx.Pipe()
+        mine = names[w * per:(w + 1) * per]
+        p = ctx.Process(target=worker_main, args=(child, w, servers, mine, w * per,
+                                                  order[w::workers], inflight))
+        p.start()
+        pipes.append(parent)
+        procs.append(p)
+    try:
+        regs = [pipe.recv() for pipe in pipes]
+        reg = {"registered": sum(r[1] for r in regs), "registration_failures": sum(r[2] for r in regs),
+               "registration_s": round(max(r[3] for r in regs), 2),
+               "registration_retry_reason": next((r[4] for r in regs if r[4]), "")}
+        reg["registrations_per_s"] = round(reg["registered"] / max(reg["registration_s"], 1e-9), 1)
+        if on_registered is not None:
+            on_registered()
+        for pipe in pipes:
+            pipe.send(("go", seconds, settle))
+        results = [pipe.recv() for pipe in pipes]
+        for pipe in pipes:
+            pipe.send(("responded", 1.0))
+        for pipe, late in zip(pipes, [pipe.recv() for pipe in pipes], strict=True):
+            del pipe
+            results[0][4].update(late[1])
+        return reg, summarize(results, seconds)
+    finally:
+        for pipe in pipes:
+            try:
+                pipe.send(("stop",))
+            except OSError:
+                pass
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
 
 
 def summarize(results: list[tuple[Any, ...]], duration: float) -> dict[str, Any]:
