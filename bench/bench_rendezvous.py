@@ -18,10 +18,11 @@ would carry. Memory: server RSS growth per 1,000 registered peers, and beside it
 TCP buffer memory (/proc/net/sockstat, both ends of each loopback connection), which no RSS shows.
 
 Knobs: PYHOLEPUNCH_BENCH_PEERS (default 5000; the #18 target is 50000), PYHOLEPUNCH_BENCH_SECONDS
-(default 5), PYHOLEPUNCH_BENCH_WORKERS (default 2), PYHOLEPUNCH_BENCH_PROFILE=FILE (run the
-single node under cProfile, stats written to FILE), PYHOLEPUNCH_BENCH_SERVER_LOG=FILE (the
-servers' stderr), PYHOLEPUNCH_BENCH_SERVER_TREE=DIR (the server from another checkout,
-for before/after numbers with the same generator).
+(default 5), PYHOLEPUNCH_BENCH_WORKERS (default 2; more when one worker would pass 19,000
+connections), PYHOLEPUNCH_BENCH_NODES (default 2: serve processes sharing Redis),
+PYHOLEPUNCH_BENCH_PROFILE=FILE (run the single node under cProfile, stats written to FILE),
+PYHOLEPUNCH_BENCH_SERVER_LOG=FILE (the servers' stderr), PYHOLEPUNCH_BENCH_SERVER_TREE=DIR (the
+server from another checkout, for before/after numbers with the same generator).
 Targets (#18, reported, not asserted except no lost PUNCH): >= 5,000 coordinations/s, >= 50,000
 registered peers, <= 25 MB RSS per 1,000 peers; two nodes over Redis lose no PUNCH.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import ExitStack
 from typing import Any
 
 from tests import conftest as suite
@@ -38,6 +40,7 @@ redis_url = suite.redis_url     # the suite's real redis-server fixture
 PEERS = int(os.environ.get("PYHOLEPUNCH_BENCH_PEERS", "5000"))
 SECONDS = float(os.environ.get("PYHOLEPUNCH_BENCH_SECONDS", "5"))
 WORKERS = int(os.environ.get("PYHOLEPUNCH_BENCH_WORKERS", "2"))
+NODES = int(os.environ.get("PYHOLEPUNCH_BENCH_NODES", "2"))    # serve processes over Redis
 PROFILE = os.environ.get("PYHOLEPUNCH_BENCH_PROFILE")
 LOG = os.environ.get("PYHOLEPUNCH_BENCH_SERVER_LOG")       # the servers' stderr, appended
 SERVER_TREE = os.environ.get("PYHOLEPUNCH_BENCH_SERVER_TREE")   # run the server from there
@@ -102,33 +105,38 @@ def test_rendezvous_one_node(benchmark: Any, bench_report: Any) -> None:
     assert summary["punch_initiator_only"] == 0 and summary["unanswered"] == 0
 
 
-def test_rendezvous_two_nodes_redis(benchmark: Any, bench_report: Any, redis_url: str,
-                                    tmp_path: Any) -> None:
-    """Half the peers on each node; about half the CONNECTs cross nodes through Redis."""
+def test_rendezvous_nodes_redis(benchmark: Any, bench_report: Any, redis_url: str,
+                                tmp_path: Any) -> None:
+    """NODES serve processes over one redis-server (default two), the peers spread evenly;
+    most CONNECTs cross nodes through Redis. Several nodes on this one host are also how
+    more peers than one process's RLIMIT_NOFILE get registered on one machine."""
     state = str(tmp_path / "cluster")
-    kw = {"log_file": LOG, "server_tree": SERVER_TREE}
-    with serve(PEERS, redis_url, state, **kw) as (n1, a1), \
-            serve(PEERS, redis_url, state, **kw) as (n2, a2):
+    with ExitStack() as stack:
+        nodes = [stack.enter_context(serve(-(-PEERS // NODES), redis_url, state, log_file=LOG,
+                                           server_tree=SERVER_TREE)) for _ in range(NODES)]
+        pids = [proc.pid for proc, _ in nodes]
         time.sleep(0.3)
-        cpu: dict[str, Any] = {}
+        rss0 = sum(proc_rss(p) for p in pids)
+        marks: dict[str, Any] = {}
 
         def registered() -> None:
-            cpu["0"] = _cpu(n1.pid, n2.pid)
+            time.sleep(0.5)
+            marks.update(cpu0=_cpu(*pids), rss1=sum(proc_rss(p) for p in pids))
 
         out: dict[str, Any] = {}
 
         def run() -> None:
-            reg, summary = run_load([a1, a2], PEERS, SECONDS, WORKERS, on_registered=registered,
-                                    inflight=INFLIGHT)
-            out.update(reg=reg, summary=summary,
-                       cpu1=_cpu(n1.pid, n2.pid))
+            reg, summary = run_load([addr for _, addr in nodes], PEERS, SECONDS, WORKERS,
+                                    on_registered=registered, inflight=INFLIGHT)
+            out.update(reg=reg, summary=summary, cpu1=_cpu(*pids))
 
         benchmark.pedantic(run, rounds=1, iterations=1)
     reg, summary = out["reg"], out["summary"]
     lost = summary["punch_initiator_only"] + summary["punch_responder_only"] + summary["unanswered"]
-    values = {**reg, **_common(summary, *_spent(cpu["0"], out["cpu1"])), "peers": PEERS, "nodes": 2,
-              "lost_punches": lost}
-    bench_report.record("rendezvous", f"two_nodes_redis.{PEERS}", **values)
+    values = {**reg, **_common(summary, *_spent(marks["cpu0"], out["cpu1"])), "peers": PEERS,
+              "nodes": NODES, "lost_punches": lost,
+              "rss_mb_per_1000_peers": round((marks["rss1"] - rss0) / (PEERS / 1000) / 2**20, 2)}
+    bench_report.record("rendezvous", f"nodes_redis.{NODES}.{PEERS}", **values)
     print(values)  # noqa: T201
     assert reg["registered"] == PEERS
     assert lost == 0, summary

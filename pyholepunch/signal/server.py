@@ -198,9 +198,13 @@ class SignalServer:
 
         A message that cannot be framed raises LocalProtocolError here, to the caller acting
         for the SENDER: the recipient is never dropped for what another peer sent."""
+        if record.node == self.node_id:      # framed once, by the recipient's connection
+            proto = self.peers.get(record.peer_id)
+            if proto is None:
+                return False
+            self._deliver(proto, msg, remote=False, strict=True)
+            return True
         encode_frame(msg, self.config.max_frame)
-        if record.node == self.node_id:
-            return await self._on_push({"kind": kind, "to": record.peer_id, "msg": msg})
         if isinstance(msg, Punch):
             msg = replace(msg, start_at=msg.start_at + self.reference_offset)
         push = {"kind": kind, "to": record.peer_id, "msg": msg.to_wire()}
@@ -223,13 +227,23 @@ class SignalServer:
         remote = isinstance(msg, dict)
         if remote:                      # from another node: checked like any network input
             msg = parse_message(msg)
+        self._deliver(proto, msg, remote=remote, strict=False)
+        return True
+
+    def _deliver(self, proto: PeerProtocol, msg: Message, *, remote: bool, strict: bool) -> None:
+        """Send a pushed message to a peer connected here. ``strict``: a message that cannot
+        be framed raises LocalProtocolError (to the caller acting for the sender) and the
+        recipient never hears of it; otherwise it is dropped with a warning."""
         if isinstance(msg, Punch):
             # The common start travels in this node's clock, or between nodes in the store's
             # reference clock; this node converts it into the receiving peer's clock.
             start = msg.start_at - self.reference_offset if remote else msg.start_at
-            msg = replace(msg, start_at=start + proto.clock.offset)
-        proto.send(msg)
-        return True
+            msg = Punch(session=msg.session, role=msg.role, start_at=start + proto.clock.offset,
+                        peer=msg.peer, plan=msg.plan)
+        if strict:
+            proto.deliver(msg)
+        else:
+            proto.send(msg)
 
 
 class _AdmittedTls(TlsTransport):

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -184,15 +183,19 @@ class PeerProtocol(asyncio.Protocol):
 
     # -- sending / closing -----------------------------------------------------------------
     def send(self, msg: Message) -> None:
-        if self._closing or self.transport is None or self.conn.state is State.CLOSED:
-            return
         try:
-            data = self.conn.send(msg)
+            self.deliver(msg)
         except ProtocolError as exc:
             # Nothing was sent and the state did not move: drop this message, keep the peer
             # (a push that cannot be framed is refused to its sender in SignalServer.push).
             log.warning("cannot send %s to %s: %s", msg.TYPE, self.name, exc)
+
+    def deliver(self, msg: Message) -> None:
+        """``send``, except that a message that cannot be framed raises LocalProtocolError
+        (nothing sent, the state unmoved): SignalServer.push refuses it to its sender."""
+        if self._closing or self.transport is None or self.conn.state is State.CLOSED:
             return
+        data = self.conn.send(msg)
         self.transport.write(data)
         self.server.metrics["frames_out"] += 1
         if self.transport.get_write_buffer_size() > self.cfg.max_write_buffer:
@@ -320,9 +323,11 @@ class PeerProtocol(asyncio.Protocol):
                     fatal: bool = False) -> list[list[Any]]:
         """protocol.check_candidates; loopback only from a peer on the server's own host."""
         policy = self.cfg.loopback_candidates
+        allow = self.loopback if policy is None else policy
+        if allow:       # every caller passes a message's field: the wire check was this one
+            return value
         try:
-            return check_candidates(value, allow_loopback=self.loopback if policy is None
-                                    else policy)
+            return check_candidates(value, allow_loopback=allow)
         except ValueError as exc:
             raise Refusal(ErrorCode.BAD_REQUEST, f"candidates: {exc}", session=session,
                           fatal=fatal) from None
@@ -409,15 +414,15 @@ class PeerProtocol(asyncio.Protocol):
                                                          "responder": target.peer_id}):
             raise Refusal(ErrorCode.SESSION_EXISTS, "session id already used",
                           session=msg.session, fatal=False)
-        initiator = replace(me, candidates=[list(c) for c in candidates] or me.candidates,
-                            profiles=msg.profiles or me.profiles)
-        plan = make_plan(initiator.profiles, target.profiles, initiator.candidates,
-                         target.candidates, rtt=max(me.rtt, target.rtt))
+        # This session's view of the initiator: what the CONNECT says, else what it registered.
+        my_candidates, my_profiles = candidates or me.candidates, msg.profiles or me.profiles
+        plan = make_plan(my_profiles, target.profiles, my_candidates, target.candidates,
+                         rtt=max(me.rtt, target.rtt))
         now = srv.clock()
         start = clamp_start(common_start(now, [me.rtt, target.rtt], self.cfg.margin,
                                           [me.spread, target.spread]), now)
         to_b = Punch(session=msg.session, role="responder", start_at=start,
-                     peer=initiator.peer_info(), plan=plan)
+                     peer=me.peer_info(my_candidates, my_profiles), plan=plan)
         try:
             delivered = await srv.push(target, "punch", to_b)
         except ProtocolError as exc:     # refused to the sender; the target never hears of it
@@ -430,7 +435,7 @@ class PeerProtocol(asyncio.Protocol):
                         peer=target.peer_info(), plan=plan))
         srv.metrics["punches"] += 1
         srv.emit("coordination", session=msg.session,
-                 profiles=(initiator.profiles, target.profiles))
+                 profiles=(my_profiles, target.profiles))
         log.info("punch %s: %s -> %s start in %.1f ms", msg.session, me.name, target.name,
                  (start - srv.clock()) * 1e3)
 

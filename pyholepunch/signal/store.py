@@ -81,11 +81,15 @@ class PeerRecord:
     def from_wire(cls, d: dict[str, Any]) -> PeerRecord:
         return cls(**d)
 
-    def peer_info(self) -> dict[str, Any]:
-        """The PUNCH ``peer`` map: what the other side needs to reach and authenticate us."""
+    def peer_info(self, candidates: list[Any] | None = None,
+                  profiles: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The PUNCH ``peer`` map: what the other side needs to reach and authenticate us
+        (``candidates``/``profiles``: this session's, instead of the registered ones)."""
         return {"peer_id": self.peer_id, "name": self.name, "public_key": self.public_key,
-                "cert": self.cert, "candidates": [list(c) for c in self.candidates],
-                "profiles": self.profiles}
+                "cert": self.cert,
+                "candidates": [list(c) for c in (self.candidates if candidates is None
+                                                 else candidates)],
+                "profiles": self.profiles if profiles is None else profiles}
 
 
 class Store(abc.ABC):
