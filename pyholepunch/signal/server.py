@@ -19,8 +19,9 @@ from typing import Any
 from ..errors import Refusal
 from .admission import SourceBudget, source_key
 from .auth import TokenBucket
+from .plan import make_plan
 from .protocol import DEFAULT_MAX_FRAME, ErrorCode, Message, Punch, encode_frame, parse_message
-from .server_peer import PeerProtocol, make_plan
+from .server_peer import PeerProtocol
 from .store import MemoryStore, NameLimits, PeerRecord, Push, Store
 from .tls import ServerCredentials
 from .tlsproto import TlsTransport

@@ -12,15 +12,12 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import msgpack  # type: ignore[import-untyped]
-
-from .. import strategy
 from ..errors import AuthenticationError, ProtocolError, QuotaError, Refusal
 from ..identity import peer_id_of, verify_signature
-from ..nat.profile import NatProfile
 from .admission import is_loopback, source_key
 from .auth import TokenBucket, check_token
 from .machine import ClockEstimator, ConnectionClosed, Role, SignalConnection, State, common_start
+from .plan import make_plan
 from .protocol import (
     PEER_ID_RE,
     Connect,
@@ -51,47 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MAX_GAVE_UP_REASON = 200     # characters of a peer's failure reason passed on to the other
 MAX_OUTSTANDING_PINGS = 4    # pings whose pong we still accept (a pong must echo one of them)
-
-
-def make_plan(initiator: list[dict[str, Any]], responder: list[dict[str, Any]],
-              initiator_candidates: list[list[Any]] | None = None,
-              responder_candidates: list[list[Any]] | None = None, *,
-              rtt: float = 0.1) -> dict[str, Any] | None:
-    """The session's plan (strategy.plan_race: a lane per common address family, raced)."""
-    try:
-        result: dict[str, Any] = strategy.plan_race(
-            [_parsed(p, NatProfile.from_dict) for p in initiator],
-            [_parsed(p, NatProfile.from_dict) for p in responder],
-            _parsed(initiator_candidates or [], _candidates_of),
-            _parsed(responder_candidates or [], _candidates_of), rtt=rtt).to_dict()
-        return result
-    except Exception:
-        log.warning("strategy.plan failed; sending no plan", exc_info=True)
-        return None
-
-
-PARSE_CACHE = 8192        # profiles and candidate lists remembered parsed (make_plan)
-_parse_cache: dict[Any, Any] = {}
-
-
-def _parsed(value: Any, parse: Callable[[Any], Any]) -> Any:
-    """``parse(value)``, remembered: the same peer's profile and candidates are parsed once,
-    not at every CONNECT that names it (bounded: PARSE_CACHE entries, then forgotten)."""
-    try:    # msgpack keeps the types apart (True, 1 and 1.0 encode differently)
-        key = (parse, msgpack.packb(value, use_bin_type=True))
-    except (TypeError, ValueError, OverflowError):
-        return parse(value)
-    known = _parse_cache.get(key)
-    if known is None:
-        known = parse(value)
-        if len(_parse_cache) >= PARSE_CACHE:
-            _parse_cache.clear()
-        _parse_cache[key] = known
-    return known
-
-
-def _candidates_of(value: list[list[Any]]) -> tuple[strategy.Candidate, ...]:
-    return tuple(strategy.parse_candidates(value))
 
 
 def _other_peer(session: dict[str, Any], peer_id: str) -> str:

@@ -37,8 +37,6 @@ MAX_NAMES_PER_KEY = 16
 MAX_NAMES_PER_SOURCE = 256    # names first bound from one source address (IPv4 or IPv6 /64)
 SESSION_TTL = 300.0
 PEER_ID_CACHE = 1 << 16       # public key -> peer_id results remembered (find by name)
-NAME_CACHE_TTL = 10.0         # seconds a node trusts a name -> key answer from Redis
-NAME_CACHE_SIZE = 1 << 16
 # Redis connections one node keeps: a command waits for a free one (BlockingConnectionPool)
 # instead of failing, so thousands of peers' concurrent requests share a few connections.
 REDIS_CONNECTIONS = 32
@@ -359,7 +357,6 @@ class RedisStore(Store):
         self._session_ttl = int(session_ttl * 1000)
         self._pubsub: Any = None
         self._listener: Any = None
-        self._key_cache: dict[str, tuple[float, bytes]] = {}     # name -> (until, key)
         self.url = url
 
     def _k(self, *parts: str) -> str:
@@ -454,20 +451,8 @@ class RedisStore(Store):
         return None if data is None else PeerRecord.from_wire(_unpack(bytes(data)))
 
     async def key_of(self, name: str) -> bytes | None:
-        """The name's key, remembered for NAME_CACHE_TTL s: a CONNECT by name costs one Redis
-        round trip less. A name changes key only after its NAME_TTL of disuse, so a stale
-        answer can last NAME_CACHE_TTL s after that at most (a 404 for the new owner)."""
-        now = time.monotonic()
-        known = self._key_cache.get(name)
-        if known is not None and known[0] > now:
-            return known[1]
         value: Any = await self._redis.get(self._k("name", name))
-        key = bytes(value) if value is not None else None
-        if key is not None:
-            if len(self._key_cache) >= NAME_CACHE_SIZE:
-                self._key_cache.clear()
-            self._key_cache[name] = (now + min(NAME_CACHE_TTL, self.limits.ttl / 100), key)
-        return key
+        return bytes(value) if value is not None else None
 
     async def online_count(self) -> int:
         count = 0
