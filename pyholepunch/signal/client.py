@@ -14,6 +14,7 @@ import random
 import secrets
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from .protocol import (
     Result,
     Update,
     clamp_start,
+    refusal,
     registration_message,
 )
 from .tls import KNOWN_SERVERS, KnownServers, client_context, parse_fingerprint, verify_server
@@ -50,10 +52,11 @@ from .tls import KNOWN_SERVERS, KnownServers, client_context, parse_fingerprint,
 log = logging.getLogger(__name__)
 CHECK_FLOOR = 1.0           # check_server: seconds a loaded server may take, plus...
 CHECK_RTTS = 8.0            # ...this many round trips (TLS 1.3 and HELLO need about two)
+MAX_ABANDONED = 256         # given-up sessions remembered, to drop a PUNCH that comes late
 NOT_A_SERVER = -1           # SignalingError.code: no server of ours at that address (local)
 NO_RETRY = {ErrorCode.BAD_SIGNATURE, ErrorCode.NAME_TAKEN, ErrorCode.TOKEN_REQUIRED,
             ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.BAD_NAME,
-            ErrorCode.REPLACED, ErrorCode.VERSION}
+            ErrorCode.REPLACED, ErrorCode.VERSION, ErrorCode.QUOTA_EXCEEDED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,7 @@ class PunchInstruction:
     start_at: float
     peer: PeerInfo
     plan: dict[str, Any] | None
+    spread: float = 0.0     # how late either PUNCH may arrive (the server's measurement)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,7 @@ def _punch(msg: Punch, now: float) -> PunchInstruction:
     p = msg.peer
     return PunchInstruction(    # a start far ahead is not waited for (protocol.clamp_start)
         session=msg.session, role=msg.role, start_at=clamp_start(msg.start_at, now), plan=msg.plan,
+        spread=max(msg.spread, 0.0),
         peer=PeerInfo(p["peer_id"], p["name"], p["public_key"], p["cert"],
                       tuple(parse_candidates(p["candidates"])), tuple(p["profiles"])))
 
@@ -160,6 +165,7 @@ class SignalClient:
         self._conn: SignalConnection | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._abandoned: OrderedDict[str, None] = OrderedDict()   # connects we gave up on
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.failure: BaseException | None = None
@@ -196,8 +202,22 @@ class SignalClient:
                            candidates=(_candidates(candidates) if candidates is not None
                                        else self.candidates),
                            profiles=_profiles(profiles) if profiles is not None else self.profiles))
-        result: PunchInstruction = await self._await(fut, ("punch", session), timeout)
+        try:
+            result: PunchInstruction = await self._await(fut, ("punch", session), timeout)
+        except (asyncio.CancelledError, TimeoutError):
+            self._abandon(session)
+            raise
         return result
+
+    def _abandon(self, session: str) -> None:
+        """We gave up on ``session`` before its PUNCH: the server hears it now and tells the
+        other peer (which stops punching on its port); a PUNCH still coming is dropped."""
+        self._abandoned[session] = None
+        if len(self._abandoned) > MAX_ABANDONED:
+            self._abandoned.popitem(last=False)
+        with contextlib.suppress(ConnectionError):
+            self._send(Result(session=session, outcome="failed", stats={}, reason=(
+                "stopped waiting before the punch (connect cancelled or timed out)")))
 
     async def request_relay(self, session: str, timeout: float = 10.0) -> RelayInstruction:
         fut = self._expect("relay_grant", session)
@@ -343,8 +363,7 @@ class SignalClient:
                     err = msg.error
                     if err is None:
                         raise ConnectionError("server closed the connection during registration")
-                    raise SignalingError(f"registration refused: {err.reason} ({err.code})",
-                                         code=err.code)
+                    raise refusal(err.reason, err.code, "registration refused: ")
                 if isinstance(msg, Hello):
                     if msg.version != VERSION:
                         raise SignalingError(f"server speaks signaling v{msg.version}, we speak "
@@ -438,7 +457,7 @@ class SignalClient:
                 for msg in conn.receive_data(data):
                     if isinstance(msg, ConnectionClosed):
                         if msg.error is not None:
-                            raise SignalingError(msg.error.reason, code=msg.error.code)
+                            raise refusal(msg.error.reason, msg.error.code)
                         return
                     self._dispatch(msg, at, conn, writer)
         finally:
@@ -456,6 +475,8 @@ class SignalClient:
             if fut is not None and msg.role == "initiator":
                 if not fut.done():
                     fut.set_result(_punch(msg, at))
+            elif msg.role == "initiator" and msg.session in self._abandoned:
+                log.debug("PUNCH for %s after we gave up on it: dropped", msg.session)
             else:
                 self.incoming.put_nowait(_punch(msg, at))
         elif isinstance(msg, RelayGrant):
@@ -467,7 +488,7 @@ class SignalClient:
             else:
                 self.incoming.put_nowait(grant)
         elif isinstance(msg, Error) and msg.session is not None:
-            exc = SignalingError(f"{msg.reason} ({msg.code})", code=msg.code)
+            exc = refusal(msg.reason, msg.code)
             for kind in ("punch", "relay_grant"):
                 fut = self._pending.get((kind, msg.session))
                 if fut is not None and not fut.done():

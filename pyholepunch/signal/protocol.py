@@ -29,7 +29,9 @@ registered      S->C   peer_id, offset, rtt (server's estimate: client clock - s
 update          C->S   candidates?, profiles?, cert?
 connect         C->S   session, target (name or peer_id), candidates, profiles
 punch           S->C   session, role ("initiator"|"responder"), start_at (RECEIVER's clock),
-                       peer {peer_id, name, public_key, cert, candidates, profiles}, plan
+                       peer {peer_id, name, public_key, cert, candidates, profiles}, plan,
+                       spread? (the larger RTT spread of the two peers: how late a PUNCH
+                       may arrive, which the initiator's relay decision allows for)
 result          C->S   session, outcome ("direct"|"relay"|"failed"), stats, reason? (why it
                        failed: passed on to the other peer)
 relay           C->S   session, relayed? ([ip, port]: the sender's TURN relayed address, to
@@ -70,7 +72,7 @@ from typing import Any, ClassVar, get_type_hints
 import msgpack  # type: ignore[import-untyped]
 
 from ..address import unusable_peer_ip
-from ..errors import LocalProtocolError, RemoteProtocolError
+from ..errors import LocalProtocolError, RemoteProtocolError, SignalingError
 from ..strategy.candidates import parse_candidates
 from . import fields as checks
 
@@ -120,6 +122,17 @@ class ErrorCode(enum.IntEnum):
     RELAY_UNAVAILABLE = 501
     SERVER_FULL = 503
     REPLACED = 504             # the same peer registered again on another connection
+
+
+QUOTA_FINAL = ("a quota of this server is used up (the names one key or address may hold, or the "
+               "relays one peer or address may hold); not retried")
+
+
+def refusal(reason: str, code: int, prefix: str = "") -> SignalingError:
+    """A server's ERROR as the exception a client raises: ``[prefix]reason (code)``; a quota
+    (430) says it is final, since retrying at once would only be refused again."""
+    why = f"{code}: {QUOTA_FINAL}" if code == ErrorCode.QUOTA_EXCEEDED else f"{code}"
+    return SignalingError(f"{prefix}{reason} ({why})", code=code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +392,7 @@ class Punch(Message):
     start_at: float
     peer: dict[str, Any]
     plan: dict[str, Any] | None = None
+    spread: float = 0.0     # the larger RTT spread of the two peers (s): how late a PUNCH may be
 
 
 @message("result", Direction.TO_SERVER)

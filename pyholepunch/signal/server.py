@@ -239,8 +239,7 @@ class SignalServer:
             # The common start travels in this node's clock, or between nodes in the store's
             # reference clock; this node converts it into the receiving peer's clock.
             start = msg.start_at - self.reference_offset if remote else msg.start_at
-            msg = Punch(session=msg.session, role=msg.role, start_at=start + proto.clock.offset,
-                        peer=msg.peer, plan=msg.plan)
+            msg = replace(msg, start_at=start + proto.clock.offset)
         if strict:
             proto.deliver(msg)
         else:

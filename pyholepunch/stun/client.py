@@ -231,6 +231,7 @@ class StunTcpConnection:
         self.local: Address = (sock[0], sock[1])
         self.remote: Address = (peer[0], peer[1])
         self.connect_time = 0.0
+        self.rearms = 0             # fresh SYNs after silence: each may have cost a NAT mapping
 
     @classmethod
     async def open(cls, server: Address, *, local: Address | None = None,
@@ -242,6 +243,7 @@ class StunTcpConnection:
         # (doubling each time, so a long path still gets through) a fresh socket on the same
         # local address sends a new SYN at once (#19: a lossy start must not cost seconds).
         slice_s = CONNECT_REARM
+        rearms = 0
         while True:
             sock = reusable_socket(local or any_address(server))
             local = local or sock.getsockname()[:2]    # the same port again: no new mapping
@@ -255,12 +257,14 @@ class StunTcpConnection:
                     raise TransactionTimeout(f"TCP connect to {format_address(server)} timed out "
                                              f"after {connect_timeout:.2f} s") from None
                 slice_s *= 2
+                rearms += 1
             except BaseException:
                 sock.close()
                 raise
         reader, writer = await asyncio.open_connection(sock=sock)
         self = cls(reader, writer, **kwargs)
         self.connect_time = time.monotonic() - start
+        self.rearms = rearms
         return self
 
     async def read_message(self, timeout: float) -> StunMessage:
