@@ -23,6 +23,14 @@ connections), PYHOLEPUNCH_BENCH_NODES (default 2: serve processes sharing Redis)
 PYHOLEPUNCH_BENCH_PROFILE=FILE (run the single node under cProfile, stats written to FILE),
 PYHOLEPUNCH_BENCH_SERVER_LOG=FILE (the servers' stderr), PYHOLEPUNCH_BENCH_SERVER_TREE=DIR (the
 server from another checkout, for before/after numbers with the same generator).
+Measured 2026-12-07 (2 cores shared with four other engineers, load average 3-8; the same
+generator against the server before and after #18's work, PYHOLEPUNCH_BENCH_SERVER_TREE):
+one node, 5,000 peers: 428 -> 239 us server CPU per coordination (2,334 -> 4,176/s server-bound),
+1,543 -> 2,844 coordinations/s reached, 24.9 -> 23.6 MB RSS per 1,000 peers; 18,000 peers:
+22.9 MB per 1,000. Two nodes over Redis, 5,000 peers: 430 lost PUNCHes (312 CONNECTs answered
+500, redis-py's pool) -> 0 lost, ~900 us per coordination for both nodes together (redis-py).
+50,000 peers on one process cannot be registered here: RLIMIT_NOFILE's hard limit is 20,000
+and the container lacks CAP_SYS_RESOURCE to raise it (one descriptor per peer connection).
 Targets (#18, reported, not asserted except no lost PUNCH): >= 5,000 coordinations/s, >= 50,000
 registered peers, <= 25 MB RSS per 1,000 peers; two nodes over Redis lose no PUNCH.
 """
