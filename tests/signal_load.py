@@ -452,12 +452,19 @@ def proc_rss(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def tcp_kernel_memory() -> int:
-    """Bytes of socket buffer memory the kernel's TCP holds (/proc/net/sockstat ``mem``, in
-    pages): what every connection costs outside any process's RSS."""
+def kernel_memory() -> dict[str, int]:
+    """Bytes the kernel holds that no process's RSS shows: TCP buffer memory
+    (/proc/net/sockstat ``mem``, pages) and unreclaimable slab (/proc/meminfo ``SUnreclaim``:
+    socket, inode, file and epoll objects of every connection, both loopback ends). Machine
+    wide: other work on the host moves it too."""
+    out = {"tcp_buffers": 0, "slab": 0}
     with open("/proc/net/sockstat") as f:
         for line in f:
             if line.startswith("TCP:"):
                 parts = line.split()
-                return int(parts[parts.index("mem") + 1]) * resource.getpagesize()
-    return 0
+                out["tcp_buffers"] = int(parts[parts.index("mem") + 1]) * resource.getpagesize()
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("SUnreclaim:"):
+                out["slab"] = int(line.split()[1]) * 1024
+    return out
