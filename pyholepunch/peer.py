@@ -31,6 +31,7 @@ from .identity import ConfigLock, Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.hops import nat_hops
 from .nat.profile import Allocation, Family, Mapping, NatProfile
+from .punch import LET_GO_TIMEOUT
 from .punch_mapping import PunchPortMapping
 from .punch_sequential import AllocationTracker, sequential_side, tracker_for
 from .punchport import PunchPort, probe
@@ -112,6 +113,7 @@ class Peer(Announcing, Service):
         self._accepted: asyncio.Queue[Connection | BaseException] = asyncio.Queue()
         self._grants: dict[str, asyncio.Future[RelayInstruction]] = {}
         self._aborts: dict[str, asyncio.Future[str]] = {}   # session -> why the peer gave up
+        self._running: dict[str, asyncio.Future[None]] = {}  # session -> done letting go
         self._tasks: set[asyncio.Task[Any]] = set()
         self._events: asyncio.Task[None] | None = None
         self._announcing = asyncio.Lock()
@@ -281,6 +283,7 @@ class Peer(Announcing, Service):
 
     async def _respond(self, instr: PunchInstruction) -> None:
         report = self._new_report("responder")
+        await self._let_go_of_ended_sessions()
         try:   # bounded like a connect(): an incoming session never holds us longer
             async with asyncio.timeout(RESPONDER_TIMEOUT):
                 conn = await self._run_session(instr, report, self._lane_ends())
@@ -296,6 +299,15 @@ class Peer(Announcing, Service):
             hook(report)
         return report
 
+    async def _let_go_of_ended_sessions(self) -> None:
+        """Wait (briefly) until the sessions the other side gave up have closed their sockets:
+        the next session punches from the same port, and a socket of the last one still
+        listening there took its connection (#12: a cancelled connect made the next relay)."""
+        ending = [done for session, done in self._running.items()
+                  if (abort := self._aborts.get(session)) is not None and abort.done()]
+        if ending:
+            await asyncio.wait(ending, timeout=LET_GO_TIMEOUT)
+
     def _abort_of(self, session: str) -> asyncio.Future[str]:
         return self._aborts.setdefault(session, asyncio.get_running_loop().create_future())
 
@@ -309,6 +321,7 @@ class Peer(Announcing, Service):
         """Punch or relay, until done or the other peer gives up; either side's failure is
         reported to the server, which tells the other peer so it stops at once."""
         abort = self._abort_of(instr.session)
+        let_go = self._running[instr.session] = asyncio.get_running_loop().create_future()
         work = asyncio.ensure_future(self._punch_or_relay(instr, report, ends, strategies))
         try:
             pending: list[asyncio.Future[Any]] = [work, abort]
@@ -330,12 +343,14 @@ class Peer(Announcing, Service):
             await self._report(instr.session, "failed", report, reason=exc)
             raise
         finally:
-            self._aborts.pop(instr.session, None)
             if not work.done():
                 # Its punch steps close whatever they still connect (punch.close_late_result).
                 work.cancel()
                 with contextlib.suppress(BaseException):
                     await work
+            self._aborts.pop(instr.session, None)
+            self._running.pop(instr.session, None)
+            let_go.set_result(None)
             if instr.role == "initiator":
                 self._spawn(self._reannounce(new_port=True))
             elif self._predictable_symmetric():

@@ -49,6 +49,7 @@ SILENCE_REARM_MIN = 0.15   # s: a fresh SYN after this much silence at the least
 SILENCE_REARM_DEFAULT = 0.3   # s: without an RTT estimate
 SWEEP_AFTER_PROBE = 0.01  # s: a sequential chooser's sweep after its position probe
 SUBMIT_AHEAD = 0.05        # seconds before its start a step group's engine calls are made
+LET_GO_TIMEOUT = 0.5       # s an abandoned group waits for its cancelled steps to close
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,8 @@ class Punch:
                 if won is None or not t.done() or t.cancelled() or t.exception() is not None \
                         or t.result() is not won:
                     t.add_done_callback(close_late_result)
+            if won is None:     # abandoned (cancelled, or every step failed)
+                await _let_go(tasks)
         raise errors[-1] if errors else PunchError("empty step group")
 
     async def _run_step(self, at: float, step: Step) -> PunchResult:
@@ -350,6 +353,18 @@ async def rearmed(attempt: Callable[[float, float], Awaitable[PunchResult]], sta
                                        "of silence)", exc.stats) from exc
                 raise
             log.debug("simultaneous open silent for %.0f ms: re-arming", every * 1e3)
+
+
+async def _let_go(tasks: Sequence[asyncio.Future[PunchResult]]) -> None:
+    """Cancel an abandoned group's steps and wait (briefly) until their sockets are closed:
+    an engine call submitted ahead already listens on the punch port, and left running it
+    took the next session's connection on that port (#12: a cancelled connect made the next
+    one relay)."""
+    running = [t for t in tasks if not t.done()]
+    for t in running:
+        t.cancel()
+    if running:
+        await asyncio.wait(running, timeout=LET_GO_TIMEOUT)
 
 
 def close_late_result(task: asyncio.Future[PunchResult]) -> None:
