@@ -44,7 +44,7 @@ class Inbox(asyncio.Protocol, asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         protocol = self._transport.get_protocol()
-        assert isinstance(protocol, asyncio.StreamReaderProtocol)
+        assert isinstance(protocol, asyncio.Protocol)     # a StreamReaderProtocol, TLS or not
         self._inner = protocol
 
     async def take_over(self) -> None:
