@@ -19,7 +19,7 @@ import collections
 
 from ..connection import Connection
 
-SIZE = 4 << 20           # bytes the buffer holds: a few frames (1 MiB each) in flight
+SIZE = 2 << 20           # at most this much waits unread: what the StreamReader held (2 x its limit)
 READ_SIZE = 1 << 18      # at most this much per recv_into: still in the cache when written out
 
 
