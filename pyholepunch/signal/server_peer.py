@@ -412,6 +412,8 @@ class PeerProtocol(asyncio.Protocol):
         self.server.emit("result", session=msg.session, outcome=msg.outcome, stats=msg.stats,
                          initiator=info["initiator"] == self.record.peer_id)
         log.info("result %s from %s: %s", msg.session, self.name, msg.outcome)
+        if msg.outcome != "relay" and self.server.relay_hub is not None:
+            self.server.relay_hub.release(msg.session)    # granted beside the punch, unused
         if msg.outcome == "failed":
             await self._tell_gave_up(msg, info)
 
