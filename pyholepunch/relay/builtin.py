@@ -25,6 +25,7 @@ from ..engine import Engine, RelayStats
 from ..engine import get as get_engine
 from ..errors import QuotaError
 from . import builtin_wire as wire
+from ._sockio import either_readable, recv_exactly, shutdown
 from ._tap import Tap, tap_pump
 from .builtin_wire import MAGIC, OK, TOKEN_LEN, open_builtin_relay
 
@@ -212,11 +213,11 @@ class RelayHub:
                 preamble = preread[:wire.PREAMBLE_LEN]
                 if len(preamble) < len(MAGIC):
                     preamble += await asyncio.wait_for(
-                        _recv_exactly(loop, sock, len(MAGIC) - len(preamble)),
+                        recv_exactly(loop, sock, len(MAGIC) - len(preamble)),
                         self.handshake_timeout)
                 if preamble == MAGIC:
                     preamble += await asyncio.wait_for(
-                        _recv_exactly(loop, sock, TOKEN_LEN), self.handshake_timeout)
+                        recv_exactly(loop, sock, TOKEN_LEN), self.handshake_timeout)
             except (TimeoutError, ConnectionError, OSError):
                 preamble = b""
             if len(preamble) != wire.PREAMBLE_LEN or not preamble.startswith(MAGIC):
@@ -330,7 +331,7 @@ class RelayHub:
         try:
             ok = bytes([OK])
             await asyncio.gather(loop.sock_sendall(a, ok), loop.sock_sendall(b, ok))
-            if not await _either_readable(loop, a, b, self.first_byte_timeout):
+            if not await either_readable(loop, a, b, self.first_byte_timeout):
                 stats = RelayStats(reason="idle: no byte within first_byte_timeout")
                 return
             log.info("relay session %s: paired, pumping", session_id)
@@ -347,7 +348,7 @@ class RelayHub:
             except asyncio.CancelledError:
                 # Unblock the worker thread before the fds are closed: never close an fd a
                 # thread is still using (it could be reused by another socket).
-                _shutdown(a, b)
+                shutdown(a, b)
                 stats = await pump
                 raise
             finally:
@@ -397,7 +398,7 @@ class RelayHub:
             if session.waiting is not None and not session.waiting.done():
                 session.waiting.cancel()
         for s in list(self._socks):
-            _shutdown(s)
+            shutdown(s)
         pumps = list(self._pumps)
         if pumps:
             await asyncio.gather(*pumps, return_exceptions=True)
@@ -407,48 +408,6 @@ class RelayHub:
         self._tokens.clear()
         self._sessions.clear()
         self._executor.shutdown(wait=False)
-
-
-def _shutdown(*socks: socket.socket) -> None:
-    for s in socks:
-        with contextlib.suppress(OSError):
-            s.shutdown(socket.SHUT_RDWR)
-
-
-async def _either_readable(loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket,
-                           timeout: float) -> bool:
-    """True once ``a`` or ``b`` has a byte (or EOF) to read; False after ``timeout``. One
-    reader callback per socket, no polling."""
-    # One loop turn first: a cancelled sock_recv on these sockets removes "its" reader in a
-    # callback already queued, which would otherwise remove ours.
-    await asyncio.sleep(0)
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    fds = (a.fileno(), b.fileno())
-    for fd in fds:
-        loop.add_reader(fd, wake)
-    try:
-        await asyncio.wait_for(fut, timeout)
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        for fd in fds:
-            loop.remove_reader(fd)
-
-
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = await loop.sock_recv(sock, n - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    return buf
 
 
 class RelayServer:
