@@ -3,13 +3,17 @@
 Before, the relay step ran only after every direct step had failed: 3.7 s after connect() for
 a sequential pair whose sweep missed. Now, for a plan with both direct steps and a relay:
 
-- the initiator starts joining the relay PREPARE_AFTER s after the common start, while the
-  punch goes on (asking the server for a relay grant, which also reaches the responder);
+- the initiator starts joining the relay ``prepare_after`` s after the common start, while
+  the punch goes on (asking the server for a relay grant, which also reaches the responder);
 - the responder joins the relay as soon as a grant arrives, and keeps punching too;
-- the initiator decides: a direct connection up before DECIDE_AFTER (DECIDE_BY after
+- the initiator decides: a direct connection up before ``decide_after`` (``decide_by`` after
   connect() at the latest) wins; after that, with
   the relay joined, it runs TLS over the relay (the relay then carries data) and stops
-  waiting for the punch; when every direct step fails earlier, the relay is taken at once;
+  waiting for the punch; when every direct step fails earlier, the relay is taken at once.
+
+The three times scale with the measured RTT to the server (:func:`race_timings`): at the lab's
+40 ms they are the constants below (the relay carries data <= 1 s after connect()); on a long
+path the direct steps get the round trips they need before the relay takes over;
 - the responder takes whichever of the two its peer completes a TLS handshake on (the
   initiator speaks first and only on the path it chose; the other path is closed).
 
@@ -24,6 +28,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .engine import PunchResult
@@ -34,11 +39,46 @@ from .report import ConnectionReport, Route
 log = logging.getLogger(__name__)
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-PREPARE_AFTER = 0.2     # s after start_at: the initiator starts joining the relay
-DECIDE_AFTER = 0.6      # s after start_at: no direct connection yet -> TLS over the relay
-DECIDE_BY = 0.7         # s after connect() at the latest (a sequential initiator announces
+# The floors (s), measured at 40 ms RTT on a loaded machine, and the same times in RTTs to the
+# server (``rtt``, the signaling connection's); each time is the larger of the two, so up to
+# ~60 ms (the lab's 40 ms plus measurement noise under load) nothing changes.
+PREPARE_AFTER = 0.2     # after start_at: the initiator starts joining the relay
+DECIDE_AFTER = 0.6      # after start_at: no direct connection yet -> TLS over the relay
+DECIDE_BY = 0.7         # after connect() at the latest (a sequential initiator announces
                         # first: its start_at is later), so the relay carries data within ~1 s
-JOIN_ALLOWANCE = 0.3    # s the relay join gets before the decision, at the least
+JOIN_ALLOWANCE = 0.3    # the relay join gets before the decision, at the least
+# In RTTs to the server. The peer-to-peer RTT is ~2 of them (both peers' legs; the peer's own
+# is not known here, so ours stands for it). A direct connection needs one path RTT for the
+# simultaneous open, one silence re-arm (3 RTTs, punch.silence_rearm) for a lost SYN, and
+# TLS 1.3 (1.5 path RTTs): ~10 server RTTs. Joining the relay: grant request, relay connect,
+# its handshake and the partner's join: ~5.
+PREPARE_RTTS = 3.0
+DECIDE_RTTS = 10.0
+DECIDE_BY_RTTS = 12.0   # connect() -> start_at takes ~2 RTTs (CONNECT, PUNCH) plus margin
+JOIN_RTTS = 5.0
+MAX_DECIDE_AFTER = 8.0  # s: a bogus RTT estimate (seconds of signaling lag) still ends
+
+
+@dataclass(frozen=True, slots=True)
+class RaceTimings:
+    """When the initiator prepares the relay and decides, in s (see the module docstring)."""
+
+    prepare_after: float    # after start_at
+    decide_after: float     # after start_at
+    decide_by: float        # after connect()
+    join_allowance: float   # before the decision, at the least
+
+
+def race_timings(rtt: float | None) -> RaceTimings:
+    """The race's times for an RTT to the server of ``rtt`` s (None: unknown, the floors)."""
+    if rtt is None or not rtt > 0:
+        rtt = 0.0
+    rtt = min(rtt, MAX_DECIDE_AFTER / DECIDE_RTTS)
+
+    def scaled(floor: float, rtts: float) -> float:
+        return round(max(floor, rtts * rtt), 3)
+    return RaceTimings(scaled(PREPARE_AFTER, PREPARE_RTTS), scaled(DECIDE_AFTER, DECIDE_RTTS),
+                       scaled(DECIDE_BY, DECIDE_BY_RTTS), scaled(JOIN_ALLOWANCE, JOIN_RTTS))
 
 
 async def direct_or_relay(*, punch: Punch, secure: Callable[[PunchResult], Awaitable[Streams]],
@@ -53,8 +93,9 @@ async def direct_or_relay(*, punch: Punch, secure: Callable[[PunchResult], Await
         # a dual-stack race (race.py) has run TLS on its pick already
         return punch.streams or await secure(won)
 
+    timings = race_timings(punch.rtt)
     route, streams, why, cause = await _race(punch.run(), direct_tls, join_relay, relay_tls,
-                                             initiator, start_at, report)
+                                             initiator, start_at, report, timings)
     if route is Route.RELAY:
         reason = str(why or "the peer took the relay")
         # The one WARNING of this connection's fallback, as in peer.py.
@@ -67,15 +108,17 @@ async def direct_or_relay(*, punch: Punch, secure: Callable[[PunchResult], Await
 async def _race(punch: Awaitable[PunchResult], secure: Callable[[PunchResult], Awaitable[Streams]],
                 join_relay: Callable[[], Awaitable[Streams]],
                 relay_tls: Callable[[Streams], Awaitable[Streams]], initiator: bool, start_at: float,
-                report: ConnectionReport) -> tuple[Route, Streams, BaseException | None, str]:
+                report: ConnectionReport, timings: RaceTimings | None = None,
+                ) -> tuple[Route, Streams, BaseException | None, str]:
+    t = timings or race_timings(None)
     direct = asyncio.ensure_future(punch)
     join: asyncio.Future[Streams] | None = None
     tasks: list[asyncio.Future[Any]] = []
     route: Route | None = None
     try:
         if initiator:
-            decide_at = min(start_at + DECIDE_AFTER, report.started + DECIDE_BY)
-            prepare_at = min(start_at + PREPARE_AFTER, decide_at - JOIN_ALLOWANCE)
+            decide_at = min(start_at + t.decide_after, report.started + t.decide_by)
+            prepare_at = min(start_at + t.prepare_after, decide_at - t.join_allowance)
             await asyncio.wait({direct}, timeout=max(0.0, prepare_at - time.time()))
             if not (direct.done() and direct.exception() is None):
                 join = asyncio.ensure_future(join_relay())
