@@ -15,7 +15,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from .address import Address, format_address, route_source
 from .announce import Announcing
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .engine import PunchResult
-from .errors import HolePunchError, PunchError, SignalingError
+from .errors import ConfigDirInUse, HolePunchError, PunchError, SignalingError, StartFailed
 from .identity import ConfigLock, Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.hops import nat_hops
@@ -38,7 +38,7 @@ from .punch_sequential import AllocationTracker, sequential_side, tracker_for
 from .punchport import PunchPort, probe
 from .relay_race import direct_or_relay, punch_or_grant
 from .relay_step import peer_relay, reachable_grant
-from .report import ConnectionReport, Route
+from .report import ConnectionReport, Route, start_failed
 from .security import Streams, certificate_for, secure_stream, warm_tls_context
 from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, SignalClient
 from .signal.protocol import ErrorCode
@@ -156,8 +156,10 @@ class Peer(Announcing, Service):
         classify = asyncio.ensure_future(self._classify(local_ip))
         try:
             await asyncio.wait([check, classify], return_when=asyncio.FIRST_EXCEPTION)
-            await check
-            await classify
+            with self._start_step("signaling"):
+                await check
+            with self._start_step("classify"):
+                await classify
         except BaseException:
             hops.cancel()       # nobody will wait for it (its thread ends on its own)
             raise
@@ -170,17 +172,30 @@ class Peer(Announcing, Service):
         # Our sequential NAT's positions (None for other NATs); NAT routers in front of us.
         self._tracker: AllocationTracker | None = tracker_for(self.tcp_profile)
         self.nat_hops: int | None = await hops
-        await self._learn_punch_address(self._primary, new_port=True)
-        await self._add_other_family()
+        with self._start_step("announce"):
+            await self._learn_punch_address(self._primary, new_port=True)
+            await self._add_other_family()
         # Registered with its address already: no CONNECT can find us without one.
         self._signal.profiles = [p.to_dict() for p in self._all_profiles()]
         self._signal.candidates = [c.to_wire() for c in self._candidates()]
-        await self._signal.start()
+        with self._start_step("register"):
+            await self._signal.start()
         # Learned again now that the signaling connection has taken its own mapping: a
         # sequential NAT's prediction base has moved. (Without this round trip a CONNECT
         # right after registration was also seen to reach the responder one RTT late.)
-        await self.announce()
+        with self._start_step("announce"):
+            await self.announce()
         self._events = asyncio.create_task(self._dispatch_events())
+
+    @contextlib.contextmanager
+    def _start_step(self, step: str) -> Iterator[None]:
+        """A failure inside names the start step, why, and what to do (StartFailed)."""
+        try:
+            yield
+        except (HolePunchError, OSError, TimeoutError) as exc:
+            if isinstance(exc, (StartFailed, ConfigDirInUse)):
+                raise
+            raise start_failed(step, exc, format_address(self.server)) from exc
 
     async def _classify(self, local_ip: str) -> None:
         kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
@@ -225,7 +240,7 @@ class Peer(Announcing, Service):
                 instr = await self._signal.connect(target, candidates, self._all_profiles())
                 return await self._run_session(instr, report, ports)
         except TimeoutError as exc:
-            report.fail(f"connect to {target} took longer than {timeout} s")
+            report.fail(f"connect to {target} took longer than {timeout} s", timed_out=True)
             raise TimeoutError(report.error) from exc
         except BaseException as exc:
             if report.ended is None:

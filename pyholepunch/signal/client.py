@@ -24,6 +24,7 @@ from ..errors import AuthenticationError, ProtocolError, SignalingError
 from ..identity import Identity, default_config_dir
 from ..nat.profile import NatProfile
 from ..strategy.candidates import Candidate, parse_candidates
+from ..stun.client import connect_rearming, silence_rearm
 from .machine import ConnectionClosed, Role, SignalConnection, State
 from .protocol import (
     DEFAULT_MAX_FRAME,
@@ -154,6 +155,7 @@ class SignalClient:
         self.peer_id = identity.peer_id
         self.offset = 0.0          # our clock minus the server's, as the server measured it
         self.rtt: float | None = None
+        self.connect_rtt: float | None = None   # the TCP handshake's, before registering
         self.registrations = 0
         self.connected = asyncio.Event()
         self.server_id: bytes | None = None
@@ -276,11 +278,10 @@ class SignalClient:
         """
         host, port = self.server
         where = f"{host}:{port}"
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                                self.connect_timeout)
-        rtt = loop.time() - t0
+        # Re-armed SYNs (stun.client.connect_rearming): a lost SYN costs 0.25 s, not 1 s.
+        sock, rtt = await connect_rearming(self.server, timeout=self.connect_timeout)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        self.connect_rtt = rtt
         budget = min(self.connect_timeout, floor + rtts * rtt)
         what = "nothing"
         try:
@@ -316,10 +317,20 @@ class SignalClient:
 
     async def _connect_once(self) -> asyncio.StreamReader:
         host, port = self.server
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=client_context(), server_hostname=host,
-                                    ssl_handshake_timeout=self.connect_timeout),
-            self.connect_timeout)
+        # A lost SYN is sent again after ~3 RTTs (as measured by check_server or the last
+        # registration), not after the kernel's 1 s; TLS and REGISTER ride on TCP's own
+        # retransmission, whose timeout the handshake's RTT sample has set (~0.2 s).
+        sock, rtt = await connect_rearming(self.server, timeout=self.connect_timeout,
+                                           rearm=silence_rearm(self.rtt or self.connect_rtt))
+        self.connect_rtt = rtt
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(sock=sock, ssl=client_context(), server_hostname=host,
+                                        ssl_handshake_timeout=self.connect_timeout),
+                self.connect_timeout)
+        except BaseException:
+            sock.close()
+            raise
         try:
             ssl_obj = writer.get_extra_info("ssl_object")
             fp = verify_server(ssl_obj.getpeercert(binary_form=True) if ssl_obj else None,
