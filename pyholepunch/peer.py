@@ -171,7 +171,8 @@ class Peer(Announcing, Service):
         self.ports[self._primary] = PunchPort(self._primary, self.server, local_ip)
         # Our sequential NAT's positions (None for other NATs); NAT routers in front of us.
         self._tracker: AllocationTracker | None = tracker_for(self.tcp_profile)
-        self.nat_hops: int | None = await hops
+        with self._start_step("hops"):
+            self.nat_hops: int | None = await hops
         with self._start_step("announce"):
             await self._learn_punch_address(self._primary, new_port=True)
             await self._add_other_family()
@@ -190,12 +191,14 @@ class Peer(Announcing, Service):
     @contextlib.contextmanager
     def _start_step(self, step: str) -> Iterator[None]:
         """A failure inside names the start step, why, and what to do (StartFailed)."""
+        t = time.monotonic()
         try:
             yield
         except (HolePunchError, OSError, TimeoutError) as exc:
             if isinstance(exc, (StartFailed, ConfigDirInUse)):
                 raise
             raise start_failed(step, exc, format_address(self.server)) from exc
+        log.debug("start step %s done in %.3f s", step, time.monotonic() - t)
 
     async def _classify(self, local_ip: str) -> None:
         kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]

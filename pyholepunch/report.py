@@ -387,6 +387,8 @@ START_ADVICE = {
                 "retry; if it repeats, a firewall may drop TCP from that port",
     "register": "the server did not complete the registration: check that it is not "
                 "overloaded and retry",
+    "hops": "counting the NAT routers towards the server failed (a local socket error): "
+            "check this host's network settings",
 }
 REGISTER_ADVICE = {401: "the server refused this identity's signature: the config dir's key "
                         "may be damaged (use a fresh --config-dir)",

@@ -226,14 +226,23 @@ def silence_rearm(rtt: float | None) -> float:
 
 
 async def connect_rearming(server: Address, *, local: Address | None = None, timeout: float = 5.0,
-                           rearm: float = CONNECT_REARM) -> tuple[socket.socket, float]:
+                           rearm: float = CONNECT_REARM, any_port: bool = False,
+                           ) -> tuple[socket.socket, float]:
     """A connected non-blocking TCP socket to ``server`` and the RTT its handshake took.
 
     A lost SYN (or SYN-ACK) costs the kernel's 1 s retransmission: after ``rearm`` s of silence
     (doubling each time, so a long path still gets through) a fresh socket on the same local
     address sends a new SYN at once (#19: a lossy start must not cost seconds). Raises
     TransactionTimeout after ``timeout`` s; a refusal raises at once (ConnectionRefusedError).
+
+    ``any_port`` (no ``local``; the signaling client): each new SYN leaves from a new port and
+    the earlier attempts stay in flight, the first to connect wins. On one port a re-sent SYN
+    after a lost SYN-ACK meets the server's half-open request, which it answers with an ACK
+    our new socket resets: that case costs a second again (the STUN probes must keep their
+    port: it is the mapping they measure).
     """
+    if any_port and local is None:
+        return await _connect_racing(server, timeout, rearm)
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + timeout
     slice_s = rearm
@@ -254,6 +263,37 @@ async def connect_rearming(server: Address, *, local: Address | None = None, tim
         except BaseException:
             sock.close()
             raise
+
+
+async def _connect_racing(server: Address, timeout: float,
+                          rearm: float) -> tuple[socket.socket, float]:
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + timeout
+    attempts: dict[asyncio.Future[None], tuple[socket.socket, float]] = {}
+    slice_s = rearm
+    try:
+        while True:
+            sock = reusable_socket(any_address(server))
+            t0 = time.monotonic()
+            attempts[asyncio.ensure_future(loop.sock_connect(sock, server))] = (sock, t0)
+            left = deadline - t0
+            done, _ = await asyncio.wait(attempts, timeout=min(slice_s, left),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                won, started = attempts.pop(fut)
+                error = fut.exception()
+                if error is not None:     # an answer (refused, unreachable): final
+                    won.close()
+                    raise error
+                return won, time.monotonic() - started
+            if left <= slice_s:
+                raise TransactionTimeout(f"TCP connect to {format_address(server)} timed out "
+                                         f"after {timeout:.2f} s")
+            slice_s *= 2
+    finally:
+        for fut, (sock, _) in attempts.items():
+            fut.cancel()
+            sock.close()
 
 
 class StunTcpConnection:
