@@ -230,8 +230,9 @@ class Peer(Announcing, Service):
                 and p.allocation is Allocation.SEQUENTIAL)
 
     # -- connecting ------------------------------------------------------------------------
-    async def connect(self, target: str, *, timeout: float = 15.0) -> Connection:
-        """A connection to ``target`` (name or peer_id): direct if possible, else relayed."""
+    async def connect(self, target: str, *, timeout: float = 15.0, relay: bool = True) -> Connection:
+        """A connection to ``target`` (name or peer_id): direct if possible, else relayed
+        (``relay=False``: direct or PunchError; a relayed one's ``upgrade()`` uses it)."""
         report = self._new_report("initiator")
         self.last_report = report
         try:
@@ -241,7 +242,11 @@ class Peer(Announcing, Service):
                 async with self._announcing:    # a port rotation in flight ends first
                     ports, candidates = self._lane_ends(), self._candidates()
                 instr = await self._signal.connect(target, candidates, self._all_profiles())
-                return await self._run_session(instr, report, ports)
+                conn = await self._run_session(instr, report, ports, relay)
+                if conn.route is Route.RELAY:
+                    conn.upgrader = functools.partial(self.connect, target, timeout=timeout,
+                                                      relay=False)
+                return conn
         except TimeoutError as exc:
             report.fail(f"connect to {target} took longer than {timeout} s", timed_out=True)
             raise TimeoutError(report.error) from exc
@@ -319,11 +324,11 @@ class Peer(Announcing, Service):
         return {f: (pp.local_ip, pp.port) for f, pp in self.ports.items()}
 
     async def _run_session(self, instr: PunchInstruction, report: ConnectionReport,
-                           ends: dict[str, Address]) -> Connection:
+                           ends: dict[str, Address], relay: bool = True) -> Connection:
         """Punch or relay, until done or the other peer gives up; either side's failure is
         reported to the server, which tells the other peer so it stops at once."""
         abort = self._abort_of(instr.session)
-        work = asyncio.ensure_future(self._punch_or_relay(instr, report, ends))
+        work = asyncio.ensure_future(self._punch_or_relay(instr, report, ends, relay))
         try:
             pending: list[asyncio.Future[Any]] = [work, abort]
             await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -370,7 +375,8 @@ class Peer(Announcing, Service):
         task.add_done_callback(self._tasks.discard)
 
     async def _punch_or_relay(self, instr: PunchInstruction, report: ConnectionReport,
-                              ends: dict[str, Address]) -> Connection:
+                              ends: dict[str, Address], relay: bool = True) -> Connection:
+        relaying = relay and self.relay != "none"
         peer = instr.peer
         report.peer_id, report.peer_name = peer.peer_id, peer.name
         report.remote_nat = peer.tcp_profile.to_dict()
@@ -403,7 +409,7 @@ class Peer(Announcing, Service):
                 punch.rtt, punch.nat_hops = self._signal.rtt, self.nat_hops
                 punch.sequential = sequential_side(
                     self._tracker, functools.partial(probe, pp.server, pp.local_ip, 0))
-                if plan.has_relay and self.relay != "none":    # the relay ready alongside
+                if plan.has_relay and relaying:    # the relay ready alongside
                     route, (reader, writer) = await direct_or_relay(
                         punch=punch, secure=secure, initiator=initiator, start_at=start_at,
                         report=report, join_relay=lambda: self._relay(instr, initiator),
@@ -431,7 +437,7 @@ class Peer(Announcing, Service):
                         report.finish(Route.DIRECT)
                         await self._report(instr.session, "direct", report)
                         return self._connection(reader, writer, peer, Route.DIRECT, report)
-        if not plan.has_relay or self.relay == "none":
+        if not plan.has_relay or not relaying:
             raise PunchError(f"no direct path to {peer.name} ({direct_error or plan.reason}) "
                              "and relaying is off")
         reason = str(direct_error) if direct_error else plan.reason

@@ -18,8 +18,9 @@ path the direct steps get the round trips they need before the relay takes over;
   initiator speaks first and only on the path it chose; the other path is closed).
 
 A direct connection that comes up after the relay was chosen is recorded in the report
-(``direct_after_relay_s``) and closed: moving a live stream (libp2p's DCUtR upgrade) is not
-built yet.
+(``direct_after_relay_s``, ``Connection.direct_seen``) and closed; the caller may then ask
+for a direct connection (``Connection.upgrade()``: a new session without relay fallback) and
+move its data there. A transparent move of a live stream (libp2p's DCUtR) is not built.
 """
 from __future__ import annotations
 
@@ -202,7 +203,7 @@ def _note_late_direct(report: ConnectionReport) -> Callable[[asyncio.Future[Punc
         took = time.time() - report.started
         report.direct_after_relay_s = round(took, 3)
         log.info("a direct connection came up %.3f s after connect(), while the relay carried "
-                 "the data (not moved: upgrading a live stream is not built)", took)
+                 "the data (Connection.upgrade() makes a direct one)", took)
         with contextlib.suppress(OSError):
             fut.result().sock.close()
     return note
