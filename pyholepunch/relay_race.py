@@ -50,7 +50,7 @@ DECIDE_BY = 0.7         # after connect() at the latest (a sequential initiator 
 JOIN_ALLOWANCE = 0.3    # the relay join gets before the decision, at the least
 # In RTTs to the server. The peer-to-peer RTT is ~2 of them (both peers' legs; the peer's own
 # is not known here, so ours stands for it). A direct connection needs one path RTT for the
-# simultaneous open, one silence re-arm (3 RTTs, punch.silence_rearm) for a lost SYN, and
+# simultaneous open, one silence re-arm (3 RTTs, stun.client.silence_rearm) for a lost SYN, and
 # TLS 1.3 (1.5 path RTTs): ~10 server RTTs. Joining the relay: grant request, relay connect,
 # its handshake and the partner's join: ~5.
 PREPARE_RTTS = 3.0
