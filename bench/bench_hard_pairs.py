@@ -44,6 +44,7 @@ from typing import Any
 import pytest
 
 from pyholepunch.cli.demo import run_pair
+from pyholepunch.errors import HolePunchError
 from pyholepunch.lab import Lab
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the NAT lab needs root")
@@ -122,7 +123,7 @@ def test_lossy_pairs(a: str, b: str, bench_report: Any) -> None:
                 try:
                     res = run_pair(lab.spawn, lab.server_ip, lab.server_alt_ip, Path(tmp),
                                    timeout=20)
-                except (RuntimeError, OSError) as exc:
+                except (HolePunchError, RuntimeError, OSError) as exc:   # ProcessError: no report
                     runs.append({"route": None, "error": str(exc)[-300:], "cli_s": None})
                     continue
             r = res["report"]

@@ -411,7 +411,10 @@ def start_failed(step: str, exc: BaseException, server: str) -> StartFailed:
     code = getattr(exc, "code", 0)
     code = code if isinstance(code, int) else 0
     advice = (REGISTER_ADVICE.get(code) if step == "register" else None) or START_ADVICE[step]
-    if code == -1:                 # NOT_A_SERVER: it answers, but not as our server
+    if code == -1 and " within " in reason:   # NOT_A_SERVER by silence: or a lossy path
+        advice = ("the address accepts TCP but no pyholepunch server answered in time: check "
+                  "the port; if it is right, the path loses many packets: retry")
+    elif code == -1:               # NOT_A_SERVER: it answers, but not as our server
         advice = "the address answers but is not a pyholepunch server: check the port"
     cls = StartTimeout if isinstance(exc, TimeoutError) else StartFailed
     return cls(f"start failed at step '{step}' with {server}: {reason} ({advice})",

@@ -20,7 +20,10 @@ from .tls import KnownServers, client_context, verify_server
 
 NOT_A_SERVER = -1           # SignalingError.code: no server of ours at that address (local)
 CHECK_FLOOR = 1.0           # check_server: seconds a loaded server may take, plus...
-CHECK_RTTS = 8.0            # ...this many round trips (TLS 1.3 and HELLO need about two)
+CHECK_RTTS = 8.0            # ...this many round trips (TLS 1.3 and HELLO need about two)...
+CHECK_LOSS = 0.8            # ...and TCP's retransmissions of a lost flight (RTO >= 0.2 s,
+                            # doubling): at 10 % loss + 20 ms jitter 1.28 s was seen to pass
+                            # a real server off as "not a pyholepunch server"
 KEEP_CHECKED = 5.0          # s: the checked connection registers if used by then (the server
                             # allows 10 s from TCP accept to REGISTERED)
 
@@ -50,17 +53,17 @@ async def check_server(server: Address, *, pin: bytes | None, known: KnownServer
 
     The TCP connect takes one round trip: that measures the RTT (a lost SYN is sent again
     after 0.25 s: stun.client.connect_rearming). A pyholepunch server then completes TLS and
-    sends HELLO within a few more; so the whole check is bounded by ``floor + rtts * RTT`` (at
-    most ``connect_timeout``), and anything else — no TLS, another protocol, silence, a TLS
-    server that says nothing — fails here with a SignalingError (code ``NOT_A_SERVER``) naming
-    what was seen, instead of a timeout much later. The certificate is checked like any
-    connection's (pin or known servers).
+    sends HELLO within a few more; so the whole check is bounded by ``floor + rtts * RTT``
+    plus a lost flight's retransmissions (at most ``connect_timeout``), and anything else —
+    no TLS, another protocol, silence, a TLS server that says nothing — fails here with a
+    SignalingError (code ``NOT_A_SERVER``) naming what was seen, instead of a timeout much
+    later. The certificate is checked like any connection's (pin or known servers).
     """
     host, port = server
     where = f"{host}:{port}"
     sock, rtt = await connect_rearming(server, timeout=connect_timeout, any_port=True)
     reader, writer = await asyncio.open_connection(sock=sock)
-    budget = min(connect_timeout, floor + rtts * rtt)
+    budget = min(connect_timeout, floor + rtts * rtt + CHECK_LOSS)
     what = "nothing"
     try:
         async with asyncio.timeout(budget):

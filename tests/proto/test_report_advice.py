@@ -115,3 +115,7 @@ def test_a_failed_start_names_its_step_reason_and_advice() -> None:
                                                      code=-1), "s:1")
     assert "is not a pyholepunch server" in other.advice
     assert "is not a pyholepunch rendezvous server" in str(other)
+    silent = start_failed("signaling", SignalingError(
+        "x is not a pyholepunch rendezvous server: no TLS handshake within 2.08 s (RTT 35 ms)",
+        code=-1), "s:1")
+    assert "check the port" in silent.advice and "loses many packets" in silent.advice
