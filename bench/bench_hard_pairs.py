@@ -131,6 +131,8 @@ def test_lossy_pairs(a: str, b: str, bench_report: Any) -> None:
                          "cli_s": res["elapsed"] if res["echo_ok"] else None,
                          "connect_s": r.get("total_time"), "step": r.get("winning_step"),
                          "failed_step": r.get("failed_step"), "advice": r.get("advice"),
+                         "relay_cause": r.get("relay_cause"),
+                         "direct_after_relay_s": r.get("direct_after_relay_s"),
                          "error": r.get("error") or (None if res["echo_ok"] else "no echo")})
     direct = sum(x["route"] == "direct" for x in runs)
     connected = sum(x["route"] is not None for x in runs)
@@ -143,6 +145,10 @@ def test_lossy_pairs(a: str, b: str, bench_report: Any) -> None:
            "median_connect_s": round(statistics.median(connect), 3) if connect else None,
            "steps": sorted({str(x.get("step")) for x in runs}),
            "failed_steps": sorted({str(x["failed_step"]) for x in runs if x.get("failed_step")}),
+           "relay_causes": sorted(str(x["relay_cause"]) for x in runs if x.get("relay_cause")),
+           "direct_after_relay_s": sorted(x["direct_after_relay_s"] for x in runs
+                                          if x.get("direct_after_relay_s") is not None),
+           "cli_s": [None if x["cli_s"] is None else round(x["cli_s"], 2) for x in runs],
            "errors": sorted({str(x["error"])[:200] for x in runs if x.get("error")})}
     key = f"{a}<->{b}@{LOSS_PCT:g}%+{JITTER_MS:g}ms"
     _lossy[key] = row

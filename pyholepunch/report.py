@@ -235,16 +235,19 @@ class ConnectionReport:
             raise ValueError(f"relay cause must be one of {', '.join(RELAY_CAUSES)}, got {cause!r}")
         self.relay_reason, self.relay_cause = reason, cause
         self.failed_step = {"no_direct_plan": "plan", "tls_failed": "tls",
-                            "peer_relayed": "peer"}.get(cause) or self._last_direct_step()
+                            "peer_relayed": "peer"}.get(cause) or \
+            self._last_direct_step(late=cause == "direct_pending")
         self.advice = RELAY_ADVICE[cause]
         self.emit("fallback", {"reason": reason, "cause": cause, "failed_step": self.failed_step,
                                "advice": self.advice})
 
-    def _last_direct_step(self) -> str:
-        """The kind of the latest direct step that failed or still runs ("punch" if none)."""
+    def _last_direct_step(self, *, late: bool = False) -> str:
+        """The kind of the latest direct step that failed or still runs (``late``: or that
+        succeeded too late for the relay race's decision); "punch" if none."""
+        outcomes = (Outcome.ERROR, Outcome.TIMEOUT, Outcome.RUNNING) + \
+            ((Outcome.SUCCESS,) if late else ())
         for record in reversed(self.steps):
-            if record.kind != "relay" and record.outcome in (Outcome.ERROR, Outcome.TIMEOUT,
-                                                               Outcome.RUNNING):
+            if record.kind != "relay" and record.outcome in outcomes:
                 return record.kind
         return "punch"
 

@@ -67,6 +67,11 @@ def test_a_direct_step_still_running_is_the_one_named() -> None:
     report = _punched_running()
     report.fallback("no direct connection 0.70 s after connect()", "direct_pending")
     assert report.failed_step == "sweep"
+    late = ConnectionReport("initiator", peer_name="bob")      # it succeeded, too late
+    late.set_plan(PLAN)
+    late.step_finished(late.step_started("simopen"), "success")
+    late.fallback("no direct connection 0.70 s after connect()", "direct_pending")
+    assert late.failed_step == "simopen"
 
 
 @pytest.mark.parametrize(("error", "plan", "step", "words"), [
