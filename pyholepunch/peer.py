@@ -412,7 +412,8 @@ class Peer(Announcing, Service):
                 if plan.has_relay and relaying:    # the relay ready alongside
                     route, (reader, writer) = await direct_or_relay(
                         punch=punch, secure=secure, initiator=initiator, start_at=start_at,
-                        report=report, join_relay=lambda: self._relay(instr, initiator),
+                        spread=instr.spread, report=report,
+                        join_relay=lambda: self._relay(instr, initiator),
                         relay_tls=lambda streams: secure_stream(
                             streams, identity=self.identity, peer_id=peer.peer_id,
                             peer_cert=peer.cert, initiator=initiator, timeout=TLS_TIMEOUT,

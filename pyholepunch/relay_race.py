@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import PunchResult
-from .errors import PunchError
+from .errors import PunchError, RelayError
 from .punch import Punch, close_late_result
 from .report import ConnectionReport, Route
+from .signal.machine import MAX_SPREAD_MARGIN
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +81,17 @@ def race_timings(rtt: float | None) -> RaceTimings:
         return round(max(floor, rtts * rtt), 3)
     return RaceTimings(scaled(PREPARE_AFTER, PREPARE_RTTS), scaled(DECIDE_AFTER, DECIDE_RTTS),
                        scaled(DECIDE_BY, DECIDE_BY_RTTS), scaled(JOIN_ALLOWANCE, JOIN_RTTS))
+DIRECT_WINDOW = 0.3     # s after start_at the direct steps get at the least, and DIRECT_RTTS
+DIRECT_RTTS = 8         # round trips: a late start (a lost signaling segment costs an RTO)
+                        # must not leave the punch a few ms before the decision
+LATE_SPREADS = 2        # and this many RTT spreads more: the peer's PUNCH may come that late
 
 
 async def direct_or_relay(*, punch: Punch, secure: Callable[[PunchResult], Awaitable[Streams]],
                           join_relay: Callable[[], Awaitable[Streams]],
                           relay_tls: Callable[[Streams], Awaitable[Streams]],
-                          initiator: bool, start_at: float,
-                          report: ConnectionReport) -> tuple[Route, Streams]:
+                          initiator: bool, start_at: float, report: ConnectionReport,
+                          spread: float = 0.0) -> tuple[Route, Streams]:
     """(route, TLS streams) for a plan with direct steps and a relay, the report finished
     (with the reason and cause of a fallback). Raises the relay's error when neither path
     comes up."""
@@ -94,9 +99,12 @@ async def direct_or_relay(*, punch: Punch, secure: Callable[[PunchResult], Await
         # a dual-stack race (race.py) has run TLS on its pick already
         return punch.streams or await secure(won)
 
-    timings = race_timings(punch.rtt)
-    route, streams, why, cause = await _race(punch.run(), direct_tls, join_relay, relay_tls,
-                                             initiator, start_at, report, timings)
+    try:
+        route, streams, why, cause = await _race(punch.run(), direct_tls, join_relay, relay_tls,
+                                                 initiator, start_at, report, punch.rtt, spread)
+    except (PunchError, OSError) as exc:    # neither path: a second relay request cannot help
+        raise RelayError(f"neither a direct nor a relayed connection came up: "
+                         f"{type(exc).__name__}: {exc}") from exc
     if route is Route.RELAY:
         reason = str(why or "the peer took the relay")
         # The one WARNING of this connection's fallback, as in peer.py.
@@ -109,16 +117,16 @@ async def direct_or_relay(*, punch: Punch, secure: Callable[[PunchResult], Await
 async def _race(punch: Awaitable[PunchResult], secure: Callable[[PunchResult], Awaitable[Streams]],
                 join_relay: Callable[[], Awaitable[Streams]],
                 relay_tls: Callable[[Streams], Awaitable[Streams]], initiator: bool, start_at: float,
-                report: ConnectionReport, timings: RaceTimings | None = None,
-                ) -> tuple[Route, Streams, BaseException | None, str]:
-    t = timings or race_timings(None)
+                report: ConnectionReport, rtt: float | None = None,
+                spread: float = 0.0) -> tuple[Route, Streams, BaseException | None, str]:
     direct = asyncio.ensure_future(punch)
     join: asyncio.Future[Streams] | None = None
     tasks: list[asyncio.Future[Any]] = []
     route: Route | None = None
     try:
         if initiator:
-            decide_at = min(start_at + t.decide_after, report.started + t.decide_by)
+            decide_at = decision_time(start_at, report.started, rtt, spread)
+            t = race_timings(rtt)
             prepare_at = min(start_at + t.prepare_after, decide_at - t.join_allowance)
             await asyncio.wait({direct}, timeout=max(0.0, prepare_at - time.time()))
             if not (direct.done() and direct.exception() is None):
@@ -180,6 +188,21 @@ async def _race(punch: Awaitable[PunchResult], secure: Callable[[PunchResult], A
         if join is not None and route is not Route.RELAY:
             join.cancel()
             join.add_done_callback(_close_streams)
+
+
+def decision_time(start_at: float, started: float, rtt: float | None,
+                  spread: float = 0.0) -> float:
+    """When the initiator stops waiting for the punch: ``decide_after`` the common start but
+    ``decide_by`` after connect() (race_timings: DECIDE_AFTER and DECIDE_BY up to ~60 ms RTT,
+    scaled beyond) -- unless signaling was slow, and then the direct steps still
+    get their window after the start: some round trips, plus the server-measured RTT spread
+    of the two peers (a lossy or jittery path delivers the peer's PUNCH, and so its first
+    SYN, up to a retransmission later; a steady one costs nothing here)."""
+    t = race_timings(rtt)     # the floors at the lab's 40 ms, more on a longer path
+    late = LATE_SPREADS * min(max(spread, 0.0), MAX_SPREAD_MARGIN)
+    window = max(DIRECT_WINDOW, DIRECT_RTTS * (rtt or 0.0)) + late
+    return max(min(start_at + t.decide_after + late, started + t.decide_by + late),
+               start_at + window)
 
 
 async def _secure_relay(join: asyncio.Future[Streams], secure: Callable[[Streams], Awaitable[Streams]],

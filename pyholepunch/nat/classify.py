@@ -73,6 +73,7 @@ class Observations:
     filter_port: FilterProbe = field(default_factory=FilterProbe)     # change port only
     allocation: list[tuple[int, int]] = field(default_factory=list)   # (local port, mapped port)
     allocation_lost: int = 0
+    allocation_rearms: int = 0      # re-sent TCP SYNs: a NAT may allocate a port for each
     hairpin: bool | None = None
     hairpin_detail: str = ""
     notes: list[str] = field(default_factory=list)
@@ -186,7 +187,7 @@ def _decide_allocation(o: Observations, mapping: Mapping, nl: list[str],
     if sequential and count == len(deltas):
         conf["allocation"] = 1.0
         return Allocation.SEQUENTIAL, delta
-    step = _reordered_step(pairs, o.allocation_lost)
+    step = _reordered_step(pairs, o.allocation_lost + o.allocation_rearms)
     if step is not None:
         # a retransmitted (lost) probe got its mapping late: sequential, out of order
         conf["allocation"] = 0.8
@@ -197,6 +198,12 @@ def _decide_allocation(o: Observations, mapping: Mapping, nl: list[str],
     if preserved >= len(pairs) - 1:
         conf["allocation"] = round(preserved / len(pairs), 2)
         return Allocation.PRESERVING, None
+    step = _step_without_one(pairs, o.allocation_lost + o.allocation_rearms)
+    if len(pairs) >= 5 and step is not None:     # 4 left: no random allocator's luck
+        # one mapping from elsewhere (a flow of before still alive, a retransmission's
+        # own mapping) among a progression: sequential, less sure
+        conf["allocation"] = 0.7
+        return Allocation.SEQUENTIAL, step
     conf["allocation"] = 0.8 if len(pairs) >= 4 else 0.6
     return Allocation.RANDOM, None
 
@@ -214,6 +221,14 @@ def _reordered_step(pairs: list[tuple[int, int]], lost: int) -> int | None:
         return None
     ups = sum(1 for a, b in zip(pairs, pairs[1:], strict=False) if b[1] > a[1])
     return step if ups * 2 >= len(pairs) - 1 else -step
+
+
+def _step_without_one(pairs: list[tuple[int, int]], lost: int) -> int | None:
+    """``_reordered_step`` of the pairs with one of them left out, if exactly one choice
+    gives a progression (a single outlier, not a random allocator's luck)."""
+    steps = {step for i in range(len(pairs))
+             if (step := _reordered_step(pairs[:i] + pairs[i + 1:], lost)) is not None}
+    return steps.pop() if len(steps) == 1 else None
 
 
 def build_profile(o: Observations) -> NatProfile:

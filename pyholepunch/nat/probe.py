@@ -342,7 +342,10 @@ async def _tcp_filtering(obs: Observations, conn: StunTcpConnection, catcher: _C
 async def _tcp_allocation(obs: Observations, ip: str, count: int, timeout: float) -> None:
     async def one(delay: float) -> BindingResult:
         await asyncio.sleep(delay)   # a few ms apart: the SYNs leave in order
-        return await _tcp_binding(obs.server, (ip, 0), timeout)
+        conn = await StunTcpConnection.open(obs.server, local=(ip, 0), connect_timeout=timeout)
+        obs.allocation_rearms += conn.rearms
+        async with conn:
+            return await conn.binding(timeout=timeout)
     results = await _gather(*(one(i * 0.003) for i in range(count)))
     for r in results:
         if isinstance(r, BindingResult):

@@ -61,7 +61,7 @@ async def check_server(server: Address, *, pin: bytes | None, known: KnownServer
     """
     host, port = server
     where = f"{host}:{port}"
-    sock, rtt = await connect_rearming(server, timeout=connect_timeout, any_port=True)
+    sock, rtt, _ = await connect_rearming(server, timeout=connect_timeout, any_port=True)
     reader, writer = await asyncio.open_connection(sock=sock)
     budget = min(connect_timeout, floor + rtts * rtt + CHECK_LOSS)
     what = "nothing"

@@ -88,6 +88,7 @@ class PunchInstruction:
     start_at: float
     peer: PeerInfo
     plan: dict[str, Any] | None
+    spread: float = 0.0     # how late either PUNCH may arrive (the server's measurement)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,7 @@ def _punch(msg: Punch, now: float) -> PunchInstruction:
     p = msg.peer
     return PunchInstruction(    # a start far ahead is not waited for (protocol.clamp_start)
         session=msg.session, role=msg.role, start_at=clamp_start(msg.start_at, now), plan=msg.plan,
+        spread=max(msg.spread, 0.0),
         peer=PeerInfo(p["peer_id"], p["name"], p["public_key"], p["cert"],
                       tuple(parse_candidates(p["candidates"])), tuple(p["profiles"])))
 
@@ -295,7 +297,7 @@ class SignalClient:
         # A lost SYN is sent again after ~3 RTTs (as measured by check_server or the last
         # registration), not after the kernel's 1 s; TLS and REGISTER ride on TCP's own
         # retransmission, whose timeout the handshake's RTT sample has set (~0.2 s).
-        sock, rtt = await connect_rearming(self.server, timeout=self.connect_timeout,
+        sock, rtt, _ = await connect_rearming(self.server, timeout=self.connect_timeout,
                                            rearm=silence_rearm(self.rtt or self.connect_rtt),
                                            any_port=True)
         self.connect_rtt = rtt

@@ -29,7 +29,9 @@ registered      S->C   peer_id, offset, rtt (server's estimate: client clock - s
 update          C->S   candidates?, profiles?, cert?
 connect         C->S   session, target (name or peer_id), candidates, profiles
 punch           S->C   session, role ("initiator"|"responder"), start_at (RECEIVER's clock),
-                       peer {peer_id, name, public_key, cert, candidates, profiles}, plan
+                       peer {peer_id, name, public_key, cert, candidates, profiles}, plan,
+                       spread? (the larger RTT spread of the two peers: how late a PUNCH
+                       may arrive, which the initiator's relay decision allows for)
 result          C->S   session, outcome ("direct"|"relay"|"failed"), stats, reason? (why it
                        failed: passed on to the other peer)
 relay           C->S   session, relayed? ([ip, port]: the sender's TURN relayed address, to
@@ -353,6 +355,7 @@ class Punch(Message):
     start_at: float
     peer: dict[str, Any]
     plan: dict[str, Any] | None = None
+    spread: float = 0.0     # the larger RTT spread of the two peers (s): how late a PUNCH may be
 
 
 @message("result", Direction.TO_SERVER)

@@ -387,8 +387,9 @@ class PeerProtocol(asyncio.Protocol):
         now = srv.clock()
         start = clamp_start(common_start(now, [me.rtt, target.rtt], self.cfg.margin,
                                           [me.spread, target.spread]), now)
+        spread = max(me.spread, target.spread)
         to_b = Punch(session=msg.session, role="responder", start_at=start,
-                     peer=initiator.peer_info(), plan=plan)
+                     peer=initiator.peer_info(), plan=plan, spread=spread)
         try:
             delivered = await srv.push(target, "punch", to_b)
         except ProtocolError as exc:     # refused to the sender; the target never hears of it
@@ -398,7 +399,7 @@ class PeerProtocol(asyncio.Protocol):
             raise Refusal(ErrorCode.UNKNOWN_TARGET, f"peer {msg.target!r} is no longer reachable",
                           session=msg.session, fatal=False)
         self.send(Punch(session=msg.session, role="initiator", start_at=start + self.clock.offset,
-                        peer=target.peer_info(), plan=plan))
+                        peer=target.peer_info(), plan=plan, spread=spread))
         srv.metrics["punches"] += 1
         srv.emit("coordination", session=msg.session,
                  profiles=(initiator.profiles, target.profiles))

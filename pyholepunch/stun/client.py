@@ -227,8 +227,9 @@ def silence_rearm(rtt: float | None) -> float:
 
 async def connect_rearming(server: Address, *, local: Address | None = None, timeout: float = 5.0,
                            rearm: float = CONNECT_REARM, any_port: bool = False,
-                           ) -> tuple[socket.socket, float]:
-    """A connected non-blocking TCP socket to ``server`` and the RTT its handshake took.
+                           ) -> tuple[socket.socket, float, int]:
+    """A connected non-blocking TCP socket to ``server``, the RTT its handshake took, and how
+    many fresh SYNs were sent after silence (each may have cost a NAT mapping).
 
     A lost SYN (or SYN-ACK) costs the kernel's 1 s retransmission: after ``rearm`` s of silence
     (doubling each time, so a long path still gets through) a fresh socket on the same local
@@ -246,6 +247,7 @@ async def connect_rearming(server: Address, *, local: Address | None = None, tim
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + timeout
     slice_s = rearm
+    rearms = 0
     while True:
         sock = reusable_socket(local or any_address(server))
         local = local or sock.getsockname()[:2]    # the same port again: no new mapping
@@ -253,20 +255,21 @@ async def connect_rearming(server: Address, *, local: Address | None = None, tim
         left = deadline - t0
         try:
             await asyncio.wait_for(loop.sock_connect(sock, server), min(slice_s, left))
-            return sock, time.monotonic() - t0
+            return sock, time.monotonic() - t0, rearms
         except TimeoutError:
             sock.close()
             if left <= slice_s:
                 raise TransactionTimeout(f"TCP connect to {format_address(server)} timed out "
                                          f"after {timeout:.2f} s") from None
             slice_s *= 2
+            rearms += 1
         except BaseException:
             sock.close()
             raise
 
 
 async def _connect_racing(server: Address, timeout: float,
-                          rearm: float) -> tuple[socket.socket, float]:
+                          rearm: float) -> tuple[socket.socket, float, int]:
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + timeout
     attempts: dict[asyncio.Future[None], tuple[socket.socket, float]] = {}
@@ -285,7 +288,7 @@ async def _connect_racing(server: Address, timeout: float,
                 if error is not None:     # an answer (refused, unreachable): final
                     won.close()
                     raise error
-                return won, time.monotonic() - started
+                return won, time.monotonic() - started, len(attempts)
             if left <= slice_s:
                 raise TransactionTimeout(f"TCP connect to {format_address(server)} timed out "
                                          f"after {timeout:.2f} s")
@@ -310,15 +313,17 @@ class StunTcpConnection:
         self.local: Address = (sock[0], sock[1])
         self.remote: Address = (peer[0], peer[1])
         self.connect_time = 0.0
+        self.rearms = 0             # fresh SYNs after silence: each may have cost a NAT mapping
 
     @classmethod
     async def open(cls, server: Address, *, local: Address | None = None,
                    connect_timeout: float = 5.0, **kwargs: Any) -> StunTcpConnection:
         start = time.monotonic()
-        sock, _ = await connect_rearming(server, local=local, timeout=connect_timeout)
+        sock, _, rearms = await connect_rearming(server, local=local, timeout=connect_timeout)
         reader, writer = await asyncio.open_connection(sock=sock)
         self = cls(reader, writer, **kwargs)
         self.connect_time = time.monotonic() - start
+        self.rearms = rearms
         return self
 
     async def read_message(self, timeout: float) -> StunMessage:

@@ -25,6 +25,15 @@ def test_lab_rtt_keeps_the_measured_constants() -> None:
         assert race_timings(rtt) == base, rtt
 
 
+def test_the_decision_time_follows_the_scaled_timings() -> None:
+    started = 100.0
+    start_at = started + 0.05
+    lab = relay_race.decision_time(start_at, started, 0.040)
+    assert lab == pytest.approx(start_at + relay_race.DECIDE_AFTER)      # as before #19's scaling
+    far = relay_race.decision_time(start_at, started, 0.2)
+    assert far == pytest.approx(start_at + 2.0)                          # 10 RTTs of 200 ms
+
+
 def test_long_paths_get_more_time_for_the_direct_steps() -> None:
     t = race_timings(0.2)     # a 200 ms RTT to the server: ~400 ms between the peers
     assert t.decide_after == pytest.approx(2.0)
@@ -71,7 +80,7 @@ async def _race(rtt: float, direct_after: float | None) -> tuple[Route, float]:
 
     try:
         route, streams, _why, cause = await relay_race._race(
-            punch(), secure, join, relay_tls, True, start, report, race_timings(rtt))
+            punch(), secure, join, relay_tls, True, start, report, rtt)
     finally:
         if not punched.done():
             punched.cancel()
@@ -84,7 +93,8 @@ async def _race(rtt: float, direct_after: float | None) -> tuple[Route, float]:
 
 @pytest.mark.asyncio
 async def test_the_decision_waits_longer_on_a_long_path() -> None:
-    # 40 ms: no direct connection 0.6 s after the start -> the relay
+    # 40 ms: no direct connection 0.6 s after the start -> the relay (decision_time keeps
+    # 8 RTTs after the start at the least, 0.32 s here: the floor rules)
     route, took = await _race(0.040, None)
     assert route is Route.RELAY
     assert 0.55 <= took < 0.9, took

@@ -103,3 +103,25 @@ def test_unreachable() -> None:
     p = build_profile(Observations(Transport.UDP, SERVER, local_ip="10.0.1.2", error="no UDP answer"))
     assert p.nat_type == "unknown" and p.not_learned == ("everything: no UDP answer",)
     assert p.server == "udp://203.0.113.10:3478"
+
+
+def test_allocation_under_loss_seen_in_the_lab() -> None:
+    """Allocation probes measured behind the lab's symmetric-seq NAT at 5 % loss, which read
+    'random' before: a re-sent SYN costs the NAT a port, and a mapping of before shows up."""
+    pairs = [(1, 21337), (2, 21338), (3, 21339), (4, 21344), (5, 21341), (6, 21342)]
+    alone = build_profile(obs(allocation=pairs))            # one outlier: less sure
+    assert (alone.allocation, alone.delta, alone.confidence["allocation"]) == \
+        (Allocation.SEQUENTIAL, 1, 0.7)
+    rearmed = build_profile(obs(allocation=pairs, allocation_rearms=1))   # the gap explained
+    assert (rearmed.allocation, rearmed.delta, rearmed.confidence["allocation"]) == \
+        (Allocation.SEQUENTIAL, 1, 0.8)
+    two_gaps = [(1, 21414), (2, 21420), (3, 21416), (4, 21417), (5, 21421), (6, 21419)]
+    assert build_profile(obs(allocation=two_gaps, allocation_rearms=1)).allocation \
+        is Allocation.SEQUENTIAL
+    outlier = [(1, 21391), (2, 21392), (3, 21393), (4, 21361), (5, 21394), (6, 21395)]
+    p = build_profile(obs(allocation=outlier))
+    assert (p.allocation, p.delta) == (Allocation.SEQUENTIAL, 1)
+    assert p.confidence["allocation"] == 0.7
+    # a random allocator is not read as a progression with one outlier
+    rand = [(1, 40123), (2, 11877), (3, 52310), (4, 30001), (5, 23456), (6, 61000)]
+    assert build_profile(obs(allocation=rand)).allocation is Allocation.RANDOM
