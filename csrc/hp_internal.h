@@ -59,15 +59,19 @@ int hp_sock_local_port(int fd);
  * step returns 0 = not done (*wake_ns: step again by then, or when the fd is readable),
  * 1 = won (*out_fd: a connected blocking socket, stats filled), < 0 = failed (-errno). */
 
+/* validate: -EINVAL for arguments the punch cannot run with (a or st NULL included); begin
+ * takes arguments validate accepted and stats that hp_punch_begin has zeroed. */
 typedef struct hp_simopen_state hp_simopen_state_t;
 typedef struct hp_sweep_state hp_sweep_state_t;
 
+int hp_simopen_validate(const hp_simopen_args_t *a, const hp_punch_stats_t *st);
 int hp_simopen_begin(const hp_simopen_args_t *a, hp_punch_stats_t *st,
                      hp_simopen_state_t **out);
 int hp_simopen_fd(const hp_simopen_state_t *s);
 int hp_simopen_step(hp_simopen_state_t *s, int64_t now, int *out_fd, int64_t *wake_ns);
 void hp_simopen_end(hp_simopen_state_t *s);
 
+int hp_sweep_validate(const hp_sweep_args_t *a, const hp_punch_stats_t *st);
 int hp_sweep_begin(const hp_sweep_args_t *a, hp_punch_stats_t *st, hp_sweep_state_t **out);
 int hp_sweep_fd(const hp_sweep_state_t *s);
 int hp_sweep_step(hp_sweep_state_t *s, int64_t now, int *out_fd, int64_t *wake_ns);
@@ -87,7 +91,12 @@ int hp_punch_fd(const hp_punch_t *p);
 int hp_punch_step(hp_punch_t *p, int64_t now, int *out_fd, int64_t *wake_ns);
 void hp_punch_end(hp_punch_t *p);
 
-/* The blocking driver: wait for start_at, step until done, end. 0 + *out_fd, or -errno. */
-int hp_punch_run(hp_punch_t *p, int64_t start_at_ns, int *out_fd);
+/* args: a const hp_simopen_args_t * or hp_sweep_args_t * as kind says. begin fills p. */
+int hp_punch_begin(hp_punch_t *p, hp_punch_kind_t kind, const void *args, hp_punch_stats_t *st);
+int64_t hp_punch_start_at(hp_punch_kind_t kind, const void *args);
+
+/* The blocking driver (hp_simopen, hp_sweep): begin, wait for start_at, step until done,
+ * end. 0 + *out_fd, or -errno. */
+int hp_punch_run(hp_punch_kind_t kind, const void *args, int *out_fd, hp_punch_stats_t *st);
 
 #endif

@@ -28,13 +28,40 @@ void hp_punch_end(hp_punch_t *p)
         hp_sweep_end(p->u.sweep);
 }
 
-int hp_punch_run(hp_punch_t *p, int64_t start_at_ns, int *out_fd)
+int hp_punch_begin(hp_punch_t *p, hp_punch_kind_t kind, const void *args, hp_punch_stats_t *st)
 {
-    int64_t wake = start_at_ns, now;
     int rc;
 
+    p->kind = kind;
+    rc = kind == HP_PUNCH_SIMOPEN ? hp_simopen_validate(args, st) : hp_sweep_validate(args, st);
+    if (rc < 0)
+        return rc;
+    hp_punch_stats_init(st);
+    if (kind == HP_PUNCH_SIMOPEN)
+        return hp_simopen_begin(args, st, &p->u.simopen);
+    return hp_sweep_begin(args, st, &p->u.sweep);
+}
+
+int64_t hp_punch_start_at(hp_punch_kind_t kind, const void *args)
+{
+    return kind == HP_PUNCH_SIMOPEN ? ((const hp_simopen_args_t *)args)->start_at_ns
+                                    : ((const hp_sweep_args_t *)args)->start_at_ns;
+}
+
+int hp_punch_run(hp_punch_kind_t kind, const void *args, int *out_fd, hp_punch_stats_t *st)
+{
+    hp_punch_t punch, *p = &punch;
+    int64_t wake, now;
+    int rc;
+
+    if (out_fd == NULL)
+        return -EINVAL;
     *out_fd = -1;
-    hp_clock_wait_until(start_at_ns);
+    rc = hp_punch_begin(p, kind, args, st);
+    if (rc < 0)
+        return rc;
+    wake = hp_punch_start_at(kind, args);       /* args validated by begin */
+    hp_clock_wait_until(wake);
     for (;;) {
         struct pollfd pfd;
         struct timespec ts;

@@ -295,8 +295,7 @@ static void hp_sched_finish(hp_sched_t *s, hp_sched_punch_t *p, int rc, int fd)
 
 static int64_t hp_sched_start_at(const hp_sched_punch_t *p)
 {
-    return p->p.kind == HP_PUNCH_SIMOPEN ? p->args.simopen.start_at_ns
-                                         : p->args.sweep.start_at_ns;
+    return hp_punch_start_at(p->p.kind, &p->args);
 }
 
 static void hp_sched_watch(hp_sched_t *s, hp_sched_punch_t *p, uint32_t events)
@@ -362,10 +361,7 @@ static void hp_sched_begin(hp_sched_t *s, hp_sched_punch_t *p)
     struct epoll_event ev;
     int rc;
 
-    if (p->p.kind == HP_PUNCH_SIMOPEN)
-        rc = hp_simopen_begin(&p->args.simopen, &p->st, &p->p.u.simopen);
-    else
-        rc = hp_sweep_begin(&p->args.sweep, &p->st, &p->p.u.sweep);
+    rc = hp_punch_begin(&p->p, p->p.kind, &p->args, &p->st);
     if (rc < 0) {
         hp_sched_finish(s, p, rc, -1);
         return;

@@ -24,7 +24,7 @@ struct hp_simopen_state {
     int64_t next_arm;   /* when the next connect() is due while none is pending */
 };
 
-static int hp_simopen_validate(const hp_simopen_args_t *a, const hp_punch_stats_t *st)
+int hp_simopen_validate(const hp_simopen_args_t *a, const hp_punch_stats_t *st)
 {
     if (a == NULL || st == NULL)
         return -EINVAL;
@@ -172,10 +172,6 @@ int hp_simopen_begin(const hp_simopen_args_t *a, hp_punch_stats_t *st,
     hp_simopen_state_t *s;
     int rc;
 
-    rc = hp_simopen_validate(a, st);
-    if (rc < 0)
-        return rc;
-    hp_punch_stats_init(st);
     s = calloc(1, sizeof(*s));
     if (s == NULL)
         return -ENOMEM;
@@ -321,15 +317,5 @@ void hp_simopen_end(hp_simopen_state_t *s)
 
 int hp_simopen(const hp_simopen_args_t *a, int *out_fd, hp_punch_stats_t *st)
 {
-    hp_punch_t p;
-    int rc;
-
-    if (out_fd == NULL)
-        return -EINVAL;
-    *out_fd = -1;
-    rc = hp_simopen_begin(a, st, &p.u.simopen);
-    if (rc < 0)
-        return rc;
-    p.kind = HP_PUNCH_SIMOPEN;
-    return hp_punch_run(&p, a->start_at_ns, out_fd);
+    return hp_punch_run(HP_PUNCH_SIMOPEN, a, out_fd, st);
 }

@@ -39,7 +39,7 @@ struct hp_sweep_state {
     struct epoll_event *evs;  /* HP_SWEEP_EVENTS */
 };
 
-static int hp_sweep_validate(const hp_sweep_args_t *a, const hp_punch_stats_t *st)
+int hp_sweep_validate(const hp_sweep_args_t *a, const hp_punch_stats_t *st)
 {
     size_t i;
     if (a == NULL || st == NULL || a->pairs == NULL || a->npairs == 0)
@@ -220,10 +220,6 @@ int hp_sweep_begin(const hp_sweep_args_t *a, hp_punch_stats_t *st, hp_sweep_stat
     uint32_t i;
     int rc;
 
-    rc = hp_sweep_validate(a, st);
-    if (rc < 0)
-        return rc;
-    hp_punch_stats_init(st);
     s = calloc(1, sizeof(*s));
     if (s == NULL)
         return -ENOMEM;
@@ -348,15 +344,5 @@ void hp_sweep_end(hp_sweep_state_t *s)
 
 int hp_sweep(const hp_sweep_args_t *a, int *out_fd, hp_punch_stats_t *st)
 {
-    hp_punch_t p;
-    int rc;
-
-    if (out_fd == NULL)
-        return -EINVAL;
-    *out_fd = -1;
-    rc = hp_sweep_begin(a, st, &p.u.sweep);
-    if (rc < 0)
-        return rc;
-    p.kind = HP_PUNCH_SWEEP;
-    return hp_punch_run(&p, a->start_at_ns, out_fd);
+    return hp_punch_run(HP_PUNCH_SWEEP, a, out_fd, st);
 }

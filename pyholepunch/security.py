@@ -39,11 +39,11 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import AuthenticationError
 from .identity import Identity, peer_id_of
+from .signal.tls import certificate_key
 from .signal.tlsproto import TlsTransport
 
 log = logging.getLogger(__name__)
@@ -93,15 +93,7 @@ def certificate_peer_id(cert_der: bytes) -> str:
     """The peer_id a certificate's Ed25519 key hashes to; AuthenticationError if it has none."""
     if not isinstance(cert_der, (bytes, bytearray)) or not cert_der:
         raise AuthenticationError("peer certificate missing (expected DER bytes)")
-    try:
-        cert = x509.load_der_x509_certificate(bytes(cert_der))
-        key = cert.public_key()
-    except ValueError as exc:
-        raise AuthenticationError(f"peer certificate is not valid DER X.509: {exc}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise AuthenticationError(
-            f"peer certificate holds a {type(key).__name__.removeprefix('_')}, not an Ed25519 key")
-    return peer_id_of(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+    return peer_id_of(certificate_key(cert_der, "peer certificate"))
 
 
 def check_certificate(cert_der: bytes, peer_id: str) -> None:

@@ -9,7 +9,10 @@ alt:port+1) accepts raw sockets and looks at the first bytes before deciding who
 
 STUN over UDP listens on the same port numbers. Metrics: Prometheus exposition on
 ``http://HOST:PORT/metrics`` with ``--metrics HOST:PORT`` (pyholepunch.metrics, extra
-``[metrics]``); the older JSON counters on ``http://127.0.0.1:<--metrics-port>/metrics``.
+``[metrics]``): the one metrics interface of the command (``--metrics-port N`` is a
+deprecated alias of ``--metrics 127.0.0.1:N``). ``Rendezvous(metrics_port=N)`` also serves
+every internal counter, admission budgets included, as JSON on ``http://127.0.0.1:N/metrics``:
+a debugging aid for programs and tests that run the server in-process, not a stable interface.
 """
 from __future__ import annotations
 
@@ -290,6 +293,10 @@ class Rendezvous(Service):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
                 continue
+            # Small frames (PUNCH, ERROR, a relay's first bytes) must leave at once: with Nagle
+            # one held behind an unacknowledged one waits for the peer's delayed ACK (~40 ms),
+            # and asyncio sets TCP_NODELAY only on sockets created with proto IPPROTO_TCP.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._spawn(self._demux(sock, source))
 
     async def _trim_after_floods(self) -> None:

@@ -152,7 +152,8 @@ def coturn() -> Iterator[Callable[..., Coturn]]:
     started: list[Coturn] = []
 
     def make(**kwargs: Any) -> Coturn:
-        turn = Coturn(CoturnConfig(realm="pyholepunch.test", **kwargs))
+        kwargs.setdefault("realm", "pyholepunch.test")
+        turn = Coturn(CoturnConfig(**kwargs))
         turn.start()
         started.append(turn)
         return turn

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -19,6 +20,8 @@ from ..serve import Rendezvous, _port_sets
 from ..signal.auth import make_token
 from ..signal.server import ServerConfig
 from .args import EXIT_INTERRUPTED, EXIT_OK, address, emit_json, port_number, positive_float
+
+log = logging.getLogger(__name__)
 
 
 def _parse_hostport(text: str) -> Address:
@@ -38,10 +41,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", metavar="SECRET", default=os.environ.get("PYHOLEPUNCH_TOKEN"),
                         help="require this access token (or one made from it) to register")
     parser.add_argument("--store", metavar="URL", help="memory (default) or redis://HOST:PORT")
-    parser.add_argument("--metrics-port", type=port_number, metavar="N",
-                        help="JSON metrics on http://127.0.0.1:N/metrics (0: any free port)")
     parser.add_argument("--metrics", type=address(allow_zero=True), metavar="HOST:PORT",
                         help="Prometheus metrics on http://HOST:PORT/metrics (extra [metrics])")
+    parser.add_argument("--metrics-port", type=port_number, metavar="N",
+                        help="deprecated: the same as --metrics 127.0.0.1:N")
     parser.add_argument("--punch-margin", type=positive_float, default=ServerConfig.margin,
                         metavar="SECONDS",
                         help="least time added to the common punch start, before the peers' "
@@ -56,6 +59,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.metrics_port is not None:
+        if args.metrics is not None:
+            raise UsageError("--metrics-port N is the old spelling of --metrics 127.0.0.1:N: "
+                             "give --metrics alone")
+        log.warning("--metrics-port is deprecated and will go: use --metrics 127.0.0.1:%d "
+                    "(Prometheus exposition; the old JSON counters are no longer served)",
+                    args.metrics_port)
+        args.metrics = ("127.0.0.1", args.metrics_port)
     if args.max_peers < 1:
         raise UsageError(f"--max-peers must be at least 1, got {args.max_peers}")
     if args.store is not None and args.store != "memory" and not args.store.startswith("redis://"):
@@ -87,7 +98,7 @@ async def run(args: argparse.Namespace) -> int:
     _check(args)
     cfg = ServerConfig(margin=args.punch_margin, max_peers=args.max_peers)
     app = Rendezvous(args.listen, alt_ip=args.alt_ip, state_dir=args.state_dir, token=args.token,
-                     store=args.store, metrics_port=args.metrics_port, metrics=args.metrics,
+                     store=args.store, metrics=args.metrics,
                      config=cfg,
                      stun=not args.no_stun, relay=not args.no_relay)
     stopped_by: list[signal.Signals] = []
@@ -109,16 +120,12 @@ async def run(args: argparse.Namespace) -> int:
             emit_json({"listen": format_address(app.address),
                        "addresses": [format_address(a) for a in app.addresses],
                        "fingerprint": app.fingerprint, "services": parts,
-                       "metrics": (f"http://127.0.0.1:{app.metrics_port}/metrics"
-                                   if app.metrics_port is not None else None),
-                       "prometheus": prometheus}, "-")
+                       "metrics": prometheus, "prometheus": prometheus}, "-")
         else:
             names = {"signaling": "TLS signaling", "stun": "STUN", "relay": "relay"}
             print(f"pyholepunch serve on {where} ({', '.join(names[p] for p in parts)} on one port)",
                   flush=True)
             print(f"server fingerprint sha256 {app.fingerprint}", flush=True)
-            if app.metrics_port is not None:
-                print(f"metrics http://127.0.0.1:{app.metrics_port}/metrics", flush=True)
             if app.prometheus_address is not None:
                 print(f"prometheus metrics http://{format_address(app.prometheus_address)}/metrics",
                       flush=True)

@@ -15,7 +15,7 @@ import asyncio
 import selectors
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from ._base import PunchResult
@@ -33,20 +33,26 @@ class Punch(Protocol):
     def outcome(self, winner: socket.socket | None) -> PunchResult: ...
 
 
+def _advance(punch: Punch, ready: Iterable[Any]) -> tuple[socket.socket | None, float | None]:
+    """The step both drivers take: hand the ``ready`` file objects to ``punch`` until one wins,
+    else tick it. The winner (or None) and how long to wait for sockets next (None: over)."""
+    for fileobj in ready:
+        winner = punch.on_ready(fileobj)
+        if winner is not None:
+            return winner, None
+    wake = punch.tick(time.time())
+    return None, None if wake is None else max(0.0, wake - time.time())
+
+
 def run(punch: Punch) -> PunchResult:
     """Drive ``punch`` to its end in this thread (blocking in select/sleep)."""
     winner: socket.socket | None = None
     try:
         punch.open()
         wait_until(punch.start)
-        while winner is None:
-            wake = punch.tick(time.time())
-            if wake is None:
-                break
-            for key, _ev in punch.sel.select(max(0.0, wake - time.time())):
-                winner = punch.on_ready(key.fileobj)
-                if winner is not None:
-                    break
+        winner, wait = _advance(punch, ())
+        while wait is not None:
+            winner, wait = _advance(punch, (key.fileobj for key, _ev in punch.sel.select(wait)))
     finally:
         punch.close(winner)
     return punch.outcome(winner)
@@ -130,15 +136,10 @@ async def run_async(punch: Punch) -> PunchResult:
         delay = punch.start - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        while winner is None:
-            wake = punch.tick(time.time())
-            if wake is None:
-                break
-            for key in await sel.wait(max(0.0, wake - time.time())):
-                if key.fd in sel.keys:          # not unregistered by an earlier one
-                    winner = punch.on_ready(key.fileobj)
-                    if winner is not None:
-                        break
+        winner, wait = _advance(punch, ())
+        while wait is not None:
+            keys = await sel.wait(wait)     # skipping those an earlier one unregistered:
+            winner, wait = _advance(punch, (key.fileobj for key in keys if key.fd in sel.keys))
     finally:
         punch.close(winner)
     return punch.outcome(winner)

@@ -67,6 +67,17 @@ class Mapping:
         return self.renewed_at + (self.lifetime / 2 if self.lifetime else 3600.0)
 
 
+def _answer(protocol: str, data: bytes,
+            addr: tuple[str, int]) -> pcp.PcpResponse | natpmp.NatPmpResponse | None:
+    """A datagram from port 5351 parsed as a ``protocol`` ("pcp" | "nat-pmp") response; None
+    when it comes from another port or is the other protocol's (they share the port)."""
+    if addr[1] != pcp.PORT or not data:
+        return None
+    if protocol == "pcp":
+        return pcp.parse_response(data) if data[0] == pcp.VERSION else None
+    return natpmp.parse_response(data) if data[0] == natpmp.VERSION else None
+
+
 class PortMapper:
     def __init__(self, gateway: str, local_ip: str, *, budget: float = 0.25,
                  protocols: tuple[str, ...] = PROTOCOLS, lifetime: int = 7200,
@@ -147,19 +158,12 @@ class PortMapper:
         def match(data: bytes, addr: tuple[str, int]) -> Any:
             if protocol == "upnp":
                 return upnp.parse_ssdp_response(data) if addr[1] == upnp.SSDP_PORT else None
-            if addr[1] != pcp.PORT or not data:
+            r = _answer(protocol, data, addr)
+            first = pcp.Opcode.ANNOUNCE if protocol == "pcp" else natpmp.Opcode.EXTERNAL_ADDRESS
+            if r is None or r.opcode is not first or not r.ok:
                 return None
-            if protocol == "pcp" and data[0] == pcp.VERSION:
-                r = pcp.parse_response(data)
-                if r.opcode is pcp.Opcode.ANNOUNCE and r.ok:
-                    self._note_epoch("pcp", r.epoch)
-                    return r
-            if protocol == "nat-pmp" and data[0] == natpmp.VERSION:
-                m = natpmp.parse_response(data)
-                if m.opcode is natpmp.Opcode.EXTERNAL_ADDRESS and m.ok:
-                    self._note_epoch("nat-pmp", m.epoch)
-                    return m
-            return None
+            self._note_epoch(protocol, r.epoch)
+            return r
         return match
 
     def _note_epoch(self, protocol: str, epoch: int) -> bool:
@@ -225,94 +229,62 @@ class PortMapper:
                 m.service, m.transport, m.internal, want, self.lifetime)
         m.renewed_at = time.monotonic()
 
+    async def _ask(self, protocol: str, request: bytes, wanted: Callable[[Any], bool], what: str,
+                   refused: str | None = None) -> tuple[Any, bool]:
+        """Send a PCP or NAT-PMP ``request`` until an answer of ``protocol`` that ``wanted``
+        accepts; that answer and whether its epoch shows the router lost its mappings. With
+        ``refused``, a non-zero result raises PortMapError with that text and the result name."""
+        lost = False
+
+        def match(data: bytes, addr: tuple[str, int]) -> Any:
+            nonlocal lost
+            r = _answer(protocol, data, addr)
+            if r is None or not wanted(r):
+                return None
+            lost = self._note_epoch(protocol, r.epoch)
+            if refused is not None and not r.ok:
+                names = pcp.result_name if protocol == "pcp" else natpmp.result_name
+                raise PortMapError(f"{refused}: {names(r.result)}", protocol=protocol,
+                                   code=r.result)
+            return r
+
+        wire = await self._open()
+        r = await wire.request([(request, pcp.PORT)], match, rto=self.rto,
+                               attempts=self.attempts, what=what, protocol=protocol)
+        return r, lost
+
     # PCP
     async def _pcp_map(self, m: Mapping, external_port: int, lifetime: int) -> pcp.PcpResponse:
         req = pcp.encode_map(client_ip=self.local_ip, nonce=m.nonce, transport=m.transport,
                              internal_port=m.internal[1], external_port=external_port,
                              lifetime=lifetime)
-
-        def match(data: bytes, addr: tuple[str, int]) -> pcp.PcpResponse | None:
-            if addr[1] != pcp.PORT or not data or data[0] != pcp.VERSION:
-                return None
-            r = pcp.parse_response(data)
-            if r.opcode is not pcp.Opcode.MAP or (r.ok and (r.nonce != m.nonce
-                                                            or r.internal_port != m.internal[1])):
-                return None
-            self._note_epoch("pcp", r.epoch)
-            if not r.ok:
-                raise PortMapError(f"PCP MAP refused: {pcp.result_name(r.result)}",
-                                   protocol="pcp", code=r.result)
-            return r
-
-        wire = await self._open()
-        result: pcp.PcpResponse = await wire.request([(req, pcp.PORT)], match, rto=self.rto,
-                                                     attempts=self.attempts, what="PCP MAP",
-                                                     protocol="pcp")
+        r, _ = await self._ask("pcp", req, lambda r: r.opcode is pcp.Opcode.MAP and (
+            not r.ok or (r.nonce == m.nonce and r.internal_port == m.internal[1])),
+            "PCP MAP", refused="PCP MAP refused")
+        result: pcp.PcpResponse = r
         return result
+
+    async def _pcp_announce(self) -> bool:
+        _, lost = await self._ask("pcp", pcp.encode_announce(self.local_ip),
+                                  lambda r: r.opcode is pcp.Opcode.ANNOUNCE, "PCP ANNOUNCE")
+        return lost
 
     # NAT-PMP
     async def _natpmp_map(self, m: Mapping, external_port: int, lifetime: int) -> natpmp.NatPmpResponse:
         req = natpmp.encode_map_request(m.transport, m.internal[1], external_port, lifetime)
         opcode = natpmp.map_opcode(m.transport)
-
-        def match(data: bytes, addr: tuple[str, int]) -> natpmp.NatPmpResponse | None:
-            if addr[1] != natpmp.PORT or not data or data[0] != natpmp.VERSION:
-                return None
-            r = natpmp.parse_response(data)
-            if r.opcode is not opcode or (r.ok and r.internal_port != m.internal[1]):
-                return None
-            self._note_epoch("nat-pmp", r.epoch)
-            if not r.ok:
-                raise PortMapError(f"NAT-PMP mapping refused: {natpmp.result_name(r.result)}",
-                                   protocol="nat-pmp", code=r.result)
-            return r
-
-        wire = await self._open()
-        result: natpmp.NatPmpResponse = await wire.request(
-            [(req, natpmp.PORT)], match, rto=self.rto, attempts=self.attempts,
-            what="NAT-PMP mapping", protocol="nat-pmp")
+        r, _ = await self._ask("nat-pmp", req, lambda r: r.opcode is opcode and (
+            not r.ok or r.internal_port == m.internal[1]),
+            "NAT-PMP mapping", refused="NAT-PMP mapping refused")
+        result: natpmp.NatPmpResponse = r
         return result
 
     async def _natpmp_external(self) -> bool:
         """Ask NAT-PMP's external address; True when its epoch shows lost mappings."""
-        lost = False
-
-        def match(data: bytes, addr: tuple[str, int]) -> natpmp.NatPmpResponse | None:
-            nonlocal lost
-            if addr[1] != natpmp.PORT or not data or data[0] != natpmp.VERSION:
-                return None
-            r = natpmp.parse_response(data)
-            if r.opcode is not natpmp.Opcode.EXTERNAL_ADDRESS:
-                return None
-            lost = self._note_epoch("nat-pmp", r.epoch)
-            if not r.ok:
-                raise PortMapError(f"NAT-PMP external address: {natpmp.result_name(r.result)}",
-                                   protocol="nat-pmp", code=r.result)
-            return r
-
-        wire = await self._open()
-        r = await wire.request([(natpmp.encode_external_address_request(), natpmp.PORT)], match,
-                               rto=self.rto, attempts=self.attempts,
-                               what="NAT-PMP external address", protocol="nat-pmp")
+        r, lost = await self._ask("nat-pmp", natpmp.encode_external_address_request(),
+                                  lambda r: r.opcode is natpmp.Opcode.EXTERNAL_ADDRESS,
+                                  "NAT-PMP external address", refused="NAT-PMP external address")
         self._external_ip = r.external_ip
-        return lost
-
-    async def _pcp_announce(self) -> bool:
-        lost = False
-
-        def match(data: bytes, addr: tuple[str, int]) -> pcp.PcpResponse | None:
-            nonlocal lost
-            if addr[1] != pcp.PORT or not data or data[0] != pcp.VERSION:
-                return None
-            r = pcp.parse_response(data)
-            if r.opcode is not pcp.Opcode.ANNOUNCE:
-                return None
-            lost = self._note_epoch("pcp", r.epoch)
-            return r
-
-        wire = await self._open()
-        await wire.request([(pcp.encode_announce(self.local_ip), pcp.PORT)], match, rto=self.rto,
-                           attempts=self.attempts, what="PCP ANNOUNCE", protocol="pcp")
         return lost
 
     # UPnP

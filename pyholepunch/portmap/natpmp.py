@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ._wire import PORT as PORT  # noqa: F401  (re-exported: one port for both protocols)
+from ._wire import RESPONSE_BIT as RESPONSE_BIT  # noqa: F401
+from ._wire import code_name, response_opcode
 
-PORT = 5351
 VERSION = 0
-RESPONSE_BIT = 0x80
 MAX_LIFETIME = 0xFFFFFFFF
 
 
@@ -36,10 +37,7 @@ class Result(IntEnum):
 
 
 def result_name(code: int) -> str:
-    try:
-        return Result(code).name
-    except ValueError:
-        return f"result {code}"
+    return code_name(Result, code)
 
 
 def map_opcode(transport: str) -> Opcode:
@@ -89,15 +87,7 @@ def parse_response(data: bytes) -> NatPmpResponse:
     if len(data) < 8:
         raise RemoteProtocolError(f"NAT-PMP response of {len(data)} bytes (at least 8)")
     version, op, result, epoch = struct.unpack_from("!BBHI", data)
-    if version != VERSION:
-        raise RemoteProtocolError(f"NAT-PMP response of version {version}", field="version")
-    if not op & RESPONSE_BIT:
-        raise RemoteProtocolError(f"NAT-PMP request opcode {op} where a response was expected",
-                                  field="opcode")
-    try:
-        opcode = Opcode(op & ~RESPONSE_BIT)
-    except ValueError:
-        raise RemoteProtocolError(f"unknown NAT-PMP opcode {op}", field="opcode") from None
+    opcode = response_opcode("NAT-PMP", version, VERSION, op, Opcode)
     if result != Result.SUCCESS:
         return NatPmpResponse(opcode, result, epoch)
     if opcode is Opcode.EXTERNAL_ADDRESS:

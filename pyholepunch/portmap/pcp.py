@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ._wire import PORT as PORT  # noqa: F401  (re-exported: one port for both protocols)
+from ._wire import RESPONSE_BIT as RESPONSE_BIT  # noqa: F401
+from ._wire import code_name, response_opcode
 
-PORT = 5351
 VERSION = 2
-RESPONSE_BIT = 0x80
 HEADER_LEN = 24
 MAP_LEN = 36
 MAX_MESSAGE = 1100
@@ -57,10 +58,7 @@ class OptionCode(IntEnum):
 
 
 def result_name(code: int) -> str:
-    try:
-        return Result(code).name
-    except ValueError:
-        return f"result {code}"
+    return code_name(Result, code)
 
 
 def pack_ip(ip: str) -> bytes:
@@ -145,15 +143,7 @@ def parse_response(data: bytes) -> PcpResponse:
     if len(data) < HEADER_LEN or len(data) > MAX_MESSAGE or len(data) % 4:
         raise RemoteProtocolError(f"PCP response of {len(data)} bytes (24..1100, a multiple of 4)")
     version, op, result, lifetime, epoch = struct.unpack_from("!BBxBII", data)
-    if version != VERSION:
-        raise RemoteProtocolError(f"PCP response of version {version}", field="version")
-    if not op & RESPONSE_BIT:
-        raise RemoteProtocolError(f"PCP request (opcode {op}) where a response was expected",
-                                  field="opcode")
-    try:
-        opcode = Opcode(op & ~RESPONSE_BIT)
-    except ValueError:
-        raise RemoteProtocolError(f"unknown PCP opcode {op & ~RESPONSE_BIT}", field="opcode") from None
+    opcode = response_opcode("PCP", version, VERSION, op, Opcode)
     offset = HEADER_LEN
     fields: dict[str, object] = {}
     if opcode is Opcode.MAP and (result == Result.SUCCESS or len(data) >= HEADER_LEN + MAP_LEN):

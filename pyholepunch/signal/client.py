@@ -13,6 +13,7 @@ import logging
 import random
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +45,16 @@ from .protocol import (
     Result,
     Update,
     clamp_start,
+    refusal,
     registration_message,
 )
 from .tls import KNOWN_SERVERS, KnownServers, client_context, parse_fingerprint, verify_server
 
 log = logging.getLogger(__name__)
+MAX_ABANDONED = 256         # given-up sessions remembered, to drop a PUNCH that comes late
 NO_RETRY = {ErrorCode.BAD_SIGNATURE, ErrorCode.NAME_TAKEN, ErrorCode.TOKEN_REQUIRED,
             ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.BAD_NAME,
-            ErrorCode.REPLACED, ErrorCode.VERSION}
+            ErrorCode.REPLACED, ErrorCode.VERSION, ErrorCode.QUOTA_EXCEEDED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +164,7 @@ class SignalClient:
         self._conn: SignalConnection | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._abandoned: OrderedDict[str, None] = OrderedDict()   # connects we gave up on
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.failure: BaseException | None = None
@@ -199,8 +203,22 @@ class SignalClient:
                            candidates=(_candidates(candidates) if candidates is not None
                                        else self.candidates),
                            profiles=_profiles(profiles) if profiles is not None else self.profiles))
-        result: PunchInstruction = await self._await(fut, ("punch", session), timeout)
+        try:
+            result: PunchInstruction = await self._await(fut, ("punch", session), timeout)
+        except (asyncio.CancelledError, TimeoutError):
+            self._abandon(session)
+            raise
         return result
+
+    def _abandon(self, session: str) -> None:
+        """We gave up on ``session`` before its PUNCH: the server hears it now and tells the
+        other peer (which stops punching on its port); a PUNCH still coming is dropped."""
+        self._abandoned[session] = None
+        if len(self._abandoned) > MAX_ABANDONED:
+            self._abandoned.popitem(last=False)
+        with contextlib.suppress(ConnectionError):
+            self._send(Result(session=session, outcome="failed", stats={}, reason=(
+                "stopped waiting before the punch (connect cancelled or timed out)")))
 
     async def request_relay(self, session: str, timeout: float = 10.0) -> RelayInstruction:
         fut = self._expect("relay_grant", session)
@@ -284,46 +302,41 @@ class SignalClient:
 
     async def _connect_once(self) -> asyncio.StreamReader:
         kept, self._checked = self._checked, None
-        if kept is not None:
-            if kept.fresh():
-                try:
-                    return await self._register_on(kept.reader, kept.writer, kept.conn, kept.fp,
-                                                   kept.hello)
-                except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-                    log.debug("the checked connection did not register (%s): a fresh one", exc)
-            else:
-                kept.close()
-        host, port = self.server
-        # A lost SYN is sent again after ~3 RTTs (as measured by check_server or the last
-        # registration), not after the kernel's 1 s; TLS and REGISTER ride on TCP's own
-        # retransmission, whose timeout the handshake's RTT sample has set (~0.2 s).
+        if kept is not None and kept.fresh():
+            try:
+                return await self._register_on(kept.reader, kept.writer, kept.conn, kept.fp,
+                                               kept.hello)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                log.debug("the checked connection did not register (%s): a fresh one", exc)
+        elif kept is not None:
+            kept.close()
+        # A lost SYN is sent again after ~3 RTTs (check_server's or the last registration's),
+        # not the kernel's 1 s; TLS and REGISTER ride on TCP's retransmission (RTO ~0.2 s).
         sock, rtt, _ = await connect_rearming(self.server, timeout=self.connect_timeout,
                                            rearm=silence_rearm(self.rtt or self.connect_rtt),
                                            any_port=True)
         self.connect_rtt = rtt
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(sock=sock, ssl=client_context(), server_hostname=host,
+                asyncio.open_connection(sock=sock, ssl=client_context(),
+                                        server_hostname=self.server[0],
                                         ssl_handshake_timeout=self.connect_timeout),
                 self.connect_timeout)
         except BaseException:
             sock.close()
             raise
-        try:
-            ssl_obj = writer.get_extra_info("ssl_object")
-            fp = verify_server(ssl_obj.getpeercert(binary_form=True) if ssl_obj else None,
-                               host, port, pin=self._pin, known=self._known)
-        except BaseException:
-            writer.close()
-            raise
         return await self._register_on(reader, writer,
                                        SignalConnection(Role.CLIENT, max_frame=self.max_frame),
-                                       fp, None)
+                                       None, None)
 
     async def _register_on(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                           conn: SignalConnection, fp: bytes,
+                           conn: SignalConnection, fp: bytes | None,
                            hello: Hello | None) -> asyncio.StreamReader:
         try:
+            if fp is None:      # a fresh connection: its certificate is checked here
+                ssl_obj = writer.get_extra_info("ssl_object")
+                fp = verify_server(ssl_obj.getpeercert(binary_form=True) if ssl_obj else None,
+                                   *self.server, pin=self._pin, known=self._known)
             self._conn, self._writer = conn, writer
             await asyncio.wait_for(self._register(reader, writer, conn, fp, hello),
                                    self.connect_timeout)
@@ -345,8 +358,7 @@ class SignalClient:
                     err = msg.error
                     if err is None:
                         raise ConnectionError("server closed the connection during registration")
-                    raise SignalingError(f"registration refused: {err.reason} ({err.code})",
-                                         code=err.code)
+                    raise refusal(err.reason, err.code, "registration refused: ")
                 if isinstance(msg, Hello):
                     self._answer_hello(msg, writer, conn, fp)
                 elif isinstance(msg, Ping):
@@ -444,7 +456,7 @@ class SignalClient:
                 for msg in conn.receive_data(data):
                     if isinstance(msg, ConnectionClosed):
                         if msg.error is not None:
-                            raise SignalingError(msg.error.reason, code=msg.error.code)
+                            raise refusal(msg.error.reason, msg.error.code)
                         return
                     self._dispatch(msg, at, conn, writer)
         finally:
@@ -462,6 +474,8 @@ class SignalClient:
             if fut is not None and msg.role == "initiator":
                 if not fut.done():
                     fut.set_result(_punch(msg, at))
+            elif msg.role == "initiator" and msg.session in self._abandoned:
+                log.debug("PUNCH for %s after we gave up on it: dropped", msg.session)
             else:
                 self.incoming.put_nowait(_punch(msg, at))
         elif isinstance(msg, RelayGrant):
@@ -473,7 +487,7 @@ class SignalClient:
             else:
                 self.incoming.put_nowait(grant)
         elif isinstance(msg, Error) and msg.session is not None:
-            exc = SignalingError(f"{msg.reason} ({msg.code})", code=msg.code)
+            exc = refusal(msg.reason, msg.code)
             for kind in ("punch", "relay_grant"):
                 fut = self._pending.get((kind, msg.session))
                 if fut is not None and not fut.done():

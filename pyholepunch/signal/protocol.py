@@ -72,7 +72,7 @@ from typing import Any, ClassVar, get_type_hints
 import msgpack  # type: ignore[import-untyped]
 
 from ..address import unusable_peer_ip
-from ..errors import LocalProtocolError, RemoteProtocolError
+from ..errors import LocalProtocolError, RemoteProtocolError, SignalingError
 from ..strategy.candidates import parse_candidates
 from . import fields as checks
 
@@ -122,6 +122,17 @@ class ErrorCode(enum.IntEnum):
     RELAY_UNAVAILABLE = 501
     SERVER_FULL = 503
     REPLACED = 504             # the same peer registered again on another connection
+
+
+QUOTA_FINAL = ("a quota of this server is used up (the names one key or address may hold, or the "
+               "relays one peer or address may hold); not retried")
+
+
+def refusal(reason: str, code: int, prefix: str = "") -> SignalingError:
+    """A server's ERROR as the exception a client raises: ``[prefix]reason (code)``; a quota
+    (430) says it is final, since retrying at once would only be refused again."""
+    why = f"{code}: {QUOTA_FINAL}" if code == ErrorCode.QUOTA_EXCEEDED else f"{code}"
+    return SignalingError(f"{prefix}{reason} ({why})", code=code)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,19 +77,25 @@ class ServerCredentials:
         return ctx
 
 
+def certificate_key(cert_der: bytes, what: str = "certificate") -> bytes:
+    """The raw Ed25519 public key in DER X.509 ``cert_der``; AuthenticationError names
+    ``what`` and what is wrong. The one parser of peer certificates (server and peers)."""
+    try:
+        key = x509.load_der_x509_certificate(bytes(cert_der)).public_key()
+    except ValueError as exc:
+        raise AuthenticationError(f"{what} is not valid DER X.509 (not DER, or not an X.509 "
+                                  f"certificate): {str(exc)[:80]}") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise AuthenticationError(f"{what} holds a {type(key).__name__.lstrip('_')}, "
+                                  "not an Ed25519 key")
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def check_peer_cert(cert_der: bytes, public_key: bytes) -> None:
     """A peer's registered certificate must be DER X.509 holding the very Ed25519 key it
     registered with: the server forwards it to other peers as their only trust anchor, so
     it stores nothing else. AuthenticationError says what is wrong."""
-    try:
-        key = x509.load_der_x509_certificate(cert_der).public_key()
-    except ValueError as exc:
-        raise AuthenticationError(f"certificate is not DER X.509: {str(exc)[:80]}") from None
-    if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise AuthenticationError(f"certificate holds a {type(key).__name__.lstrip('_')}, "
-                                  "not an Ed25519 key")
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    if raw != public_key:
+    if certificate_key(cert_der) != public_key:
         raise AuthenticationError("certificate key is not the registering key")
 
 

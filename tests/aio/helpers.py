@@ -45,6 +45,16 @@ def fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+async def closed(*writers: asyncio.StreamWriter) -> None:
+    """Close each writer and wait until it is (a reset peer's OSError is no failure here)."""
+    for w in writers:
+        w.close()
+        try:
+            await w.wait_closed()
+        except OSError:
+            pass
+
+
 async def settled(before: set[str], deadline: float = 5.0) -> set[str]:
     """Our fds once released-allocation tasks and closing transports have run."""
     end = time.monotonic() + deadline

@@ -14,7 +14,7 @@ from pyholepunch import engine as engine_mod
 from pyholepunch.errors import RelayError
 from pyholepunch.relay.builtin import RelayHub, RelayServer, open_builtin_relay
 
-from .helpers import fds, settled
+from .helpers import closed, fds, settled
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -70,12 +70,16 @@ async def pair(srv: RelayServer, session: str = "s1", timeout: float = 5.0) -> t
 
 
 async def close(*streams: Any) -> None:
-    for _r, w in streams:
-        w.close()
-        try:
-            await w.wait_closed()
-        except OSError:
-            pass
+    await closed(*(w for _r, w in streams))
+
+
+async def close_and_settle(srv: RelayServer, *streams: Any) -> None:
+    """Close both ends, then wait (up to 2 s) until the hub has no relay left pumping."""
+    await close(*streams)
+    for _ in range(100):
+        if srv.hub.metrics.active_relays == 0:
+            break
+        await asyncio.sleep(0.02)
 
 
 @pytest.mark.asyncio
@@ -92,11 +96,7 @@ async def test_bytes_both_ways_and_half_close(make_server: HubFactory, pump: dic
     await wb.drain()
     wb.write_eof()
     assert await asyncio.wait_for(ra.read(), 5) == b"reply after half-close"
-    await close((ra, wa), (rb, wb))
-    for _ in range(100):
-        if srv.hub.metrics.active_relays == 0:
-            break
-        await asyncio.sleep(0.02)
+    await close_and_settle(srv, (ra, wa), (rb, wb))
     m = srv.hub.metrics
     assert m.active_relays == 0 and m.relays_total == 1
     assert m.bytes_relayed == len(payload) + len(b"reply after half-close")
@@ -213,11 +213,7 @@ async def test_byte_limit(make_server: HubFactory, pump: dict[str, Any]) -> None
         pass
     got = await asyncio.wait_for(rb.read(), 5)       # EOF comes: the relay ended
     assert len(got) <= 10_000
-    await close((ra, wa), (rb, wb))
-    for _ in range(100):
-        if srv.hub.metrics.active_relays == 0:
-            break
-        await asyncio.sleep(0.02)
+    await close_and_settle(srv, (ra, wa), (rb, wb))
     assert srv.hub.metrics.ended == {"limit": 1}
 
 
@@ -231,11 +227,7 @@ async def test_idle_limit(make_server: HubFactory, pump: dict[str, Any]) -> None
     t0 = loop.time()
     assert await asyncio.wait_for(rb.read(), 5) == b""     # closed for idleness
     assert 0.2 < loop.time() - t0 < 3.0
-    await close((ra, wa), (rb, wb))
-    for _ in range(100):
-        if srv.hub.metrics.active_relays == 0:
-            break
-        await asyncio.sleep(0.02)
+    await close_and_settle(srv, (ra, wa), (rb, wb))
     assert srv.hub.metrics.ended == {"idle": 1}
 
 

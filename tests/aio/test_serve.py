@@ -9,9 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pyholepunch.identity import Identity
 from pyholepunch.relay.builtin import open_builtin_relay
@@ -43,6 +45,41 @@ async def stun_tcp(addr: tuple[str, int]) -> StunMessage:
     resp = StunMessage.parse(head + body)
     assert resp.transaction_id == req.transaction_id
     return resp
+
+
+def prometheus_samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A scrape of ``url``, parsed by prometheus_client: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(url, timeout=10) as response:   # noqa: S310 - loopback
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def serve_process(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "pyholepunch", "serve", "--listen",
+                             "127.0.0.1:0", "--no-stun", "--no-relay", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_metrics_port_is_a_deprecated_alias_of_metrics() -> None:
+    proc = serve_process("--metrics-port", "0")
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        url = re.search(r"prometheus metrics (http://127\.0\.0\.1:\d+/metrics)", lines[2])
+        assert url is not None, lines
+        assert ("pyholepunch_server_registrations_total", ()) in prometheus_samples(url.group(1))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "--metrics-port is deprecated and will go: use --metrics 127.0.0.1:0" in err
+
+
+def test_metrics_port_with_metrics_is_a_usage_error() -> None:
+    proc = serve_process("--metrics-port", "0", "--metrics", "127.0.0.1:0")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "give --metrics alone" in err and out == ""
 
 
 def stun_udp(addr: tuple[str, int]) -> StunMessage:
@@ -123,14 +160,14 @@ def test_cli_serve_process(tmp_path: Path) -> None:
     state = tmp_path / "state"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyholepunch", "serve", "--listen", "127.0.0.1:0",
-         "--state-dir", str(state), "--metrics-port", "0", "--token", "s3cret"],
+         "--state-dir", str(state), "--metrics", "127.0.0.1:0", "--token", "s3cret"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(3)]
         port = int(re.search(r"on 127\.0\.0\.1:(\d+)", lines[0]).group(1))  # type: ignore[union-attr]
         fp = re.search(r"sha256 ([0-9a-f]{64})", lines[1]).group(1)  # type: ignore[union-attr]
-        metrics_port = int(re.search(r":(\d+)/metrics", lines[2]).group(1))  # type: ignore[union-attr]
+        metrics_url = re.search(r"prometheus metrics (http://\S+/metrics)", lines[2]).group(1)  # type: ignore[union-attr]
         assert (state / "server.fingerprint").read_text().strip() == fp
         assert (state / "server.key").stat().st_mode & 0o777 == 0o600
 
@@ -146,8 +183,10 @@ def test_cli_serve_process(tmp_path: Path) -> None:
             assert issued.startswith("hp1.")
             async with SignalClient(("127.0.0.1", port), Identity.generate(), name="zed",
                                     server_fingerprint=fp, token=issued):
-                _, m = await http_get(metrics_port)
-                assert m["signal"]["registrations"] == 1 and m["signal"]["refused"] == 1
+                m = await asyncio.to_thread(prometheus_samples, metrics_url)
+                assert m[("pyholepunch_server_registrations_total", ())] == 1
+                assert m[("pyholepunch_server_refusals_total",
+                          (("reason", "TOKEN_REQUIRED"),))] == 1
         asyncio.run(scenario())
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -3,7 +3,6 @@ promptly with a clear error and leaves no descriptor behind."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -12,14 +11,12 @@ import pytest_asyncio
 from pyholepunch.errors import RelayError, TransactionTimeout
 from pyholepunch.relay.turn import TurnClient, TurnCredentials
 
+from .helpers import fds
+
 pytestmark = pytest.mark.timeout(20)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 CREDS = TurnCredentials("u", "p")
-
-
-def fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 @pytest_asyncio.fixture

@@ -6,7 +6,7 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -20,8 +20,10 @@ from pyholepunch.relay.turn import (
     connect_relayed,
     offer_relayed,
 )
-from tests.coturn import Coturn, CoturnConfig
+from tests.coturn import Coturn
 from tests.helpers import free_port
+
+from .helpers import closed, fds
 
 pytestmark = [
     pytest.mark.timeout(20),
@@ -29,29 +31,7 @@ pytestmark = [
                        reason="coturn (turnserver) is not installed"),
 ]
 
-SECRET, REALM = "s3cret", "pyholepunch.test"
-
-
-def fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture
-def make_coturn() -> Iterator[Callable[..., Coturn]]:
-    started: list[Coturn] = []
-
-    def make(**kwargs: Any) -> Coturn:
-        kwargs.setdefault("realm", REALM)
-        turn = Coturn(CoturnConfig(**kwargs))
-        turn.start()
-        started.append(turn)
-        return turn
-
-    try:
-        yield make
-    finally:
-        for turn in started:
-            turn.stop()
+SECRET = "s3cret"
 
 
 def secret_creds(ttl: float = 600) -> TurnCredentials:
@@ -83,19 +63,11 @@ async def tcp_peer() -> AsyncIterator[dict[str, Any]]:
         await server.wait_closed()
 
 
-async def closed(w: asyncio.StreamWriter) -> None:
-    w.close()
-    try:
-        await w.wait_closed()
-    except OSError:
-        pass
-
-
 @pytest.mark.asyncio
-async def test_connect_to_plain_tcp_peer(make_coturn: Callable[..., Coturn],
+async def test_connect_to_plain_tcp_peer(coturn: Callable[..., Coturn],
                                          tcp_peer: dict[str, Any]) -> None:
     before = fds()
-    turn = make_coturn(secret=SECRET)
+    turn = coturn(secret=SECRET)
     async with TurnClient(turn.address, secret_creds()) as client:
         relayed = await client.allocate()
         assert relayed[0] == "127.0.0.1" and relayed[1] != turn.address[1]
@@ -114,9 +86,9 @@ async def test_connect_to_plain_tcp_peer(make_coturn: Callable[..., Coturn],
 
 
 @pytest.mark.asyncio
-async def test_accept_from_plain_tcp_client(make_coturn: Callable[..., Coturn]) -> None:
+async def test_accept_from_plain_tcp_client(coturn: Callable[..., Coturn]) -> None:
     before = fds()
-    turn = make_coturn(users={"bob": "hunter2"})
+    turn = coturn(users={"bob": "hunter2"})
     async with TurnClient(turn.address, TurnCredentials("bob", "hunter2")) as client:
         relayed = await client.allocate()
         await client.create_permission("127.0.0.1")
@@ -148,9 +120,9 @@ async def test_accept_from_plain_tcp_client(make_coturn: Callable[..., Coturn]) 
 
 
 @pytest.mark.asyncio
-async def test_wrong_credentials(make_coturn: Callable[..., Coturn]) -> None:
+async def test_wrong_credentials(coturn: Callable[..., Coturn]) -> None:
     before = fds()
-    turn = make_coturn(secret=SECRET)
+    turn = coturn(secret=SECRET)
     bad = [TurnCredentials.from_shared_secret("not-the-secret", "alice", now=time.time()),
            secret_creds(ttl=-60),                  # a time-limited credential past its expiry
            TurnCredentials("alice", "guess")]
@@ -166,8 +138,8 @@ async def test_wrong_credentials(make_coturn: Callable[..., Coturn]) -> None:
 
 
 @pytest.mark.asyncio
-async def test_peer_errors_carry_stun_codes(make_coturn: Callable[..., Coturn]) -> None:
-    turn = make_coturn(secret=SECRET)
+async def test_peer_errors_carry_stun_codes(coturn: Callable[..., Coturn]) -> None:
+    turn = coturn(secret=SECRET)
     async with TurnClient(turn.address, secret_creds()) as client:
         await client.allocate()
         await client.create_permission("127.0.0.1")
@@ -187,10 +159,10 @@ async def test_unreachable_server() -> None:
 
 @pytest.mark.asyncio
 async def test_refreshes_survive_short_lifetime_and_stale_nonces(
-        make_coturn: Callable[..., Coturn], tcp_peer: dict[str, Any]) -> None:
+        coturn: Callable[..., Coturn], tcp_peer: dict[str, Any]) -> None:
     # Allocation lifetime 3 s (refreshed every 1.5 s), nonces stale after 1 s: both retried
     # transparently; after 4 s the allocation still relays.
-    turn = make_coturn(secret=SECRET, stale_nonce=1)
+    turn = coturn(secret=SECRET, stale_nonce=1)
     async with TurnClient(turn.address, secret_creds(), lifetime=3) as client:
         await client.allocate()
         await asyncio.sleep(1.2)
@@ -204,11 +176,11 @@ async def test_refreshes_survive_short_lifetime_and_stale_nonces(
 
 
 @pytest.mark.asyncio
-async def test_released_allocation(make_coturn: Callable[..., Coturn],
+async def test_released_allocation(coturn: Callable[..., Coturn],
                                    tcp_peer: dict[str, Any]) -> None:
     # coturn never grants less than 600 s, so real expiry is covered by the sans-IO tests
     # with a fake clock; here the allocation ends by an explicit zero-lifetime Refresh.
-    turn = make_coturn(secret=SECRET)
+    turn = coturn(secret=SECRET)
     async with TurnClient(turn.address, secret_creds()) as client:
         relayed = await client.allocate()
         await client.create_permission("127.0.0.1")
@@ -221,10 +193,10 @@ async def test_released_allocation(make_coturn: Callable[..., Coturn],
 
 
 @pytest.mark.asyncio
-async def test_coturn_stopped_mid_session(make_coturn: Callable[..., Coturn],
+async def test_coturn_stopped_mid_session(coturn: Callable[..., Coturn],
                                           tcp_peer: dict[str, Any]) -> None:
     before = fds()
-    turn = make_coturn(secret=SECRET)
+    turn = coturn(secret=SECRET)
     client = TurnClient(turn.address, secret_creds(), timeout=3)
     try:
         await client.allocate()
@@ -248,9 +220,9 @@ async def test_coturn_stopped_mid_session(make_coturn: Callable[..., Coturn],
 
 
 @pytest.mark.asyncio
-async def test_peer_to_peer_helpers(make_coturn: Callable[..., Coturn]) -> None:
+async def test_peer_to_peer_helpers(coturn: Callable[..., Coturn]) -> None:
     before = fds()
-    turn = make_coturn(secret=SECRET)
+    turn = coturn(secret=SECRET)
     async with TurnClient(turn.address, secret_creds()) as client:
         relayed = await offer_relayed(client, "127.0.0.1")
         accepting = asyncio.ensure_future(accept_relayed(client, timeout=5))

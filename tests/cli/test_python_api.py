@@ -220,7 +220,12 @@ async def test_cancelled_connects_cost_the_next_one_nothing(rendezvous: Rendezvo
     (Its route is not asserted: cancelled inside the punch, the responder's aborted session can
     still hold a socket on its punch port when the next session starts there, and the next
     direct connection may land on it and be dropped, so that one goes through the relay, as
-    quickly. That is the punch layer's to close.)"""
+    quickly. That is the punch layer's to close: punch._run_group leaves the step tasks of an
+    abandoned group running (engine calls are submitted up to SUBMIT_AHEAD before the start,
+    so an aborted session's simultaneous open binds and listens on the port even when the
+    abort came first), and the responder starts the next session without waiting for the
+    last one's sockets. The signaling half is done: a connect given up before its PUNCH
+    aborts the other side at once, and server frames are not held by Nagle.)"""
     caplog.set_level(logging.ERROR, logger="asyncio")
     async with _peer(rendezvous, tmp_path, "bob") as bob, _peer(rendezvous, tmp_path, "alice") as alice:
         async def drain() -> None:

@@ -1,13 +1,15 @@
 """Helpers for the engine contract tests: fd snapshots, free ports, wire capture, peer sides."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import multiprocessing
 import os
 import socket
 import struct
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,3 +315,36 @@ def in_netns(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     finally:
         os.close(fd)
     return fn(*args)
+
+
+def listen_later(sock: socket.socket, addr: tuple[str, int], delay: float,
+                 backlog: int = 1) -> threading.Thread:
+    """Bind ``sock`` to ``addr`` and listen after ``delay`` s, in a thread (started: join it);
+    until then the port answers RST."""
+    def come_up() -> None:
+        time.sleep(delay)
+        sock.bind(addr)
+        sock.listen(backlog)
+
+    t = threading.Thread(target=come_up)
+    t.start()
+    return t
+
+
+async def ticks_during(work: Awaitable[object]) -> int:
+    """How many 10 ms sleeps the running loop completed while ``work`` ran: a blocking call
+    made from asyncio must leave the loop free."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        await work
+    finally:
+        task.cancel()
+    return ticks

@@ -16,7 +16,7 @@ import pytest
 from pyholepunch import engine as engine_mod
 from pyholepunch.errors import PunchTimeout
 
-from .helpers import A_IP, B_IP, closed_ports, free_port
+from .helpers import A_IP, B_IP, closed_ports, free_port, ticks_during
 
 pytestmark = pytest.mark.skipif(
     not engine_mod.native_available() and not os.environ.get("CI"),
@@ -89,22 +89,12 @@ def test_gil_released_during_a_relay(native: engine_mod.Engine, counter: _Counte
 
 @pytest.mark.asyncio
 async def test_event_loop_runs_during_a_native_sweep(native: engine_mod.Engine) -> None:
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    ticker = asyncio.create_task(tick())
-    try:
+    async def sweep() -> None:
         pairs = [(0, (B_IP, p)) for p in closed_ports(4)]
         with pytest.raises(PunchTimeout):
             await asyncio.to_thread(native.sweep, pairs, None, 0.5, interval=0.05)
-    finally:
-        ticker.cancel()
-    assert ticks >= 20
+
+    assert await ticks_during(sweep()) >= 20
 
 
 def test_timeout_is_punch_timeout_with_c_stats(native: engine_mod.Engine) -> None:

@@ -16,10 +16,12 @@ from .helpers import (
     LoCapture,
     free_port,
     in_netns,
+    listen_later,
     private_loopback,
     punch_side,
     run_in_processes,
     silent_port,
+    ticks_during,
 )
 
 
@@ -88,14 +90,7 @@ def test_rst_rearm_until_peer_comes_up(engine: Engine, fam: Family, listen: bool
     pa, pb = free_port(fam.a), free_port(fam.b)
     server = fam.sock()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-
-    def come_up_later() -> None:
-        time.sleep(0.3)
-        server.bind((fam.b, pb))
-        server.listen(1)
-
-    t = threading.Thread(target=come_up_later)
-    t.start()
+    t = listen_later(server, (fam.b, pb), 0.3)
     try:
         res = engine.simultaneous_open((fam.a, pa), (fam.b, pb), None, 5.0, interval=0.02,
                                        listen=listen)
@@ -181,12 +176,7 @@ def test_start_at_is_honoured(engine: Engine, fam: Family, no_fd_leak: None) -> 
 def test_port_zero_picks_one_port_for_every_attempt(engine: Engine, fam: Family, no_fd_leak: None) -> None:
     pb = free_port(fam.b)
     with fam.sock() as server:
-        def later() -> None:
-            time.sleep(0.1)
-            server.bind((fam.b, pb))
-            server.listen(1)
-        t = threading.Thread(target=later)
-        t.start()
+        t = listen_later(server, (fam.b, pb), 0.1)
         try:
             res = engine.simultaneous_open((fam.a, 0), (fam.b, pb), None, 5.0, interval=0.01,
                                            listen=False)
@@ -202,23 +192,12 @@ def test_port_zero_picks_one_port_for_every_attempt(engine: Engine, fam: Family,
 def test_usable_from_asyncio_without_blocking_the_loop(engine: Engine, fam: Family) -> None:
     import asyncio
 
-    async def main() -> int:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        task = asyncio.create_task(ticker())
+    async def punch() -> None:
         pa, pb = free_port(fam.a), free_port(fam.b)
         with pytest.raises(PunchTimeout):
             await asyncio.to_thread(engine.simultaneous_open, (fam.a, pa), (fam.b, pb), None, 0.4)
-        task.cancel()
-        return ticks
 
-    assert asyncio.run(main()) >= 10
+    assert asyncio.run(ticks_during(punch())) >= 10
 
 
 @pytest.mark.root

@@ -5,7 +5,6 @@ import contextlib
 import os
 import resource
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -15,7 +14,15 @@ from pyholepunch.address import family_of
 from pyholepunch.engine import Engine, sweep_pairs
 from pyholepunch.errors import PunchError, PunchTimeout
 
-from .helpers import Family, LoCapture, closed_ports, free_port, open_fds, silent_port
+from .helpers import (
+    Family,
+    LoCapture,
+    closed_ports,
+    free_port,
+    listen_later,
+    open_fds,
+    silent_port,
+)
 
 
 @contextlib.contextmanager
@@ -97,14 +104,7 @@ def test_sweep_rearms_until_the_port_opens(engine: Engine, fam: Family, no_fd_le
     target = ports[7]
     srv = fam.sock()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-
-    def later() -> None:
-        time.sleep(0.2)
-        srv.bind((fam.c, target))
-        srv.listen(4)
-
-    t = threading.Thread(target=later)
-    t.start()
+    t = listen_later(srv, (fam.c, target), 0.2, backlog=4)
     try:
         res = engine.sweep([(0, (fam.c, p)) for p in ports], None, 5.0, local_ip=fam.a,
                            interval=0.02)

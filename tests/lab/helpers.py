@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -30,3 +32,33 @@ def in_netns(lab: Lab, node: str, fn: Callable[[], Awaitable[T]], timeout: float
     if "error" in box:
         raise box["error"]
     return box["value"]  # type: ignore[no-any-return]
+
+
+def connect_times_ms(lab: Lab, node: str, family: int, listener: socket.socket,
+                     dst: tuple[str, int], n: int) -> list[float]:
+    """How long each of ``n`` TCP connects from ``node`` to ``listener`` at ``dst`` took."""
+    samples = []
+    for _ in range(n):
+        with lab.socket(node, family) as c:
+            t0 = time.perf_counter()
+            c.connect(dst)
+            samples.append((time.perf_counter() - t0) * 1000)
+        listener.accept()[0].close()
+    return samples
+
+
+def datagrams_through(sender: socket.socket, receiver: socket.socket, dst: tuple[str, int],
+                      n: int) -> int:
+    """Send ``n`` one-byte datagrams to ``dst``; how many ``receiver`` got."""
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # hold them all until read
+    for _ in range(n):
+        sender.sendto(b"x", dst)
+    receiver.settimeout(0.3)
+    got = 0
+    try:
+        while True:
+            receiver.recv(8)
+            got += 1
+    except TimeoutError:
+        pass
+    return got

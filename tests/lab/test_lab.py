@@ -14,6 +14,8 @@ import pytest
 from pyholepunch.errors import LabError
 from pyholepunch.lab import NAT_TYPES, Lab, process_alive, state
 
+from .helpers import connect_times_ms, datagrams_through
+
 pytestmark = pytest.mark.lab
 
 PORT = 3478
@@ -127,13 +129,7 @@ def test_simultaneous_open_through_two_nats(nat_type: str) -> None:
 def test_delay_gives_the_requested_rtt() -> None:
     with Lab(a="port-restricted", b="none", rtt_ms=40) as lab, \
             _serve_once(lab, socket.SOCK_STREAM) as ls:
-        samples = []
-        for _ in range(5):
-            with lab.socket("a") as c:
-                t0 = time.perf_counter()
-                c.connect((lab.server_ip, PORT))
-                samples.append((time.perf_counter() - t0) * 1000)
-            ls.accept()[0].close()
+        samples = connect_times_ms(lab, "a", socket.AF_INET, ls, (lab.server_ip, PORT), 5)
         assert 40 <= statistics.median(samples) <= 60, samples
 
 
@@ -141,17 +137,7 @@ def test_loss_drops_about_the_requested_share() -> None:
     with Lab(a="none", b="none", loss_pct=50) as lab, _serve_once(lab, socket.SOCK_DGRAM) as us, \
             lab.socket("a", socket.AF_INET, socket.SOCK_DGRAM) as u:
         n = 400
-        us.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # hold them all until read
-        for _ in range(n):
-            u.sendto(b"x", (lab.server_ip, PORT))
-        us.settimeout(0.3)
-        got = 0
-        try:
-            while True:
-                us.recv(8)
-                got += 1
-        except TimeoutError:
-            pass
+        got = datagrams_through(u, us, (lab.server_ip, PORT), n)
         assert 0.3 * n < got < 0.7 * n, got
 
 

@@ -17,6 +17,7 @@ from pyholepunch.lab import nat as nat_mod
 
 from ..conftest import netns_list
 from ..engine.helpers import punch_side
+from .helpers import connect_times_ms, datagrams_through
 
 pytestmark = pytest.mark.lab
 
@@ -112,13 +113,7 @@ def test_ipv4_only_lab_has_no_ipv6() -> None:
 def test_delay_applies_to_ipv6() -> None:
     with Lab(a="port-restricted", b="none", v6_a="firewall", rtt_ms=40) as lab, \
             _listener(lab, "server", lab.server_ip6) as ls:
-        samples = []
-        for _ in range(4):
-            with lab.socket("a", socket.AF_INET6) as c:
-                t0 = time.perf_counter()
-                c.connect((lab.server_ip6, PORT))
-                samples.append((time.perf_counter() - t0) * 1000)
-            ls.accept()[0].close()
+        samples = connect_times_ms(lab, "a", socket.AF_INET6, ls, (lab.server_ip6, PORT), 4)
         assert 40 <= statistics.median(samples) <= 60, samples
 
 
@@ -127,17 +122,7 @@ def test_loss_applies_to_ipv6() -> None:
             _listener(lab, "server", lab.server_ip6, socket.SOCK_DGRAM) as us, \
             lab.socket("a", socket.AF_INET6, socket.SOCK_DGRAM) as u:
         n = 400
-        us.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        for _ in range(n):
-            u.sendto(b"x", (lab.server_ip6, PORT))
-        us.settimeout(0.3)
-        got = 0
-        try:
-            while True:
-                us.recv(8)
-                got += 1
-        except TimeoutError:
-            pass
+        got = datagrams_through(u, us, (lab.server_ip6, PORT), n)
         assert 0.3 * n < got < 0.7 * n, got
 
 
