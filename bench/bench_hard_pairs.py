@@ -151,7 +151,7 @@ def test_lossy_pairs(a: str, b: str, bench_report: Any) -> None:
     direct = sum(x["route"] == "direct" for x in runs)
     connected = sum(x["route"] is not None for x in runs)
     cli = sorted(x["cli_s"] for x in runs if x["cli_s"] is not None)
-    connect = sorted(x["connect_s"] for x in runs if x["connect_s"] is not None and x["route"])
+    connect = sorted(x["connect_s"] for x in runs if x.get("connect_s") is not None and x["route"])
     row = {"a": a, "b": b, "rtt_ms": RTT_MS, "jitter_ms": JITTER_MS, "loss_pct": LOSS_PCT,
            "runs": len(runs), "direct": direct, "connected": connected,
            "median_cli_s": round(statistics.median(cli), 3) if cli else None,
