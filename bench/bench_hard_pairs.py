@@ -31,13 +31,17 @@ median and worst CLI time (peer a's process, start to exit), the failed steps an
     HPL_LOSSY_REPS=20 HPL_LOSSY_PAIRS=port-restricted:port-restricted,symmetric-random:port-restricted \
         python -m pytest bench/bench_hard_pairs.py -s -k lossy
 
-Measured 2026-12-07 15:13-15:20 UTC, this branch merged with main (its loss fixes of the relay
-decision), shared 2-core machine at load 3.5-7 (other engineers' tests), 20 runs per pair:
+Measured 2026-12-07 15:25-15:37 UTC, this branch merged with main (its loss fixes of the relay
+decision, TCP_NODELAY on the server), shared 2-core machine at load 1.7-5 (other engineers'
+tests), 20 runs per pair:
 
     pair (10 % loss + 20 ms jitter)     direct  connected  CLI median (max)  connect() median
-    port-restricted x port-restricted   17/20   20/20      5.77 s (14.2 s)   0.50 s
-        relayed: 2 x direct_pending (the punch never came up), 1 x tls_failed
-    symmetric-random x port-restricted  20/20   20/20      5.27 s (7.1 s)    0.73 s (birthday)
+    port-restricted x port-restricted   18/20   20/20      4.50 s (8.6 s)    0.54 s
+        relayed: 2 x direct_pending (the simultaneous open still running, never came up)
+    symmetric-random x port-restricted  19/20   20/20      5.72 s (11.2 s)   0.62 s (birthday)
+        relayed: 1 x direct_pending
+    (before the merge, load 3.5-7: cone 17/20 direct, 20/20 connected, CLI median 5.77 s;
+     birthday 20/20 direct, CLI median 5.27 s)
 
 The CLI time is peer a's process from start to exit. Where it goes (traced, load ~2): Python
 start-up 0.4-0.9 s, NAT classification 1.2-3.2 s (0.88 s without loss: its phases of TCP
