@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 
-from . import engine
+from . import engine, sync
+from .backend import Punch
 from .connection import Connection, KeepAlive
 from .errors import (
     AddressError,
@@ -16,14 +17,17 @@ from .errors import (
     LabError,
     LocalProtocolError,
     NatNotTraversable,
+    OfferError,
     ProtocolError,
     PunchError,
     PunchTimeout,
     RelayError,
     RemoteProtocolError,
     SignalingError,
+    StaleOffer,
     StartFailed,
     StartTimeout,
+    StrategyError,
     TransactionError,
     TransactionFailed,
     TransactionTimeout,
@@ -31,6 +35,7 @@ from .errors import (
 from .identity import Identity
 from .nat.classify import classify_nat
 from .nat.profile import NatProfile
+from .offer import Offer
 from .peer import Peer, create_peer
 from .report import ConnectionReport
 from .strategy import Plan, plan
@@ -48,8 +53,10 @@ __all__ = [
     "Identity",
     "KeepAlive",
     "NatProfile",
+    "Offer",
     "Peer",
     "Plan",
+    "Punch",
     "classify_nat",
     "create_peer",
     "plan",
@@ -57,17 +64,21 @@ __all__ = [
     "LabError",
     "LocalProtocolError",
     "NatNotTraversable",
+    "OfferError",
     "ProtocolError",
     "PunchError",
     "PunchTimeout",
     "RelayError",
     "RemoteProtocolError",
     "SignalingError",
+    "StaleOffer",
     "StartFailed",
     "StartTimeout",
+    "StrategyError",
     "TransactionError",
     "TransactionFailed",
     "TransactionTimeout",
     "__version__",
     "engine",
+    "sync",
 ]

@@ -146,8 +146,9 @@ class Connection:
     async def upgrade(self) -> Connection:
         """A new, direct connection to the same peer (relayed connections of ``connect()``).
 
-        It is a new session that punches with no relay fallback (PunchError when no direct path
-        comes up), authenticated like any other; the other peer gets it from ``accept()``.
+        It is a new session with the direct step kinds only (PunchError when no direct path
+        comes up, StrategyError when the pair's plan has no direct step), authenticated like
+        any other; the other peer gets it from ``accept()``.
         This connection stays open: moving the application's bytes is the caller's, at a
         point both ends agree on (e.g. before any data flowed, or at a message boundary of
         its own protocol), then it closes this one. A transparent mid-stream move (libp2p's

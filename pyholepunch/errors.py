@@ -29,6 +29,16 @@ class RemoteProtocolError(ProtocolError):
     """The peer broke the protocol."""
 
 
+class OfferError(RemoteProtocolError):
+    """A punch offer (``pyholepunch.Punch``) that cannot be used: another version, truncated or
+    garbled bytes, a field out of bounds, a candidate in a forbidden range. ``field`` names the
+    offending part."""
+
+
+class StaleOffer(OfferError):
+    """A punch offer too old (or dated too far ahead) to use, or one already used: a replay."""
+
+
 class TransactionError(HolePunchError):
     """A request/response transaction did not succeed."""
 
@@ -148,6 +158,10 @@ class PortMapUnavailable(PortMapError, TimeoutError):
     """No router on the path answered any port-mapping protocol within the budget."""
 
 
+class StrategyError(HolePunchError, ValueError):
+    """A ``strategies=[...]`` choice naming an unknown step kind, or none the plan has."""
+
+
 class UsageError(HolePunchError):
     """A mistake in a command line found after parsing (the CLI exits 2, with one line)."""
 
@@ -183,6 +197,7 @@ __all__ = [
     "LabError",
     "LocalProtocolError",
     "NatNotTraversable",
+    "OfferError",
     "PortMapError",
     "PortMapUnavailable",
     "ProcessError",
@@ -194,9 +209,11 @@ __all__ = [
     "RelayError",
     "RemoteProtocolError",
     "SignalingError",
+    "StaleOffer",
     "StartFailed",
     "StartTimeout",
     "StateError",
+    "StrategyError",
     "StreamFailed",
     "TransactionError",
     "TransactionFailed",

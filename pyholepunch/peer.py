@@ -26,20 +26,25 @@ from ._service import Service
 from .address import Address, format_address, route_source
 from .announce import Announcing
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
-from .engine import PunchResult
-from .errors import ConfigDirInUse, HolePunchError, PunchError, SignalingError, StartFailed
+from .errors import ConfigDirInUse, HolePunchError, SignalingError, StartFailed
 from .identity import ConfigLock, Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.hops import nat_hops
 from .nat.profile import Allocation, Family, Mapping, NatProfile
-from .punch import Punch
+from .punch import LET_GO_TIMEOUT
 from .punch_mapping import PunchPortMapping
 from .punch_sequential import AllocationTracker, sequential_side, tracker_for
 from .punchport import PunchPort, probe
-from .relay_race import direct_or_relay, punch_or_grant
 from .relay_step import peer_relay, reachable_grant
 from .report import ConnectionReport, Route, start_failed
-from .security import Streams, certificate_for, secure_stream, warm_tls_context
+from .security import Streams, certificate_for
+from .session import (
+    STEP_KINDS,
+    SessionEnd,
+    check_strategies,
+    punch_or_relay,
+    restrict_plan,
+)
 from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, SignalClient
 from .signal.protocol import ErrorCode
 from .strategy import Plan, plan_race
@@ -47,11 +52,11 @@ from .strategy.candidates import FAMILIES, family_name
 
 log = logging.getLogger(__name__)
 
-TLS_TIMEOUT = 5.0
 RELAY_TIMEOUT = 10.0
 DEFAULT_SERVER_PORT = 3478  # a server address given without a port
 FD_LIMIT = 8192             # the common soft limit of 1024 is too low for sweeps
 RESPONDER_TIMEOUT = 30.0    # an incoming session (PUNCH received) ends by then, whatever it was told
+DIRECT_KINDS = tuple(k for k in STEP_KINDS if k != "relay")   # Connection.upgrade()'s plan
 
 
 def parse_address(value: str | Address, default_port: int = 3478) -> Address:
@@ -115,6 +120,7 @@ class Peer(Announcing, Service):
         self._accepted: asyncio.Queue[Connection | BaseException] = asyncio.Queue()
         self._grants: dict[str, asyncio.Future[RelayInstruction]] = {}
         self._aborts: dict[str, asyncio.Future[str]] = {}   # session -> why the peer gave up
+        self._running: dict[str, asyncio.Future[None]] = {}  # session -> done letting go
         self._tasks: set[asyncio.Task[Any]] = set()
         self._events: asyncio.Task[None] | None = None
         self._announcing = asyncio.Lock()
@@ -230,9 +236,14 @@ class Peer(Announcing, Service):
                 and p.allocation is Allocation.SEQUENTIAL)
 
     # -- connecting ------------------------------------------------------------------------
-    async def connect(self, target: str, *, timeout: float = 15.0, relay: bool = True) -> Connection:
-        """A connection to ``target`` (name or peer_id): direct if possible, else relayed
-        (``relay=False``: direct or PunchError; a relayed one's ``upgrade()`` uses it)."""
+    async def connect(self, target: str, *, timeout: float = 15.0,
+                      strategies: Sequence[str] | None = None) -> Connection:
+        """A connection to ``target`` (name or peer_id): direct if possible, else relayed.
+
+        ``strategies``: the step kinds to use (``lan``, ``direct``, ``simopen``,
+        ``simopen-low-ttl``, ``predict-sweep``, ``birthday``, ``relay``); StrategyError for an
+        unknown kind, or when none of them is in this pair's plan."""
+        chosen = check_strategies(strategies)
         report = self._new_report("initiator")
         self.last_report = report
         try:
@@ -242,10 +253,10 @@ class Peer(Announcing, Service):
                 async with self._announcing:    # a port rotation in flight ends first
                     ports, candidates = self._lane_ends(), self._candidates()
                 instr = await self._signal.connect(target, candidates, self._all_profiles())
-                conn = await self._run_session(instr, report, ports, relay)
-                if conn.route is Route.RELAY:
+                conn = await self._run_session(instr, report, ports, chosen)
+                if conn.route is Route.RELAY:   # Connection.upgrade(): direct steps only
                     conn.upgrader = functools.partial(self.connect, target, timeout=timeout,
-                                                      relay=False)
+                                                      strategies=DIRECT_KINDS)
                 return conn
         except TimeoutError as exc:
             report.fail(f"connect to {target} took longer than {timeout} s", timed_out=True)
@@ -301,6 +312,7 @@ class Peer(Announcing, Service):
 
     async def _respond(self, instr: PunchInstruction) -> None:
         report = self._new_report("responder")
+        await self._let_go_of_ended_sessions()
         try:   # bounded like a connect(): an incoming session never holds us longer
             async with asyncio.timeout(RESPONDER_TIMEOUT):
                 conn = await self._run_session(instr, report, self._lane_ends())
@@ -316,6 +328,15 @@ class Peer(Announcing, Service):
             hook(report)
         return report
 
+    async def _let_go_of_ended_sessions(self) -> None:
+        """Wait (briefly) until the sessions the other side gave up have closed their sockets:
+        the next session punches from the same port, and a socket of the last one still
+        listening there took its connection (#12: a cancelled connect made the next relay)."""
+        ending = [done for session, done in self._running.items()
+                  if (abort := self._aborts.get(session)) is not None and abort.done()]
+        if ending:
+            await asyncio.wait(ending, timeout=LET_GO_TIMEOUT)
+
     def _abort_of(self, session: str) -> asyncio.Future[str]:
         return self._aborts.setdefault(session, asyncio.get_running_loop().create_future())
 
@@ -324,11 +345,13 @@ class Peer(Announcing, Service):
         return {f: (pp.local_ip, pp.port) for f, pp in self.ports.items()}
 
     async def _run_session(self, instr: PunchInstruction, report: ConnectionReport,
-                           ends: dict[str, Address], relay: bool = True) -> Connection:
+                           ends: dict[str, Address],
+                           strategies: Sequence[str] | None = None) -> Connection:
         """Punch or relay, until done or the other peer gives up; either side's failure is
         reported to the server, which tells the other peer so it stops at once."""
         abort = self._abort_of(instr.session)
-        work = asyncio.ensure_future(self._punch_or_relay(instr, report, ends, relay))
+        let_go = self._running[instr.session] = asyncio.get_running_loop().create_future()
+        work = asyncio.ensure_future(self._punch_or_relay(instr, report, ends, strategies))
         try:
             pending: list[asyncio.Future[Any]] = [work, abort]
             await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -349,12 +372,14 @@ class Peer(Announcing, Service):
             await self._report(instr.session, "failed", report, reason=exc)
             raise
         finally:
-            self._aborts.pop(instr.session, None)
             if not work.done():
                 # Its punch steps close whatever they still connect (punch.close_late_result).
                 work.cancel()
                 with contextlib.suppress(BaseException):
                     await work
+            self._aborts.pop(instr.session, None)
+            self._running.pop(instr.session, None)
+            let_go.set_result(None)
             if instr.role == "initiator":
                 self._spawn(self._reannounce(new_port=True))
             elif self._predictable_symmetric():
@@ -375,11 +400,10 @@ class Peer(Announcing, Service):
         task.add_done_callback(self._tasks.discard)
 
     async def _punch_or_relay(self, instr: PunchInstruction, report: ConnectionReport,
-                              ends: dict[str, Address], relay: bool = True) -> Connection:
-        relaying = relay and self.relay != "none"
+                              ends: dict[str, Address],
+                              strategies: Sequence[str] | None = None) -> Connection:
+        """The session from the server's PUNCH on: the one punch path (session.py)."""
         peer = instr.peer
-        report.peer_id, report.peer_name = peer.peer_id, peer.name
-        report.remote_nat = peer.tcp_profile.to_dict()
         if instr.plan:
             plan = Plan.from_dict(instr.plan)
         else:       # a server without the strategy module: plan it here, the same way
@@ -387,89 +411,31 @@ class Peer(Announcing, Service):
             theirs = ([NatProfile.from_dict(p) for p in peer.profiles], list(peer.candidates))
             (pi, ci), (pr, cr) = (ours, theirs) if instr.role == "initiator" else (theirs, ours)
             plan = plan_race(pi, pr, ci, cr)
-        report.set_plan(plan.to_dict())
-        report.tls = not self.insecure_plain
-        initiator = instr.role == "initiator"
-        start_at = instr.start_at - (self.clock() - time.time())   # into the engine's clock
-        if peer.cert is not None and not self.insecure_plain:   # warm the TLS context meanwhile
-            self._spawn(warm_tls_context(self.identity, peer.cert, initiator, start_at))
-        direct_error: BaseException | None = None
-        cause = "no_direct_plan"
-        if plan.direct_steps:
-            relay_grant = self._grants.setdefault(instr.session,
-                                                  asyncio.get_running_loop().create_future())
-            try:
-                def secure(won: PunchResult) -> Awaitable[Streams]:
-                    return secure_stream(won.sock, identity=self.identity, peer_id=peer.peer_id,
-                                         peer_cert=peer.cert, initiator=initiator,
-                                         timeout=TLS_TIMEOUT, insecure_plain=self.insecure_plain)
-                punch = Punch.for_session(self.engine, plan, instr.role, start_at, ends,
-                                          peer.candidates, peer.profiles, report, secure)
-                pp = self._port()
-                punch.rtt, punch.nat_hops = self._signal.rtt, self.nat_hops
-                punch.sequential = sequential_side(
-                    self._tracker, functools.partial(probe, pp.server, pp.local_ip, 0))
-                if plan.has_relay and relaying:    # the relay ready alongside
-                    route, (reader, writer) = await direct_or_relay(
-                        punch=punch, secure=secure, initiator=initiator, start_at=start_at,
-                        spread=instr.spread, report=report,
-                        join_relay=lambda: self._relay(instr, initiator),
-                        relay_tls=lambda streams: secure_stream(
-                            streams, identity=self.identity, peer_id=peer.peer_id,
-                            peer_cert=peer.cert, initiator=initiator, timeout=TLS_TIMEOUT,
-                            insecure_plain=self.insecure_plain))
-                    await self._report(instr.session, str(route), report)
-                    return self._connection(reader, writer, peer, route, report)
-                result = await punch_or_grant(punch.run(), relay_grant)
-            except (PunchError, OSError) as exc:
-                direct_error = exc
-                cause = "punch_failed" if isinstance(exc, PunchError) else "socket_error"
-            else:
-                if isinstance(result, RelayInstruction):   # the initiator gave up first
-                    direct_error = PunchError("the peer moved to the relay")
-                    cause = "peer_relayed"
-                else:
-                    try:   # a dual-stack race has run TLS already (the first mutually
-                        # authenticated connection wins); else the handshake runs now
-                        reader, writer = punch.streams or await secure(result)
-                    except (TimeoutError, OSError) as exc:   # not AuthenticationError: an
-                        direct_error, cause = exc, "tls_failed"   # impostor gets no relay either
-                    else:
-                        report.finish(Route.DIRECT)
-                        await self._report(instr.session, "direct", report)
-                        return self._connection(reader, writer, peer, Route.DIRECT, report)
-        if not plan.has_relay or not relaying:
-            raise PunchError(f"no direct path to {peer.name} ({direct_error or plan.reason}) "
-                             "and relaying is off")
-        reason = str(direct_error) if direct_error else plan.reason
-        # The one WARNING of this connection's fallback (its reason also goes to the report,
-        # the server's metrics and the API's events).
-        log.warning("falling back to the relay for %s: %s", peer.name, reason)
-        report.fallback(reason, cause)
-        record = report.step_started("relay")
-        try:
-            streams = await self._relay(instr, initiator)
-            reader, writer = await secure_stream(
-                streams, identity=self.identity, peer_id=peer.peer_id, peer_cert=peer.cert,
-                initiator=initiator, timeout=TLS_TIMEOUT, insecure_plain=self.insecure_plain)
-        except BaseException as exc:
-            report.step_finished(record, "error", error=exc)
-            raise
-        report.step_finished(record, "success")
-        report.finish(Route.RELAY, relay_reason=reason)
-        await self._report(instr.session, "relay", report)
-        return self._connection(reader, writer, peer, Route.RELAY, report)
+        # Only the initiator knows its choice: a left-out step keeps its slot, idle, so the
+        # responder's schedule (the server's whole plan) stays aligned.
+        plan = restrict_plan(plan, strategies, keep_slots=True)
+        pp = self._port()
+        end = SessionEnd(self.identity, self.engine, self.insecure_plain, self.keepalive,
+                         rtt=self._signal.rtt, nat_hops=self.nat_hops,
+                         sequential=sequential_side(
+                             self._tracker, functools.partial(probe, pp.server, pp.local_ip, 0)))
+
+        async def record(outcome: str, report: ConnectionReport) -> None:
+            await self._report(instr.session, outcome, report)
+
+        return await punch_or_relay(
+            end, plan=plan, role=instr.role, ends=ends, peer=peer, report=report,
+            start_at=instr.start_at - (self.clock() - time.time()),   # into the engine's clock
+            join_relay=None if self.relay == "none" else functools.partial(self._relay, instr),
+            record=record, spawn=self._spawn, spread=instr.spread,
+            relay_grant=self._grants.setdefault(instr.session,
+                                                asyncio.get_running_loop().create_future()))
 
     def _relay(self, instr: PunchInstruction, initiator: bool) -> Awaitable[Streams]:
         """Streams to the peer through a relay (relay_step.peer_relay)."""
         return peer_relay(self._signal, instr, initiator=initiator, relay=self.relay,
                           turn=self.turn, grants=self._grants, server=self.server,
                           timeout=RELAY_TIMEOUT)
-
-    def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any,
-                    route: Route, report: ConnectionReport) -> Connection:
-        return Connection(reader, writer, peer_id=peer.peer_id, peer_name=peer.name, route=route,
-                          report=report, keepalive=self.keepalive)
 
     async def _report(self, session: str, outcome: str, report: ConnectionReport, *,
                       reason: BaseException | str | None = None) -> None:

@@ -14,19 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import logging
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .address import Address, family_of, format_address
+from .address import Address, format_address
 from .engine import Engine, PunchResult, PunchStats
-from .engine._base import count_failure
 from .errors import PunchError, PunchTimeout
 from .nat.profile import NatProfile
+from .punch_passive import MARK, accept_from, follow, sleep_until
 from .punch_sequential import SequentialSide
 from .race import Secure, race_lanes
 from .report import ConnectionReport, Outcome
@@ -49,8 +47,8 @@ log = logging.getLogger(__name__)
 
 REARM_INTERVAL = 0.02      # seconds between re-armed attempts after an RST / ICMP error
 SWEEP_AFTER_PROBE = 0.01  # s: a sequential chooser's sweep after its position probe
-MARK = b"\x01"             # a sweep's chooser sends this on the one connection it keeps
 SUBMIT_AHEAD = 0.05        # seconds before its start a step group's engine calls are made
+LET_GO_TIMEOUT = 0.5       # s an abandoned group waits for its cancelled steps to close
 
 
 @dataclass(frozen=True)
@@ -168,7 +166,7 @@ class Punch:
     async def _run_group(self, at: float, group: list[Step]) -> PunchResult:
         # Engine steps take absolute start times: handed over ahead, their sockets are ready
         # and the engine sends the first SYN at `at` itself, not after an event-loop wake-up.
-        await _sleep_until(at - SUBMIT_AHEAD)
+        await sleep_until(at - SUBMIT_AHEAD)
         tasks = [asyncio.ensure_future(self._run_step(at, step)) for step in group]
         errors: list[BaseException] = []
         won: PunchResult | None = None
@@ -186,6 +184,8 @@ class Punch:
                 if won is None or not t.done() or t.cancelled() or t.exception() is not None \
                         or t.result() is not won:
                     t.add_done_callback(close_late_result)
+            if won is None:     # abandoned (cancelled, or every step failed)
+                await _let_go(tasks)
         raise errors[-1] if errors else PunchError("empty step group")
 
     async def _run_step(self, at: float, step: Step) -> PunchResult:
@@ -218,7 +218,7 @@ class Punch:
             # A low TTL passes our own NATs and dies at the next router: measured, not assumed.
             ins = dataclasses.replace(ins, syn_ttl=self.nat_hops + 1)
         if ins.action is Action.NONE:
-            await _sleep_until(at + budget)
+            await sleep_until(at + budget)
             raise PunchTimeout("nothing to do in this step (the peer dials)", PunchStats())
         if ins.action is Action.LISTEN:
             return await accept_from(ip, port, _peer_ips(ins, lane.peer), deadline=at + budget)
@@ -316,12 +316,6 @@ def _groups(steps: Sequence[Step]) -> Iterator[list[Step]]:
         yield group
 
 
-async def _sleep_until(at: float) -> None:
-    delay = at - time.time()
-    if delay > 0:
-        await asyncio.sleep(delay)
-
-
 def _window(start: float, timeout: float) -> tuple[float, float]:
     """Clamp a step window that began already (a slow earlier step) to what is left of it."""
     now = time.time()
@@ -354,6 +348,18 @@ async def rearmed(attempt: Callable[[float, float], Awaitable[PunchResult]], sta
             log.debug("simultaneous open silent for %.0f ms: re-arming", every * 1e3)
 
 
+async def _let_go(tasks: Sequence[asyncio.Future[PunchResult]]) -> None:
+    """Cancel an abandoned group's steps and wait (briefly) until their sockets are closed:
+    an engine call submitted ahead already listens on the punch port, and left running it
+    took the next session's connection on that port (#12: a cancelled connect made the next
+    one relay)."""
+    running = [t for t in tasks if not t.done()]
+    for t in running:
+        t.cancel()
+    if running:
+        await asyncio.wait(running, timeout=LET_GO_TIMEOUT)
+
+
 def close_late_result(task: asyncio.Future[PunchResult]) -> None:
     """A punch abandoned while its engine call runs may still connect: close what it returns."""
     if task.cancelled():
@@ -362,122 +368,6 @@ def close_late_result(task: asyncio.Future[PunchResult]) -> None:
     if exc is None:
         with contextlib.suppress(OSError):
             task.result().sock.close()
-
-
-async def accept_from(ip: str, port: int, peer_ips: set[str], *, deadline: float) -> PunchResult:
-    """Listen on (ip, port) and accept the first connection from one of ``peer_ips``."""
-    stats = PunchStats(local_port=port)
-    lsock = socket.socket(family_of(ip), socket.SOCK_STREAM)
-    try:
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        lsock.bind((ip, port))
-        lsock.listen(16)
-        lsock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        started = time.time()
-        while (left := deadline - time.time()) > 0:
-            try:
-                conn, addr = await asyncio.wait_for(loop.sock_accept(lsock), left)
-            except TimeoutError:
-                break
-            if addr[0] not in peer_ips:
-                log.info("dropping a connection from %s:%d: not the peer", *addr)
-                conn.close()
-                continue
-            conn.setblocking(True)
-            stats.accepted = True
-            stats.remote = (addr[0], addr[1])
-            stats.time_to_established_ns = int((time.time() - started) * 1e9)
-            return PunchResult(conn, stats)
-    finally:
-        lsock.close()
-    raise PunchTimeout(f"no connection from the peer on port {port}", stats)
-
-
-async def follow(ip: str, pairs: list[tuple[int, Address]], peer_ips: set[str], *,
-                 start: float, deadline: float, syn_ttl: int | None = None) -> PunchResult:
-    """The follower's half of a sweep: connect every pair and keep what the chooser marks.
-
-    Each pair's socket stays open (a SYN_SENT socket completes by simultaneous open when the
-    chooser's SYN meets it; a listener would not do: the NAT's conntrack only passes the
-    SYN-ACK of the socket whose SYN opened the entry). Several may come up; the first to
-    carry the chooser's MARK wins and every other one is closed.
-    """
-    loop = asyncio.get_running_loop()
-    stats = PunchStats()
-    socks: dict[int, socket.socket] = {}
-    found: asyncio.Future[socket.socket] = loop.create_future()
-
-    def on_readable(sock: socket.socket) -> None:
-        fd = sock.fileno()
-        try:
-            data = sock.recv(1)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            count_failure(stats, exc.errno)
-            data = b""
-        loop.remove_reader(fd)
-        if data == MARK and not found.done() and sock.getpeername()[0] in peer_ips:
-            found.set_result(socks.pop(fd))
-        else:
-            socks.pop(fd).close()
-
-    try:
-        await _sleep_until(start)
-        stats.first_syn_at = time.time()
-        stats.first_syn_delay_ns = int((stats.first_syn_at - start) * 1e9)
-        for lport, remote in pairs:
-            sock = _bound(ip, lport)
-            sock.setblocking(False)
-            ttl_opt = ((socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS)
-                       if sock.family == socket.AF_INET6 else (socket.IPPROTO_IP, socket.IP_TTL))
-            if syn_ttl is not None:
-                default_ttl = sock.getsockopt(*ttl_opt)
-                sock.setsockopt(*ttl_opt, syn_ttl)
-            err = sock.connect_ex(remote)
-            if syn_ttl is not None:
-                sock.setsockopt(*ttl_opt, default_ttl)
-            stats.attempts += 1
-            stats.sockets_opened += 1
-            if err not in (0, errno.EINPROGRESS):
-                count_failure(stats, err)
-                sock.close()
-                continue
-            stats.syns_sent += 1
-            socks[sock.fileno()] = sock
-            loop.add_reader(sock.fileno(), on_readable, sock)
-        try:
-            winner = await asyncio.wait_for(asyncio.shield(found), max(0.0, deadline - time.time()))
-        except TimeoutError:
-            raise PunchTimeout(f"follower: no marked connection over {len(pairs)} pairs "
-                               f"({stats.syns_sent} SYNs, {stats.rsts_seen} RST, "
-                               f"{stats.icmp_errors} ICMP)", stats) from None
-    finally:
-        for fd, sock in socks.items():
-            loop.remove_reader(fd)
-            sock.close()
-        if not found.done():
-            found.cancel()
-    winner.setblocking(True)
-    stats.local_port = winner.getsockname()[1]
-    peer = winner.getpeername()
-    stats.remote = (peer[0], peer[1])
-    stats.time_to_established_ns = int((time.time() - start) * 1e9)
-    return PunchResult(winner, stats)
-
-
-def _bound(ip: str, port: int) -> socket.socket:
-    sock = socket.socket(family_of(ip), socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((ip, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def peer_target(candidates: Sequence[Candidate], family: str = "ipv4",

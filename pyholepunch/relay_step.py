@@ -33,7 +33,7 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 _holders: set[asyncio.Task[None]] = set()
 
-__all__ = ["active_allocations", "parse_turn_relay", "peer_turn_relay", "turn_credentials",
+__all__ = ["active_allocations", "hold_allocation", "parse_turn_relay", "peer_turn_relay", "turn_credentials",
            "turn_relay"]
 
 
@@ -173,10 +173,16 @@ async def _offer_and_accept(signal: SignalClient, session: str, server: Address,
             raise RelayError(f"{where}: {what} within {timeout:g} s") from exc
         raise
     log.info("[%s] peer %s:%d joined the TURN allocation", session, *peer)
+    hold_allocation(client, writer, session)
+    return reader, writer
+
+
+def hold_allocation(client: TurnClient, writer: asyncio.StreamWriter, session: str) -> None:
+    """Keep ``client``'s allocation (control connection + refreshes) for exactly as long as
+    the relayed data connection of ``writer`` is open; release it when that closes."""
     task = asyncio.get_running_loop().create_task(_hold(client, writer, session))
     _holders.add(task)
     task.add_done_callback(_holders.discard)
-    return reader, writer
 
 
 async def _hold(client: TurnClient, writer: asyncio.StreamWriter, session: str) -> None:

@@ -79,6 +79,8 @@ FAILURE_ADVICE = {
              "port mapping (UPnP, NAT-PMP or PCP) on either router",
     "timeout": "connect() ran out of time: give it longer (--timeout) or check the path "
                "(loss, a firewall)",
+    "plan": "none of the chosen step kinds (strategies=) is in this pair's plan, whose reason "
+            "the error gives: choose others, or allow the relay",
 }
 SIGNALING_ADVICE = {404: "the peer is not online at this server: start it there "
                          "(`pyholepunch listen --name NAME`) with the same --server",
@@ -287,7 +289,9 @@ class ConnectionReport:
         code = getattr(error, "code", None)
         running = [r.kind for r in self.steps if r.outcome is Outcome.RUNNING]
         if not step:
-            if "AuthenticationError" in names:
+            if "StrategyError" in names:
+                step = "plan"
+            elif "AuthenticationError" in names:
                 step = "tls"
             elif "RelayError" in names or (running and running[-1] == "relay"):
                 step = "relay"

@@ -46,6 +46,7 @@ class _Session:
     expires_at: float = 0.0
     owners: tuple[str, ...] = ()    # quota keys this session counts against until it ends
     pumping: bool = False
+    tokens: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -137,8 +138,26 @@ class RelayHub:
             self._tokens[tok] = _Token(session_id, side, expires)
         owners = tuple(key for key, _ in quotas)
         self._owned.update(owners)
-        self._sessions[session_id] = _Session(expires_at=expires, owners=owners)
+        self._sessions[session_id] = _Session(expires_at=expires, owners=owners, tokens=pair)
         return pair
+
+    def release(self, session_id: str) -> bool:
+        """The session's peers are done with it before it carried anything (they connected
+        directly, or gave up): its quota is free at once and its tokens are refused, where
+        they had counted until they expired (a relay prepared beside every punch, #19, or a
+        cancelled connect, used up a peer's relay quota). A pumping relay is left alone."""
+        session = self._sessions.get(session_id)
+        if session is None or session.pumping:
+            return False
+        now = self._clock()
+        session.expires_at = min(session.expires_at, now)
+        for tok in session.tokens:
+            if (entry := self._tokens.get(tok)) is not None:
+                entry.expires_at = min(entry.expires_at, now)
+        if session.waiting is not None and not session.waiting.done():
+            session.waiting.cancel()        # the side waiting for its peer is refused now
+        self._end_session(session)
+        return True
 
     def _end_session(self, session: _Session) -> None:
         """The session no longer counts against its owners' quotas (idempotent)."""

@@ -1,5 +1,5 @@
 """Connection.upgrade() (#19): a relayed connection's initiator asks for a direct one, as a new
-session without relay fallback. Here on loopback the two peers share no address family, so
+session with the direct step kinds only. Here on loopback the two peers share no address family, so
 the relayed connection cannot upgrade, and says why; the successful move is the lab's
 (tests/lab/test_relay_race.py)."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pyholepunch.errors import PunchError, StateError
+from pyholepunch.errors import StateError, StrategyError
 from pyholepunch.peer import Peer
 from pyholepunch.serve import Rendezvous
 from pyholepunch.signal.server import ServerConfig
@@ -30,12 +30,12 @@ async def test_upgrade_without_a_direct_path_says_why(tmp_path: Path) -> None:
             incoming = await asyncio.wait_for(bob.accept(), 10)
             async with conn, incoming:
                 assert conn.route == "relay" and not conn.direct_seen
-                with pytest.raises(PunchError, match="relaying is off") as err:
-                    await conn.upgrade()
+                with pytest.raises(StrategyError, match="none of the chosen steps") as err:
+                    await conn.upgrade()          # the plan has no direct step
                 assert NO_COMMON_FAMILY in str(err.value)
                 assert alice.last_report is not None
-                assert alice.last_report.failed_step == "punch"     # no direct step planned
-                assert "relaying is off" in alice.last_report.advice
+                assert alice.last_report.failed_step == "plan"
+                assert "allow the relay" in alice.last_report.advice
                 with pytest.raises(StateError, match="only the connecting side"):
                     await incoming.upgrade()
                 # the relayed connection is untouched by the failed upgrade

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from pyholepunch.peer import RELAY_TIMEOUT, TLS_TIMEOUT
+from pyholepunch.peer import RELAY_TIMEOUT
+from pyholepunch.session import TLS_TIMEOUT
 
 from .peers import lab_with_server, run_peers
 

@@ -12,6 +12,7 @@ from pyholepunch.errors import (
     SignalingError,
     StartFailed,
     StartTimeout,
+    StrategyError,
     TransactionTimeout,
 )
 from pyholepunch.report import (
@@ -81,6 +82,8 @@ def test_a_direct_step_still_running_is_the_one_named() -> None:
     (AuthenticationError("certificate does not match bob"), True, "tls", "right peer"),
     (PunchError("no direct path to bob and relaying is off"), True, "simopen", "relaying is off"),
     ("connect to bob took longer than 3 s", True, "relay", "relay"),
+    (StrategyError("none of the chosen steps (simopen) is in the plan"), False, "plan",
+     "strategies="),
 ])
 def test_a_failed_report_names_the_step_and_advice(error: BaseException | str, plan: bool,
                                                    step: str, words: str) -> None:

@@ -1,0 +1,86 @@
+"""One side of an offer/answer punch session, as its own process in a lab node (run as a
+script with a JSON job): it writes its offer to a plain file, waits for the other side's file,
+connects, exchanges a line each way over the connection and writes what happened as JSON.
+No pyholepunch server is involved: only the STUN (and TURN) server named in the job."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class PunchJob:
+    name: str
+    stun: str
+    offer_file: str                 # ours: written once made (atomically: a rename)
+    their_offer_file: str           # theirs: waited for
+    result_file: str
+    relay: str | None = None
+    turn_user: str | None = None
+    turn_password: str | None = None
+    strategies: list[str] | None = None
+    lead: float = 1.0
+    timeout: float = 15.0
+    deadline: float = 45.0
+
+
+async def _run(job: PunchJob) -> dict[str, Any]:
+    import pyholepunch
+
+    out: dict[str, Any] = {"name": job.name}
+    async with pyholepunch.Punch(job.stun, name=job.name, relay=job.relay,
+                                 turn_user=job.turn_user, turn_password=job.turn_password,
+                                 lead=job.lead) as punch:
+        out["peer_id"], out["nat"] = punch.peer_id, punch.tcp_profile.to_dict()
+        mine = await punch.offer(strategies=job.strategies)
+        tmp = Path(job.offer_file + ".tmp")
+        tmp.write_bytes(mine)
+        os.rename(tmp, job.offer_file)
+        theirs_path = Path(job.their_offer_file)
+        while not theirs_path.exists():
+            await asyncio.sleep(0.02)
+        theirs = theirs_path.read_bytes()
+        t0 = time.monotonic()
+        try:
+            conn = await punch.connect(theirs, timeout=job.timeout)
+        except Exception as exc:   # noqa: BLE001 - what the application would see, for the test
+            out.update(ok=False, error=f"{type(exc).__name__}: {exc}",
+                       report=punch.last_report.to_dict() if punch.last_report else None)
+            return out
+        out.update(ok=True, elapsed=time.monotonic() - t0, report=conn.report.to_dict(),
+                   route=str(conn.route), peer=conn.peer_id)
+        async with conn:
+            await conn.send(f"hello from {job.name}\n".encode())
+            out["got"] = (await asyncio.wait_for(conn.reader.readline(), 5.0)).decode()
+            ssl_obj = conn.writer.get_extra_info("ssl_object")
+            out["tls"] = ssl_obj.version() if ssl_obj is not None else None
+    return out
+
+
+def main(raw: str) -> None:
+    job = PunchJob(**json.loads(raw))
+
+    async def bounded() -> dict[str, Any]:
+        async with asyncio.timeout(job.deadline):
+            return await _run(job)
+
+    try:
+        result = asyncio.run(bounded())
+    except BaseException as exc:   # noqa: BLE001 - reported to the test
+        result = {"name": job.name, "fatal": f"{type(exc).__name__}: {exc}"}
+    Path(job.result_file).write_text(json.dumps(result, default=str))
+
+
+def job_argv(job: PunchJob) -> list[str]:
+    return [sys.executable, __file__, json.dumps(asdict(job))]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    main(sys.argv[1])

@@ -1,0 +1,146 @@
+"""``pyholepunch.Punch`` in the NAT lab: two peers, each its own process behind its own NAT
+(port-restricted x symmetric-random, 40 ms RTT), exchange their offers over plain files —
+no pyholepunch server anywhere, only a STUN server on the lab's server host — and connect
+directly with TLS 1.3 pinned to each other's peer ids. Then the same with Debian's coturn as
+the only server (STUN for the classification, TURN for the relay)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyholepunch._process import OutputLines
+from tests.backend.punch_peer import PunchJob, job_argv
+from tests.coturn import CoturnConfig, wait_listening
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(150)]
+
+ROOT = Path(__file__).resolve().parents[2]
+STUN_PORT = 3478
+TURN_PORT = 3490
+USER, PASSWORD = "alice", "lab-password"
+A, B = "port-restricted", "symmetric-random"
+
+
+def _run_pair(lab: Any, tmp: Path, stun: str, bob: dict[str, Any] | None = None,
+              **job: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """alice in node a, bob in node b, offers through files in ``tmp``; both results.
+    ``job``: both sides' further PunchJob fields; ``bob``: bob's only."""
+    jobs = {node: PunchJob(name=name, stun=stun, offer_file=str(tmp / f"{name}.offer"),
+                           their_offer_file=str(tmp / f"{other}.offer"),
+                           result_file=str(tmp / f"{name}.json"),
+                           **job | (bob or {} if name == "bob" else {}))
+            for node, name, other in (("a", "alice", "bob"), ("b", "bob", "alice"))}
+    procs = {node: lab.spawn(node, job_argv(j), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=open(tmp / f"{j.name}.log", "wb"))   # noqa: SIM115
+             for node, j in jobs.items()}
+    try:
+        for proc in procs.values():
+            proc.wait(60)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    out = []
+    for j in jobs.values():
+        path = Path(j.result_file)
+        log = (tmp / f"{j.name}.log").read_text(errors="replace")[-3000:]
+        assert path.exists(), f"{j.name} died: {log}"
+        out.append(json.loads(path.read_text()) | {"log": log})
+    return out[0], out[1]
+
+
+def _check_direct(alice: dict[str, Any], bob: dict[str, Any]) -> None:
+    for me, other in ((alice, bob), (bob, alice)):
+        assert me.get("ok"), me
+        assert me["route"] == "direct", me["report"]
+        assert me["peer"] == other["peer_id"]          # pinned to the id in the offer
+        assert me["tls"] == "TLSv1.3"
+        assert me["got"] == f"hello from {other['name']}\n"
+        assert me["report"]["winning_step"] is not None or any(
+            s["outcome"] == "success" for s in me["report"]["steps"])
+    assert {alice["report"]["role"], bob["report"]["role"]} == {"initiator", "responder"}
+    # Both derived the same plan from the two offers alone.
+    assert alice["report"]["plan"] == bob["report"]["plan"]
+
+
+def test_offers_over_files_port_restricted_x_symmetric_random(tmp_path: Path) -> None:
+    from pyholepunch.lab import Lab
+
+    with Lab(a=A, b=B, rtt_ms=40) as lab:
+        stun = f"{lab.server_ip}:{STUN_PORT}"
+        proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen", stun,
+                                    "--alt-ip", lab.server_alt_ip],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+        OutputLines(proc, "stdout", "the STUN server").wait_for("ready", 20)
+        alice, bob = _run_pair(lab, tmp_path, stun)
+    _check_direct(alice, bob)
+    assert alice["nat"]["nat_type"] == "port-restricted"
+    assert bob["nat"]["nat_type"] == "symmetric"
+    kinds = [s["kind"] for s in alice["report"]["plan"]["steps"]]
+    assert "relay" not in kinds            # no relay given: none planned
+    won = [s for s in alice["report"]["steps"] if s["outcome"] == "success"]
+    assert won and won[0]["kind"] == "birthday", alice["report"]["steps"]
+
+
+@pytest.mark.skipif(shutil.which("turnserver") is None and not os.environ.get("CI"),
+                    reason="coturn (turnserver) is not installed")
+def test_offers_over_files_through_coturn_only(tmp_path: Path) -> None:
+    """coturn is the STUN server (classification learns less from it: no RFC 5780 over TCP)
+    and the TURN relay both sides may use; still no pyholepunch server."""
+    from pyholepunch.lab import Lab
+
+    with Lab(a=A, b=B, rtt_ms=40) as lab:
+        turn = CoturnConfig(listen_ip=lab.server_ip, port=TURN_PORT, realm="lab.test",
+                            users={USER: PASSWORD},
+                            # two listening addresses: coturn's RFC 5780 (OTHER-ADDRESS)
+                            extra=["--listening-ip", lab.server_alt_ip])
+        (tmp_path / "coturn").mkdir()
+        lab.spawn("server", turn.argv(tmp_path / "coturn"), stdin=subprocess.DEVNULL,
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lab.call("a", wait_listening, (lab.server_ip, TURN_PORT), 10, timeout=15)
+        address = f"{lab.server_ip}:{TURN_PORT}"
+        alice, bob = _run_pair(lab, tmp_path, address, relay=f"turn:{address}",
+                               turn_user=USER, turn_password=PASSWORD)
+    _check_direct(alice, bob)
+    assert "relay" in [s["kind"] for s in alice["report"]["plan"]["steps"]]
+
+
+@pytest.mark.skipif(shutil.which("turnserver") is None and not os.environ.get("CI"),
+                    reason="coturn (turnserver) is not installed")
+def test_no_direct_path_relays_through_turn_or_fails_loudly(tmp_path: Path) -> None:
+    """Two random symmetric NATs: with a TURN relay (one side's credentials suffice) the
+    session is relayed (TLS end to end, coturn only carries ciphertext); without one,
+    connect() raises PunchError and the report says why."""
+    from pyholepunch.lab import Lab
+
+    with Lab(a=B, b=B, rtt_ms=40) as lab:
+        turn = CoturnConfig(listen_ip=lab.server_ip, port=TURN_PORT, realm="lab.test",
+                            users={USER: PASSWORD}, extra=["--listening-ip", lab.server_alt_ip])
+        (tmp_path / "coturn").mkdir()
+        lab.spawn("server", turn.argv(tmp_path / "coturn"), stdin=subprocess.DEVNULL,
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lab.call("a", wait_listening, (lab.server_ip, TURN_PORT), 10, timeout=15)
+        address = f"{lab.server_ip}:{TURN_PORT}"
+        (tmp_path / "turn").mkdir()
+        # Only bob has TURN credentials: his allocation is used, whichever side initiates.
+        relayed = _run_pair(lab, tmp_path / "turn", address, bob=dict(
+            relay=f"turn:{address}", turn_user=USER, turn_password=PASSWORD))
+        (tmp_path / "none").mkdir()
+        failed = _run_pair(lab, tmp_path / "none", address)
+    for me, other in (relayed, relayed[::-1]):
+        assert me.get("ok"), me
+        assert me["route"] == "relay" and me["tls"] == "TLSv1.3", me["report"]
+        assert me["peer"] == other["peer_id"] and me["got"] == f"hello from {other['name']}\n"
+        assert me["report"]["steps"][-1]["kind"] == "relay"
+    for me in failed:
+        assert not me["ok"] and me["error"].startswith("PunchError: no direct path"), me
+        assert "relaying is off" in me["error"]
+        assert me["report"]["route"] is None and "relaying is off" in me["report"]["error"]
