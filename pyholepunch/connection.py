@@ -16,10 +16,12 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from .errors import StateError
 from .report import ConnectionReport, Route, parse_route
 
 log = logging.getLogger(__name__)
@@ -81,8 +83,10 @@ class Connection:
         report: ConnectionReport,
         peer_name: str = "",
         keepalive: KeepAlive | None = DEFAULT_KEEPALIVE,
+        upgrader: Callable[[], Awaitable[Connection]] | None = None,
     ) -> None:
         self.reader = reader
+        self.upgrader = upgrader        # a relayed initiator's: see upgrade()
         self.writer = writer
         self.peer_id = peer_id
         self.peer_name = peer_name
@@ -130,6 +134,32 @@ class Connection:
         except ssl.SSLError as exc:
             raise ConnectionResetError(f"TLS failure on the connection to peer {self.peer_id}: "
                                        f"{exc.reason or exc}") from None
+
+    # --- moving off the relay ----------------------------------------------------------------
+
+    @property
+    def direct_seen(self) -> bool:
+        """A direct path came up while this relayed connection carried the data (the report's
+        ``direct_after_relay_s``): upgrade() will likely succeed."""
+        return self.report.direct_after_relay_s is not None
+
+    async def upgrade(self) -> Connection:
+        """A new, direct connection to the same peer (relayed connections of ``connect()``).
+
+        It is a new session with the direct step kinds only (PunchError when no direct path
+        comes up, StrategyError when the pair's plan has no direct step), authenticated like
+        any other; the other peer gets it from ``accept()``.
+        This connection stays open: moving the application's bytes is the caller's, at a
+        point both ends agree on (e.g. before any data flowed, or at a message boundary of
+        its own protocol), then it closes this one. A transparent mid-stream move (libp2p's
+        DCUtR) would need a cut-over handshake in the wire protocol, which pyholepunch does not
+        have.
+        """
+        if self.route is Route.DIRECT:
+            raise StateError(f"the connection to {self.peer_name or self.peer_id} is direct already")
+        if self.upgrader is None:
+            raise StateError("only the connecting side of a relayed connection can upgrade it")
+        return await self.upgrader()
 
     # --- lifetime --------------------------------------------------------------------------
 

@@ -85,6 +85,22 @@ class SignalingError(HolePunchError):
         self.code = code
 
 
+class StartFailed(SignalingError):
+    """A peer could not start with its rendezvous server: ``step`` is the step that failed
+    (``signaling``, ``classify``, ``announce``, ``register``), ``reason`` what went wrong and
+    ``advice`` what a person can do about it; ``code`` is the server's error code, if it sent
+    one. The original exception is ``__cause__``."""
+
+    def __init__(self, message: str, *, step: str, reason: str = "", advice: str = "",
+                 code: int = 0) -> None:
+        super().__init__(message, code=code)
+        self.step, self.reason, self.advice = step, reason, advice
+
+
+class StartTimeout(StartFailed, TimeoutError):
+    """A start step got no answer in time (the CLI's exit code 4, like every timeout)."""
+
+
 class Refusal(SignalingError):
     """The rendezvous server refusing one request of a peer (server side; it becomes an ERROR
     frame with ``code``, and ``fatal`` closes that peer's connection)."""
@@ -194,6 +210,8 @@ __all__ = [
     "RemoteProtocolError",
     "SignalingError",
     "StaleOffer",
+    "StartFailed",
+    "StartTimeout",
     "StateError",
     "StrategyError",
     "StreamFailed",

@@ -15,7 +15,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from ._service import Service
 from .address import Address, format_address, route_source
 from .announce import Announcing
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
-from .errors import HolePunchError, SignalingError
+from .errors import ConfigDirInUse, HolePunchError, SignalingError, StartFailed
 from .identity import ConfigLock, Identity, default_config_dir
 from .nat.classify import classify_nat
 from .nat.hops import nat_hops
@@ -36,9 +36,15 @@ from .punch_mapping import PunchPortMapping
 from .punch_sequential import AllocationTracker, sequential_side, stale, tracker_for
 from .punchport import PunchPort, probe
 from .relay_step import peer_relay, reachable_grant
-from .report import ConnectionReport
+from .report import ConnectionReport, Route, start_failed
 from .security import Streams, certificate_for
-from .session import SessionEnd, check_strategies, punch_or_relay, restrict_plan
+from .session import (
+    STEP_KINDS,
+    SessionEnd,
+    check_strategies,
+    punch_or_relay,
+    restrict_plan,
+)
 from .signal.client import PunchInstruction, RelayInstruction, SessionAborted, SignalClient
 from .signal.protocol import ErrorCode
 from .strategy import Plan, plan_race
@@ -50,6 +56,7 @@ RELAY_TIMEOUT = 10.0
 DEFAULT_SERVER_PORT = 3478  # a server address given without a port
 FD_LIMIT = 8192             # the common soft limit of 1024 is too low for sweeps
 RESPONDER_TIMEOUT = 30.0    # an incoming session (PUNCH received) ends by then, whatever it was told
+DIRECT_KINDS = tuple(k for k in STEP_KINDS if k != "relay")   # Connection.upgrade()'s plan
 
 
 def parse_address(value: str | Address, default_port: int = 3478) -> Address:
@@ -155,8 +162,10 @@ class Peer(Announcing, Service):
         classify = asyncio.ensure_future(self._classify(local_ip))
         try:
             await asyncio.wait([check, classify], return_when=asyncio.FIRST_EXCEPTION)
-            await check
-            await classify
+            with self._start_step("signaling"):
+                await check
+            with self._start_step("classify"):
+                await classify
         except BaseException:
             hops.cancel()       # nobody will wait for it (its thread ends on its own)
             raise
@@ -168,18 +177,34 @@ class Peer(Announcing, Service):
         self.ports[self._primary] = PunchPort(self._primary, self.server, local_ip)
         # Our sequential NAT's positions (None for other NATs); NAT routers in front of us.
         self._tracker: AllocationTracker | None = tracker_for(self.tcp_profile)
-        self.nat_hops: int | None = await hops
-        await self._learn_punch_address(self._primary, new_port=True)
-        await self._add_other_family()
+        with self._start_step("hops"):
+            self.nat_hops: int | None = await hops
+        with self._start_step("announce"):
+            await self._learn_punch_address(self._primary, new_port=True)
+            await self._add_other_family()
         # Registered with its address already: no CONNECT can find us without one.
         self._signal.profiles = [p.to_dict() for p in self._all_profiles()]
         self._signal.candidates = [c.to_wire() for c in self._candidates()]
-        await self._signal.start()
+        with self._start_step("register"):
+            await self._signal.start()
         # Learned again now that the signaling connection has taken its own mapping: a
         # sequential NAT's prediction base has moved. (Without this round trip a CONNECT
         # right after registration was also seen to reach the responder one RTT late.)
-        await self.announce()
+        with self._start_step("announce"):
+            await self.announce()
         self._events = asyncio.create_task(self._dispatch_events())
+
+    @contextlib.contextmanager
+    def _start_step(self, step: str) -> Iterator[None]:
+        """A failure inside names the start step, why, and what to do (StartFailed)."""
+        t = time.monotonic()
+        try:
+            yield
+        except (HolePunchError, OSError, TimeoutError) as exc:
+            if isinstance(exc, (StartFailed, ConfigDirInUse)):
+                raise
+            raise start_failed(step, exc, format_address(self.server)) from exc
+        log.debug("start step %s done in %.3f s", step, time.monotonic() - t)
 
     async def _classify(self, local_ip: str) -> None:
         kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
@@ -228,9 +253,13 @@ class Peer(Announcing, Service):
                 async with self._announcing:    # a port rotation in flight ends first
                     ports, candidates = self._lane_ends(), self._candidates()
                 instr = await self._signal.connect(target, candidates, self._all_profiles())
-                return await self._run_session(instr, report, ports, chosen)
+                conn = await self._run_session(instr, report, ports, chosen)
+                if conn.route is Route.RELAY:   # Connection.upgrade(): direct steps only
+                    conn.upgrader = functools.partial(self.connect, target, timeout=timeout,
+                                                      strategies=DIRECT_KINDS)
+                return conn
         except TimeoutError as exc:
-            report.fail(f"connect to {target} took longer than {timeout} s")
+            report.fail(f"connect to {target} took longer than {timeout} s", timed_out=True)
             raise TimeoutError(report.error) from exc
         except BaseException as exc:
             if report.ended is None:

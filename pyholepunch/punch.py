@@ -41,12 +41,11 @@ from .strategy import (
 )
 from .strategy.candidates import host_candidates, public_candidate
 from .strategy.race import tcp_profile
+from .stun.client import silence_rearm  # one rule for every re-armed TCP connect
 
 log = logging.getLogger(__name__)
 
 REARM_INTERVAL = 0.02      # seconds between re-armed attempts after an RST / ICMP error
-SILENCE_REARM_MIN = 0.15   # s: a fresh SYN after this much silence at the least
-SILENCE_REARM_DEFAULT = 0.3   # s: without an RTT estimate
 SWEEP_AFTER_PROBE = 0.01  # s: a sequential chooser's sweep after its position probe
 SUBMIT_AHEAD = 0.05        # seconds before its start a step group's engine calls are made
 LET_GO_TIMEOUT = 0.5       # s an abandoned group waits for its cancelled steps to close
@@ -326,12 +325,6 @@ def _window(start: float, timeout: float) -> tuple[float, float]:
     if timeout <= 0:
         raise PunchTimeout("the step's window passed before it could start", PunchStats())
     return start, timeout
-
-
-def silence_rearm(rtt: float | None) -> float:
-    """Silence after which a simultaneous open sends a fresh SYN: ~3 x RTT (the kernel's own
-    retransmission waits 1 s: a lost SYN on each side cost seconds)."""
-    return max(SILENCE_REARM_MIN, 3 * rtt) if rtt else SILENCE_REARM_DEFAULT
 
 
 async def rearmed(attempt: Callable[[float, float], Awaitable[PunchResult]], start: float,

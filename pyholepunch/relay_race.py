@@ -3,19 +3,24 @@
 Before, the relay step ran only after every direct step had failed: 3.7 s after connect() for
 a sequential pair whose sweep missed. Now, for a plan with both direct steps and a relay:
 
-- the initiator starts joining the relay PREPARE_AFTER s after the common start, while the
-  punch goes on (asking the server for a relay grant, which also reaches the responder);
+- the initiator starts joining the relay ``prepare_after`` s after the common start, while
+  the punch goes on (asking the server for a relay grant, which also reaches the responder);
 - the responder joins the relay as soon as a grant arrives, and keeps punching too;
-- the initiator decides: a direct connection up before DECIDE_AFTER (DECIDE_BY after
+- the initiator decides: a direct connection up before ``decide_after`` (``decide_by`` after
   connect() at the latest) wins; after that, with
   the relay joined, it runs TLS over the relay (the relay then carries data) and stops
-  waiting for the punch; when every direct step fails earlier, the relay is taken at once;
+  waiting for the punch; when every direct step fails earlier, the relay is taken at once.
+
+The three times scale with the measured RTT to the server (:func:`race_timings`): at the lab's
+40 ms they are the constants below (the relay carries data <= 1 s after connect()); on a long
+path the direct steps get the round trips they need before the relay takes over;
 - the responder takes whichever of the two its peer completes a TLS handshake on (the
   initiator speaks first and only on the path it chose; the other path is closed).
 
 A direct connection that comes up after the relay was chosen is recorded in the report
-(``direct_after_relay_s``) and closed: moving a live stream (libp2p's DCUtR upgrade) is not
-built yet.
+(``direct_after_relay_s``, ``Connection.direct_seen``) and closed; the caller may then ask
+for a direct connection (``Connection.upgrade()``: a new session without relay fallback) and
+move its data there. A transparent move of a live stream (libp2p's DCUtR) is not built.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .engine import PunchResult
@@ -35,11 +41,46 @@ from .signal.machine import MAX_SPREAD_MARGIN
 log = logging.getLogger(__name__)
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-PREPARE_AFTER = 0.2     # s after start_at: the initiator starts joining the relay
-DECIDE_AFTER = 0.6      # s after start_at: no direct connection yet -> TLS over the relay
-DECIDE_BY = 0.7         # s after connect() at the latest (a sequential initiator announces
+# The floors (s), measured at 40 ms RTT on a loaded machine, and the same times in RTTs to the
+# server (``rtt``, the signaling connection's); each time is the larger of the two, so up to
+# ~60 ms (the lab's 40 ms plus measurement noise under load) nothing changes.
+PREPARE_AFTER = 0.2     # after start_at: the initiator starts joining the relay
+DECIDE_AFTER = 0.6      # after start_at: no direct connection yet -> TLS over the relay
+DECIDE_BY = 0.7         # after connect() at the latest (a sequential initiator announces
                         # first: its start_at is later), so the relay carries data within ~1 s
-JOIN_ALLOWANCE = 0.3    # s the relay join gets before the decision, at the least
+JOIN_ALLOWANCE = 0.3    # the relay join gets before the decision, at the least
+# In RTTs to the server. The peer-to-peer RTT is ~2 of them (both peers' legs; the peer's own
+# is not known here, so ours stands for it). A direct connection needs one path RTT for the
+# simultaneous open, one silence re-arm (3 RTTs, stun.client.silence_rearm) for a lost SYN, and
+# TLS 1.3 (1.5 path RTTs): ~10 server RTTs. Joining the relay: grant request, relay connect,
+# its handshake and the partner's join: ~5.
+PREPARE_RTTS = 3.0
+DECIDE_RTTS = 10.0
+DECIDE_BY_RTTS = 12.0   # connect() -> start_at takes ~2 RTTs (CONNECT, PUNCH) plus margin
+JOIN_RTTS = 5.0
+MAX_DECIDE_AFTER = 8.0  # s: a bogus RTT estimate (seconds of signaling lag) still ends
+
+
+@dataclass(frozen=True, slots=True)
+class RaceTimings:
+    """When the initiator prepares the relay and decides, in s (see the module docstring)."""
+
+    prepare_after: float    # after start_at
+    decide_after: float     # after start_at
+    decide_by: float        # after connect()
+    join_allowance: float   # before the decision, at the least
+
+
+def race_timings(rtt: float | None) -> RaceTimings:
+    """The race's times for an RTT to the server of ``rtt`` s (None: unknown, the floors)."""
+    if rtt is None or not rtt > 0:
+        rtt = 0.0
+    rtt = min(rtt, MAX_DECIDE_AFTER / DECIDE_RTTS)
+
+    def scaled(floor: float, rtts: float) -> float:
+        return round(max(floor, rtts * rtt), 3)
+    return RaceTimings(scaled(PREPARE_AFTER, PREPARE_RTTS), scaled(DECIDE_AFTER, DECIDE_RTTS),
+                       scaled(DECIDE_BY, DECIDE_BY_RTTS), scaled(JOIN_ALLOWANCE, JOIN_RTTS))
 DIRECT_WINDOW = 0.3     # s after start_at the direct steps get at the least, and DIRECT_RTTS
 DIRECT_RTTS = 8         # round trips: a late start (a lost signaling segment costs an RTO)
                         # must not leave the punch a few ms before the decision
@@ -85,7 +126,8 @@ async def _race(punch: Awaitable[PunchResult], secure: Callable[[PunchResult], A
     try:
         if initiator:
             decide_at = decision_time(start_at, report.started, rtt, spread)
-            prepare_at = min(start_at + PREPARE_AFTER, decide_at - JOIN_ALLOWANCE)
+            t = race_timings(rtt)
+            prepare_at = min(start_at + t.prepare_after, decide_at - t.join_allowance)
             await asyncio.wait({direct}, timeout=max(0.0, prepare_at - time.time()))
             if not (direct.done() and direct.exception() is None):
                 join = asyncio.ensure_future(join_relay())
@@ -150,14 +192,16 @@ async def _race(punch: Awaitable[PunchResult], secure: Callable[[PunchResult], A
 
 def decision_time(start_at: float, started: float, rtt: float | None,
                   spread: float = 0.0) -> float:
-    """When the initiator stops waiting for the punch: DECIDE_AFTER the common start but
-    DECIDE_BY after connect() -- unless signaling was slow, and then the direct steps still
+    """When the initiator stops waiting for the punch: ``decide_after`` the common start but
+    ``decide_by`` after connect() (race_timings: DECIDE_AFTER and DECIDE_BY up to ~60 ms RTT,
+    scaled beyond) -- unless signaling was slow, and then the direct steps still
     get their window after the start: some round trips, plus the server-measured RTT spread
     of the two peers (a lossy or jittery path delivers the peer's PUNCH, and so its first
     SYN, up to a retransmission later; a steady one costs nothing here)."""
+    t = race_timings(rtt)     # the floors at the lab's 40 ms, more on a longer path
     late = LATE_SPREADS * min(max(spread, 0.0), MAX_SPREAD_MARGIN)
     window = max(DIRECT_WINDOW, DIRECT_RTTS * (rtt or 0.0)) + late
-    return max(min(start_at + DECIDE_AFTER + late, started + DECIDE_BY + late),
+    return max(min(start_at + t.decide_after + late, started + t.decide_by + late),
                start_at + window)
 
 
@@ -182,7 +226,7 @@ def _note_late_direct(report: ConnectionReport) -> Callable[[asyncio.Future[Punc
         took = time.time() - report.started
         report.direct_after_relay_s = round(took, 3)
         log.info("a direct connection came up %.3f s after connect(), while the relay carried "
-                 "the data (not moved: upgrading a live stream is not built)", took)
+                 "the data (Connection.upgrade() makes a direct one)", took)
         with contextlib.suppress(OSError):
             fut.result().sock.close()
     return note

@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from .engine._base import PunchStats
+from .errors import StartFailed, StartTimeout
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,42 @@ SCHEMA_ID = f"https://pyholepunch.invalid/schemas/report-{SCHEMA_VERSION}.json"
 RELAY_CAUSES = ("no_direct_plan", "punch_failed", "tls_failed", "peer_relayed", "socket_error",
                 "direct_pending")   # the relay took over while direct steps still ran (relay_race)
 ReportObserver = Callable[[str, dict[str, Any]], None]
+# What a person can do about a relayed connection, per cause (the report's ``advice``).
+RELAY_ADVICE = {
+    "no_direct_plan": "these two NATs leave no direct method (see the plan): a port mapping "
+                      "(UPnP, NAT-PMP or PCP) on either router, or IPv6 on both hosts, would "
+                      "give a direct path",
+    "punch_failed": "every direct step failed (see the steps): the NATs or a firewall dropped "
+                    "the punch; a port mapping (UPnP, NAT-PMP or PCP) on either router would "
+                    "help, the relay carries the data meanwhile",
+    "tls_failed": "a direct socket came up but TLS over it failed (packet loss or a middlebox "
+                  "rewriting TCP): connecting again often gets a direct path",
+    "peer_relayed": "the other peer took the relay first: its report says why",
+    "socket_error": "a local socket error stopped the punch (see relay_reason): check this "
+                    "host's open-file limit and local firewall",
+    "direct_pending": "the direct steps were still running when the relay took over (a slow "
+                      "or lossy path): a direct connection may still come up "
+                      "(direct_after_relay_s), and Connection.upgrade() can move to it",
+}
+# What a person can do when a step of connect() failed, per step (``advice`` of a failure).
+FAILURE_ADVICE = {
+    "signaling": "the rendezvous server did not serve the request: check that it still runs "
+                 "and that the peer is registered with the same server",
+    "tls": "the peer's certificate did not match the peer id asked for, or TLS over the path "
+           "failed: check that you connect to the right peer and connect again",
+    "relay": "the relay failed: check the server's built-in relay (or --relay turn:... and "
+             "its credentials); only a direct path can connect these NATs without it",
+    "punch": "no direct path and relaying is off: allow the relay (no --relay none) or a "
+             "port mapping (UPnP, NAT-PMP or PCP) on either router",
+    "timeout": "connect() ran out of time: give it longer (--timeout) or check the path "
+               "(loss, a firewall)",
+    "plan": "none of the chosen step kinds (strategies=) is in this pair's plan, whose reason "
+            "the error gives: choose others, or allow the relay",
+}
+SIGNALING_ADVICE = {404: "the peer is not online at this server: start it there "
+                         "(`pyholepunch listen --name NAME`) with the same --server",
+                    424: "the other peer gave up (its reason is in the error): see its log",
+                    429: "the server rate-limited us: wait a moment and connect again"}
 
 
 def parse_route(route: object) -> Route:
@@ -129,6 +166,9 @@ class ConnectionReport:
     ended: float | None = None                  # established, or the attempt failed
     tls: bool = True                            # False only with insecure_plain
     error: str = ""                             # why the whole connect failed, if it did
+    failed_step: str = ""                       # relayed or failed: the step that failed
+                                                # (signaling, a punch step kind, tls, relay)
+    advice: str = ""                            # ... and what a person can do about it
     observers: list[ReportObserver] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -196,7 +236,23 @@ class ConnectionReport:
         if cause not in RELAY_CAUSES:
             raise ValueError(f"relay cause must be one of {', '.join(RELAY_CAUSES)}, got {cause!r}")
         self.relay_reason, self.relay_cause = reason, cause
-        self.emit("fallback", {"reason": reason, "cause": cause})
+        self.failed_step = {"no_direct_plan": "plan", "tls_failed": "tls",
+                            "peer_relayed": "peer"}.get(cause) or \
+            self._last_direct_step(late=cause == "direct_pending")
+        self.advice = RELAY_ADVICE[cause]
+        self.emit("fallback", {"reason": reason, "cause": cause, "failed_step": self.failed_step,
+                               "advice": self.advice})
+
+    def _last_direct_step(self, *, late: bool = False) -> str:
+        """The kind of the latest direct step that failed or still runs (``late``: or that
+        succeeded too late for the relay race's decision); "punch" if none."""
+        outcomes = (Outcome.ERROR, Outcome.TIMEOUT, Outcome.RUNNING) + \
+            ((Outcome.SUCCESS,) if late else ())
+        for record in reversed(self.steps):
+            if record.kind != "relay" and record.outcome in outcomes:
+                return record.kind
+        return "punch"
+
 
     def finish(self, route: Route | str, *, at: float | None = None, relay_reason: str = "") -> None:
         """The connection is up (TLS established) over ``route``."""
@@ -212,15 +268,44 @@ class ConnectionReport:
         self.emit("route", {"route": str(self.route), "total_time": self.total_time,
                             "relay_reason": self.relay_reason, "relay_cause": self.relay_cause})
 
-    def fail(self, error: str | BaseException, *, at: float | None = None) -> None:
-        """The connection attempt failed as a whole."""
+    def fail(self, error: str | BaseException, *, at: float | None = None, step: str = "",
+             timed_out: bool = False) -> None:
+        """The connection attempt failed as a whole, at ``step`` (else told from the error
+        and the steps run: signaling, a punch step kind, tls, relay)."""
         self.established = None
         self.error = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
+        self.failed_step, self.advice = self._failure(error, step, timed_out)
         end = self.ended = _now(at)
         for record in self.steps:
             if record.outcome is Outcome.RUNNING:
                 self.step_finished(record, Outcome.ERROR, at=end, error="attempt abandoned")
-        self.emit("failed", {"error": self.error})
+        self.emit("failed", {"error": self.error, "failed_step": self.failed_step,
+                             "advice": self.advice})
+
+    def _failure(self, error: str | BaseException, step: str, timed_out: bool) -> tuple[str, str]:
+        # errors.py names are matched by class name: the report stays plain data (no import
+        # of the protocol layers); every class is defined there once.
+        names = {c.__name__ for c in type(error).__mro__} if isinstance(error, BaseException) else set()
+        code = getattr(error, "code", None)
+        running = [r.kind for r in self.steps if r.outcome is Outcome.RUNNING]
+        if not step:
+            if "StrategyError" in names:
+                step = "plan"
+            elif "AuthenticationError" in names:
+                step = "tls"
+            elif "RelayError" in names or (running and running[-1] == "relay"):
+                step = "relay"
+            elif "SignalingError" in names or self.plan is None:
+                step = "signaling"       # no PUNCH yet: the request itself did not go through
+            elif running:
+                step = running[-1]
+            else:
+                step = self._last_direct_step()
+        if step == "signaling" and code in SIGNALING_ADVICE:
+            return step, SIGNALING_ADVICE[code]
+        if (timed_out or "TimeoutError" in names) and step not in ("tls", "relay"):
+            return step, FAILURE_ADVICE["timeout"] + f" (it was at: {step})"
+        return step, FAILURE_ADVICE.get(step, FAILURE_ADVICE["punch"])
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -255,7 +340,9 @@ class ConnectionReport:
             "started": self.started, "established": self.established, "ended": self.ended,
             "total_time": self.total_time, "winning_step": win.kind if win else None,
             "winning_family": (win.family or None) if win else None, "pairs": self.pairs,
-            "error": self.error, "local_nat": self.local_nat, "remote_nat": self.remote_nat,
+            "error": self.error, "failed_step": self.failed_step or None,
+            "advice": self.advice or None,
+            "local_nat": self.local_nat, "remote_nat": self.remote_nat,
             "plan": self.plan, "steps": [r.to_dict() for r in self.steps]})
 
     def summary(self) -> str:
@@ -274,6 +361,8 @@ class ConnectionReport:
         lines = [head]
         if self.route is Route.RELAY:
             lines.append(f"  relay because: {self.relay_reason}")
+        if self.failed_step:
+            lines.append(f"  failed step: {self.failed_step}; what to do: {self.advice}")
         if self.local_nat or self.remote_nat:
             lines.append(f"  NATs: local {_nat(self.local_nat)}, remote {_nat(self.remote_nat)}")
         if self.plan and self.plan.get("reason"):
@@ -293,6 +382,50 @@ class ConnectionReport:
                 line += f"  ({r.error})"
             lines.append(line)
         return "\n".join(lines)
+
+
+# Peer.start's steps: what a person can do when one fails (StartFailed.advice).
+START_ADVICE = {
+    "signaling": "check the server address and port, and that `pyholepunch serve` runs there "
+                 "and is reachable (a firewall may drop TCP to it)",
+    "classify": "the server's STUN service (same address, TCP) did not answer the NAT "
+                "probes: a firewall between here and the server may drop them; retry",
+    "announce": "the server's STUN service did not tell the punch port's public address: "
+                "retry; if it repeats, a firewall may drop TCP from that port",
+    "register": "the server did not complete the registration: check that it is not "
+                "overloaded and retry",
+    "hops": "counting the NAT routers towards the server failed (a local socket error): "
+            "check this host's network settings",
+}
+REGISTER_ADVICE = {401: "the server refused this identity's signature: the config dir's key "
+                        "may be damaged (use a fresh --config-dir)",
+                   409: "the name is bound to another key: choose another --name, or use the "
+                        "config dir that registered it",
+                   403: "the server needs an access token: pass --token",
+                   405: "the server refused the token: check --token",
+                   406: "the token has expired: get a new one",
+                   414: "the name is not allowed (malformed, or shaped like a peer id)",
+                   426: "this peer and the server speak different signaling versions: "
+                        "upgrade the older one",
+                   430: "the server's per-key or per-address quota is reached",
+                   503: "the server is full: retry later"}
+
+
+def start_failed(step: str, exc: BaseException, server: str) -> StartFailed:
+    """The one wording of a failed start: the step, why, and what to do (StartFailed, or
+    StartTimeout for a timeout); raise it ``from exc``."""
+    reason = str(exc) or type(exc).__name__
+    code = getattr(exc, "code", 0)
+    code = code if isinstance(code, int) else 0
+    advice = (REGISTER_ADVICE.get(code) if step == "register" else None) or START_ADVICE[step]
+    if code == -1 and " within " in reason:   # NOT_A_SERVER by silence: or a lossy path
+        advice = ("the address accepts TCP but no pyholepunch server answered in time: check "
+                  "the port; if it is right, the path loses many packets: retry")
+    elif code == -1:               # NOT_A_SERVER: it answers, but not as our server
+        advice = "the address answers but is not a pyholepunch server: check the port"
+    cls = StartTimeout if isinstance(exc, TimeoutError) else StartFailed
+    return cls(f"start failed at step '{step}' with {server}: {reason} ({advice})",
+               step=step, reason=reason, advice=advice, code=code)
 
 
 def load_schema() -> dict[str, Any]:
@@ -316,4 +449,4 @@ def _nat(profile: dict[str, Any] | None) -> str:
 
 
 __all__ = ["RELAY_CAUSES", "SCHEMA_ID", "SCHEMA_VERSION", "ConnectionReport", "Outcome", "Route",
-           "StepRecord", "load_schema", "parse_route"]
+           "StepRecord", "load_schema", "parse_route", "start_failed"]

@@ -121,9 +121,9 @@ def run_pair(spawn: Spawner, server_ip: str, alt_ip: str, work: Path, *,
     and --alt-ip); ``peer_servers`` gives a peer ("a"/"b") another server address to use
     (e.g. the server's IPv6 address for an IPv6-only peer).
     Returns ``report`` (a's), ``responder_report`` (b's, if it wrote one), ``echo``,
-    ``echo_ok``, ``exit_code``; with ``server_metrics``, ``server_metrics`` too: the server's
-    Prometheus exposition once it has counted the session. Every process is stopped before
-    this returns.
+    ``echo_ok``, ``exit_code``, ``elapsed`` (s, peer a's process from start to exit); with
+    ``server_metrics``, ``server_metrics`` too: the server's Prometheus exposition once it
+    has counted the session. Every process is stopped before this returns.
     """
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -191,7 +191,8 @@ def _flow(spawn: Spawner, server_ip: str, alt_ip: str, work: Path,
     with contextlib.suppress(OSError, ValueError):
         responder = json.loads((work / "bob.json").read_text())
     return {"report": report, "responder_report": responder, "echo": out.decode(errors="replace"),
-            "echo_ok": out == MESSAGE, "exit_code": alice.returncode}
+            "echo_ok": out == MESSAGE, "exit_code": alice.returncode,
+            "elapsed": elapsed}    # peer a's whole flow: classify, register, connect, echo
 
 
 def _scrape(spawn: Spawner, url: str, deadline: float = 5.0) -> str:

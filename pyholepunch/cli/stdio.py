@@ -51,7 +51,7 @@ class FileWriter:
     def __init__(self, fd: int) -> None:
         self._fd = fd
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         _write_all(self._fd, data)
 
     async def close(self) -> None:
@@ -210,7 +210,7 @@ class PipeWriter:
             self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
         return self._writer
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         writer = await self._open()
         if writer.transport.is_closing():
             raise BrokenPipeError(errno.EPIPE, "the output was closed by its reader")
@@ -305,11 +305,11 @@ class FdWriter:
         except RuntimeError:
             pass
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         if self._error is not None:
             raise self._error
         await self._slots.acquire()
-        self._jobs.put(data)
+        self._jobs.put(bytes(data))        # the thread writes it later: a copy of the slice
 
     async def close(self) -> None:
         """Every byte written, then the descriptor detached (see ``_detach``)."""
@@ -331,7 +331,7 @@ def _settle(fut: asyncio.Future[None], error: OSError | None) -> None:
         fut.set_result(None)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
@@ -344,8 +344,8 @@ class EchoPipe:
     def __init__(self, depth: int = DEPTH) -> None:
         self._items: asyncio.Queue[bytes] = asyncio.Queue(depth)
 
-    async def write(self, data: bytes) -> None:
-        await self._items.put(data)
+    async def write(self, data: bytes | memoryview) -> None:
+        await self._items.put(bytes(data))     # read back later: a copy of the slice
 
     async def close(self) -> None:
         await self._items.put(b"")
@@ -374,7 +374,7 @@ class Command:
         assert self._proc is not None, "Command.start() first"
         return self._proc
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         stdin = self.proc.stdin
         assert stdin is not None
         try:

@@ -26,6 +26,7 @@ from typing import Protocol
 
 from ..connection import Connection
 from ..errors import StreamFailed
+from .inbox import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,9 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
-    async def write(self, data: bytes) -> None:
-        """Write all of ``data`` out (raises when the output failed)."""
+    async def write(self, data: bytes | memoryview) -> None:
+        """Write all of ``data`` out (raises when the output failed). ``data`` may be a slice
+        of the receive buffer, valid only until this returns: a sink that keeps it copies it."""
         ...
 
     async def close(self) -> None:
@@ -80,6 +82,7 @@ class Transfer:
 class _Session:
     def __init__(self, conn: Connection, source: Source, sink: Sink) -> None:
         self.conn, self.source, self.sink = conn, source, sink
+        self.inbox = Inbox(conn)
         self.transfer = Transfer()
         self.peer = conn.peer_name or conn.peer_id
 
@@ -111,34 +114,34 @@ class _Session:
         log.debug("sent end-of-stream to %s after %d bytes", self.peer, self.transfer.sent)
 
     async def receive(self) -> None:
-        """D frames -> our output; E closes it and is acknowledged; until E and A are in."""
-        reader = self.conn.reader
+        """D frames -> our output; E closes it and is acknowledged; until E and A are in.
+
+        A D frame's payload goes out as it arrives, in the slices the inbox holds (no waiting
+        for the whole frame, no copy); a frame the connection ends inside is a loss all the same.
+        """
+        inbox = self.inbox
         got_end = got_ack = False
         while not (got_end and got_ack):
-            try:
-                head = await reader.readexactly(HEADER.size)
-            except asyncio.IncompleteReadError as exc:
-                raise StreamFailed(self._lost(got_end, got_ack, "ended")) from (
-                    None if not exc.partial else exc)
-            except (ConnectionError, OSError) as exc:
-                raise StreamFailed(self._lost(got_end, got_ack, f"broke ({exc})")) from None
-            kind, length = HEADER.unpack(head)
+            window = await self._wait(inbox, HEADER.size, got_end, got_ack, "ended")
+            kind, length = HEADER.unpack(window[:HEADER.size])
+            inbox.consume(HEADER.size)
             if length > MAX_FRAME or (kind in (END, ACK) and length) or kind not in (DATA, END, ACK, ERROR):
                 raise StreamFailed(f"{self.peer} sent a malformed frame (type {kind:#04x}, length "
                                    f"{length}): is it a pyholepunch connect/listen?")
-            try:
-                payload = await reader.readexactly(length) if length else b""
-            except (asyncio.IncompleteReadError, ConnectionError, OSError):
-                raise StreamFailed(self._lost(got_end, got_ack, "ended inside a frame")) from None
             if kind == DATA:
                 if got_end:
                     raise StreamFailed(f"{self.peer} sent data after its end-of-stream")
-                try:
-                    await self.sink.write(payload)
-                except OSError as exc:
-                    raise _Local(f"writing the output failed after {self.transfer.received} "
-                                 f"bytes: {exc}") from exc
-                self.transfer.received += len(payload)
+                while length:
+                    window = await self._wait(inbox, 1, got_end, got_ack, "ended inside a frame")
+                    piece = window[:length]
+                    try:
+                        await self.sink.write(piece)
+                    except OSError as exc:
+                        raise _Local(f"writing the output failed after {self.transfer.received} "
+                                     f"bytes: {exc}") from exc
+                    inbox.consume(len(piece))
+                    length -= len(piece)
+                    self.transfer.received += len(piece)
             elif kind == END:
                 if got_end:
                     raise StreamFailed(f"{self.peer} sent its end-of-stream twice")
@@ -151,8 +154,23 @@ class _Session:
             elif kind == ACK:
                 got_ack = True
             else:
-                reason = payload[:MAX_REASON].decode("utf-8", "replace")
-                raise StreamFailed(f"{self.peer} failed: {reason}")
+                reason = bytearray()
+                while length:
+                    window = await self._wait(inbox, 1, got_end, got_ack, "ended inside a frame")
+                    piece = window[:length]
+                    reason += piece[:MAX_REASON - len(reason)]
+                    inbox.consume(len(piece))
+                    length -= len(piece)
+                raise StreamFailed(f"{self.peer} failed: {reason.decode('utf-8', 'replace')}")
+
+    async def _wait(self, inbox: Inbox, need: int, got_end: bool, got_ack: bool,
+                    how: str) -> memoryview:
+        window = await inbox.wait(need)
+        if len(window) >= need:
+            return window
+        if inbox.cause is None:
+            raise StreamFailed(self._lost(got_end, got_ack, how))
+        raise StreamFailed(self._lost(got_end, got_ack, f"broke ({inbox.cause})"))
 
     def _lost(self, got_end: bool, got_ack: bool, how: str) -> str:
         missing = ("its end-of-stream" if not got_end
@@ -172,6 +190,7 @@ async def run_stream(conn: Connection, source: Source, sink: Sink) -> Transfer:
     or the local input/output error (after telling the peer).
     """
     session = _Session(conn, source, sink)
+    await session.inbox.take_over()
     try:    # room for a few frames: the socket never runs dry while the next one is read
         conn.writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)
     except NotImplementedError:
@@ -222,7 +241,7 @@ async def _tell_peer(session: _Session, reason: str) -> None:
     try:
         async with asyncio.timeout(LOSS_GRACE):
             await session._send(ERROR, reason.encode()[:MAX_REASON])
-            while await session.conn.reader.read(1 << 20):
-                pass
+            while window := await session.inbox.wait():
+                session.inbox.consume(len(window))
     except (StreamFailed, ConnectionError, OSError, TimeoutError):
         pass

@@ -25,6 +25,8 @@ ICMP_TIME_EXCEEDED, ICMP_UNREACHABLE = 11, 3
 PROBE_PORT = 33434            # traceroute's first port; nobody listens there
 MAX_HOPS = 4
 HOP_TIMEOUT = 0.3             # s per TTL without an answer
+HOP_TRIES = 2                 # probes per TTL: one lost probe or ICMP answer (10 % loss) must
+                              # not cut the count short (a CGNAT counted as 1 NAT)
 _INSIDE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
                                               "100.64.0.0/10")]
 
@@ -71,11 +73,15 @@ def nat_hops(server_ip: str, *, local_ip: str = "0.0.0.0", max_hops: int = MAX_H
         count = 0
         for ttl in range(1, max_hops + 1):
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
-            try:
-                sock.sendto(b"pyholepunch hop probe", (server_ip, PROBE_PORT + ttl))
-            except OSError:
-                return None
-            got = _answer(sock, time.monotonic() + hop_timeout)
+            got = None
+            for _ in range(HOP_TRIES):
+                try:
+                    sock.sendto(b"pyholepunch hop probe", (server_ip, PROBE_PORT + ttl))
+                except OSError:
+                    return None
+                got = _answer(sock, time.monotonic() + hop_timeout)
+                if got is not None:
+                    break
             if got is None:
                 return count or None
             icmp_type, offender = got

@@ -25,6 +25,7 @@ from ..engine import Engine, RelayStats
 from ..engine import get as get_engine
 from ..errors import QuotaError
 from . import builtin_wire as wire
+from ._sockio import either_readable, recv_exactly, shutdown
 from ._tap import Tap, tap_pump
 from .builtin_wire import MAGIC, OK, TOKEN_LEN, open_builtin_relay
 
@@ -46,6 +47,7 @@ class _Session:
     expires_at: float = 0.0
     owners: tuple[str, ...] = ()    # quota keys this session counts against until it ends
     pumping: bool = False
+    tokens: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -137,8 +139,26 @@ class RelayHub:
             self._tokens[tok] = _Token(session_id, side, expires)
         owners = tuple(key for key, _ in quotas)
         self._owned.update(owners)
-        self._sessions[session_id] = _Session(expires_at=expires, owners=owners)
+        self._sessions[session_id] = _Session(expires_at=expires, owners=owners, tokens=pair)
         return pair
+
+    def release(self, session_id: str) -> bool:
+        """The session's peers are done with it before it carried anything (they connected
+        directly, or gave up): its quota is free at once and its tokens are refused, where
+        they had counted until they expired (a relay prepared beside every punch, #19, or a
+        cancelled connect, used up a peer's relay quota). A pumping relay is left alone."""
+        session = self._sessions.get(session_id)
+        if session is None or session.pumping:
+            return False
+        now = self._clock()
+        session.expires_at = min(session.expires_at, now)
+        for tok in session.tokens:
+            if (entry := self._tokens.get(tok)) is not None:
+                entry.expires_at = min(entry.expires_at, now)
+        if session.waiting is not None and not session.waiting.done():
+            session.waiting.cancel()        # the side waiting for its peer is refused now
+        self._end_session(session)
+        return True
 
     def _end_session(self, session: _Session) -> None:
         """The session no longer counts against its owners' quotas (idempotent)."""
@@ -193,11 +213,11 @@ class RelayHub:
                 preamble = preread[:wire.PREAMBLE_LEN]
                 if len(preamble) < len(MAGIC):
                     preamble += await asyncio.wait_for(
-                        _recv_exactly(loop, sock, len(MAGIC) - len(preamble)),
+                        recv_exactly(loop, sock, len(MAGIC) - len(preamble)),
                         self.handshake_timeout)
                 if preamble == MAGIC:
                     preamble += await asyncio.wait_for(
-                        _recv_exactly(loop, sock, TOKEN_LEN), self.handshake_timeout)
+                        recv_exactly(loop, sock, TOKEN_LEN), self.handshake_timeout)
             except (TimeoutError, ConnectionError, OSError):
                 preamble = b""
             if len(preamble) != wire.PREAMBLE_LEN or not preamble.startswith(MAGIC):
@@ -311,7 +331,7 @@ class RelayHub:
         try:
             ok = bytes([OK])
             await asyncio.gather(loop.sock_sendall(a, ok), loop.sock_sendall(b, ok))
-            if not await _either_readable(loop, a, b, self.first_byte_timeout):
+            if not await either_readable(loop, a, b, self.first_byte_timeout):
                 stats = RelayStats(reason="idle: no byte within first_byte_timeout")
                 return
             log.info("relay session %s: paired, pumping", session_id)
@@ -328,7 +348,7 @@ class RelayHub:
             except asyncio.CancelledError:
                 # Unblock the worker thread before the fds are closed: never close an fd a
                 # thread is still using (it could be reused by another socket).
-                _shutdown(a, b)
+                shutdown(a, b)
                 stats = await pump
                 raise
             finally:
@@ -378,7 +398,7 @@ class RelayHub:
             if session.waiting is not None and not session.waiting.done():
                 session.waiting.cancel()
         for s in list(self._socks):
-            _shutdown(s)
+            shutdown(s)
         pumps = list(self._pumps)
         if pumps:
             await asyncio.gather(*pumps, return_exceptions=True)
@@ -388,48 +408,6 @@ class RelayHub:
         self._tokens.clear()
         self._sessions.clear()
         self._executor.shutdown(wait=False)
-
-
-def _shutdown(*socks: socket.socket) -> None:
-    for s in socks:
-        with contextlib.suppress(OSError):
-            s.shutdown(socket.SHUT_RDWR)
-
-
-async def _either_readable(loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket,
-                           timeout: float) -> bool:
-    """True once ``a`` or ``b`` has a byte (or EOF) to read; False after ``timeout``. One
-    reader callback per socket, no polling."""
-    # One loop turn first: a cancelled sock_recv on these sockets removes "its" reader in a
-    # callback already queued, which would otherwise remove ours.
-    await asyncio.sleep(0)
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    fds = (a.fileno(), b.fileno())
-    for fd in fds:
-        loop.add_reader(fd, wake)
-    try:
-        await asyncio.wait_for(fut, timeout)
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        for fd in fds:
-            loop.remove_reader(fd)
-
-
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = await loop.sock_recv(sock, n - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    return buf
 
 
 class RelayServer:

@@ -34,6 +34,7 @@ from ..errors import (
     TransactionTimeout,
 )
 from ..stun.codec import ERROR_REASONS, HEADER_SIZE, MAX_MESSAGE_SIZE, StunMessage
+from ._sockio import recv_exactly
 from .turn_proto import (
     DEFAULT_LIFETIME,
     Allocated,
@@ -397,13 +398,10 @@ async def connect_relayed(relayed: Address, *, timeout: float = 30.0) -> Streams
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = await loop.sock_recv(sock, n - len(buf))
-        if not chunk:
-            raise RelayError("TURN server closed the data connection during ConnectionBind")
-        buf += chunk
-    return buf
+    data = await recv_exactly(loop, sock, n)
+    if len(data) < n:
+        raise RelayError("TURN server closed the data connection during ConnectionBind")
+    return data
 
 
 async def _read_message(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> StunMessage:

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import random
 import secrets
-import ssl
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -25,6 +24,8 @@ from ..errors import AuthenticationError, ProtocolError, SignalingError
 from ..identity import Identity, default_config_dir
 from ..nat.profile import NatProfile
 from ..strategy.candidates import Candidate, parse_candidates
+from ..stun.client import connect_rearming, silence_rearm
+from .check import CHECK_FLOOR, CHECK_RTTS, Checked, check_server
 from .machine import ConnectionClosed, Role, SignalConnection, State
 from .protocol import (
     DEFAULT_MAX_FRAME,
@@ -50,10 +51,7 @@ from .protocol import (
 from .tls import KNOWN_SERVERS, KnownServers, client_context, parse_fingerprint, verify_server
 
 log = logging.getLogger(__name__)
-CHECK_FLOOR = 1.0           # check_server: seconds a loaded server may take, plus...
-CHECK_RTTS = 8.0            # ...this many round trips (TLS 1.3 and HELLO need about two)
 MAX_ABANDONED = 256         # given-up sessions remembered, to drop a PUNCH that comes late
-NOT_A_SERVER = -1           # SignalingError.code: no server of ours at that address (local)
 NO_RETRY = {ErrorCode.BAD_SIGNATURE, ErrorCode.NAME_TAKEN, ErrorCode.TOKEN_REQUIRED,
             ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.BAD_NAME,
             ErrorCode.REPLACED, ErrorCode.VERSION, ErrorCode.QUOTA_EXCEEDED}
@@ -159,6 +157,7 @@ class SignalClient:
         self.peer_id = identity.peer_id
         self.offset = 0.0          # our clock minus the server's, as the server measured it
         self.rtt: float | None = None
+        self.connect_rtt: float | None = None   # the TCP handshake's, before registering
         self.registrations = 0
         self.connected = asyncio.Event()
         self.server_id: bytes | None = None
@@ -169,6 +168,7 @@ class SignalClient:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.failure: BaseException | None = None
+        self._checked: Checked | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -178,6 +178,7 @@ class SignalClient:
 
     async def close(self) -> None:
         self._closed = True
+        self._drop_checked()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -285,68 +286,60 @@ class SignalClient:
 
     # -- connection --------------------------------------------------------------------------
     async def check_server(self, *, floor: float = CHECK_FLOOR, rtts: float = CHECK_RTTS) -> float:
-        """Is a pyholepunch rendezvous server at ``server``? Returns the RTT it answered in.
+        """Is a pyholepunch rendezvous server at ``server``? Returns the RTT it answered in
+        (signal.check.check_server); its connection is kept for the registration."""
+        self._drop_checked()
+        rtt, self._checked = await check_server(
+            self.server, pin=self._pin, known=self._known, max_frame=self.max_frame,
+            connect_timeout=self.connect_timeout, floor=floor, rtts=rtts)
+        self.connect_rtt = rtt
+        return rtt
 
-        The TCP connect takes one round trip: that measures the RTT. A pyholepunch server
-        then completes TLS and sends HELLO within a few more; so the whole check is bounded
-        by ``floor + rtts * RTT`` (at most ``connect_timeout``), and anything else — no TLS,
-        another protocol, silence, a TLS server that says nothing — fails here with a
-        SignalingError (code ``NOT_A_SERVER``) naming what was seen, instead of a timeout
-        much later. The certificate is checked like any connection's (pin or known servers).
-        """
-        host, port = self.server
-        where = f"{host}:{port}"
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                                self.connect_timeout)
-        rtt = loop.time() - t0
-        budget = min(self.connect_timeout, floor + rtts * rtt)
-        what = "nothing"
-        try:
-            async with asyncio.timeout(budget):
-                what = "no TLS handshake"
-                await writer.start_tls(client_context(), server_hostname=host,
-                                       ssl_handshake_timeout=budget)
-                ssl_obj = writer.get_extra_info("ssl_object")
-                verify_server(ssl_obj.getpeercert(binary_form=True) if ssl_obj else None,
-                              host, port, pin=self._pin, known=self._known)
-                what = "no HELLO after the TLS handshake"
-                conn = SignalConnection(Role.CLIENT, max_frame=self.max_frame)
-                while True:
-                    data = await reader.read(65536)
-                    for msg in conn.receive_data(data):
-                        if isinstance(msg, Hello):
-                            return rtt
-                        if isinstance(msg, ConnectionClosed):
-                            what = (f"it closed the connection ({msg.error.reason})" if msg.error
-                                    else "it closed the connection before HELLO")
-                            raise ConnectionError(what)
-        except TimeoutError:
-            what = f"{what} within {budget:.2f} s (RTT {rtt * 1e3:.1f} ms)"
-        except (ssl.SSLError, ConnectionError, ProtocolError) as exc:
-            if what == "no TLS handshake":
-                what = f"its answer is not TLS ({exc})"
-            elif not isinstance(exc, ConnectionError) or str(exc) != what:
-                what = f"{what}: {exc}"
-        finally:
-            writer.transport.abort()
-        raise SignalingError(f"{where} is not a pyholepunch rendezvous server: {what}",
-                             code=NOT_A_SERVER)
+    def _drop_checked(self) -> None:
+        if self._checked is not None:
+            self._checked.close()
+            self._checked = None
 
     async def _connect_once(self) -> asyncio.StreamReader:
-        host, port = self.server
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=client_context(), server_hostname=host,
-                                    ssl_handshake_timeout=self.connect_timeout),
-            self.connect_timeout)
+        kept, self._checked = self._checked, None
+        if kept is not None and kept.fresh():
+            try:
+                return await self._register_on(kept.reader, kept.writer, kept.conn, kept.fp,
+                                               kept.hello)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                log.debug("the checked connection did not register (%s): a fresh one", exc)
+        elif kept is not None:
+            kept.close()
+        # A lost SYN is sent again after ~3 RTTs (check_server's or the last registration's),
+        # not the kernel's 1 s; TLS and REGISTER ride on TCP's retransmission (RTO ~0.2 s).
+        sock, rtt, _ = await connect_rearming(self.server, timeout=self.connect_timeout,
+                                           rearm=silence_rearm(self.rtt or self.connect_rtt),
+                                           any_port=True)
+        self.connect_rtt = rtt
         try:
-            ssl_obj = writer.get_extra_info("ssl_object")
-            fp = verify_server(ssl_obj.getpeercert(binary_form=True) if ssl_obj else None,
-                               host, port, pin=self._pin, known=self._known)
-            conn = SignalConnection(Role.CLIENT, max_frame=self.max_frame)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(sock=sock, ssl=client_context(),
+                                        server_hostname=self.server[0],
+                                        ssl_handshake_timeout=self.connect_timeout),
+                self.connect_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return await self._register_on(reader, writer,
+                                       SignalConnection(Role.CLIENT, max_frame=self.max_frame),
+                                       None, None)
+
+    async def _register_on(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           conn: SignalConnection, fp: bytes | None,
+                           hello: Hello | None) -> asyncio.StreamReader:
+        try:
+            if fp is None:      # a fresh connection: its certificate is checked here
+                ssl_obj = writer.get_extra_info("ssl_object")
+                fp = verify_server(ssl_obj.getpeercert(binary_form=True) if ssl_obj else None,
+                                   *self.server, pin=self._pin, known=self._known)
             self._conn, self._writer = conn, writer
-            await asyncio.wait_for(self._register(reader, writer, conn, fp), self.connect_timeout)
+            await asyncio.wait_for(self._register(reader, writer, conn, fp, hello),
+                                   self.connect_timeout)
         except BaseException:
             writer.close()
             self._conn = self._writer = None
@@ -354,7 +347,9 @@ class SignalClient:
         return reader
 
     async def _register(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        conn: SignalConnection, fp: bytes) -> None:
+                        conn: SignalConnection, fp: bytes, hello: Hello | None = None) -> None:
+        if hello is not None:       # check_server's connection: HELLO is in already
+            self._answer_hello(hello, writer, conn, fp)
         while True:
             data = await reader.read(65536)
             at = self.clock()
@@ -365,18 +360,7 @@ class SignalClient:
                         raise ConnectionError("server closed the connection during registration")
                     raise refusal(err.reason, err.code, "registration refused: ")
                 if isinstance(msg, Hello):
-                    if msg.version != VERSION:
-                        raise SignalingError(f"server speaks signaling v{msg.version}, we speak "
-                                             f"v{VERSION}", code=ErrorCode.VERSION)
-                    if msg.server_id != fp:
-                        raise AuthenticationError("server id in HELLO does not match its certificate")
-                    self.server_id = fp
-                    sig = self.identity.sign(registration_message(
-                        msg.nonce, fp, self.name, self.identity.public_key))
-                    writer.write(conn.send(Register(
-                        name=self.name, public_key=self.identity.public_key, challenge=msg.nonce,
-                        signature=sig, token=self.token, cert=self.cert, profiles=self.profiles,
-                        candidates=list(self.candidates))))
+                    self._answer_hello(msg, writer, conn, fp)
                 elif isinstance(msg, Ping):
                     writer.write(conn.send(Pong(t1=msg.t1, t2=at, t3=self.clock())))
                 elif isinstance(msg, Registered):
@@ -386,6 +370,21 @@ class SignalClient:
                     log.info("registered with %s:%d as %s (%s), rtt %.1f ms", *self.server,
                              self.name, msg.peer_id, msg.rtt * 1e3)
                     return
+
+    def _answer_hello(self, msg: Hello, writer: asyncio.StreamWriter, conn: SignalConnection,
+                      fp: bytes) -> None:
+        if msg.version != VERSION:
+            raise SignalingError(f"server speaks signaling v{msg.version}, we speak "
+                                 f"v{VERSION}", code=ErrorCode.VERSION)
+        if msg.server_id != fp:
+            raise AuthenticationError("server id in HELLO does not match its certificate")
+        self.server_id = fp
+        sig = self.identity.sign(registration_message(
+            msg.nonce, fp, self.name, self.identity.public_key))
+        writer.write(conn.send(Register(
+            name=self.name, public_key=self.identity.public_key, challenge=msg.nonce,
+            signature=sig, token=self.token, cert=self.cert, profiles=self.profiles,
+            candidates=list(self.candidates))))
 
     async def _run(self, reader: asyncio.StreamReader | None) -> None:
         delay = self.backoff[0]

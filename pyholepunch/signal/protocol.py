@@ -138,7 +138,33 @@ def refusal(reason: str, code: int, prefix: str = "") -> SignalingError:
 # ---------------------------------------------------------------------------------------------
 # field checks: one function per field *name* (shared meaning across messages)
 
+CHECKED_CACHE = 8192             # candidate lists remembered as checked (check_candidates)
+_checked: dict[tuple[bool, tuple[tuple[Any, ...], ...]], tuple[tuple[Any, ...], ...]] = {}
+
+
 def check_candidates(value: Any, *, allow_loopback: bool = True) -> list[list[Any]]:
+    """The candidate check (``_check_candidates``), remembered: a peer's candidate list is
+    checked at REGISTER, in each CONNECT and again against the loopback policy; the same
+    list is judged once (ipaddress parsing is most of a CONNECT's CPU otherwise). Only
+    lists that passed are remembered, at most CHECKED_CACHE of them (then forgotten at
+    once), and each call returns fresh lists."""
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_CANDIDATES:
+        return _check_candidates(value, allow_loopback=allow_loopback)
+    try:        # the types are part of the key: [ip, True] must not pass as [ip, 1]
+        key = (allow_loopback, tuple((*c, *map(type, c)) for c in value))
+        hash(key)
+    except TypeError:               # not a list of flat sequences: the check says why
+        return _check_candidates(value, allow_loopback=allow_loopback)
+    known = _checked.get(key)
+    if known is None:
+        checked = _check_candidates(value, allow_loopback=allow_loopback)
+        if len(_checked) >= CHECKED_CACHE:
+            _checked.clear()
+        _checked[key] = known = tuple(tuple(c) for c in checked)
+    return [list(c) for c in known]
+
+
+def _check_candidates(value: Any, *, allow_loopback: bool = True) -> list[list[Any]]:
     """THE candidate check (wire parsing and the server's policy both call it). Candidates
     are ``[ip, port, family, iface, origin]`` (strategy/candidates.py parses the form; v1
     ``[ip, port]`` pairs are read and extended, so everything past this check sees one
@@ -253,8 +279,8 @@ class Message:
 
     def to_wire(self) -> dict[str, Any]:
         d: dict[str, Any] = {"t": self.TYPE}
-        for f in fields(self):
-            d[f.name] = getattr(self, f.name)
+        for name in self._CHECKS:       # the fields, in order (dataclasses.fields is slow)
+            d[name] = getattr(self, name)
         return d
 
     @classmethod

@@ -7,6 +7,7 @@ sans-IO layer. Shared state goes through a ``Store`` (memory or Redis).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import time
@@ -18,8 +19,9 @@ from typing import Any
 from ..errors import Refusal
 from .admission import SourceBudget, source_key
 from .auth import TokenBucket
+from .plan import make_plan
 from .protocol import DEFAULT_MAX_FRAME, ErrorCode, Message, Punch, encode_frame, parse_message
-from .server_peer import PeerProtocol, make_plan
+from .server_peer import PeerProtocol
 from .store import MemoryStore, NameLimits, PeerRecord, Push, Store
 from .tls import ServerCredentials
 from .tlsproto import TlsTransport
@@ -73,6 +75,8 @@ class SignalServer:
         self.clock = clock
         self.node_id = node_id or uuid.uuid4().hex[:12]
         self.peers: dict[str, PeerProtocol] = {}     # registered here, by peer_id
+        # One factory shared by every connection (a lambda each would cost every peer ~400 B).
+        self.peer_factory: Callable[[], PeerProtocol] = functools.partial(PeerProtocol, self)
         self.connections: set[PeerProtocol] = set()
         self.metrics: dict[str, int] = dict.fromkeys(
             ("registrations", "punches", "successes", "failures", "relayed", "relays",
@@ -195,9 +199,13 @@ class SignalServer:
 
         A message that cannot be framed raises LocalProtocolError here, to the caller acting
         for the SENDER: the recipient is never dropped for what another peer sent."""
+        if record.node == self.node_id:      # framed once, by the recipient's connection
+            proto = self.peers.get(record.peer_id)
+            if proto is None:
+                return False
+            self._deliver(proto, msg, remote=False, strict=True)
+            return True
         encode_frame(msg, self.config.max_frame)
-        if record.node == self.node_id:
-            return await self._on_push({"kind": kind, "to": record.peer_id, "msg": msg})
         if isinstance(msg, Punch):
             msg = replace(msg, start_at=msg.start_at + self.reference_offset)
         push = {"kind": kind, "to": record.peer_id, "msg": msg.to_wire()}
@@ -220,13 +228,22 @@ class SignalServer:
         remote = isinstance(msg, dict)
         if remote:                      # from another node: checked like any network input
             msg = parse_message(msg)
+        self._deliver(proto, msg, remote=remote, strict=False)
+        return True
+
+    def _deliver(self, proto: PeerProtocol, msg: Message, *, remote: bool, strict: bool) -> None:
+        """Send a pushed message to a peer connected here. ``strict``: a message that cannot
+        be framed raises LocalProtocolError (to the caller acting for the sender) and the
+        recipient never hears of it; otherwise it is dropped with a warning."""
         if isinstance(msg, Punch):
             # The common start travels in this node's clock, or between nodes in the store's
             # reference clock; this node converts it into the receiving peer's clock.
             start = msg.start_at - self.reference_offset if remote else msg.start_at
             msg = replace(msg, start_at=start + proto.clock.offset)
-        proto.send(msg)
-        return True
+        if strict:
+            proto.deliver(msg)
+        else:
+            proto.send(msg)
 
 
 class _AdmittedTls(TlsTransport):
@@ -234,7 +251,7 @@ class _AdmittedTls(TlsTransport):
     before any TLS state exists (a connection flood must not grow memory)."""
 
     def __init__(self, server: SignalServer) -> None:
-        super().__init__(server.ssl_context, lambda: PeerProtocol(server),
+        super().__init__(server.ssl_context, server.peer_factory,
                          server.config.handshake_timeout, server._tls_lost)
         self._server = server
 

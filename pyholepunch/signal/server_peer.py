@@ -9,18 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from .. import strategy
 from ..errors import AuthenticationError, ProtocolError, QuotaError, Refusal
 from ..identity import peer_id_of, verify_signature
-from ..nat.profile import NatProfile
 from .admission import is_loopback, source_key
 from .auth import TokenBucket, check_token
 from .machine import ClockEstimator, ConnectionClosed, Role, SignalConnection, State, common_start
+from .plan import make_plan
 from .protocol import (
     PEER_ID_RE,
     Connect,
@@ -53,23 +50,6 @@ MAX_GAVE_UP_REASON = 200     # characters of a peer's failure reason passed on t
 MAX_OUTSTANDING_PINGS = 4    # pings whose pong we still accept (a pong must echo one of them)
 
 
-def make_plan(initiator: list[dict[str, Any]], responder: list[dict[str, Any]],
-              initiator_candidates: list[list[Any]] | None = None,
-              responder_candidates: list[list[Any]] | None = None, *,
-              rtt: float = 0.1) -> dict[str, Any] | None:
-    """The session's plan (strategy.plan_race: a lane per common address family, raced)."""
-    try:
-        result: dict[str, Any] = strategy.plan_race(
-            [NatProfile.from_dict(p) for p in initiator],
-            [NatProfile.from_dict(p) for p in responder],
-            strategy.parse_candidates(initiator_candidates or []),
-            strategy.parse_candidates(responder_candidates or []), rtt=rtt).to_dict()
-        return result
-    except Exception:
-        log.warning("strategy.plan failed; sending no plan", exc_info=True)
-        return None
-
-
 def _other_peer(session: dict[str, Any], peer_id: str) -> str:
     """The session's participant that is not ``peer_id``."""
     other: str = session["responder"] if peer_id == session["initiator"] else session["initiator"]
@@ -87,12 +67,14 @@ class PeerProtocol(asyncio.Protocol):
         self.clock = ClockEstimator()
         self.record: PeerRecord | None = None
         self.bucket: TokenBucket | None = None
-        self._queue: deque[tuple[Message, float]] = deque()
+        # Plain lists, not deques: a deque allocates a 624-byte block at once, and every
+        # registered peer holds these (a queue of a message or two, at most 4 pings).
+        self._queue: list[tuple[Message, float]] = []
         self._worker: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self._closing = False
-        self._pings: deque[float] = deque(maxlen=MAX_OUTSTANDING_PINGS)   # t1 values sent
+        self._pings: list[float] = []      # t1 of the last MAX_OUTSTANDING_PINGS pings sent
         self.source = ""           # the peer's address as admission counts it
         self.loopback = False      # connected over loopback (from the server's own host)
 
@@ -157,15 +139,19 @@ class PeerProtocol(asyncio.Protocol):
 
     # -- sending / closing -----------------------------------------------------------------
     def send(self, msg: Message) -> None:
-        if self._closing or self.transport is None or self.conn.state is State.CLOSED:
-            return
         try:
-            data = self.conn.send(msg)
+            self.deliver(msg)
         except ProtocolError as exc:
             # Nothing was sent and the state did not move: drop this message, keep the peer
             # (a push that cannot be framed is refused to its sender in SignalServer.push).
             log.warning("cannot send %s to %s: %s", msg.TYPE, self.name, exc)
+
+    def deliver(self, msg: Message) -> None:
+        """``send``, except that a message that cannot be framed raises LocalProtocolError
+        (nothing sent, the state unmoved): SignalServer.push refuses it to its sender."""
+        if self._closing or self.transport is None or self.conn.state is State.CLOSED:
             return
+        data = self.conn.send(msg)
         self.transport.write(data)
         self.server.metrics["frames_out"] += 1
         if self.transport.get_write_buffer_size() > self.cfg.max_write_buffer:
@@ -216,13 +202,15 @@ class PeerProtocol(asyncio.Protocol):
 
     def _ping(self, now: float, **estimate: float | None) -> None:
         self._pings.append(now)
+        if len(self._pings) > MAX_OUTSTANDING_PINGS:
+            del self._pings[0]
         self.send(Ping(t1=now, **estimate))
 
     # -- message handling ------------------------------------------------------------------
     async def _drain(self) -> None:
         try:
             while self._queue and not self._closing:
-                msg, at = self._queue.popleft()
+                msg, at = self._queue.pop(0)
                 try:
                     await self._handle(msg, at)
                 except Refusal as r:
@@ -291,9 +279,11 @@ class PeerProtocol(asyncio.Protocol):
                     fatal: bool = False) -> list[list[Any]]:
         """protocol.check_candidates; loopback only from a peer on the server's own host."""
         policy = self.cfg.loopback_candidates
+        allow = self.loopback if policy is None else policy
+        if allow:       # every caller passes a message's field: the wire check was this one
+            return value
         try:
-            return check_candidates(value, allow_loopback=self.loopback if policy is None
-                                    else policy)
+            return check_candidates(value, allow_loopback=allow)
         except ValueError as exc:
             raise Refusal(ErrorCode.BAD_REQUEST, f"candidates: {exc}", session=session,
                           fatal=fatal) from None
@@ -380,16 +370,16 @@ class PeerProtocol(asyncio.Protocol):
                                                          "responder": target.peer_id}):
             raise Refusal(ErrorCode.SESSION_EXISTS, "session id already used",
                           session=msg.session, fatal=False)
-        initiator = replace(me, candidates=[list(c) for c in candidates] or me.candidates,
-                            profiles=msg.profiles or me.profiles)
-        plan = make_plan(initiator.profiles, target.profiles, initiator.candidates,
-                         target.candidates, rtt=max(me.rtt, target.rtt))
+        # This session's view of the initiator: what the CONNECT says, else what it registered.
+        my_candidates, my_profiles = candidates or me.candidates, msg.profiles or me.profiles
+        plan = make_plan(my_profiles, target.profiles, my_candidates, target.candidates,
+                         rtt=max(me.rtt, target.rtt))
         now = srv.clock()
         start = clamp_start(common_start(now, [me.rtt, target.rtt], self.cfg.margin,
                                           [me.spread, target.spread]), now)
         spread = max(me.spread, target.spread)
         to_b = Punch(session=msg.session, role="responder", start_at=start,
-                     peer=initiator.peer_info(), plan=plan, spread=spread)
+                     peer=me.peer_info(my_candidates, my_profiles), plan=plan, spread=spread)
         try:
             delivered = await srv.push(target, "punch", to_b)
         except ProtocolError as exc:     # refused to the sender; the target never hears of it
@@ -402,7 +392,7 @@ class PeerProtocol(asyncio.Protocol):
                         peer=target.peer_info(), plan=plan, spread=spread))
         srv.metrics["punches"] += 1
         srv.emit("coordination", session=msg.session,
-                 profiles=(initiator.profiles, target.profiles))
+                 profiles=(my_profiles, target.profiles))
         log.info("punch %s: %s -> %s start in %.1f ms", msg.session, me.name, target.name,
                  (start - srv.clock()) * 1e3)
 
@@ -422,6 +412,8 @@ class PeerProtocol(asyncio.Protocol):
         self.server.emit("result", session=msg.session, outcome=msg.outcome, stats=msg.stats,
                          initiator=info["initiator"] == self.record.peer_id)
         log.info("result %s from %s: %s", msg.session, self.name, msg.outcome)
+        if msg.outcome != "relay" and self.server.relay_hub is not None:
+            self.server.relay_hub.release(msg.session)    # granted beside the punch, unused
         if msg.outcome == "failed":
             await self._tell_gave_up(msg, info)
 

@@ -67,6 +67,9 @@ class ServerCredentials:
     def ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # No TLS 1.3 session tickets: signaling clients never resume (a fresh context per
+        # connection), and two tickets per handshake cost the server CPU at every registration.
+        ctx.num_tickets = 0
         # load_cert_chain only reads files: a private temporary file, removed at once.
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "chain.pem"

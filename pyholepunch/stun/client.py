@@ -32,6 +32,8 @@ from .codec import (
 
 log = logging.getLogger(__name__)
 CONNECT_REARM = 0.25     # s of silence before a TCP connect sends a fresh SYN (then doubled)
+SILENCE_REARM_MIN = 0.15   # s: a fresh SYN after this much silence at the least
+SILENCE_REARM_DEFAULT = 0.3   # s: without an RTT estimate
 
 # RFC 8489 §6.2.1 / §6.2.2 defaults.
 DEFAULT_RTO = 0.5
@@ -217,6 +219,86 @@ def reusable_socket(local: Address, kind: int = socket.SOCK_STREAM) -> socket.so
     return sock
 
 
+def silence_rearm(rtt: float | None) -> float:
+    """Silence after which a TCP connect (a simultaneous open too) sends a fresh SYN: ~3 x RTT
+    (the kernel's own retransmission waits 1 s: a lost SYN on each side cost seconds)."""
+    return max(SILENCE_REARM_MIN, 3 * rtt) if rtt else SILENCE_REARM_DEFAULT
+
+
+async def connect_rearming(server: Address, *, local: Address | None = None, timeout: float = 5.0,
+                           rearm: float = CONNECT_REARM, any_port: bool = False,
+                           ) -> tuple[socket.socket, float, int]:
+    """A connected non-blocking TCP socket to ``server``, the RTT its handshake took, and how
+    many fresh SYNs were sent after silence (each may have cost a NAT mapping).
+
+    A lost SYN (or SYN-ACK) costs the kernel's 1 s retransmission: after ``rearm`` s of silence
+    (doubling each time, so a long path still gets through) a fresh socket on the same local
+    address sends a new SYN at once (#19: a lossy start must not cost seconds). Raises
+    TransactionTimeout after ``timeout`` s; a refusal raises at once (ConnectionRefusedError).
+
+    ``any_port`` (no ``local``; the signaling client): each new SYN leaves from a new port and
+    the earlier attempts stay in flight, the first to connect wins. On one port a re-sent SYN
+    after a lost SYN-ACK meets the server's half-open request, which it answers with an ACK
+    our new socket resets: that case costs a second again (the STUN probes must keep their
+    port: it is the mapping they measure).
+    """
+    if any_port and local is None:
+        return await _connect_racing(server, timeout, rearm)
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + timeout
+    slice_s = rearm
+    rearms = 0
+    while True:
+        sock = reusable_socket(local or any_address(server))
+        local = local or sock.getsockname()[:2]    # the same port again: no new mapping
+        t0 = time.monotonic()
+        left = deadline - t0
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, server), min(slice_s, left))
+            return sock, time.monotonic() - t0, rearms
+        except TimeoutError:
+            sock.close()
+            if left <= slice_s:
+                raise TransactionTimeout(f"TCP connect to {format_address(server)} timed out "
+                                         f"after {timeout:.2f} s") from None
+            slice_s *= 2
+            rearms += 1
+        except BaseException:
+            sock.close()
+            raise
+
+
+async def _connect_racing(server: Address, timeout: float,
+                          rearm: float) -> tuple[socket.socket, float, int]:
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + timeout
+    attempts: dict[asyncio.Future[None], tuple[socket.socket, float]] = {}
+    slice_s = rearm
+    try:
+        while True:
+            sock = reusable_socket(any_address(server))
+            t0 = time.monotonic()
+            attempts[asyncio.ensure_future(loop.sock_connect(sock, server))] = (sock, t0)
+            left = deadline - t0
+            done, _ = await asyncio.wait(attempts, timeout=min(slice_s, left),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                won, started = attempts.pop(fut)
+                error = fut.exception()
+                if error is not None:     # an answer (refused, unreachable): final
+                    won.close()
+                    raise error
+                return won, time.monotonic() - started, len(attempts)
+            if left <= slice_s:
+                raise TransactionTimeout(f"TCP connect to {format_address(server)} timed out "
+                                         f"after {timeout:.2f} s")
+            slice_s *= 2
+    finally:
+        for fut, (sock, _) in attempts.items():
+            fut.cancel()
+            sock.close()
+
+
 class StunTcpConnection:
     """One STUN-over-TCP connection; requests are sent once and wait up to ``ti``."""
 
@@ -236,31 +318,8 @@ class StunTcpConnection:
     @classmethod
     async def open(cls, server: Address, *, local: Address | None = None,
                    connect_timeout: float = 5.0, **kwargs: Any) -> StunTcpConnection:
-        loop = asyncio.get_running_loop()
         start = time.monotonic()
-        deadline = start + connect_timeout
-        # A lost SYN costs the kernel's 1 s retransmission: after CONNECT_REARM s of silence
-        # (doubling each time, so a long path still gets through) a fresh socket on the same
-        # local address sends a new SYN at once (#19: a lossy start must not cost seconds).
-        slice_s = CONNECT_REARM
-        rearms = 0
-        while True:
-            sock = reusable_socket(local or any_address(server))
-            local = local or sock.getsockname()[:2]    # the same port again: no new mapping
-            left = deadline - time.monotonic()
-            try:
-                await asyncio.wait_for(loop.sock_connect(sock, server), min(slice_s, left))
-                break
-            except TimeoutError:
-                sock.close()
-                if left <= slice_s:
-                    raise TransactionTimeout(f"TCP connect to {format_address(server)} timed out "
-                                             f"after {connect_timeout:.2f} s") from None
-                slice_s *= 2
-                rearms += 1
-            except BaseException:
-                sock.close()
-                raise
+        sock, _, rearms = await connect_rearming(server, local=local, timeout=connect_timeout)
         reader, writer = await asyncio.open_connection(sock=sock)
         self = cls(reader, writer, **kwargs)
         self.connect_time = time.monotonic() - start

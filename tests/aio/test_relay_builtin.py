@@ -301,3 +301,33 @@ async def test_many_concurrent_relays_and_capacity(make_server: HubFactory) -> N
     for res in results:
         assert isinstance(res, RelayError) and "relay at capacity" in str(res)
     await close(*live)
+
+
+@pytest.mark.asyncio
+async def test_a_released_session_frees_its_quota_and_refuses_its_tokens(
+        make_server: HubFactory) -> None:
+    """A relay granted beside a punch that then went direct (or a connect that was given up)
+    is released by the server on the peers' RESULT: the quota is free at once, a side that
+    already waits is refused, its tokens no longer work; a pumping relay is left alone."""
+    from pyholepunch.errors import QuotaError
+    srv = await make_server(engine=engine_mod.get("pure"))
+    hub, quota = srv.hub, [("peer:alice", 1)]
+    ta, tb = hub.issue("went-direct", quotas=quota)
+    with pytest.raises(QuotaError):
+        hub.issue("next", quotas=quota)
+    waiting = asyncio.ensure_future(open_builtin_relay(srv.address, ta, timeout=5))
+    for _ in range(100):                         # the first side is in, waiting for its peer
+        if hub._sessions["went-direct"].waiting is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert hub.release("went-direct")
+    with pytest.raises(RelayError, match="peer did not arrive"):
+        await asyncio.wait_for(waiting, 5)
+    with pytest.raises(RelayError, match="expired token"):
+        await open_builtin_relay(srv.address, tb, timeout=5)
+    a, b = await pair(srv, "next")               # the quota is free again
+    assert not hub.release("next") and not hub.release("unknown")   # pumping: left alone
+    a[1].write(b"x")
+    await a[1].drain()
+    assert await asyncio.wait_for(b[0].readexactly(1), 5) == b"x"
+    await close_and_settle(srv, a, b)

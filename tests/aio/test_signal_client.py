@@ -153,3 +153,32 @@ async def test_silent_server_is_detected_and_reconnected() -> None:
             await wait_for(lambda: c.registrations >= 2, timeout=5)
     finally:
         await srv.close()
+
+
+@pytest.mark.asyncio
+async def test_the_checked_connection_registers() -> None:
+    """check_server's connection (TLS and HELLO done while the peer classifies) carries the
+    registration: a lossy start does not pay TCP and TLS twice (#19). Too late, or closed
+    by the server meanwhile, a fresh connection registers instead."""
+    srv = await start_server(generate_credentials())
+    pin = format_fingerprint(srv.server_id)
+    try:
+        c = SignalClient(("127.0.0.1", port_of(srv)), Identity.generate(), name="a",
+                         server_fingerprint=pin, reconnect=False)
+        await c.check_server()
+        checked = c._checked
+        assert checked is not None
+        async with c:
+            assert c._writer is checked.writer and c.registrations == 1
+        assert c._checked is None
+
+        late = SignalClient(("127.0.0.1", port_of(srv)), Identity.generate(), name="b",
+                            server_fingerprint=pin, reconnect=False)
+        await late.check_server()
+        gone = late._checked
+        assert gone is not None
+        gone.writer.transport.abort()         # the server's handshake timeout, say
+        async with late:
+            assert late._writer is not gone.writer and late.registrations == 1
+    finally:
+        await srv.close()

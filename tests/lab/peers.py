@@ -49,6 +49,9 @@ class PeerJob:
     idle: float = 0.0                    # > 0: stay idle this long, then a->b, then b->a
     die_on_punch: float | None = None    # accept: SIGKILL ourselves this long after start_at
                                          # (negative: at once, on receiving PUNCH)
+    upgrade_file: str = ""               # connect: a relayed connection writes
+                                         # <upgrade_file>.relayed, waits for upgrade_file,
+                                         # then calls Connection.upgrade()
     deadline: float = 60.0               # the whole process, seconds
     log_file: str = ""                   # its stderr (set by run_peers)
 
@@ -132,6 +135,16 @@ async def _connect_once(peer: Any, job: PeerJob) -> dict[str, Any]:
     entry = {"ok": True, "elapsed": time.monotonic() - t0, "report": conn.report.to_dict()}
     if job.idle:
         entry["exchange"] = await _exchange(conn, job)
+    if job.upgrade_file and conn.route == "relay":
+        Path(job.upgrade_file + ".relayed").touch()
+        await _wait_for_file(job.upgrade_file, 20.0)
+        try:
+            direct = await conn.upgrade()
+        except Exception as exc:   # noqa: BLE001 - what the application would see
+            entry["upgraded"] = {"ok": False, "error": _error(exc)}
+        else:
+            entry["upgraded"] = {"ok": True, "report": direct.report.to_dict()}
+            await direct.close()
     await conn.close()
     return entry
 

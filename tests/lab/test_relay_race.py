@@ -6,12 +6,16 @@ connect(), where before it ran only after every direct step had failed (3+ s).""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from pyholepunch.cli.demo import run_pair
 from pyholepunch.lab import Lab
+
+from .peers import lab_with_server, run_peers
 
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(os.geteuid() != 0, reason="the NAT lab needs root")]
 
@@ -42,3 +46,39 @@ def test_relay_carries_data_within_a_second_when_direct_cannot_work(a: str, b: s
     assert ready <= 1.0, f"relay carried data {ready:.3f} s after connect(): {report['steps']}"
     assert "relay carries the data" in report["relay_reason"] or "failed" in report["relay_reason"]
     assert report["relay_cause"] in ("direct_pending", "punch_failed")
+
+
+@pytest.mark.timeout(90)
+def test_a_relayed_connection_upgrades_once_a_direct_path_exists(tmp_path: Path) -> None:
+    """Connection.upgrade() (#19): the first connect is relayed (the core cuts the NATs
+    apart), the cut goes, and the relayed connection's upgrade() gives a direct one, which the
+    other peer accepts like any connection."""
+    upgrade = tmp_path / "upgrade"
+    relayed = Path(str(upgrade) + ".relayed")
+    with lab_with_server(tmp_path, a="port-restricted", b="port-restricted",
+                         rtt_ms=40) as (lab, srv):
+        r = lab.run("core", ["nft", "-f", "-"], input=CUT)
+        assert r.returncode == 0, r.stderr
+
+        def uncut_when_relayed() -> None:
+            end = time.monotonic() + 40
+            while not relayed.exists() and time.monotonic() < end:
+                time.sleep(0.05)
+            lab.run("core", ["nft", "delete", "table", "ip", "hpl_cut"])
+            upgrade.touch()
+
+        helper = threading.Thread(target=uncut_when_relayed, daemon=True)
+        helper.start()
+        alice, bob = run_peers(lab, srv, tmp_path, timeout=60, accept={"sessions": 2},
+                               connect={"sessions": 1, "timeout": 15.0,
+                                        "upgrade_file": str(upgrade)})
+        helper.join(5)
+    sessions = alice.get("sessions") or []
+    assert len(sessions) == 1 and sessions[0]["ok"], alice
+    first = sessions[0]
+    assert first["report"]["route"] == "relay", first["report"]
+    upgraded = first.get("upgraded")
+    assert upgraded and upgraded["ok"], first
+    assert upgraded["report"]["route"] == "direct", upgraded["report"]
+    routes = [s["report"]["route"] for s in bob.get("sessions") or []]
+    assert routes == ["relay", "direct"], bob
