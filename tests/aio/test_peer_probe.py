@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pyholepunch import punchport
-from pyholepunch.errors import TransactionTimeout
+from pyholepunch.errors import StartFailed, StartTimeout, TransactionTimeout
 from pyholepunch.peer import Peer
 from pyholepunch.serve import Rendezvous
 
@@ -59,8 +59,11 @@ async def test_start_fails_with_the_cause(tmp_path: Path, monkeypatch: pytest.Mo
         alice = Peer(app.address, name="alice", config_dir=tmp_path / "alice",
                      server_fingerprint=app.fingerprint)
         try:
-            with pytest.raises(type(exc), match=str(exc)):
+            # named by step, its cause kept (StartTimeout for a timeout: exit code 4)
+            failed = StartTimeout if isinstance(exc, TimeoutError) else StartFailed
+            with pytest.raises(failed, match=f"at step 'announce' .*{exc}") as info:
                 await alice.start()
+            assert isinstance(info.value.__cause__, type(exc))
         finally:
             await alice.close()
     assert len(calls) == attempts
