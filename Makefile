@@ -13,8 +13,8 @@ test: ctest       ## C unit tests, the whole Python suite, then the peer-level t
 	$(PY) -m pytest
 	$(MAKE) test-pure
 
-test-pure:        ## peer-level tests (tests/aio, tests/lab) again with the pure engine as the default
-	PYHOLEPUNCH_ENGINE=pure $(PY) -m pytest tests/aio tests/lab \
+test-pure:        ## peer-level tests (tests/aio, tests/lab, tests/backend) again with the pure engine as the default
+	PYHOLEPUNCH_ENGINE=pure $(PY) -m pytest tests/aio tests/lab tests/backend \
 		--ignore=tests/lab/test_classify.py --ignore=tests/lab/test_lab.py --ignore=tests/lab/test_lab_verify.py --ignore=tests/lab/test_lab_ipv6.py
 
 ctest:
