@@ -124,6 +124,7 @@ class Peer(Announcing, Service):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._events: asyncio.Task[None] | None = None
         self._announcing = asyncio.Lock()
+        self._port_spent = False    # a connect given up after its CONNECT: rotate before the next
         self.last_report: ConnectionReport | None = None   # of the latest connect(), even failed
         # Called with every new ConnectionReport (connect and accept) before anything is
         # recorded in it, so a caller can observe it as it grows (the HTTP API's events).
@@ -246,13 +247,22 @@ class Peer(Announcing, Service):
         chosen = check_strategies(strategies)
         report = self._new_report("initiator")
         self.last_report = report
+        sent = False
         try:
             async with asyncio.timeout(timeout):
-                if self._predictable_symmetric() and stale(self._tracker, time.time()):
+                if self._port_spent:
+                    # The last connect was given up after its CONNECT: the peer may still
+                    # punch at the port it announced; the same 4-tuple again met that
+                    # session's sockets (#12: the next connect relayed).
+                    self._port_spent = False
+                    await self.announce(new_port=True)
+                elif self._predictable_symmetric() and stale(self._tracker, time.time()):
                     await self.announce()   # the prediction needs our latest mapping
                 async with self._announcing:    # a port rotation in flight ends first
                     ports, candidates = self._lane_ends(), self._candidates()
+                sent = True
                 instr = await self._signal.connect(target, candidates, self._all_profiles())
+                sent = False            # from here on the session rotates the port itself
                 conn = await self._run_session(instr, report, ports, chosen)
                 if conn.route is Route.RELAY:   # Connection.upgrade(): direct steps only
                     conn.upgrader = functools.partial(self.connect, target, timeout=timeout,
@@ -265,6 +275,8 @@ class Peer(Announcing, Service):
             if report.ended is None:
                 report.fail(exc)
             raise
+        finally:
+            self._port_spent = self._port_spent or sent
 
     async def accept(self) -> Connection:
         """The next connection another peer made to us."""

@@ -185,6 +185,11 @@ async def _race(punch: Awaitable[PunchResult], secure: Callable[[PunchResult], A
             task.cancel()
         if route is not Route.DIRECT:      # its connection, if it comes, is not used
             direct.add_done_callback(close_late_result)
+            if route is None or not initiator:
+                # No path (the session was aborted or failed), or the responder on the
+                # relay: nobody waits for a late direct connection, and the punch's sockets
+                # on our punch port took the next session's connection (#12).
+                direct.cancel()
         if join is not None and route is not Route.RELAY:
             join.cancel()
             join.add_done_callback(_close_streams)

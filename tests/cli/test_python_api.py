@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 
 import pyholepunch
+from pyholepunch.report import Route
 from pyholepunch.security import Streams, certificate_for, secure_stream
 from pyholepunch.serve import Rendezvous
 
@@ -215,17 +216,12 @@ async def test_cancelled_tls_leaves_nothing_pending(caplog: pytest.LogCaptureFix
 async def test_cancelled_connects_cost_the_next_one_nothing(rendezvous: Rendezvous, tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     """connect() cancelled at a dozen points (signaling, punch, TLS, confirmation): the next
-    connect succeeds as quickly as the first, and no TLS task is left pending.
+    connect succeeds as quickly as the first, directly, and no TLS task is left pending.
 
-    (Its route is not asserted: cancelled inside the punch, the responder's aborted session can
-    still hold a socket on its punch port when the next session starts there, and the next
-    direct connection may land on it and be dropped, so that one goes through the relay, as
-    quickly. That is the punch layer's to close: punch._run_group leaves the step tasks of an
-    abandoned group running (engine calls are submitted up to SUBMIT_AHEAD before the start,
-    so an aborted session's simultaneous open binds and listens on the port even when the
-    abort came first), and the responder starts the next session without waiting for the
-    last one's sockets. The signaling half is done: a connect given up before its PUNCH
-    aborts the other side at once, and server frames are not held by Nagle.)"""
+    (The next one used to go through the relay now and then: the initiator reused the port
+    its given-up CONNECT had announced, and the responder's aborted session kept punching
+    there -- its relay race left the punch running, and an abandoned step group left its
+    engine calls running -- so the new connection met the old session's sockets.)"""
     caplog.set_level(logging.ERROR, logger="asyncio")
     async with _peer(rendezvous, tmp_path, "bob") as bob, _peer(rendezvous, tmp_path, "alice") as alice:
         async def drain() -> None:
@@ -248,6 +244,7 @@ async def test_cancelled_connects_cost_the_next_one_nothing(rendezvous: Rendezvo
             took = time.monotonic() - t
             await conn.close()
             assert took < max(0.5, 5 * first), (i, conn.route, took, first)
+            assert conn.route is Route.DIRECT, (i, conn.report.relay_reason)
         assert cancelled >= 3
         acceptor.cancel()
         await asyncio.gather(acceptor, return_exceptions=True)
