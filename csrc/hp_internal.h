@@ -40,7 +40,8 @@ int hp_sock_set_ttl(int fd, int ttl);
 /* The connected peer of fd into *out; -errno. */
 int hp_sock_peer(int fd, hp_addr_t *out);
 
-int hp_sock_set_blocking(int fd);
+/* A punch's winner goes to the caller: blocking again; on failure it is closed. 0 or -errno. */
+int hp_sock_hand_over(int fd);
 
 /* Close fd keeping errno intact; fd < 0 is ignored. */
 void hp_close(int fd);

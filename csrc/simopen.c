@@ -228,11 +228,9 @@ static int hp_simopen_take(hp_simopen_state_t *s, int fd, int accepted, int *out
         epoll_ctl(s->ep, EPOLL_CTL_DEL, fd, NULL);
         s->cfd = -1;
     }
-    rc = hp_sock_set_blocking(fd);
-    if (rc < 0) {
-        hp_close(fd);
+    rc = hp_sock_hand_over(fd);
+    if (rc < 0)
         return rc;
-    }
     hp_simopen_win(s, fd, accepted);
     *out_fd = fd;
     return 1;

@@ -197,11 +197,14 @@ int hp_sock_set_ttl(int fd, int ttl)
     return setsockopt(fd, IPPROTO_IP, IP_TTL, &ttl, sizeof(ttl)) < 0 ? -errno : 0;
 }
 
-int hp_sock_set_blocking(int fd)
+int hp_sock_hand_over(int fd)
 {
     int fl = fcntl(fd, F_GETFL);
-    if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0)
-        return -errno;
+    if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0) {
+        int rc = -errno;
+        hp_close(fd);
+        return rc;
+    }
     return 0;
 }
 

@@ -384,11 +384,9 @@ int hp_sweep_step(hp_sweep_state_t *s, int64_t now, int *out_fd, int64_t *wake_n
             return rc;
     }
     if (winner >= 0) {
-        rc = hp_sock_set_blocking(winner);
-        if (rc < 0) {
-            hp_close(winner);
+        rc = hp_sock_hand_over(winner);
+        if (rc < 0)
             return rc;
-        }
         hp_sweep_win(s, winner);
         *out_fd = winner;
         return 1;

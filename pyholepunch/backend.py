@@ -254,15 +254,9 @@ class Punch(Service):
         report.local_nat = self.tcp_profile.to_dict()
         self.last_report = report
         try:
-            async with asyncio.timeout(timeout):
-                return await self._session(session, role, initiator, responder, t, report)
-        except TimeoutError as exc:
-            report.fail(f"connect to {t.name} took longer than {timeout} s")
-            raise TimeoutError(report.error) from exc
-        except BaseException as exc:
-            if report.ended is None:
-                report.fail(exc)
-            raise
+            with report.failing(f"connect to {t.name}", timeout):
+                async with asyncio.timeout(timeout):
+                    return await self._session(session, role, initiator, responder, t, report)
         finally:
             await self._release_turn()     # a held allocation lives on in its holder task
 

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -25,6 +25,18 @@ from .errors import StateError
 from .report import ConnectionReport, Route, parse_route
 
 log = logging.getLogger(__name__)
+
+
+async def both_ways(there: Coroutine[Any, Any, None], back: Coroutine[Any, Any, None]) -> None:
+    """Run the two directions of a copy between a connection and another stream until either
+    ends (EOF or an error), then stop the other: one half-closed side ends the bridge."""
+    tasks = [asyncio.ensure_future(there), asyncio.ensure_future(back)]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass(frozen=True)

@@ -249,32 +249,26 @@ class Peer(Announcing, Service):
         self.last_report = report
         sent = False
         try:
-            async with asyncio.timeout(timeout):
-                if self._port_spent:
-                    # The last connect was given up after its CONNECT: the peer may still
-                    # punch at the port it announced; the same 4-tuple again met that
-                    # session's sockets (#12: the next connect relayed).
-                    self._port_spent = False
-                    await self.announce(new_port=True)
-                elif self._predictable_symmetric() and stale(self._tracker, time.time()):
-                    await self.announce()   # the prediction needs our latest mapping
-                async with self._announcing:    # a port rotation in flight ends first
-                    ports, candidates = self._lane_ends(), self._candidates()
-                sent = True
-                instr = await self._signal.connect(target, candidates, self._all_profiles())
-                sent = False            # from here on the session rotates the port itself
-                conn = await self._run_session(instr, report, ports, chosen)
-                if conn.route is Route.RELAY:   # Connection.upgrade(): direct steps only
-                    conn.upgrader = functools.partial(self.connect, target, timeout=timeout,
-                                                      strategies=DIRECT_KINDS)
-                return conn
-        except TimeoutError as exc:
-            report.fail(f"connect to {target} took longer than {timeout} s", timed_out=True)
-            raise TimeoutError(report.error) from exc
-        except BaseException as exc:
-            if report.ended is None:
-                report.fail(exc)
-            raise
+            with report.failing(f"connect to {target}", timeout):
+                async with asyncio.timeout(timeout):
+                    if self._port_spent:
+                        # The last connect was given up after its CONNECT: the peer may still
+                        # punch at the port it announced; the same 4-tuple again met that
+                        # session's sockets (#12: the next connect relayed).
+                        self._port_spent = False
+                        await self.announce(new_port=True)
+                    elif self._predictable_symmetric() and stale(self._tracker, time.time()):
+                        await self.announce()   # the prediction needs our latest mapping
+                    async with self._announcing:    # a port rotation in flight ends first
+                        ports, candidates = self._lane_ends(), self._candidates()
+                    sent = True
+                    instr = await self._signal.connect(target, candidates, self._all_profiles())
+                    sent = False            # from here on the session rotates the port itself
+                    conn = await self._run_session(instr, report, ports, chosen)
+                    if conn.route is Route.RELAY:   # Connection.upgrade(): direct steps only
+                        conn.upgrader = functools.partial(self.connect, target, timeout=timeout,
+                                                          strategies=DIRECT_KINDS)
+                    return conn
         finally:
             self._port_spent = self._port_spent or sent
 

@@ -71,7 +71,7 @@ class Lane:
 
 
 @dataclass
-class Punch:
+class PunchRun:
     """One role's execution of ``plan`` (direct steps only).
 
     ``local_ip``/``local_port``/``peer`` are the IPv4 ends (and those of a one-family plan);
@@ -98,7 +98,7 @@ class Punch:
     def for_session(cls, engine: Engine, plan: Plan, role: str, start_at: float,
                     ends: dict[str, Address], peer_candidates: Sequence[Candidate],
                     peer_profiles: Sequence[dict[str, Any]], report: ConnectionReport,
-                    secure: Secure | None = None) -> Punch:
+                    secure: Secure | None = None) -> PunchRun:
         """A session's punch: per family of the plan, our (local ip, punch port) from
         ``ends`` and the peer's candidates (and router mapping) of that family."""
         profiles = [NatProfile.from_dict(p) for p in peer_profiles]

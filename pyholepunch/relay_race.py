@@ -34,7 +34,7 @@ from typing import Any
 
 from .engine import PunchResult
 from .errors import PunchError, RelayError
-from .punch import Punch, close_late_result
+from .punch import PunchRun, close_late_result
 from .report import ConnectionReport, Route
 from .signal.machine import MAX_SPREAD_MARGIN
 
@@ -87,7 +87,7 @@ DIRECT_RTTS = 8         # round trips: a late start (a lost signaling segment co
 LATE_SPREADS = 2        # and this many RTT spreads more: the peer's PUNCH may come that late
 
 
-async def direct_or_relay(*, punch: Punch, secure: Callable[[PunchResult], Awaitable[Streams]],
+async def direct_or_relay(*, punch: PunchRun, secure: Callable[[PunchResult], Awaitable[Streams]],
                           join_relay: Callable[[], Awaitable[Streams]],
                           relay_tls: Callable[[Streams], Awaitable[Streams]],
                           initiator: bool, start_at: float, report: ConnectionReport,

@@ -18,7 +18,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -281,6 +282,22 @@ class ConnectionReport:
                 self.step_finished(record, Outcome.ERROR, at=end, error="attempt abandoned")
         self.emit("failed", {"error": self.error, "failed_step": self.failed_step,
                              "advice": self.advice})
+
+    @contextmanager
+    def failing(self, what: str, timeout: float) -> Iterator[None]:
+        """Record how a connect attempt inside ended, if it failed: one policy for every
+        front (Peer.connect, Punch.connect). A TimeoutError becomes "``what`` took longer
+        than ``timeout`` s" (the report's error, re-raised); any other error is recorded
+        unless a step already ended the report."""
+        try:
+            yield
+        except TimeoutError as exc:
+            self.fail(f"{what} took longer than {timeout} s", timed_out=True)
+            raise TimeoutError(self.error) from exc
+        except BaseException as exc:
+            if self.ended is None:
+                self.fail(exc)
+            raise
 
     def _failure(self, error: str | BaseException, step: str, timed_out: bool) -> tuple[str, str]:
         # errors.py names are matched by class name: the report stays plain data (no import

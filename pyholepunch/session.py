@@ -21,7 +21,7 @@ from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .engine import Engine, PunchResult
 from .errors import PunchError, StrategyError
 from .identity import Identity
-from .punch import Punch
+from .punch import PunchRun
 from .punch_sequential import SequentialSide
 from .relay_race import direct_or_relay, punch_or_grant
 from .report import ConnectionReport, Route
@@ -126,7 +126,7 @@ async def punch_or_relay(end: SessionEnd, *, plan: Plan, role: str, start_at: fl
         try:
             def secure(won: PunchResult) -> Awaitable[Streams]:
                 return tls(won.sock)
-            punch = Punch.for_session(end.engine, plan, role, start_at, ends, peer.candidates,
+            punch = PunchRun.for_session(end.engine, plan, role, start_at, ends, peer.candidates,
                                       peer.profiles, report, secure)
             punch.rtt, punch.nat_hops, punch.sequential = end.rtt, end.nat_hops, end.sequential
             if relay_on:    # the relay ready alongside

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from .address import Address
 from .backend import Punch
-from .connection import Connection
+from .connection import Connection, both_ways
 from .report import ConnectionReport, Route
 
 log = logging.getLogger(__name__)
@@ -133,14 +133,9 @@ async def _pump(conn: Connection, inner: socket.socket, punch: Punch,
                 dst.write(data)
                 await dst.drain()
 
-        tasks = [asyncio.ensure_future(copy(conn.reader, writer)),
-                 asyncio.ensure_future(copy(reader, conn.writer))]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await both_ways(copy(conn.reader, writer), copy(reader, conn.writer))
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             writer.close()
     except Exception as exc:     # the connection broke: the user's socket sees it closed
         log.info("sync connection to %s ended: %s", conn.peer_id, exc)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from ..connection import both_ways
 from ..errors import ApiError
 from .registry import Named
 
@@ -90,13 +91,7 @@ class Streams:
                 item.received += len(data)
                 self.api.metrics.bytes.labels("in").inc(len(data))
 
-        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await both_ways(up(), down())
         return resp
 
     async def events_stream(self, request: web.Request) -> web.StreamResponse:

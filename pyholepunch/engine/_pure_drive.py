@@ -22,7 +22,9 @@ from ._base import PunchResult
 from ._pure_clock import wait_until
 
 
-class Punch(Protocol):
+class Driven(Protocol):
+    """A punch the pure driver steps: a simultaneous open or a sweep."""
+
     start: float
     sel: selectors.BaseSelector
 
@@ -33,7 +35,7 @@ class Punch(Protocol):
     def outcome(self, winner: socket.socket | None) -> PunchResult: ...
 
 
-def _advance(punch: Punch, ready: Iterable[Any]) -> tuple[socket.socket | None, float | None]:
+def _advance(punch: Driven, ready: Iterable[Any]) -> tuple[socket.socket | None, float | None]:
     """The step both drivers take: hand the ``ready`` file objects to ``punch`` until one wins,
     else tick it. The winner (or None) and how long to wait for sockets next (None: over)."""
     for fileobj in ready:
@@ -44,7 +46,7 @@ def _advance(punch: Punch, ready: Iterable[Any]) -> tuple[socket.socket | None, 
     return None, None if wake is None else max(0.0, wake - time.time())
 
 
-def run(punch: Punch) -> PunchResult:
+def run(punch: Driven) -> PunchResult:
     """Drive ``punch`` to its end in this thread (blocking in select/sleep)."""
     winner: socket.socket | None = None
     try:
@@ -125,7 +127,7 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-async def run_async(punch: Punch) -> PunchResult:
+async def run_async(punch: Driven) -> PunchResult:
     """Drive ``punch`` on the running loop (``punch.sel`` is a LoopSelector). Cancelling
     the awaiting task closes every socket of the punch before CancelledError propagates."""
     sel = punch.sel

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pyholepunch import engine as engine_mod
-from pyholepunch.punch import Punch, PunchTarget
+from pyholepunch.punch import PunchRun, PunchTarget
 from pyholepunch.report import ConnectionReport
 from pyholepunch.strategy import Action, Plan, RoleInstruction, Step, StepKind
 
@@ -59,7 +59,7 @@ def closed_by_peer(sock: socket.socket) -> bool:
 async def test_a_group_returns_one_connection_and_closes_the_others(engine: str) -> None:
     with socket.create_server(("127.0.0.1", 0), backlog=8) as listener:
         port = listener.getsockname()[1]
-        punch = Punch(engine_mod.get(engine), group_of_connects(3), "initiator",
+        punch = PunchRun(engine_mod.get(engine), group_of_connects(3), "initiator",
                       time.time() + 0.05, 0, PunchTarget("127.0.0.1", port),
                       ConnectionReport(role="initiator"), local_ip="127.0.0.1")
         result = await punch.run()
@@ -102,7 +102,7 @@ async def test_an_abandoned_group_lets_go_of_its_sockets(engine: str) -> None:
         plan = Plan(tuple(Step(StepKind.DIRECT, 4.0, "test", RoleInstruction(Action.CONNECT),
                                RoleInstruction(Action.LISTEN), parallel=1) for _ in range(2)),
                     "test")
-        punch = Punch(engine_mod.get(engine), plan, "initiator", time.time() + 0.05, 0,
+        punch = PunchRun(engine_mod.get(engine), plan, "initiator", time.time() + 0.05, 0,
                       PunchTarget("127.0.0.1", port), ConnectionReport(role="initiator"),
                       local_ip="127.0.0.1")
         task = asyncio.ensure_future(punch.run())
