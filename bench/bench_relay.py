@@ -241,11 +241,13 @@ def test_relay_latency(benchmark: Any, bench_report: Any, name: str) -> None:
 
 
 def test_relay_movers_interleaved(bench_report: Any) -> None:
-    """The choice of the native mover, made fair on a shared machine: copy, splice and the
-    pure pump (and direct loopback) take turns, round after round, each moving SIZE bytes;
-    medians of throughput and of CPU per GiB. (The per-path throughput tests above run one
-    path after the other, so a neighbour's burst can favour whichever ran in a quiet spell.)"""
-    names = ["direct", "native", "native-splice", "pure"]
+    """The choice of the native mover and the ratio to coturn, made fair on a shared machine:
+    copy, splice, the pure pump, coturn (and direct loopback) take turns, round after round,
+    each moving SIZE bytes; medians of throughput and of CPU per GiB. (The per-path
+    throughput tests above run one path after the other, so a neighbour's burst can favour
+    whichever ran in a quiet spell: one such run put native at 6.9 x coturn, the interleaved
+    medians of the same session at 11.7 x.)"""
+    names = PATHS
     got: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     gib = SIZE / (1 << 30)
     for rnd in range(REPEATS * 2):
@@ -261,8 +263,11 @@ def test_relay_movers_interleaved(bench_report: Any) -> None:
         out[f"{n}_mb_s"] = round(mb_s, 1)
         out[f"{n}_cpu_s_per_gib"] = round(cpu, 3)
     relay_cpu = {n: max(med[n][1] - med["direct"][1], 1e-9) for n in names[1:]}
+    pumps = {n: c for n, c in relay_cpu.items() if n != "coturn"}
     out["copy_over_splice_mb_s"] = round(med["native"][0] / med["native-splice"][0], 3)
-    out["native_relay_cpu_vs_cheapest_pump"] = round(relay_cpu["native"] / min(relay_cpu.values()), 3)
+    out["native_relay_cpu_vs_cheapest_pump"] = round(pumps["native"] / min(pumps.values()), 3)
+    out["native_vs_coturn"] = round(med["native"][0] / med["coturn"][0], 3)
+    out["pure_vs_coturn"] = round(med["pure"][0] / med["coturn"][0], 3)
     bench_report.record(GROUP, "movers_interleaved", rounds=REPEATS * 2, bytes=SIZE, **out)
 
 
@@ -293,9 +298,10 @@ def test_relay_ratios(bench_report: Any) -> None:
                                                  "throughput_coturn")
     out["pure_vs_coturn"] = bench_report.ratio(GROUP, "mb_s", "throughput_pure", "throughput_coturn")
     rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
-    # The CPU comparison between pumps is taken from the interleaved run when there is one.
-    cpu_ratio = g.get("movers_interleaved", {}).get("native_relay_cpu_vs_cheapest_pump",
-                                                    out.get("native_cpu_vs_cheapest_pump"))
-    bench_report.record(GROUP, "ratios", **rounded,
-                        target_met=(out["native_vs_coturn"] or 0) >= 8.0
+    # The targets are judged on the interleaved medians when there are some (fair on a
+    # shared machine), else on the best runs above.
+    fair = g.get("movers_interleaved", {})
+    cpu_ratio = fair.get("native_relay_cpu_vs_cheapest_pump", out.get("native_cpu_vs_cheapest_pump"))
+    speed_ratio = fair.get("native_vs_coturn", out["native_vs_coturn"])
+    bench_report.record(GROUP, "ratios", **rounded, target_met=(speed_ratio or 0) >= 8.0
                         and (cpu_ratio or 1e9) <= 1.2)
