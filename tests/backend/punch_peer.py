@@ -45,21 +45,25 @@ async def _run(job: PunchJob) -> dict[str, Any]:
                                  clock=lambda: time.time() + job.clock_skew) as punch:
         out["peer_id"], out["nat"] = punch.peer_id, punch.tcp_profile.to_dict()
 
-        async def theirs_now() -> bytes:
+        async def theirs_now() -> tuple[bytes, float]:
+            """Their message, and when it arrived (our Punch's clock): the file's time, as
+            an app stamps a message on arrival — we may have been busy (classifying) then,
+            and a late stamp would count as channel delay one way only."""
             path = Path(job.their_offer_file)
             while not path.exists():
                 await asyncio.sleep(0.01)
-            return path.read_bytes()
+            return path.read_bytes(), path.stat().st_mtime + punch.clock() - time.time()
 
-        theirs = await theirs_now() if job.answer else None
-        mine = await punch.offer(strategies=job.strategies, reply_to=theirs)
+        theirs, received = await theirs_now() if job.answer else (None, None)
+        mine = await punch.offer(strategies=job.strategies, reply_to=theirs, received=received)
         tmp = Path(job.offer_file + ".tmp")
         tmp.write_bytes(mine)
         os.rename(tmp, job.offer_file)
-        theirs = theirs or await theirs_now()
+        if theirs is None:
+            theirs, received = await theirs_now()
         t0 = time.monotonic()
         try:
-            conn = await punch.connect(theirs, timeout=job.timeout)
+            conn = await punch.connect(theirs, timeout=job.timeout, received=received)
         except Exception as exc:   # noqa: BLE001 - what the application would see, for the test
             out.update(ok=False, error=f"{type(exc).__name__}: {exc}",
                        report=punch.last_report.to_dict() if punch.last_report else None)
