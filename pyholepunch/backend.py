@@ -39,7 +39,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from . import engine as engine_mod
@@ -69,7 +69,7 @@ from .relay.turn import TurnClient, accept_relayed, offer_relayed
 from .relay_step import hold_allocation, parse_turn_relay, turn_credentials
 from .report import ConnectionReport
 from .security import Streams, certificate_for
-from .session import SessionEnd, check_strategies, punch_or_relay, restrict_plan
+from .session import JoinRelay, SessionEnd, check_strategies, punch_or_relay, restrict_plan
 from .signal.protocol import NAME_RE
 from .strategy import plan_race
 from .strategy.candidates import FAMILIES, family_name
@@ -252,8 +252,9 @@ class Punch(Service):
     # -- connecting --------------------------------------------------------------------------
     async def connect(self, theirs: bytes, *, peer_id: str | None = None,
                       timeout: float = 15.0, received: float | None = None) -> Connection:
-        """The connection to the sender of ``theirs`` (direct if possible, else through the
-        TURN relay when the initiator brought one), TLS 1.3 pinned to its certificate.
+        """The connection to the sender of ``theirs`` (direct if possible, else through a
+        relay: the built-in one both offers bring, or a TURN allocation of either side), TLS
+        1.3 pinned to its certificate.
 
         ``peer_id``: refuse (AuthenticationError) an offer from anyone else — the app's
         channel may not be trusted to say who sent it. ``received``: when ``theirs`` arrived
@@ -314,11 +315,11 @@ class Punch(Service):
             log.warning("[%s] the agreed start passed %.3f s ago: the offers took longer than "
                         "lead=%g s to arrive; punching late", session, time.time() - start_at,
                         self.lead)
-        join: Callable[[bool], Any] | None = None
+        join: JoinRelay | None = None
         if hub is not None:
             key = session_key((initiator.nonce, responder.nonce))
 
-            def join(initiator: bool) -> Any:
+            def join(initiator: bool) -> Awaitable[Streams]:
                 return join_hub(hub, key, initiator, now=self.clock(), timeout=RELAY_TIMEOUT)
         elif holder is not None and holder.relayed is not None:
             if holder is not peer:
@@ -326,7 +327,7 @@ class Punch(Service):
             else:
                 relayed = holder.relayed
 
-                def join(initiator: bool) -> Any:
+                def join(initiator: bool) -> Awaitable[Streams]:
                     return dial_relayed(relayed, RELAY_TIMEOUT)
         pp = self.ports[self._primary]
         end = SessionEnd(self.identity, self.engine, self.insecure_plain, self.keepalive,
