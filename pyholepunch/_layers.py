@@ -42,7 +42,8 @@ PARTS: tuple[Part, ...] = (
          "built-in hub and client, TURN client"),
     Part("Core", ("peer", "announce", "punch", "punch_mapping", "punch_passive", "punch_sequential",
                   "punchport", "race",
-                  "relay_race", "relay_step", "session", "offer", "backend", "connection",
+                  "relay_race", "relay_step", "session", "offer", "offer_clock", "backend",
+                  "backend_relay", "connection",
                   "security", "report", "metrics"),
          ("Engine", "Stun", "Nat", "Portmap", "Strategy", "Signal", "Relay"),
          "the peer, the punch session (server-led or offer-led), the punch and relay steps, "

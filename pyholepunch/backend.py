@@ -3,27 +3,35 @@
 ::
 
     async with pyholepunch.Punch(stun="host:port") as punch:
-        mine = await punch.offer()            # send it to the other side over your channel
-        conn = await punch.connect(theirs)    # theirs: the other side's offer
+        mine = await punch.offer()                     # the offerer: send it over your channel
+        conn = await punch.connect(answer)             # the answer that came back
+
+    async with pyholepunch.Punch(stun="host:port") as punch:
+        answer = await punch.offer(reply_to=theirs)    # the answerer: reply to their offer
+        conn = await punch.connect(theirs)
 
 ``start`` classifies our NAT against the app's STUN server (ours, coturn, any RFC 5389/5780
 server) and keeps a punch port per address family. ``offer`` learns what that port maps to
 now and returns the signed offer (offer.py). ``connect`` verifies the other side's offer and
 derives everything from the two offers alone, identically on both sides: the roles (the
 lower peer id initiates), the plan (strategy.plan_race over both offers' profiles and
-candidates, restricted to the step kinds both offers allow), the start (the later of the
-two offers' proposed starts, each ``lead`` seconds after its creation: the app's channel
-must deliver within that, and both clocks must agree as NTP keeps them — STUN carries no
-time, so nothing measures the offset between two peers that never met a common server of
-ours). From there the session runs the one punch path Peer runs too (session.py).
+candidates, restricted to the step kinds both offers allow), the start (offer_clock.py: an
+answer's start, which the offerer converts into its own clock with the offset measured over
+the offer/answer exchange itself — NTP's four timestamps — so the two wall clocks need not
+agree; two offers made independently fall back to the later of their proposed starts, which
+relies on NTP-synced clocks, and the report says so). Each offer proposes to start ``lead``
+seconds after its creation: the app's channel must deliver within that. From there the
+session runs the one punch path Peer runs too (session.py).
 
-Relay: ``relay="turn:HOST:PORT"`` with credentials allocates on the TURN server at
-``offer()`` and puts the relayed address into the offer. The session uses one allocation,
-the initiator's, else the responder's: its owner permits the other side's addresses and
-accepts its connection, the other side dials the relayed address with plain TCP (no
-credentials needed). ``relay=None``: no relay, and a
-pair without a direct path fails with PunchError (the report in ``punch.last_report``). The
-built-in relay is not offered here: its tokens are issued by the rendezvous server (Peer).
+Relay (backend_relay.py): ``relay="hp:HOST:PORT"`` with ``relay_secret``: the built-in relay
+of a ``pyholepunch serve --relay-secret`` run by the app's operator, each side minting its
+own single-use token for the session (used when both offers bring it).
+``relay="turn:HOST:PORT"`` with credentials allocates on the TURN server at ``offer()`` and
+puts the relayed address into the offer; the session uses one allocation, the initiator's,
+else the responder's: its owner permits the other side's addresses and accepts its
+connection, the other side dials the relayed address with plain TCP (no credentials needed).
+``relay=None``: no relay, and a pair without a direct path fails with PunchError (the report
+in ``punch.last_report``).
 """
 from __future__ import annotations
 
@@ -31,12 +39,13 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from . import engine as engine_mod
 from ._service import Service
 from .address import Address, ip_of, parse_address, route_source
+from .backend_relay import close_quietly, dial_relayed, join_hub, parse_relay, shared_hub
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .errors import (
     AuthenticationError,
@@ -52,13 +61,15 @@ from .nat.classify import classify_nat
 from .nat.hops import nat_hops
 from .nat.profile import Family, NatProfile
 from .offer import MAX_AGE, Offer, encode_offer, parse_offer
+from .offer_clock import agree_start
 from .punch_sequential import AllocationTracker, sequential_side, tracker_for
 from .punchport import PunchPort, candidates, classify_family, probe, reserve_port
-from .relay.turn import TurnClient, accept_relayed, connect_relayed, offer_relayed
+from .relay.minted import session_key
+from .relay.turn import TurnClient, accept_relayed, offer_relayed
 from .relay_step import hold_allocation, parse_turn_relay, turn_credentials
 from .report import ConnectionReport
 from .security import Streams, certificate_for
-from .session import SessionEnd, check_strategies, punch_or_relay, restrict_plan
+from .session import JoinRelay, SessionEnd, check_strategies, punch_or_relay, restrict_plan
 from .signal.protocol import NAME_RE
 from .strategy import plan_race
 from .strategy.candidates import FAMILIES, family_name
@@ -68,15 +79,14 @@ log = logging.getLogger(__name__)
 DEFAULT_LEAD = 1.0          # s from an offer's creation to its proposed start
 RELAY_TIMEOUT = 10.0
 START_AHEAD = 0.1           # s before the agreed start the session (and its report) begins
-DIAL_RETRY = 0.2            # s between a responder's dials of the TURN relayed address
 
 
 class Punch(Service):
     """One side of an offer/answer punch session (see the module docstring)."""
 
     def __init__(self, stun: str | Address, *, identity: Identity | None = None,
-                 relay: str | None = None, name: str | None = None,
-                 turn_user: str | None = None, turn_password: str | None = None,
+                 relay: str | None = None, relay_secret: str | bytes | None = None,
+                 name: str | None = None, turn_user: str | None = None, turn_password: str | None = None,
                  turn_secret: str | None = None, engine: str | engine_mod.Engine | None = None,
                  lead: float = DEFAULT_LEAD, max_age: float = MAX_AGE,
                  families: Sequence[str] | None = None, insecure_plain: bool = False,
@@ -88,8 +98,8 @@ class Punch(Service):
         if not NAME_RE.fullmatch(self.name):
             raise ValueError(f"a name is 1-64 of A-Z a-z 0-9 . _ @ - (starting with a letter or "
                              f"digit), got {self.name!r:.70}")
-        if relay is not None:
-            parse_turn_relay(relay)     # AddressError (a ValueError) naming the form
+        # AddressError / ValueError naming the forms; the built-in relay's secret, checked
+        self._hub = parse_relay(relay, relay_secret)
         self.relay = relay
         self.turn = (turn_user, turn_password, turn_secret)
         self.engine = engine if isinstance(engine, engine_mod.Engine) else engine_mod.get(engine)
@@ -189,11 +199,20 @@ class Punch(Service):
         pp.other_family = result.other_family or pp.other_family
 
     # -- the offer ---------------------------------------------------------------------------
-    async def offer(self, *, strategies: Sequence[str] | None = None) -> bytes:
+    async def offer(self, *, strategies: Sequence[str] | None = None,
+                    reply_to: bytes | None = None, received: float | None = None) -> bytes:
         """Our signed offer, to send to the other side over the app's channel.
 
         ``strategies``: the step kinds this side allows (see Peer.connect); the session uses
-        the kinds both offers allow. Each offer is good for one ``connect``."""
+        the kinds both offers allow. ``reply_to``: the other side's offer, just received: ours
+        is then its *answer* (it says when we got theirs), which lets both sides agree on the
+        start whatever their clocks say (offer_clock.py); then ``connect(theirs)``. Call it as
+        their offer arrives, or give ``received``: when it did, in ``self.clock()`` terms (the
+        measurement counts any wait before as channel delay). Each offer is good for one
+        ``connect``."""
+        if received is None:
+            received = self.clock()        # t2: when the app handed us their offer
+        answering = self.check(reply_to) if reply_to is not None else None
         chosen = check_strategies(strategies)
         if not self.ports:
             raise StateError("Punch is not started (use `async with Punch(...)`)")
@@ -205,12 +224,14 @@ class Punch(Service):
                     raise
                 log.info("%s punch port: no STUN answer; offering the previous mapping", fam)
         self._fresh_port = False
-        relayed = await self._allocate() if self.relay else None
+        relayed = await self._allocate() if self.relay and self._hub is None else None
         created = self.clock()
         self._mine = encode_offer(
             self.identity, self.cert, name=self.name, created=created, start=created + self.lead,
             rtt=self.rtt or 0.0, profiles=self._profiles(), candidates=candidates(self.ports),
-            strategies=chosen, relayed=relayed)
+            strategies=chosen, relayed=relayed,
+            reply_to=(answering.nonce, received) if answering is not None else None,
+            hub=(self._hub.at, self._hub.kid) if self._hub is not None else None)
         return self._mine
 
     def _profiles(self) -> list[NatProfile]:
@@ -230,12 +251,15 @@ class Punch(Service):
 
     # -- connecting --------------------------------------------------------------------------
     async def connect(self, theirs: bytes, *, peer_id: str | None = None,
-                      timeout: float = 15.0) -> Connection:
-        """The connection to the sender of ``theirs`` (direct if possible, else through the
-        TURN relay when the initiator brought one), TLS 1.3 pinned to its certificate.
+                      timeout: float = 15.0, received: float | None = None) -> Connection:
+        """The connection to the sender of ``theirs`` (direct if possible, else through a
+        relay: the built-in one both offers bring, or a TURN allocation of either side), TLS
+        1.3 pinned to its certificate.
 
         ``peer_id``: refuse (AuthenticationError) an offer from anyone else — the app's
-        channel may not be trusted to say who sent it."""
+        channel may not be trusted to say who sent it. ``received``: when ``theirs`` arrived
+        (``self.clock()`` terms; default now), as for ``offer``."""
+        entered = self.clock() if received is None else received    # t4 for an answer
         if self._mine is None:
             raise StateError("call offer() first: connect() pairs our latest offer with theirs")
         t = self.check(theirs)
@@ -243,6 +267,7 @@ class Punch(Service):
             raise AuthenticationError(f"the offer is from peer {t.peer_id}, not {peer_id}")
         mine = parse_offer(self._mine, now=self.clock(), max_age=self.max_age,
                            allow_loopback=True)
+        agreed = agree_start(mine, t, entered=entered)      # OfferError: a mismatched answer
         now = self.clock()
         self._used = {n: c for n, c in self._used.items() if now - c <= self.max_age}
         self._used[t.nonce] = t.created
@@ -250,45 +275,54 @@ class Punch(Service):
         role = "initiator" if mine.peer_id < t.peer_id else "responder"
         initiator, responder = (mine, t) if role == "initiator" else (t, mine)
         session = hashlib.sha256(b"".join(sorted((mine.nonce, t.nonce)))).hexdigest()[:16]
-        report = ConnectionReport(role=role, started=time.time())
+        report = ConnectionReport(role=role, started=time.time(), start_sync=agreed.to_dict())
+        log.log(logging.INFO if agreed.method != "wall-clocks" else logging.WARNING,
+                "[%s] start: %s", session, agreed.describe())
         report.local_nat = self.tcp_profile.to_dict()
         self.last_report = report
         try:
             with report.failing(f"connect to {t.name}", timeout):
                 async with asyncio.timeout(timeout):
-                    return await self._session(session, role, initiator, responder, t, report)
+                    return await self._session(session, role, initiator, responder, t, report,
+                                               agreed.start)
         finally:
             await self._release_turn()     # a held allocation lives on in its holder task
 
     async def _session(self, session: str, role: str, initiator: Offer, responder: Offer,
-                       peer: Offer, report: ConnectionReport) -> Connection:
+                       peer: Offer, report: ConnectionReport, start: float) -> Connection:
         both = [s for s in (initiator.strategies, responder.strategies) if s is not None]
         kinds = [k for k in both[0] if all(k in s for s in both)] if both else None
         if kinds is not None and not kinds:
             raise StrategyError(f"the two offers allow no step kind in common "
                                 f"({', '.join(both[0])} / {', '.join(both[-1])})")
-        # The relay: the initiator's TURN allocation, else the responder's, else none.
-        holder = initiator if initiator.relayed is not None else \
+        # The relay: the built-in one when both bring it, else the initiator's TURN
+        # allocation, else the responder's, else none.
+        hub = shared_hub(self._hub, initiator, responder, session)
+        holder = None if hub is not None else initiator if initiator.relayed is not None else \
             responder if responder.relayed is not None else None
         plan = plan_race(initiator.nat_profiles, responder.nat_profiles, initiator.candidates,
                          responder.candidates, rtt=max(initiator.rtt, responder.rtt, 0.01),
-                         relay=holder is not None)
+                         relay=hub is not None or holder is not None)
         plan = restrict_plan(plan, kinds, keep_slots=False)
-        start = max(initiator.start, responder.start)
         start_at = start - (self.clock() - time.time())        # into the engine's clock
         if start_at < time.time():
             log.warning("[%s] the agreed start passed %.3f s ago: the offers took longer than "
                         "lead=%g s to arrive; punching late", session, time.time() - start_at,
                         self.lead)
-        join = None
-        if holder is not None and holder.relayed is not None:
+        join: JoinRelay | None = None
+        if hub is not None:
+            key = session_key((initiator.nonce, responder.nonce))
+
+            def join(initiator: bool) -> Awaitable[Streams]:
+                return join_hub(hub, key, initiator, now=self.clock(), timeout=RELAY_TIMEOUT)
+        elif holder is not None and holder.relayed is not None:
             if holder is not peer:
                 join = await self._permit(session, peer)
             else:
                 relayed = holder.relayed
 
-                async def join(initiator: bool) -> Streams:
-                    return await _dial_relayed(relayed, RELAY_TIMEOUT)
+                def join(initiator: bool) -> Awaitable[Streams]:
+                    return dial_relayed(relayed, RELAY_TIMEOUT)
         pp = self.ports[self._primary]
         end = SessionEnd(self.identity, self.engine, self.insecure_plain, self.keepalive,
                          rtt=self.rtt, nat_hops=self.nat_hops, sequential=sequential_side(
@@ -319,7 +353,7 @@ class Punch(Service):
         try:
             relayed = await client.allocate()
         except BaseException:
-            await _close_quietly(client)
+            await close_quietly(client)
             raise
         self._turn = client
         return relayed
@@ -344,29 +378,10 @@ class Punch(Service):
     async def _release_turn(self) -> None:
         client, self._turn = self._turn, None
         if client is not None:
-            await _close_quietly(client)
+            await close_quietly(client)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-
-async def _dial_relayed(relayed: Address, timeout: float) -> Streams:
-    """The relay through the peer's allocation: dial its relayed address until its
-    permission is there (the peer creates it when its connect() begins)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await connect_relayed(relayed, timeout=max(0.1, deadline - time.monotonic()))
-        except RelayError:
-            if time.monotonic() + DIAL_RETRY >= deadline:
-                raise
-            await asyncio.sleep(DIAL_RETRY)
-
-
-async def _close_quietly(client: TurnClient) -> None:
-    try:
-        await client.close()
-    except Exception as exc:       # closing must not mask why we are closing
-        log.debug("closing the TURN client: %s", exc)

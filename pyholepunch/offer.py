@@ -9,6 +9,14 @@ clock), a nonce, its round trip to the STUN server, its NAT profiles per family,
 candidates, the step kinds it allows (or none = all) and a TURN relayed address when it
 brought one.
 
+Version 2 (written only when one of its fields is used, so a plain offer stays readable by
+version-1 readers, which refuse a version-2 one by its version) adds, all signed:
+``reply_to`` + ``received`` — the offer is an *answer*: the nonce of the offer it answers and
+when (the answerer's clock) the app handed that offer over, the NTP timestamps t1..t4 of
+offer_clock.py; ``hub`` — the sender can mint tokens for a built-in relay: where it joins it
+("HOST:PORT") and the id of its secret (relay/minted.py ``key_id``). Each version signs under
+its own context, so a body cannot be passed off as the other version's.
+
 ``parse_offer`` refuses, each with an ``OfferError`` (a ValueError) naming the field, or
 ``AuthenticationError``: another version, truncated or garbled bytes, missing or
 out-of-bounds fields, a candidate a remote peer cannot have (signal.protocol's one candidate
@@ -31,14 +39,17 @@ from .address import Address
 from .errors import AuthenticationError, OfferError, StaleOffer
 from .identity import Identity, peer_id_of, verify_signature
 from .nat.profile import NatProfile
+from .relay.minted import KID_LEN
 from .security import check_certificate
 from .signal import fields
 from .signal.client import PeerInfo
 from .signal.protocol import NAME_RE, PEER_ID_RE, check_candidates
 from .strategy import Candidate, StepKind, parse_candidates
 
-OFFER_VERSION = 1
-SIGN_CONTEXT = b"pyholepunch/offer/v1\x00"
+OFFER_VERSION = 2
+VERSIONS = (1, 2)
+SIGN_CONTEXTS = {1: b"pyholepunch/offer/v1\x00", 2: b"pyholepunch/offer/v2\x00"}
+SIGN_CONTEXT = SIGN_CONTEXTS[1]
 MAX_OFFER = 16 * 1024          # bytes: profiles + candidates + a certificate fit in far less
 MAX_AGE = 300.0                # s: an older offer is refused as stale (a replay)
 MAX_AHEAD = 30.0               # s: an offer dated further ahead of our clock is refused
@@ -47,7 +58,9 @@ NONCE_LEN = 16
 
 _REQUIRED = {"peer_id", "name", "public_key", "cert", "created", "start", "nonce", "rtt",
              "profiles", "candidates"}
-_OPTIONAL = {"strategies", "relayed"}
+_OPTIONAL = {1: {"strategies", "relayed"},
+             2: {"strategies", "relayed", "reply_to", "received", "hub"}}
+MAX_HUB = 300           # characters of a relay's "HOST:PORT"
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,9 @@ class Offer:
     candidates: tuple[Candidate, ...]
     strategies: tuple[str, ...] | None = None
     relayed: Address | None = None
+    reply_to: bytes | None = None       # an answer: the nonce of the offer it answers ...
+    received: float | None = None       # ... and when the answerer got it (its clock)
+    hub: tuple[str, bytes] | None = None   # a built-in relay it can mint for: (at, key id)
 
     def peer_info(self) -> PeerInfo:
         """The sender as the punch path knows a peer (what a PUNCH says about it)."""
@@ -80,8 +96,10 @@ class Offer:
 def encode_offer(identity: Identity, cert: bytes, *, name: str, created: float, start: float,
                  rtt: float, profiles: Sequence[NatProfile], candidates: Sequence[Candidate],
                  strategies: Sequence[str] | None = None, relayed: Address | None = None,
-                 nonce: bytes | None = None) -> bytes:
-    """The signed offer bytes (``cert`` is ``identity``'s certificate)."""
+                 nonce: bytes | None = None, reply_to: tuple[bytes, float] | None = None,
+                 hub: tuple[str, bytes] | None = None) -> bytes:
+    """The signed offer bytes (``cert`` is ``identity``'s certificate). ``reply_to``: (nonce
+    of the offer answered, when it was received); ``hub``: (relay "HOST:PORT", key id)."""
     body: dict[str, Any] = {
         "peer_id": identity.peer_id, "name": name, "public_key": identity.public_key,
         "cert": cert, "created": float(created), "start": float(start),
@@ -92,9 +110,15 @@ def encode_offer(identity: Identity, cert: bytes, *, name: str, created: float, 
         body["strategies"] = list(strategies)
     if relayed is not None:
         body["relayed"] = [relayed[0], relayed[1]]
+    if reply_to is not None:
+        body["reply_to"], body["received"] = reply_to[0], float(reply_to[1])
+    if hub is not None:
+        body["hub"] = {"at": hub[0], "kid": hub[1]}
+    version = 2 if reply_to is not None or hub is not None else 1
     raw = msgpack.packb(body, use_bin_type=True)
-    data: bytes = msgpack.packb({"v": OFFER_VERSION, "o": raw,
-                                 "s": identity.sign(SIGN_CONTEXT + raw)}, use_bin_type=True)
+    data: bytes = msgpack.packb({"v": version, "o": raw,
+                                 "s": identity.sign(SIGN_CONTEXTS[version] + raw)},
+                                use_bin_type=True)
     if len(data) > MAX_OFFER:
         raise OfferError(f"our offer is {len(data)} bytes, more than {MAX_OFFER}", field="size")
     return data
@@ -113,16 +137,17 @@ def parse_offer(data: bytes, *, now: float, max_age: float = MAX_AGE,
     outer = _unpack(bytes(data), "offer")
     if not isinstance(outer, dict) or "v" not in outer:
         raise OfferError("not a pyholepunch offer (no version)", field="version")
-    if outer["v"] != OFFER_VERSION:
-        raise OfferError(f"offer version {outer['v']!r:.20}: this pyholepunch reads version "
-                         f"{OFFER_VERSION}", field="version")
+    version = outer["v"]
+    if not isinstance(version, int) or isinstance(version, bool) or version not in VERSIONS:
+        raise OfferError(f"offer version {version!r:.20}: this pyholepunch reads versions "
+                         f"{' and '.join(map(str, VERSIONS))}", field="version")
     raw, signature = outer.get("o"), outer.get("s")
     if not isinstance(raw, bytes) or not isinstance(signature, bytes) or set(outer) != {"v", "o", "s"}:
         raise OfferError("an offer is {v, o: body, s: signature}", field="offer")
     body = _unpack(raw, "body")
     if not isinstance(body, dict):
         raise OfferError("the offer body is not a map", field="body")
-    missing, unknown = _REQUIRED - set(body), set(body) - _REQUIRED - _OPTIONAL
+    missing, unknown = _REQUIRED - set(body), set(body) - _REQUIRED - _OPTIONAL[version]
     if missing or unknown:
         what = f"missing {', '.join(sorted(missing))}" if missing else \
             f"unknown {', '.join(sorted(map(str, unknown)))}"
@@ -132,7 +157,7 @@ def parse_offer(data: bytes, *, now: float, max_age: float = MAX_AGE,
     if peer_id_of(offer.public_key) != offer.peer_id:
         raise AuthenticationError(f"offer of peer {offer.peer_id} carries another peer's key")
     try:
-        verify_signature(offer.public_key, signature, SIGN_CONTEXT + raw)
+        verify_signature(offer.public_key, signature, SIGN_CONTEXTS[version] + raw)
     except AuthenticationError:
         raise AuthenticationError(f"offer of peer {offer.peer_id}: signature does not verify "
                                   "(altered or substituted)") from None
@@ -148,6 +173,11 @@ def parse_offer(data: bytes, *, now: float, max_age: float = MAX_AGE,
     if not 0 <= offer.start - offer.created <= MAX_START_AFTER_CREATED:
         raise OfferError(f"offer proposes to start {offer.start - offer.created:.1f} s after "
                          f"its creation (0..{MAX_START_AFTER_CREATED:.0f})", field="start")
+    if offer.received is not None and \
+            not 0 <= offer.created - offer.received <= MAX_START_AFTER_CREATED:
+        raise OfferError(f"answer made {offer.created - offer.received:.1f} s after it received "
+                         f"the offer it answers (0..{MAX_START_AFTER_CREATED:.0f})",
+                         field="received")
     return offer
 
 
@@ -203,7 +233,31 @@ def _fields(body: dict[str, Any], allow_loopback: bool) -> Offer:
         relayed = body.get("relayed")
         if relayed is not None:
             relayed = fields.check_relayed(relayed)
+        field = "reply_to"
+        reply_to, received = body.get("reply_to"), body.get("received")
+        if (reply_to is None) != (received is None):
+            raise ValueError("an answer carries reply_to and received together")
+        if reply_to is not None:
+            if not isinstance(reply_to, bytes) or len(reply_to) != NONCE_LEN:
+                raise ValueError(f"expected {NONCE_LEN} bytes")
+            field = "received"
+            received = fields.check_float(received)
+        field = "hub"
+        hub = body.get("hub")
+        if hub is not None:
+            hub = _hub(hub)
     except ValueError as exc:
         raise OfferError(f"offer {field}: {exc}", field=field) from None
     return Offer(peer_id, name, public_key, cert, created, start, nonce, rtt, profiles,
-                 candidates, strategies, relayed)
+                 candidates, strategies, relayed, reply_to, received, hub)
+
+
+def _hub(hub: Any) -> tuple[str, bytes]:
+    if not isinstance(hub, dict) or set(hub) != {"at", "kid"}:
+        raise ValueError("a relay is {at: HOST:PORT, kid: key id}")
+    at, kid = hub["at"], hub["kid"]
+    if not isinstance(at, str) or not 0 < len(at) <= MAX_HUB:
+        raise ValueError(f"at is a HOST:PORT of at most {MAX_HUB} characters")
+    if not isinstance(kid, bytes) or len(kid) != KID_LEN:
+        raise ValueError(f"kid is {KID_LEN} bytes")
+    return at, kid

@@ -170,6 +170,8 @@ class ConnectionReport:
     failed_step: str = ""                       # relayed or failed: the step that failed
                                                 # (signaling, a punch step kind, tls, relay)
     advice: str = ""                            # ... and what a person can do about it
+    start_sync: dict[str, Any] | None = None    # how the common start was agreed (Punch:
+                                                # offer_clock.StartAgreement.to_dict())
     observers: list[ReportObserver] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -358,7 +360,7 @@ class ConnectionReport:
             "total_time": self.total_time, "winning_step": win.kind if win else None,
             "winning_family": (win.family or None) if win else None, "pairs": self.pairs,
             "error": self.error, "failed_step": self.failed_step or None,
-            "advice": self.advice or None,
+            "advice": self.advice or None, "start_sync": self.start_sync,
             "local_nat": self.local_nat, "remote_nat": self.remote_nat,
             "plan": self.plan, "steps": [r.to_dict() for r in self.steps]})
 

@@ -5,7 +5,7 @@ alt:port+1) accepts raw sockets and looks at the first bytes before deciding who
 
 * ``0x16`` (a TLS handshake record)        -> signaling over TLS (``SignalServer.accept``)
 * top two bits ``00`` (a STUN header)       -> ``StunServer.serve_tcp_stream(reader, writer)``
-* ``b"HPR1"``                               -> ``RelayHub.handle_connection(sock)``
+* ``b"HPR1"`` or ``b"HPM1"`` (minted token)  -> ``RelayHub.handle_connection(sock)``
 
 STUN over UDP listens on the same port numbers. Metrics: Prometheus exposition on
 ``http://HOST:PORT/metrics`` with ``--metrics HOST:PORT`` (pyholepunch.metrics, extra
@@ -38,6 +38,7 @@ from .signal.tls import format_fingerprint, load_or_create_credentials
 
 log = logging.getLogger(__name__)
 RELAY_MAGIC = b"HPR1"
+RELAY_MAGICS = (RELAY_MAGIC, b"HPM1")     # an issued token; a minted one (relay/minted.py)
 TRIM_INTERVAL, TRIM_AFTER = 1.0, 256
 TLS_HANDSHAKE = 0x16
 
@@ -330,7 +331,8 @@ class Rendezvous(Service):
                     head = sock.recv(1, socket.MSG_PEEK)
                     if head[:1] == RELAY_MAGIC[:1] and self.relay_hub is not None:
                         head = await loop.sock_recv(sock, len(RELAY_MAGIC))
-                        while head and len(head) < len(RELAY_MAGIC) and RELAY_MAGIC.startswith(head):
+                        while head and len(head) < len(RELAY_MAGIC) and \
+                                any(m.startswith(head) for m in RELAY_MAGICS):
                             more = await loop.sock_recv(sock, len(RELAY_MAGIC) - len(head))
                             if not more:
                                 break
@@ -350,7 +352,7 @@ class Rendezvous(Service):
                 owned = False
                 await self._serve_budgeted("stun", source, sock, functools.partial(
                     self._serve_stun, stun))
-            elif head == RELAY_MAGIC and self.relay_hub is not None:
+            elif head in RELAY_MAGICS and self.relay_hub is not None:
                 self.demux["relay"] += 1
                 owned = False
                 await self._serve_budgeted("relay", source, sock, functools.partial(

@@ -7,7 +7,11 @@
     conn.close()
 
 ``exchange(mine: bytes) -> bytes`` is the app's signaling: it sends our offer to the other
-side and returns the other side's offer (blocking as long as it needs). The session runs on
+side and returns the other side's offer (blocking as long as it needs). When the other side
+*answers* that offer — ``pyholepunch.sync.answer(stun, theirs, send)``, or
+``Punch.offer(reply_to=...)`` — the common start is agreed by measuring the two clocks'
+offset over the exchange (offer_clock.py); two offers exchanged independently rely on both
+clocks being NTP-synced (the report's ``start_sync`` says which). The session runs on
 an event loop in a thread of its own; the caller gets one end of a socket pair whose other
 end that loop pumps to and from the peer connection (TLS 1.3, pinned, as with ``Punch``).
 
@@ -25,6 +29,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -96,18 +101,45 @@ class SyncConnection:
 def connect(stun: str | Address, exchange: Callable[[bytes], bytes], *,
             peer_id: str | None = None, strategies: Sequence[str] | None = None,
             timeout: float = 15.0, **punch_options: Any) -> SyncConnection:
-    """Offer, ``exchange`` offers, connect: a SyncConnection to the other side (which does
-    the same, with ``Punch`` or with this function). ``punch_options`` go to ``Punch``
-    (identity, relay, turn_user/turn_password/turn_secret, lead, name, ...); errors are
-    Punch's (OfferError, AuthenticationError, PunchError, TimeoutError, ...)."""
+    """Offer, ``exchange`` offers, connect: a SyncConnection to the other side (which
+    answers with ``answer``, or does the same as we do, with ``Punch`` or with this
+    function). ``punch_options`` go to ``Punch`` (identity, relay, relay_secret,
+    turn_user/turn_password/turn_secret, lead, name, clock, ...); errors are Punch's
+    (OfferError, AuthenticationError, PunchError, TimeoutError, ...)."""
+    def offer(runner: _LoopThread, punch: Punch) -> bytes:
+        return exchange(runner.run(punch.offer(strategies=strategies)))   # then connect at once
+    return _session(stun, offer, peer_id, timeout, punch_options)
+
+
+def answer(stun: str | Address, theirs: bytes, send: Callable[[bytes], None], *,
+           peer_id: str | None = None, strategies: Sequence[str] | None = None,
+           timeout: float = 15.0, **punch_options: Any) -> SyncConnection:
+    """The answering side: ``theirs`` is the other side's offer, just received over the app's
+    channel (call this at once: the answer records when); ``send(answer)`` delivers our
+    answer to it (its ``connect``'s ``exchange`` returns it). Then connect, as ``connect``.
+    The start is agreed without trusting either clock."""
+    received = time.time()                       # before our NAT is classified
+
+    def reply(runner: _LoopThread, punch: Punch) -> bytes:
+        # ``received`` into the Punch's clock (a clock= option may shift it).
+        at = received + punch.clock() - time.time()
+        send(runner.run(punch.offer(strategies=strategies, reply_to=theirs, received=at)))
+        return theirs
+    return _session(stun, reply, peer_id, timeout, punch_options)
+
+
+def _session(stun: str | Address, offers: Callable[[_LoopThread, Punch], bytes],
+             peer_id: str | None, timeout: float, punch_options: dict[str, Any]
+             ) -> SyncConnection:
+    """A Punch on a loop thread; ``offers`` makes and exchanges the offers and returns
+    theirs; then the connection, pumped to a socket pair."""
     runner = _LoopThread()
     punch = Punch(stun, **punch_options)
     started = False
     try:
         runner.run(punch.__aenter__())
         started = True
-        mine = runner.run(punch.offer(strategies=strategies))
-        theirs = exchange(mine)
+        theirs = offers(runner, punch)
         conn = runner.run(punch.connect(theirs, peer_id=peer_id, timeout=timeout))
         user, inner = socket.socketpair()
     except BaseException:

@@ -52,6 +52,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-peers", type=int, default=100_000)
     parser.add_argument("--no-stun", action="store_true", help="do not run the STUN server")
     parser.add_argument("--no-relay", action="store_true", help="do not run the built-in relay")
+    parser.add_argument("--relay-secret", metavar="SECRET",
+                        default=os.environ.get("PYHOLEPUNCH_RELAY_SECRET"),
+                        help="the built-in relay also takes tokens minted with this shared "
+                             "secret (pyholepunch.Punch(relay='hp:HOST:PORT', relay_secret=...): "
+                             "no rendezvous needed); at least 16 bytes; or the environment "
+                             "variable PYHOLEPUNCH_RELAY_SECRET")
+    parser.add_argument("--relay-secret-file", metavar="PATH",
+                        help="read --relay-secret from this file (kept out of the process list)")
     parser.add_argument("--issue-token", type=positive_float, metavar="SECONDS",
                         help="print an access token valid this long (made from --token), then exit")
     parser.add_argument("--json", action="store_true",
@@ -71,6 +79,7 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-peers must be at least 1, got {args.max_peers}")
     if args.store is not None and args.store != "memory" and not args.store.startswith("redis://"):
         raise UsageError(f"--store is memory or redis://HOST:PORT, got {args.store!r}")
+    _relay_secret(args)
     args.listen = args.listen or [("0.0.0.0", 3478)]
     try:
         port_sets = _port_sets(args.listen, args.alt_ip)
@@ -89,6 +98,27 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--alt-ip {alt_text} must be another address than --listen {host}")
 
 
+def _relay_secret(args: argparse.Namespace) -> None:
+    """--relay-secret(-file) checked and read into args.relay_secret."""
+    from ..relay.minted import secret_bytes
+
+    if args.relay_secret_file:
+        if args.relay_secret:
+            raise UsageError("give --relay-secret or --relay-secret-file, not both")
+        try:
+            with open(args.relay_secret_file, encoding="utf-8") as f:
+                args.relay_secret = f.read().strip()
+        except OSError as exc:
+            raise UsageError(f"--relay-secret-file: {exc}") from None
+    if args.relay_secret and args.no_relay:
+        raise UsageError("--relay-secret is for the built-in relay, which --no-relay turns off")
+    if args.relay_secret:
+        try:
+            secret_bytes(args.relay_secret)
+        except ValueError as exc:
+            raise UsageError(f"--relay-secret: {exc}") from None
+
+
 async def run(args: argparse.Namespace) -> int:
     if args.issue_token is not None:
         if not args.token:
@@ -100,7 +130,8 @@ async def run(args: argparse.Namespace) -> int:
     app = Rendezvous(args.listen, alt_ip=args.alt_ip, state_dir=args.state_dir, token=args.token,
                      store=args.store, metrics=args.metrics,
                      config=cfg,
-                     stun=not args.no_stun, relay=not args.no_relay)
+                     stun=not args.no_stun, relay=not args.no_relay,
+                     relay_options={"secret": args.relay_secret} if args.relay_secret else None)
     stopped_by: list[signal.Signals] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

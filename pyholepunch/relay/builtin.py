@@ -3,7 +3,10 @@
 The wire protocol and the client are in ``builtin_wire``. Tokens are issued in pairs per
 session (one per side), are single-use and expire after ``token_ttl``; the hub pairs a
 connection only with the other token of the same session, so nobody can splice themselves
-onto a connection the server did not introduce.
+onto a connection the server did not introduce. A hub given a ``secret`` also takes tokens
+the two sides minted themselves (``minted``: ``Punch`` without a rendezvous server), held
+to the same rules — single use per session side, expiring, paired only with the other side
+of their session — and counted against quotas per source address and in all.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..address import Address
 from ..engine import Engine, RelayStats
 from ..engine import get as get_engine
 from ..errors import QuotaError
@@ -28,6 +30,7 @@ from . import builtin_wire as wire
 from ._sockio import either_readable, recv_exactly, shutdown
 from ._tap import Tap, tap_pump
 from .builtin_wire import MAGIC, OK, TOKEN_LEN, open_builtin_relay
+from .minted import MINT_MAGIC, MINTED_LEN, parse_minted, secret_bytes, verify
 
 log = logging.getLogger(__name__)
 __all__ = ["MAGIC", "OK", "TOKEN_LEN", "RelayHub", "RelayMetrics", "RelayServer", "open_builtin_relay"]
@@ -81,11 +84,23 @@ class RelayHub:
                  max_bytes: int = 0, idle_timeout: float = 300.0,
                  clock: Callable[[], float] = time.monotonic, pair_timeout: float = 30.0,
                  handshake_timeout: float = 2.0, max_relays: int = 256,
-                 first_byte_timeout: float = 10.0, tap: Tap | None = None) -> None:
+                 first_byte_timeout: float = 10.0, tap: Tap | None = None,
+                 secret: str | bytes | None = None, minted_max_ttl: float = 300.0,
+                 minted_per_source: int = 16, max_minted: int = 1024,
+                 wall: Callable[[], float] = time.time) -> None:
         if min(token_ttl, idle_timeout, pair_timeout, handshake_timeout, max_relays,
-               first_byte_timeout) <= 0 or max_bytes < 0:
+               first_byte_timeout, minted_max_ttl, minted_per_source, max_minted) <= 0 \
+                or max_bytes < 0:
             raise ValueError("token_ttl, idle_timeout, pair_timeout, handshake_timeout, "
-                             "first_byte_timeout and max_relays must be > 0, max_bytes >= 0")
+                             "first_byte_timeout, max_relays and the minted_ limits must be "
+                             "> 0, max_bytes >= 0")
+        # Minted tokens (``secret``): their expiry is wall-clock time (``wall``), at most
+        # ``minted_max_ttl`` ahead; live minted sessions are bounded per source address and
+        # in all (the quota keys "source:IP" and "minted").
+        self._secret = secret_bytes(secret) if secret is not None else None
+        self.minted_max_ttl = float(minted_max_ttl)
+        self.minted_limits = {"per_source": int(minted_per_source), "all": int(max_minted)}
+        self._wall = wall
         # A paired relay in which neither side sends within first_byte_timeout ends: an idle
         # pair must not hold a slot for the whole idle_timeout.
         self.first_byte_timeout = float(first_byte_timeout)
@@ -181,6 +196,43 @@ class RelayHub:
                 if e.expires_at < horizon:
                     del self._sessions[sid]
 
+    def _check_minted(self, body: bytes, source: str) -> tuple[int, _Token | None]:
+        """A minted token (the preamble after its magic) from ``source``: admitted, opening
+        or joining its session, or the status it is refused with."""
+        if self._secret is None:
+            return wire.ERR_NOT_MINTING, None
+        token = parse_minted(body)
+        if token is None:
+            return wire.ERR_BAD_PREAMBLE, None
+        wall = self._wall()
+        why = verify(self._secret, token, now=wall, max_ttl=self.minted_max_ttl)
+        if why is not None:
+            return {"forged": wire.ERR_FORGED, "expired": wire.ERR_EXPIRED,
+                    "too long": wire.ERR_TOO_LONG}[why], None
+        # One connection per session side, ever (until the token is long dead): an
+        # eavesdropped preamble replayed, or a second mint for the same side, is refused.
+        used = b"M" + token.session + bytes([token.side])
+        if used in self._tokens:
+            return wire.ERR_REUSED, None
+        self._purge()
+        sid = "minted:" + token.session.hex()
+        session = self._sessions.get(sid)
+        if session is not None and session.expires_at <= self._clock():
+            return wire.ERR_NO_PEER, None     # its other side came and left: nobody to pair
+        key = f"source:{source}"
+        keys = [k for k in ((key,) if session is not None else ("minted", key))
+                if session is None or k not in session.owners]
+        limits = {"minted": self.minted_limits["all"], key: self.minted_limits["per_source"]}
+        if any(self._owned[k] >= limits[k] for k in keys):
+            return wire.ERR_QUOTA, None
+        expires = self._clock() + (token.expires - wall)
+        if session is None:
+            session = self._sessions[sid] = _Session(expires_at=expires)
+        session.owners += tuple(keys)
+        self._owned.update(keys)
+        entry = self._tokens[used] = _Token(sid, token.side, expires, used=True)
+        return OK, entry
+
     def _check(self, token: bytes) -> tuple[int, _Token | None]:
         entry = self._tokens.get(token)
         if entry is None:
@@ -208,22 +260,13 @@ class RelayHub:
             if self._closing:
                 await self._refuse(sock, wire.ERR_CLOSING)
                 return
-            try:
-                # Judge the magic first: a stray client is refused without waiting for more.
-                preamble = preread[:wire.PREAMBLE_LEN]
-                if len(preamble) < len(MAGIC):
-                    preamble += await asyncio.wait_for(
-                        recv_exactly(loop, sock, len(MAGIC) - len(preamble)),
-                        self.handshake_timeout)
-                if preamble == MAGIC:
-                    preamble += await asyncio.wait_for(
-                        recv_exactly(loop, sock, TOKEN_LEN), self.handshake_timeout)
-            except (TimeoutError, ConnectionError, OSError):
-                preamble = b""
-            if len(preamble) != wire.PREAMBLE_LEN or not preamble.startswith(MAGIC):
-                await self._refuse(sock, wire.ERR_BAD_PREAMBLE)
-                return
-            status, entry = self._check(preamble[len(MAGIC):])
+            preamble = await self._preamble(sock, preread)
+            if preamble.startswith(MINT_MAGIC):
+                status, entry = self._check_minted(preamble[len(MINT_MAGIC):], _source(sock))
+            elif len(preamble) == wire.PREAMBLE_LEN and preamble.startswith(MAGIC):
+                status, entry = self._check(preamble[len(MAGIC):])
+            else:
+                status, entry = wire.ERR_BAD_PREAMBLE, None
             if entry is None:
                 await self._refuse(sock, status)
                 return
@@ -250,12 +293,35 @@ class RelayHub:
             if owned:
                 self._release(sock)
 
+    async def _preamble(self, sock: socket.socket, preread: bytes) -> bytes:
+        """The whole preamble (issued or minted token), ``preread`` first; b"" when it is
+        not one or does not come within ``handshake_timeout``."""
+        loop = asyncio.get_running_loop()
+        preamble = preread[:MINTED_LEN]
+        try:
+            # Judge the magic first: a stray client is refused without waiting for more.
+            if len(preamble) < len(MAGIC):
+                preamble += await asyncio.wait_for(
+                    recv_exactly(loop, sock, len(MAGIC) - len(preamble)), self.handshake_timeout)
+            size = {MAGIC: wire.PREAMBLE_LEN, MINT_MAGIC: MINTED_LEN}.get(preamble[:len(MAGIC)])
+            if size is None:
+                return b""
+            if len(preamble) < size:
+                preamble += await asyncio.wait_for(
+                    recv_exactly(loop, sock, size - len(preamble)), self.handshake_timeout)
+            return preamble if len(preamble) == size else b""
+        except (TimeoutError, ConnectionError, OSError):
+            return b""
+
     async def _wait_for_peer(self, sock: socket.socket, session: _Session, entry: _Token) -> None:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[tuple[socket.socket, asyncio.Future[RelayStats]]] = \
             loop.create_future()
         session.waiting = waiter
-        budget = max(0.0, entry.expires_at - self._clock()) + self.pair_timeout
+        # An issued token's peer may come until its token expires; minted sides both join
+        # when their relay step comes, so pair_timeout alone bounds a minted wait.
+        budget = self.pair_timeout if entry.session_id.startswith("minted:") else \
+            max(0.0, entry.expires_at - self._clock()) + self.pair_timeout
         # Watch the waiting socket too: a client that leaves (EOF) must not be paired, and
         # one that talks before the OK byte breaks the protocol.
         watch = asyncio.ensure_future(loop.sock_recv(sock, 1))
@@ -279,6 +345,8 @@ class RelayHub:
             await self._run_relay(entry.session_id, a, b, done)
             return
         self._abandon(session, waiter)
+        if entry.session_id.startswith("minted:"):
+            self.release(entry.session_id)     # its quota is free now; nobody can pair later
         if early == b"":
             log.info("relay session %s: side %d left before its peer came", entry.session_id,
                      entry.side)
@@ -410,62 +478,12 @@ class RelayHub:
         self._executor.shutdown(wait=False)
 
 
-class RelayServer:
-    """A stand-alone listener feeding every accepted connection to a hub (``serve`` mounts
-    the hub on its shared port instead). ``async with RelayServer(hub, ("127.0.0.1", 0))``."""
+def _source(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "?"
 
-    def __init__(self, hub: RelayHub, address: Address = ("127.0.0.1", 0), *,
-                 backlog: int = 128, sock: socket.socket | None = None) -> None:
-        self.hub = hub
-        self._bind = address
-        self._backlog = backlog
-        self._given = sock          # an already bound socket (e.g. made in another netns)
-        self._sock: socket.socket | None = None
-        self._accept_task: asyncio.Task[None] | None = None
-        self._conns: set[asyncio.Task[None]] = set()
 
-    @property
-    def address(self) -> Address:
-        assert self._sock is not None, "RelayServer not started"
-        host, port = self._sock.getsockname()[:2]
-        return (host, port)
-
-    async def start(self) -> None:
-        sock = self._given or socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            if self._given is None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(self._bind)
-            sock.listen(self._backlog)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
-        self._accept_task = asyncio.ensure_future(self._accept_loop())
-
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._sock is not None
-        while True:
-            conn, _peer = await loop.sock_accept(self._sock)
-            task = asyncio.ensure_future(self.hub.handle_connection(conn))
-            self._conns.add(task)
-            task.add_done_callback(self._conns.discard)
-
-    async def close(self) -> None:
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            await asyncio.gather(self._accept_task, return_exceptions=True)
-        if self._sock is not None:
-            self._sock.close()
-        await self.hub.close()
-        if self._conns:
-            await asyncio.gather(*self._conns, return_exceptions=True)
-
-    async def __aenter__(self) -> RelayServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+# The stand-alone listener lives in server.py; importable from here as it always was.
+from .server import RelayServer  # noqa: E402

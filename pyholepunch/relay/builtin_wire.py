@@ -3,6 +3,7 @@
 On the server's one TCP port, recognised by its first four bytes:
 
     client -> hub   b"HPR1" + 16-byte token           (the token came over signaling)
+               or   b"HPM1" + a token the client minted (``minted``: no rendezvous server)
     hub -> client   b"\\x00"                            both sides are here: bytes flow now
                or   status byte (1..255) + 1-byte length + ASCII reason, then close
 
@@ -24,6 +25,7 @@ OK = 0
 # Status codes of a refusal; the reason text travels with it.
 ERR_BAD_PREAMBLE, ERR_UNKNOWN, ERR_EXPIRED, ERR_REUSED, ERR_NO_PEER, ERR_CLOSING = 1, 2, 3, 4, 5, 6
 ERR_EARLY_DATA, ERR_FULL = 7, 8
+ERR_FORGED, ERR_NOT_MINTING, ERR_QUOTA, ERR_TOO_LONG = 9, 10, 11, 12
 REASONS = {
     ERR_BAD_PREAMBLE: "bad preamble",
     ERR_UNKNOWN: "unknown token",
@@ -33,6 +35,10 @@ REASONS = {
     ERR_CLOSING: "relay shutting down",
     ERR_EARLY_DATA: "data before pairing",
     ERR_FULL: "relay at capacity",
+    ERR_FORGED: "bad token (not minted with this relay's secret)",
+    ERR_NOT_MINTING: "this relay takes no minted tokens (it has no secret)",
+    ERR_QUOTA: "relay quota reached",
+    ERR_TOO_LONG: "token expires too far ahead",
 }
 
 
@@ -46,6 +52,13 @@ async def open_builtin_relay(
     """
     if not isinstance(token, bytes) or len(token) != TOKEN_LEN:
         raise ValueError(f"relay token must be {TOKEN_LEN} bytes")
+    return await join_relay(server, MAGIC + token, timeout=timeout)
+
+
+async def join_relay(
+    server: Address, preamble: bytes, *, timeout: float = 30.0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """``open_builtin_relay`` with the whole ``preamble`` given (an issued or minted token)."""
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
@@ -53,7 +66,7 @@ async def open_builtin_relay(
                 reader, writer = await asyncio.open_connection(server[0], server[1])
             except OSError as exc:
                 raise RelayError(f"relay {server[0]}:{server[1]} unreachable: {exc}") from exc
-            writer.write(MAGIC + token)
+            writer.write(preamble)
             await writer.drain()
             status = await reader.read(1)
             if not status:

@@ -9,7 +9,7 @@ import pytest
 
 from pyholepunch import AuthenticationError, Identity, OfferError, StaleOffer
 from pyholepunch.nat.profile import Allocation, Filtering, Mapping, NatProfile
-from pyholepunch.offer import MAX_AGE, SIGN_CONTEXT, encode_offer, parse_offer
+from pyholepunch.offer import MAX_AGE, SIGN_CONTEXT, SIGN_CONTEXTS, encode_offer, parse_offer
 from pyholepunch.security import certificate_for
 from pyholepunch.strategy import Candidate
 
@@ -36,7 +36,7 @@ def _resign(data: bytes, change: Any, identity: Identity | None = ME) -> bytes:
     change(body)
     outer["o"] = msgpack.packb(body, use_bin_type=True)
     if identity is not None:
-        outer["s"] = identity.sign(SIGN_CONTEXT + outer["o"])
+        outer["s"] = identity.sign(SIGN_CONTEXTS[outer["v"]] + outer["o"])
     return bytes(msgpack.packb(outer, use_bin_type=True))
 
 
@@ -56,10 +56,15 @@ def test_an_offer_round_trips_with_everything_the_session_needs() -> None:
 
 def test_another_version_is_refused_by_name() -> None:
     outer = msgpack.unpackb(_offer(), raw=False)
-    outer["v"] = 2
-    with pytest.raises(OfferError, match="offer version 2: this pyholepunch reads version 1") as e:
+    outer["v"] = 3
+    with pytest.raises(OfferError, match="offer version 3: this pyholepunch reads versions 1 "
+                                         "and 2") as e:
         parse_offer(msgpack.packb(outer, use_bin_type=True), now=NOW)
     assert e.value.field == "version"
+    # Each version signs under its own context: a body cannot be passed off as the other's.
+    outer["v"] = 2
+    with pytest.raises(AuthenticationError, match="signature does not verify"):
+        parse_offer(msgpack.packb(outer, use_bin_type=True), now=NOW)
     with pytest.raises(OfferError, match="no version"):
         parse_offer(msgpack.packb({"o": b"", "s": b""}), now=NOW)
 
@@ -128,3 +133,59 @@ def test_an_offer_replayed_an_hour_later_is_stale() -> None:
 def test_a_start_far_from_the_creation_is_refused() -> None:
     with pytest.raises(OfferError, match="proposes to start"):
         parse_offer(_offer(start=NOW + 3600), now=NOW)
+
+
+# -- version 2: the answer (offer_clock.py) and the built-in relay (relay/minted.py) ----------
+
+THEIRS = bytes(range(16))
+
+
+def _answer(**kw: Any) -> bytes:
+    return _offer(created=NOW + 0.2, reply_to=(THEIRS, NOW + 0.1), **kw)
+
+
+def test_a_plain_offer_stays_version_1_and_an_answer_is_version_2() -> None:
+    assert msgpack.unpackb(_offer(), raw=False)["v"] == 1      # old readers still read it
+    data = _answer(hub=("198.51.100.1:3478", b"k" * 8))
+    assert msgpack.unpackb(data, raw=False)["v"] == 2
+    offer = parse_offer(data, now=NOW + 1)
+    assert (offer.reply_to, offer.received) == (THEIRS, NOW + 0.1)
+    assert offer.hub == ("198.51.100.1:3478", b"k" * 8)
+    plain = parse_offer(_offer(), now=NOW)
+    assert plain.reply_to is None and plain.received is None and plain.hub is None
+
+
+def test_the_echo_is_signed() -> None:
+    forged = _resign(_answer(), lambda b: b.update(reply_to=bytes(16)), identity=None)
+    with pytest.raises(AuthenticationError, match="signature does not verify"):
+        parse_offer(forged, now=NOW + 1)
+    moved = _resign(_answer(), lambda b: b.update(received=NOW - 5), identity=None)
+    with pytest.raises(AuthenticationError, match="signature does not verify"):
+        parse_offer(moved, now=NOW + 1)
+
+
+def test_version_2_fields_under_version_1_are_refused() -> None:
+    def relabel(data: bytes) -> bytes:
+        outer = msgpack.unpackb(data, raw=False)
+        outer["v"] = 1
+        outer["s"] = ME.sign(SIGN_CONTEXT + outer["o"])
+        return bytes(msgpack.packb(outer, use_bin_type=True))
+    with pytest.raises(OfferError, match="unknown received, reply_to"):
+        parse_offer(relabel(_answer()), now=NOW + 1)
+
+
+@pytest.mark.parametrize("change,field,match", [
+    (lambda b: b.pop("received"), "reply_to", "reply_to and received together"),
+    (lambda b: b.update(reply_to=b"short"), "reply_to", "expected 16 bytes"),
+    (lambda b: b.update(received="soon"), "received", "finite number"),
+    (lambda b: b.update(received=NOW + 0.5), "received", "after it received"),   # > created
+    (lambda b: b.update(received=NOW - 120), "received", "after it received"),
+    (lambda b: b.update(hub={"at": "h:1"}), "hub", "at: HOST:PORT, kid"),
+    (lambda b: b.update(hub={"at": "x" * 301, "kid": b"k" * 8}), "hub", "at most 300"),
+    (lambda b: b.update(hub={"at": "h:1", "kid": b"k"}), "hub", "kid is 8 bytes"),
+])
+def test_bad_answer_and_relay_fields_are_refused(change: Any, field: str, match: str) -> None:
+    data = _resign(_answer(hub=("198.51.100.1:3478", b"k" * 8)), change)
+    with pytest.raises(OfferError, match=match) as e:
+        parse_offer(data, now=NOW + 1)
+    assert e.value.field == field

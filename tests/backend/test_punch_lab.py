@@ -2,7 +2,9 @@
 (port-restricted x symmetric-random, 40 ms RTT), exchange their offers over plain files —
 no pyholepunch server anywhere, only a STUN server on the lab's server host — and connect
 directly with TLS 1.3 pinned to each other's peer ids. Then the same with Debian's coturn as
-the only server (STUN for the classification, TURN for the relay)."""
+the only server (STUN for the classification, TURN for the relay); with one side's clock 3 s
+off (an answer agrees the start); and two random symmetric NATs through the built-in relay
+of a `pyholepunch serve --relay-secret` (tokens minted by the two sides, no rendezvous)."""
 from __future__ import annotations
 
 import json
@@ -29,13 +31,14 @@ A, B = "port-restricted", "symmetric-random"
 
 
 def _run_pair(lab: Any, tmp: Path, stun: str, bob: dict[str, Any] | None = None,
+              alice: dict[str, Any] | None = None,
               **job: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """alice in node a, bob in node b, offers through files in ``tmp``; both results.
-    ``job``: both sides' further PunchJob fields; ``bob``: bob's only."""
+    ``job``: both sides' further PunchJob fields; ``bob``, ``alice``: one side's only."""
+    own = {"alice": alice or {}, "bob": bob or {}}
     jobs = {node: PunchJob(name=name, stun=stun, offer_file=str(tmp / f"{name}.offer"),
                            their_offer_file=str(tmp / f"{other}.offer"),
-                           result_file=str(tmp / f"{name}.json"),
-                           **job | (bob or {} if name == "bob" else {}))
+                           result_file=str(tmp / f"{name}.json"), **job | own[name])
             for node, name, other in (("a", "alice", "bob"), ("b", "bob", "alice"))}
     procs = {node: lab.spawn(node, job_argv(j), cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=open(tmp / f"{j.name}.log", "wb"))   # noqa: SIM115
@@ -144,3 +147,60 @@ def test_no_direct_path_relays_through_turn_or_fails_loudly(tmp_path: Path) -> N
         assert not me["ok"] and me["error"].startswith("PunchError: no direct path"), me
         assert "relaying is off" in me["error"]
         assert me["report"]["route"] is None and "relaying is off" in me["report"]["error"]
+
+
+RELAY_SECRET = "lab-relay-secret-0123456789"
+
+
+def test_a_clock_3_s_off_still_starts_both_sides_together(tmp_path: Path) -> None:
+    """alice's clock reads 3 s ahead; bob answers her offer (offer(reply_to=...)), so the
+    start is his, converted into her clock with the offset measured over the exchange: both
+    punch at one instant (the lab's nodes share the host's real clock, so the reports'
+    start times compare directly) and connect directly. Offers made independently start her
+    3 s early (measured: birthday still connects, after 4.1 s instead of 1.1 s; on loopback
+    simultaneous open fails outright)."""
+    from pyholepunch.lab import Lab
+
+    with Lab(a=A, b=B, rtt_ms=40) as lab:
+        stun = f"{lab.server_ip}:{STUN_PORT}"
+        proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen", stun,
+                                    "--alt-ip", lab.server_alt_ip],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+        OutputLines(proc, "stdout", "the STUN server").wait_for("ready", 20)
+        alice, bob = _run_pair(lab, tmp_path, stun, alice=dict(clock_skew=3.0),
+                               bob=dict(answer=True))
+    _check_direct(alice, bob)
+    sa, sb = alice["report"]["start_sync"], bob["report"]["start_sync"]
+    assert (sa["method"], sb["method"]) == ("answer", "answered")
+    assert abs(sa["offset_s"] + 3.0) < 0.1, sa      # bob's clock minus alice's
+    assert abs(alice["report"]["started"] - bob["report"]["started"]) < 0.05
+
+
+def test_two_random_symmetric_nats_meet_on_the_builtin_relay(tmp_path: Path) -> None:
+    """No direct path (random symmetric x random symmetric: the plan is the relay alone);
+    both sides bring relay="hp:..." and the operator's secret, each mints its token for the
+    session both derive from the two offers, and `pyholepunch serve --relay-secret-file`
+    pairs them — no rendezvous, TLS end to end."""
+    from pyholepunch.lab import Lab
+
+    secret_file = tmp_path / "relay.secret"
+    secret_file.write_text(RELAY_SECRET + "\n")
+    with Lab(a=B, b=B, rtt_ms=40) as lab:
+        address = f"{lab.server_ip}:{STUN_PORT}"
+        proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch", "serve", "--listen",
+                                    address, "--alt-ip", lab.server_alt_ip, "--state-dir",
+                                    str(tmp_path / "server"), "--relay-secret-file",
+                                    str(secret_file)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+        OutputLines(proc, "stdout", "the server").wait_for("fingerprint", 20)
+        alice, bob = _run_pair(lab, tmp_path, address, relay=f"hp:{address}",
+                               relay_secret=RELAY_SECRET, bob=dict(answer=True))
+    for me, other in ((alice, bob), (bob, alice)):
+        assert me.get("ok"), me
+        assert me["route"] == "relay" and me["tls"] == "TLSv1.3", me["report"]
+        assert me["peer"] == other["peer_id"] and me["got"] == f"hello from {other['name']}\n"
+        assert me["report"]["route"] == "relay"
+        assert me["report"]["relay_cause"] == "no_direct_plan"
+        assert me["report"]["steps"][-1]["kind"] == "relay"
+        assert me["report"]["steps"][-1]["outcome"] == "success"
+    assert [s["kind"] for s in alice["report"]["plan"]["steps"]] == ["relay"]

@@ -61,10 +61,13 @@ def usage(server: Server, tmp: Path) -> None:
         cli("serve", "--alt-ip", "127.0.0.2"),
         cli("serve", "--listen", "127.0.0.1:0", "--alt-ip", "0.0.0.0"),
         cli("serve", "--issue-token", "60"),
+        cli("serve", "--relay-secret", "short"),
+        cli("serve", "--relay-secret", "x" * 16, "--no-relay"),
+        cli("serve", "--relay-secret-file", str(tmp / "no-such-file")),
         cli("--log-format", "xml", "serve"),
         cli("no-such-command"),
     ]
-    env = os.environ | {"PYHOLEPUNCH_TOKEN": ""}
+    env = os.environ | {"PYHOLEPUNCH_TOKEN": "", "PYHOLEPUNCH_RELAY_SECRET": ""}
     procs = [(argv, subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env)) for argv in cases]
     for argv, proc in procs:          # all at once: each is a Python start-up, nothing more
