@@ -37,6 +37,7 @@ registered peers, <= 25 MB RSS per 1,000 peers; two nodes over Redis lose no PUN
 from __future__ import annotations
 
 import os
+import signal
 import time
 from contextlib import ExitStack
 from typing import Any
@@ -84,6 +85,8 @@ def test_rendezvous_one_node(benchmark: Any, bench_report: Any) -> None:
             time.sleep(0.5)
             marks.update(rss1=proc_rss(proc.pid), kmem1=kernel_memory(),
                          cpu0=_cpu(proc.pid))
+            if PROFILE:         # the profile covers the CONNECT stream only
+                os.kill(proc.pid, signal.SIGUSR1)
 
         out: dict[str, Any] = {}
 
@@ -92,6 +95,8 @@ def test_rendezvous_one_node(benchmark: Any, bench_report: Any) -> None:
                                     inflight=INFLIGHT)
             out.update(reg=reg, summary=summary, cpu1=_cpu(proc.pid),
                        rss2=proc_rss(proc.pid))
+            if PROFILE:
+                os.kill(proc.pid, signal.SIGUSR2)
 
         benchmark.pedantic(run, rounds=1, iterations=1)
     reg, summary = out["reg"], out["summary"]

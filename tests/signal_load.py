@@ -311,8 +311,12 @@ def serve(peers: int, store: str | None = None, state_dir: str | None = None,
     """One ``pyholepunch serve`` process (signaling only), its fd limit lifted for ``peers``."""
     cmd = [sys.executable]
     if profile:     # CPU time, not wall time: on shared cores a preempted send() looks slow
-        cmd += ["-c", "import cProfile, runpy, sys, time; sys.argv[0] = 'pyholepunch'; "
-                "p = cProfile.Profile(time.process_time); p.enable()\n"
+        # Profiled between SIGUSR1 and SIGUSR2 only (profiling(): the CONNECT stream), so
+        # the registrations' TLS handshakes and signatures do not drown the coordinations.
+        cmd += ["-c", "import cProfile, runpy, signal, sys, time; sys.argv[0] = 'pyholepunch'; "
+                "p = cProfile.Profile(time.process_time)\n"
+                "signal.signal(signal.SIGUSR1, lambda *_: p.enable())\n"
+                "signal.signal(signal.SIGUSR2, lambda *_: p.disable())\n"
                 "try: runpy.run_module('pyholepunch', run_name='__main__')\n"
                 f"finally: p.disable(); p.dump_stats({profile!r})"]
     else:
