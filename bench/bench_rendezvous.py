@@ -37,6 +37,7 @@ registered peers, <= 25 MB RSS per 1,000 peers; two nodes over Redis lose no PUN
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import time
 from contextlib import ExitStack
@@ -54,6 +55,11 @@ PROFILE = os.environ.get("PYHOLEPUNCH_BENCH_PROFILE")
 LOG = os.environ.get("PYHOLEPUNCH_BENCH_SERVER_LOG")       # the servers' stderr, appended
 SERVER_TREE = os.environ.get("PYHOLEPUNCH_BENCH_SERVER_TREE")   # run the server from there
 INFLIGHT = 200           # outstanding CONNECTs per worker
+TARGET_PEERS = 50_000    # #18's registered peers on one node
+FD_RESERVE = 200         # descriptors a serve process keeps besides its peers' connections
+MOST_SECONDS = 2.0       # the most-peers run's stream: it is about registration and memory
+
+
 def _cpu(*pids: int) -> tuple[float, float]:
     """(CPU seconds, of them in the kernel) of the server processes so far."""
     return (sum(proc_cpu_seconds(p) for p in pids),
@@ -75,8 +81,11 @@ def _common(summary: dict[str, Any], server_cpu: float, server_sys: float) -> di
             "workers": WORKERS, "inflight_per_worker": INFLIGHT}
 
 
-def test_rendezvous_one_node(benchmark: Any, bench_report: Any) -> None:
-    with serve(PEERS, profile=PROFILE, log_file=LOG, server_tree=SERVER_TREE) as (proc, addr):
+def _one_node(peers: int, seconds: float) -> tuple[dict[str, Any], dict[str, Any],
+                                                 dict[str, Any]]:
+    """One serve process, ``peers`` registered, a CONNECT stream of ``seconds``:
+    (registration, stream summary, the values to report)."""
+    with serve(peers, profile=PROFILE, log_file=LOG, server_tree=SERVER_TREE) as (proc, addr):
         time.sleep(0.3)
         rss0, kmem0 = proc_rss(proc.pid), kernel_memory()
         marks: dict[str, Any] = {}
@@ -88,36 +97,65 @@ def test_rendezvous_one_node(benchmark: Any, bench_report: Any) -> None:
             if PROFILE:         # the profile covers the CONNECT stream only
                 os.kill(proc.pid, signal.SIGUSR1)
 
-        out: dict[str, Any] = {}
-
-        def run() -> None:
-            reg, summary = run_load([addr], PEERS, SECONDS, WORKERS, on_registered=registered,
-                                    inflight=INFLIGHT)
-            out.update(reg=reg, summary=summary, cpu1=_cpu(proc.pid),
-                       rss2=proc_rss(proc.pid))
-            if PROFILE:
-                os.kill(proc.pid, signal.SIGUSR2)
-
-        benchmark.pedantic(run, rounds=1, iterations=1)
-    reg, summary = out["reg"], out["summary"]
+        reg, summary = run_load([addr], peers, seconds, WORKERS, on_registered=registered,
+                                inflight=INFLIGHT)
+        cpu1, rss2 = _cpu(proc.pid), proc_rss(proc.pid)
+        if PROFILE:
+            os.kill(proc.pid, signal.SIGUSR2)
     peers_k = max(reg["registered"], 1) / 1000
     values = {
-        **reg, **_common(summary, *_spent(marks["cpu0"], out["cpu1"])), "peers": PEERS,
+        **reg, **_common(summary, *_spent(marks["cpu0"], cpu1)), "peers": peers,
         "server_rss_base_mb": round(rss0 / 2**20, 1),
         "server_rss_registered_mb": round(marks["rss1"] / 2**20, 1),
-        "server_rss_after_stream_mb": round(out["rss2"] / 2**20, 1),
+        "server_rss_after_stream_mb": round(rss2 / 2**20, 1),
         "rss_mb_per_1000_peers": round((marks["rss1"] - rss0) / peers_k / 2**20, 2),
         # both ends of each loopback connection (server and generator), machine wide
         **{f"kernel_{k}_mb_per_1000_peers": round((marks["kmem1"][k] - kmem0[k]) / peers_k / 2**20, 2)
            for k in kmem0},
-        "targets": {"coordinations_per_s": ">= 5000", "registered": ">= 50000",
+        "targets": {"coordinations_per_s": ">= 5000", "registered": f">= {TARGET_PEERS}",
                     "rss_mb_per_1000_peers": "<= 25"},
     }
-    bench_report.record("rendezvous", f"one_node.{PEERS}", **values)
-    print(values)  # noqa: T201 - the headline numbers in the bench log
-    assert reg["registered"] == PEERS and reg["registration_failures"] == 0
+    return reg, summary, values
+
+
+def _check(reg: dict[str, Any], summary: dict[str, Any], peers: int) -> None:
+    assert reg["registered"] == peers and reg["registration_failures"] == 0
     assert not summary["fatal_errors"] and summary["connections_lost"] == 0
     assert summary["punch_initiator_only"] == 0 and summary["unanswered"] == 0
+
+
+def test_rendezvous_one_node(benchmark: Any, bench_report: Any) -> None:
+    out: dict[str, Any] = {}
+    benchmark.pedantic(lambda: out.update(r=_one_node(PEERS, SECONDS)), rounds=1, iterations=1)
+    reg, summary, values = out["r"]
+    bench_report.record("rendezvous", f"one_node.{PEERS}", **values)
+    print(values)  # noqa: T201 - the headline numbers in the bench log
+    _check(reg, summary, PEERS)
+
+
+def most_peers() -> tuple[int, int]:
+    """(peers one serve process can hold here, RLIMIT_NOFILE's hard limit): a descriptor
+    per peer connection, FD_RESERVE kept for the server's own; at most TARGET_PEERS."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return TARGET_PEERS, -1
+    return min(TARGET_PEERS, hard - FD_RESERVE), hard
+
+
+def test_rendezvous_most_peers(benchmark: Any, bench_report: Any) -> None:
+    """#18's 50,000 registered peers, or as many as the descriptor limit lets one process
+    hold (here the hard limit, which needs CAP_SYS_RESOURCE to raise); a short stream."""
+    peers, hard = most_peers()
+    out: dict[str, Any] = {}
+    benchmark.pedantic(lambda: out.update(r=_one_node(peers, MOST_SECONDS)), rounds=1,
+                       iterations=1)
+    reg, summary, values = out["r"]
+    values.update(fd_hard_limit=hard, peers_target=TARGET_PEERS,
+                  blocked_by=None if peers >= TARGET_PEERS else
+                  f"RLIMIT_NOFILE hard limit {hard}: one descriptor per peer connection")
+    bench_report.record("rendezvous", "most_peers", **values)
+    print(values)  # noqa: T201
+    _check(reg, summary, peers)
 
 
 def test_rendezvous_nodes_redis(benchmark: Any, bench_report: Any, redis_url: str,

@@ -1,9 +1,13 @@
-"""The server's remembered plans (signal/plan.py): a remembered plan is exactly the plan
-strategy.plan_race builds for the same inputs (RTT rounded up to its bucket), whatever the
-profiles, candidates and RTT; peers that differ only in what the planner never reads share
-one; the LAN rule (a shared public IPv4 address) still tells pairs apart."""
+"""What the server remembers to spare CPU (#18), and that remembering changes nothing.
+
+Plans (signal/plan.py): a remembered plan is exactly the plan strategy.plan_race builds for
+the same inputs (RTT rounded up to its bucket), whatever the profiles, candidates and RTT;
+peers that differ only in what the planner never reads share one; the LAN rule (a shared
+public IPv4 address) still tells pairs apart. Checked candidate lists (protocol.py): judged
+once per exact list and loopback policy, each answer a fresh copy."""
 from __future__ import annotations
 
+import enum
 import math
 import random
 from typing import Any
@@ -13,6 +17,7 @@ import pytest
 from pyholepunch import strategy
 from pyholepunch.nat.profile import NatProfile
 from pyholepunch.signal import plan as plan_mod
+from pyholepunch.signal import protocol
 from pyholepunch.signal.plan import MAX_PLANNED_RTT, RTT_FINE, make_plan, rtt_bucket
 from pyholepunch.signal.protocol import check_candidates
 
@@ -144,3 +149,30 @@ def test_rtt_bucket_rounds_up_a_little(rtt: float) -> None:
 def test_rtt_bucket_leaves_nonsense_to_the_planner() -> None:
     assert math.isnan(rtt_bucket(math.nan)) and rtt_bucket(-1.0) == -1.0
     assert make_plan([], [], [], [], rtt=math.inf) == fresh([], [], [], [], math.inf)
+
+
+class _Port(enum.IntEnum):
+    P = 5
+
+
+def test_checked_candidates_are_remembered_exactly() -> None:
+    protocol._checked.clear()
+    wire = [["198.51.100.1", 5, "ipv4", "", "stun"]]
+    first, again = check_candidates(wire), check_candidates(wire)
+    assert first == again == wire and again is not wire and again[0] is not wire[0]
+    assert list(protocol._checked.values()) == [None]     # passed as it was: nothing kept
+    again[0][1] = 6                                       # a caller's copy is its own
+    assert check_candidates(wire) == wire
+    v1 = [["198.51.100.1", 5], ["198.51.100.1", 5]]       # extended, then remembered so
+    assert check_candidates(v1) == check_candidates(v1) == [
+        ["198.51.100.1", 5, "ipv4", "", "stun"], ["198.51.100.1", 5, "ipv4", "", "host"]]
+    loop = [["127.0.0.1", 5, "ipv4", "", "host"]]
+    assert check_candidates(loop) == loop
+    with pytest.raises(ValueError, match="loopback"):     # the policy is part of the key
+        check_candidates(loop, allow_loopback=False)
+    for bad in (True, _Port.P):                           # packs like 5, is not an int
+        with pytest.raises(ValueError, match="bad candidate address"):
+            check_candidates([["198.51.100.1", bad, "ipv4", "", "stun"]])
+    size = len(protocol._checked)
+    assert check_candidates([("198.51.100.1", 5, "ipv4", "", "stun")]) == wire
+    assert len(protocol._checked) == size                 # not wire data: checked afresh
