@@ -1,10 +1,11 @@
-"""Rendezvous at volume (#18): registered peers, coordinations/s, memory per peer, and the
-same load through two nodes sharing a real redis-server, counting lost PUNCHes.
+"""Rendezvous at volume (#18): registered peers, coordinations/s, memory per peer, the most
+peers the descriptor limit lets one process hold, and the same load through two nodes sharing
+a real redis-server, counting lost PUNCHes.
 
-``python -m pytest bench/bench_rendezvous.py -p no:cacheprovider -s``
+``python -m pytest bench/bench_rendezvous.py -p no:cacheprovider -s`` (~2 min)
 
 The server is the real ``python -m pyholepunch serve`` process (its RSS and CPU are read from
-/proc alone); the peers come from worker processes running ``bench/rendezvous_load.py``: one
+/proc alone); the peers come from worker processes running ``tests/signal_load.py``: one
 TCP+TLS connection per registered peer (the protocol's unit, never many peers per connection),
 then a closed loop of CONNECTs, ``INFLIGHT`` outstanding per worker. A coordination is counted
 when BOTH its PUNCHes arrived (the initiator's and the responder's, matched by session across
@@ -12,25 +13,36 @@ workers); its latency is CONNECT sent to the later PUNCH received.
 
 Server, generator and the other engineers' work share two cores, so coordinations/s is what the
 server reached while competing for CPU; ``server_cpu_us_per_coordination`` (server CPU-seconds
-during the stream / coordinations) is the load-independent measure, and
-``server_bound_coordinations_per_s`` = 1e6 / it is what one core given to the server alone
-would carry. Memory: server RSS growth per 1,000 registered peers, and beside it the kernel's
-TCP buffer memory (/proc/net/sockstat, both ends of each loopback connection), which no RSS shows.
+during the stream / coordinations) depends less on the load, though it still rises on busy
+cores (fewer messages per loop turn, shared caches), and ``server_bound_coordinations_per_s``
+= 1e6 / it is what one core given to the server alone would carry; ``generator_cpu_s`` is
+the generator's share. Memory: server RSS growth per 1,000 registered peers, and beside it the
+kernel's TCP buffer and slab memory (both ends of each loopback connection), which no RSS shows.
+``test_rendezvous_most_peers`` registers #18's 50,000 peers, or as many as RLIMIT_NOFILE's
+hard limit lets one serve process hold (one descriptor per peer; FD_RESERVE kept), then a
+short stream, and reports ``fd_hard_limit`` and what blocks the target.
 
-Knobs: PYHOLEPUNCH_BENCH_PEERS (default 5000; the #18 target is 50000), PYHOLEPUNCH_BENCH_SECONDS
-(default 5), PYHOLEPUNCH_BENCH_WORKERS (default 2; more when one worker would pass 19,000
-connections), PYHOLEPUNCH_BENCH_NODES (default 2: serve processes sharing Redis),
-PYHOLEPUNCH_BENCH_PROFILE=FILE (run the single node under cProfile, stats written to FILE),
-PYHOLEPUNCH_BENCH_SERVER_LOG=FILE (the servers' stderr), PYHOLEPUNCH_BENCH_SERVER_TREE=DIR (the
-server from another checkout, for before/after numbers with the same generator).
-Measured 2026-12-07 (2 cores shared with four other engineers, load average 3-8; the same
-generator against the server before and after #18's work, PYHOLEPUNCH_BENCH_SERVER_TREE):
-one node, 5,000 peers: 428 -> 239 us server CPU per coordination (2,334 -> 4,176/s server-bound),
-1,543 -> 2,844 coordinations/s reached, 24.9 -> 23.6 MB RSS per 1,000 peers; 18,000 peers:
-22.9 MB per 1,000. Two nodes over Redis, 5,000 peers: 430 lost PUNCHes (312 CONNECTs answered
-500, redis-py's pool) -> 0 lost, ~900 us per coordination for both nodes together (redis-py).
+Knobs: PYHOLEPUNCH_BENCH_PEERS (default 5000), PYHOLEPUNCH_BENCH_SECONDS (default 5),
+PYHOLEPUNCH_BENCH_WORKERS (default 2; more when one worker would pass 19,000 connections),
+PYHOLEPUNCH_BENCH_NODES (default 2: serve processes sharing Redis),
+PYHOLEPUNCH_BENCH_PROFILE=FILE (the single node's CONNECT stream under cProfile, CPU time,
+stats written to FILE), PYHOLEPUNCH_BENCH_SERVER_LOG=FILE (the servers' stderr),
+PYHOLEPUNCH_BENCH_SERVER_TREE=DIR (the server from another checkout, for before/after numbers
+with the same generator).
+
+Measured 2026-12-07, 2 cores shared with the other engineers' tests, the server before and
+after the second round of #18's work (remembered plans and candidate checks, no task per
+message) against the same generator, runs interleaved, load average 1.4-2.9 (the bench's own
+~1.7 included): one node, 5,000 peers: 236-325 -> 163-211 us server CPU per coordination,
+2,853-4,263 -> 3,957-5,911 coordinations/s (6 runs each; 3 of 6 >= 5,000); on a quieter
+machine (load 0.8-1.1) 301 -> 140 us, 2,898 -> 7,158/s. The generator: ~100 us per
+coordination quiet, ~150 busy. RSS per 1,000 peers 23.6-23.8 -> 22.9-23.1 MB. Most peers:
+19,800 registered, 23.0 MB RSS per 1,000 (338 us per coordination in its 2 s stream, load 3.6).
 50,000 peers on one process cannot be registered here: RLIMIT_NOFILE's hard limit is 20,000
-and the container lacks CAP_SYS_RESOURCE to raise it (one descriptor per peer connection).
+and the container lacks CAP_SYS_RESOURCE to raise it. Two nodes over Redis, 5,000 peers: 0
+PUNCHes lost; 1,246 -> 1,046-1,093 us per coordination for both nodes together (redis-py's
+round trips), 753 -> 1,038-1,082/s (load 3.4-4.0). The first round (same day): 428 -> 239 us,
+and 430 lost PUNCHes over Redis -> 0.
 Targets (#18, reported, not asserted except no lost PUNCH): >= 5,000 coordinations/s, >= 50,000
 registered peers, <= 25 MB RSS per 1,000 peers; two nodes over Redis lose no PUNCH.
 """
