@@ -33,11 +33,12 @@ with the same generator).
 Measured 2026-12-07, 2 cores shared with the other engineers' tests, the server before and
 after the second round of #18's work (remembered plans and candidate checks, no task per
 message) against the same generator, runs interleaved, load average 1.4-2.9 (the bench's own
-~1.7 included): one node, 5,000 peers: 236-325 -> 163-211 us server CPU per coordination,
-2,853-4,263 -> 3,957-5,911 coordinations/s (6 runs each; 3 of 6 >= 5,000); on a quieter
+~1.7 included): one node, 5,000 peers: 236-325 -> 163-213 us server CPU per coordination,
+2,853-4,263 -> 3,757-5,911 coordinations/s (8 runs each; 3 of 8 >= 5,000); on a quieter
 machine (load 0.8-1.1) 301 -> 140 us, 2,898 -> 7,158/s. The generator: ~100 us per
 coordination quiet, ~150 busy. RSS per 1,000 peers 23.6-23.8 -> 22.9-23.1 MB. Most peers:
-19,800 registered, 23.0 MB RSS per 1,000 (338 us per coordination in its 2 s stream, load 3.6).
+19,800 registered, 23.0 MB RSS per 1,000 (297-338 us per coordination in its 2 s stream at
+load 2.6-3.6: most targets are met for the first time there; no garbage collection ran).
 50,000 peers on one process cannot be registered here: RLIMIT_NOFILE's hard limit is 20,000
 and the container lacks CAP_SYS_RESOURCE to raise it. Two nodes over Redis, 5,000 peers: 0
 PUNCHes lost; 1,246 -> 1,046-1,093 us per coordination for both nodes together (redis-py's
