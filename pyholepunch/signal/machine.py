@@ -150,6 +150,7 @@ class ClockEstimator:
     def __init__(self, window: int = 8) -> None:
         self._window = window
         self._samples: list[ClockSample] = []   # a list: a deque's block costs every peer 624 B
+        self._best: ClockSample | None = None   # chosen at each sample, read at every PUNCH
         self.count = 0
 
     def add(self, t1: float, t2: float, t3: float, t4: float) -> ClockSample:
@@ -159,12 +160,13 @@ class ClockEstimator:
         self._samples.append(sample)
         if len(self._samples) > self._window:
             del self._samples[0]
+        self._best = min(self._samples, key=lambda s: s.rtt)
         self.count += 1
         return sample
 
     @property
     def best(self) -> ClockSample | None:
-        return min(self._samples, key=lambda s: s.rtt) if self._samples else None
+        return self._best
 
     @property
     def offset(self) -> float:

@@ -138,30 +138,32 @@ def refusal(reason: str, code: int, prefix: str = "") -> SignalingError:
 # ---------------------------------------------------------------------------------------------
 # field checks: one function per field *name* (shared meaning across messages)
 
-CHECKED_CACHE = 8192             # candidate lists remembered as checked (check_candidates)
-_checked: dict[tuple[bool, tuple[tuple[Any, ...], ...]], tuple[tuple[Any, ...], ...]] = {}
+# Lists remembered as checked: every peer's, twice off loopback (wire check, then policy).
+CHECKED_CACHE = 1 << 17          # #18's 50,000 peers
+# (allow_loopback, msgpack of the list) -> None: passed unchanged (~190 B), or the result.
+_checked: dict[tuple[bool, bytes], tuple[tuple[Any, ...], ...] | None] = {}
 
 
 def check_candidates(value: Any, *, allow_loopback: bool = True) -> list[list[Any]]:
-    """The candidate check (``_check_candidates``), remembered: a peer's candidate list is
-    checked at REGISTER, in each CONNECT and again against the loopback policy; the same
-    list is judged once (ipaddress parsing is most of a CONNECT's CPU otherwise). Only
-    lists that passed are remembered, at most CHECKED_CACHE of them (then forgotten at
-    once), and each call returns fresh lists."""
+    """``_check_candidates``, remembered: a peer's list, checked at REGISTER, in each CONNECT
+    and against the loopback policy, is judged once (ipaddress parsing costs). Only lists
+    that passed, at most CHECKED_CACHE (then all forgotten); each call gets fresh lists."""
     if not isinstance(value, (list, tuple)) or len(value) > MAX_CANDIDATES:
         return _check_candidates(value, allow_loopback=allow_loopback)
-    try:        # the types are part of the key: [ip, True] must not pass as [ip, 1]
-        key = (allow_loopback, tuple((*c, *map(type, c)) for c in value))
-        hash(key)
-    except TypeError:               # not a list of flat sequences: the check says why
+    try:        # exact types only ([ip, True] is not [ip, 1]; a subclass or tuple raises)
+        key = (allow_loopback, msgpack.packb(value, use_bin_type=True, strict_types=True))
+    except (TypeError, ValueError, OverflowError):   # not wire data: checked afresh
         return _check_candidates(value, allow_loopback=allow_loopback)
-    known = _checked.get(key)
-    if known is None:
+    try:
+        known = _checked[key]
+    except KeyError:
         checked = _check_candidates(value, allow_loopback=allow_loopback)
         if len(_checked) >= CHECKED_CACHE:
             _checked.clear()
-        _checked[key] = known = tuple(tuple(c) for c in checked)
-    return [list(c) for c in known]
+        same = msgpack.packb(checked, use_bin_type=True, strict_types=True) == key[1]
+        _checked[key] = None if same else tuple(tuple(c) for c in checked)
+        return checked
+    return [list(c) for c in (value if known is None else known)]
 
 
 def _check_candidates(value: Any, *, allow_loopback: bool = True) -> list[list[Any]]:

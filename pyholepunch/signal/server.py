@@ -71,6 +71,9 @@ class SignalServer:
         self.ssl_context = credentials.ssl_context()
         self.config = config or ServerConfig()
         self.store = store or MemoryStore(names=self.config.names)
+        # Its methods never wait: a peer's messages are handled at once in data_received, no
+        # task each (eager.run_eager; a Redis store's need a task: asyncio.timeout).
+        self.eager = type(self.store) is MemoryStore
         self.relay_hub = relay_hub
         self.clock = clock
         self.node_id = node_id or uuid.uuid4().hex[:12]

@@ -1,8 +1,8 @@
 """One peer's connection to the rendezvous server: registration, clock sync, punch
 coordination, relay grants, results.
 
-A thin asyncio driver around ``SignalConnection``, messages handled in order by a task that
-exists only while there is work.
+A thin asyncio driver around ``SignalConnection``, messages handled in order: at once
+(eager.run_eager) when the store never waits, else by a task that exists while there is work.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ..errors import AuthenticationError, ProtocolError, QuotaError, Refusal
 from ..identity import peer_id_of, verify_signature
 from .admission import is_loopback, source_key
 from .auth import TokenBucket, check_token
+from .eager import run_eager
 from .machine import ClockEstimator, ConnectionClosed, Role, SignalConnection, State, common_start
 from .plan import make_plan
 from .protocol import (
@@ -113,7 +114,8 @@ class PeerProtocol(asyncio.Protocol):
                 return
             self._queue.append((msg, now))
         if self._queue and self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._drain())
+            self._worker = (run_eager(self._drain()) if self.server.eager
+                            else asyncio.get_running_loop().create_task(self._drain()))
 
     def eof_received(self) -> bool | None:
         self.close()
