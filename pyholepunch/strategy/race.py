@@ -29,6 +29,13 @@ MAX_RACE_DELAY = 0.25
 NO_COMMON_FAMILY = "no common address family"
 
 
+# The step budgets and start delays scale with the RTT. They were measured in the lab (40 ms)
+# planned with 100 ms, the planner's default: below it the plan keeps those measured values
+# (a mutual sequential sweep's probe allowance included); above it, a long path gets the
+# budgets its round trips need (at 300 ms the probe alone takes 0.6 s).
+PLANNED_RTT_FLOOR = 0.1
+
+
 def race_delay(rtt: float) -> float:
     """The IPv4 lane's delay for a peer-to-peer round trip estimate ``rtt`` (seconds)."""
     return round(min(MAX_RACE_DELAY, max(MIN_RACE_DELAY, 2 * rtt)), 3)
@@ -69,7 +76,7 @@ def plan_race(initiator: Sequence[NatProfile], responder: Sequence[NatProfile],
         # LAN step when the profiles show one public IPv4 address (the planner's rule); on
         # IPv6 the global addresses are the LAN addresses too.
         lanes.append((fam, plan_family(a, b, same_public_ip=None if fam == "ipv4" else False,
-                                       relay=relay)))
+                                       relay=relay, rtt=max(rtt, PLANNED_RTT_FLOOR))))
     direct = [replace(s, family=fam) for fam, p in lanes for s in p.direct_steps]
     relays = [s for _, p in lanes for s in p.steps if s.kind is StepKind.RELAY]
     if len(lanes) == 1:

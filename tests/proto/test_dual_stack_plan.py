@@ -8,7 +8,7 @@ import pytest
 from pyholepunch import strategy as st
 from pyholepunch.nat.profile import Allocation, Family, Filtering, Mapping, NatProfile, SynResponse
 from pyholepunch.strategy import NO_COMMON_FAMILY, Candidate, StepKind, parse_candidates, plan_race
-from pyholepunch.strategy.race import MAX_RACE_DELAY, MIN_RACE_DELAY, race_delay
+from pyholepunch.strategy.race import MAX_RACE_DELAY, MIN_RACE_DELAY, PLANNED_RTT_FLOOR, race_delay
 
 APDF = Filtering.ADDRESS_AND_PORT_DEPENDENT
 V6 = Family.IPV6
@@ -136,3 +136,14 @@ def test_a_v1_plan_is_read_as_ipv4() -> None:
         del step["family"]
     plan = st.Plan.from_dict(d)
     assert plan.families == ("ipv4",) and plan.race_delay == 0.0
+
+
+def test_a_long_path_gets_longer_budgets_a_short_one_keeps_the_measured_plan() -> None:
+    def budgets(rtt: float) -> list[float]:
+        plan = plan_race([V4_CONE], [V4_CONE_B], cands("ipv4"), cands("ipv4"), rtt=rtt)
+        return [s.budget for s in plan.steps]
+
+    measured = budgets(PLANNED_RTT_FLOOR)
+    assert budgets(0.0) == budgets(0.04) == measured     # the lab-measured timings
+    assert all(long > short for long, short in zip(budgets(0.3), measured, strict=True))
+    assert budgets(0.3) == [s.budget for s in st.plan(V4_CONE, V4_CONE_B, rtt=0.3).steps]
