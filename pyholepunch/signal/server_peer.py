@@ -330,7 +330,9 @@ class PeerProtocol(asyncio.Protocol):
 
     async def _sync_step(self) -> None:
         """Registration clock sync: ping/pong rounds, one at a time, then REGISTERED."""
-        if self.clock.count < self.cfg.sync_pings:
+        cfg = self.cfg
+        if self.clock.count < cfg.sync_pings \
+                and self.clock.agreeing(cfg.sync_agree) < cfg.sync_min_pings:
             self._ping(self.server.clock())
             return
         srv, rec = self.server, self.record
