@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -22,7 +23,29 @@ struct hp_simopen_state {
     int ep;             /* epoll over lfd and the armed cfd: what the driver waits on */
     int64_t deadline;
     int64_t next_arm;   /* when the next connect() is due while none is pending */
+    int graces;         /* deadline extensions granted to a half-open connection */
 };
+
+/* A connection the peer has answered (its SYN seen, our SYN-ACK sent: SYN_RECV) is not
+ * given up at the deadline: closing it sends a FIN, which moves both NATs' conntrack
+ * entries out of their SYN states, and every later SYN of the peer on this 4-tuple is then
+ * INVALID to them and dropped (a lossy simultaneous open never came up after one lost ACK,
+ * #19). It completes with the peer's next segment; the caller's deadline (a silence
+ * re-arm's slice, typically) is stretched for it, at most HP_SIMOPEN_GRACES times. */
+#define HP_SIMOPEN_GRACES 2
+#define HP_SIMOPEN_GRACE_MAX_NS 500000000LL
+
+static int hp_simopen_half_open(const hp_simopen_state_t *s)
+{
+    struct tcp_info info;
+    socklen_t len = sizeof(info);
+    if (s->cfd < 0 || !s->armed)
+        return 0;
+    memset(&info, 0, sizeof(info));
+    if (getsockopt(s->cfd, IPPROTO_TCP, TCP_INFO, &info, &len) < 0)
+        return 0;
+    return info.tcpi_state == TCP_SYN_RECV;
+}
 
 int hp_simopen_validate(const hp_simopen_args_t *a, const hp_punch_stats_t *st)
 {
@@ -289,8 +312,13 @@ int hp_simopen_step(hp_simopen_state_t *s, int64_t now, int *out_fd, int64_t *wa
                     return hp_simopen_take(s, fd, 1, out_fd);
             }
         }
-        if (now >= s->deadline)
-            return -ETIMEDOUT;
+        if (now >= s->deadline) {
+            if (s->graces >= HP_SIMOPEN_GRACES || !hp_simopen_half_open(s))
+                return -ETIMEDOUT;
+            s->graces++;
+            s->deadline = now + (s->a->timeout_ns < HP_SIMOPEN_GRACE_MAX_NS
+                                 ? s->a->timeout_ns : HP_SIMOPEN_GRACE_MAX_NS);
+        }
         if ((!s->armed || s->cfd < 0) && now >= s->next_arm) {
             rc = hp_simopen_arm(s, now, out_fd);
             if (rc != 0)

@@ -89,7 +89,8 @@ class Announcing:
             port = reservation.getsockname()[1] if reservation is not None else pp.port
             t = time.time()
             try:
-                result = await probe(pp.server, pp.local_ip, port)
+                result = await probe(pp.server, pp.local_ip, port,
+                                     rtt=self._signal.rtt or self._signal.connect_rtt)
                 if self._tracker is not None and family == self._primary:
                     self._tracker.observe(t, result.mapped[1], announced=True, took=time.time() - t)
             except BaseException:

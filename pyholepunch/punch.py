@@ -93,6 +93,7 @@ class PunchRun:
     sequential: SequentialSide | None = None   # our NAT is sequential: re-measure before sweeps
     rtt: float | None = None                   # round trip estimate: a silent simopen re-arms
     nat_hops: int | None = None                # measured NAT routers in front of us (nat/hops.py)
+    mark: bool = True                          # the responder's lead MARK (TLS drops it)
 
     @classmethod
     def for_session(cls, engine: Engine, plan: Plan, role: str, start_at: float,
@@ -195,7 +196,7 @@ class PunchRun:
                                           local=(lane.local_ip, lane.local_port),
                                           remote=_describe_remotes(ins, lane.peer))
         try:
-            result = await self._execute(ins, at, step.budget, lane)
+            result = await self._execute(ins, at, step.budget, lane, _mutual_simopen(step))
         except PunchTimeout as exc:
             self.report.step_finished(record, Outcome.TIMEOUT, stats=exc.stats, error=exc)
             raise
@@ -211,7 +212,7 @@ class PunchRun:
         return result
 
     async def _execute(self, ins: RoleInstruction, at: float, budget: float,
-                       lane: Lane) -> PunchResult:
+                       lane: Lane, mutual: bool = False) -> PunchResult:
         eng = self.engine
         ip, port = lane.local_ip, lane.local_port
         if ins.syn_ttl is not None and self.nat_hops:
@@ -243,9 +244,13 @@ class PunchRun:
         if ins.action in (Action.SIMOPEN, Action.CONNECT):
             listen = ins.action is Action.SIMOPEN
             local = (ip, port if listen else 0)
-            return await rearmed(lambda at, left: eng.simultaneous_open_async(
+
+            result = await rearmed(lambda at, left: eng.simultaneous_open_async(
                 local, remotes[0], at, left, interval=REARM_INTERVAL, syn_ttl=ins.syn_ttl,
                 listen=listen), start, timeout, silence_rearm(self.rtt))
+            if mutual and self.mark and self.role == "responder":
+                lead_mark(result)
+            return result
         if ins.action is Action.SWEEP_LOCAL_PORTS:
             pairs = [(0, remotes[0])] * ins.count
         elif ins.action is Action.SWEEP_REMOTE_PORTS:
@@ -271,6 +276,24 @@ class PunchRun:
         follows: it listens and keeps the connection the other side marks."""
         return ins.action is Action.SWEEP_REMOTE_PORTS or (
             ins.action is Action.SWEEP_PAIRS and self.role == "responder")
+
+
+def _mutual_simopen(step: Step) -> bool:
+    return step.initiator.action is Action.SIMOPEN and step.responder.action is Action.SIMOPEN
+
+
+def lead_mark(result: PunchResult) -> None:
+    """The responder of a simultaneous open sends MARK as soon as it is connected (the
+    initiator's TLS layer drops it: security.py). Under loss one end can be connected while
+    the other still waits in SYN_RECV for the handshake's last ACK, which the kernel sends
+    again only with its SYN-ACK after 1 s; the initiator's ClientHello carries it to a
+    half-open responder, but a responder, the TLS server, said nothing to a half-open
+    initiator, which stayed so past the relay decision (#19). The MARK's segment carries
+    it."""
+    try:
+        result.sock.send(MARK)      # one byte into an empty send buffer: it never waits
+    except OSError as exc:          # broken already: TLS will say so
+        log.debug("could not send the simultaneous open's mark: %r", exc)
 
 
 def _remotes(ins: RoleInstruction, peer: PunchTarget) -> list[Address]:

@@ -19,7 +19,7 @@ from .nat.classify import classify_nat
 from .nat.interfaces import local_addresses
 from .nat.profile import Family, Mapping, NatProfile
 from .strategy.candidates import FAMILIES, Candidate, family_name
-from .stun.client import BindingResult, StunTcpConnection
+from .stun.client import CONNECT_REARM, BindingResult, StunTcpConnection, silence_rearm
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,15 @@ def reserve_port(local_ip: str) -> socket.socket:
 
 
 
-async def probe(server: Address, local_ip: str, port: int) -> BindingResult:
+async def probe(server: Address, local_ip: str, port: int, *,
+                rtt: float | None = None) -> BindingResult:
     """Our mapping for ``port``, asked again (PROBE_ATTEMPTS in all) when the server's
     connection breaks: one unlucky connection on a lossy path must not fail a peer's
     start. A timeout is not retried: it has waited long enough (connect() may be
     waiting for this probe)."""
     for attempt in range(1, PROBE_ATTEMPTS + 1):
         try:
-            return await probe_once(server, local_ip, port)
+            return await probe_once(server, local_ip, port, rtt=rtt)
         except ConnectionError as exc:
             if attempt == PROBE_ATTEMPTS:
                 raise
@@ -78,10 +79,14 @@ async def probe(server: Address, local_ip: str, port: int) -> BindingResult:
     raise AssertionError("unreachable")
 
 
-async def probe_once(server: Address, local_ip: str, port: int) -> BindingResult:
+async def probe_once(server: Address, local_ip: str, port: int, *,
+                     rtt: float | None = None) -> BindingResult:
     """One STUN Binding over TCP from (local_ip, port); ends with an RST (SO_LINGER 0): a
-    TIME_WAIT would block the next probe from that port."""
-    conn = await StunTcpConnection.open(server, local=(local_ip, port))
+    TIME_WAIT would block the next probe from that port. With the server's ``rtt`` known, a
+    lost SYN is sent again after ~3 of them, and again soon (a lost SYN-ACK needs two)."""
+    conn = await StunTcpConnection.open(server, local=(local_ip, port),
+                                        rearm=silence_rearm(rtt) if rtt else CONNECT_REARM,
+                                        growth=1.25 if rtt else 2.0)
     try:
         return await conn.binding()
     finally:

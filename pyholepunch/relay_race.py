@@ -125,7 +125,7 @@ async def _race(punch: Awaitable[PunchResult], secure: Callable[[PunchResult], A
     route: Route | None = None
     try:
         if initiator:
-            decide_at = decision_time(start_at, report.started, rtt, spread)
+            decide_at = decision_time(start_at, report.started, rtt, spread, begun=time.time())
             t = race_timings(rtt)
             prepare_at = min(start_at + t.prepare_after, decide_at - t.join_allowance)
             await asyncio.wait({direct}, timeout=max(0.0, prepare_at - time.time()))
@@ -196,18 +196,23 @@ async def _race(punch: Awaitable[PunchResult], secure: Callable[[PunchResult], A
 
 
 def decision_time(start_at: float, started: float, rtt: float | None,
-                  spread: float = 0.0) -> float:
+                  spread: float = 0.0, *, begun: float = 0.0) -> float:
     """When the initiator stops waiting for the punch: ``decide_after`` the common start but
     ``decide_by`` after connect() (race_timings: DECIDE_AFTER and DECIDE_BY up to ~60 ms RTT,
     scaled beyond) -- unless signaling was slow, and then the direct steps still
     get their window after the start: some round trips, plus the server-measured RTT spread
     of the two peers (a lossy or jittery path delivers the peer's PUNCH, and so its first
-    SYN, up to a retransmission later; a steady one costs nothing here)."""
+    SYN, up to a retransmission later; a steady one costs nothing here).
+
+    ``begun``: when our punch began, the PUNCH in hand. A PUNCH of ours that a lost segment
+    held back past the common start (seen: 0.67 s late, the peer punching all along)
+    still gives the direct steps their window from then: the decision fell before our
+    first SYN, and the connection that came up 17 ms later was closed (#19)."""
     t = race_timings(rtt)     # the floors at the lab's 40 ms, more on a longer path
     late = LATE_SPREADS * min(max(spread, 0.0), MAX_SPREAD_MARGIN)
     window = max(DIRECT_WINDOW, DIRECT_RTTS * (rtt or 0.0)) + late
     return max(min(start_at + t.decide_after + late, started + t.decide_by + late),
-               start_at + window)
+               max(start_at, begun) + window)
 
 
 async def _secure_relay(join: asyncio.Future[Streams], secure: Callable[[Streams], Awaitable[Streams]],

@@ -43,6 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import AuthenticationError
 from .identity import Identity, peer_id_of
+from .punch_passive import MARK
 from .signal.tls import certificate_key
 from .signal.tlsproto import TlsTransport
 
@@ -253,8 +254,9 @@ async def _handshake_streams(conn: Streams, ctx: ssl.SSLContext, *, initiator: b
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = _RefusalAware(reader, peer_id, loop=loop)
+    # A simultaneous open's responder may lead with MARK (punch.lead_mark): dropped here.
     tls = TlsTransport(ctx, lambda: protocol, None, server_side=not initiator,
-                       abort_on_failure=False)
+                       abort_on_failure=False, lead=MARK if initiator else b"")
     await tls.take_over(inner_reader, inner_writer)
     assert tls.handshake_done is not None
     try:

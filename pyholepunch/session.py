@@ -129,6 +129,7 @@ async def punch_or_relay(end: SessionEnd, *, plan: Plan, role: str, start_at: fl
             punch = PunchRun.for_session(end.engine, plan, role, start_at, ends, peer.candidates,
                                       peer.profiles, report, secure)
             punch.rtt, punch.nat_hops, punch.sequential = end.rtt, end.nat_hops, end.sequential
+            punch.mark = not end.insecure_plain     # plain streams would read it as data
             if relay_on:    # the relay ready alongside
                 assert join_relay is not None
                 route, (reader, writer) = await direct_or_relay(

@@ -44,14 +44,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the ``argv`` it will parse, only the command named there is
+    imported and configured (the others keep their one-line help): a command's start-up
+    does not pay for every other command's modules (the lab, the server, the HTTP API)."""
+    chosen = _command_in(argv) if argv is not None else None
     parser = Parser(prog="pyholepunch", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pyholepunch {__version__}")
     add_global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if chosen is not None and name != chosen:
+            continue
+        module = importlib.import_module(module_name)
         add_global_flags(p, top=False)
         configure = getattr(module, f"configure_{name.replace('-', '_')}", None) or module.configure
         configure(p)
@@ -59,8 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names (its first word that is one), or None."""
+    return next((word for word in argv if word in COMMANDS), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(words).parse_args(words)
     name = args._name
     if getattr(args, "json", False) is True and getattr(args, "json_stream", "-") == "stderr":
         args.log_format = "json"     # the stream --json writes to carries JSON only

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 __all__ = ["PureEngine"]
 
 LISTEN_BACKLOG = 16
+TCP_SYN_RECV = 3            # tcp_info.tcpi_state (linux/tcp_states.h)
+SYN_RECV_GRACES = 2         # as csrc/simopen.c: deadline extensions for a half-open connection
+SYN_RECV_GRACE_MAX = 0.5    # s, each
 
 
 class PureEngine:
@@ -152,6 +155,7 @@ class _SimOpen:
         self.conn: socket.socket | None = None     # bound, connecting or about to
         self.connecting = False
         self.next_at = start
+        self.graces = 0
 
     def _new_conn(self) -> None:
         self.conn = reuse_socket(self.lip, self.lport)
@@ -202,12 +206,26 @@ class _SimOpen:
         self._new_conn()                           # bound now, connects at next_at
 
     def tick(self, now: float) -> float | None:
-        """Connect if due; when to tick again, or None at the deadline."""
+        """Connect if due; when to tick again, or None at the deadline (stretched for a
+        connection the peer has answered: csrc/simopen.c, HP_SIMOPEN_GRACES)."""
         if now >= self.deadline:
-            return None
+            if self.graces >= SYN_RECV_GRACES or not self._half_open():
+                return None
+            self.graces += 1
+            self.deadline = now + min(self.deadline - self.start, SYN_RECV_GRACE_MAX)
         if not self.connecting and now >= self.next_at:
             self._arm(now)
         return self.deadline if self.connecting else min(self.deadline, self.next_at)
+
+    def _half_open(self) -> bool:
+        """The peer's SYN seen and our SYN-ACK sent (SYN_RECV): closing it would send a FIN."""
+        if self.conn is None or not self.connecting:
+            return False
+        try:
+            info = self.conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+        except OSError:
+            return False
+        return info[0] == TCP_SYN_RECV
 
     def on_ready(self, fileobj: object) -> socket.socket | None:
         if fileobj is self.listener:

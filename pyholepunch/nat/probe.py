@@ -10,18 +10,22 @@ import asyncio
 import contextlib
 import logging
 import socket
+import statistics
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..address import Address, route_source
 from ..errors import ProtocolError, TransactionFailed, TransactionTimeout
 from ..stun.client import (
+    CONNECT_REARM,
     BindingResult,
     StunTcpConnection,
     StunUdpClient,
     format_address,
     new_transaction_id,
     reusable_socket,
+    silence_rearm,
 )
 from ..stun.codec import (
     AttrType,
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 CHANGE_BOTH = ChangeRequest(True, True)
 CHANGE_PORT = ChangeRequest(False, True)
 SERVER_CONNECT_BACK_TIMEOUT = 0.6   # our server's default; the client waits a bit longer
+REPORT_LOSS = 1.25      # s: a lost change request or report, twice (TCP's RTO 0.25 s, then 0.5 s)
 
 
 def _waits(rtt: float) -> tuple[float, float]:
@@ -168,11 +173,11 @@ class _ConnectBackCatcher:
     def __init__(self) -> None:
         self.answers: dict[bytes, tuple[StunMessage, Address]] = {}
         self.event = asyncio.Event()
-        self.accepted = 0
+        self.peers: list[str] = []     # the IP of every connection accepted (hairpin: ours)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
         peer = writer.get_extra_info("peername")
+        self.peers.append(peer[0])
         framer = StreamFramer()
         try:
             while True:
@@ -196,10 +201,35 @@ def _listener(local: Address) -> socket.socket:
     return sock
 
 
-async def _tcp_binding(server: Address, local: Address, timeout: float) -> BindingResult:
-    conn = await StunTcpConnection.open(server, local=local, connect_timeout=timeout)
+@dataclass(frozen=True, slots=True)
+class _Rearm:
+    """How the probes' connects re-send a lost SYN once the RTT is measured: after ~3 RTTs,
+    then a little later each time (stun.client.connect_rearming). A lost SYN-ACK needs two
+    fresh SYNs (the first one's only meets the server's half-open connection and clears
+    it), so the kernel's 1 s or a doubling schedule cost ~0.8 s each, and a phase waits for
+    its slowest probe."""
+
+    rearm: float = CONNECT_REARM
+    growth: float = 2.0
+
+    @classmethod
+    def measured(cls, rtt: float) -> _Rearm:
+        return cls(silence_rearm(rtt), 1.25)
+
+
+async def _tcp_binding(server: Address, local: Address, timeout: float,
+                       rearm: _Rearm = _Rearm()) -> BindingResult:
+    conn = await StunTcpConnection.open(server, local=local, connect_timeout=timeout,
+                                        rearm=rearm.rearm, growth=rearm.growth)
     async with conn:
         return await conn.binding(timeout=timeout)
+
+
+def _rtt(samples: list[float]) -> float:
+    """An RTT from a few round trips of the first round: the median, so one stretched by a
+    lost segment (TCP's retransmission, ~0.25 s) does not make every later wait 6 x longer."""
+    good = sorted(x for x in samples if x > 0)
+    return statistics.median(good) if len(good) >= 3 else good[0]
 
 
 async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
@@ -216,6 +246,7 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
         raise
     conns: list[StunTcpConnection] = []
     filter_task: asyncio.Future[None] | None = None
+    hairpin: asyncio.Future[None] | None = None
     try:
         a, f = await _gather(StunTcpConnection.open(obs.server, local=(ip, 0), connect_timeout=timeout),
                              StunTcpConnection.open(obs.server, local=(ip, p2), connect_timeout=timeout))
@@ -225,47 +256,70 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
                     "no answer to the TCP handshake" if isinstance(a, TransactionTimeout) else str(a))
             obs.error = f"cannot reach {format_address(obs.server)} over TCP: {what}"
             return
-        p1 = a.local
-        obs.mapping_local = p1
         try:
             r1 = await a.binding(timeout=timeout)
-        except (TransactionTimeout, TransactionFailed, OSError, ProtocolError) as exc:
+        except (ConnectionError, ProtocolError) as exc:
+            # A broken first connection (seen under loss: re-sent SYNs on one port can leave
+            # the two ends disagreeing) is not the server's answer: once more, a fresh port.
+            log.debug("TCP classification: the first connection broke (%r): a fresh one", exc)
+            try:
+                a = await StunTcpConnection.open(obs.server, local=(ip, 0), connect_timeout=timeout)
+                conns.append(a)
+                r1 = await a.binding(timeout=timeout)
+            except (TransactionTimeout, TransactionFailed, OSError, ProtocolError) as exc2:
+                obs.error = f"no STUN answer over TCP from {format_address(obs.server)}: {exc2}"
+                return
+        except (TransactionTimeout, TransactionFailed, OSError) as exc:
             obs.error = f"no STUN answer over TCP from {format_address(obs.server)}: {exc}"
             return
+        p1 = a.local
+        obs.mapping_local = p1
         obs.mapped_primary, obs.other_address = r1.mapped, r1.other_address
-        obs.rtt = max(a.connect_time, r1.rtt)
+        obs.rtt = _rtt([a.handshake_rtt, r1.rtt]
+                       + ([f.handshake_rtt] if isinstance(f, StunTcpConnection) else []))
         _, wait = _waits(obs.rtt)
         step = max(2.5, 6 * obs.rtt) + wait    # room for one SYN retransmission (1 s) and more
+        rearm = _Rearm.measured(obs.rtt)
 
         # filtering on the listener's port, in the background
+        filtered: asyncio.Future[Address | None] = asyncio.get_running_loop().create_future()
         if isinstance(f, StunTcpConnection):
             obs.filter_local = f.local
-            # the server's budget, our patience for silence, and one TCP retransmission (RTO >= 0.2 s)
-            cb_wait = SERVER_CONNECT_BACK_TIMEOUT + wait + 2 * obs.rtt + 0.5
-            filter_task = asyncio.ensure_future(_tcp_filtering(obs, f, catcher, cb_wait, step))
+            # the server's budget, our patience for silence, and TCP's retransmissions (RTO
+            # >= 0.2 s, doubling) of a lost request or report: a deadline, rarely waited out
+            cb_wait = SERVER_CONNECT_BACK_TIMEOUT + wait + 2 * obs.rtt + REPORT_LOSS
+            filter_task = asyncio.ensure_future(
+                _tcp_filtering(obs, f, catcher, cb_wait, step, filtered))
         else:
             obs.notes.append(f"filtering: the filtering connection failed ({f!r})")
+            filtered.set_result(None)
+        # The hairpin's connect takes a mapping of a fresh port, which only the allocation
+        # run must not see: it runs beside the mapping probes (its wait for silence, 0.4 s
+        # at least, was a round of its own), once the filtering port's mapping is known.
+        hairpin = asyncio.ensure_future(_tcp_hairpin(obs, ip, catcher, wait, filtered, step))
 
         # mapping: same local port, other destinations
         if obs.other_address is not None:
-            m2, m3 = await _gather(_tcp_binding((obs.other_address[0], obs.server[1]), p1, step),
-                                   _tcp_binding(obs.other_address, p1, step))
+            m2, m3 = await _gather(
+                _tcp_binding((obs.other_address[0], obs.server[1]), p1, step, rearm),
+                _tcp_binding(obs.other_address, p1, step, rearm))
             obs.mapped_alt_ip = m2.mapped if isinstance(m2, BindingResult) else None
             obs.mapped_alt_both = m3.mapped if isinstance(m3, BindingResult) else None
         elif obs.alt_server is not None:
-            m2 = (await _gather(_tcp_binding(obs.alt_server, p1, timeout)))[0]
+            m2 = (await _gather(_tcp_binding(obs.alt_server, p1, timeout, rearm)))[0]
             obs.mapped_alt_server = m2.mapped if isinstance(m2, BindingResult) else None
+        await hairpin
 
         # connect-backs create no mapping, so they may overlap the allocation run
-        await _tcp_allocation(obs, ip, allocation_probes, step)
-        await _tcp_hairpin(obs, ip, catcher, wait)
+        await _tcp_allocation(obs, ip, allocation_probes, step, rearm)
         if filter_task is not None:
             await filter_task
     finally:
-        if filter_task is not None and not filter_task.done():
-            filter_task.cancel()
-            with contextlib.suppress(BaseException):
-                await filter_task
+        for task in (filter_task, hairpin):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         for c in conns:
             await c.close()
         listener.close()
@@ -274,14 +328,19 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
 
 
 async def _tcp_filtering(obs: Observations, conn: StunTcpConnection, catcher: _ConnectBackCatcher,
-                         wait: float, first_timeout: float) -> None:
+                         wait: float, first_timeout: float,
+                         mapped: asyncio.Future[Address | None]) -> None:
+    """The filtering tests; ``mapped`` gets the filtering port's mapping (None if none)."""
     from .classify import Outcome
     try:
         rf = await conn.binding(timeout=first_timeout)   # TCP's own retransmission may be needed
+        obs.mapped_filter = rf.mapped
     except (TransactionTimeout, TransactionFailed, OSError, ProtocolError) as exc:
         obs.notes.append(f"filtering: no answer on the filtering connection ({exc})")
         return
-    obs.mapped_filter = rf.mapped
+    finally:
+        if not mapped.done():
+            mapped.set_result(obs.mapped_filter)
     probes = {}
     for change, probe in ((CHANGE_BOTH, obs.filter_both), (CHANGE_PORT, obs.filter_port)):
         req = binding_request(new_transaction_id(), change=change)
@@ -339,10 +398,12 @@ async def _tcp_filtering(obs: Observations, conn: StunTcpConnection, catcher: _C
         probe.outcome, probe.detail = Outcome.NOT_RUN, f"no connect-back and no report in {wait:.2f} s"
 
 
-async def _tcp_allocation(obs: Observations, ip: str, count: int, timeout: float) -> None:
+async def _tcp_allocation(obs: Observations, ip: str, count: int, timeout: float,
+                          rearm: _Rearm = _Rearm()) -> None:
     async def one(delay: float) -> BindingResult:
         await asyncio.sleep(delay)   # a few ms apart: the SYNs leave in order
-        conn = await StunTcpConnection.open(obs.server, local=(ip, 0), connect_timeout=timeout)
+        conn = await StunTcpConnection.open(obs.server, local=(ip, 0), connect_timeout=timeout,
+                                            rearm=rearm.rearm, growth=rearm.growth)
         obs.allocation_rearms += conn.rearms
         async with conn:
             return await conn.binding(timeout=timeout)
@@ -354,18 +415,25 @@ async def _tcp_allocation(obs: Observations, ip: str, count: int, timeout: float
             obs.allocation_lost += 1
 
 
-async def _tcp_hairpin(obs: Observations, ip: str, catcher: _ConnectBackCatcher, wait: float) -> None:
-    target = obs.mapped_filter
+async def _tcp_hairpin(obs: Observations, ip: str, catcher: _ConnectBackCatcher, wait: float,
+                       mapped: asyncio.Future[Address | None], timeout: float) -> None:
+    try:
+        target = await asyncio.wait_for(asyncio.shield(mapped), timeout)
+    except TimeoutError:
+        target = None
     if target is None:
         obs.hairpin_detail = "no mapped address for the listening port"
         return
-    before = catcher.accepted
+    before = len(catcher.peers)
+    servers = {obs.server[0], *(a[0] for a in (obs.other_address, obs.alt_server) if a)}
     sock = reusable_socket((ip, 0))
     try:
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, target), wait)
         obs.hairpin = True
     except (TimeoutError, OSError) as exc:
-        obs.hairpin = catcher.accepted > before
+        # accepted, though our end did not see it: hairpinned all the same (the filtering
+        # test's connect-backs come in meanwhile, from the server's addresses)
+        obs.hairpin = any(p not in servers for p in catcher.peers[before:])
         log.debug("TCP hairpin to %s: %r", target, exc)
     finally:
         sock.close()

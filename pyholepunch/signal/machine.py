@@ -178,6 +178,11 @@ class ClockEstimator:
         best = self.best
         return best.rtt if best else None
 
+    def agreeing(self, tolerance: float) -> int:
+        """How many samples came within ``tolerance`` s of the best round trip."""
+        best = self.best
+        return 0 if best is None else sum(s.rtt <= best.rtt + tolerance for s in self._samples)
+
     @property
     def spread(self) -> float:
         """How far the window's round trips reach above the best one (max - min), seconds.

@@ -40,6 +40,7 @@ from .protocol import (
     registration_message,
 )
 from .store import PeerRecord
+from .tail import TAIL_DELAY, lossy
 from .tls import check_peer_cert
 from .tlsproto import TlsTransport
 
@@ -156,6 +157,8 @@ class PeerProtocol(asyncio.Protocol):
         data = self.conn.send(msg)
         self.transport.write(data)
         self.server.metrics["frames_out"] += 1
+        if isinstance(msg, (Punch, RelayGrant)) and lossy(self.transport, self.clock.spread):
+            asyncio.get_running_loop().call_later(TAIL_DELAY, self._tail)   # signal/tail.py
         if self.transport.get_write_buffer_size() > self.cfg.max_write_buffer:
             log.warning("peer %s does not read; dropping it", self.name)
             self.close()
@@ -201,6 +204,11 @@ class PeerProtocol(asyncio.Protocol):
             return
         self._ping(now, offset=self.clock.offset, rtt=self.clock.rtt)
         self._arm(self.cfg.keepalive, self._keepalive)
+
+    def _tail(self) -> None:
+        if not self._closing and self.conn.state is State.READY:
+            now = self.server.clock()
+            self.send(Pong(t1=now, t2=now, t3=now))
 
     def _ping(self, now: float, **estimate: float | None) -> None:
         self._pings.append(now)
@@ -332,7 +340,9 @@ class PeerProtocol(asyncio.Protocol):
 
     async def _sync_step(self) -> None:
         """Registration clock sync: ping/pong rounds, one at a time, then REGISTERED."""
-        if self.clock.count < self.cfg.sync_pings:
+        cfg = self.cfg
+        if self.clock.count < cfg.sync_pings \
+                and self.clock.agreeing(cfg.sync_agree) < cfg.sync_min_pings:
             self._ping(self.server.clock())
             return
         srv, rec = self.server, self.record

@@ -47,8 +47,10 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
     def __init__(self, context: ssl.SSLContext, app_factory: Callable[[], asyncio.Protocol],
                  handshake_timeout: float | None = 10.0,
                  on_lost: Callable[[TlsTransport], None] | None = None, *,
-                 server_side: bool = True, abort_on_failure: bool = True) -> None:
+                 server_side: bool = True, abort_on_failure: bool = True,
+                 lead: bytes = b"") -> None:
         self._on_lost = on_lost
+        self._lead = lead       # dropped where the stream starts with it (no TLS record does)
         self._context = context
         self._app_factory = app_factory
         self._handshake_timeout = handshake_timeout
@@ -95,6 +97,10 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
             self._handshake()                      # the client speaks first
 
     def data_received(self, data: bytes) -> None:
+        if self._lead:
+            lead, self._lead = self._lead, b""
+            if data.startswith(lead):
+                data = data[len(lead):]
         self._incoming.write(data)
         if self._app is None and not self._handshake():
             return

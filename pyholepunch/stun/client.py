@@ -227,12 +227,14 @@ def silence_rearm(rtt: float | None) -> float:
 
 async def connect_rearming(server: Address, *, local: Address | None = None, timeout: float = 5.0,
                            rearm: float = CONNECT_REARM, any_port: bool = False,
-                           ) -> tuple[socket.socket, float, int]:
+                           growth: float = 2.0) -> tuple[socket.socket, float, int]:
     """A connected non-blocking TCP socket to ``server``, the RTT its handshake took, and how
     many fresh SYNs were sent after silence (each may have cost a NAT mapping).
 
     A lost SYN (or SYN-ACK) costs the kernel's 1 s retransmission: after ``rearm`` s of silence
-    (doubling each time, so a long path still gets through) a fresh socket on the same local
+    (times ``growth`` each time, so a long path still gets through: 2 when the RTT is a guess;
+    with a measured RTT behind ``rearm`` a gentler growth keeps the retries close, as the
+    lost-SYN-ACK case below needs two of them) a fresh socket on the same local
     address sends a new SYN at once (#19: a lossy start must not cost seconds). Raises
     TransactionTimeout after ``timeout`` s; a refusal raises at once (ConnectionRefusedError).
 
@@ -261,7 +263,7 @@ async def connect_rearming(server: Address, *, local: Address | None = None, tim
             if left <= slice_s:
                 raise TransactionTimeout(f"TCP connect to {format_address(server)} timed out "
                                          f"after {timeout:.2f} s") from None
-            slice_s *= 2
+            slice_s *= growth
             rearms += 1
         except BaseException:
             sock.close()
@@ -312,17 +314,21 @@ class StunTcpConnection:
         peer = writer.get_extra_info("peername")
         self.local: Address = (sock[0], sock[1])
         self.remote: Address = (peer[0], peer[1])
-        self.connect_time = 0.0
+        self.connect_time = 0.0     # from open() to connected, re-armed SYNs included
+        self.handshake_rtt = 0.0    # the winning SYN's round trip: an RTT sample loss left alone
         self.rearms = 0             # fresh SYNs after silence: each may have cost a NAT mapping
 
     @classmethod
     async def open(cls, server: Address, *, local: Address | None = None,
-                   connect_timeout: float = 5.0, **kwargs: Any) -> StunTcpConnection:
+                   connect_timeout: float = 5.0, rearm: float = CONNECT_REARM,
+                   growth: float = 2.0, **kwargs: Any) -> StunTcpConnection:
         start = time.monotonic()
-        sock, _, rearms = await connect_rearming(server, local=local, timeout=connect_timeout)
+        sock, handshake, rearms = await connect_rearming(server, local=local, timeout=connect_timeout,
+                                                         rearm=rearm, growth=growth)
         reader, writer = await asyncio.open_connection(sock=sock)
         self = cls(reader, writer, **kwargs)
         self.connect_time = time.monotonic() - start
+        self.handshake_rtt = handshake
         self.rearms = rearms
         return self
 

@@ -20,11 +20,11 @@ def failing_first(times: int, exc: BaseException) -> tuple[Any, list[int]]:
     real = punchport.probe_once
     calls: list[int] = []
 
-    async def probe_once(server: Any, local_ip: str, port: int) -> Any:
+    async def probe_once(server: Any, local_ip: str, port: int, **kw: Any) -> Any:
         calls.append(port)
         if len(calls) <= times:
             raise exc
-        return await real(server, local_ip, port)
+        return await real(server, local_ip, port, **kw)
     return probe_once, calls
 
 
