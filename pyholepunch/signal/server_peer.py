@@ -40,7 +40,6 @@ from .protocol import (
     registration_message,
 )
 from .store import PeerRecord
-from .tail import TAIL_DELAY, lossy
 from .tls import check_peer_cert
 from .tlsproto import TlsTransport
 
@@ -157,8 +156,6 @@ class PeerProtocol(asyncio.Protocol):
         data = self.conn.send(msg)
         self.transport.write(data)
         self.server.metrics["frames_out"] += 1
-        if isinstance(msg, (Punch, RelayGrant)) and lossy(self.transport, self.clock.spread):
-            asyncio.get_running_loop().call_later(TAIL_DELAY, self._tail)   # signal/tail.py
         if self.transport.get_write_buffer_size() > self.cfg.max_write_buffer:
             log.warning("peer %s does not read; dropping it", self.name)
             self.close()
@@ -204,11 +201,6 @@ class PeerProtocol(asyncio.Protocol):
             return
         self._ping(now, offset=self.clock.offset, rtt=self.clock.rtt)
         self._arm(self.cfg.keepalive, self._keepalive)
-
-    def _tail(self) -> None:
-        if not self._closing and self.conn.state is State.READY:
-            now = self.server.clock()
-            self.send(Pong(t1=now, t2=now, t3=now))
 
     def _ping(self, now: float, **estimate: float | None) -> None:
         self._pings.append(now)
