@@ -91,7 +91,17 @@ PAIRS = [("symmetric-seq", "symmetric-seq"), ("port-restricted", "symmetric-seq"
          ("symmetric-seq", "port-restricted")]
 RTT_MS = 40
 RESULTS = Path(os.environ.get("PYHOLEPUNCH_BENCH_DIR", Path(__file__).parent / "results"))
-_rows: dict[str, Any] = {}
+_rows: dict[str, dict[str, Any]] = {}     # group -> key -> row, for the group's own JSON file
+
+
+def _keep(bench_report: Any, group: str, key: str, row: dict[str, Any]) -> None:
+    """The row in the bench report and in bench/results/<group>.json (rewritten each time, so
+    an interrupted run keeps what it measured)."""
+    rows = _rows.setdefault(group, {})
+    rows[key] = row
+    bench_report.record(group, key, **row)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{group}.json").write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
 
 
 def _one(lab: Lab) -> dict[str, Any]:
@@ -134,10 +144,7 @@ def test_hard_pair_success_curve(a: str, b: str, rate: float, bench_report: Any)
            "relay_reasons": sorted({str(x["relay_reason"])[:160] for x in relayed}),
            "errors": sorted({str(x["error"])[:200] for x in runs if x["route"] is None})}
     key = f"{a}<->{b}@{rate:g}/s"
-    _rows[key] = row
-    bench_report.record("hard_pairs", key, **row)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "hard_pairs.json").write_text(json.dumps(_rows, indent=2, sort_keys=True) + "\n")
+    _keep(bench_report, "hard_pairs", key, row)
     print(f"\n{key}: {row['direct']}/{row['runs']} direct, {row['relayed']} relay, "
           f"{row['failed']} failed; median {row['median_connect_s_all']} s; {row['relay_reasons']}")
 
@@ -147,7 +154,6 @@ LOSSY_PAIRS = [tuple(x.split(":")) for x in os.environ.get(
     "HPL_LOSSY_PAIRS", "port-restricted:port-restricted,symmetric-random:port-restricted"
     ).split(",")]
 LOSS_PCT, JITTER_MS = 10.0, 20.0
-_lossy: dict[str, Any] = {}
 
 
 @pytest.mark.parametrize(("a", "b"), LOSSY_PAIRS, ids=[f"{a}--{b}" for a, b in LOSSY_PAIRS])
@@ -187,10 +193,7 @@ def test_lossy_pairs(a: str, b: str, bench_report: Any) -> None:
            "cli_s": [None if x["cli_s"] is None else round(x["cli_s"], 2) for x in runs],
            "errors": sorted({str(x["error"])[:200] for x in runs if x.get("error")})}
     key = f"{a}<->{b}@{LOSS_PCT:g}%+{JITTER_MS:g}ms"
-    _lossy[key] = row
-    bench_report.record("lossy_pairs", key, **row)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lossy_pairs.json").write_text(json.dumps(_lossy, indent=2, sort_keys=True) + "\n")
+    _keep(bench_report, "lossy_pairs", key, row)
     print(f"\n{key}: {direct}/{len(runs)} direct, {connected} connected; CLI median "
           f"{row['median_cli_s']} s (max {row['max_cli_s']}), connect() median "
           f"{row['median_connect_s']} s; {row['failed_steps']} {row['errors']}")

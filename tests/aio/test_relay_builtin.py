@@ -4,11 +4,10 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from pyholepunch import engine as engine_mod
 from pyholepunch.errors import RelayError
@@ -42,24 +41,6 @@ def pump(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 HubFactory = Callable[..., Any]
-
-
-@pytest_asyncio.fixture
-async def make_server() -> AsyncIterator[HubFactory]:
-    servers: list[RelayServer] = []
-
-    async def make(**kwargs: Any) -> RelayServer:
-        kwargs.setdefault("pair_timeout", 3.0)
-        srv = RelayServer(RelayHub(**kwargs))
-        await srv.start()
-        servers.append(srv)
-        return srv
-
-    try:
-        yield make
-    finally:
-        for srv in servers:
-            await srv.close()
 
 
 async def pair(srv: RelayServer, session: str = "s1", timeout: float = 5.0) -> tuple[Any, Any]:

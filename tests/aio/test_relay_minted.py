@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from pyholepunch import engine as engine_mod
 from pyholepunch.errors import RelayError
@@ -21,6 +20,8 @@ from pyholepunch.relay.minted import mint, secret_bytes, session_key
 from pyholepunch.serve import Rendezvous
 
 from .helpers import closed, fds, settled
+
+PURE = engine_mod.get("pure")     # these tests pump with the pure engine (the tokens are the point)
 
 pytestmark = [pytest.mark.timeout(20), pytest.mark.asyncio]
 
@@ -40,25 +41,6 @@ class Wall:
         return self.now
 
 
-@pytest_asyncio.fixture
-async def make_server() -> AsyncIterator[Callable[..., Any]]:
-    servers: list[RelayServer] = []
-
-    async def make(**kwargs: Any) -> RelayServer:
-        kwargs.setdefault("pair_timeout", 3.0)
-        kwargs.setdefault("engine", engine_mod.get("pure"))
-        srv = RelayServer(RelayHub(**kwargs))
-        await srv.start()
-        servers.append(srv)
-        return srv
-
-    try:
-        yield make
-    finally:
-        for srv in servers:
-            await srv.close()
-
-
 def _join(srv: RelayServer | Rendezvous, session: bytes, side: int, *, secret: bytes = KEY,
           now: float = 1_800_000_000.0, ttl: float = 60, timeout: float = 5) -> Any:
     """Join ``session`` as ``side`` with a token minted at ``now`` (the Wall's time)."""
@@ -74,7 +56,7 @@ def _empty(hub: RelayHub) -> bool:
 
 async def test_two_minted_sides_pair_and_relay(make_server: Callable[..., Any]) -> None:
     before = fds()
-    srv = await make_server(secret=SECRET, wall=Wall())
+    srv = await make_server(engine=PURE, secret=SECRET, wall=Wall())
     (ra, wa), (rb, wb) = await asyncio.gather(_join(srv, _session(), 0), _join(srv, _session(), 1))
     payload = os.urandom(100_000)
     wa.write(payload)
@@ -97,7 +79,7 @@ async def test_two_minted_sides_pair_and_relay(make_server: Callable[..., Any]) 
 async def test_forged_expired_and_too_long_tokens_are_refused(
         make_server: Callable[..., Any]) -> None:
     wall = Wall()
-    srv = await make_server(secret=SECRET, wall=wall, minted_max_ttl=120)
+    srv = await make_server(engine=PURE, secret=SECRET, wall=wall, minted_max_ttl=120)
     with pytest.raises(RelayError, match=r"bad token \(not minted with this relay's secret\)"):
         await _join(srv, _session(), 0, secret=secret_bytes("another-secret-0123456789"))
     with pytest.raises(RelayError, match="expired token"):
@@ -114,7 +96,7 @@ async def test_forged_expired_and_too_long_tokens_are_refused(
 
 
 async def test_replayed_and_wrong_side_tokens_are_refused(make_server: Callable[..., Any]) -> None:
-    srv = await make_server(secret=SECRET, wall=Wall(), pair_timeout=0.5)
+    srv = await make_server(engine=PURE, secret=SECRET, wall=Wall(), pair_timeout=0.5)
     preamble = mint(KEY, _session(), 0, now=1_800_000_000.0)
     (ra, wa), (rb, wb) = await asyncio.gather(join_relay(srv.address, preamble, timeout=5),
                                               _join(srv, _session(), 1))
@@ -142,7 +124,7 @@ async def test_replayed_and_wrong_side_tokens_are_refused(make_server: Callable[
 
 
 async def test_quotas_count_minted_sessions_and_free_them(make_server: Callable[..., Any]) -> None:
-    srv = await make_server(secret=SECRET, wall=Wall(), minted_per_source=1, pair_timeout=5)
+    srv = await make_server(engine=PURE, secret=SECRET, wall=Wall(), minted_per_source=1, pair_timeout=5)
     waiting = asyncio.ensure_future(_join(srv, _session(0), 0, timeout=0.5))
     await asyncio.sleep(0.1)
     with pytest.raises(RelayError, match="relay quota reached"):
@@ -161,7 +143,7 @@ async def test_quotas_count_minted_sessions_and_free_them(make_server: Callable[
     a, b = await asyncio.gather(_join(srv, _session(1), 0), _join(srv, _session(1), 1))
     await closed(a[1], b[1])
     # In all: max_minted live sessions, whatever the source.
-    srv2 = await make_server(secret=SECRET, wall=Wall(), max_minted=1)
+    srv2 = await make_server(engine=PURE, secret=SECRET, wall=Wall(), max_minted=1)
     held = asyncio.ensure_future(_join(srv2, _session(4), 0))
     await asyncio.sleep(0.1)
     with pytest.raises(RelayError, match="relay quota reached"):
@@ -172,13 +154,13 @@ async def test_quotas_count_minted_sessions_and_free_them(make_server: Callable[
 
 async def test_a_hub_without_a_secret_takes_no_minted_tokens(
         make_server: Callable[..., Any]) -> None:
-    srv = await make_server()
+    srv = await make_server(engine=PURE)
     with pytest.raises(RelayError, match="takes no minted tokens"):
         await _join(srv, _session(), 0)
     with pytest.raises(ValueError, match="at least 16 bytes"):
         RelayHub(secret="short")
     # A truncated minted preamble: refused once the handshake time is up.
-    srv2 = await make_server(secret=SECRET, handshake_timeout=0.3)
+    srv2 = await make_server(engine=PURE, secret=SECRET, handshake_timeout=0.3)
     r, w = await asyncio.open_connection(*srv2.address)
     w.write(b"HPM1" + b"\x00" * 7)
     await w.drain()

@@ -60,6 +60,16 @@ def _run_pair(lab: Any, tmp: Path, stun: str, bob: dict[str, Any] | None = None,
     return out[0], out[1]
 
 
+def _our_stun_server(lab: Any) -> str:
+    """`python -m pyholepunch.stun` on the lab's server host, both addresses: its host:port."""
+    stun = f"{lab.server_ip}:{STUN_PORT}"
+    proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen", stun,
+                                "--alt-ip", lab.server_alt_ip],
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    OutputLines(proc, "stdout", "the STUN server").wait_for("ready", 20)
+    return stun
+
+
 def _check_direct(alice: dict[str, Any], bob: dict[str, Any]) -> None:
     for me, other in ((alice, bob), (bob, alice)):
         assert me.get("ok"), me
@@ -78,11 +88,7 @@ def test_offers_over_files_port_restricted_x_symmetric_random(tmp_path: Path) ->
     from pyholepunch.lab import Lab
 
     with Lab(a=A, b=B, rtt_ms=40) as lab:
-        stun = f"{lab.server_ip}:{STUN_PORT}"
-        proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen", stun,
-                                    "--alt-ip", lab.server_alt_ip],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
-        OutputLines(proc, "stdout", "the STUN server").wait_for("ready", 20)
+        stun = _our_stun_server(lab)
         alice, bob = _run_pair(lab, tmp_path, stun)
     _check_direct(alice, bob)
     assert alice["nat"]["nat_type"] == "port-restricted"
@@ -162,11 +168,7 @@ def test_a_clock_3_s_off_still_starts_both_sides_together(tmp_path: Path) -> Non
     from pyholepunch.lab import Lab
 
     with Lab(a=A, b=B, rtt_ms=40) as lab:
-        stun = f"{lab.server_ip}:{STUN_PORT}"
-        proc = lab.spawn("server", [sys.executable, "-m", "pyholepunch.stun", "--listen", stun,
-                                    "--alt-ip", lab.server_alt_ip],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
-        OutputLines(proc, "stdout", "the STUN server").wait_for("ready", 20)
+        stun = _our_stun_server(lab)
         alice, bob = _run_pair(lab, tmp_path, stun, alice=dict(clock_skew=3.0),
                                bob=dict(answer=True))
     _check_direct(alice, bob)
