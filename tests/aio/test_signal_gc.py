@@ -103,3 +103,18 @@ async def test_departed_peers_are_not_cyclic_garbage(server: SignalServer) -> No
         gc.set_debug(0)
         gc.garbage.clear()
     assert left == [], f"{len(left)} server objects of departed peers were cyclic garbage"
+
+
+async def test_sessions_are_not_tracked_by_the_collector() -> None:
+    """A MemoryStore keeps up to max_sessions sessions for SESSION_TTL: at thousands of
+    coordinations per second they would outnumber the peers' objects (one tracked
+    (expiry, info) tuple each before #18's fix); a dict of strings is not tracked."""
+    store = MemoryStore()
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(5000):
+        assert await store.put_session(f"s-{i}", {"initiator": "a" * 16, "responder": "b" * 16})
+    gc.collect()
+    assert len(gc.get_objects()) - before < 50
+    assert await store.get_session("s-7") == {"initiator": "a" * 16, "responder": "b" * 16}
+    assert not await store.put_session("s-7", {})
