@@ -24,7 +24,6 @@ import os
 import random
 import resource
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +47,7 @@ from pyholepunch.signal.protocol import (
 )
 from pyholepunch.signal.tls import client_context
 from pyholepunch.signal.tlsproto import TlsTransport
+from tests.server_probe import server_argv
 
 PROFILE = {"transport": "tcp", "family": "ipv4", "mapping": "endpoint-independent",
            "filtering": "address-and-port-dependent", "allocation": "preserving",
@@ -332,20 +332,11 @@ def _lift_fd_limit() -> None:
 @contextmanager
 def serve(peers: int, store: str | None = None, state_dir: str | None = None,
           profile: str | None = None, log_file: str | None = None,
-          server_tree: str | None = None) -> Iterator[tuple[subprocess.Popen[str], tuple[str, int]]]:
-    """One ``pyholepunch serve`` process (signaling only), its fd limit lifted for ``peers``."""
-    cmd = [sys.executable]
-    if profile:     # CPU time, not wall time: on shared cores a preempted send() looks slow
-        # Profiled between SIGUSR1 and SIGUSR2 only (profiling(): the CONNECT stream), so
-        # the registrations' TLS handshakes and signatures do not drown the coordinations.
-        cmd += ["-c", "import cProfile, runpy, signal, sys, time; sys.argv[0] = 'pyholepunch'; "
-                "p = cProfile.Profile(time.process_time)\n"
-                "signal.signal(signal.SIGUSR1, lambda *_: p.enable())\n"
-                "signal.signal(signal.SIGUSR2, lambda *_: p.disable())\n"
-                "try: runpy.run_module('pyholepunch', run_name='__main__')\n"
-                f"finally: p.disable(); p.dump_stats({profile!r})"]
-    else:
-        cmd += ["-m", "pyholepunch"]
+          server_tree: str | None = None, probe: str | None = None,
+          ) -> Iterator[tuple[subprocess.Popen[str], tuple[str, int]]]:
+    """One ``pyholepunch serve`` process (signaling only), its fd limit lifted for ``peers``;
+    ``probe``: a file for tests/server_probe.py's JSON lines (GC pauses, loop lag)."""
+    cmd = server_argv(profile, probe)
     cmd += ["serve", "--listen", "127.0.0.1:0", "--json", "--quiet",
             "--no-relay", "--no-stun", "--max-peers", str(peers * 2)]
     if store:
@@ -371,10 +362,11 @@ def serve(peers: int, store: str | None = None, state_dir: str | None = None,
 
 def run_load(servers: list[tuple[str, int]], peers: int, seconds: float, workers: int,
              on_registered: Any = None, inflight: int = 200,
-             settle: float = 5.0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Register ``peers`` over ``workers`` processes (peer k on servers[k % len]), stream
-    CONNECTs for ``seconds``; (registration facts, joined stream summary)."""
-    names = [f"p{i}" for i in range(peers)]
+             settle: float = 5.0, on_streamed: Any = None,
+             prefix: str = "p") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Register ``peers`` over ``workers`` processes (peer k on servers[k % len], named
+    ``prefix``k), stream CONNECTs for ``seconds``; (registration facts, joined summary)."""
+    names = [f"{prefix}{i}" for i in range(peers)]
     order = names[:]
     random.Random(7).shuffle(order)       # targets: every peer in turn, shuffled
     ctx = mp.get_context("fork")
@@ -401,6 +393,8 @@ def run_load(servers: list[tuple[str, int]], peers: int, seconds: float, workers
         for pipe in pipes:
             pipe.send(("go", seconds, settle))
         results = [pipe.recv() for pipe in pipes]
+        if on_streamed is not None:
+            on_streamed()
         for pipe in pipes:
             pipe.send(("responded", 1.0))
         for pipe, late in zip(pipes, [pipe.recv() for pipe in pipes], strict=True):

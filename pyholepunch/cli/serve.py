@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -143,6 +144,11 @@ async def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     async with app:
+        # What start-up imported and built lives as long as the process: out of every
+        # collection from here on, so a full one traverses the peers' objects only (#18).
+        # Peers' objects, which may end as cyclic garbage, are all created after this.
+        gc.collect()
+        gc.freeze()
         where = " and ".join(format_address(a) for a in app.addresses)
         parts = ["signaling"] + (["stun"] if app.stun else []) + (["relay"] if app.relay_hub else [])
         if args.json:

@@ -149,39 +149,38 @@ class ClockEstimator:
 
     def __init__(self, window: int = 8) -> None:
         self._window = window
-        self._samples: list[ClockSample] = []   # a list: a deque's block costs every peer 624 B
-        self._best: ClockSample | None = None   # chosen at each sample, read at every PUNCH
+        # Plain tuples of floats, replaced at each sample (a ping's rate): the collector stops
+        # tracking those, where a list of ClockSamples was ``window`` + 1 tracked objects
+        # for every registered peer, each traversed by every full collection (#18).
+        self._samples: tuple[tuple[float, float, float], ...] = ()   # (offset, rtt, at)
+        self._best: tuple[float, float, float] | None = None   # chosen at each sample
         self.count = 0
 
     def add(self, t1: float, t2: float, t3: float, t4: float) -> ClockSample:
         """t1 local send, t2 remote receive, t3 remote send, t4 local receive."""
         rtt = max(0.0, (t4 - t1) - (t3 - t2))
-        sample = ClockSample(offset=((t2 - t1) + (t3 - t4)) / 2, rtt=rtt, at=t4)
-        self._samples.append(sample)
-        if len(self._samples) > self._window:
-            del self._samples[0]
-        self._best = min(self._samples, key=lambda s: s.rtt)
+        sample = (((t2 - t1) + (t3 - t4)) / 2, rtt, t4)
+        self._samples = (*self._samples[max(0, len(self._samples) + 1 - self._window):], sample)
+        self._best = min(self._samples, key=_rtt_of)
         self.count += 1
-        return sample
+        return ClockSample(*sample)
 
     @property
     def best(self) -> ClockSample | None:
-        return self._best
+        return ClockSample(*self._best) if self._best else None
 
     @property
     def offset(self) -> float:
-        best = self.best
-        return best.offset if best else 0.0
+        return self._best[0] if self._best else 0.0
 
     @property
     def rtt(self) -> float | None:
-        best = self.best
-        return best.rtt if best else None
+        return self._best[1] if self._best else None
 
     def agreeing(self, tolerance: float) -> int:
         """How many samples came within ``tolerance`` s of the best round trip."""
         best = self.best
-        return 0 if best is None else sum(s.rtt <= best.rtt + tolerance for s in self._samples)
+        return 0 if best is None else sum(s[1] <= best.rtt + tolerance for s in self._samples)
 
     @property
     def spread(self) -> float:
@@ -192,8 +191,12 @@ class ClockEstimator:
         direction of a round trip may carry all of it)."""
         if not self._samples:
             return 0.0
-        rtts = [s.rtt for s in self._samples]
+        rtts = [s[1] for s in self._samples]
         return max(rtts) - min(rtts)
+
+
+def _rtt_of(sample: tuple[float, float, float]) -> float:
+    return sample[1]
 
 
 MAX_SPREAD_MARGIN = 0.25     # seconds: a peer's jitter never delays a punch by more than this

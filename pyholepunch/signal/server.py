@@ -259,17 +259,28 @@ class _AdmittedTls(TlsTransport):
     before any TLS state exists (a connection flood must not grow memory)."""
 
     def __init__(self, server: SignalServer) -> None:
+        # No on_lost callback: a bound method kept per connection is one more object the
+        # collector tracks for every peer (#18); connection_lost below calls the server.
         super().__init__(server.ssl_context, server.peer_factory,
-                         server.config.handshake_timeout, server._tls_lost)
-        self._server = server
+                         server.config.handshake_timeout)
+        self._server: SignalServer | None = server      # None: refused, never counted
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert self._server is not None
         if not self._server.admit(self, transport.get_extra_info("peername")):
-            self._on_lost, self._closed = None, True
+            self._server, self._closed = None, True
             transport.abort()  # type: ignore[attr-defined]
             return
         super().connection_made(transport)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._server is not None:
+            self._server._tls_lost(self)
+        super().connection_lost(exc)
+        # Unlinked from its PeerProtocol (which keeps its transport): the pair is freed by
+        # reference counting as the peer leaves, not left to a full collection as cyclic
+        # garbage (5,000 peers gone: 271 ms for the collection that freed them, #18).
+        self._app = None
 
 
 __all__ = ["PeerProtocol", "Refusal", "ServerConfig", "SignalServer", "make_plan"]

@@ -7,6 +7,7 @@ A thin asyncio driver around ``SignalConnection``, messages handled in order: at
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 from collections.abc import Callable
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MAX_GAVE_UP_REASON = 200     # characters of a peer's failure reason passed on to the other
 MAX_OUTSTANDING_PINGS = 4    # pings whose pong we still accept (a pong must echo one of them)
+_TIMER_CONTEXT = contextvars.Context()
 
 
 def _other_peer(session: dict[str, Any], peer_id: str) -> str:
@@ -75,7 +77,9 @@ class PeerProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self._closing = False
-        self._pings: list[float] = []      # t1 of the last MAX_OUTSTANDING_PINGS pings sent
+        # t1 of the last MAX_OUTSTANDING_PINGS pings sent; a tuple of floats, replaced at each
+        # ping: the collector stops tracking it (a list would be traversed forever, #18)
+        self._pings: tuple[float, ...] = ()
         self.source = ""           # the peer's address as admission counts it
         self.loopback = False      # connected over loopback (from the server's own host)
 
@@ -126,8 +130,10 @@ class PeerProtocol(asyncio.Protocol):
         self.server.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         if self._worker is not None:
             self._worker.cancel()
+            self._worker = None
         rec = self.record
         if rec is not None and self.server.peers.get(rec.peer_id) is self:
             del self.server.peers[rec.peer_id]
@@ -189,7 +195,10 @@ class PeerProtocol(asyncio.Protocol):
     def _arm(self, delay: float, fn: Callable[[], None]) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, fn)
+        # One shared empty context: call_later would copy the current one for each timer, an
+        # object more for the collector per registered peer (#18); the server's callbacks
+        # read no context variable.
+        self._timer = asyncio.get_running_loop().call_later(delay, fn, context=_TIMER_CONTEXT)
 
     def _handshake_expired(self) -> None:
         self.fail(ErrorCode.TIMEOUT, f"registration not completed in {self.cfg.handshake_timeout:g}s")
@@ -203,9 +212,7 @@ class PeerProtocol(asyncio.Protocol):
         self._arm(self.cfg.keepalive, self._keepalive)
 
     def _ping(self, now: float, **estimate: float | None) -> None:
-        self._pings.append(now)
-        if len(self._pings) > MAX_OUTSTANDING_PINGS:
-            del self._pings[0]
+        self._pings = (*self._pings[1 - MAX_OUTSTANDING_PINGS:], now)
         self.send(Ping(t1=now, **estimate))
 
     # -- message handling ------------------------------------------------------------------
@@ -268,7 +275,8 @@ class PeerProtocol(asyncio.Protocol):
         if msg.t1 not in self._pings:
             log.debug("pong from %s echoes no ping of ours; ignored", self.name)
             return False
-        self._pings.remove(msg.t1)
+        i = self._pings.index(msg.t1)
+        self._pings = self._pings[:i] + self._pings[i + 1:]
         held, measured = msg.t3 - msg.t2, at - msg.t1
         if not (0.0 <= held <= measured and measured - held <= self.cfg.max_rtt):
             log.info("discarding clock sample from %s: held %.3f s of a %.3f s round trip",

@@ -170,7 +170,8 @@ class MemoryStore(Store):
         self._per_key: Counter[bytes] = Counter()
         self._per_source: Counter[str] = Counter()
         self._online: dict[str, PeerRecord] = {}
-        self._sessions: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._sessions: dict[str, dict[str, Any]] = {}
+        self._session_expiry: dict[str, float] = {}   # apart: an (expiry, info) tuple is GC-tracked
         self._max_sessions = max_sessions
         self._session_ttl = session_ttl
         self._on_push: PushHandler | None = None
@@ -298,17 +299,16 @@ class MemoryStore(Store):
         # Oldest first (dicts keep insertion order): expired ones, then over the count bound.
         while self._sessions:
             first = next(iter(self._sessions))
-            if self._sessions[first][0] > now and len(self._sessions) < self._max_sessions:
+            if self._session_expiry[first] > now and len(self._sessions) < self._max_sessions:
                 break
-            del self._sessions[first]
+            del self._sessions[first], self._session_expiry[first]
         if session in self._sessions:
             return False
-        self._sessions[session] = (now + self._session_ttl, info)
+        self._sessions[session], self._session_expiry[session] = info, now + self._session_ttl
         return True
 
     async def get_session(self, session: str) -> dict[str, Any] | None:
-        entry = self._sessions.get(session)
-        return None if entry is None or entry[0] <= self._clock() else entry[1]
+        return self._sessions.get(session) if self._session_expiry.get(session, 0) > self._clock() else None
 
     async def route(self, node: str, push: Push) -> bool:
         if node != self.node_id or self._on_push is None:

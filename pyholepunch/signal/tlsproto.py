@@ -121,6 +121,7 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
             self._on_lost(self)
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         if self.handshake_done is not None and not self.handshake_done.done():
             self.handshake_done.set_exception(
                 exc or ConnectionResetError("connection closed during the TLS handshake"))
@@ -224,6 +225,7 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
             return False
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None          # a cancelled handle kept would pin 3 objects a peer
         self._flush()
         self._app = self._app_factory()
         self._app.connection_made(self)
