@@ -31,23 +31,26 @@ median and worst CLI time (peer a's process, start to exit), the failed steps an
     HPL_LOSSY_REPS=20 HPL_LOSSY_PAIRS=port-restricted:port-restricted,symmetric-random:port-restricted \
         python -m pytest bench/bench_hard_pairs.py -s -k lossy
 
-Measured 2026-12-07 18:27-18:31 UTC (branch hard after the #19 loss work: classification,
-simultaneous open, start-up round trips), shared 2-core machine at load 0.6-1.0, 20 runs per
-pair; "before" = 15:25-15:37 UTC, the same branch before it (load 1.7-5):
+Measured 2026-12-07 after the #19 loss work (classification, simultaneous open, start-up round
+trips), shared 2-core machine, 20 runs per pair and set; "before" = 15:25-15:37 UTC (load 1.7-5).
+"after": three sets on main (18:36-18:51 UTC, load 0.2-2.4; the second birthday set is left out:
+a merge in progress broke the server for three of its runs):
 
-    pair (10 % loss + 20 ms jitter)        direct  connected  CLI median (max)  connect() median
+    pair (10 % loss + 20 ms jitter)        direct     connected  CLI median (max)        connect() median
     port-restricted x port-restricted
-        before                             18/20   20/20      4.50 s (8.6 s)    0.54 s
-        after                              18/20   20/20      3.29 s (5.7 s)    0.39 s
+        before                             18/20      20/20      4.50 s (8.6 s)          0.54 s
+        after, three sets                  20, 20, 19 20/20 each 2.90, 3.20, 3.11 s       0.28-0.48 s
+                                                                 (pooled 60: 3.04 s, p90 4.7 s)
     symmetric-random x port-restricted
-        before                             19/20   20/20      5.72 s (11.2 s)   0.62 s (birthday)
-        after                              20/20   20/20      2.71 s (4.8 s)    0.40 s (birthday)
-    relayed, after: 2 x direct_pending (cone pair; both peers punching on time, no SYN passed)
+        before                             19/20      20/20      5.72 s (11.2 s)         0.62 s (birthday)
+        after, two sets                    20, 20     20/20 each 2.79, 3.17 s             0.35-0.40 s
+                                                                 (pooled 40: 2.95 s, p90 4.4 s)
+    relayed, after: 1 x direct_pending (cone pair; both peers punching on time, no SYN passed)
 
     Cone pair in a harness like run_pair that keeps both peers' logs: 12 of 14 direct before,
-    65 of 68 direct with the code as committed (17:53-18:27 UTC). This bench on the commit
-    before the server's tail frame: cone 19/20 direct, CLI median 3.27 s; birthday 19/20,
-    3.01 s: the cone pair's direct count moves by one or two between 20-run sets.
+    65 of 68 direct after (17:53-18:27 UTC, branch hard). The direct count moves by one or two
+    between 20-run sets; a server-side "tail frame" behind each PUNCH was tried and left out
+    (no measured gain).
 
 The CLI time is peer a's process from start to exit. Where it goes after (cone pair, 16 traced
 runs at load ~1): Python start-up and imports 0.3-0.45 s; NAT classification 0.94-1.3 s (2.2 s

@@ -245,8 +245,9 @@ def test_relay_movers_interleaved(bench_report: Any) -> None:
     copy, splice, the pure pump, coturn (and direct loopback) take turns, round after round,
     each moving SIZE bytes; medians of throughput and of CPU per GiB. (The per-path
     throughput tests above run one path after the other, so a neighbour's burst can favour
-    whichever ran in a quiet spell: one such run put native at 6.9 x coturn, the interleaved
-    medians of the same session at 11.7 x.)"""
+    whichever ran in a quiet spell: such runs put native at 6.9 x coturn on a busy machine and
+    12.6 x on a quiet one. Interleaved medians, 2026-12-07: 7.7 x at load ~2.5 with 512 MiB,
+    8.6 x at load ~1 with 1 GiB.)"""
     names = PATHS
     got: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     gib = SIZE / (1 << 30)
