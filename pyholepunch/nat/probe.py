@@ -258,9 +258,10 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
             return
         try:
             r1 = await a.binding(timeout=timeout)
-        except (ConnectionError, ProtocolError) as exc:
+        except ConnectionError as exc:
             # A broken first connection (seen under loss: re-sent SYNs on one port can leave
             # the two ends disagreeing) is not the server's answer: once more, a fresh port.
+            # (Bytes that are not STUN are an answer: a server of another kind, said at once.)
             log.debug("TCP classification: the first connection broke (%r): a fresh one", exc)
             try:
                 a = await StunTcpConnection.open(obs.server, local=(ip, 0), connect_timeout=timeout)
@@ -269,7 +270,7 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
             except (TransactionTimeout, TransactionFailed, OSError, ProtocolError) as exc2:
                 obs.error = f"no STUN answer over TCP from {format_address(obs.server)}: {exc2}"
                 return
-        except (TransactionTimeout, TransactionFailed, OSError) as exc:
+        except (TransactionTimeout, TransactionFailed, OSError, ProtocolError) as exc:
             obs.error = f"no STUN answer over TCP from {format_address(obs.server)}: {exc}"
             return
         p1 = a.local
