@@ -6,6 +6,7 @@ no nft) and say why; under CI (CI=true) the same condition is a failure, never a
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from pyholepunch.relay.builtin import RelayHub
 from pyholepunch.serve import Rendezvous
 from pyholepunch.signal.server import ServerConfig, SignalServer
 from pyholepunch.signal.store import RedisStore, open_store
-from tests.aio.helpers import CREDS
+from tests.aio.helpers import CREDS, listening
 from tests.coturn import Coturn, CoturnConfig
 from tests.helpers import free_port
 
@@ -124,21 +125,15 @@ def redis_url() -> Iterator[str]:
 
 @pytest_asyncio.fixture
 async def nodes(redis_url: str) -> AsyncIterator[list[SignalServer]]:
-    out = []
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        out = []
         for node in ("n1", "n2"):
             store = open_store(redis_url)
             assert isinstance(store, RedisStore)
-            srv = SignalServer(CREDS, store, ServerConfig(sync_pings=2, keepalive=3600),
-                               relay_hub=RelayHub(), node_id=node)
-            await srv.start()
-            await srv.listen()
-            out.append(srv)
+            out.append(await stack.enter_async_context(listening(SignalServer(
+                CREDS, store, ServerConfig(sync_pings=2, keepalive=3600), relay_hub=RelayHub(),
+                node_id=node))))
         yield out
-    finally:
-        for srv in out:
-            await srv.close()
-            await srv.relay_hub.close()
 
 
 @pytest_asyncio.fixture

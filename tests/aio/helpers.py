@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,19 @@ USER, PASSWORD = "alice", "correct horse"
 RANDOM_SYMMETRIC = NatProfile(mapping=Mapping.ADDRESS_AND_PORT_DEPENDENT,
                               filtering=Filtering.ADDRESS_AND_PORT_DEPENDENT,
                               allocation=Allocation.RANDOM)
+
+
+@contextlib.asynccontextmanager
+async def listening(srv: SignalServer) -> AsyncIterator[SignalServer]:
+    """``srv`` started and listening on loopback; closed after (its relay hub too)."""
+    try:
+        await srv.start()
+        await srv.listen()
+        yield srv
+    finally:
+        await srv.close()
+        if srv.relay_hub is not None:
+            await srv.relay_hub.close()
 
 
 def node_client(srv: SignalServer, name: str, **kw) -> SignalClient:  # type: ignore[no-untyped-def]

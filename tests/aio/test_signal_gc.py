@@ -18,7 +18,7 @@ from pyholepunch.signal.server_peer import PeerProtocol
 from pyholepunch.signal.store import MemoryStore, PeerRecord
 from pyholepunch.signal.tlsproto import TlsTransport
 
-from .helpers import CREDS, node_client
+from .helpers import CREDS, listening, node_client
 
 pytestmark = pytest.mark.asyncio
 PEERS = 200
@@ -30,14 +30,10 @@ SERVER_TYPES = (PeerProtocol, TlsTransport, SignalConnection, ClockEstimator, Pe
 
 @pytest_asyncio.fixture
 async def server() -> AsyncIterator[SignalServer]:
-    srv = SignalServer(CREDS, MemoryStore(), ServerConfig(
-        keepalive=3600, handshake_timeout=30.0, max_unregistered_per_source=PEERS + 8))
-    await srv.start()
-    await srv.listen()
-    try:
+    async with listening(SignalServer(CREDS, MemoryStore(), ServerConfig(
+            keepalive=3600, handshake_timeout=30.0,
+            max_unregistered_per_source=PEERS + 8))) as srv:
         yield srv
-    finally:
-        await srv.close()
 
 
 async def _register(srv: SignalServer, n: int) -> list[Any]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
 
@@ -13,7 +14,7 @@ from pyholepunch.signal.client import PunchInstruction, SignalClient
 from pyholepunch.signal.protocol import ErrorCode
 from pyholepunch.signal.server import ServerConfig, SignalServer
 from pyholepunch.signal.store import PeerRecord, open_store
-from tests.aio.helpers import CREDS
+from tests.aio.helpers import CREDS, listening
 from tests.aio.helpers import node_client as client
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
@@ -25,15 +26,12 @@ pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="ne
 async def test_node_clocks_need_not_agree(redis_url: str) -> None:
     """Node 2's clock runs 3 s ahead, the peers' clocks are right: the common start still
     reaches both peers as the same instant (it crosses nodes in Redis's clock)."""
-    servers = []
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        servers = []
         for node, skew in (("n1", 0.0), ("n2", 3.0)):
-            store = open_store(redis_url)
-            srv = SignalServer(CREDS, store, ServerConfig(sync_pings=2, keepalive=3600),
-                               clock=lambda skew=skew: time.time() + skew, node_id=node)
-            await srv.start()
-            await srv.listen()
-            servers.append(srv)
+            servers.append(await stack.enter_async_context(listening(SignalServer(
+                CREDS, open_store(redis_url), ServerConfig(sync_pings=2, keepalive=3600),
+                clock=lambda skew=skew: time.time() + skew, node_id=node))))
         n1, n2 = servers
         assert abs(n1.reference_offset) < 0.05 and abs(n2.reference_offset + 3.0) < 0.05
         for i, (a_node, b_node) in enumerate(((n1, n2), (n2, n1))):
@@ -43,9 +41,6 @@ async def test_node_clocks_need_not_agree(redis_url: str) -> None:
                 assert isinstance(q, PunchInstruction)
                 assert abs(p.start_at - q.start_at) < 0.01, (p.start_at, q.start_at)
                 assert p.start_at > time.time()          # in the future for both
-    finally:
-        for srv in servers:
-            await srv.close()
 
 
 @pytest.mark.asyncio

@@ -33,6 +33,8 @@ from pyholepunch.signal.server import ServerConfig, SignalServer
 from pyholepunch.signal.store import MemoryStore
 from pyholepunch.signal.tls import client_context, generate_credentials
 
+from .helpers import listening
+
 CREDS = generate_credentials()     # one P-256 key for the module: key generation is not under test
 
 
@@ -99,16 +101,9 @@ def refused_code(msg: Message | ConnectionClosed) -> int:
 
 @pytest_asyncio.fixture
 async def server() -> AsyncIterator[SignalServer]:
-    srv = SignalServer(CREDS, MemoryStore(), ServerConfig(sync_pings=3, keepalive=3600,
-                                                          handshake_timeout=5.0),
-                       relay_hub=RelayHub())
-    await srv.start()
-    await srv.listen()
-    try:
+    async with listening(SignalServer(CREDS, MemoryStore(), ServerConfig(
+            sync_pings=3, keepalive=3600, handshake_timeout=5.0), relay_hub=RelayHub())) as srv:
         yield srv
-    finally:
-        await srv.close()
-        await srv.relay_hub.close()
 
 
 def port_of(srv: SignalServer) -> int:
@@ -242,10 +237,7 @@ async def test_unknown_target_is_not_fatal(server: SignalServer) -> None:
 
 @pytest.mark.asyncio
 async def test_tokens() -> None:
-    srv = SignalServer(CREDS, config=ServerConfig(sync_pings=2, token="s3cret"))
-    await srv.start()
-    await srv.listen()
-    try:
+    async with listening(SignalServer(CREDS, config=ServerConfig(sync_pings=2, token="s3cret"))) as srv:
         for token, code in ((None, ErrorCode.TOKEN_REQUIRED), ("guess", ErrorCode.TOKEN_INVALID),
                             (make_token("s3cret", time.time() - 1), ErrorCode.TOKEN_EXPIRED)):
             c = client(srv, "gina", token=token)
@@ -256,8 +248,6 @@ async def test_tokens() -> None:
         async with client(srv, "gina", token=make_token("s3cret", time.time() + 60)), \
                 client(srv, "hank", token="s3cret"):
             assert len(srv.peers) == 2
-    finally:
-        await srv.close()
 
 
 @pytest.mark.asyncio
@@ -282,11 +272,8 @@ async def test_bad_frames(server: SignalServer, junk: Any, code: ErrorCode) -> N
 
 @pytest.mark.asyncio
 async def test_rate_limit_and_handshake_timeout() -> None:
-    srv = SignalServer(CREDS, config=ServerConfig(sync_pings=1, rate=5, burst=5,
-                                                  handshake_timeout=0.3))
-    await srv.start()
-    await srv.listen()
-    try:
+    async with listening(SignalServer(CREDS, config=ServerConfig(
+            sync_pings=1, rate=5, burst=5, handshake_timeout=0.3))) as srv:
         raw = await RawPeer.open(port_of(srv))
         assert isinstance(await raw.register(Identity.generate(), "judy"), Registered)
         for _ in range(20):
@@ -301,8 +288,6 @@ async def test_rate_limit_and_handshake_timeout() -> None:
         slow = await RawPeer.open(port_of(srv))             # says nothing after HELLO
         assert await slow.refused() == ErrorCode.TIMEOUT
         await assert_still_serving(srv)
-    finally:
-        await srv.close()
 
 
 @pytest.mark.asyncio
@@ -332,18 +317,13 @@ async def test_relay_grant_reaches_both_and_relays(server: SignalServer) -> None
 
 @pytest.mark.asyncio
 async def test_relay_unavailable_without_hub() -> None:
-    srv = SignalServer(CREDS, config=ServerConfig(sync_pings=1))
-    await srv.start()
-    await srv.listen()
-    try:
+    async with listening(SignalServer(CREDS, config=ServerConfig(sync_pings=1))) as srv:
         async with client(srv, "mo") as a, client(srv, "ned") as b:
             p = await a.connect("ned")
             await b.next_event(5)
             with pytest.raises(SignalingError) as e:
                 await a.request_relay(p.session)
             assert e.value.code == ErrorCode.RELAY_UNAVAILABLE
-    finally:
-        await srv.close()
 
 
 @pytest.mark.asyncio
@@ -367,11 +347,8 @@ async def test_update_and_reregistration_replaces_old_connection(server: SignalS
 
 @pytest.mark.asyncio
 async def test_server_full_and_idle_timeout() -> None:
-    srv = SignalServer(CREDS, config=ServerConfig(sync_pings=1, max_peers=1, keepalive=0.1,
-                                                  idle_timeout=0.3))
-    await srv.start()
-    await srv.listen()
-    try:
+    async with listening(SignalServer(CREDS, config=ServerConfig(
+            sync_pings=1, max_peers=1, keepalive=0.1, idle_timeout=0.3))) as srv:
         silent = await RawPeer.open(port_of(srv))
         assert isinstance(await silent.register(Identity.generate(), "quiet"), Registered)
         extra = client(srv, "one-too-many")
@@ -393,16 +370,11 @@ async def test_server_full_and_idle_timeout() -> None:
         async with client(srv, "answers-pings") as ok:     # the real client keeps itself alive
             await asyncio.sleep(0.6)
             assert ok.connected.is_set() and ok.registrations == 1
-    finally:
-        await srv.close()
 
 
 @pytest.mark.asyncio
 async def test_unregistered_connection_flood_is_capped() -> None:
-    srv = SignalServer(CREDS, config=ServerConfig(sync_pings=1, max_unregistered=3))
-    await srv.start()
-    await srv.listen()
-    try:
+    async with listening(SignalServer(CREDS, config=ServerConfig(sync_pings=1, max_unregistered=3))) as srv:
         async with client(srv, "early"):                   # registered peers do not count
             idle = [await asyncio.open_connection("127.0.0.1", port_of(srv)) for _ in range(3)]
             r, w = await asyncio.open_connection("127.0.0.1", port_of(srv))
@@ -416,8 +388,6 @@ async def test_unregistered_connection_flood_is_capped() -> None:
             w.close()
             await asyncio.sleep(0.1)
             await assert_still_serving(srv)
-    finally:
-        await srv.close()
 
 
 def test_error_codes_are_unique() -> None:
