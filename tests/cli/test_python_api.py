@@ -69,7 +69,9 @@ def foreign_server(request: pytest.FixtureRequest) -> Iterator[str]:
         yield f"127.0.0.1:{ls.getsockname()[1]}"
     finally:
         stop.set()
+        ls.shutdown(socket.SHUT_RDWR)    # wakes the blocked accept(); close() alone does not
         ls.close()
+        thread.join(5)
         for c in held:
             c.close()
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .helpers import V4, V6, Family, open_fds
+from .helpers import V4, V6, Family, open_fds, start_process_server
 
 
 @pytest.fixture(params=[V4, V6], ids=["v4", "v6"])
@@ -24,3 +24,9 @@ def no_fd_leak() -> Iterator[None]:
     gc.collect()
     leaked = open_fds() - before
     assert not leaked, f"file descriptors leaked: {sorted(leaked)}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def process_server() -> None:
+    """Tests that fork peers set a start instant first: have the fork server up before."""
+    start_process_server()

@@ -258,13 +258,72 @@ def punch_side(engine_name: str, local: tuple[str, int], remote: tuple[str, int]
                 "sockname": s.getsockname()[:2], "peername": s.getpeername()[:2]}
 
 
+# Children come from a fork server: a clean single-threaded process, so a child never
+# inherits a lock that one of pytest's threads held at fork time (a plain fork from the test
+# process once hung a child for the whole test timeout), and multiprocessing.Pool's
+# terminate() cannot hang on a worker that never answers: a late child is killed.
+_PROCESSES = multiprocessing.get_context("forkserver")
+_PROCESSES.set_forkserver_preload(["pyholepunch.engine", __name__])
+
+
+def start_process_server() -> None:
+    """Start the fork server now (it imports the engine once, ~0.3 s), so a test that sets a
+    start instant before forking does not spend its margin on that."""
+    from multiprocessing import forkserver
+    forkserver.ensure_running()
+
+
+def _child(out: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        out.send(("ok", fn(*args)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the test, which raises it
+        out.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        out.close()
+
+
 def run_in_processes(*calls: tuple[Callable[..., Any], tuple[Any, ...]],
                      timeout: float = 15) -> list[Any]:
-    """Run each (fn, args) in its own forked process at once; return their results."""
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(len(calls)) as pool:
-        handles = [pool.apply_async(fn, args) for fn, args in calls]
-        return [h.get(timeout) for h in handles]
+    """Run each (fn, args) in its own process at once; return their results in order.
+
+    A child that raises, or gives nothing within ``timeout`` s, fails the call with its name;
+    every child is gone when this returns."""
+    start_process_server()
+    procs: list[Any] = []
+    pipes: list[Any] = []
+    try:
+        for fn, args in calls:
+            reader, writer = _PROCESSES.Pipe(duplex=False)
+            proc = _PROCESSES.Process(target=_child, args=(writer, fn, args),
+                                      name=f"{fn.__name__}#{len(procs)}", daemon=True)
+            pipes.append(reader)
+            try:
+                proc.start()
+            finally:
+                writer.close()
+            procs.append(proc)
+        deadline = time.monotonic() + timeout
+        results = []
+        for proc, reader in zip(procs, pipes):
+            if not reader.poll(max(0.0, deadline - time.monotonic())):
+                raise AssertionError(f"{proc.name} gave no result within {timeout} s")
+            try:
+                kind, value = reader.recv()
+            except EOFError:
+                proc.join(1)
+                raise AssertionError(f"{proc.name} died (exit code {proc.exitcode})") from None
+            if kind == "error":
+                raise AssertionError(f"{proc.name} raised {value}")
+            results.append(value)
+        return results
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+            proc.close()
+        for reader in pipes:
+            reader.close()
 
 
 # --- a private loopback whose RSTs are dropped, as a NAT drops unsolicited SYNs ---------------
