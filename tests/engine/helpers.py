@@ -304,7 +304,7 @@ def run_in_processes(*calls: tuple[Callable[..., Any], tuple[Any, ...]],
             procs.append(proc)
         deadline = time.monotonic() + timeout
         results = []
-        for proc, reader in zip(procs, pipes):
+        for proc, reader in zip(procs, pipes, strict=True):
             if not reader.poll(max(0.0, deadline - time.monotonic())):
                 raise AssertionError(f"{proc.name} gave no result within {timeout} s")
             try:

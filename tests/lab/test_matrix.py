@@ -113,7 +113,8 @@ def _run(a: str, b: str, engine: str | None, tmp_path: Path, matrix: dict[str, A
     }
     assert result["echo_ok"], f"echo mismatch: {result['echo']!r}"
     expected = _expected_route(a, b)
-    assert report["route"] == expected, f"{a} <-> {b}: {report['route']}, plan {report['plan']}"
+    assert report["route"] == expected, (f"{a} <-> {b}: {report['route']}, steps {report['steps']}, "
+                                         f"plan {report['plan']['reason']}")
     if expected == "relay":
         assert "brute force" in report["relay_reason"]
         assert report["relay_cause"] == "no_direct_plan"
