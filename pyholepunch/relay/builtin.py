@@ -60,7 +60,7 @@ class RelayMetrics:
     active_relays: int = 0
     relays_total: int = 0
     bytes_relayed: int = 0
-    refused: dict[str, int] = field(default_factory=dict)   # reason -> count
+    refused: dict[str, int] = field(default_factory=dict)   # wire.LABELS word -> count
     unpaired: int = 0                                       # first side waited in vain
     ended: dict[str, int] = field(default_factory=dict)     # pump end reason -> count
 
@@ -439,8 +439,8 @@ class RelayHub:
                 done.set_result(stats)
 
     async def _refuse(self, sock: socket.socket, status: int) -> None:
-        reason = wire.REASONS[status]
-        self.metrics.refused[reason] = self.metrics.refused.get(reason, 0) + 1
+        reason, label = wire.REASONS[status], wire.LABELS[status]
+        self.metrics.refused[label] = self.metrics.refused.get(label, 0) + 1
         log.info("relay connection refused: %s", reason)
         msg = bytes([status, len(reason)]) + reason.encode("ascii")
         loop = asyncio.get_running_loop()

@@ -40,6 +40,14 @@ REASONS = {
     ERR_QUOTA: "relay quota reached",
     ERR_TOO_LONG: "token expires too far ahead",
 }
+# The same refusals as short fixed words: the relay's metrics count by these (a Prometheus
+# label value), while a person reads the reason text.
+LABELS = {
+    ERR_BAD_PREAMBLE: "bad_preamble", ERR_UNKNOWN: "unknown_token", ERR_EXPIRED: "expired",
+    ERR_REUSED: "reused", ERR_NO_PEER: "no_peer", ERR_CLOSING: "closing",
+    ERR_EARLY_DATA: "early_data", ERR_FULL: "full", ERR_FORGED: "forged",
+    ERR_NOT_MINTING: "not_minting", ERR_QUOTA: "quota", ERR_TOO_LONG: "too_long",
+}
 
 
 async def open_builtin_relay(
