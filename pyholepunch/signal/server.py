@@ -24,7 +24,7 @@ from .protocol import DEFAULT_MAX_FRAME, ErrorCode, Message, Punch, encode_frame
 from .server_peer import PeerProtocol
 from .store import MemoryStore, NameLimits, PeerRecord, Push, Store
 from .tls import ServerCredentials
-from .tlsproto import TlsTransport
+from .tlsproto import BufferedTls, TlsTransport
 
 log = logging.getLogger(__name__)
 REFERENCE_REFRESH = 30.0     # seconds between measurements of the store's reference clock
@@ -247,14 +247,21 @@ class SignalServer:
             # The common start travels in this node's clock, or between nodes in the store's
             # reference clock; this node converts it into the receiving peer's clock.
             start = msg.start_at - self.reference_offset if remote else msg.start_at
-            msg = replace(msg, start_at=start + proto.clock.offset)
+            msg = _punch_at(msg, start + proto.clock.offset)
         if strict:
             proto.deliver(msg)
         else:
             proto.send(msg)
 
 
-class _AdmittedTls(TlsTransport):
+def _punch_at(msg: Punch, start_at: float) -> Punch:
+    """``replace(msg, start_at=...)`` at half its cost (one per coordination, #18); every
+    field is named, so a field added to Punch without adding it here fails its tests."""
+    return Punch(session=msg.session, role=msg.role, start_at=start_at, peer=msg.peer,
+                 plan=msg.plan, spread=msg.spread)
+
+
+class _AdmittedTls(BufferedTls):
     """A TlsTransport that first asks the server's unregistered budget; refused: aborted
     before any TLS state exists (a connection flood must not grow memory)."""
 

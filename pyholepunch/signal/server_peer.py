@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AuthenticationError, ProtocolError, QuotaError, Refusal
-from ..identity import peer_id_of, verify_signature
+from ..identity import verify_signature
 from .admission import is_loopback, source_key
 from .auth import TokenBucket, check_token
 from .eager import run_eager
@@ -40,7 +40,7 @@ from .protocol import (
     clamp_start,
     registration_message,
 )
-from .store import PeerRecord
+from .store import PeerRecord, cached_peer_id
 from .tls import check_peer_cert
 from .tlsproto import TlsTransport
 
@@ -332,7 +332,7 @@ class PeerProtocol(asyncio.Protocol):
             raise Refusal(ErrorCode.QUOTA_EXCEEDED, str(exc)) from None
         if owner is not None:
             raise Refusal(ErrorCode.NAME_TAKEN, f"name {msg.name!r} belongs to another key")
-        self.record = PeerRecord(peer_id=peer_id_of(msg.public_key), name=msg.name,
+        self.record = PeerRecord(peer_id=cached_peer_id(msg.public_key), name=msg.name,
                                  public_key=msg.public_key, node=srv.node_id, cert=msg.cert,
                                  candidates=[list(c) for c in candidates], profiles=msg.profiles,
                                  source=self.source)
@@ -405,8 +405,9 @@ class PeerProtocol(asyncio.Protocol):
         srv.metrics["punches"] += 1
         srv.emit("coordination", session=msg.session,
                  profiles=(my_profiles, target.profiles))
-        log.info("punch %s: %s -> %s start in %.1f ms", msg.session, me.name, target.name,
-                 (start - srv.clock()) * 1e3)
+        if log.isEnabledFor(logging.INFO):      # the names are formatted only to be logged
+            log.info("punch %s: %s -> %s start in %.1f ms", msg.session, me.name, target.name,
+                     (start - srv.clock()) * 1e3)
 
     async def _session_of(self, session: str) -> dict[str, Any]:
         assert self.record is not None

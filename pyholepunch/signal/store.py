@@ -148,7 +148,7 @@ class Store(abc.ABC):
         if PEER_ID_RE.fullmatch(target):
             return await self.get_online(target)
         key = await self.key_of(target)
-        return None if key is None else await self.get_online(_peer_id_of(key))
+        return None if key is None else await self.get_online(cached_peer_id(key))
 
 
 @dataclass(slots=True)
@@ -318,8 +318,8 @@ class MemoryStore(Store):
 
 
 @functools.lru_cache(maxsize=PEER_ID_CACHE)
-def _peer_id_of(public_key: bytes) -> str:
-    """identity.peer_id_of, remembered: every CONNECT by name needs its target's peer_id."""
+def cached_peer_id(public_key: bytes) -> str:
+    """identity.peer_id_of, remembered: CONNECTs by name need it (set at registration)."""
     from ..identity import peer_id_of
     return peer_id_of(public_key)
 

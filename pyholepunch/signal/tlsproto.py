@@ -19,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import threading
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
 _READ_CHUNK = 16384     # one TLS record's plaintext at most
+_RECV_BUFFER = 65536    # ciphertext received per recv_into (BufferedTls)
+_buffers = threading.local()    # one receive buffer per thread (per event loop), not per peer
 
 
 def _retrieved(fut: asyncio.Future[None]) -> None:
@@ -96,9 +99,10 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         if not self._server_side:
             self._handshake()                      # the client speaks first
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._lead:
             lead, self._lead = self._lead, b""
+            data = bytes(data)
             if data.startswith(lead):
                 data = data[len(lead):]
         self._incoming.write(data)
@@ -236,10 +240,18 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
     def _deliver(self) -> None:
         """Decrypt what is buffered into the application; its EOF at close_notify."""
         assert self._ssl is not None and self._app is not None
-        chunks, eof = [], False
+        chunks: list[bytes] = []
+        eof = False
+        incoming, tls = self._incoming, self._ssl
         while True:
+            # Nothing buffered on either side and no EOF to learn: the next read could only
+            # raise SSLWantReadError, an exception per received record (#18). Read at most
+            # what is buffered (plaintext <= its record): no 16 KiB bytes made and shrunk.
+            size = max(incoming.pending, tls.pending())
+            if not size and not incoming.eof and chunks:
+                break
             try:
-                chunk = self._ssl.read(_READ_CHUNK)
+                chunk = tls.read(min(size, _READ_CHUNK) or _READ_CHUNK)
             except ssl.SSLWantReadError:
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -252,7 +264,8 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
                 eof = True
                 break
             chunks.append(chunk)
-        self._flush()                  # post-handshake messages (session tickets, key updates)
+        if self._outgoing.pending:     # post-handshake messages (session tickets, key updates)
+            self._flush()
         if chunks and not self._closed:
             self._app.data_received(b"".join(chunks))
         if eof:
@@ -273,3 +286,19 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         data = self._outgoing.read()
         if data and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
+
+
+class BufferedTls(TlsTransport, asyncio.BufferedProtocol):
+    """A TlsTransport that the socket transport fills with ``recv_into`` a buffer shared by
+    its thread: asyncio's plain ``recv(256 KiB)`` allocates (and shrinks) a 256 KiB bytes per
+    read, ~15 us of a ~140 us coordination on the server (#18). The ciphertext is copied into
+    the incoming BIO at once, so the buffer is free again before anything else runs."""
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view: memoryview | None = getattr(_buffers, "view", None)
+        if view is None:
+            view = _buffers.view = memoryview(bytearray(_RECV_BUFFER))
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_buffers.view[:nbytes])
