@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import threading
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -17,6 +18,23 @@ MAX_CERT = 4096                  # a peer's DER certificate (ours is ~300 bytes)
 MAX_TEXT = 1024                  # any other string field (tokens, reasons)
 
 
+_packers = threading.local()
+
+
+def pack(obj: Any, *, strict: bool = False) -> bytes:
+    """``msgpack.packb(obj, use_bin_type=True, strict_types=strict)`` with this thread's
+    Packer: packb makes a Packer (and its buffer) per call, and the server packs five times a
+    coordination (#18). A Packer empties its buffer after an exception, so it is reusable."""
+    try:
+        packer = _packers.strict if strict else _packers.plain
+    except AttributeError:
+        _packers.plain = msgpack.Packer(use_bin_type=True, buf_size=4096)
+        _packers.strict = msgpack.Packer(use_bin_type=True, strict_types=True, buf_size=4096)
+        packer = _packers.strict if strict else _packers.plain
+    data: bytes = packer.pack(obj)
+    return data
+
+
 def check_profiles(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or len(value) > MAX_PROFILES:
         raise ValueError(f"at most {MAX_PROFILES} profile maps")
@@ -26,7 +44,7 @@ def check_profiles(value: Any) -> list[dict[str, Any]]:
         if len(p) > MAX_PROFILE_KEYS:
             raise ValueError(f"a profile has at most {MAX_PROFILE_KEYS} keys")
     try:
-        size = len(msgpack.packb(value, use_bin_type=True))
+        size = len(pack(value))
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"profiles cannot be encoded: {exc}") from None
     if size > MAX_PROFILES_BYTES:

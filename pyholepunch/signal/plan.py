@@ -16,11 +16,10 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
-
 from .. import strategy
 from ..nat.profile import NatProfile
 from ..strategy.candidates import FAMILIES, PUBLIC_ORIGINS
+from .fields import pack
 
 log = logging.getLogger(__name__)
 PLAN_CACHE = 8192         # plans remembered (then all forgotten at once: bounded, no LRU cost)
@@ -97,9 +96,8 @@ def _key(initiator: Sequence[Any], responder: Sequence[Any], ic: Sequence[Any],
         if fam_i is None or fam_r is None:
             return None
         # msgpack keeps the types apart (True, 1 and 1.0 encode differently)
-        stripped = msgpack.packb([[{k: v for k, v in p.items() if k not in PLAN_IGNORES}
-                                   for p in side] for side in (initiator, responder)],
-                                 use_bin_type=True)
+        stripped = pack([[{k: v for k, v in p.items() if k not in PLAN_IGNORES}
+                          for p in side] for side in (initiator, responder)])
         same = bool(_tcp4_ips(initiator) & _tcp4_ips(responder))
     except (AttributeError, TypeError, ValueError, OverflowError):
         return None
@@ -134,7 +132,7 @@ def _parsed(value: Any, parse: Callable[[Any], Any]) -> Any:
     """``parse(value)``, remembered: the same peer's profile and candidates are parsed once,
     not at every plan that names them (bounded: PARSE_CACHE entries, then forgotten)."""
     try:    # msgpack keeps the types apart (True, 1 and 1.0 encode differently)
-        key = (parse, msgpack.packb(value, use_bin_type=True))
+        key = (parse, pack(value))
     except (TypeError, ValueError, OverflowError):
         return parse(value)
     known = _parse_cache.get(key)

@@ -151,7 +151,7 @@ def check_candidates(value: Any, *, allow_loopback: bool = True) -> list[list[An
     if not isinstance(value, (list, tuple)) or len(value) > MAX_CANDIDATES:
         return _check_candidates(value, allow_loopback=allow_loopback)
     try:        # exact types only ([ip, True] is not [ip, 1]; a subclass or tuple raises)
-        key = (allow_loopback, msgpack.packb(value, use_bin_type=True, strict_types=True))
+        key = (allow_loopback, checks.pack(value, strict=True))
     except (TypeError, ValueError, OverflowError):   # not wire data: checked afresh
         return _check_candidates(value, allow_loopback=allow_loopback)
     try:
@@ -160,7 +160,7 @@ def check_candidates(value: Any, *, allow_loopback: bool = True) -> list[list[An
         checked = _check_candidates(value, allow_loopback=allow_loopback)
         if len(_checked) >= CHECKED_CACHE:
             _checked.clear()
-        same = msgpack.packb(checked, use_bin_type=True, strict_types=True) == key[1]
+        same = checks.pack(checked, strict=True) == key[1]
         _checked[key] = None if same else tuple(tuple(c) for c in checked)
         return checked
     return [list(c) for c in (value if known is None else known)]
@@ -441,7 +441,7 @@ def registration_message(nonce: bytes, server_id: bytes, name: str, public_key: 
 
 def encode_frame(msg: Message, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     try:
-        body: bytes = msgpack.packb(msg.to_wire(), use_bin_type=True)
+        body = checks.pack(msg.to_wire())
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"cannot encode {msg.TYPE}: {exc}") from None
     if len(body) > max_frame:
