@@ -71,6 +71,16 @@ objects shorten it less than their count drops), 9 -> 8 in registration (longest
 274-278 ms), all gone: 887 -> 122 ms. The loop's lag in the stream, 140-280 ms in both, is
 queueing, not GC (the longest collection there <= 2.5 ms): 400 CONNECTs outstanding are
 handled in a few loop turns; with 20 outstanding it was 31 -> 8 ms (one run each).
+Fourth round (2026-12-07, one node, 5,000 peers, 10 s streams, main vs this round's server
+interleaved, 3 each, load 1.2-2.3): 133.8-139.4 -> 121.3-136.0 us server CPU per coordination,
+5,792-6,173 -> 5,996-6,888 coordinations/s, RSS per 1,000 peers 22.1 -> 22.3 MB (each peer's
+peer_id is remembered from its registration). What it removed: asyncio's recv(256 KiB) per read
+(recv_into one buffer per thread), an SSLWantReadError per received record, a Packer per
+msgpack.packb (five a coordination), the INFO line's formatting, dataclasses.replace per PUNCH.
+What is left (py-spy --gil, strace): two send() per coordination (the kernel's share, ~23 %,
+includes the loopback receiver's work); the rest is spread over the loop, TLS, CONNECT
+validation (~6 us), the plan key (~5 us), two PUNCH encodes (~3 us each) and frozen dataclass
+inits; 400 peers cost ~104 us against ~140 at 5,000 (per-peer state out of the caches).
 Targets (#18, reported, not asserted except no lost PUNCH): >= 5,000 coordinations/s, >= 50,000
 registered peers, <= 25 MB RSS per 1,000 peers; two nodes over Redis lose no PUNCH.
 """
