@@ -48,7 +48,7 @@ __all__ = ["PureEngine"]
 
 LISTEN_BACKLOG = 16
 TCP_SYN_RECV = 3            # tcp_info.tcpi_state (linux/tcp_states.h)
-SYN_RECV_GRACES = 2         # as csrc/simopen.c: deadline extensions for a half-open connection
+SYN_RECV_GRACES = 1         # as csrc/simopen.c: deadline extensions for a half-open connection
 SYN_RECV_GRACE_MAX = 0.5    # s, each
 
 
