@@ -60,15 +60,24 @@ s direct, echo and exit 0.15-0.45 s. Before: classification 1.2-3.2 s (its waits
 RTT that included a lost segment's retransmission, the hairpin test a serial 0.4-4.7 s),
 register 0.16-1.4 s (5 serial clock-sync round trips), a second STUN round trip after it.
 
-What is left (cone pair): about one run in ten, both peers start together and re-arm for the
-whole direct window without a SYN passing. The NATs' conntrack reads a SYN from the peer's
-side as INVALID once the entry has reached SYN_RECV (a SYN-ACK that passed our NAT and was
-lost beyond it): every later SYN of the peer, with the new ISN of a re-armed socket, is then
-dropped by the filtering NAT, and only the two original sockets (the kernel re-sends SYN-ACKs
-after 1 s) could still meet. The engine keeps a SYN_RECV socket 0.3 s past its slice; a
-longer grace (0.45 s, 1.2 s) did no better in 16-run sets (a peer that re-armed meets the
-half-open socket in its way). The CLI median of the cone pair is bimodal (2.0-2.8 s, and
-3.9-4.8 s where one lost segment cost a retransmission): 3.29 s, above the 3 s target.
+The cone pair's relayed run, traced (2026-12-07, an engine-level loop of both peers'
+re-armed simultaneous opens in this lab, tcpdump on the core, both NATs and hosts, conntrack
+-L in the NATs): the early side's first SYN is dropped by the peer's NAT (the peer has not
+sent yet), the peer's SYN passes and turns the early socket SYN_RECV, and its SYN-ACK is lost
+at the core. At its silence re-arm that socket was closed with a FIN: the orphan (FIN_WAIT1)
+kept the 4-tuple, every re-armed connect() failed with EADDRNOTAVAIL and no SYN of the early
+side left again, while its NAT's entry (SYN_RECV, then LAST_ACK) dropped each fresh-ISN SYN of
+the peer as INVALID, to the end of the window. The engine now closes a socket still in
+SYN_RECV after one grace slice with a RST: the port is free at once, the NAT's entry closes,
+and the next SYN reopens it (such rounds connect at ~0.45 s, before the relay decision).
+Loop of 80 rounds: 74/80 before (native), 80/80 after (native; pure too). CLI flow, sets
+of 20, same day: before (21:17-21:23 UTC, load 0.4-1.4) 18, 19, 19 direct (3 direct_pending,
+1 tls_failed); after (21:08-21:27 UTC, load 0.5-2.0) 20, 20, 20, 20 and 20 with the pure
+engine; lossless time to connect unchanged (cone pair, median: native 137.7 -> 136.5 ms,
+pure 137.9 -> 138.5 ms).
+
+The CLI median of the cone pair is bimodal (2.0-2.8 s, and 3.9-4.8 s where one lost segment
+cost a retransmission): 3.29 s, above the 3 s target (after: 3.06, 2.94, 2.66, 2.77 s per set).
 """
 from __future__ import annotations
 

@@ -37,6 +37,10 @@ int hp_sock_tcp_bound(const hp_addr_t *local, uint16_t port, int reuseport, int 
 /* IP_TTL (IPv6: IPV6_UNICAST_HOPS); ttl -1 restores the route default. */
 int hp_sock_set_ttl(int fd, int ttl);
 
+/* Close fd at once with SO_LINGER 0: a connection not yet established leaves with a RST
+ * (not a FIN that lingers on its 4-tuple); fd < 0 is ignored. */
+void hp_sock_abort(int fd);
+
 /* The connected peer of fd into *out; -errno. */
 int hp_sock_peer(int fd, hp_addr_t *out);
 

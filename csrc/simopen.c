@@ -31,8 +31,17 @@ struct hp_simopen_state {
  * entries out of their SYN states, and every later SYN of the peer on this 4-tuple is then
  * INVALID to them and dropped (a lossy simultaneous open never came up after one lost ACK,
  * #19). It completes with the peer's next segment; the caller's deadline (a silence
- * re-arm's slice, typically) is stretched for it, at most HP_SIMOPEN_GRACES times. */
-#define HP_SIMOPEN_GRACES 2
+ * re-arm's slice, typically) is stretched for it, at most HP_SIMOPEN_GRACES times: once,
+ * since a peer that got our SYN-ACK sends at once (its ACK, the MARK or the ClientHello), and
+ * a second slice (0.54 s after the start at 40 ms RTT) put the recovery below past the
+ * relay decision (0.6 s).
+ * Given up at last, it is closed with a RST (hp_simopen_end), not a FIN: an orphan in
+ * FIN_WAIT1 kept the 4-tuple, so every re-armed connect() failed (EADDRNOTAVAIL) and no SYN
+ * of ours left again, while our NAT's entry, past SYN_RECV, dropped the peer's fresh SYNs:
+ * a lossy cone pair ended on the relay (#19, one run in ~20: the early side's SYN dropped by
+ * the peer's NAT, the peer's SYN passed, our SYN-ACK lost). The RST closes our NAT's entry
+ * and frees the port at once; our next SYN reopens the entry and meets the peer's socket. */
+#define HP_SIMOPEN_GRACES 1
 #define HP_SIMOPEN_GRACE_MAX_NS 500000000LL
 
 static int hp_simopen_half_open(const hp_simopen_state_t *s)
@@ -335,7 +344,10 @@ void hp_simopen_end(hp_simopen_state_t *s)
 {
     if (s == NULL)
         return;
-    hp_close(s->cfd);
+    if (hp_simopen_half_open(s))
+        hp_sock_abort(s->cfd);
+    else
+        hp_close(s->cfd);
     hp_close(s->lfd);
     hp_close(s->ep);
     free(s);

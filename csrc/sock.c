@@ -197,6 +197,14 @@ int hp_sock_set_ttl(int fd, int ttl)
     return setsockopt(fd, IPPROTO_IP, IP_TTL, &ttl, sizeof(ttl)) < 0 ? -errno : 0;
 }
 
+void hp_sock_abort(int fd)
+{
+    struct linger lg = {1, 0};
+    if (fd >= 0)
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    hp_close(fd);
+}
+
 int hp_sock_hand_over(int fd)
 {
     int fl = fcntl(fd, F_GETFL);

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+import struct
 import time
 
 from ..address import Address, sockaddr
@@ -107,6 +108,16 @@ def note_won(stats: PunchStats, sock: socket.socket, remote: Address, start: flo
     stats.local_port = sock.getsockname()[1]
     stats.remote = remote
     sock.setblocking(True)
+
+
+def abort(sock: socket.socket) -> None:
+    """Close at once with SO_LINGER 0 (as csrc/sock.c hp_sock_abort): a connection not yet
+    established leaves with a RST, not a FIN that lingers on its 4-tuple."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
 
 
 def close_all(socks: object) -> None:

@@ -31,6 +31,7 @@ from ._pure_raw import raw_syn as _raw_syn
 from ._pure_relay import relay_pump as _relay_pump
 from ._pure_sock import (
     IN_PROGRESS,
+    abort,
     close_all,
     connect_outcome,
     note_syn,
@@ -47,7 +48,7 @@ __all__ = ["PureEngine"]
 
 LISTEN_BACKLOG = 16
 TCP_SYN_RECV = 3            # tcp_info.tcpi_state (linux/tcp_states.h)
-SYN_RECV_GRACES = 2         # as csrc/simopen.c: deadline extensions for a half-open connection
+SYN_RECV_GRACES = 1         # as csrc/simopen.c: deadline extensions for a half-open connection
 SYN_RECV_GRACE_MAX = 0.5    # s, each
 
 
@@ -173,6 +174,9 @@ class _SimOpen:
 
     def close(self, winner: socket.socket | None) -> None:
         self.sel.close()
+        if self.conn is not None and self.conn is not winner and self._half_open():
+            abort(self.conn)    # csrc/simopen.c hp_simopen_end: a RST, not a FIN
+            self.conn = None
         close_all(s for s in (self.listener, self.conn) if s is not None and s is not winner)
 
     def outcome(self, winner: socket.socket | None) -> PunchResult:

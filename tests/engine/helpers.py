@@ -354,8 +354,9 @@ def private_loopback(drop_rst_from: tuple[int, ...]) -> Iterator[str]:
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        subprocess.run(["ip", "netns", "exec", name, "nft", "-f", "-"],
-                       input=drop_rst_rules(drop_rst_from), text=True, check=True)
+        if drop_rst_from:
+            subprocess.run(["ip", "netns", "exec", name, "nft", "-f", "-"],
+                           input=drop_rst_rules(drop_rst_from), text=True, check=True)
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)

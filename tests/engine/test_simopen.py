@@ -231,3 +231,62 @@ def test_low_ttl_for_the_first_n_attempts(engine: Engine, fam: Family, no_fd_lea
         time.sleep(0.02)
         ttls = [s.ttl for s in cap.syns(lambda s: s.src == (fam.a, pa))]
     assert len(ttls) >= 5 and ttls[:3] == [5, 5, 5] and 5 not in ttls[3:]
+
+
+def _abandon_half_open(engine_name: str, ip: str, pl: int, pr: int) -> dict[str, Any]:
+    """In a private namespace: our SYNs to ``pr`` vanish, the peer's SYN from ``pr`` reaches
+    our connecting socket (SYN_RECV: our SYN-ACK vanishes too) and the deadline passes."""
+    import errno
+    import subprocess
+
+    from pyholepunch import engine as engine_mod
+
+    rules = (f"table inet hpx {{\n chain out {{\n  type filter hook output priority 0;\n"
+             f"  tcp sport {pl} tcp dport {pr} tcp flags & rst == rst counter drop\n"
+             f"  tcp sport {pl} tcp dport {pr} drop\n }}\n}}\n")
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+    peer = socket.socket()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    peer.bind((ip, pr))
+    peer.setblocking(False)
+    timer = threading.Timer(0.1, peer.connect_ex, ((ip, pl),))
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        engine_mod.get(engine_name).simultaneous_open((ip, pl), (ip, pr), time.time() + 0.05, 0.25,
+                                                      interval=0.02, listen=True)
+        outcome = "connected"
+    except PunchTimeout:
+        outcome = "timeout"
+    took = time.monotonic() - t0
+    timer.join()
+    listing = subprocess.run(["nft", "list", "table", "inet", "hpx"], capture_output=True,
+                             text=True, check=True).stdout
+    rsts = int(listing.split("counter packets ")[1].split()[0])
+    # The next attempt's connect() on the same 4-tuple must send a SYN at once.
+    again = socket.socket()
+    again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    again.bind((ip, pl))
+    again.setblocking(False)
+    err = again.connect_ex((ip, pr))
+    again.close()
+    peer.close()
+    return {"outcome": outcome, "took": took, "rsts": rsts, "connect": errno.errorcode.get(err, err)}
+
+
+@pytest.mark.root
+def test_abandoned_half_open_leaves_with_rst(engine: Engine) -> None:
+    """#19, a lossy cone pair on the relay: the early side's SYN was dropped by the peer's NAT,
+    the peer's SYN made it SYN_RECV and its SYN-ACK was lost. Closed with a FIN at the
+    deadline, that socket lingered on the 4-tuple (FIN_WAIT1, retransmitting): every re-armed
+    connect() failed with EADDRNOTAVAIL, no SYN left again, and its NAT, past SYN_RECV,
+    dropped the peer's fresh SYNs until the relay. Abandoned with a RST, the port is free at
+    once and its NAT's entry closes, so the next SYN opens a new one."""
+    ip, pl, pr = "127.0.0.1", free_port("127.0.0.1"), free_port("127.0.0.1")
+    with private_loopback(()) as ns:
+        [r] = run_in_processes((in_netns, (ns, _abandon_half_open, engine.name, ip, pl, pr)))
+    assert r["outcome"] == "timeout", r
+    assert r["took"] > 0.4, r           # the SYN_RECV graces ran
+    assert r["rsts"] == 1, r
+    assert r["connect"] == "EINPROGRESS", r
