@@ -34,8 +34,8 @@ def test_two_processes_simultaneous_open(engine: Engine, fam: Family, no_fd_leak
     """
     pa, pb = free_port(fam.a), free_port(fam.b)
     with private_loopback((pa, pb)) as ns:
-        a, b, *rest = _punch_pair_at(engine, fam, False, pa, pb, ns)
-    _check_pair(fam, a, b, *rest, listen=False)
+        a, b, _, _, start_at = _punch_pair_at(engine, fam, False, pa, pb, ns)
+    _check_pair(fam, a, b, pa, pb, start_at, listen=False)
     # Each side's one SYN met the other's: no refusal, no re-arm, crossing SYNs did it.
     for side in (a, b):
         assert side["stats"]["attempts"] == 1 and side["stats"]["rsts_seen"] == 0, side
