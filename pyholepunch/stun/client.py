@@ -217,13 +217,17 @@ def quick_rto(sock: socket.socket) -> None:
 
 def reusable_socket(local: Address, kind: int = socket.SOCK_STREAM) -> socket.socket:
     """A non-blocking socket bound to ``local`` with SO_REUSEADDR + SO_REUSEPORT (and, for
-    TCP, ``quick_rto``)."""
+    TCP, TCP_NODELAY and ``quick_rto``)."""
     family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if kind == socket.SOCK_STREAM:
+            # asyncio sets it only on sockets made with proto IPPROTO_TCP, not these: two
+            # small writes in a row (a binding and its change requests, two pongs) waited
+            # for the first one's ACK
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             quick_rto(sock)
         sock.setblocking(False)
         sock.bind(local)
