@@ -76,8 +76,40 @@ of 20, same day: before (21:17-21:23 UTC, load 0.4-1.4) 18, 19, 19 direct (3 dir
 engine; lossless time to connect unchanged (cone pair, median: native 137.7 -> 136.5 ms,
 pure 137.9 -> 138.5 ms).
 
-The CLI median of the cone pair is bimodal (2.0-2.8 s, and 3.9-4.8 s where one lost segment
-cost a retransmission): 3.29 s, above the 3 s target (after: 3.06, 2.94, 2.66, 2.77 s per set).
+Start-up under loss (#19, branch lossflow), 2026-12-07 20:30-21:30 UTC, shared 2-core machine
+(load 0.6-2.4), main (1633bce) and the branch run alternately, 20 runs per pair and set:
+
+    pair (10 % loss + 20 ms jitter)        direct              CLI median per set (s)
+    port-restricted x port-restricted
+        main, four sets                    20, 19, 16, 20      2.94, 3.26, 3.19, 3.25
+        branch, three sets (no NODELAY)    19, 19, 19          2.18, 2.22, 2.26
+        branch, two sets (final)           20, 18              1.92, 1.88
+    symmetric-random x port-restricted
+        main, four sets                    20 each             2.74, 3.30, 3.06, 2.75
+        branch, three sets (no NODELAY)    20 each             2.09, 2.08, 2.07
+        branch, two sets (final)           20 each             1.98, 2.08
+    relayed: direct_pending (the simultaneous-open case above) on both, 1-4 per set
+
+Where peer a's time goes (cone pair, 12 traced runs, medians; `start step` debug lines):
+
+                                   10 % loss + 20 ms jitter          no loss (5 runs)
+                                   main            branch            main      branch
+    start-up to the first log      0.29 s          0.29 s            0.28 s    0.29 s
+    classification                 1.35 (max 3.8)  0.77 (max 1.24)   0.88      0.72
+    announce (punch-port STUN)     0.09 (max 1.2)  0.00 (max 0.37)   0.08      0.00
+    register                       0.15 (max 1.2)  0.17 (max 0.83)   0.13      0.08
+    connect()                      0.37            0.40              0.14      0.14
+    echo and exit                  0.17            0.16              0.09      0.09
+    CLI                            3.12            2.20              1.60      1.33
+
+The classification was three rounds, each waiting for its slowest connection under loss
+(first connections 0.08-1.8 s, mapping probes 0.3-1.3 s, allocation run 0.2-1.2 s), the
+filtering test's wait hidden behind them. Now the allocation run rides along the first round,
+the filtering connection asks at once, the mapping probes run from two ports, the first and
+filtering connections race fresh ports, and the punch-port probe runs during the filtering
+wait: the floor is that wait (the server's connect-back, 0.6 s on a filtering NAT, plus ~2
+RTTs). Probe and signaling sockets re-send lost segments in RTT time (TCP_RTO_MIN_US, Linux
+6.15+) and have TCP_NODELAY; the registration's two clock-sync pings go together.
 """
 from __future__ import annotations
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
 
 from .errors import HolePunchError
 from .nat.profile import NatProfile
@@ -15,8 +18,24 @@ from .punchport import PunchPort, candidates, classify_family, probe, reserve_po
 from .signal.client import SignalClient
 from .strategy import Candidate
 from .strategy.candidates import family_name
+from .stun.client import BindingResult
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Probed:
+    """A punch port's STUN probe: the port (its new reservation, if any) and its mapping."""
+
+    reservation: socket.socket | None
+    port: int
+    started: float          # time.time()
+    took: float
+    result: BindingResult
+
+    def discard(self) -> None:
+        if self.reservation is not None:
+            self.reservation.close()
 
 
 class Announcing:
@@ -73,35 +92,45 @@ class Announcing:
                 log.info("%s punch port: no STUN answer; announcing the previous mapping", fam)
         await self._signal.update(candidates=self._candidates(), profiles=self._all_profiles())
 
-    async def _learn_punch_address(self, family: str, *, new_port: bool) -> None:
+    async def _probe_punch_port(self, family: str, *, new_port: bool) -> Probed:
+        """The STUN probe of ``_learn_punch_address``, not yet adopted (see there)."""
+        pp = self.ports[family]
+        reservation = (reserve_port(pp.local_ip) if new_port or pp.reservation is None
+                       else None)
+        port = reservation.getsockname()[1] if reservation is not None else pp.port
+        t = time.time()
+        try:
+            result = await probe(pp.server, pp.local_ip, port,
+                                 rtt=self._signal.rtt or self._signal.connect_rtt)
+        except BaseException:
+            if reservation is not None:
+                reservation.close()
+            raise
+        return Probed(reservation, port, t, time.time() - t, result)
+
+    async def _learn_punch_address(self, family: str, *, new_port: bool,
+                                   probed: Awaitable[Probed] | None = None) -> None:
         """STUN over TCP from ``family``'s punch port: what it maps to outside.
 
         For an endpoint-independent mapping that is where the peer will find us; for a
         sequential symmetric NAT it is the latest mapping, the base of the peer's prediction.
         With ``new_port`` a fresh port is probed first and then swapped in together with its
         mapping, so the port and the announced address always agree. The probe ends with an
-        RST (SO_LINGER 0): a TIME_WAIT would block the next probe from that port.
+        RST (SO_LINGER 0): a TIME_WAIT would block the next probe from that port. ``probed``:
+        that probe, started earlier (``_probe_punch_port``; the peer's start).
         """
         pp = self.ports[family]
         async with self._announcing:
-            reservation = (reserve_port(pp.local_ip) if new_port or pp.reservation is None
-                           else None)
-            port = reservation.getsockname()[1] if reservation is not None else pp.port
-            t = time.time()
-            try:
-                result = await probe(pp.server, pp.local_ip, port,
-                                     rtt=self._signal.rtt or self._signal.connect_rtt)
-                if self._tracker is not None and family == self._primary:
-                    self._tracker.observe(t, result.mapped[1], announced=True, took=time.time() - t)
-            except BaseException:
-                if reservation is not None:
-                    reservation.close()
-                raise
-            if reservation is not None:
+            got = await (probed if probed is not None
+                         else self._probe_punch_port(family, new_port=new_port))
+            if self._tracker is not None and family == self._primary:
+                self._tracker.observe(got.started, got.result.mapped[1], announced=True,
+                                      took=got.took)
+            if got.reservation is not None:
                 pp.close()
-                pp.reservation, pp.port = reservation, port
-            pp.announced = result.mapped
-            pp.other_family = result.other_family or pp.other_family
+                pp.reservation, pp.port = got.reservation, got.port
+            pp.announced = got.result.mapped
+            pp.other_family = got.result.other_family or pp.other_family
             if self.port_mapping is not None and family == self._primary:
                 await self.port_mapping.follow(pp.port)
                 self.profiles["tcp"] = self.port_mapping.profile(self.tcp_profile)

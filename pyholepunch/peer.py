@@ -24,7 +24,7 @@ from . import engine as engine_mod
 from ._process import raise_fd_limit
 from ._service import Service
 from .address import Address, format_address, route_source
-from .announce import Announcing
+from .announce import Announcing, Probed
 from .connection import DEFAULT_KEEPALIVE, Connection, KeepAlive
 from .errors import ConfigDirInUse, HolePunchError, SignalingError, StartFailed
 from .identity import ConfigLock, Identity, default_config_dir
@@ -57,6 +57,12 @@ DEFAULT_SERVER_PORT = 3478  # a server address given without a port
 FD_LIMIT = 8192             # the common soft limit of 1024 is too low for sweeps
 RESPONDER_TIMEOUT = 30.0    # an incoming session (PUNCH received) ends by then, whatever it was told
 DIRECT_KINDS = tuple(k for k in STEP_KINDS if k != "relay")   # Connection.upgrade()'s plan
+
+
+def _discard_probe(task: asyncio.Future[Probed]) -> None:
+    """A punch-port probe the start will not use: its port's reservation is closed."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().discard()
 
 
 def parse_address(value: str | Address, default_port: int = 3478) -> Address:
@@ -160,7 +166,13 @@ class Peer(Announcing, Service):
         # Is it our server at all? Asked alongside the classification, whose probes would
         # otherwise wait out their timeouts against a server of another kind.
         check = asyncio.ensure_future(self._signal.check_server())
-        classify = asyncio.ensure_future(self._classify(local_ip))
+        mapped = asyncio.Event()    # the classification's mapping probes are done
+        classify = asyncio.ensure_future(self._classify(local_ip, mapped))
+        self.ports[self._primary] = PunchPort(self._primary, self.server, local_ip)
+        # The punch port's STUN probe takes a mapping, which the classification's mapping
+        # probes must not see; it runs during the filtering test's wait (the server's
+        # connect-back: 0.6 s on a filtering NAT), which takes none.
+        punch_probe = asyncio.ensure_future(self._probe_when(mapped))
         try:
             await asyncio.wait([check, classify], return_when=asyncio.FIRST_EXCEPTION)
             with self._start_step("signaling"):
@@ -169,19 +181,21 @@ class Peer(Announcing, Service):
                 await classify
         except BaseException:
             hops.cancel()       # nobody will wait for it (its thread ends on its own)
+            punch_probe.cancel()
+            punch_probe.add_done_callback(_discard_probe)
             raise
         finally:
+            mapped.set()        # classified without it (an error, or another transport)
             for task in (check, classify):
                 task.cancel()
             await asyncio.gather(check, classify, return_exceptions=True)
         self.family_profiles[self._primary] = self.profiles["tcp"]
-        self.ports[self._primary] = PunchPort(self._primary, self.server, local_ip)
         # Our sequential NAT's positions (None for other NATs); NAT routers in front of us.
         self._tracker: AllocationTracker | None = tracker_for(self.tcp_profile)
         with self._start_step("hops"):
             self.nat_hops: int | None = await hops
         with self._start_step("announce"):
-            await self._learn_punch_address(self._primary, new_port=True)
+            await self._learn_punch_address(self._primary, new_port=True, probed=punch_probe)
             await self._add_other_family()
         # Registered with its address already: no CONNECT can find us without one.
         self._signal.profiles = [p.to_dict() for p in self._all_profiles()]
@@ -211,11 +225,16 @@ class Peer(Announcing, Service):
             raise start_failed(step, exc, format_address(self.server)) from exc
         log.debug("start step %s done in %.3f s", step, time.monotonic() - t)
 
-    async def _classify(self, local_ip: str) -> None:
+    async def _classify(self, local_ip: str, mapped: asyncio.Event) -> None:
         kinds = ["tcp", "udp"] if self.classify_udp else ["tcp"]
         for kind in kinds:    # one after the other: allocation probes must not interleave
-            profile = await classify_nat(self.server, transport=kind, local_ip=local_ip)
+            profile = await classify_nat(self.server, transport=kind, local_ip=local_ip,
+                                         on_mapped=mapped.set if kind == "tcp" else None)
             self.profiles[kind] = profile.evolve(family=Family(self._primary))
+
+    async def _probe_when(self, mapped: asyncio.Event) -> Probed:
+        await mapped.wait()
+        return await self._probe_punch_port(self._primary, new_port=True)
 
     async def close(self) -> None:
         if self._events is not None:

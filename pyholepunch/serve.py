@@ -35,6 +35,7 @@ from .signal.admission import SourceBudget, source_key
 from .signal.server import ServerConfig, SignalServer
 from .signal.store import open_store
 from .signal.tls import format_fingerprint, load_or_create_credentials
+from .stun.client import quick_rto
 
 log = logging.getLogger(__name__)
 RELAY_MAGIC = b"HPR1"
@@ -177,6 +178,7 @@ class Rendezvous(Service):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # The STUN server connects back *from* these addresses (RFC 5780 over TCP).
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        quick_rto(s)        # every accepted connection re-sends a lost answer in RTT time
         s.bind((host, port))
         s.listen(4096)
         s.setblocking(False)

@@ -22,6 +22,7 @@ import asyncio
 import ipaddress
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -275,7 +276,8 @@ def _fmt(addr: Address) -> str:
 
 async def classify_nat(server: Address | str, *, transport: str = "udp", local_ip: str | None = None,
                        alt_server: Address | str | None = None, timeout: float = 3.0,
-                       allocation_probes: int = ALLOCATION_PROBES) -> NatProfile:
+                       allocation_probes: int = ALLOCATION_PROBES,
+                       on_mapped: Callable[[], None] | None = None) -> NatProfile:
     """Classify the NAT between this host and ``server`` for one transport (udp | tcp).
 
     ``server`` and ``alt_server`` take the forms ``Peer`` takes: ``"host:port"``,
@@ -283,9 +285,11 @@ async def classify_nat(server: Address | str, *, transport: str = "udp", local_i
 
     ``timeout`` bounds the first contact with the server; later probes wait in proportion
     to the measured RTT. Never raises for network trouble: an unreachable server gives a
-    profile whose ``not_learned`` says so.
+    profile whose ``not_learned`` says so. ``on_mapped`` (TCP): called once the probes that
+    take NAT mappings are done (a new mapping may be made from then on without disturbing
+    them) while the filtering test may still wait for the server's connect-backs.
     """
-    from . import probe  # the I/O half
+    from . import probe, probe_udp  # the I/O half
 
     kind = Transport(transport)
     server = parse_address(server, default_port=STUN_PORT)
@@ -294,11 +298,11 @@ async def classify_nat(server: Address | str, *, transport: str = "udp", local_i
     obs = Observations(kind, server, alt_server=alt_server)
     try:
         if kind is Transport.UDP:
-            await probe.probe_udp(obs, local_ip=local_ip, timeout=timeout,
+            await probe_udp.probe_udp(obs, local_ip=local_ip, timeout=timeout,
                                   allocation_probes=allocation_probes)
         else:
             await probe.probe_tcp(obs, local_ip=local_ip, timeout=timeout,
-                                  allocation_probes=allocation_probes)
+                                  allocation_probes=allocation_probes, on_mapped=on_mapped)
     except OSError as exc:
         obs.error = obs.error or f"local socket error: {exc}"
     profile = build_profile(obs)

@@ -2,7 +2,8 @@
 
 The verdict (nat/classify.py ``build_profile``) never sees a socket; this module never
 decides a NAT type. Rounds are ordered so that only the allocation probes create new
-mappings while they run (a sequential allocator must show its real delta).
+mappings while they run (a sequential allocator must show its real delta). TCP here; UDP's
+probes are in nat/probe_udp.py.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +23,6 @@ from ..stun.client import (
     CONNECT_REARM,
     BindingResult,
     StunTcpConnection,
-    StunUdpClient,
     format_address,
     new_transaction_id,
     reusable_socket,
@@ -39,7 +40,7 @@ from ..stun.codec import (
 )
 
 if TYPE_CHECKING:
-    from .classify import FilterProbe, Observations
+    from .classify import Observations
 
 log = logging.getLogger(__name__)
 
@@ -65,104 +66,6 @@ def _changed_expected(obs: Observations, change: ChangeRequest) -> Address | Non
     host = other[0] if change.change_ip else obs.server[0]
     port = other[1] if change.change_port else obs.server[1]
     return (host, port)
-
-
-# --- UDP -------------------------------------------------------------------------------
-
-def _udp_filter_outcome(obs: Observations, probe: FilterProbe, change: ChangeRequest,
-                        result: BindingResult | BaseException) -> None:
-    from .classify import Outcome
-    if isinstance(result, BindingResult):
-        expected = _changed_expected(obs, change)
-        if result.source == obs.server or (expected is not None and result.source != expected):
-            probe.outcome, probe.detail = Outcome.INVALID, f"answer came from {result.source}"
-        else:
-            probe.outcome = Outcome.PASSED
-    elif isinstance(result, TransactionTimeout):
-        probe.outcome = Outcome.BLOCKED
-    elif isinstance(result, TransactionFailed) and result.code in (ErrorCode.UNKNOWN_ATTRIBUTE,
-                                                                    ErrorCode.BAD_REQUEST):
-        probe.outcome, probe.detail = Outcome.UNSUPPORTED, f"server answered {result}".rstrip("\0")
-    else:
-        probe.outcome, probe.detail = Outcome.INVALID, str(result)
-
-
-async def probe_udp(obs: Observations, *, local_ip: str | None, timeout: float,
-                    allocation_probes: int) -> None:
-    ip = local_ip or route_source(obs.server[0])
-    obs.local_ip = ip
-    first: dict[str, Any] = dict(rto=min(0.25, timeout / 4), rc=6, timeout=timeout)
-    clients: list[StunUdpClient] = []
-    filter_task: asyncio.Future[list[Any]] | None = None
-    try:
-        sm = await StunUdpClient.open((ip, 0))
-        sf = await StunUdpClient.open((ip, 0))
-        clients += [sm, sf]
-        obs.mapping_local, obs.filter_local = sm.local, sf.local
-        r1, rf = await _gather(sm.binding(obs.server, **first), sf.binding(obs.server, **first))
-        if not isinstance(r1, BindingResult):
-            obs.error = (f"no UDP answer from {format_address(obs.server)} within {timeout:.1f} s "
-                         "(server down, wrong port, or UDP blocked)"
-                         if isinstance(r1, TransactionTimeout) else f"server refused: {r1}")
-            return
-        obs.mapped_primary, obs.rtt, obs.other_address = r1.mapped, r1.rtt, r1.other_address
-        rto, wait = _waits(r1.rtt)
-        quick: dict[str, Any] = dict(rto=rto, rc=4, timeout=wait)
-
-        # filtering runs in the background: it creates no mapping
-        if isinstance(rf, BindingResult):
-            obs.mapped_filter = rf.mapped
-            filter_task = asyncio.ensure_future(_gather(
-                sf.binding(obs.server, change=CHANGE_BOTH, **quick),
-                sf.binding(obs.server, change=CHANGE_PORT, **quick)))
-        else:
-            obs.notes.append(f"filtering: the filtering socket got no answer ({rf})")
-
-        # mapping: same socket, other destinations
-        if obs.other_address is not None:
-            m2, m3 = await _gather(
-                sm.binding((obs.other_address[0], obs.server[1]), **quick),
-                sm.binding(obs.other_address, **quick))
-            obs.mapped_alt_ip = m2.mapped if isinstance(m2, BindingResult) else None
-            obs.mapped_alt_both = m3.mapped if isinstance(m3, BindingResult) else None
-        elif obs.alt_server is not None:
-            m2 = (await _gather(sm.binding(obs.alt_server, rto=rto, rc=4, timeout=timeout)))[0]
-            obs.mapped_alt_server = m2.mapped if isinstance(m2, BindingResult) else None
-
-        # allocation: fresh sockets, sends leave in order
-        fresh = [await StunUdpClient.open((ip, 0)) for _ in range(allocation_probes)]
-        clients += fresh
-        results = await _gather(*(c.binding(obs.server, **quick) for c in fresh))
-        for c, r in zip(fresh, results, strict=True):
-            if isinstance(r, BindingResult):
-                obs.allocation.append((c.local[1], r.mapped[1]))
-            else:
-                obs.allocation_lost += 1
-
-        # hairpin: our own request, sent to our own mapping, must come back to us
-        req = binding_request(new_transaction_id())
-        data = req.encode()
-        got: asyncio.Future[Address] = asyncio.get_running_loop().create_future()
-
-        def on_unmatched(d: bytes, a: Address) -> None:
-            if d == data and not got.done():
-                got.set_result(a)
-        sm.on_unmatched = on_unmatched
-        for _ in range(3):
-            sm.send_raw(data, r1.mapped)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(got), wait / 3)
-                break
-        obs.hairpin = got.done()
-        if filter_task is not None:
-            fb, fp = await filter_task
-            _udp_filter_outcome(obs, obs.filter_both, CHANGE_BOTH, fb)
-            _udp_filter_outcome(obs, obs.filter_port, CHANGE_PORT, fp)
-    finally:
-        if filter_task is not None and not filter_task.done():
-            filter_task.cancel()
-        for c in clients:
-            c.close()
 
 
 # --- TCP -------------------------------------------------------------------------------
@@ -233,29 +136,48 @@ def _rtt(samples: list[float]) -> float:
 
 
 async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
-                    allocation_probes: int) -> None:
+                    allocation_probes: int, on_mapped: Callable[[], None] | None = None) -> None:
     ip = local_ip or route_source(obs.server[0])
     obs.local_ip = ip
-    lsock = _listener((ip, 0))
-    p2 = lsock.getsockname()[1]
     catcher = _ConnectBackCatcher()
-    try:
-        listener = await asyncio.start_server(catcher.handle, sock=lsock)
-    except BaseException:
-        lsock.close()
-        raise
+    listening: list[socket.socket] = []     # ports the filtering connection may take
+    servers: list[asyncio.Server] = []      # the one it took: the connect-backs come there
+    loop = asyncio.get_running_loop()
     conns: list[StunTcpConnection] = []
-    filter_task: asyncio.Future[None] | None = None
+    rtt_known: asyncio.Future[float] = loop.create_future()
+    filtered: asyncio.Future[Address | None] = loop.create_future()
+    # The filtering test asks as soon as its connection is up: the server's connect-back
+    # wait (0.6 s on a filtering NAT, whatever the loss) is the classification's floor.
+    shook: asyncio.Future[float] = loop.create_future()   # the first handshake's RTT
+    filter_task = asyncio.ensure_future(
+        _tcp_filtering(obs, ip, catcher, timeout, rtt_known, filtered, conns, shook,
+                       (listening, servers)))
     hairpin: asyncio.Future[None] | None = None
+    samples: list[float] = []
+
+    async def allocate() -> list[BindingResult]:
+        # The allocation run rides along the first round, once a first handshake measured
+        # the RTT (a lost SYN-ACK needs two fresh SYNs: at 0.25 s and 0.5 s without it):
+        # every mapping made meanwhile is a fresh port's to the primary address (a round of
+        # its own after the mapping probes was one more wait for the slowest of five).
+        rearm = _Rearm.measured(await asyncio.shield(shook))
+        return await _tcp_allocation(obs, ip, allocation_probes, timeout, rearm, samples=samples)
+
+    allocation = asyncio.ensure_future(allocate())
+    allocated: list[BindingResult] = []
     try:
-        a, f = await _gather(StunTcpConnection.open(obs.server, local=(ip, 0), connect_timeout=timeout),
-                             StunTcpConnection.open(obs.server, local=(ip, p2), connect_timeout=timeout))
-        conns += [c for c in (a, f) if isinstance(c, StunTcpConnection)]
+        # any port will do: a lost SYN-ACK costs a fresh port's SYN, not two on this one
+        a = (await _gather(StunTcpConnection.open(
+            obs.server, connect_timeout=timeout, new_socket=lambda: reusable_socket((ip, 0)))))[0]
+        if isinstance(a, StunTcpConnection) and not shook.done():
+            shook.set_result(a.handshake_rtt)
         if not isinstance(a, StunTcpConnection):
             what = ("connection refused" if isinstance(a, ConnectionRefusedError) else
                     "no answer to the TCP handshake" if isinstance(a, TransactionTimeout) else str(a))
             obs.error = f"cannot reach {format_address(obs.server)} over TCP: {what}"
             return
+        conns.append(a)
+        obs.allocation_rearms += a.rearms
         try:
             r1 = await a.binding(timeout=timeout)
         except ConnectionError as exc:
@@ -263,6 +185,7 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
             # the two ends disagreeing) is not the server's answer: once more, a fresh port.
             # (Bytes that are not STUN are an answer: a server of another kind, said at once.)
             log.debug("TCP classification: the first connection broke (%r): a fresh one", exc)
+            obs.allocation_rearms += 1     # a mapping of its own, maybe among the allocation run's
             try:
                 a = await StunTcpConnection.open(obs.server, local=(ip, 0), connect_timeout=timeout)
                 conns.append(a)
@@ -276,152 +199,243 @@ async def probe_tcp(obs: Observations, *, local_ip: str | None, timeout: float,
         p1 = a.local
         obs.mapping_local = p1
         obs.mapped_primary, obs.other_address = r1.mapped, r1.other_address
-        obs.rtt = _rtt([a.handshake_rtt, r1.rtt]
-                       + ([f.handshake_rtt] if isinstance(f, StunTcpConnection) else []))
+        # The hairpin's connect takes a mapping of a fresh port: it goes once the filtering
+        # port's mapping is known (its wait for silence, 0.4 s at least, was a round of its
+        # own), maybe among the allocation run's mappings: one more it tolerates.
+        first_rtt = _rtt([a.handshake_rtt, r1.rtt])
+        _, hairpin_wait = _waits(first_rtt)
+        hairpin_sent = asyncio.Event()
+        hairpin = asyncio.ensure_future(_tcp_hairpin(
+            obs, ip, catcher, hairpin_wait, filtered, max(2.5, 6 * first_rtt) + hairpin_wait,
+            hairpin_sent))
+        if not allocation.done():
+            obs.allocation_rearms += 1
+        allocated = await allocation
+        obs.rtt = _rtt([a.handshake_rtt, r1.rtt, *samples])
+        rtt_known.set_result(obs.rtt)
         _, wait = _waits(obs.rtt)
         step = max(2.5, 6 * obs.rtt) + wait    # room for one SYN retransmission (1 s) and more
         rearm = _Rearm.measured(obs.rtt)
 
-        # filtering on the listener's port, in the background
-        filtered: asyncio.Future[Address | None] = asyncio.get_running_loop().create_future()
-        if isinstance(f, StunTcpConnection):
-            obs.filter_local = f.local
-            # the server's budget, our patience for silence, and TCP's retransmissions (RTO
-            # >= 0.2 s, doubling) of a lost request or report: a deadline, rarely waited out
-            cb_wait = SERVER_CONNECT_BACK_TIMEOUT + wait + 2 * obs.rtt + REPORT_LOSS
-            filter_task = asyncio.ensure_future(
-                _tcp_filtering(obs, f, catcher, cb_wait, step, filtered))
-        else:
-            obs.notes.append(f"filtering: the filtering connection failed ({f!r})")
-            filtered.set_result(None)
-        # The hairpin's connect takes a mapping of a fresh port, which only the allocation
-        # run must not see: it runs beside the mapping probes (its wait for silence, 0.4 s
-        # at least, was a round of its own), once the filtering port's mapping is known.
-        hairpin = asyncio.ensure_future(_tcp_hairpin(obs, ip, catcher, wait, filtered, step))
-
-        # mapping: same local port, other destinations
+        # mapping: same local port, other destinations (after the allocation run: on a
+        # symmetric NAT each takes a new mapping)
         if obs.other_address is not None:
-            m2, m3 = await _gather(
-                _tcp_binding((obs.other_address[0], obs.server[1]), p1, step, rearm),
-                _tcp_binding(obs.other_address, p1, step, rearm))
-            obs.mapped_alt_ip = m2.mapped if isinstance(m2, BindingResult) else None
-            obs.mapped_alt_both = m3.mapped if isinstance(m3, BindingResult) else None
+            bases = [(p1, r1.mapped), *((r.local, r.mapped) for r in allocated[:1])]
+            await _tcp_mapping(obs, bases, step, rearm)
         elif obs.alt_server is not None:
             m2 = (await _gather(_tcp_binding(obs.alt_server, p1, timeout, rearm)))[0]
             obs.mapped_alt_server = m2.mapped if isinstance(m2, BindingResult) else None
+        await hairpin_sent.wait()
+        if on_mapped is not None:     # only the hairpin's and the filtering test's waits are left
+            on_mapped()
         await hairpin
-
-        # connect-backs create no mapping, so they may overlap the allocation run
-        await _tcp_allocation(obs, ip, allocation_probes, step, rearm)
-        if filter_task is not None:
-            await filter_task
+        await filter_task
     finally:
-        for task in (filter_task, hairpin):
+        for task in (filter_task, hairpin, allocation):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
         for c in conns:
             await c.close()
-        listener.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(listener.wait_closed(), 1.0)
+        for sock in listening:
+            sock.close()
+        for srv in servers:
+            srv.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
 
 
-async def _tcp_filtering(obs: Observations, conn: StunTcpConnection, catcher: _ConnectBackCatcher,
-                         wait: float, first_timeout: float,
-                         mapped: asyncio.Future[Address | None]) -> None:
-    """The filtering tests; ``mapped`` gets the filtering port's mapping (None if none)."""
+async def _tcp_filtering(obs: Observations, ip: str, catcher: _ConnectBackCatcher,
+                         timeout: float, rtt_known: asyncio.Future[float],
+                         mapped: asyncio.Future[Address | None],
+                         conns: list[StunTcpConnection], shook: asyncio.Future[float],
+                         ports: tuple[list[socket.socket], list[asyncio.Server]]) -> None:
+    """The filtering tests from a port of ours that listens (``ports``: the listening
+    sockets tried, and the server on the one taken); ``mapped`` gets its mapping (None if
+    none). Its connection races fresh ports, as the first one's does.
+
+    The binding and both change requests leave together once connected; how long to wait
+    for the connect-backs and reports is known once the RTT is (``rtt_known``), and so is
+    the server's OTHER-ADDRESS, which a connect-back must come from."""
     from .classify import Outcome
+    listening, servers = ports
+
+    def new_socket() -> socket.socket:
+        listening.append(_listener((ip, 0)))
+        return reusable_socket(listening[-1].getsockname()[:2])
+
     try:
-        rf = await conn.binding(timeout=first_timeout)   # TCP's own retransmission may be needed
-        obs.mapped_filter = rf.mapped
-    except (TransactionTimeout, TransactionFailed, OSError, ProtocolError) as exc:
-        obs.notes.append(f"filtering: no answer on the filtering connection ({exc})")
+        conn = await StunTcpConnection.open(obs.server, connect_timeout=timeout,
+                                            new_socket=new_socket)
+    except (TransactionTimeout, OSError) as exc:
+        obs.notes.append(f"filtering: the filtering connection failed ({exc!r})")
+        mapped.set_result(None)
         return
-    finally:
-        if not mapped.done():
-            mapped.set_result(obs.mapped_filter)
+    conns.append(conn)
+    taken = next(s for s in listening if s.getsockname()[1] == conn.local[1])
+    listening.remove(taken)
+    try:
+        servers.append(await asyncio.start_server(catcher.handle, sock=taken))
+    except BaseException:
+        taken.close()
+        raise
+    while listening:        # the other attempts' ports
+        listening.pop().close()
+    if not shook.done():
+        shook.set_result(conn.handshake_rtt)
+    obs.filter_local = conn.local
+    obs.allocation_rearms += conn.rearms
+    binding = binding_request(new_transaction_id())
+    conn.send(binding)
     probes = {}
     for change, probe in ((CHANGE_BOTH, obs.filter_both), (CHANGE_PORT, obs.filter_port)):
         req = binding_request(new_transaction_id(), change=change)
         probes[req.transaction_id] = (change, probe)
         conn.send(req)
-    await conn.writer.drain()
-    deadline = time.monotonic() + wait
+    sent = time.monotonic()
+    # until the RTT is known: the first contact's bound (TCP's own retransmission may be
+    # needed), then the server's budget, our patience for silence, and TCP's
+    # retransmissions (RTO >= 0.2 s, doubling) of a lost request or report
+    deadline = sent + timeout + SERVER_CONNECT_BACK_TIMEOUT + REPORT_LOSS
     pending = dict(probes)
 
+    def read_one(msg: StunMessage) -> None:
+        if msg.transaction_id == binding.transaction_id:
+            if msg.cls is MessageClass.SUCCESS and msg.mapped_address is not None:
+                obs.mapped_filter = msg.mapped_address
+            if not mapped.done():
+                mapped.set_result(obs.mapped_filter)
+            return
+        entry = pending.get(msg.transaction_id)
+        if entry is None or msg.cls is MessageClass.REQUEST:
+            return
+        change, probe = entry
+        err = msg.error
+        if msg.cls is MessageClass.SUCCESS:
+            probe.outcome, probe.detail = Outcome.INVALID, "server answered on the same connection"
+        elif err and err.code in (ErrorCode.UNKNOWN_ATTRIBUTE, ErrorCode.BAD_REQUEST) and \
+                AttrType.CONNECT_BACK_RESULT not in msg:
+            # 420: no alternate address; 400: e.g. coturn, "applicable only to UDP"
+            probe.outcome = Outcome.UNSUPPORTED
+            probe.detail = f"server answered {err.code} {err.reason.rstrip(chr(0))}".strip()
+        elif msg.get(AttrType.CONNECT_BACK_RESULT) in (ConnectBack.REFUSED, ConnectBack.TIMEOUT,
+                                                        ConnectBack.UNREACHABLE):
+            probe.outcome = Outcome.BLOCKED
+            probe.connect_back = msg.get(AttrType.CONNECT_BACK_RESULT)
+        else:
+            probe.outcome = Outcome.INVALID
+            text = f"server error {err.code} {err.reason}" if err else "unexpected answer"
+            probe.detail = text.rstrip("\0 ")
+        pending.pop(msg.transaction_id, None)
+
     async def read_reports() -> None:
-        while pending:
-            msg = await conn.read_message(deadline - time.monotonic())
-            entry = pending.get(msg.transaction_id)
-            if entry is None or msg.cls is MessageClass.REQUEST:
-                continue
-            change, probe = entry
-            err = msg.error
-            if msg.cls is MessageClass.SUCCESS:
-                probe.outcome, probe.detail = Outcome.INVALID, "server answered on the same connection"
-            elif err and err.code in (ErrorCode.UNKNOWN_ATTRIBUTE, ErrorCode.BAD_REQUEST) and \
-                    AttrType.CONNECT_BACK_RESULT not in msg:
-                # 420: no alternate address; 400: e.g. coturn, "applicable only to UDP"
-                probe.outcome = Outcome.UNSUPPORTED
-                probe.detail = f"server answered {err.code} {err.reason.rstrip(chr(0))}".strip()
-            elif msg.get(AttrType.CONNECT_BACK_RESULT) in (ConnectBack.REFUSED, ConnectBack.TIMEOUT,
-                                                            ConnectBack.UNREACHABLE):
-                probe.outcome = Outcome.BLOCKED
-                probe.connect_back = msg.get(AttrType.CONNECT_BACK_RESULT)
-            else:
-                probe.outcome = Outcome.INVALID
-                text = f"server error {err.code} {err.reason}" if err else "unexpected answer"
-                probe.detail = text.rstrip("\0 ")
-            pending.pop(msg.transaction_id, None)
+        while pending or not mapped.done():
+            read_one(await conn.read_message(deadline - time.monotonic()))
 
     reports = asyncio.ensure_future(read_reports())
     try:
-        while pending and time.monotonic() < deadline:
-            for tid in [t for t in pending if t in catcher.answers]:
-                change, probe = pending.pop(tid)
-                peer = catcher.answers[tid][1]
-                expected = _changed_expected(obs, change)
-                if expected is not None and peer != expected:
-                    probe.outcome, probe.detail = Outcome.INVALID, f"connect-back came from {peer}"
-                else:
-                    probe.outcome = Outcome.PASSED
-            if pending:
-                catcher.event.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(catcher.event.wait(), 0.02)
+        await conn.writer.drain()
+        while (pending or not mapped.done()) and time.monotonic() < deadline:
+            if reports.done() and not mapped.done():     # the connection broke
+                mapped.set_result(None)
+            if rtt_known.done():
+                if deadline > sent + timeout:      # once: the RTT's deadline
+                    _, wait = _waits(rtt_known.result())
+                    deadline = sent + SERVER_CONNECT_BACK_TIMEOUT + wait \
+                        + 2 * rtt_known.result() + REPORT_LOSS
+                for tid in [t for t in pending if t in catcher.answers]:
+                    change, probe = pending.pop(tid)
+                    peer = catcher.answers[tid][1]
+                    expected = _changed_expected(obs, change)
+                    if expected is not None and peer != expected:
+                        probe.outcome, probe.detail = Outcome.INVALID, f"connect-back came from {peer}"
+                    else:
+                        probe.outcome = Outcome.PASSED
+            catcher.event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(catcher.event.wait(), 0.02)
     finally:
         reports.cancel()
         with contextlib.suppress(BaseException):
             await reports
+        if not mapped.done():
+            mapped.set_result(None)
+    if obs.mapped_filter is None:
+        obs.notes.append("filtering: no answer to the binding on the filtering connection")
     for _, probe in pending.values():
-        probe.outcome, probe.detail = Outcome.NOT_RUN, f"no connect-back and no report in {wait:.2f} s"
+        probe.outcome = Outcome.NOT_RUN
+        probe.detail = f"no connect-back and no report in {deadline - sent:.2f} s"
 
 
 async def _tcp_allocation(obs: Observations, ip: str, count: int, timeout: float,
-                          rearm: _Rearm = _Rearm()) -> None:
+                          rearm: _Rearm = _Rearm(), *,
+                          samples: list[float] | None = None) -> list[BindingResult]:
+    """``count`` fresh ports' mappings, in send order (the answers are returned); their
+    round trips go to ``samples``."""
     async def one(delay: float) -> BindingResult:
         await asyncio.sleep(delay)   # a few ms apart: the SYNs leave in order
         conn = await StunTcpConnection.open(obs.server, local=(ip, 0), connect_timeout=timeout,
                                             rearm=rearm.rearm, growth=rearm.growth)
         obs.allocation_rearms += conn.rearms
         async with conn:
-            return await conn.binding(timeout=timeout)
+            r = await conn.binding(timeout=timeout)
+        if samples is not None:
+            samples.extend((conn.handshake_rtt, r.rtt))
+        return r
     results = await _gather(*(one(i * 0.003) for i in range(count)))
     for r in results:
         if isinstance(r, BindingResult):
             obs.allocation.append((r.local[1], r.mapped[1]))
         else:
             obs.allocation_lost += 1
+    return [r for r in results if isinstance(r, BindingResult)]
+
+
+async def _tcp_mapping(obs: Observations, bases: list[tuple[Address, Address]], step: float,
+                       rearm: _Rearm) -> None:
+    """The mapping probes (to the other IP, and to the other IP and port) from each base, a
+    local port whose mapping towards the primary address is known, all at once; the first
+    base with both answers is the one observed. Under loss about one connect in three
+    waits for a re-sent segment, and a phase waits for its slowest: two bases wait less."""
+    assert obs.other_address is not None
+    other = obs.other_address
+
+    async def one(local: Address, m1: Address) -> tuple[Address, Address, Any, Any]:
+        m2, m3 = await _gather(_tcp_binding((other[0], obs.server[1]), local, step, rearm),
+                               _tcp_binding(other, local, step, rearm))
+        return local, m1, m2, m3
+
+    tasks = [asyncio.ensure_future(one(*base)) for base in bases]
+    seen: tuple[Address, Address, Address | None, Address | None] | None = None
+    try:
+        for fut in asyncio.as_completed(tasks):
+            local, m1, m2, m3 = await fut
+            got = (local, m1, m2.mapped if isinstance(m2, BindingResult) else None,
+                   m3.mapped if isinstance(m3, BindingResult) else None)
+            if seen is None or got.count(None) < seen.count(None):
+                seen = got
+            if None not in got:
+                break
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert seen is not None
+    obs.mapping_local, obs.mapped_primary, obs.mapped_alt_ip, obs.mapped_alt_both = seen
 
 
 async def _tcp_hairpin(obs: Observations, ip: str, catcher: _ConnectBackCatcher, wait: float,
-                       mapped: asyncio.Future[Address | None], timeout: float) -> None:
+                       mapped: asyncio.Future[Address | None], timeout: float,
+                       sent: asyncio.Event) -> None:
+    """Does a connection to our own mapped address come back to us? ``sent`` is set once
+    its SYN is out (or it is not tried)."""
     try:
         target = await asyncio.wait_for(asyncio.shield(mapped), timeout)
     except TimeoutError:
         target = None
+    finally:
+        sent.set()       # the connect below sends at once
     if target is None:
         obs.hairpin_detail = "no mapped address for the listening port"
         return

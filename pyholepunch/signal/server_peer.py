@@ -339,11 +339,12 @@ class PeerProtocol(asyncio.Protocol):
         await self._sync_step()
 
     async def _sync_step(self) -> None:
-        """Registration clock sync: ping/pong rounds, one at a time, then REGISTERED."""
-        cfg = self.cfg
-        if self.clock.count < cfg.sync_pings \
-                and self.clock.agreeing(cfg.sync_agree) < cfg.sync_min_pings:
-            self._ping(self.server.clock())
+        """Registration clock sync: rounds of pings (the samples missing, at once), then REGISTERED."""
+        cfg, count, agreeing = self.cfg, self.clock.count, self.clock.agreeing(self.cfg.sync_agree)
+        if count < cfg.sync_pings and agreeing < cfg.sync_min_pings:
+            for _ in range(0 if self._pings else min(cfg.sync_min_pings - agreeing,
+                                                     cfg.sync_pings - count)):
+                self._ping(self.server.clock())     # a new round once its pongs are all in
             return
         srv, rec = self.server, self.record
         assert rec is not None

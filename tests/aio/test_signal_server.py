@@ -45,6 +45,7 @@ class RawPeer:
         self.reader, self.writer = reader, writer
         self.conn = SignalConnection(Role.CLIENT)
         self.hello: Hello | None = None
+        self.inbox: list[Message | ConnectionClosed] = []   # read, not yet returned
 
     @classmethod
     async def open(cls, port: int) -> RawPeer:
@@ -56,12 +57,11 @@ class RawPeer:
         return peer
 
     async def recv(self, timeout: float = 5.0) -> Message | ConnectionClosed:
-        while True:
+        """The next message (a read may bring several: the registration's sync pings)."""
+        while not self.inbox:
             data = await asyncio.wait_for(self.reader.read(65536), timeout)
-            events = self.conn.receive_data(data)
-            if events:
-                assert len(events) == 1, events
-                return events[0]
+            self.inbox += self.conn.receive_data(data)
+        return self.inbox.pop(0)
 
     def send(self, msg: Message) -> None:
         self.writer.write(self.conn.send(msg))
