@@ -95,7 +95,8 @@ class PeerProtocol(asyncio.Protocol):
         self.bucket = TokenBucket(self.cfg.rate, self.cfg.burst, now)
         self.server.connections.add(self)
         self.send(Hello(nonce=self.nonce, server_time=now, server_id=self.server.server_id))
-        self._arm(self.cfg.handshake_timeout, self._handshake_expired)
+        self._arm(self.cfg.handshake_timeout, lambda: self.fail(
+            ErrorCode.TIMEOUT, f"registration not completed in {self.cfg.handshake_timeout:g}s"))
 
     def data_received(self, data: bytes) -> None:
         now = self.server.clock()
@@ -199,9 +200,6 @@ class PeerProtocol(asyncio.Protocol):
         # object more for the collector per registered peer (#18); the server's callbacks
         # read no context variable.
         self._timer = asyncio.get_running_loop().call_later(delay, fn, context=_TIMER_CONTEXT)
-
-    def _handshake_expired(self) -> None:
-        self.fail(ErrorCode.TIMEOUT, f"registration not completed in {self.cfg.handshake_timeout:g}s")
 
     def _keepalive(self) -> None:
         now = self.server.clock()

@@ -171,7 +171,10 @@ async def test_start_times_agree_under_clock_skew(server: SignalServer, skew: fl
             real = {c.name: (ins.start_at - (skew if c is b else 0.0)) for c, ins in
                     ((initiator, p), (responder, q))}
             assert abs(real["alice"] - real["bob"]) < 0.005
-            assert 0 < real["alice"] - time.time() < 1.0        # in the near future
+            # Near now, not 3 s off: the skew is corrected. (The start is 10 ms + the peers'
+            # RTT spread after the PUNCHes leave; on loopback a loaded test machine may hand
+            # them over later than that, which is the machine's delay, not the clock's.)
+            assert -0.1 < real["alice"] - time.time() < 1.0
 
 
 @pytest.mark.asyncio
