@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -180,5 +184,62 @@ async def test_the_checked_connection_registers() -> None:
         gone.writer.transport.abort()         # the server's handshake timeout, say
         async with late:
             assert late._writer is not gone.writer and late.registrations == 1
+    finally:
+        await srv.close()
+
+
+@contextlib.asynccontextmanager
+async def _flaky_front(upstream: int, first: str) -> AsyncIterator[tuple[int, list[int]]]:
+    """A TCP relay in front of the server whose first connection fails the way a lossy path
+    made it fail (#19): ``reset`` when the ClientHello comes, or ``mute``: the server's
+    handshake flight passes, nothing after it (HELLO) does. Yields its port and a count."""
+    seen = [0]
+    pumps: set[asyncio.Task[None]] = set()
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, chunks: int) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                if chunks:
+                    chunks -= 1
+                    dst.write(data)
+        dst.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen[0] += 1
+        broken = seen[0] == 1
+        if broken and first == "reset":
+            await reader.read(65536)
+            writer.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()                        # RST
+            return
+        ur, uw = await asyncio.open_connection("127.0.0.1", upstream)
+        for task in (pump(reader, uw, -1), pump(ur, writer, 1 if broken else -1)):
+            pumps.add(asyncio.ensure_future(task))
+
+    front = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield front.sockets[0].getsockname()[1], seen
+    finally:
+        front.close()
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("first", ["reset", "mute"])
+async def test_check_server_tries_a_broken_connection_once_more(first: str) -> None:
+    """Our server behind a path that broke the check's first connection is still our server:
+    one more connection, not "not a pyholepunch rendezvous server"."""
+    srv = await start_server(generate_credentials())
+    try:
+        async with _flaky_front(port_of(srv), first) as (port, seen):
+            c = SignalClient(("127.0.0.1", port), Identity.generate(), name="a",
+                             server_fingerprint=format_fingerprint(srv.server_id),
+                             reconnect=False)
+            await c.check_server(floor=0.2)
+            assert c._checked is not None and seen[0] == 2
+            c._drop_checked()
     finally:
         await srv.close()
