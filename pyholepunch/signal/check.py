@@ -75,7 +75,7 @@ async def check_server(server: Address, *, pin: bytes | None, known: KnownServer
         sock, rtt, _ = await connect_rearming(server, timeout=connect_timeout, any_port=True)
         reader, writer = await asyncio.open_connection(sock=sock)
         budget = min(connect_timeout, floor + rtts * rtt + CHECK_LOSS)
-        what = "nothing"
+        what, retry = "nothing", False
         try:
             async with asyncio.timeout(budget):
                 what = "no TLS handshake"
@@ -96,18 +96,11 @@ async def check_server(server: Address, *, pin: bytes | None, known: KnownServer
                                     else "it closed the connection before HELLO")
                             raise ConnectionError(what)
         except TimeoutError:
-            if what == "no HELLO after the TLS handshake" and attempt + 1 < CHECK_ATTEMPTS:
-                writer.transport.abort()    # its certificate passed: ours, on a lossy path
-                log.debug("%s sent no HELLO within %.2f s: once more", where, budget)
-                continue
+            retry = what == "no HELLO after the TLS handshake"     # its certificate passed
             what = f"{what} within {budget:.2f} s (RTT {rtt * 1e3:.1f} ms)"
         except (ssl.SSLError, ConnectionError, ProtocolError) as exc:
             if what == "no TLS handshake":
-                if isinstance(exc, ConnectionError) and attempt + 1 < CHECK_ATTEMPTS:
-                    writer.transport.abort()
-                    log.debug("%s broke the connection in the TLS handshake (%r): once more",
-                              where, exc)
-                    continue
+                retry = isinstance(exc, ConnectionError)           # broken, not answered
                 what = f"its answer is not TLS ({exc!r})"
             elif not isinstance(exc, ConnectionError) or str(exc) != what:
                 what = f"{what}: {exc}"
@@ -115,6 +108,8 @@ async def check_server(server: Address, *, pin: bytes | None, known: KnownServer
             writer.transport.abort()
             raise
         writer.transport.abort()
-        break
+        if not retry or attempt + 1 == CHECK_ATTEMPTS:
+            break
+        log.debug("%s: %s; once more on a fresh connection", where, what)
     raise SignalingError(f"{where} is not a pyholepunch rendezvous server: {what}",
                          code=NOT_A_SERVER)
